@@ -1,0 +1,1 @@
+"""flow — orchestration: launch role services, wire them to the bus, control staleness."""

@@ -1,0 +1,1 @@
+"""roles — the rollout, reward, reference and actor services and their plug-in interfaces."""

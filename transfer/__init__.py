@@ -1,0 +1,13 @@
+"""transfer — a transfer-queue bus: Arrow record batches over ZeroMQ, knowing nothing about RL.
+
+Read in this order: ``wire.py`` (frames and errors), ``store.py`` (rows × columns, leases, capacity),
+``server.py`` (the ROUTER loop and parked waits), ``client.py`` (the API), ``security.py`` (CURVE).
+"""
+
+from transfer.client import BusClient, Delivery
+from transfer.server import BusServer, ServerConfig, ServerProcess, serve_in_thread, spawn_server
+from transfer.wire import GROUP, UID, BusError, BusTimeout, CapacityError, ProtocolError, SchemaError
+
+__all__ = ["BusClient", "Delivery", "BusServer", "ServerConfig", "ServerProcess", "serve_in_thread",
+           "spawn_server", "GROUP", "UID", "BusError", "BusTimeout", "CapacityError", "ProtocolError",
+           "SchemaError"]
