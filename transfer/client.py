@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import zmq
 
-from transfer import security
+from transfer import security, shm
 from transfer.wire import (GROUP, UID, BusTimeout, ProtocolError, decode_batch, decode_header, decode_schema, encode_batch,
                            encode_header, encode_schema, raise_for_reply)
 
@@ -46,8 +46,12 @@ class Delivery:
 
 class BusClient:
     def __init__(self, address: str, keys_dir: str | None = None, connect_timeout: float = 10.0,
-                 context: zmq.Context | None = None):
-        """Connect and greet the server; raises BusTimeout if no bus answers within ``connect_timeout``."""
+                 shared_memory: bool = True, context: zmq.Context | None = None):
+        """Connect and greet the server; raises BusTimeout if no bus answers within ``connect_timeout``.
+
+        ``shared_memory``: put payloads through /dev/shm when the server proves to be on this host
+        (see ``transfer/shm.py``); False forces every payload through the socket.
+        """
         self.address = address
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -60,6 +64,8 @@ class BusClient:
                                    what="a greeting (is the bus running there, and are the CURVE keys right?)")
         self.max_message_bytes: int = hello["max_message_bytes"]
         self.columns: dict[str, pa.DataType] = decode_schema(frames[0])  # declared types, to build dict puts
+        self.shared_memory = shared_memory and "shm_probe" in hello and shm.can_read_probe(
+            hello["shm_probe"], hello["shm_secret"])
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -105,14 +111,18 @@ class BusClient:
         ``rows``, ``cells`` written and ``skipped`` (cells already written by an earlier put: first wins).
         """
         batch = _as_batch(data, self.columns)
-        frame = encode_batch(batch)
-        if frame.size > self.max_message_bytes:
-            raise ValueError(f"put of {batch.num_rows} rows is {frame.size} bytes; this bus accepts at most "
+        frame = None if self.shared_memory else encode_batch(batch)
+        size = shm.stream_size(batch) if frame is None else frame.size
+        if size > self.max_message_bytes:
+            raise ValueError(f"put of {batch.num_rows} rows is {size} bytes; this bus accepts at most "
                              f"{self.max_message_bytes} bytes per message (max_message_bytes): split the batch")
-        reply, _ = self._call({"op": "reserve", "rows": batch.num_rows, "bytes": frame.size, "timeout": timeout},
-                              timeout=timeout + REPLY_GRACE_S,
-                              what=f"room for {batch.num_rows} rows / {frame.size} bytes")
-        reply, _ = self._call({"op": "put", "reservation": reply["reservation"]}, [frame], timeout)
+        reply, _ = self._call({"op": "reserve", "rows": batch.num_rows, "bytes": size, "timeout": timeout},
+                              timeout=timeout + REPLY_GRACE_S, what=f"room for {batch.num_rows} rows / {size} bytes")
+        header = {"op": "put", "reservation": reply["reservation"]}
+        if frame is None:  # the server owns the file once the request is sent, and unlinks it if it fails
+            reply, _ = self._call({**header, "shm": shm.write(batch, size)}, timeout=timeout)
+        else:
+            reply, _ = self._call(header, [frame], timeout)
         return {k: reply[k] for k in ("rows", "cells", "skipped")}
 
     def get(self, consumer: str, columns: list[str], n: int, min_n: int | None = None, groups: bool = False,
@@ -175,12 +185,14 @@ def _as_batch(data: pa.RecordBatch | pa.Table | dict, columns: dict[str, pa.Data
 def _assemble(reply: dict, frames: list, columns: list[str]) -> pa.Table:
     """Rebuild the response table from the index frame and the pieces (each a run of rows × columns)."""
     pieces = reply["pieces"]
-    if len(frames) != len(pieces) + 1:
-        raise ProtocolError(f"get reply has {len(frames)} frames for {len(pieces)} pieces")
+    framed = [p for p in pieces if p.get("shm") is None]
+    if len(frames) != len(framed) + 1:
+        raise ProtocolError(f"get reply has {len(frames)} frames for {len(framed)} framed pieces")
     index = decode_batch(frames[0])
     chunks: dict[str, list[tuple[int, pa.Array]]] = {c: [] for c in columns}
-    for meta, frame in zip(pieces, frames[1:]):
-        batch = decode_batch(frame)
+    frame_iter = iter(frames[1:])
+    for meta in pieces:
+        batch = shm.read(meta["shm"]) if meta.get("shm") else decode_batch(next(frame_iter))
         if meta["whole"] is False and batch.num_rows != meta["rows"]:
             raise ProtocolError(f"piece at row {meta['start']} has {batch.num_rows} rows, expected {meta['rows']}")
         for c in meta["columns"]:

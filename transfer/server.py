@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 import socket
 import threading
@@ -38,7 +39,7 @@ from typing import Any, Callable
 
 import zmq
 
-from transfer import security
+from transfer import security, shm
 from transfer.store import Store
 from transfer.wire import (PROTOCOL_VERSION, BusError, BusTimeout, ProtocolError, decode_batch, decode_header,
                            decode_schema, encode_batch, encode_schema, encode_header, error_reply)
@@ -117,6 +118,10 @@ class BusServer:
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if config.address.startswith("tcp://") and not security.is_local(config.address):
             self.address = config.address.rsplit(":", 1)[0] + ":" + self.address.rsplit(":", 1)[1]
+        self.shm_probe = None
+        if shm.available():
+            shm.sweep_dead()
+            self.shm_probe = shm.write_probe(os.getpid())
         self._wake_addr = f"inproc://bus-wake-{id(self)}"
         self._wake = self.ctx.socket(zmq.PULL)
         self._wake.bind(self._wake_addr)
@@ -161,6 +166,9 @@ class BusServer:
         wake.close()
 
     def close(self) -> None:
+        self.store.close()
+        if self.shm_probe is not None:
+            shm.unlink(self.shm_probe[0])
         self.sock.close(linger=0)
         self._wake.close(linger=0)
         if self.auth is not None:
@@ -228,8 +236,11 @@ class BusServer:
 
     def _hello(self, identity, header, frames):
         c = self.config
-        return {"protocol": PROTOCOL_VERSION, "max_message_bytes": c.max_message_bytes,
-                "max_wait_seconds": c.max_wait_seconds}, [encode_schema(self.store.columns)]
+        reply = {"protocol": PROTOCOL_VERSION, "max_message_bytes": c.max_message_bytes,
+                 "max_wait_seconds": c.max_wait_seconds}
+        if self.shm_probe is not None:
+            reply["shm_probe"], reply["shm_secret"] = self.shm_probe
+        return reply, [encode_schema(self.store.columns)]
 
     def _declare(self, identity, header, frames):
         if len(frames) != 1:
@@ -259,22 +270,33 @@ class BusServer:
         return None
 
     def _put(self, identity, header, frames):
-        if len(frames) != 1:
+        name = _field(header, "shm", str, None)
+        if name is None and len(frames) != 1:
             raise ProtocolError(f"put carries exactly one payload frame, got {len(frames)}")
-        nbytes = len(frames[0])
+        if name is not None and (frames or self.shm_probe is None):
+            raise ProtocolError("a shared-memory put carries no frame, and needs a bus on the same host")
+        if name is None:
+            result = self._store_put(header, decode_batch(frames[0]), frames[0], len(frames[0]), None)
+        else:
+            name = shm.adopt(name, os.getpid())  # from here the file is the server's to unlink
+            try:
+                result = self._store_put(header, shm.read(name), None, shm.path_of(name).stat().st_size, name)
+            except BaseException:
+                shm.unlink(name)
+                raise
+        self._serve_parked(time.monotonic())
+        return result, ()
+
+    def _store_put(self, header: dict, batch, frame, nbytes: int, shm_name: str | None) -> dict:
         reservation = _field(header, "reservation", str, None)
         if reservation is not None:
             r = self.store.take_reservation(reservation)
-            if nbytes > r.nbytes:
-                raise BusError(f"put of {nbytes} bytes exceeds its reservation of {r.nbytes} bytes")
-        batch = decode_batch(frames[0])
-        if reservation is not None and batch.num_rows > r.rows:
-            raise BusError(f"put of {batch.num_rows} rows exceeds its reservation of {r.rows} rows")
-        if reservation is None and not self.store.fits(batch.num_rows, nbytes):
+            if nbytes > r.nbytes or batch.num_rows > r.rows:
+                raise BusError(f"put of {batch.num_rows} rows / {nbytes} bytes exceeds its reservation of "
+                               f"{r.rows} rows / {r.nbytes} bytes")
+        elif not self.store.fits(batch.num_rows, nbytes):
             raise BusError("bus is full and this put holds no reservation; reserve rows and bytes first")
-        result = self.store.put(batch, frames[0], nbytes)
-        self._serve_parked(time.monotonic())
-        return result, ()
+        return self.store.put(batch, frame, nbytes, shm_name)
 
     def _get(self, identity, header, frames):
         self._parse_get(header)
@@ -303,10 +325,12 @@ class BusServer:
             return False
         lease = self.store.lease(h["consumer"], slots, now + h["lease"])
         pieces = self.store.pieces(slots, h["columns"])
-        meta = [{"start": x.start, "rows": x.rows, "columns": x.columns, "whole": x.whole} for x in pieces]
+        self.store.pin(lease, pieces)
+        meta = [{"start": x.start, "rows": x.rows, "columns": x.columns, "whole": x.whole, "shm": x.shm}
+                for x in pieces]
         index = encode_batch(self.store.index_batch(slots))
         reply = {"id": h.get("id"), "ok": True, "lease": lease.id, "rows": len(slots), "pieces": meta}
-        self._send(p.identity, reply, [index, *[x.frame for x in pieces]])
+        self._send(p.identity, reply, [index, *[x.frame for x in pieces if x.shm is None]])
         return True
 
     def _try_reserve(self, p: Parked, now: float) -> bool:

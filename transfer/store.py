@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from transfer import shm
 from transfer.wire import GROUP, RESERVED_COLUMNS, UID, BusError, CapacityError, SchemaError, encode_batch
 
 AVAILABLE, LEASED, ACKED = 0, 1, 2
@@ -46,10 +47,13 @@ class Segment:
     """The bytes of one put, kept as received, and how many live cells still point into them."""
 
     batch: pa.RecordBatch
-    frame: Any  # the received frame; forwarded untouched when a consumer takes this segment whole
+    frame: Any  # the received frame (None for shared memory); forwarded untouched when taken whole
     columns: tuple[str, ...]  # the data columns of the batch (not uid/group_id)
     nbytes: int
-    refs: int = 0
+    refs: int = 0  # live cells pointing here
+    shm: str | None = None  # the shared-memory file holding the bytes, when the producer was on this host
+    pins: int = 0  # outstanding leases that handed this file's name out: it must outlive them
+    dead: bool = False  # no live cells, kept only for its pins
 
 
 @dataclass
@@ -69,6 +73,7 @@ class Lease:
     slots: np.ndarray  # [n] int64 row slots
     seqs: np.ndarray  # [n] int64 creation numbers: a freed and reused slot no longer matches
     deadline: float
+    pinned: list[int] = field(default_factory=list)  # shared-memory segments named in the delivery
 
 
 @dataclass
@@ -86,8 +91,10 @@ class Piece:
     start: int
     rows: int
     columns: list[str]
-    frame: Any
-    whole: bool  # the stored frame forwarded untouched (zero copy) rather than re-encoded
+    frame: Any  # None when the piece travels as a shared-memory name
+    whole: bool  # the stored bytes forwarded untouched (zero copy) rather than re-encoded
+    segment: int = 0
+    shm: str | None = None
 
 
 class Store:
@@ -199,7 +206,7 @@ class Store:
     # -------------------------------------------------------------------------------------------
     # put
 
-    def put(self, batch: pa.RecordBatch, frame: Any, nbytes: int) -> dict[str, int]:
+    def put(self, batch: pa.RecordBatch, frame: Any, nbytes: int, shm_name: str | None = None) -> dict[str, int]:
         """Store one validated batch; returns counts. Raises before changing anything on bad input."""
         uids = self._uids_of(batch)
         data_columns = self._check_columns(batch.schema)
@@ -221,8 +228,10 @@ class Store:
                 self.value[c][target] = np.asarray(values, dtype=np.float64)
             cells += len(sel)
         if cells:
-            self.segments[seg_id] = Segment(batch, frame, tuple(data_columns), nbytes, refs=cells)
+            self.segments[seg_id] = Segment(batch, frame, tuple(data_columns), nbytes, refs=cells, shm=shm_name)
             self.live_bytes += nbytes
+        elif shm_name is not None:
+            shm.unlink(shm_name)  # every cell was a repeat: nothing points into the file
         skipped = len(slots) * len(data_columns) - cells
         self.counters["puts"] += 1
         self.counters["cells_in"] += cells
@@ -356,6 +365,7 @@ class Store:
         return chosen[np.argsort(self.seq[chosen])]
 
     def lease(self, name: str, slots: np.ndarray, deadline: float) -> Lease:
+        """Hand ``slots`` to consumer ``name`` until ``deadline``."""
         consumer = self.consumers[name]
         consumer.state[slots] = LEASED
         consumer.delivered += len(slots)
@@ -382,7 +392,7 @@ class Store:
         live = self._live_part(lease)
         if uids is None:
             slots = live
-            del self.leases[lease_id]
+            self._end_lease(lease)
         else:
             wanted = np.array([self.slot_of.get(u, -1) for u in uids], np.int64)
             inside = np.isin(wanted, live)
@@ -393,7 +403,7 @@ class Store:
             lease.slots = live[~np.isin(live, wanted)]
             lease.seqs = self.seq[lease.slots].copy()
             if not len(lease.slots):
-                del self.leases[lease_id]
+                self._end_lease(lease)
         consumer = self.consumers[name]
         consumer.state[slots] = ACKED
         consumer.acked += len(slots)
@@ -401,13 +411,40 @@ class Store:
 
     def nack(self, name: str, lease_id: str) -> int:
         lease = self._lease_of(name, lease_id)
-        del self.leases[lease_id]
+        self._end_lease(lease)
         return self._return_rows(lease)
 
     def renew(self, name: str, lease_id: str, deadline: float) -> None:
         lease = self._lease_of(name, lease_id)
         lease.deadline = deadline
         heapq.heappush(self.lease_heap, (deadline, lease.id))
+
+    def pin(self, lease: Lease, pieces: list[Piece]) -> None:
+        """Keep the shared-memory files named in a delivery until its lease ends."""
+        for p in pieces:
+            if p.shm is not None:
+                self.segments[p.segment].pins += 1
+                lease.pinned.append(p.segment)
+
+    def _end_lease(self, lease: Lease) -> None:
+        del self.leases[lease.id]
+        for seg_id in lease.pinned:
+            s = self.segments[seg_id]
+            s.pins -= 1
+            if s.dead and s.pins == 0:
+                self._drop(seg_id)
+        lease.pinned = []
+
+    def _drop(self, seg_id: int) -> None:
+        s = self.segments.pop(seg_id)
+        self.live_bytes -= s.nbytes
+        if s.shm is not None:
+            shm.unlink(s.shm)
+
+    def close(self) -> None:
+        """Unlink every shared-memory file still held (server shutdown)."""
+        for seg_id in list(self.segments):
+            self._drop(seg_id)
 
     def _return_rows(self, lease: Lease) -> int:
         live = self._live_part(lease)
@@ -425,7 +462,7 @@ class Store:
             lease = self.leases.get(lid)
             if lease is None or lease.deadline != deadline:
                 continue  # acked, nacked, or renewed (a newer heap entry stands for it)
-            del self.leases[lid]
+            self._end_lease(lease)
             self.counters["leases_expired"] += 1
             returned += self._return_rows(lease)
         for r in [r for r in self.reservations.values() if r.deadline <= now]:
@@ -464,10 +501,10 @@ class Store:
         for (seg_id, first, start, rows), cols in runs.items():
             s = self.segments[seg_id]
             if first == 0 and rows == s.batch.num_rows and set(cols) == set(s.columns):
-                out.append(Piece(start, rows, cols, s.frame, whole=True))
+                out.append(Piece(start, rows, cols, s.frame, whole=True, segment=seg_id, shm=s.shm))
             else:
                 part = s.batch.select(cols).slice(first, rows)
-                out.append(Piece(start, rows, cols, encode_batch(part), whole=False))
+                out.append(Piece(start, rows, cols, encode_batch(part), whole=False, segment=seg_id))
         return out
 
     # -------------------------------------------------------------------------------------------
@@ -502,9 +539,10 @@ class Store:
             for seg_id, k in zip(segs.tolist(), counts.tolist()):
                 s = self.segments[seg_id]
                 s.refs -= k
-                if s.refs == 0:
-                    del self.segments[seg_id]
-                    self.live_bytes -= s.nbytes
+                if s.refs == 0 and s.pins == 0:
+                    self._drop(seg_id)
+                elif s.refs == 0:
+                    s.dead = True
             if c in self.value:
                 self.value[c][slots] = np.nan
         for slot in slots.tolist():
