@@ -10,7 +10,11 @@ list<int32>, `logprobs` list<float32>) from a producer process to a consumer pro
     ray         ray.put in a producer actor, the ObjectRef handed to a consumer actor that
                 ray.get()s it (how Ray-based RL frameworks move batches between workers).
     bus         the project's transfer bus over ipc://: put -> get(n rows) -> ack.
-    bus_tcp     the same over tcp://127.0.0.1.
+                On one host the client proves it shares /dev/shm with the server, so payloads
+                travel as shared-memory files and only their names cross the socket.
+    bus_socket  the bus over ipc:// with shared memory off: every payload byte crosses the
+                socket twice (producer -> server -> consumer), as between machines.
+    bus_tcp     bus_socket over tcp://127.0.0.1, the transport used across machines.
 
 Two shapes: `large` (256 rows x 1024..4096 tokens, ~5 MiB per batch) and `small` (4096 rows x
 16 tokens). Throughput = sum(batch.nbytes) / wall time, GB = 1e9 bytes.
@@ -450,32 +454,35 @@ def run_ray(session: RaySession, shape: Shape, num_batches: int) -> dict:
 # Cases bus / bus_tcp: the project's transfer bus
 
 
-def bus_producer(warm, done, address: str, shape: Shape, num_batches: int) -> dict:
+def bus_producer(warm, done, address: str, shape: Shape, num_batches: int, shared_memory: bool) -> dict:
     from transfer import BusClient
 
     batches = make_batches(shape, num_batches)
-    client = BusClient(address)
+    client = BusClient(address, shared_memory=shared_memory)
     try:
         client.put(batches[0], timeout=CHILD_TIMEOUT_S)
         _wait(warm, "the consumer to get the warm-up batch")
         t0 = time.time()
         for batch in batches[1:]:
-            client.put(batch, timeout=CHILD_TIMEOUT_S)
+            # One put in flight: the next batch is written while the server stores this one.
+            client.put(batch, timeout=CHILD_TIMEOUT_S, wait=False)
+        client.flush()
         _wait(done, "the consumer to get every batch")
         return producer_summary(batches, t0)
     finally:
         client.close()
 
 
-def bus_consumer(warm, done, address: str, shape: Shape, num_batches: int) -> dict:
+def bus_consumer(warm, done, address: str, shape: Shape, num_batches: int, shared_memory: bool) -> dict:
     from transfer import BusClient
 
-    client = BusClient(address)
+    client = BusClient(address, shared_memory=shared_memory)
     try:
-        _bus_take(client, shape.num_rows, "warm-up batch")
+        previous = _bus_take(client, shape.num_rows, "warm-up batch", None)
         warm.set()
         for i in range(num_batches):
-            _bus_take(client, shape.num_rows, f"batch {i}")
+            previous = _bus_take(client, shape.num_rows, f"batch {i}", previous)
+        client.ack(previous)
         t1 = time.time()
         done.set()
         return {"t1": t1}
@@ -483,14 +490,15 @@ def bus_consumer(warm, done, address: str, shape: Shape, num_batches: int) -> di
         client.close()
 
 
-def _bus_take(client, num_rows: int, what: str) -> None:
+def _bus_take(client, num_rows: int, what: str, previous):
+    # The previous delivery's ack rides on this get: one round trip per batch, as a trainer loop does.
     columns = list(PAYLOAD_COLUMNS)
-    sample = client.get(CONSUMER, columns=columns, n=num_rows, timeout=CHILD_TIMEOUT_S)
+    sample = client.get(CONSUMER, columns=columns, n=num_rows, timeout=CHILD_TIMEOUT_S, ack=previous)
     check_rows(len(sample.table), num_rows, what)
-    client.ack(sample)
+    return sample
 
 
-def run_bus(case: str, address: str, shape: Shape, num_batches: int) -> dict:
+def run_bus(case: str, address: str, shape: Shape, num_batches: int, shared_memory: bool) -> dict:
     from transfer import BusClient, ServerConfig, spawn_server
 
     config = ServerConfig(address=address, capacity_bytes=2 * 1024**3, capacity_rows=1 << 20)
@@ -502,7 +510,7 @@ def run_bus(case: str, address: str, shape: Shape, num_batches: int) -> dict:
             admin.declare(PAYLOAD_COLUMNS, release_after=[CONSUMER])
         finally:
             admin.close()
-        args = (server.address, shape, num_batches)
+        args = (server.address, shape, num_batches, shared_memory)
         got = run_pair(case, (bus_producer, *args), (bus_consumer, *args))
     finally:
         server.stop()
@@ -519,8 +527,9 @@ def _free_port() -> int:
 # ----------------------------------------------------------------------------
 # Driver
 
-CASES = ("raw_zmq", "pickle_zmq", "bus", "bus_tcp", "ray")  # ray last: its daemons stay up
-RATIOS = (("bus", "raw_zmq"), ("bus", "ray"), ("bus", "pickle_zmq"), ("bus_tcp", "raw_zmq"))
+CASES = ("raw_zmq", "pickle_zmq", "bus", "bus_socket", "bus_tcp", "ray")  # ray last: its daemons stay up
+RATIOS = (("bus", "raw_zmq"), ("bus", "ray"), ("bus", "pickle_zmq"), ("bus_socket", "raw_zmq"),
+          ("bus_socket", "ray"), ("bus_tcp", "raw_zmq"))
 
 
 def run_case(case: str, shape: Shape, num_batches: int, tmpdir: str, ray_session) -> dict:
@@ -534,9 +543,11 @@ def run_case(case: str, shape: Shape, num_batches: int, tmpdir: str, ray_session
         got = run_pair(name, (producer, *args), (consumer, *args))
         return throughput(got["producer"], got["consumer"]["t1"])
     if case == "bus":
-        return run_bus(name, f"ipc://{tmpdir}/{name}.sock", shape, num_batches)
+        return run_bus(name, f"ipc://{tmpdir}/{name}.sock", shape, num_batches, shared_memory=True)
+    if case == "bus_socket":
+        return run_bus(name, f"ipc://{tmpdir}/{name}.sock", shape, num_batches, shared_memory=False)
     if case == "bus_tcp":
-        return run_bus(name, f"tcp://127.0.0.1:{_free_port()}", shape, num_batches)
+        return run_bus(name, f"tcp://127.0.0.1:{_free_port()}", shape, num_batches, shared_memory=False)
     if case == "ray":
         return run_ray(ray_session, shape, num_batches)
     raise AssertionError(f"unknown case {case!r}")

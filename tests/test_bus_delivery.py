@@ -169,9 +169,13 @@ def test_a_repeated_cell_is_skipped_and_counted_first_write_wins(client):
     assert d.table.column("reward").to_pylist() == [1.0, 2.0]
 
 
-def test_a_large_batch_round_trips_bit_exact(client):
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "socket"])
+def test_a_large_batch_round_trips_bit_exact(bus_server, shared_memory):
     import numpy as np
 
+    client = BusClient(bus_server.address, shared_memory=shared_memory)
+    client.declare(COLUMNS)
+    assert client.shared_memory is shared_memory
     rng = np.random.default_rng(1)
     lengths = rng.integers(1000, 4000, 64)
     response = [rng.integers(0, 50000, n).astype(np.int32) for n in lengths]
@@ -184,3 +188,40 @@ def test_a_large_batch_round_trips_bit_exact(client):
     for i in (0, 31, 63):
         assert np.array_equal(d.table.column("response")[i].values.to_numpy(), response[i])
         assert np.array_equal(d.table.column("logprobs")[i].values.to_numpy(), logprobs[i])
+
+
+def test_an_ack_riding_on_the_next_get_consumes_the_previous_delivery(client):
+    client.put(new_rows(4))
+    first = client.get("actor", ["prompt"], n=2, timeout=5)
+    second = client.get("actor", ["prompt"], n=2, timeout=5, ack=first)
+    assert first.uids == ["r0", "r1"] and second.uids == ["r2", "r3"]
+    with pytest.raises(BusError, match="unknown or expired"):
+        client.ack(first)  # already acked by the get
+    consumer = client.stats()["consumers"]["actor"]
+    assert consumer["acked"] == 2 and consumer["leased"] == 2
+
+
+def test_a_put_in_flight_is_stored_before_the_next_call_and_its_error_is_raised_there(client):
+    assert client.put(new_rows(3), wait=False) is None
+    assert client.stats()["rows"] == 3  # the stats call settled the put first
+    client.put(new_rows(1), wait=False)  # uid r0 again: refused by the server
+    with pytest.raises(BusError, match="uid already exists"):
+        client.flush()
+    assert client.flush() is None and client.stats()["rows"] == 3
+
+
+def test_shared_memory_files_are_unlinked_once_rows_are_freed_and_leases_end(bus_server):
+    import glob
+
+    before = set(glob.glob("/dev/shm/rlflow-*"))
+    with BusClient(bus_server.address) as c:
+        c.declare(COLUMNS, release_after=["actor"])
+        c.put(new_rows(4))
+        held = set(glob.glob("/dev/shm/rlflow-*")) - before
+        assert c.shared_memory and len(held) == 1
+        logger = c.get("logger", ["prompt"], n=4, timeout=5)  # holds the file's name under its lease
+        c.ack(c.get("actor", ["prompt"], n=4, timeout=5))  # frees the rows
+        assert held <= set(glob.glob("/dev/shm/rlflow-*"))  # pinned by the logger's lease
+        assert logger.table.column("prompt").to_pylist()[3] == [3, 4]
+        c.ack(logger)
+        assert not held & set(glob.glob("/dev/shm/rlflow-*"))

@@ -102,18 +102,19 @@ def test_an_oversized_message_is_refused_and_the_server_keeps_serving(short_dir)
         server.stop()
 
 
-def test_producers_block_at_capacity_and_resume_when_rows_are_freed(short_dir):
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "socket"])
+def test_producers_block_at_capacity_and_resume_when_rows_are_freed(short_dir, shared_memory):
     server = start_bus(short_dir, capacity_rows=8)
     try:
-        with BusClient(server.address) as c:
+        with BusClient(server.address, shared_memory=shared_memory) as c:
             c.declare(COLUMNS, release_after=["actor"])
             c.put(new_rows(8, prefix="a"))
-            with pytest.raises(BusTimeout, match=r"reserve timed out .* room for 4 rows"):
+            with pytest.raises(BusTimeout, match=r"(reserve|put) timed out .* room for 4 rows"):
                 c.put(new_rows(4, prefix="b"), timeout=0.3)
             done = threading.Event()
 
             def producer():
-                with BusClient(server.address) as p:
+                with BusClient(server.address, shared_memory=shared_memory) as p:
                     p.put(new_rows(4, prefix="c"), timeout=30)
                 done.set()
 
@@ -130,10 +131,11 @@ def test_producers_block_at_capacity_and_resume_when_rows_are_freed(short_dir):
         server.stop()
 
 
-def test_capacity_bytes_bound_the_payload_held(short_dir):
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "socket"])
+def test_capacity_bytes_bound_the_payload_held(short_dir, shared_memory):
     server = start_bus(short_dir, capacity_bytes=200_000)
     try:
-        with BusClient(server.address) as c:
+        with BusClient(server.address, shared_memory=shared_memory) as c:
             c.declare(COLUMNS, release_after=["actor"])
             rows = lambda p: {**new_rows(4, prefix=p),
                               "response": pa.array([np.ones(10000, np.int32)] * 4, COLUMNS["response"])}

@@ -60,6 +60,7 @@ class BusClient:
             security.client_curve(self.sock, keys_dir)
         self.sock.connect(address)
         self._ids = itertools.count(1)
+        self._pending: tuple[int, dict, float] | None = None  # the put in flight: (request id, header, timeout)
         hello, frames = self._call({"op": "hello"}, timeout=connect_timeout,
                                    what="a greeting (is the bus running there, and are the CURVE keys right?)")
         self.max_message_bytes: int = hello["max_message_bytes"]
@@ -68,20 +69,35 @@ class BusClient:
             hello["shm_probe"], hello["shm_secret"])
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        """Settle the put in flight (raising if it failed), then close the socket."""
+        try:
+            self.flush()
+        finally:
+            self.sock.close(linger=0)
 
     def __enter__(self) -> "BusClient":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        if exc[0] is None:
+            self.close()
+        else:  # already failing: do not mask that error with the in-flight put's
+            self._pending = None
+            self.sock.close(linger=0)
 
     # -------------------------------------------------------------------------------------------
 
     def _call(self, header: dict, frames: list | tuple = (), timeout: float = 30.0, what: str = "a reply"):
         """Send one request and wait up to ``timeout`` for its reply; returns (reply header, frames)."""
+        self.flush()  # replies come in order: settle an in-flight put first
+        return self._reply(self._send(header, frames), header, timeout, what)
+
+    def _send(self, header: dict, frames: list | tuple = ()) -> int:
         request_id = next(self._ids)
         self.sock.send_multipart([encode_header({**header, "id": request_id}), *frames], copy=False)
+        return request_id
+
+    def _reply(self, request_id: int, header: dict, timeout: float, what: str = "a reply"):
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -104,39 +120,82 @@ class BusClient:
         self.columns = decode_schema(frames[0])
         return self.columns
 
-    def put(self, data: pa.RecordBatch | pa.Table | dict, timeout: float = 60.0) -> dict[str, int]:
+    def put(self, data: pa.RecordBatch | pa.Table | dict, timeout: float = 60.0,
+            wait: bool = True) -> dict[str, int] | None:
         """Create rows (data has ``group_id``) or add columns to existing rows (data has only ``uid``).
 
-        Waits up to ``timeout`` for room (backpressure) before sending any payload. Returns the counts
-        ``rows``, ``cells`` written and ``skipped`` (cells already written by an earlier put: first wins).
+        Waits up to ``timeout`` for room (backpressure). Returns the counts ``rows``, ``cells`` written
+        and ``skipped`` (cells already written by an earlier put: the first write wins).
+
+        ``wait=False`` returns once the put is sent, so the next batch is prepared while the server stores
+        this one; its outcome is checked by the next call on this client (which raises if it failed) or
+        by ``flush()``. At most one put is in flight per client.
         """
         batch = _as_batch(data, self.columns)
-        frame = None if self.shared_memory else encode_batch(batch)
-        size = shm.stream_size(batch) if frame is None else frame.size
+        if self.shared_memory:
+            request, header = self._put_shared(batch, timeout)
+        else:
+            request, header = self._put_framed(batch, timeout)
+        self._pending = (request, header, timeout + REPLY_GRACE_S)
+        return self.flush() if wait else None
+
+    def _put_shared(self, batch: pa.RecordBatch, timeout: float) -> tuple[int, dict]:
+        # The payload is written before asking for room: it is this producer's own memory either way,
+        # and the server parks the put until there is room, then adopts the file.
+        size = self._checked_size(batch, shm.stream_size(batch))
+        name = shm.write(batch, size)  # overlaps the server storing this client's previous put
+        try:
+            self.flush()
+        except BaseException:
+            shm.unlink(name)  # never handed over: still ours
+            raise
+        header = {"op": "put", "shm": name, "rows": batch.num_rows, "bytes": size, "timeout": timeout}
+        return self._send(header), header  # from here the server owns the file and unlinks it on failure
+
+    def _put_framed(self, batch: pa.RecordBatch, timeout: float) -> tuple[int, dict]:
+        # Bytes that cross the socket are only sent once the server has room for them.
+        frame = encode_batch(batch)
+        self._checked_size(batch, frame.size)
+        self.flush()
+        reserve = {"op": "reserve", "rows": batch.num_rows, "bytes": frame.size, "timeout": timeout}
+        reply, _ = self._call(reserve, timeout=timeout + REPLY_GRACE_S,
+                              what=f"room for {batch.num_rows} rows / {frame.size} bytes")
+        header = {"op": "put", "reservation": reply["reservation"]}
+        return self._send(header, [frame]), header
+
+    def _checked_size(self, batch: pa.RecordBatch, size: int) -> int:
         if size > self.max_message_bytes:
             raise ValueError(f"put of {batch.num_rows} rows is {size} bytes; this bus accepts at most "
                              f"{self.max_message_bytes} bytes per message (max_message_bytes): split the batch")
-        reply, _ = self._call({"op": "reserve", "rows": batch.num_rows, "bytes": size, "timeout": timeout},
-                              timeout=timeout + REPLY_GRACE_S, what=f"room for {batch.num_rows} rows / {size} bytes")
-        header = {"op": "put", "reservation": reply["reservation"]}
-        if frame is None:  # the server owns the file once the request is sent, and unlinks it if it fails
-            reply, _ = self._call({**header, "shm": shm.write(batch, size)}, timeout=timeout)
-        else:
-            reply, _ = self._call(header, [frame], timeout)
+        return size
+
+    def flush(self) -> dict[str, int] | None:
+        """Wait for the put still in flight (``put(wait=False)``); raises its error if it failed."""
+        if self._pending is None:
+            return None
+        request, header, timeout = self._pending
+        self._pending = None
+        what = f"the put of {header.get('rows', 'some')} rows to be stored"
+        reply, _ = self._reply(request, header, timeout, what=what)
         return {k: reply[k] for k in ("rows", "cells", "skipped")}
 
     def get(self, consumer: str, columns: list[str], n: int, min_n: int | None = None, groups: bool = False,
-            where: list | None = None, timeout: float = 30.0, lease: float = 60.0) -> Delivery:
+            where: list | None = None, timeout: float = 30.0, lease: float = 60.0,
+            ack: Delivery | None = None) -> Delivery:
         """Take up to ``n`` rows (whole groups if ``groups``) with ``columns`` ready that ``consumer`` has not
         consumed, waiting up to ``timeout`` until at least ``min_n`` (default ``n``) are ready.
 
         ``where`` filters on numeric scalar columns: ``[("version", ">=", 3)]``. The rows are leased for
         ``lease`` seconds: ack them before then (or ``renew``), or they go back to the other replicas.
+        ``ack``: a previous delivery to ack in the same round trip (the ack happens even if the get
+        then times out).
         """
         header = {"op": "get", "consumer": consumer, "columns": list(columns), "n": n,
                   "min_n": n if min_n is None else min_n, "groups": groups, "timeout": timeout, "lease": lease}
         if where:
             header["where"] = [list(c) for c in where]
+        if ack is not None:
+            header["ack"] = {"consumer": ack.consumer, "lease": ack.lease}
         reply, frames = self._call(header, timeout=timeout + REPLY_GRACE_S,
                                    what=f"{n} {'groups' if groups else 'rows'} for consumer {consumer!r}")
         return Delivery(consumer, reply["lease"], _assemble(reply, frames, list(columns)))

@@ -126,6 +126,7 @@ class BusServer:
         self._wake = self.ctx.socket(zmq.PULL)
         self._wake.bind(self._wake_addr)
         self._stopping = False
+        self._served = -1  # store.changes when parked calls were last tried
         self.handlers: dict[str, Callable] = {
             "hello": self._hello, "declare": self._declare, "reserve": self._reserve, "put": self._put,
             "get": self._get, "ack": self._ack, "nack": self._nack, "renew": self._renew,
@@ -225,6 +226,10 @@ class BusServer:
         if result is not None:
             reply, frames = result
             self._send(identity, {"id": request_id, "ok": True, **reply}, frames)
+        # Parked calls are served after the reply, so a producer's put never waits on consumers' gets,
+        # and only when something changed: an ack or a stats call does not rescan every waiter.
+        if self.store.changes != self._served:
+            self._serve_parked(time.monotonic())
 
     def _send(self, identity: bytes, reply: dict, frames: list | tuple = ()) -> None:
         try:
@@ -266,26 +271,39 @@ class BusServer:
                            "split the batch")
         self.store.check_ever_fits(rows, nbytes)
         self.reserves.append(Parked(identity, header, time.monotonic() + self._timeout(header)))
-        self._serve_parked(time.monotonic())
+        self.store.changes += 1  # a new waiter: try it once now
         return None
 
     def _put(self, identity, header, frames):
         name = _field(header, "shm", str, None)
-        if name is None and len(frames) != 1:
-            raise ProtocolError(f"put carries exactly one payload frame, got {len(frames)}")
-        if name is not None and (frames or self.shm_probe is None):
-            raise ProtocolError("a shared-memory put carries no frame, and needs a bus on the same host")
         if name is None:
-            result = self._store_put(header, decode_batch(frames[0]), frames[0], len(frames[0]), None)
-        else:
-            name = shm.adopt(name, os.getpid())  # from here the file is the server's to unlink
-            try:
-                result = self._store_put(header, shm.read(name), None, shm.path_of(name).stat().st_size, name)
-            except BaseException:
-                shm.unlink(name)
-                raise
-        self._serve_parked(time.monotonic())
-        return result, ()
+            if len(frames) != 1:
+                raise ProtocolError(f"put carries exactly one payload frame, got {len(frames)}")
+            return self._store_put(header, decode_batch(frames[0]), frames[0], len(frames[0]), None), ()
+        shm.path_of(name)  # a name of our form, before we unlink anything by it
+        try:  # the file is the server's from here: every failure unlinks it
+            if frames or self.shm_probe is None:
+                raise ProtocolError("a shared-memory put carries no frame, and needs a bus on the same host")
+            self.store.check_ever_fits(_field(header, "rows", int), _field(header, "bytes", int))
+            self.reserves.append(Parked(identity, header, time.monotonic() + self._timeout(header)))
+        except BaseException:
+            shm.unlink(name)
+            raise
+        self.store.changes += 1  # a new waiter: try it once now
+        return None
+
+    def _put_shared(self, header: dict) -> dict:
+        """Adopt and store a shared-memory put that fits now."""
+        name = shm.adopt(header["shm"], os.getpid())
+        try:
+            batch, nbytes = shm.read(name), shm.path_of(name).stat().st_size
+            if batch.num_rows > header["rows"] or nbytes > header["bytes"]:
+                raise BusError(f"put of {batch.num_rows} rows / {nbytes} bytes exceeds the {header['rows']} rows / "
+                               f"{header['bytes']} bytes it announced")
+            return self.store.put(batch, None, nbytes, name)
+        except BaseException:
+            shm.unlink(name)
+            raise
 
     def _store_put(self, header: dict, batch, frame, nbytes: int, shm_name: str | None) -> dict:
         reservation = _field(header, "reservation", str, None)
@@ -300,8 +318,11 @@ class BusServer:
 
     def _get(self, identity, header, frames):
         self._parse_get(header)
+        ack = _field(header, "ack", dict, None)
+        if ack is not None:  # an ack riding on the next get saves the consumer a round trip
+            self.store.ack(_field(ack, "consumer", str), _field(ack, "lease", str))
         self.gets.append(Parked(identity, header, time.monotonic() + self._timeout(header)))
-        self._serve_parked(time.monotonic())
+        self.store.changes += 1  # a new waiter: try it once now
         return None
 
     def _parse_get(self, header: dict) -> None:
@@ -335,6 +356,14 @@ class BusServer:
 
     def _try_reserve(self, p: Parked, now: float) -> bool:
         h = p.header
+        if h["op"] == "put":  # a shared-memory put parked for room
+            if not self.store.fits(h["rows"], h["bytes"]):
+                return False
+            try:
+                self._send(p.identity, {"id": h.get("id"), "ok": True, **self._put_shared(h)})
+            except BusError as e:
+                self._send(p.identity, error_reply(h.get("id"), e))
+            return True
         r = self.store.reserve(h["rows"], h["bytes"], now + self.config.max_wait_seconds)
         if r is None:
             return False
@@ -342,11 +371,14 @@ class BusServer:
         return True
 
     def _serve_parked(self, now: float) -> None:
+        self._served = self.store.changes
         # Reserves are granted strictly in arrival order, so a large put is never starved by small ones.
         while self.reserves and self._try_reserve(self.reserves[0], now):
             self.reserves.pop(0)
         for p in self.reserves:
             if p.deadline <= now:
+                if p.header["op"] == "put":
+                    shm.unlink(p.header["shm"])
                 self._time_out(p, f"room for {p.header['rows']} rows / {p.header['bytes']} bytes "
                                   f"(held: {self.store.live_bytes} bytes, {len(self.store.slot_of)} rows)")
         self.reserves = [p for p in self.reserves if p.deadline > now]
@@ -378,12 +410,10 @@ class BusServer:
     def _ack(self, identity, header, frames):
         uids = _field(header, "uids", list, None)
         result = self.store.ack(_field(header, "consumer", str), _field(header, "lease", str), uids)
-        self._serve_parked(time.monotonic())
         return result, ()
 
     def _nack(self, identity, header, frames):
         returned = self.store.nack(_field(header, "consumer", str), _field(header, "lease", str))
-        self._serve_parked(time.monotonic())
         return {"returned": returned}, ()
 
     def _renew(self, identity, header, frames):
@@ -393,7 +423,6 @@ class BusServer:
 
     def _clear(self, identity, header, frames):
         freed = self.store.clear(_field(header, "uids", list, None), _field(header, "groups", list, None))
-        self._serve_parked(time.monotonic())
         return {"freed": freed}, ()
 
     def _stats(self, identity, header, frames):

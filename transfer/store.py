@@ -23,6 +23,7 @@ is freed with its last referenced cell.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import operator
@@ -114,7 +115,7 @@ class Store:
         self.seg: dict[str, np.ndarray] = {}  # column -> [cap] int64 segment id
         self.pos: dict[str, np.ndarray] = {}  # column -> [cap] int64 row position in that segment
         self.value: dict[str, np.ndarray] = {}  # scalar numeric column -> [cap] float64 mirror for `where`
-        self.uid_of: list[str | None] = [None] * cap
+        self.uid_of = np.full(cap, None, object)  # slot -> uid
         self.slot_of: dict[str, int] = {}
         self.free_slots = list(range(cap - 1, -1, -1))  # a stack: low slots are reused first
         self.top = 0  # slots >= top were never used; scans stop there
@@ -122,7 +123,7 @@ class Store:
         self.group_size = np.zeros(cap, np.int64)
         self.group_live = np.zeros(cap, np.int64)
         self.group_seq = np.zeros(cap, np.int64)
-        self.group_name: list[str | None] = [None] * cap
+        self.group_name = np.full(cap, None, object)  # group slot -> group_id
         self.group_of: dict[str, int] = {}
         self.free_groups = list(range(cap - 1, -1, -1))
         # everything else
@@ -135,6 +136,7 @@ class Store:
         self.reserved_bytes = 0
         self.reserved_rows = 0
         self._ids = itertools.count(1)
+        self.changes = 0  # bumped whenever rows may have become ready or room may have been freed
         self.counters = dict(puts=0, rows_in=0, cells_in=0, cells_skipped=0, rows_freed=0,
                              leases_expired=0, reservations_expired=0)
 
@@ -199,6 +201,7 @@ class Store:
         r = self.reservations.pop(rid, None)
         if r is None:
             raise CapacityError(f"reservation {rid!r} is unknown or expired; reserve again before putting")
+        self.changes += 1
         self.reserved_rows -= r.rows
         self.reserved_bytes -= r.nbytes
         return r
@@ -233,6 +236,7 @@ class Store:
         elif shm_name is not None:
             shm.unlink(shm_name)  # every cell was a repeat: nothing points into the file
         skipped = len(slots) * len(data_columns) - cells
+        self.changes += 1
         self.counters["puts"] += 1
         self.counters["cells_in"] += cells
         self.counters["cells_skipped"] += skipped
@@ -269,30 +273,29 @@ class Store:
         col = batch.column(GROUP)
         if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)) or col.null_count:
             raise SchemaError(f"column {GROUP!r} must be a string column without nulls, got {col.type}")
-        groups = col.to_pylist()
-        clash = [u for u in uids if u in self.slot_of]
-        if clash:
+        encoded = col.dictionary_encode()  # vectorised: per-row work stays in Arrow and numpy
+        names = encoded.dictionary.to_pylist()  # distinct groups, in first-seen order
+        index = encoded.indices.to_numpy()  # [n] row -> position in `names`
+        if not self.slot_of.keys().isdisjoint(uids):
+            clash = [u for u in uids if u in self.slot_of]
             raise BusError(f"put creates rows whose uid already exists: {clash[:5]!r} ({len(clash)} in all); "
                            f"to add columns to existing rows, put without a {GROUP!r} column")
-        sizes: dict[str, int] = {}
-        for g in groups:
-            sizes[g] = sizes.get(g, 0) + 1
-        old = [g for g in sizes if g in self.group_of]
-        if old:
+        if not self.group_of.keys().isdisjoint(names):
+            old = [g for g in names if g in self.group_of]
             raise BusError(f"group {old[0]!r} already exists: all rows of a group must be created by one put")
         if len(uids) > len(self.free_slots):
             raise CapacityError(f"no room for {len(uids)} rows ({len(self.free_slots)} free slots); reserve first")
-        for g, size in sizes.items():
-            gs = self.free_groups.pop()
-            self.group_of[g], self.group_name[gs] = gs, g
-            self.group_size[gs], self.group_live[gs], self.group_seq[gs] = size, size, next(self._ids)
-        slots = np.array([self.free_slots.pop() for _ in uids], np.int64)
-        for slot, uid, g in zip(slots.tolist(), uids, groups):
-            self.uid_of[slot] = uid
-            self.slot_of[uid] = slot
-            self.group[slot] = self.group_of[g]
+        gslots = self._take(self.free_groups, len(names))
+        self.group_of.update(zip(names, gslots.tolist()))
+        self.group_name[gslots] = names
+        self.group_size[gslots] = self.group_live[gslots] = np.bincount(index, minlength=len(names))
+        self.group_seq[gslots] = np.arange(len(names)) + next(self._ids)
+        slots = self._take(self.free_slots, len(uids))
+        self.uid_of[slots] = uids
+        self.slot_of.update(zip(uids, slots.tolist()))
+        self.group[slots] = gslots[index]
         self.top = max(self.top, int(slots.max()) + 1) if len(slots) else self.top
-        first = next(self._ids)
+        first = next(self._ids) + len(names)
         self._ids = itertools.count(first + len(slots))
         self.seq[slots] = np.arange(first, first + len(slots))
         self.alive[slots] = True
@@ -302,8 +305,15 @@ class Store:
         self.counters["rows_in"] += len(slots)
         return slots
 
+    @staticmethod
+    def _take(free: list[int], n: int) -> np.ndarray:
+        """Pop ``n`` slots off a free stack."""
+        taken = np.array(free[len(free) - n:][::-1], np.int64)
+        del free[len(free) - n:]
+        return taken
+
     def _existing_slots(self, uids: list[str]) -> np.ndarray:
-        slots = [self.slot_of.get(u) for u in uids]
+        slots = list(map(self.slot_of.get, uids))
         unknown = [u for u, s in zip(uids, slots) if s is None]
         if unknown:
             raise BusError(f"put to unknown row ids {unknown[:5]!r} ({len(unknown)} of {len(uids)}): rows "
@@ -452,6 +462,7 @@ class Store:
         live = live[consumer.state[live] == LEASED]
         consumer.state[live] = AVAILABLE
         consumer.redelivered += len(live)
+        self.changes += 1
         return len(live)
 
     def expire(self, now: float) -> int:
@@ -479,8 +490,7 @@ class Store:
 
     def index_batch(self, slots: np.ndarray) -> pa.RecordBatch:
         """uid and group_id of the response rows, in response order."""
-        uids = [self.uid_of[s] for s in slots.tolist()]
-        groups = [self.group_name[g] for g in self.group[slots].tolist()]
+        uids, groups = self.uid_of[slots], self.group_name[self.group[slots]]
         return pa.record_batch({UID: pa.array(uids, pa.string()), GROUP: pa.array(groups, pa.string())})
 
     def pieces(self, slots: np.ndarray, columns: list[str]) -> list[Piece]:
@@ -545,19 +555,19 @@ class Store:
                     s.dead = True
             if c in self.value:
                 self.value[c][slots] = np.nan
-        for slot in slots.tolist():
-            del self.slot_of[self.uid_of[slot]]
-            self.uid_of[slot] = None
-            self.free_slots.append(slot)
+        collections.deque(map(self.slot_of.pop, self.uid_of[slots]), maxlen=0)  # C-speed loop
+        self.uid_of[slots] = None
+        self.free_slots.extend(slots.tolist())
         gs, counts = np.unique(self.group[slots], return_counts=True)
         self.group_live[gs] -= counts
-        for g in gs[self.group_live[gs] == 0].tolist():
-            del self.group_of[self.group_name[g]]
-            self.group_name[g] = None
-            self.free_groups.append(g)
+        empty = gs[self.group_live[gs] == 0]
+        collections.deque(map(self.group_of.pop, self.group_name[empty]), maxlen=0)
+        self.group_name[empty] = None
+        self.free_groups.extend(empty.tolist())
         self.alive[slots] = False
         self.present[slots] = 0
         self.counters["rows_freed"] += len(slots)
+        self.changes += 1
         return len(slots)
 
     # -------------------------------------------------------------------------------------------
