@@ -1,7 +1,7 @@
 """transfer — a transfer-queue bus: Arrow record batches over ZeroMQ, knowing nothing about RL.
 
 Read in this order: ``wire.py`` (frames and errors), ``store.py`` (rows × columns, leases, capacity),
-``server.py`` (the ROUTER loop and parked waits), ``client.py`` (the API), ``security.py`` (CURVE).
+``server.py`` (the ROUTER loop and parked waits), ``client.py`` (the API), ``shm.py`` (same-host payloads), ``security.py`` (CURVE).
 """
 
 from transfer.client import BusClient, Delivery
