@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from transfer.wire import ProtocolError
+from transfer.wire import ProtocolError, read_one_batch
 
 SHM_DIR = Path("/dev/shm")
 NAME = re.compile(r"^rlflow-(\d+)-[0-9a-f]{16}-\d+$")
@@ -83,14 +83,7 @@ def read(name: str) -> pa.RecordBatch:
         mm = pa.memory_map(str(path))
     except FileNotFoundError:
         raise ProtocolError(f"shared-memory payload {name} is gone (freed, or never written)") from None
-    try:
-        batches = list(pa.ipc.open_stream(mm))
-        if len(batches) != 1:
-            raise ProtocolError(f"shared-memory payload {name} holds {len(batches)} batches, expected 1")
-        batches[0].validate(full=True)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, ValueError) as e:
-        raise ProtocolError(f"shared-memory payload {name} is not a valid Arrow IPC stream: {e}") from None
-    return batches[0]
+    return read_one_batch(mm, f"shared-memory payload {name}")
 
 
 def adopt(name: str, owner_pid: int) -> str:

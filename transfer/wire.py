@@ -105,23 +105,23 @@ def decode_batch(frame: Any) -> pa.RecordBatch:
     """Decode one payload frame zero-copy; raises ProtocolError for anything but one valid batch.
 
     ``frame`` is a ``zmq.Frame`` (its memory is kept alive by the returned arrays) or any buffer.
+    """
+    return read_one_batch(pa.py_buffer(frame.buffer if hasattr(frame, "buffer") else frame), "payload frame")
+
+
+def read_one_batch(source: Any, what: str) -> pa.RecordBatch:
+    """The single record batch of the IPC stream in ``source`` (a buffer or memory map), read in place.
+
     Full validation is what makes untrusted bytes safe to index later: offsets in bounds, UTF-8 valid.
     """
-    buf = pa.py_buffer(frame.buffer if hasattr(frame, "buffer") else frame)
     try:
-        reader = pa.ipc.open_stream(buf)
-        batches = list(reader)
+        batches = list(pa.ipc.open_stream(source))
         if len(batches) != 1:
-            raise ProtocolError(f"payload frame must hold exactly one record batch, found {len(batches)}")
+            raise ProtocolError(f"{what} must hold exactly one record batch, found {len(batches)}")
         batches[0].validate(full=True)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, ValueError) as e:
-        raise ProtocolError(f"payload frame is not a valid Arrow IPC stream: {e}") from None
+        raise ProtocolError(f"{what} is not a valid Arrow IPC stream: {e}") from None
     return batches[0]
-
-
-def schema_to_json(columns: dict[str, pa.DataType]) -> dict[str, str]:
-    """Column types as the JSON-safe strings used in headers and stats (``list<item: int32>``)."""
-    return {name: str(t) for name, t in columns.items()}
 
 
 def encode_schema(columns: dict[str, pa.DataType]) -> pa.Buffer:
