@@ -46,6 +46,10 @@ from transfer.wire import (PROTOCOL_VERSION, BusError, BusTimeout, ProtocolError
 
 log = logging.getLogger("rlflow.bus")
 
+# A granted reservation is used by the very next request of its client; one that is not (the producer
+# died between the two) gives its room back after this long.
+RESERVATION_TTL_S = 60.0
+
 
 @dataclass
 class ServerConfig:
@@ -364,7 +368,7 @@ class BusServer:
             except BusError as e:
                 self._send(p.identity, error_reply(h.get("id"), e))
             return True
-        r = self.store.reserve(h["rows"], h["bytes"], now + self.config.max_wait_seconds)
+        r = self.store.reserve(h["rows"], h["bytes"], now + RESERVATION_TTL_S)
         if r is None:
             return False
         self._send(p.identity, {"id": h.get("id"), "ok": True, "reservation": r.id})
