@@ -156,7 +156,6 @@ class BusClient:
         # Bytes that cross the socket are only sent once the server has room for them.
         frame = encode_batch(batch)
         self._checked_size(batch, frame.size)
-        self.flush()
         reserve = {"op": "reserve", "rows": batch.num_rows, "bytes": frame.size, "timeout": timeout}
         reply, _ = self._call(reserve, timeout=timeout + REPLY_GRACE_S,
                               what=f"room for {batch.num_rows} rows / {frame.size} bytes")

@@ -180,14 +180,14 @@ class BusServer:
             self.auth.stop()
             self.auth = None
 
+    def _parked_deadline(self) -> float:
+        return min([p.deadline for p in self.gets] + [p.deadline for p in self.reserves], default=float("inf"))
+
     def _poll_timeout_ms(self) -> int | None:
-        deadlines = [p.deadline for p in self.gets] + [p.deadline for p in self.reserves]
-        store_deadline = self.store.next_deadline()
-        if store_deadline is not None:
-            deadlines.append(store_deadline)
-        if not deadlines:
+        deadline = min(self._parked_deadline(), self.store.next_deadline() or float("inf"))
+        if deadline == float("inf"):
             return None
-        return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
+        return max(0, int((deadline - time.monotonic()) * 1000) + 1)
 
     def _drain(self) -> None:
         # a bounded burst per wake-up, so timers are still checked under a flood of requests
@@ -201,7 +201,9 @@ class BusServer:
     def _tick(self) -> None:
         now = time.monotonic()
         self.store.expire(now)
-        self._serve_parked(now)
+        # Rescan waiters only when rows or room may have appeared, or one of them is due to time out.
+        if self.store.changes != self._served or self._parked_deadline() <= now:
+            self._serve_parked(now)
 
     # -------------------------------------------------------------------------------------------
     # requests
@@ -275,7 +277,7 @@ class BusServer:
                            "split the batch")
         self.store.check_ever_fits(rows, nbytes)
         self.reserves.append(Parked(identity, header, time.monotonic() + self._timeout(header)))
-        self.store.changes += 1  # a new waiter: try it once now
+        self._served = -1  # a new waiter: try it once now
         return None
 
     def _put(self, identity, header, frames):
@@ -293,7 +295,7 @@ class BusServer:
         except BaseException:
             shm.unlink(name)
             raise
-        self.store.changes += 1  # a new waiter: try it once now
+        self._served = -1  # a new waiter: try it once now
         return None
 
     def _put_shared(self, header: dict) -> dict:
@@ -326,7 +328,7 @@ class BusServer:
         if ack is not None:  # an ack riding on the next get saves the consumer a round trip
             self.store.ack(_field(ack, "consumer", str), _field(ack, "lease", str))
         self.gets.append(Parked(identity, header, time.monotonic() + self._timeout(header)))
-        self.store.changes += 1  # a new waiter: try it once now
+        self._served = -1  # a new waiter: try it once now
         return None
 
     def _parse_get(self, header: dict) -> None:

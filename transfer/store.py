@@ -54,7 +54,6 @@ class Segment:
     refs: int = 0  # live cells pointing here
     shm: str | None = None  # the shared-memory file holding the bytes, when the producer was on this host
     pins: int = 0  # outstanding leases that handed this file's name out: it must outlive them
-    dead: bool = False  # no live cells, kept only for its pins
 
 
 @dataclass
@@ -441,7 +440,7 @@ class Store:
         for seg_id in lease.pinned:
             s = self.segments[seg_id]
             s.pins -= 1
-            if s.dead and s.pins == 0:
+            if s.refs == 0 and s.pins == 0:  # its rows were freed while the lease was out
                 self._drop(seg_id)
         lease.pinned = []
 
@@ -551,8 +550,6 @@ class Store:
                 s.refs -= k
                 if s.refs == 0 and s.pins == 0:
                     self._drop(seg_id)
-                elif s.refs == 0:
-                    s.dead = True
             if c in self.value:
                 self.value[c][slots] = np.nan
         collections.deque(map(self.slot_of.pop, self.uid_of[slots]), maxlen=0)  # C-speed loop
