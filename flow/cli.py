@@ -1,4 +1,14 @@
-"""The ``rlflow`` command: ``rlflow bus ...`` for the transfer-queue bus; the training app joins it next."""
+"""The ``rlflow`` command.
+
+    rlflow [key=value ...]                 train with the default recipe (recipes/default.yaml)
+    rlflow -cn gsm8k_qwen key=value ...    train with another recipe
+    rlflow --cfg job [overrides]           print the composed config and exit (Hydra)
+    rlflow bus serve|stats|keygen|demo     the transfer-queue bus on its own
+
+Training is a Hydra app over the structured config in ``flow/config.py``: a misspelled key or a value of
+the wrong type fails at compose time with Hydra's message; ``flow.config.validate`` then checks values.
+Heavy imports (torch, transformers, wandb) happen after composition, so ``--help`` is quick.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +21,34 @@ def main(argv: list[str] | None = None) -> int:
         from transfer.cli import main as bus_main
 
         return bus_main(argv[1:])
-    print("usage: rlflow bus {serve,stats,keygen,demo} ...\n"
-          "The training job (`rlflow [overrides]`) is not built yet; `rlflow bus demo` shows the bus.",
-          file=sys.stderr)
-    return 2
+    return train(argv)
+
+
+def train(argv: list[str]) -> int:
+    import hydra
+    from omegaconf import DictConfig
+
+    from flow.config import register
+
+    register()
+    status = {"code": 0}
+
+    @hydra.main(config_path="pkg://recipes", config_name="default", version_base="1.3")
+    def _app(cfg: DictConfig) -> None:
+        from flow.config import ConfigError
+        from flow.launcher import run
+        from flow.tracking import make_console
+
+        console = make_console()
+        try:
+            status["code"] = run(cfg, console)
+        except ConfigError as e:  # a bad recipe value: the message names the field and the fix
+            console.print(f"[red]error[/]: {e}")
+            status["code"] = 2
+
+    sys.argv = [sys.argv[0], *argv]  # Hydra reads its arguments from sys.argv
+    _app()
+    return status["code"]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,176 @@
+"""The run's typed configuration: one dataclass per component, composed by Hydra from ``recipes/``.
+
+Each component owns its config (``RolloutConfig`` lives in ``roles/rollout.py``, ...); this module
+composes them into ``RunConfig`` and registers it with Hydra's ConfigStore as ``rlflow_schema``, so a
+misspelled key or a wrong type fails at compose time. ``validate`` then checks values and cross-field
+rules, raising ``ConfigError`` (a ValueError) with the field's name and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from roles.actor import ActorConfig
+from roles.loss import ADVANTAGES, AGGREGATIONS
+from roles.reference import ReferenceConfig
+from roles.reward import RewardConfig
+from roles.rollout import RolloutConfig
+from roles.tiny import TinyModelConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+WANDB_MODES = ("auto", "online", "offline")
+
+
+@dataclass
+class ModelConfig:
+    """The start policy (version 0): a checkpoint, or a tiny model built here."""
+
+    path: str | None = None
+    """A Hugging Face checkpoint directory (config.json, weights, tokenizer); null: build `tiny`."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape and warm-start of the locally built model (when path is null)."""
+    cache_dir: str | None = None
+    """Where built tiny models are cached; null: $XDG_CACHE_HOME/rlflow/models or ~/.cache/rlflow/models."""
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from: a built-in synthetic task, or a user's jsonl/parquet file."""
+
+    task: str | None = "reverse"
+    """Built-in task (reverse | sort | add); ignored when `path` is set."""
+    path: str | None = None
+    """A .jsonl or .parquet file of prompt records; every other column reaches the reward as a field."""
+    prompt_key: str = "prompt"
+    """Column of `path` holding the prompt text."""
+    chat_template: bool = False
+    """Wrap each prompt in the tokenizer's chat template as a user turn (for instruct checkpoints)."""
+    min_digits: int = 3
+    """Built-in tasks: shortest operand in digits."""
+    max_digits: int = 5
+    """Built-in tasks: longest operand in digits."""
+    seed: int = 0
+    """Seed of the task generator or of the file's shuffling (each epoch reshuffles)."""
+
+
+@dataclass
+class FlowConfig:
+    """Orchestration: how long, how stale, how long any wait may last."""
+
+    steps: int = 300
+    """Optimizer steps (policy versions) to train."""
+    staleness: int | None = 1
+    """0: strictly on-policy; k: no sample trains with staleness > k; null: fully asynchronous."""
+    async_queue_steps: int = 2
+    """With staleness null: steps of prompts admitted ahead of the trainer (bounds memory, not staleness)."""
+    wait_seconds: float = 600.0
+    """Bound on any wait for data or weights that should arrive; then the run fails naming the wait."""
+    lease_seconds: float = 600.0
+    """Lease on rows a role takes from the bus; unacked rows return to other replicas after it."""
+    bus_capacity_rows: int = 65536
+    """Rows the bus holds at most; producers wait when it is full."""
+    bus_capacity_bytes: int = 2 << 30
+    """Bytes the bus holds at most."""
+    shutdown_seconds: float = 10.0
+    """How long roles get to exit after SIGTERM before they are killed."""
+
+
+@dataclass
+class TrackingConfig:
+    """Where metrics go: run_dir/metrics.jsonl always, Weights & Biases, and the console."""
+
+    wandb: bool = True
+    """Log to Weights & Biases (false: off)."""
+    wandb_mode: str = "auto"
+    """auto: online when an API key is configured, else offline; or online | offline."""
+    project: str = "rlflow"
+    """W&B project."""
+    name: str | None = None
+    """W&B run name; null: the run directory's name."""
+    progress: bool = True
+    """Live progress bar on a terminal (log lines every `log_every` steps otherwise)."""
+    log_every: int = 10
+    """Steps between console log lines when there is no terminal."""
+
+
+@dataclass
+class RunConfig:
+    """One training run. `rlflow key=value ...` overrides any field."""
+
+    run_dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"
+    """Where the run writes config.yaml, metrics.jsonl, checkpoints/ and wandb/."""
+    seed: int = 0
+    """Base seed; roles add their replica index."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="rlflow_schema", node=RunConfig)
+
+
+class ConfigError(ValueError):
+    """A bad recipe value; the message names the field and the fix."""
+
+
+def _require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check values and cross-field rules; raise ConfigError naming the field and the fix."""
+    from roles.tasks import TASKS
+
+    f, r, a, d = cfg.flow, cfg.rollout, cfg.actor, cfg.data
+    _require(f.steps >= 1, "flow.steps", f"must be >= 1, got {f.steps}")
+    _require(f.staleness is None or f.staleness >= 0, "flow.staleness",
+             f"must be >= 0 (0: on-policy) or null (fully async), got {f.staleness}")
+    _require(f.async_queue_steps >= 1, "flow.async_queue_steps", f"must be >= 1, got {f.async_queue_steps}")
+    _require(f.wait_seconds > 0 and f.lease_seconds > 0, "flow.wait_seconds/lease_seconds", "must be > 0")
+    _require(r.group_size >= 2, "rollout.group_size", f"group advantages need >= 2 samples per prompt, got {r.group_size}")
+    _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
+    _require(r.temperature > 0, "rollout.temperature", f"must be > 0 (logprobs of a greedy policy are "
+             f"degenerate), got {r.temperature}")
+    _require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    for name, value in (("rollout.replicas", r.replicas), ("reward.replicas", cfg.reward.replicas),
+                        ("reference.replicas", cfg.reference.replicas), ("rollout.threads", r.threads),
+                        ("actor.threads", a.threads), ("actor.groups_per_step", a.groups_per_step),
+                        ("rollout.groups_per_call", r.groups_per_call), ("actor.micro_batch", a.micro_batch)):
+        _require(value >= 1, name, f"must be >= 1, got {value}")
+    for name, value in (("rollout.dtype", r.dtype), ("reference.dtype", cfg.reference.dtype)):
+        _require(value in DTYPES, name, f"choose one of {DTYPES}, got {value!r}")
+    _require(a.advantage in ADVANTAGES, "actor.advantage", f"choose one of {ADVANTAGES}, got {a.advantage!r}")
+    _require(a.aggregation in AGGREGATIONS, "actor.aggregation", f"choose one of {AGGREGATIONS}, got {a.aggregation!r}")
+    _require(a.old_logprobs in ("rollout", "recompute"), "actor.old_logprobs",
+             f"choose 'rollout' or 'recompute', got {a.old_logprobs!r}")
+    _require(a.lr > 0, "actor.lr", f"must be > 0, got {a.lr}")
+    _require(0 <= a.clip_low < 1 and a.clip_high >= 0, "actor.clip_low/clip_high",
+             f"need 0 <= clip_low < 1 and clip_high >= 0, got {a.clip_low}, {a.clip_high}")
+    _require(a.tis_cap is None or a.tis_cap > 0, "actor.tis_cap", f"must be > 0 or null, got {a.tis_cap}")
+    _require(a.kl_coef >= 0, "actor.kl_coef", f"must be >= 0, got {a.kl_coef}")
+    if d.path is None:
+        _require(d.task in TASKS, "data.task", f"choose one of {sorted(TASKS)} or give data.path, got {d.task!r}")
+        _require(1 <= d.min_digits <= d.max_digits, "data.min_digits/max_digits",
+                 f"need 1 <= min_digits <= max_digits, got {d.min_digits}, {d.max_digits}")
+    else:
+        _require(os.path.isfile(d.path), "data.path", f"no such file: {d.path!r}")
+        _require(d.path.endswith((".jsonl", ".parquet")), "data.path", f"must end in .jsonl or .parquet, got {d.path!r}")
+        _require(cfg.reward.fn is not None, "reward.fn", "a dataset from data.path needs a reward: "
+                 "reward.fn=my_pkg.my_reward (or roles.rewards.math_answer, roles.rewards.exact_match)")
+    if cfg.model.path is not None:
+        _require(os.path.isdir(cfg.model.path), "model.path", f"no such checkpoint directory: {cfg.model.path!r}")
+    else:
+        _require(d.path is None, "model.path", "the built-in tiny model knows only the built-in tasks; "
+                 "give model.path for a dataset from data.path")
+    _require(cfg.tracking.wandb_mode in WANDB_MODES, "tracking.wandb_mode",
+             f"choose one of {WANDB_MODES}, got {cfg.tracking.wandb_mode!r}")

@@ -1,0 +1,83 @@
+"""Metrics out: ``run_dir/metrics.jsonl`` (always), Weights & Biases, and the console.
+
+metrics.jsonl is a contract (../shared/DESIGN.md): one JSON object per optimizer step with at least
+``step``, ``time`` (seconds since the run started), ``reward/mean``, ``staleness/max``, ``staleness/mean``.
+Each line is flushed when written, so a run that fails keeps every step it finished.
+
+W&B runs offline when no API key is configured (``tracking.wandb_mode=auto``), so a laptop or a CI
+machine without network still gets a complete run directory to ``wandb sync`` later.
+
+The console shows a live bar on a terminal (step, reward, staleness, samples/s, ETA) and a log line
+every ``log_every`` steps otherwise (CI logs stay readable).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+def wandb_mode(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.path.expanduser("~")) / ".netrc"
+    return "online" if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore") else "offline"
+
+
+class Tracker:
+    def __init__(self, cfg, run_dir: str, config: dict, total_steps: int, console: Console):
+        self.cfg, self.total, self.console = cfg, total_steps, console
+        self.t0 = time.monotonic()
+        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        self.recent: deque[float] = deque(maxlen=10)  # the bar's reward: a mean over the last 10 steps
+        self.run = None
+        if cfg.wandb:
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            self.run = wandb.init(project=cfg.project, name=cfg.name or Path(run_dir).name, dir=run_dir,
+                                  config=config, mode=wandb_mode(cfg.wandb_mode))
+        self.progress = None
+        if cfg.progress and console.is_terminal:
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
+            self.task = self.progress.add_task("train", total=total_steps, info="waiting for the first step")
+            self.progress.start()
+
+    def log(self, metrics: dict) -> dict:
+        record = {"step": metrics["step"], "time": round(time.monotonic() - self.t0, 3),
+                  **{k: v for k, v in metrics.items() if k not in ("step", "kind", "role", "replica", "pid")}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if not math.isnan(record["reward/mean"]):
+            self.recent.append(record["reward/mean"])
+        info = (f"reward {sum(self.recent) / max(len(self.recent), 1):.3f}  staleness max {record['staleness/max']}"
+                f" mean {record['staleness/mean']:.2f}  {record['samples/s']:.0f} samples/s")
+        if self.progress is not None:
+            self.progress.update(self.task, completed=record["step"], info=info)
+        elif record["step"] % self.cfg.log_every == 0 or record["step"] in (1, self.total):
+            self.console.print(f"step {record['step']}/{self.total}  {info}  {record['time']:.0f}s", highlight=False)
+        return record
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.jsonl.close()
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def make_console() -> Console:
+    return Console(file=sys.stdout, stderr=False)

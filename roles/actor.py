@@ -1,0 +1,221 @@
+"""The actor role: whole groups in, one optimizer step per policy version, new weights out.
+
+Loop contract:
+- consumes: whole groups with every ``ACTOR_INPUT`` column ready (plus ``ref_logprobs`` with a KL
+  term); with a staleness bound only the groups scheduled for the current step (``target_step``)
+- produces: policy version v + 1 on the weight channel after each step; a ``metrics`` report per step;
+  checkpoints
+- waits for: groups (bounded by the run's wait_seconds, then an error saying which step it was filling)
+- unblocked by: the reward (and reference) role's puts, which complete a group's columns
+
+Streaming: a step does forward/backward on each delivery as it arrives (``StepAccumulator``) and steps
+the optimizer once the batch is complete. Losses are accumulated as un-normalised sums and the
+gradient is divided by the batch's normaliser at the end, so the step's gradient is the one the
+whole batch would give in one pass: with staleness 0 this is synchronous training, not an approximation.
+
+Exactly-once: a step's rows stay leased until its optimizer step is done and are acked then; the bus
+releases a row once the actor acked it, so no sample trains twice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+
+from roles import schema
+from roles.interfaces import RoleContext, load_object
+from roles.loss import aggregate, group_advantages, policy_loss
+from roles.weights import WeightPublisher
+from transfer import BusTimeout
+
+
+@dataclass
+class ActorConfig:
+    """The algorithm and the optimizer."""
+
+    engine: str = "hf"
+    """'hf' (torch + transformers) or a dotted path to a TrainEngine class."""
+    groups_per_step: int = 16
+    """Prompt groups per optimizer step (batch = groups_per_step x rollout.group_size samples)."""
+    lr: float = 3e-4
+    """AdamW learning rate."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    advantage: str = "grpo"
+    """grpo | rloo | drgrpo (see roles/loss.py)."""
+    aggregation: str = "token_mean"
+    """token_mean (DAPO) | seq_mean | constant (Dr.GRPO: samples x max_new_tokens)."""
+    clip_low: float = 0.2
+    """PPO clip: r >= 1 - clip_low."""
+    clip_high: float = 0.28
+    """PPO clip: r <= 1 + clip_high (DAPO clip-higher when above clip_low)."""
+    old_logprobs: str = "rollout"
+    """rollout: ratio against the rollout's logprobs; recompute: proximal ratio plus a TIS weight."""
+    tis_cap: float | None = 2.0
+    """Truncation C of the token importance weight min(π/μ, C) (old_logprobs=recompute); null: untruncated."""
+    kl_coef: float = 0.0
+    """β of the k3 KL to the reference; > 0 starts the reference role."""
+    drop_uniform_groups: bool = False
+    """Skip groups whose rewards are all equal (no signal) instead of counting them in the normaliser."""
+    micro_batch: int = 128
+    """Most samples per forward/backward pass (bounds activation memory)."""
+    temperature: float = 1.0
+    """Scoring temperature; the recipes tie it to rollout.temperature."""
+    max_new_tokens: int = 8
+    """Used by aggregation=constant; the recipes tie it to rollout.max_new_tokens."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every N steps (0: only the final one)."""
+    device: str = "cpu"
+    """torch device of the trained model."""
+    threads: int = 1
+    """torch intra-op threads."""
+    seed: int = 0
+    """torch seed."""
+
+
+def make_engine(cfg: ActorConfig, model_path: str):
+    if cfg.engine == "hf":
+        from roles.hf import HFTrainEngine
+
+        return HFTrainEngine(model_path, cfg)
+    return load_object(cfg.engine, "actor.engine")(model_path, cfg)
+
+
+def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None) -> None:
+    torch.manual_seed(cfg.seed)
+    engine = make_engine(cfg, ctx.model_path)
+    weights = WeightPublisher(ctx.weights_address)
+    weights.publish(engine.version, engine.weights())
+    columns = schema.ACTOR_INPUT + (["ref_logprobs"] if cfg.kl_coef > 0 else [])
+    ctx.report("ready")
+    try:
+        while engine.version < steps:
+            step, t0 = engine.version, time.monotonic()
+            acc = StepAccumulator(engine, cfg)
+            deliveries, waited = [], 0.0
+            while acc.groups < cfg.groups_per_step:
+                t = time.monotonic()
+                deliveries.append(_take(ctx, columns, cfg.groups_per_step - acc.groups, step, staleness, acc.groups,
+                                        cfg.groups_per_step))
+                waited += time.monotonic() - t
+                acc.add(deliveries[-1].table)
+            metrics = acc.finish()
+            for d in deliveries:
+                ctx.bus.ack(d)
+            sent = weights.publish(engine.version, engine.weights())
+            if cfg.checkpoint_every and engine.version % cfg.checkpoint_every == 0:
+                engine.save(f"{ctx.run_dir}/checkpoints/step-{engine.version}")
+            elapsed = time.monotonic() - t0
+            ctx.report("metrics", step=step + 1, **metrics, **{
+                "actor/wait_s": waited, "actor/step_s": elapsed, "samples/s": metrics["samples"] / elapsed,
+                "sync/bytes": sent})
+        engine.save(f"{ctx.run_dir}/checkpoints/final")
+        ctx.report("done", version=engine.version)
+    finally:
+        weights.close()
+
+
+def _take(ctx: RoleContext, columns, n: int, step: int, staleness: int | None, have: int, want: int):
+    where = None if staleness is None else [("target_step", "==", step)]
+    try:
+        return ctx.bus.get("actor", columns, n=n, min_n=1, groups=True, where=where, timeout=ctx.wait_seconds,
+                           lease=ctx.lease_seconds)
+    except BusTimeout as e:
+        raise BusTimeout(f"the actor waited {ctx.wait_seconds:.0f}s for the groups of step {step} "
+                         f"({have} of {want} in hand): are the rollout and reward roles alive and keeping up? ({e})") from e
+
+
+class StepAccumulator:
+    """One optimizer step's gradient, accumulated over deliveries of whole groups as they arrive."""
+
+    def __init__(self, engine, cfg: ActorConfig):
+        self.engine, self.cfg = engine, cfg
+        self.groups = 0  # groups consumed (including skipped ones)
+        self.normaliser = 0.0
+        self.loss_sum = 0.0
+        self.sums: dict[str, float] = {}
+        self.tokens = 0.0
+        self.rewards: list[float] = []
+        self.staleness: list[int] = []
+        self.lengths: list[int] = []
+        self.skipped_groups = 0
+        self.reward_errors = 0
+
+    def add(self, table: pa.Table) -> None:
+        cols = {name: table.column(name).to_pylist() for name in table.column_names}
+        by_group: dict[str, list[int]] = {}
+        for i, g in enumerate(cols["group_id"]):
+            by_group.setdefault(g, []).append(i)
+        rows, advantages = [], []
+        for idx in by_group.values():
+            self.groups += 1
+            self.staleness += [self.engine.version - cols["version_start"][i] for i in idx]
+            valid = [i for i in idx if not math.isnan(cols["reward"][i])]
+            self.reward_errors += len(idx) - len(valid)
+            r = torch.tensor([cols["reward"][i] for i in valid], dtype=torch.float32)
+            self.rewards += r.tolist()
+            if len(valid) < 2 or (self.cfg.drop_uniform_groups and bool((r == r[0]).all())):
+                self.skipped_groups += 1
+                continue
+            rows += valid
+            advantages += group_advantages(r, self.cfg.advantage).tolist()
+        for lo in range(0, len(rows), self.cfg.micro_batch):
+            self._backward(cols, rows[lo: lo + self.cfg.micro_batch], advantages[lo: lo + self.cfg.micro_batch])
+
+    def _backward(self, cols: dict, rows: list[int], advantages: list[float]) -> None:
+        prompts = [cols["prompt_ids"][i] for i in rows]
+        responses = [cols["response_ids"][i] for i in rows]
+        self.lengths += [len(r) for r in responses]
+        logp = self.engine.token_logprobs(prompts, responses)  # [B, T]
+        mask = torch.zeros_like(logp)
+        rollout_logp = torch.zeros_like(logp)
+        ref_logp = torch.zeros_like(logp) if self.cfg.kl_coef > 0 else None
+        for j, i in enumerate(rows):
+            t = len(responses[j])
+            mask[j, :t] = 1.0
+            rollout_logp[j, :t] = torch.tensor(cols["rollout_logprobs"][i])
+            if ref_logp is not None:
+                ref_logp[j, :t] = torch.tensor(cols["ref_logprobs"][i])
+        token_loss, stats = policy_loss(logp, rollout_logp, torch.tensor(advantages), mask,
+                                        clip_low=self.cfg.clip_low, clip_high=self.cfg.clip_high,
+                                        old_logprobs=self.cfg.old_logprobs, tis_cap=self.cfg.tis_cap,
+                                        kl_coef=self.cfg.kl_coef, ref_logp=ref_logp)
+        total, count = aggregate(token_loss, mask, self.cfg.aggregation, self.cfg.max_new_tokens)
+        total.backward()
+        self.loss_sum += total.item()
+        self.normaliser += count
+        self.tokens += float(mask.sum())
+        for name, value in stats.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float((value * mask).sum())
+
+    def finish(self) -> dict[str, float]:
+        """Step the optimizer on the accumulated gradient divided by the batch's normaliser."""
+        scale = 1.0 / self.normaliser if self.normaliser > 0 else 0.0
+        out = self.engine.step(scale)
+        n = len(self.rewards)
+        mean = sum(self.rewards) / n if n else math.nan
+        out.update({
+            "loss": self.loss_sum * scale,
+            "reward/mean": mean,
+            "reward/std": (sum((r - mean) ** 2 for r in self.rewards) / n) ** 0.5 if n else math.nan,
+            "reward/errors": self.reward_errors,
+            "staleness/max": max(self.staleness, default=0),
+            "staleness/mean": sum(self.staleness) / len(self.staleness) if self.staleness else 0.0,
+            "response/length_mean": sum(self.lengths) / len(self.lengths) if self.lengths else 0.0,
+            "groups/skipped": self.skipped_groups,
+            "samples": len(self.staleness),
+            "tokens": self.tokens,
+        })
+        for name, total in self.sums.items():
+            out[f"actor/{name}"] = total / self.tokens if self.tokens else 0.0
+        return out

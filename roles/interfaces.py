@@ -1,0 +1,100 @@
+"""The plug-in interfaces: a rollout engine, a train engine, a reward function — and what a role is given.
+
+To plug your own, write a class or function with this shape and name it by dotted path in the recipe:
+
+    rollout.engine=my_pkg.engines.MyEngine    # class: MyEngine(model_path: str, cfg: RolloutConfig)
+    actor.engine=my_pkg.engines.MyTrainer      # class: MyTrainer(model_path: str, cfg: ActorConfig)
+    reward.fn=my_pkg.rewards.my_reward         # function: my_reward(response: str, **fields) -> float
+
+``examples/custom_reward.py`` and ``examples/custom_engine.py`` are runnable examples. The built-in
+engines are in ``roles/hf.py``. Engines know nothing of the bus: the role loops move data, engines compute.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+
+
+@dataclass
+class Generation:
+    """One sampled response."""
+
+    response_ids: list[int]  # [T] token ids, the stop token included when it was produced
+    logprobs: list[float]  # [T] log μ(y_t) under the sampling distribution (temperature applied, before top-p)
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+
+
+class RolloutEngine(Protocol):
+    """Generates with the current policy; swaps in new weights between generate calls."""
+
+    version: int  # the policy version the engine runs now
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+        """One response per prompt, in order (repeat a prompt G times for a group)."""
+
+    def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        """Replace the policy weights by ``weights`` (parameter name -> tensor) and set ``version``."""
+
+
+class TrainEngine(Protocol):
+    """Owns the trained model and its optimizer; the actor loop owns the algorithm (``roles/loss.py``)."""
+
+    version: int  # optimizer steps taken since the start policy (version 0)
+
+    def token_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+        """[B, T] log π_θ(y_t) of each response token, differentiable, zero-padded to the longest response."""
+
+    def step(self, grad_scale: float) -> dict[str, float]:
+        """Multiply accumulated gradients by ``grad_scale``, step the optimizer, zero grads, version += 1."""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The policy parameters as rollout engines load them (name -> tensor, no duplicates of tied ones)."""
+
+    def save(self, path: str) -> None:
+        """Write a checkpoint that ``from_pretrained(path)`` (or the engine's own loader) reads back."""
+
+
+RewardFn = Callable[..., float]  # fn(response: str, **fields) -> float; fields are the prompt record's
+
+
+@dataclass
+class RoleContext:
+    """Everything a role loop gets from whoever launched it; roles know nothing more of launching."""
+
+    bus: Any  # transfer.BusClient
+    weights_address: str  # the actor's weight channel (transfer/channel.py)
+    model_path: str  # checkpoint every role starts from (version 0)
+    report: Callable[..., None]  # report(kind, **data): metrics, warnings, errors to the launcher
+    run_dir: str
+    replica: int  # this replica's index among the role's replicas
+    seed: int
+    wait_seconds: float  # bound on any wait for data or weights that should arrive
+    lease_seconds: float  # lease on rows taken from the bus
+
+
+def load_object(path: str, what: str) -> Any:
+    """Import ``pkg.module.name``; a bad path is a ValueError naming the recipe field ``what``."""
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"{what}={path!r} is not a dotted path like my_pkg.module.name")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{what}={path!r}: cannot import module {module_name!r} ({e}); "
+                         f"is it installed or on PYTHONPATH?") from e
+    if not hasattr(module, attr):
+        raise ValueError(f"{what}={path!r}: module {module_name!r} has no attribute {attr!r}")
+    return getattr(module, attr)

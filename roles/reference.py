@@ -1,0 +1,60 @@
+"""The reference role: per-token logprobs of the frozen start policy, for the KL term.
+
+Loop contract (started only when ``actor.kl_coef > 0``):
+- consumes: rows with ``prompt_ids`` and ``response_ids``
+- produces: ``ref_logprobs`` ([T] float32, aligned with ``response_ids``)
+- waits for: responses (idle is normal)
+- unblocked by: the rollouts' puts
+
+The reference model is the run's version-0 checkpoint and never changes; it is scored with the same
+``sequence_logprobs`` and temperature as the actor, so the KL is zero at the start of a run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from roles import schema
+from roles.hf import load_model, sequence_logprobs
+from roles.interfaces import RoleContext
+from transfer import BusTimeout
+
+IDLE_WAIT_S = 30.0
+
+
+@dataclass
+class ReferenceConfig:
+    """Where and how the reference model runs (the role exists only when actor.kl_coef > 0)."""
+
+    replicas: int = 1
+    """Reference processes."""
+    batch: int = 256
+    """Most samples scored per forward pass."""
+    device: str = "cpu"
+    """torch device."""
+    dtype: str = "float32"
+    """Weights dtype: float32 | bfloat16 | float16."""
+    threads: int = 1
+    """torch intra-op threads per replica."""
+
+
+def serve(cfg: ReferenceConfig, ctx: RoleContext, temperature: float) -> None:
+    model = load_model(ctx.model_path, cfg.dtype, cfg.device).eval()
+    ctx.report("ready")
+    while True:
+        try:
+            d = ctx.bus.get("reference", schema.REFERENCE_INPUT, n=cfg.batch, min_n=1, timeout=IDLE_WAIT_S,
+                            lease=ctx.lease_seconds)
+        except BusTimeout:
+            continue
+        t0 = time.monotonic()
+        responses = d.table.column("response_ids").to_pylist()
+        with torch.no_grad():
+            logp = sequence_logprobs(model, d.table.column("prompt_ids").to_pylist(), responses, temperature,
+                                     cfg.device).cpu()
+        ctx.bus.put({"uid": d.uids, "ref_logprobs": [logp[i, : len(r)].tolist() for i, r in enumerate(responses)]})
+        ctx.bus.ack(d)
+        ctx.report("reference", samples=len(responses), seconds=time.monotonic() - t0)

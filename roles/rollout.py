@@ -1,0 +1,101 @@
+"""The rollout role: prompt rows in, sampled responses with per-token logprobs and policy versions out.
+
+Loop contract (one replica; several replicas share the work through the bus):
+- consumes: rows with ``prompt_ids`` and ``min_version`` (whole groups, up to ``groups_per_call``)
+- produces: ``response_ids``, ``rollout_logprobs``, ``version_start``, ``version_end``, ``finish_reason``
+- waits for: prompt rows (idle is normal: with staleness 0 the rollouts wait while the actor trains);
+  weights of at least ``min_version`` (bounded by the run's wait_seconds, then an error naming it)
+- unblocked by: the feeder's puts; the actor's weight publications
+
+Weights are swapped between generate calls, never during one, so a group's samples share one version
+(``version_start == version_end``); the columns still carry both for engines that update mid-flight.
+The newest published version is loaded before every call: rollouts never run older weights than needed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from roles import schema
+from roles.interfaces import RoleContext, SamplingParams, load_object
+from roles.weights import WeightSubscriber
+from transfer import BusTimeout
+
+IDLE_WAIT_S = 30.0  # one idle get's bound; the loop then checks for new weights and waits again
+
+
+@dataclass
+class RolloutConfig:
+    """Generation: how many samples, how long, with which engine, on which device."""
+
+    replicas: int = 1
+    """Rollout processes; each takes whole groups from the bus."""
+    engine: str = "hf"
+    """'hf' (torch + transformers, CPU or GPU) or a dotted path to a RolloutEngine class."""
+    group_size: int = 8
+    """G: samples per prompt (one group)."""
+    max_new_tokens: int = 8
+    """Longest response in tokens; longer ones end with finish_reason 'length'."""
+    temperature: float = 1.0
+    """Sampling temperature; the actor scores with the same one."""
+    top_p: float = 1.0
+    """Nucleus cut (1.0: off). Below 1 the recorded logprobs are of the uncut distribution."""
+    top_k: int = 0
+    """Top-k cut (0: off)."""
+    groups_per_call: int = 16
+    """Most groups taken from the bus for one generate call (bigger batches, coarser streaming)."""
+    max_batch: int = 256
+    """Most sequences the engine decodes at once; bounds the KV cache's memory."""
+    device: str = "cpu"
+    """torch device of the engine."""
+    dtype: str = "float32"
+    """Weights dtype of the engine: float32 | bfloat16 | float16."""
+    threads: int = 1
+    """torch intra-op threads per replica (keep replicas x threads within the cores)."""
+    seed: int = 0
+    """Sampling seed (each replica adds its index)."""
+
+
+def make_engine(cfg: RolloutConfig, model_path: str):
+    if cfg.engine == "hf":
+        from roles.hf import HFRolloutEngine
+
+        return HFRolloutEngine(model_path, cfg)
+    return load_object(cfg.engine, "rollout.engine")(model_path, cfg)
+
+
+def serve(cfg: RolloutConfig, ctx: RoleContext) -> None:
+    engine = make_engine(cfg, ctx.model_path)
+    weights = WeightSubscriber(ctx.weights_address)
+    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    ctx.report("ready")
+    while True:
+        _load_newest(engine, weights, 0.0, None)
+        try:
+            d = ctx.bus.get("rollout", schema.ROLLOUT_INPUT, n=cfg.groups_per_call, min_n=1, groups=True,
+                            timeout=IDLE_WAIT_S, lease=ctx.lease_seconds)
+        except BusTimeout:
+            continue
+        need = max(d.table.column("min_version").to_pylist())
+        if engine.version < need:  # the feeder admitted it for a version this replica has not loaded yet
+            _load_newest(engine, weights, ctx.wait_seconds, need)
+        start, t0 = engine.version, time.monotonic()
+        gens = engine.generate(d.table.column("prompt_ids").to_pylist(), sampling)
+        n = len(gens)
+        ctx.bus.put({"uid": d.uids, "response_ids": [g.response_ids for g in gens],
+                     "rollout_logprobs": [g.logprobs for g in gens], "version_start": [start] * n,
+                     "version_end": [engine.version] * n, "finish_reason": [g.finish_reason for g in gens]})
+        ctx.bus.ack(d)
+        ctx.report("rollout", samples=n, tokens=sum(len(g.response_ids) for g in gens),
+                   seconds=time.monotonic() - t0, version=start)
+
+
+def _load_newest(engine, weights: WeightSubscriber, timeout: float, need: int | None) -> None:
+    """Load the newest published version if it is newer than the engine's; wait for ``need`` if given."""
+    while True:
+        got = weights.newer(engine.version, timeout, required=need is not None)
+        if got is not None:
+            engine.load_weights(got[1], got[0])
+        if need is None or engine.version >= need:
+            return

@@ -1,0 +1,55 @@
+"""The sample: one row on the bus. Every column any role reads or writes is declared here, once.
+
+A row is one sample (one response to one prompt); the G samples of a prompt form a group and are
+created together by the flow's feeder. Roles add columns to existing rows; the actor consumes whole
+groups. ``uid`` and ``group_id`` are the bus's own identity columns (see ``transfer/wire.py``).
+
+| column             | written by | type             | meaning                                                   |
+| ------------------ | ---------- | ---------------- | --------------------------------------------------------- |
+| prompt_ids         | feeder     | list<int32> [P]  | prompt token ids, special tokens included                 |
+| fields             | feeder     | string (JSON)    | the prompt record's other fields (answer, ...) for reward |
+| target_step        | feeder     | int64            | optimizer step this group is scheduled for                |
+| min_version        | feeder     | int64            | lowest policy version allowed to generate it (staleness)  |
+| response_ids       | rollout    | list<int32> [T]  | generated token ids, the stop token included              |
+| rollout_logprobs   | rollout    | list<float32> [T]| log μ(y_t): the sampling policy's logprob of each token    |
+| version_start      | rollout    | int64            | policy version when generation started                    |
+| version_end        | rollout    | int64            | policy version when it ended (> start if weights changed) |
+| finish_reason      | rollout    | string           | "stop" (stop token) or "length" (max_new_tokens)          |
+| reward             | reward     | float32          | scalar reward; NaN when the reward function failed        |
+| ref_logprobs       | reference  | list<float32> [T]| log π_ref(y_t), only when the recipe has a KL term        |
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+TOKENS = pa.list_(pa.int32())
+LOGPROBS = pa.list_(pa.float32())
+
+COLUMNS: dict[str, pa.DataType] = {
+    "prompt_ids": TOKENS,
+    "fields": pa.string(),
+    "target_step": pa.int64(),
+    "min_version": pa.int64(),
+    "response_ids": TOKENS,
+    "rollout_logprobs": LOGPROBS,
+    "version_start": pa.int64(),
+    "version_end": pa.int64(),
+    "finish_reason": pa.string(),
+    "reward": pa.float32(),
+    "ref_logprobs": LOGPROBS,
+}
+
+# What each role reads. The actor's list grows by ref_logprobs when a KL term is on.
+ROLLOUT_INPUT = ["prompt_ids", "min_version"]
+REWARD_INPUT = ["response_ids", "fields"]
+REFERENCE_INPUT = ["prompt_ids", "response_ids"]
+ACTOR_INPUT = ["prompt_ids", "response_ids", "rollout_logprobs", "version_start", "version_end", "reward"]
+
+# Rows leave the bus when the actor has acked them: the actor is the one consumer every sample reaches.
+RELEASE_AFTER = ["actor"]
+
+
+def declare(bus) -> None:
+    """Declare the sample columns on a bus (idempotent for the same types)."""
+    bus.declare(COLUMNS, release_after=RELEASE_AFTER)
