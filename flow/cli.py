@@ -12,6 +12,7 @@ Heavy imports (torch, transformers, wandb) happen after composition, so ``--help
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -27,10 +28,15 @@ def main(argv: list[str] | None = None) -> int:
 def train(argv: list[str]) -> int:
     import hydra
     from omegaconf import DictConfig
+    from omegaconf.errors import MissingMandatoryValue
 
     from flow.config import register
 
     register()
+    # Like `python -m`, make the working directory importable, so reward.fn=my_module.fn and
+    # rollout.engine=my_module.MyEngine find the user's own files (role processes inherit sys.path).
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     status = {"code": 0}
 
     @hydra.main(config_path="pkg://recipes", config_name="default", version_base="1.3")
@@ -42,7 +48,7 @@ def train(argv: list[str]) -> int:
         console = make_console()
         try:
             status["code"] = run(cfg, console)
-        except ConfigError as e:  # a bad recipe value: the message names the field and the fix
+        except (ConfigError, MissingMandatoryValue) as e:  # a bad recipe value, named with its fix
             console.print(f"[red]error[/]: {e}")
             status["code"] = 2
 

@@ -48,3 +48,17 @@ def new_rows(n: int, group_size: int = 1, prefix: str = "r", version: int | None
     if version is not None:
         rows["version"] = [version] * n
     return rows
+
+
+# ---------------------------------------------------------------------------- the tiny model and runs
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """One cache directory for the session: the tiny model is built once and every run reuses it."""
+    return str(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_cache):
+    from roles.tiny import TinyModelConfig, build_tiny_model
+
+    return build_tiny_model(TinyModelConfig(), "reverse", 3, 5, cache_dir=model_cache, log=lambda *_: None)

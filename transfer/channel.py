@@ -157,9 +157,11 @@ class Publisher:
 class Subscriber:
     """One DEALER to a publisher; one call in flight; use one per thread."""
 
-    def __init__(self, address: str, keys_dir: str | None = None):
+    def __init__(self, address: str, keys_dir: str | None = None, reply_grace: float = 10.0):
+        """``reply_grace``: how much longer than a wait's own timeout to wait for the publisher's reply."""
         self.address = address
         self.keys_dir = keys_dir
+        self.reply_grace = reply_grace
         self.sock = self._connect()
 
     def _connect(self) -> zmq.Socket:
@@ -175,9 +177,10 @@ class Subscriber:
         self.sock.send_multipart([json.dumps({"op": "newer", "than": than, "timeout": timeout,
                                                    "payload": payload}).encode()])
         # The publisher answers at its deadline; the grace covers a publisher that is not there at all.
-        if not self.sock.poll(int(1000 * (timeout + 10.0))):
+        if not self.sock.poll(int(1000 * (timeout + self.reply_grace))):
             self._reconnect()
-            raise BusTimeout(f"no answer from the channel publisher at {self.address} within {timeout + 10.0:.0f}s "
+            raise BusTimeout(f"no answer from the channel publisher at {self.address} within "
+                             f"{timeout + self.reply_grace:.1f}s "
                              f"(is the publishing process alive?)")
         msg = self.sock.recv_multipart(copy=False)
         header = json.loads(msg[0].bytes)
