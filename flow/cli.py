@@ -28,7 +28,6 @@ def main(argv: list[str] | None = None) -> int:
 def train(argv: list[str]) -> int:
     import hydra
     from omegaconf import DictConfig
-    from omegaconf.errors import MissingMandatoryValue
 
     from flow.config import register
 
@@ -48,7 +47,7 @@ def train(argv: list[str]) -> int:
         console = make_console()
         try:
             status["code"] = run(cfg, console)
-        except (ConfigError, MissingMandatoryValue) as e:  # a bad recipe value, named with its fix
+        except ConfigError as e:  # a bad recipe value, named with its fix
             console.print(f"[red]error[/]: {e}")
             status["code"] = 2
 

@@ -159,6 +159,8 @@ def validate(cfg: RunConfig) -> None:
     _require(a.tis_cap is None or a.tis_cap > 0, "actor.tis_cap", f"must be > 0 or null, got {a.tis_cap}")
     _require(a.kl_coef >= 0, "actor.kl_coef", f"must be >= 0, got {a.kl_coef}")
     if d.path is None:
+        _require(d.task is not None, "data.path", "this recipe has no built-in task: give a prompt file, "
+                 "data.path=FILE.jsonl|parquet")
         _require(d.task in TASKS, "data.task", f"choose one of {sorted(TASKS)} or give data.path, got {d.task!r}")
         _require(1 <= d.min_digits <= d.max_digits, "data.min_digits/max_digits",
                  f"need 1 <= min_digits <= max_digits, got {d.min_digits}, {d.max_digits}")
@@ -171,6 +173,6 @@ def validate(cfg: RunConfig) -> None:
         _require(os.path.isdir(cfg.model.path), "model.path", f"no such checkpoint directory: {cfg.model.path!r}")
     else:
         _require(d.path is None, "model.path", "the built-in tiny model knows only the built-in tasks; "
-                 "give model.path for a dataset from data.path")
+                 "give a checkpoint directory, model.path=DIR, for a dataset from data.path")
     _require(cfg.tracking.wandb_mode in WANDB_MODES, "tracking.wandb_mode",
              f"choose one of {WANDB_MODES}, got {cfg.tracking.wandb_mode!r}")

@@ -1,0 +1,134 @@
+"""Whole runs through the `rlflow` command: real processes, a real bus, a real tiny model.
+
+Each run is short (a few steps of a small batch); what they pin is the flow's contract, not learning
+(benchmarks/async_speedup.py and the README's default run measure learning).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["actor.groups_per_step=4", "rollout.group_size=4", "rollout.groups_per_call=4", "tracking.wandb=false"]
+
+
+def rlflow(run_dir: Path, model_cache: str, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(run_dir, model_cache, overrides), cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _command(run_dir: Path, model_cache: str, overrides) -> list[str]:
+    return [sys.executable, "-m", "flow.cli", f"run_dir={run_dir}", f"model.cache_dir={model_cache}", *SMALL,
+            *overrides]
+
+
+def _env() -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_all_processes_gone(run_dir: Path) -> None:
+    pids = json.loads((run_dir / "processes.json").read_text())
+    for name, pid in [("bus", pids["bus"]), *pids["roles"].items()]:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "?"
+        pytest.fail(f"{name} (pid {pid}) is still there after the run, state {state}")
+
+
+def test_staleness_0_trains_only_on_current_samples_and_logs_everywhere(tmp_path, tiny_model, model_cache):
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, "flow.staleness=0", "flow.steps=5", "tracking.wandb=true",
+               "tracking.wandb_mode=offline")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = metrics(run_dir)
+    assert [m["step"] for m in rows] == [1, 2, 3, 4, 5]
+    for m in rows:
+        assert {"time", "reward/mean", "staleness/max", "staleness/mean"} <= m.keys()
+        assert m["staleness/max"] == 0 and m["samples"] == 16
+    assert (run_dir / "checkpoints/final/config.json").exists() and (run_dir / "config.yaml").exists()
+    assert_all_processes_gone(run_dir)
+    wandb = Path(sys.executable).parent / "wandb"
+    offline = next((run_dir / "wandb").glob("offline-run-*"))
+    inspected = subprocess.run([str(wandb), "leet", "inspect", "--summary", "--json", str(offline)],
+                               capture_output=True, text=True, timeout=60)
+    assert inspected.returncode == 0, inspected.stderr
+    assert json.loads(inspected.stdout)["summary"]["reward/mean"] == pytest.approx(rows[-1]["reward/mean"])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_no_sample_trains_with_staleness_above_k(tmp_path, tiny_model, model_cache, k):
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, f"flow.staleness={k}", "flow.steps=8", "rollout.replicas=2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    staleness = [m["staleness/max"] for m in metrics(run_dir)]
+    assert len(staleness) == 8 and max(staleness) <= k, staleness
+    assert_all_processes_gone(run_dir)
+
+
+def test_fully_async_runs_and_measures_staleness(tmp_path, tiny_model, model_cache):
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, "flow.staleness=null", "flow.steps=6")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = metrics(run_dir)
+    assert len(rows) == 6 and all(m["staleness/max"] >= m["staleness/mean"] >= 0 for m in rows)
+
+
+def test_a_raising_user_reward_is_reported_and_its_samples_skipped(tmp_path, tiny_model, model_cache):
+    data = tmp_path / "prompts.jsonl"
+    with data.open("w") as f:
+        for s in ("123", "4567", "890", "2468", "13579", "31"):
+            f.write(json.dumps({"text": s + "=", "expected": s[::-1]}) + "\n")
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, f"model.path={tiny_model}", f"data.path={data}", "data.prompt_key=text",
+               "reward.fn=user_code.reward_raising_on_sevens", "flow.steps=4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "reward function raised on row" in r.stdout and "sevens are not allowed" in r.stdout
+    rows = metrics(run_dir)
+    assert len(rows) == 4 and sum(m["reward/errors"] for m in rows) > 0
+    assert json.loads((run_dir / "summary.json").read_text())["reward_errors"] == sum(m["reward/errors"] for m in rows)
+
+
+def test_a_failing_role_stops_the_run_with_its_traceback_and_leaves_no_process(tmp_path, tiny_model, model_cache):
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, "rollout.engine=user_code.CrashingEngine", "flow.steps=20")
+    assert r.returncode == 1
+    assert "role rollout-0 failed" in r.stdout and "engine exploded on purpose" in r.stdout
+    assert_all_processes_gone(run_dir)
+
+
+def test_a_bad_plug_in_path_fails_at_start_naming_the_field(tmp_path, tiny_model, model_cache):
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, "reward.fn=no_such_module.score", "flow.steps=3")
+    assert r.returncode == 1 and "reward.fn='no_such_module.score'" in r.stdout
+    assert_all_processes_gone(run_dir)
+
+
+def test_ctrl_c_stops_every_process(tmp_path, tiny_model, model_cache):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_command(run_dir, model_cache, ["flow.steps=10000"]), cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run never reached its first step"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out
+    assert_all_processes_gone(run_dir)

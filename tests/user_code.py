@@ -1,0 +1,25 @@
+"""User code the end-to-end tests plug in by dotted path, as a user would (reward.fn=..., rollout.engine=...)."""
+
+from __future__ import annotations
+
+from roles.hf import HFRolloutEngine
+
+
+def reward_raising_on_sevens(response: str, expected: str, **_) -> float:
+    """Positional credit against the dataset's own `expected` column; raises when the response has a 7."""
+    if "7" in response:
+        raise ArithmeticError("sevens are not allowed")
+    hits = sum(a == b for a, b in zip(response.strip(), expected))
+    return hits / max(len(expected), len(response.strip()), 1)
+
+
+class CrashingEngine(HFRolloutEngine):
+    """The built-in engine, except that its second generate call raises."""
+
+    calls = 0
+
+    def generate(self, prompts, sampling):
+        CrashingEngine.calls += 1
+        if CrashingEngine.calls == 2:
+            raise RuntimeError("engine exploded on purpose")
+        return super().generate(prompts, sampling)
