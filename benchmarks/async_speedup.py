@@ -1,0 +1,92 @@
+"""Asynchronous vs on-policy: the default recipe at flow.staleness=0 and at staleness k, same steps and seed.
+
+    python -m benchmarks.async_speedup                 # 300 steps each (the default recipe), k = 1
+    python -m benchmarks.async_speedup --quick         # 60 steps each
+    python -m benchmarks.async_speedup --k 2 --steps 200 --set rollout.replicas=2
+
+Each run is a real `rlflow` process tree (bus, actor, rollout, reward) on the same cores. Per run:
+wall time (the whole command), training time (launch to last step), steady samples/s (first to last
+step), how long the trainer waited for data and how long it computed, how long the rollouts and the
+reward worked, and the reward at the start and at the end. Ratios: speedup (staleness 0 time over
+staleness k time) and the final-reward difference.
+
+Why the speedup has a ceiling here: with staleness 0 a step costs generate + train (+ hand-offs); with
+k >= 1 generation of step s + 1 overlaps training of step s, so a step costs max(generate, train). On
+2 cores with one rollout and one trainer process the best case is (g + t) / max(g, t) <= 2.
+
+The last line of stdout is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(staleness: str, steps: int, extra: list[str], root: Path) -> dict:
+    run_dir = root / f"staleness-{staleness}"
+    cmd = [sys.executable, "-m", "flow.cli", f"run_dir={run_dir}", f"flow.staleness={staleness}",
+           f"flow.steps={steps}", "tracking.wandb=false", *extra]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"run at staleness {staleness} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    window = max(1, len(rows) // 10)
+    steady = rows[-1]["time"] - rows[0]["time"]
+    wait = sum(r["actor/wait_s"] for r in rows)
+    return {
+        "staleness": None if staleness == "null" else int(staleness),
+        "steps": len(rows),
+        "wall_s": round(wall, 2),
+        "train_s": rows[-1]["time"],
+        "steady_s": round(steady, 2),
+        "samples_per_s": round(sum(r["samples"] for r in rows[1:]) / steady, 1),
+        "trainer_wait_s": round(wait, 2),
+        "trainer_compute_s": round(sum(r["actor/step_s"] for r in rows) - wait, 2),
+        "rollout_busy_s": round(summary["busy_s"].get("rollout", 0.0), 2),
+        "reward_busy_s": round(summary["busy_s"].get("reward", 0.0), 2),
+        "staleness_max": max(r["staleness/max"] for r in rows),
+        "staleness_mean": round(sum(r["staleness/mean"] for r in rows) / len(rows), 3),
+        "reward_start": round(sum(r["reward/mean"] for r in rows[:window]) / window, 4),
+        "reward_final": round(sum(r["reward/mean"] for r in rows[-window:]) / window, 4),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="60 steps per run")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default 300, or 60 with --quick)")
+    p.add_argument("--k", default="1", help="the asynchronous run's flow.staleness (an int, or null)")
+    p.add_argument("--set", action="append", default=[], help="extra recipe override for both runs (repeatable)")
+    args = p.parse_args()
+    steps = args.steps or (60 if args.quick else 300)
+    with tempfile.TemporaryDirectory(prefix="rlflow-bench-") as root:
+        results = {}
+        for staleness in ("0", args.k):
+            print(f"running staleness={staleness} for {steps} steps ...", file=sys.stderr, flush=True)
+            results[f"staleness_{staleness}"] = r = run(staleness, steps, args.set, Path(root))
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    sync, asyn = results["staleness_0"], results[f"staleness_{args.k}"]
+    out = {
+        "benchmark": "async_speedup", "steps": steps, "k": args.k, "overrides": args.set,
+        **results,
+        "speedup_wall": round(sync["wall_s"] / asyn["wall_s"], 3),
+        "speedup_train": round(sync["train_s"] / asyn["train_s"], 3),
+        "speedup_steady": round(sync["steady_s"] / asyn["steady_s"], 3),
+        "reward_final_diff": round(asyn["reward_final"] - sync["reward_final"], 4),
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
