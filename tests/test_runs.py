@@ -71,13 +71,16 @@ def test_staleness_0_trains_only_on_current_samples_and_logs_everywhere(tmp_path
     assert json.loads(inspected.stdout)["summary"]["reward/mean"] == pytest.approx(rows[-1]["reward/mean"])
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_no_sample_trains_with_staleness_above_k(tmp_path, tiny_model, model_cache, k):
+@pytest.mark.parametrize("k,extra", [(1, ["actor.kl_coef=0.05"]), (2, ["rollout.replicas=2"])])
+def test_no_sample_trains_with_staleness_above_k(tmp_path, tiny_model, model_cache, k, extra):
     run_dir = tmp_path / "run"
-    r = rlflow(run_dir, model_cache, f"flow.staleness={k}", "flow.steps=8", "rollout.replicas=2")
+    r = rlflow(run_dir, model_cache, f"flow.staleness={k}", "flow.steps=8", *extra)
     assert r.returncode == 0, r.stdout + r.stderr
-    staleness = [m["staleness/max"] for m in metrics(run_dir)]
+    rows = metrics(run_dir)
+    staleness = [m["staleness/max"] for m in rows]
     assert len(staleness) == 8 and max(staleness) <= k, staleness
+    if "actor.kl_coef=0.05" in extra:  # the reference role ran and its logprobs reached the loss
+        assert all("actor/kl" in m for m in rows) and rows[-1]["actor/kl"] > 0
     assert_all_processes_gone(run_dir)
 
 
