@@ -15,8 +15,6 @@ top_p = 1 and top_k = 0 (the defaults).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 
 from roles.interfaces import Generation, SamplingParams
@@ -99,7 +97,7 @@ class HFRolloutEngine:
         self.device = cfg.device
         self.model = load_model(model_path, cfg.dtype, cfg.device).eval()
         self.stop_ids = torch.tensor(stop_token_ids(model_path), device=self.device)
-        self.pad_id = 0
+        self.pad_id = 0  # any id works: padded positions are masked out of attention
         self.max_batch = cfg.max_batch
         self.version = 0
         self.gen = torch.Generator(device=self.device)
@@ -160,14 +158,6 @@ def load_parameters(model, weights: dict[str, torch.Tensor]) -> None:
             p.copy_(weights[name])
 
 
-@dataclass
-class _Optim:
-    lr: float
-    betas: tuple[float, float]
-    weight_decay: float
-    max_grad_norm: float
-
-
 class HFTrainEngine:
     """fp32 master weights and AdamW. Gradients accumulate across ``token_logprobs`` backward passes."""
 
@@ -175,8 +165,8 @@ class HFTrainEngine:
         self.device = cfg.device
         self.temperature = cfg.temperature
         self.model = load_model(model_path, "float32", cfg.device).train()
-        self.opt = _Optim(cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.max_grad_norm)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=self.opt.betas,
+        self.max_grad_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                            weight_decay=cfg.weight_decay)
         self.version = 0
 
@@ -187,7 +177,7 @@ class HFTrainEngine:
         params = [p for p in self.model.parameters() if p.grad is not None]
         for p in params:
             p.grad.mul_(grad_scale)
-        norm = torch.nn.utils.clip_grad_norm_(params, self.opt.max_grad_norm if self.opt.max_grad_norm > 0 else math.inf)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
