@@ -63,16 +63,16 @@ def test_the_gpu_recipe_composes_and_validates_with_a_model_and_a_dataset(tiny_m
 
 
 def test_the_gpu_recipe_names_each_missing_path(tmp_path):
-    result = _cli(["-cn", "gsm8k_qwen"])
+    result = _cli(["-cn", "gsm8k_qwen", f"run_dir={tmp_path}/run"])
     assert result.returncode == 2 and "data.path: this recipe has no built-in task" in result.stdout
     data = tmp_path / "d.jsonl"
     data.write_text('{"question": "q", "answer": "1"}\n')
-    result = _cli(["-cn", "gsm8k_qwen", f"data.path={data}"])
+    result = _cli(["-cn", "gsm8k_qwen", f"data.path={data}", f"run_dir={tmp_path}/run"])
     assert result.returncode == 2 and "model.path: the built-in tiny model" in result.stdout
 
 
-def test_the_cli_exits_2_and_names_a_bad_value():
-    result = _cli(["flow.staleness=-3", "tracking.wandb=false", "run_dir=/tmp/rlflow-never-made"])
+def test_the_cli_exits_2_and_names_a_bad_value(tmp_path):
+    result = _cli(["flow.staleness=-3", "tracking.wandb=false", f"run_dir={tmp_path}/run"])
     assert result.returncode == 2
     assert "flow.staleness" in result.stdout and "Traceback" not in result.stdout + result.stderr
 
