@@ -85,6 +85,25 @@ class RoleContext:
     lease_seconds: float  # lease on rows taken from the bus
 
 
+IDLE_WAIT_S = 30.0  # one idle get's bound; a role loop then re-checks its own state and waits again
+
+
+def next_rows(ctx: RoleContext, consumer: str, columns: list[str], n: int, groups: bool = False):
+    """The next delivery of up to ``n`` ready rows (or groups) for a role that may idle for a long time.
+
+    Idling is normal for rollout, reward and reference (with staleness 0 they wait while the actor
+    trains), so an idle bound passing is not an error; the run's progress is bounded by the actor's wait.
+    Returns None after an idle bound so the caller can do between-deliveries work (load weights).
+    """
+    from transfer import BusTimeout
+
+    try:
+        return ctx.bus.get(consumer, columns, n=n, min_n=1, groups=groups, timeout=IDLE_WAIT_S,
+                           lease=ctx.lease_seconds)
+    except BusTimeout:
+        return None
+
+
 def load_object(path: str, what: str) -> Any:
     """Import ``pkg.module.name``; a bad path is a ValueError naming the recipe field ``what``."""
     module_name, _, attr = path.rpartition(".")

@@ -19,10 +19,7 @@ import torch
 
 from roles import schema
 from roles.hf import load_model, sequence_logprobs
-from roles.interfaces import RoleContext
-from transfer import BusTimeout
-
-IDLE_WAIT_S = 30.0
+from roles.interfaces import RoleContext, next_rows
 
 
 @dataclass
@@ -45,10 +42,8 @@ def serve(cfg: ReferenceConfig, ctx: RoleContext, temperature: float) -> None:
     model = load_model(ctx.model_path, cfg.dtype, cfg.device).eval()
     ctx.report("ready")
     while True:
-        try:
-            d = ctx.bus.get("reference", schema.REFERENCE_INPUT, n=cfg.batch, min_n=1, timeout=IDLE_WAIT_S,
-                            lease=ctx.lease_seconds)
-        except BusTimeout:
+        d = next_rows(ctx, "reference", schema.REFERENCE_INPUT, cfg.batch)
+        if d is None:
             continue
         t0 = time.monotonic()
         responses = d.table.column("response_ids").to_pylist()

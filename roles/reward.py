@@ -21,10 +21,7 @@ import traceback
 from dataclasses import dataclass
 
 from roles import schema
-from roles.interfaces import RoleContext, load_object
-from transfer import BusTimeout
-
-IDLE_WAIT_S = 30.0
+from roles.interfaces import RoleContext, load_object, next_rows
 
 
 @dataclass
@@ -48,10 +45,8 @@ def serve(cfg: RewardConfig, ctx: RoleContext) -> None:
     tokenizer = AutoTokenizer.from_pretrained(ctx.model_path)
     ctx.report("ready")
     while True:
-        try:
-            d = ctx.bus.get("reward", schema.REWARD_INPUT, n=cfg.batch, min_n=1, timeout=IDLE_WAIT_S,
-                            lease=ctx.lease_seconds)
-        except BusTimeout:
+        d = next_rows(ctx, "reward", schema.REWARD_INPUT, cfg.batch)
+        if d is None:
             continue
         t0 = time.monotonic()
         texts = tokenizer.batch_decode(d.table.column("response_ids").to_pylist(), skip_special_tokens=True)

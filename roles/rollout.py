@@ -18,11 +18,8 @@ import time
 from dataclasses import dataclass
 
 from roles import schema
-from roles.interfaces import RoleContext, SamplingParams, load_object
+from roles.interfaces import RoleContext, SamplingParams, load_object, next_rows
 from roles.weights import WeightSubscriber
-from transfer import BusTimeout
-
-IDLE_WAIT_S = 30.0  # one idle get's bound; the loop then checks for new weights and waits again
 
 
 @dataclass
@@ -72,10 +69,8 @@ def serve(cfg: RolloutConfig, ctx: RoleContext) -> None:
     ctx.report("ready")
     while True:
         _load_newest(engine, weights, 0.0, None)
-        try:
-            d = ctx.bus.get("rollout", schema.ROLLOUT_INPUT, n=cfg.groups_per_call, min_n=1, groups=True,
-                            timeout=IDLE_WAIT_S, lease=ctx.lease_seconds)
-        except BusTimeout:
+        d = next_rows(ctx, "rollout", schema.ROLLOUT_INPUT, cfg.groups_per_call, groups=True)
+        if d is None:
             continue
         need = max(d.table.column("min_version").to_pylist())
         if engine.version < need:  # the feeder admitted it for a version this replica has not loaded yet
