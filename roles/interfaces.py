@@ -34,7 +34,6 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k cut
-    seed: int | None = None
 
 
 class RolloutEngine(Protocol):
