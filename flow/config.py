@@ -17,6 +17,7 @@ from roles.reference import ReferenceConfig
 from roles.reward import RewardConfig
 from roles.rollout import RolloutConfig
 from roles.tiny import TinyModelConfig
+from roles.weights import SyncConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 WANDB_MODES = ("auto", "online", "offline")
@@ -109,6 +110,7 @@ class RunConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -149,6 +151,15 @@ def validate(cfg: RunConfig) -> None:
         _require(value >= 1, name, f"must be >= 1, got {value}")
     for name, value in (("rollout.dtype", r.dtype), ("reference.dtype", cfg.reference.dtype)):
         _require(value in DTYPES, name, f"choose one of {DTYPES}, got {value!r}")
+    sy = cfg.sync
+    _require(sy.dtype is None or sy.dtype == r.dtype, "sync.dtype",
+             f"patches are applied to the rollout's weights as they are: leave it null or equal to "
+             f"rollout.dtype ({r.dtype!r}), got {sy.dtype!r}")
+    _require(sy.fanout >= 0, "sync.fanout", f"must be >= 0 (0: every replica pulls from the actor, 1: a chain), got {sy.fanout}")
+    for name, value in (("sync.chunk_kb", sy.chunk_kb), ("sync.window", sy.window)):
+        _require(value >= 1, name, f"must be >= 1, got {value}")
+    _require(sy.keyframe_ratio > 0 and sy.hop_timeout > 0 and sy.uplink_mb_s >= 0,
+             "sync.keyframe_ratio/hop_timeout/uplink_mb_s", "need keyframe_ratio > 0, hop_timeout > 0, uplink_mb_s >= 0")
     _require(a.advantage in ADVANTAGES, "actor.advantage", f"choose one of {ADVANTAGES}, got {a.advantage!r}")
     _require(a.aggregation in AGGREGATIONS, "actor.aggregation", f"choose one of {AGGREGATIONS}, got {a.aggregation!r}")
     _require(a.old_logprobs in ("rollout", "recompute"), "actor.old_logprobs",

@@ -25,7 +25,7 @@ import threading
 from typing import Callable, Iterator
 
 from roles.tasks import get_task
-from roles.weights import WeightSubscriber
+from transfer.channel import Client
 from transfer import BusClient
 
 VERSION_WAIT_S = 30.0  # one wait for a newer version; the loop re-checks the stop flag between waits
@@ -84,17 +84,16 @@ class Feeder:
         return min(self.total_groups, (ahead + version + 1) * self.groups_per_step)
 
     def run(self) -> None:
-        bus, weights = BusClient(self.bus_address), WeightSubscriber(self.weights_address)
+        bus, weights = BusClient(self.bus_address), Client(self.weights_address)
         try:
-            version = weights.channel.wait_newer(-1, self.wait_seconds, payload=False,
-                                                 what="the actor's first weights (version 0)").version
+            version = weights.wait_head(-1, self.wait_seconds, what="the actor's first weights (version 0)").version
             while self.issued < self.total_groups and not self.stop.is_set():
                 target = self.allowed(version)
                 if self.issued < target:
                     self._issue(bus, target)
                     continue
-                newer = weights.latest_version(version, VERSION_WAIT_S)
-                version = version if newer is None else newer
+                head = weights.head(version, VERSION_WAIT_S)
+                version = version if head is None else head.version
         finally:
             bus.close()
             weights.close()

@@ -38,9 +38,10 @@ from rich.panel import Panel
 
 from flow.config import ConfigError, RunConfig, validate
 from flow.feeder import Feeder, prompt_records
-from flow.tracking import Tracker
+from flow.tracking import Tracker, sync_summary
 from flow.worker import role_main
 from roles import schema
+from roles.weights import relay_parent, relays_to_others
 from transfer import BusClient, ServerConfig, spawn_server
 
 
@@ -96,9 +97,11 @@ def plan_roles(cfg: RunConfig) -> list[tuple[str, int, object, dict, int]]:
     from roles.tasks import get_task
 
     reward = dataclasses.replace(cfg.reward, fn=cfg.reward.fn or get_task(cfg.data.task).reward)
-    roles = [("actor", 0, cfg.actor, {"steps": cfg.flow.steps, "staleness": cfg.flow.staleness}, cfg.actor.threads)]
-    roles += [("rollout", i, dataclasses.replace(cfg.rollout, seed=cfg.rollout.seed + i), {}, cfg.rollout.threads)
-              for i in range(cfg.rollout.replicas)]
+    sync = dataclasses.replace(cfg.sync, dtype=cfg.sync.dtype or cfg.rollout.dtype)
+    roles = [("actor", 0, cfg.actor, {"steps": cfg.flow.steps, "staleness": cfg.flow.staleness, "sync": sync},
+              cfg.actor.threads)]
+    roles += [("rollout", i, dataclasses.replace(cfg.rollout, seed=cfg.rollout.seed + i), {"sync": sync},
+               cfg.rollout.threads) for i in range(cfg.rollout.replicas)]
     roles += [("reward", i, reward, {}, 1) for i in range(cfg.reward.replicas)]
     if cfg.actor.kl_coef > 0:
         roles += [("reference", i, cfg.reference, {"temperature": cfg.rollout.temperature}, cfg.reference.threads)
@@ -120,6 +123,7 @@ class Run:
         self.closing = threading.Event()
         self.busy: Counter = Counter()  # seconds each role spent working, from its reports
         self.reward_errors: Counter = Counter()
+        self.sync_reports: list[dict] = []  # rollout weight applies since the last step's metrics line
 
     def __enter__(self) -> "Run":
         try:
@@ -148,6 +152,8 @@ class Run:
                 "launcher_pid": os.getpid()}
         ctx = mp.get_context("spawn")  # forking a process that holds a zmq context can hang
         for role, replica, role_cfg, extra, threads in plan_roles(cfg):
+            if role == "rollout":
+                extra = {**extra, **self._relay_addresses(replica, spec["weights"])}
             p = ctx.Process(target=role_main, args=(role, replica, role_cfg, extra, {**spec, "threads": threads}),
                             name=f"rlflow-{role}-{replica}")
             p.start()
@@ -164,6 +170,13 @@ class Run:
                              staleness=cfg.flow.staleness, async_queue_steps=cfg.flow.async_queue_steps,
                              steps=cfg.flow.steps, wait_seconds=cfg.flow.wait_seconds)
         threading.Thread(target=self._feed, name="rlflow-feeder", daemon=True).start()
+
+    def _relay_addresses(self, replica: int, weights: str) -> dict:
+        """Where rollout ``replica`` pulls weight chunks from, and where it serves them (chain or tree)."""
+        fanout, replicas = self.cfg.sync.fanout, self.cfg.rollout.replicas
+        parent = relay_parent(replica, fanout)
+        return {"upstream": None if parent is None else f"{weights}-{parent}",
+                "relay": f"{weights}-{replica}" if relays_to_others(replica, replicas, fanout) else None}
 
     def _receive(self, address: str) -> None:
         sock = zmq.Context.instance().socket(zmq.PULL)
@@ -214,7 +227,13 @@ class Run:
     def _report(self, ev: dict) -> int | None:
         kind = ev["kind"]
         if kind == "metrics":
-            self.tracker.log(ev)
+            self.tracker.log({**ev, **sync_summary(self.sync_reports)})
+            self.sync_reports.clear()
+        elif kind == "sync":
+            self.sync_reports.append(ev)
+            if "error" in ev:
+                self.console.print(f"[yellow]rollout-{ev['replica']} refused {ev['object']}[/]: {ev['error']}; "
+                                   f"it resyncs from the keyframe", highlight=False)
         elif kind in ("rollout", "reward", "reference"):
             self.busy[kind] += ev["seconds"]
         elif kind == "reward_error":

@@ -79,5 +79,24 @@ class Tracker:
             self.run = None
 
 
+def sync_summary(reports: list[dict]) -> dict:
+    """The ``sync/*`` keys the rollouts add to a step's line, from their weight-apply reports since the last.
+
+    bit_exact: the fraction of applied objects whose checksum matched the actor's; transfer_s: the
+    slowest replica's time from publication to having the newest version's bytes (dissemination).
+    """
+    if not reports:
+        return {}
+    applied = [r for r in reports if r["bit_exact"]]
+    out = {"sync/bit_exact": len(applied) / len(reports), "sync/rejected": len(reports) - len(applied),
+           "sync/fetch_wait_s": sum(r["fetch_wait_s"] for r in reports)}
+    if applied:
+        out["sync/apply_s"] = sum(r["apply_s"] for r in applied) / len(applied)
+    transfers = [r["transfer_s"] for r in reports if "transfer_s" in r]
+    if transfers:
+        out["sync/transfer_s"] = max(transfers)
+    return out
+
+
 def make_console() -> Console:
     return Console(file=sys.stdout, stderr=False)

@@ -29,7 +29,8 @@ import torch
 from roles import schema
 from roles.interfaces import RoleContext, load_object
 from roles.loss import aggregate, group_advantages, policy_loss
-from roles.weights import WeightPublisher
+from roles.sparse import DTYPES
+from roles.weights import SyncConfig, WeightPublisher
 from transfer import BusTimeout
 
 
@@ -91,10 +92,11 @@ def make_engine(cfg: ActorConfig, model_path: str):
     return load_object(cfg.engine, "actor.engine")(model_path, cfg)
 
 
-def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None) -> None:
+def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None, sync: SyncConfig) -> None:
+    """``sync.dtype`` must be resolved (the rollout's dtype): patches are diffed in what the rollout runs."""
     torch.manual_seed(cfg.seed)
     engine = make_engine(cfg, ctx.model_path)
-    weights = WeightPublisher(ctx.weights_address)
+    weights = WeightPublisher(ctx.weights_address, sync, DTYPES[sync.dtype])
     weights.publish(engine.version, engine.weights())
     columns = schema.ACTOR_INPUT + (["ref_logprobs"] if cfg.kl_coef > 0 else [])
     ctx.report("ready")
@@ -112,13 +114,13 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None)
             metrics = acc.finish()
             for d in deliveries:
                 ctx.bus.ack(d)
-            sent = weights.publish(engine.version, engine.weights())
+            sync_metrics = weights.publish(engine.version, engine.weights())
             if cfg.checkpoint_every and engine.version % cfg.checkpoint_every == 0:
                 engine.save(f"{ctx.run_dir}/checkpoints/step-{engine.version}")
             elapsed = time.monotonic() - t0
             ctx.report("metrics", step=step + 1, **metrics, **{
                 "actor/wait_s": waited, "actor/step_s": elapsed, "samples/s": metrics["samples"] / elapsed,
-                "sync/bytes": sent})
+                **sync_metrics})
         engine.save(f"{ctx.run_dir}/checkpoints/final")
         ctx.report("done", version=engine.version)
     finally:

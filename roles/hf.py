@@ -146,6 +146,10 @@ class HFRolloutEngine:
         load_parameters(self.model, weights)
         self.version = version
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The live parameter tensors (tied ones once): weight patches are scattered into them in place."""
+        return {name: p.data for name, p in self.model.named_parameters()}
+
 
 def load_parameters(model, weights: dict[str, torch.Tensor]) -> None:
     """Copy ``weights`` into the model's parameters in place; the names must match exactly."""

@@ -47,6 +47,10 @@ class RolloutEngine(Protocol):
     def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
         """Replace the policy weights by ``weights`` (parameter name -> tensor) and set ``version``."""
 
+    # Optional: ``tensors() -> dict[str, torch.Tensor]``, the engine's live weights (contiguous, in the
+    # sync dtype, names as the trainer's ``weights()``). With it, patches are scattered into them in
+    # place; without it, the rollout keeps a host copy, patches that, and calls ``load_weights``.
+
 
 class TrainEngine(Protocol):
     """Owns the trained model and its optimizer; the actor loop owns the algorithm (``roles/loss.py``)."""

@@ -7,9 +7,11 @@ Loop contract (one replica; several replicas share the work through the bus):
   weights of at least ``min_version`` (bounded by the run's wait_seconds, then an error naming it)
 - unblocked by: the feeder's puts; the actor's weight publications
 
-Weights are swapped between generate calls, never during one, so a group's samples share one version
-(``version_start == version_end``); the columns still carry both for engines that update mid-flight.
-The newest published version is loaded before every call: rollouts never run older weights than needed.
+Weights (``roles/weights.py``) are swapped between generate calls, never during one, so a group's
+samples share one version (``version_start == version_end``); the columns still carry both for engines
+that update mid-flight. Before every call the newest version is applied if its patch is already here
+(it is prefetched, and relayed to peer replicas, while the engine generates); the replica waits only
+when a delivery needs a newer version than it holds. A replica generates only at a verified version.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 from roles import schema
 from roles.interfaces import RoleContext, SamplingParams, load_object, next_rows
-from roles.weights import WeightSubscriber
+from roles.weights import SyncConfig, WeightReceiver
 
 
 @dataclass
@@ -62,35 +64,35 @@ def make_engine(cfg: RolloutConfig, model_path: str):
     return load_object(cfg.engine, "rollout.engine")(model_path, cfg)
 
 
-def serve(cfg: RolloutConfig, ctx: RoleContext) -> None:
+def serve(cfg: RolloutConfig, ctx: RoleContext, sync: SyncConfig, upstream: str | None = None,
+          relay: str | None = None) -> None:
+    """``upstream``: the peer this replica pulls weights from (None: the actor); ``relay``: where it serves peers."""
     engine = make_engine(cfg, ctx.model_path)
-    weights = WeightSubscriber(ctx.weights_address)
+    weights = WeightReceiver(ctx.weights_address, sync, upstream, relay, fetch_timeout=ctx.wait_seconds)
     sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
     ctx.report("ready")
-    while True:
-        _load_newest(engine, weights, 0.0, None)
-        d = next_rows(ctx, "rollout", schema.ROLLOUT_INPUT, cfg.groups_per_call, groups=True)
-        if d is None:
-            continue
-        need = max(d.table.column("min_version").to_pylist())
-        if engine.version < need:  # the feeder admitted it for a version this replica has not loaded yet
-            _load_newest(engine, weights, ctx.wait_seconds, need)
-        start, t0 = engine.version, time.monotonic()
-        gens = engine.generate(d.table.column("prompt_ids").to_pylist(), sampling)
-        n = len(gens)
-        ctx.bus.put({"uid": d.uids, "response_ids": [g.response_ids for g in gens],
-                     "rollout_logprobs": [g.logprobs for g in gens], "version_start": [start] * n,
-                     "version_end": [engine.version] * n, "finish_reason": [g.finish_reason for g in gens]})
-        ctx.bus.ack(d)
-        ctx.report("rollout", samples=n, tokens=sum(len(g.response_ids) for g in gens),
-                   seconds=time.monotonic() - t0, version=start)
+    try:
+        while True:
+            _report_sync(ctx, weights.update(engine))
+            d = next_rows(ctx, "rollout", schema.ROLLOUT_INPUT, cfg.groups_per_call, groups=True)
+            if d is None:
+                continue
+            need = max(d.table.column("min_version").to_pylist())
+            if weights.version is None or weights.version < need:  # admitted for a version not applied yet
+                _report_sync(ctx, weights.update(engine, need, ctx.wait_seconds))
+            start, t0 = engine.version, time.monotonic()
+            gens = engine.generate(d.table.column("prompt_ids").to_pylist(), sampling)
+            n = len(gens)
+            ctx.bus.put({"uid": d.uids, "response_ids": [g.response_ids for g in gens],
+                         "rollout_logprobs": [g.logprobs for g in gens], "version_start": [start] * n,
+                         "version_end": [engine.version] * n, "finish_reason": [g.finish_reason for g in gens]})
+            ctx.bus.ack(d)
+            ctx.report("rollout", samples=n, tokens=sum(len(g.response_ids) for g in gens),
+                       seconds=time.monotonic() - t0, version=start)
+    finally:
+        weights.close()
 
 
-def _load_newest(engine, weights: WeightSubscriber, timeout: float, need: int | None) -> None:
-    """Load the newest published version if it is newer than the engine's; wait for ``need`` if given."""
-    while True:
-        got = weights.newer(engine.version, timeout, required=need is not None)
-        if got is not None:
-            engine.load_weights(got[1], got[0])
-        if need is None or engine.version >= need:
-            return
+def _report_sync(ctx: RoleContext, reports: list[dict]) -> None:
+    for r in reports:
+        ctx.report("sync", **r)

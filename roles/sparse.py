@@ -92,7 +92,7 @@ class PatchEncoder:
             self.version, self.checksum = version, checksum(self.image)
         if version != self.version:
             raise ValueError(f"snapshot of version {version} asked of an image at version {self.version}")
-        return _pack(None, version, self.dtype, self.checksum,
+        return _pack(None, None, version, self.dtype, self.checksum,
                      [(k, tuple(v.shape), None, _bits(v)) for k, v in self.image.items()], self.compress)
 
     def patch(self, version: int, weights: dict[str, torch.Tensor]) -> tuple[bytes, dict]:
@@ -113,9 +113,9 @@ class PatchEncoder:
                 changed += idx.numel()
                 entries.append((name, tuple(new.shape), idx, new_bits))
                 self.image[name] = new
-        base, self.version = self.version, version
+        base, base_sum, self.version = self.version, self.checksum, version
         self.checksum = checksum(self.image)
-        blob = _pack(base, version, self.dtype, self.checksum, entries, self.compress)
+        blob = _pack(base, base_sum, version, self.dtype, self.checksum, entries, self.compress)
         size = self.dtype.itemsize
         return blob, {"changed": changed, "elements": total, "density": changed / max(total, 1),
                       "bytes": len(blob), "dense_bytes": total * size,
@@ -126,7 +126,8 @@ class PatchEncoder:
         return t.detach().to(device="cpu", dtype=self.dtype, copy=True).contiguous()
 
 
-def _pack(base: int | None, version: int, dtype: torch.dtype, digest: str, entries: list, compress: bool) -> bytes:
+def _pack(base: int | None, base_sum: str | None, version: int, dtype: torch.dtype, digest: str, entries: list,
+          compress: bool) -> bytes:
     """entries: (name, shape, idx [c] int64 or None for dense, bits [n] integer view of the new values)."""
     size = dtype.itemsize
     tensors, values, gaps, exc_pos, exc_hi, num_gaps = [], [], [], [], [], 0
@@ -147,7 +148,7 @@ def _pack(base: int | None, version: int, dtype: torch.dtype, digest: str, entri
         num_gaps += g.numel()
     sections = {"values": _join(values, np.dtype(f"int{8 * size}")), "gaps": _join(gaps, np.uint16),
                 "exc_pos": _join(exc_pos, np.int64), "exc_hi": _join(exc_hi, np.int64)}
-    header = {"base": base, "version": version, "dtype": dtype_name(dtype), "checksum": digest,
+    header = {"base": base, "base_checksum": base_sum, "version": version, "dtype": dtype_name(dtype), "checksum": digest,
               "tensors": tensors, "sections": {}}
     body, offset = [], 0
     for name, arr in sections.items():
@@ -209,16 +210,21 @@ def read_header(blob) -> tuple[dict, int]:
     return header, start
 
 
-def apply(blob, tensors: dict[str, torch.Tensor], base: int | None) -> dict:
+def apply(blob, tensors: dict[str, torch.Tensor], base: int | None, base_checksum: str | None = None) -> dict:
     """Write ``blob`` into ``tensors`` (contiguous, in the blob's dtype) and verify the checksum.
 
-    ``base``: the version ``tensors`` hold now; a patch made from another base is refused before any
-    write. A full snapshot applies whatever ``base`` is. Returns the header. Raises PatchError.
+    ``base``, ``base_checksum``: the version ``tensors`` hold now and its checksum (as verified when it
+    was applied). A patch made from another base (version, or the same number from another lineage, as
+    after a trainer restart) is refused before any write. A full snapshot applies whatever the base.
+    Returns the header. Raises PatchError.
     """
     blob = memoryview(blob)
     header, start = read_header(blob)
     if header["base"] is not None and header["base"] != base:
         raise PatchError(f"patch {header['base']} -> {header['version']} does not apply to version {base}")
+    if header["base"] is not None and base_checksum is not None and header["base_checksum"] != base_checksum:
+        raise PatchError(f"patch {header['base']} -> {header['version']} was made from other weights than "
+                         f"this replica's version {base} (another lineage: was the trainer restarted?)")
     dtype = DTYPES.get(header["dtype"])
     plan = _plan(header, tensors, dtype)
     int_t = _INT[dtype.itemsize]

@@ -1,63 +1,200 @@
-"""The weight channel: the actor publishes each policy version; rollouts load the newest they need.
+"""Weight sync: the actor publishes each policy version as a sparse patch; rollouts apply it bit for bit.
 
-A version is the full set of policy parameters in safetensors format, one frame, with a blake2b
-checksum of the bytes in its metadata (checked on receipt). The transport is the versioned channel
-of ``transfer/channel.py``: only the newest version is held, a rollout that missed versions gets the
-newest, and a wait for a version has a bound. Sparse patches (base -> new) replace full snapshots in
-the next step of the product; the version numbering and the checksum stay.
+    actor:    pub = WeightPublisher(address, SyncConfig(), torch.bfloat16)
+              stats = pub.publish(version, engine.weights())        # patch (base -> version), maybe a keyframe
+    rollout:  rx = WeightReceiver(address, SyncConfig(), upstream=None, serve="ipc://.../w-0")
+              reports = rx.update(engine, need=version, timeout=600) # scatter in place, verify, or resync
+
+What the channel holds (``transfer/channel.py``; only what the newest head lists is kept):
+- ``full-K``: a full snapshot (the keyframe) of version K; ``patch-v``: the patch v - 1 -> v for every
+  version since K (``meta.chain``). A new keyframe is cut once the patches since the last one add up to
+  ``keyframe_ratio`` of its size, so a replica that joins late, restarts or falls behind catches up with
+  at most about (1 + keyframe_ratio) snapshots of bytes, and the channel's memory stays bounded.
+- Patches are prefetched by every replica as soon as announced (and relayed down the chain/tree);
+  keyframes travel only to replicas that ask for them.
+
+A replica's state is ``version``: the version its tensors hold *and verified* (checksum equal to the
+actor's), or None. Anything else (first sync, a patch for another base, a corrupted object, a failed
+checksum) leads to the keyframe: ``version`` is None until a snapshot verifies, and a rollout only
+generates at a verified version, so a half-applied patch never serves generation.
 """
 
 from __future__ import annotations
 
-import hashlib
+import time
+from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from transfer.channel import Publisher, Subscriber
+from roles import sparse
+from transfer.channel import Gone, Publisher
+from transfer.relay import Relay
+from transfer.wire import BusTimeout
+
+MAX_RESYNCS = 3  # full snapshots that may fail in a row before the replica gives up with an error
 
 
-def _checksum(data: bytes | memoryview) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+@dataclass
+class SyncConfig:
+    """SparseRL-Sync: how policy versions travel from the actor to the rollout replicas."""
+
+    dtype: str | None = None
+    """Dtype the weights are diffed and sent in (float32 | bfloat16 | float16); null: rollout.dtype."""
+    sparse: bool = True
+    """Send only the elements whose bits changed; false: a full snapshot every version."""
+    compress: bool = True
+    """Byte-shuffle and zstd each patch section where that saves at least 10%."""
+    fanout: int = 1
+    """Relay topology of rollout replicas: 1 = chain, k = tree of k children per node, 0 = all pull from the actor."""
+    chunk_kb: int = 1024
+    """Chunk size: a chain of N replicas takes about (1 + (N - 1) / K) transfer times for an object of K chunks."""
+    window: int = 4
+    """Chunk requests in flight per hop (keeps each link busy while chunks are checked and forwarded)."""
+    hop_timeout: float = 10.0
+    """Seconds a peer may take to hand over a chunk before the replica asks the actor directly."""
+    keyframe_ratio: float = 1.0
+    """Cut a new full snapshot once the patches since the last one add up to this fraction of its size."""
+    uplink_mb_s: float = 0.0
+    """Pace what each node sends to this many MB/s (0: unpaced): a shared link's courtesy, or a network emulated on one host."""
+
+
+def relay_parent(replica: int, fanout: int) -> int | None:
+    """The replica that ``replica`` pulls from (None: the actor). fanout 1 is a chain, 0 the actor for all."""
+    if fanout <= 0:
+        return None
+    parent = replica // fanout - 1
+    return parent if parent >= 0 else None
+
+
+def relays_to_others(replica: int, replicas: int, fanout: int) -> bool:
+    return any(relay_parent(r, fanout) == replica for r in range(replicas))
 
 
 class WeightPublisher:
-    def __init__(self, address: str):
-        self.channel = Publisher(address)
+    """The actor's side: a patch per version, a keyframe now and then, all on one channel."""
+
+    def __init__(self, address: str, cfg: SyncConfig, dtype: torch.dtype):
+        self.cfg = cfg
+        self.channel = Publisher(address, chunk_bytes=cfg.chunk_kb << 10, uplink_bytes_per_s=cfg.uplink_mb_s * 1e6)
         self.address = self.channel.address
+        self.encoder = sparse.PatchEncoder(dtype, cfg.compress)
+        self.keyframe: int | None = None
+        self.keyframe_bytes = 0
+        self.chain: list[int] = []  # versions since the keyframe with a patch on the channel
+        self.since_keyframe = 0  # bytes of those patches
 
-    def publish(self, version: int, weights: dict[str, torch.Tensor]) -> int:
-        """Publish ``weights`` as ``version``; returns the bytes sent per subscriber."""
-        data = st_save({k: v.detach().contiguous().cpu() for k, v in weights.items()})
-        self.channel.publish(version, [data], {"checksum": _checksum(data), "bytes": len(data)})
-        return len(data)
-
-    def close(self) -> None:
-        self.channel.close()
-
-
-class WeightSubscriber:
-    def __init__(self, address: str):
-        self.channel = Subscriber(address)
-
-    def latest_version(self, than: int, timeout: float) -> int | None:
-        """The publisher's version if newer than ``than`` (waiting up to ``timeout``), without the weights."""
-        item = self.channel.newer(than, timeout, payload=False)
-        return None if item is None else item.version
-
-    def newer(self, than: int, timeout: float = 0.0, required: bool = False) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """(version, weights) newer than ``than``; None if none came in ``timeout`` (an error if ``required``)."""
-        if required:
-            item = self.channel.wait_newer(than, timeout, what="policy weights")
-        else:
-            item = self.channel.newer(than, timeout)
-            if item is None:
-                return None
-        data = item.frames[0].buffer
-        if _checksum(data) != item.meta["checksum"]:
-            raise ValueError(f"weights of version {item.version} failed their checksum: corrupted in transit")
-        return item.version, st_load(bytes(data))
+    def publish(self, version: int, weights: dict[str, torch.Tensor]) -> dict:
+        """Publish ``weights`` as ``version``; returns the ``sync/*`` metrics of this publication."""
+        t0 = time.perf_counter()
+        objects, stats = {}, {}
+        if self.keyframe is not None and self.cfg.sparse:
+            objects[f"patch-{version}"], stats = self.encoder.patch(version, weights)
+            self.chain.append(version)
+            self.since_keyframe += stats["bytes"]
+        if self.keyframe is None or not self.cfg.sparse or self.since_keyframe >= self.cfg.keyframe_ratio * self.keyframe_bytes:
+            full = self.encoder.snapshot(version, None if stats else weights)
+            objects[f"full-{version}"] = full
+            self.keyframe, self.keyframe_bytes, self.since_keyframe = version, len(full), 0
+            self.chain = [version] if stats else []
+        keep = [k for k in [f"full-{self.keyframe}", *(f"patch-{v}" for v in self.chain)] if k not in objects]
+        self.channel.publish(version, objects, keep=keep,
+                             meta={"keyframe": self.keyframe, "chain": self.chain, "time": time.time()},
+                             prefetch={f"full-{version}": not self.cfg.sparse})
+        dense = sum(t.numel() for t in self.encoder.image.values()) * self.encoder.dtype.itemsize
+        sent = stats.get("bytes", len(objects.get(f"full-{version}", b"")))
+        return {"sync/bytes": sent, "sync/dense_bytes": dense, "sync/density": stats.get("density", 1.0),
+                "sync/int32_bytes": stats.get("int32_bytes", dense), "sync/keyframe": int(f"full-{version}" in objects),
+                "sync/encode_s": time.perf_counter() - t0}
 
     def close(self) -> None:
         self.channel.close()
+
+
+class WeightReceiver:
+    """A rollout replica's side: a relay node (prefetching, serving peers) and the verified version."""
+
+    def __init__(self, address: str, cfg: SyncConfig, upstream: str | None = None, serve: str | None = None,
+                 fetch_timeout: float = 600.0):
+        """``fetch_timeout``: bound on getting one object's bytes once it is needed."""
+        self.fetch_timeout = fetch_timeout
+        self.relay = Relay(address, upstream, serve, window=cfg.window, hop_timeout=cfg.hop_timeout,
+                           uplink_bytes_per_s=cfg.uplink_mb_s * 1e6)
+        self.version: int | None = None
+        self.checksum: str | None = None  # of the weights at ``version``, as verified
+        self.shadow: dict[str, torch.Tensor] | None = None  # for engines without in-place tensors
+
+    def update(self, engine, need: int | None = None, timeout: float = 0.0) -> list[dict]:
+        """Bring ``engine`` to a version >= ``need``, waiting up to ``timeout`` for the actor to publish it.
+
+        With ``need`` None this never waits: it applies the newest version only if its objects are
+        already here (prefetched while the engine generated), so transfers overlap generation.
+        Returns one report per object applied (or refused). Raises BusTimeout naming what it waited for.
+        """
+        reports, resyncs, deadline = [], 0, time.monotonic() + timeout
+        while True:
+            short = need is not None and (self.version is None or self.version < need)
+            head = self.relay.head(-1 if self.version is None else self.version,
+                                   max(0.0, deadline - time.monotonic()) if short else 0.0)
+            if head is None:
+                if short:
+                    raise BusTimeout(f"waited {timeout:.0f}s for policy version {need} from the actor "
+                                     f"(this replica holds {self.version}): is the actor alive?")
+                return reports
+            before = len(reports)
+            try:
+                self._catch_up(engine, head, reports, blocking=short)
+            except Gone:  # superseded while fetching: plan again from the newer head
+                continue
+            if any("error" in r for r in reports[before:]):
+                resyncs += 1
+                if resyncs > MAX_RESYNCS:
+                    raise RuntimeError(f"weights failed to verify {resyncs} times in a row; last: {reports[-1]['error']}")
+            elif not short or self.version >= need:
+                return reports
+
+    def _catch_up(self, engine, head, reports: list, blocking: bool) -> None:
+        keyframe, chain = head.meta["keyframe"], head.meta["chain"]
+        if self.version is not None and all(v in chain for v in range(self.version + 1, head.version + 1)):
+            keys = [f"patch-{v}" for v in range(self.version + 1, head.version + 1)]
+        else:  # first sync, late joiner, or fell behind the keyframe: the snapshot, then the patches after it
+            keys = [f"full-{keyframe}"] + [f"patch-{v}" for v in chain if v > keyframe]
+        if not blocking and not all([self.relay.ready(k) for k in keys]):
+            return  # still on its way: generate with the current version, apply next time
+        for key in keys:
+            t0 = time.monotonic()
+            blob = self.relay.fetch(key, self.fetch_timeout)
+            t1 = time.monotonic()
+            tensors = self._tensors(engine, blob)
+            report = {"object": key, "bytes": len(blob), "fetch_wait_s": t1 - t0}
+            if key.endswith(f"-{head.version}"):  # from the actor's publication to the last chunk here
+                report["transfer_s"] = self.relay.store.done_at.get(key, time.time()) - head.meta["time"]
+            try:
+                header = sparse.apply(blob, tensors, self.version, self.checksum)
+            except sparse.PatchError as e:
+                self.version = self.checksum = None  # refused or dirty: only a verified snapshot is trusted now
+                reports.append({**report, "bit_exact": 0, "error": str(e)})
+                return
+            self.version, self.checksum = header["version"], header["checksum"]
+            if self.shadow is not None:
+                engine.load_weights(self.shadow, self.version)
+            else:
+                engine.version = self.version
+            reports.append({**report, "bit_exact": 1, "version": self.version, "apply_s": time.monotonic() - t1})
+
+    def _tensors(self, engine, blob) -> dict[str, torch.Tensor]:
+        """The engine's own tensors when it exposes them (patched in place), else a host shadow copy."""
+        if hasattr(engine, "tensors"):
+            return engine.tensors()
+        if self.shadow is None:
+            header, _ = sparse.read_header(blob)
+            dtype = sparse.DTYPES[header["dtype"]]
+            self.shadow = {name: torch.empty(shape, dtype=dtype) for name, shape, *_ in header["tensors"]}
+        return self.shadow
+
+    @property
+    def stats(self) -> dict:
+        return dict(self.relay.stats)
+
+    def close(self) -> None:
+        self.relay.close()
+

@@ -1,76 +1,93 @@
-"""The versioned channel: newest version only, parked waits answered on publish, bounded waits."""
+"""The versioned object channel: heads, chunks, retention, parked waits, bounded waits."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
 import zmq
 
-from transfer.channel import Publisher, Subscriber
+from transfer.channel import Client, Gone, Publisher
 
 
 @pytest.fixture
 def channel(short_dir):
-    pub = Publisher(f"ipc://{short_dir}/ch")
-    sub = Subscriber(pub.address)
-    yield pub, sub
-    sub.close()
+    pub = Publisher(f"ipc://{short_dir}/ch", chunk_bytes=1000)
+    client = Client(pub.address)
+    yield pub, client
+    client.close()
     pub.close()
 
 
-def test_a_wait_with_nothing_newer_returns_none_at_its_deadline(channel):
-    pub, sub = channel
+def test_a_head_wait_with_nothing_newer_returns_none_at_its_deadline(channel):
+    pub, client = channel
     t0 = time.monotonic()
-    assert sub.newer(-1, timeout=0.3) is None
+    assert client.head(-1, timeout=0.3) is None
     assert 0.25 < time.monotonic() - t0 < 5
 
 
-def test_a_parked_wait_is_answered_when_a_version_is_published(channel):
-    pub, sub = channel
-    threading.Timer(0.2, pub.publish, args=(0, [b"w0"], {"checksum": "x"})).start()
-    item = sub.wait_newer(-1, timeout=10)
-    assert (item.version, item.meta, item.frames[0].bytes) == (0, {"checksum": "x"}, b"w0")
+def test_a_parked_head_wait_is_answered_when_a_version_is_published(channel):
+    pub, client = channel
+    threading.Timer(0.2, pub.publish, args=(0, {"w0": b"x"}, {"note": "first"})).start()
+    head = client.wait_head(-1, timeout=10)
+    assert (head.version, head.meta, list(head.objects)) == (0, {"note": "first"}, ["w0"])
 
 
-def test_a_late_subscriber_gets_only_the_newest_version(channel):
-    pub, sub = channel
+def test_an_object_travels_in_checked_chunks_and_reassembles_exactly(channel):
+    pub, client = channel
+    data = os.urandom(4500)
+    pub.publish(0, {"blob": data})
+    head = client.head(-1)
+    assert head.objects["blob"].num_chunks == 5 and head.objects["blob"].size == 4500
+    assert client.fetch(head, "blob") == data
+
+
+def test_only_objects_the_newest_head_lists_are_kept(channel):
+    pub, client = channel
+    first = pub.publish(0, {"full-0": b"a" * 10})
+    pub.publish(1, {"patch-1": b"b"}, keep=["full-0"])
+    head = pub.publish(2, {"patch-2": b"c"}, keep=["patch-1"])
+    assert sorted(head.objects) == ["patch-1", "patch-2"]
+    assert client.fetch(head, "patch-1") == b"b"
+    with pytest.raises(Gone):
+        client.fetch(first, "full-0")  # dropped: the publisher no longer holds it
+    with pytest.raises(ValueError, match="cannot keep"):
+        pub.publish(3, {}, keep=["full-0"])
+
+
+def test_a_late_reader_gets_only_the_newest_head(channel):
+    pub, client = channel
     for v in range(5):
-        pub.publish(v, [f"w{v}".encode()])
-    item = sub.newer(0, timeout=1)
-    assert item.version == 4 and item.frames[0].bytes == b"w4"
-    assert sub.newer(4, timeout=0.1) is None
-
-
-def test_version_only_requests_carry_no_payload(channel):
-    pub, sub = channel
-    pub.publish(3, [b"x" * 100_000])
-    item = sub.newer(-1, timeout=1, payload=False)
-    assert item.version == 3 and item.frames == []
+        pub.publish(v, {f"o{v}": b"x"})
+    head = client.head(0, timeout=1)
+    assert head.version == 4 and list(head.objects) == ["o4"]
+    assert client.head(4, timeout=0.1) is None
 
 
 def test_versions_must_increase(channel):
     pub, _ = channel
-    pub.publish(2, [b""])
+    pub.publish(2, {})
     with pytest.raises(ValueError, match="not newer"):
-        pub.publish(2, [b""])
+        pub.publish(2, {})
 
 
-def test_a_malformed_request_gets_an_error_and_the_publisher_keeps_serving(channel):
-    pub, sub = channel
+@pytest.mark.parametrize("garbage", [b"not json", b'{"op": "chunk", "key": 5}', b'{"op": "head", "than": 0, "timeout": "x"}'])
+def test_a_malformed_request_gets_an_error_and_the_publisher_keeps_serving(channel, garbage):
+    pub, client = channel
     raw = zmq.Context.instance().socket(zmq.DEALER)
     raw.connect(pub.address)
-    raw.send(b"not json")
+    raw.send(garbage)
     assert raw.poll(5000)
     assert b"ProtocolError" in raw.recv()
     raw.close(0)
-    pub.publish(0, [b"ok"])
-    assert sub.newer(-1, timeout=1).version == 0
+    pub.publish(0, {"ok": b"ok"})
+    assert client.head(-1, timeout=1).version == 0
 
 
 def test_a_wait_without_a_publisher_fails_naming_the_address(short_dir):
-    sub = Subscriber(f"ipc://{short_dir}/nobody", reply_grace=0.3)
+    client = Client(f"ipc://{short_dir}/nobody", reply_grace=0.3)
     with pytest.raises(TimeoutError, match="nobody"):
-        sub.newer(-1, timeout=0.1)
-    sub.close()
+        client.head(-1, timeout=0.1)
+    client.close()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from roles.hf import HFRolloutEngine, HFTrainEngine, sequence_logprobs
 from roles.interfaces import SamplingParams
 from roles.tasks import get_task
-from roles.weights import WeightPublisher, WeightSubscriber
+from roles.weights import SyncConfig, WeightPublisher, WeightReceiver
 
 ROLLOUT = SimpleNamespace(device="cpu", dtype="float32", max_batch=64, seed=0)
 ACTOR = SimpleNamespace(device="cpu", temperature=1.0, lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, max_grad_norm=1.0)
@@ -55,22 +56,26 @@ def test_responses_end_at_the_stop_token_or_at_max_new_tokens(tiny_model):
         assert 2 not in g.response_ids[:-1]
 
 
-def test_weights_through_the_channel_are_bit_exact_and_carry_their_version(tiny_model, short_dir):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_through_the_channel_are_bit_exact_and_carry_their_version(tiny_model, short_dir, dtype):
     trainer = HFTrainEngine(tiny_model, ACTOR)
-    with torch.no_grad():
-        for p in trainer.model.parameters():
-            p.add_(torch.randn_like(p) * 1e-3)
-    pub = WeightPublisher(f"ipc://{short_dir}/w")
-    sub = WeightSubscriber(pub.address)
-    pub.publish(1, trainer.weights())
-    rollout = HFRolloutEngine(tiny_model, ROLLOUT)
-    version, weights = sub.newer(0, timeout=10, required=True)
-    rollout.load_weights(weights, version)
-    assert rollout.version == 1
-    for (name, a), (_, b) in zip(trainer.model.named_parameters(), rollout.model.named_parameters()):
-        assert torch.equal(a, b), name
-    sub.close()
-    pub.close()
+    pub = WeightPublisher(f"ipc://{short_dir}/w", SyncConfig(), getattr(torch, dtype))
+    rx = WeightReceiver(pub.address, SyncConfig())
+    rollout = HFRolloutEngine(tiny_model, SimpleNamespace(**{**vars(ROLLOUT), "dtype": dtype}))
+    try:
+        for version in range(3):  # a snapshot, then two patches
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    p.add_(torch.randn_like(p) * 1e-3)
+            pub.publish(version, trainer.weights())
+            reports = rx.update(rollout, need=version, timeout=10)
+            assert [r["bit_exact"] for r in reports] == [1] and rx.version == rollout.version == version
+            for (name, a), (_, b) in zip(trainer.model.named_parameters(), rollout.model.named_parameters()):
+                assert torch.equal(a.detach().to(b.dtype), b), name
+        assert [r["object"] for r in reports] == ["patch-2"]
+    finally:
+        rx.close()
+        pub.close()
 
 
 def test_sequence_logprobs_do_not_depend_on_batch_neighbours(tiny_model):

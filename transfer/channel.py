@@ -1,21 +1,30 @@
-"""A versioned channel: one publisher holds the newest version of a blob; subscribers wait for a newer one.
+"""A versioned, chunked object channel: one publisher holds the newest head; peers pull chunks and relay them.
 
-    pub = Publisher("ipc:///tmp/run/weights")          # binds; serves from a background thread
-    pub.publish(3, [payload_bytes], {"checksum": ...})   # version 3 replaces version 2 for new readers
-    sub = Subscriber("ipc:///tmp/run/weights")
-    item = sub.wait_newer(than=2, timeout=60)            # -> Item(version=3, meta, frames)
+    pub = Publisher("ipc:///tmp/run/weights")                       # binds; serves from a thread
+    pub.publish(7, {"patch-7": blob}, meta={...}, keep=["full-5"])    # head 7 lists patch-7 and full-5
+    head = Client(pub.address).head(than=6, timeout=60)              # Head(version=7, meta, objects)
+    relay = Relay(pub.address, upstream=None, serve="ipc:///tmp/run/r0")   # see transfer/relay.py
+    blob = relay.fetch("patch-7", timeout=60)
 
 Design decisions:
-- Only the newest version is kept. A subscriber that was away for several versions gets the newest
-  one, never a backlog: the memory bound is one blob, whatever the number of subscribers.
-- Readiness is pushed: a ``newer`` request with nothing newer is parked and answered when a version is
-  published or when its deadline passes (the reply then says ``version: null``). Nothing polls.
-- ``payload=False`` asks for the version and metadata alone (a cheap "where is the publisher now?").
-- Frames go out with ``copy=False``; every subscriber is served from the same buffers.
+- A **head** is a version, a small JSON ``meta`` and the objects it lists. Objects not listed by the
+  newest head are dropped: the memory bound is what one head lists, whatever the number of readers.
+  The channel knows nothing of what objects mean (``roles/weights.py`` puts weight patches through it).
+- Objects travel in **chunks** of ``chunk_bytes``. The head carries every chunk's xxh3-64 checksum, so a
+  chunk relayed by a peer is checked against what the publisher announced, not what the peer says.
+- Peers pull: a reader asks its upstream (the publisher, or a relay) for chunk i of an object with
+  ``window`` requests in flight. A relay answers chunks as soon as they reach it, so a chain of relays
+  forwards chunk i while it receives chunk i + 1 (ECHO-2's pipelined broadcast): the publisher sends
+  each byte about once and a chain of N takes about (1 + (N - 1) / K) times one transfer of K chunks.
+- Readiness is pushed: a request for a head not yet published, or a chunk not yet received, is parked
+  and answered when it arrives or at its deadline (then with ``kind: Timeout``). Nothing polls.
+- ``uplink_bytes_per_s`` paces what a server sends, as a NIC of that bandwidth would. It exists to keep
+  a shared link usable and to emulate a network on one host (benchmarks/weight_sync.py).
 
-Protocol (DEALER -> ROUTER): request ``[json {"op": "newer", "than": int, "timeout": s, "payload": bool}]``,
-reply ``[json {"ok": true, "version": int|null, "meta": {...}}, *frames]``.
-The channel knows nothing of what the blob means; ``roles/weights.py`` puts policy weights through it.
+Protocol (DEALER -> ROUTER), one JSON frame per request, replies ``[json, *frames]``:
+  ``{"op": "head", "than": int, "timeout": s}``  -> ``{"ok": true, "op": "head", "head": {...} | null}``
+  ``{"op": "chunk", "key": str, "i": int, "timeout": s}`` -> ``{"ok": true, "op": "chunk", "key", "i"}`` + chunk
+  failures: ``{"ok": false, "op", "key", "i", "kind": "Gone" | "Timeout" | "ProtocolError", "error": str}``
 """
 
 from __future__ import annotations
@@ -23,33 +32,141 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+import xxhash
 import zmq
 
 from transfer import security
 from transfer.wire import BusTimeout, ProtocolError
 
+CHUNK_BYTES = 1 << 20
+
+
+def chunk_sum(data) -> str:
+    return xxhash.xxh3_64_hexdigest(data)
+
 
 @dataclass
-class Item:
+class ObjectInfo:
+    size: int  # bytes
+    chunk: int  # chunk size in bytes (the last chunk may be shorter)
+    sums: list[str]  # xxh3-64 of each chunk, as the publisher computed it
+    prefetch: bool = True  # relays fetch it as soon as it is announced (False: only when someone asks)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.sums)
+
+
+@dataclass
+class Head:
     version: int
     meta: dict
-    frames: list = field(default_factory=list)  # zmq.Frame objects; ``.buffer`` is a zero-copy view
+    objects: dict[str, ObjectInfo] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"version": self.version, "meta": self.meta, "objects": {k: asdict(v) for k, v in self.objects.items()}}
+
+    @staticmethod
+    def from_json(d: dict | None) -> "Head | None":
+        if d is None:
+            return None
+        return Head(d["version"], d["meta"], {k: ObjectInfo(**v) for k, v in d["objects"].items()})
+
+
+class Gone(KeyError):
+    """The object is no longer (or not yet) listed by the newest head: re-read the head and re-plan."""
+
+
+class Store:
+    """Objects of the current head and their chunks, shared by a node's threads under one condition."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.head: Head | None = None
+        self.chunks: dict[str, list] = {}  # key -> [chunk buffer or None] * num_chunks
+        self.missing: dict[str, int] = {}  # key -> chunks still to come
+        self.failed: dict[str, str] = {}  # key -> why its fetch was given up
+        self.done_at: dict[str, float] = {}  # key -> wall time its last chunk arrived
+
+    def set_head(self, head: Head) -> list[str]:
+        """Adopt ``head``; drop objects it does not list. Returns the keys dropped."""
+        with self.cond:
+            self.head = head
+            dropped = [k for k in self.chunks if k not in head.objects]
+            for k in dropped:
+                del self.chunks[k]
+                self.missing.pop(k, None)
+                self.done_at.pop(k, None)
+            self.cond.notify_all()
+            return dropped
+
+    def begin(self, key: str) -> bool:
+        """Make room for ``key``'s chunks; False if it is already here or on its way."""
+        with self.cond:
+            if key in self.chunks:
+                return False
+            self.failed.pop(key, None)
+            n = self.head.objects[key].num_chunks
+            self.chunks[key], self.missing[key] = [None] * n, n
+            return True
+
+    def put(self, key: str, i: int, chunk) -> bool:
+        with self.cond:
+            slots = self.chunks.get(key)
+            if slots is None or slots[i] is not None:
+                return False
+            slots[i] = chunk
+            self.missing[key] -= 1
+            if not self.missing[key]:
+                self.done_at[key] = time.time()
+                self.cond.notify_all()
+            return True
+
+    def fail(self, key: str, why: str) -> None:
+        with self.cond:
+            self.chunks.pop(key, None)
+            self.missing.pop(key, None)
+            self.failed[key] = why
+            self.cond.notify_all()
+
+    def chunk(self, key: str, i: int):
+        with self.cond:
+            slots = self.chunks.get(key)
+            return None if slots is None or i >= len(slots) else slots[i]
+
+    def complete(self, key: str) -> bool:
+        with self.cond:
+            return key in self.chunks and not self.missing[key]
+
+
+def _buffer(chunk) -> memoryview:
+    return chunk.buffer if isinstance(chunk, zmq.Frame) else memoryview(chunk)
+
+
+def assemble(store: Store, key: str) -> bytes:
+    with store.cond:
+        return b"".join(_buffer(c) for c in store.chunks[key])
 
 
 @dataclass
 class _Parked:
     identity: bytes
-    than: int
-    payload: bool
+    req: dict
     deadline: float
 
 
-class Publisher:
-    """Binds ``address`` and serves the newest published version from a daemon thread."""
+class Server:
+    """The ROUTER side of a node: answers head and chunk requests from ``store``, parking what is not there.
 
-    def __init__(self, address: str, keys_dir: str | None = None, insecure: bool = False):
+    ``on_wait(key)`` is called (from the serving thread) for a chunk request of an object the store does
+    not hold; a relay uses it to start fetching that object. The publisher has none: unknown is Gone.
+    """
+
+    def __init__(self, address: str, store: Store, on_wait=None, uplink_bytes_per_s: float = 0.0,
+                 keys_dir: str | None = None, insecure: bool = False):
+        self.store, self.on_wait = store, on_wait
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -62,33 +179,27 @@ class Publisher:
                                  f"or insecure=True")
         self.sock.bind(address)
         self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        # The owner thread hands new versions to the serving thread through an inproc pair.
+        self.rate = uplink_bytes_per_s
+        self._next_free = 0.0  # when the paced uplink is free again
+        self.sent_bytes = 0
+        # Other threads wake the serving thread (new chunks, new head, close) through an inproc pair.
         inbox = f"inproc://rlflow-channel-{id(self)}"
         self._wake_in = self.ctx.socket(zmq.PAIR)
         self._wake_in.bind(inbox)
         self._wake_out = self.ctx.socket(zmq.PAIR)
         self._wake_out.connect(inbox)
-        self._lock = threading.Lock()
-        self._latest: Item | None = None
+        self._wake_lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="rlflow-channel", daemon=True)
         self._thread.start()
 
-    def publish(self, version: int, frames: list, meta: dict | None = None) -> None:
-        """Make ``version`` the one served; versions must increase."""
-        with self._lock:
-            if self._latest is not None and version <= self._latest.version:
-                raise ValueError(f"version {version} is not newer than the published {self._latest.version}")
-            self._latest = Item(version, dict(meta or {}), list(frames))
-            self._wake_out.send(b"")
-
-    @property
-    def version(self) -> int | None:
-        with self._lock:
-            return None if self._latest is None else self._latest.version
+    def wake(self) -> None:
+        with self._wake_lock:
+            if not self._closed:
+                self._wake_out.send(b"")
 
     def close(self) -> None:
-        with self._lock:
+        with self._wake_lock:
             if self._closed:
                 return
             self._closed = True
@@ -96,7 +207,6 @@ class Publisher:
         self._thread.join(10)
         self._wake_out.close(0)
 
-    # ---------------------------------------------------------------- serving thread
     def _serve(self) -> None:
         parked: list[_Parked] = []
         poller = zmq.Poller()
@@ -104,15 +214,16 @@ class Publisher:
         poller.register(self._wake_in, zmq.POLLIN)
         try:
             while True:
-                now = time.monotonic()
-                wait_ms = None if not parked else max(0, int(1000 * (min(p.deadline for p in parked) - now)) + 1)
+                wait_ms = None if not parked else max(0, int(1000 * (min(p.deadline for p in parked) - time.monotonic())) + 1)
                 events = dict(poller.poll(wait_ms))
-                if self._wake_in in events and self._wake_in.recv() == b"close":
-                    return
+                if self._wake_in in events:
+                    while self._wake_in.poll(0):
+                        if self._wake_in.recv() == b"close":
+                            return
                 if self.sock in events:
                     while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                        parked.extend(self._request(self.sock.recv_multipart(copy=False)))
-                parked = self._answer(parked)
+                        parked += self._request(self.sock.recv_multipart(copy=False))
+                parked = [p for p in parked if not self._answer(p)]
         finally:
             self.sock.close(0)
             self._wake_in.close(0)
@@ -122,46 +233,114 @@ class Publisher:
         try:
             if len(msg) != 2:
                 raise ProtocolError(f"expected one header frame, got {len(msg) - 1} frames")
-            header = json.loads(msg[1].bytes)
-            if header.get("op") != "newer" or not isinstance(header.get("than"), int):
-                raise ProtocolError(f"expected {{'op': 'newer', 'than': int}}, got {header!r}")
-            timeout = float(header.get("timeout", 0))
-        except (ValueError, ProtocolError) as e:
-            self._send(identity, {"ok": False, "error": str(e), "kind": "ProtocolError"})
+            req = json.loads(msg[1].bytes)
+            ok = (req.get("op") == "head" and isinstance(req.get("than"), int)) or \
+                 (req.get("op") == "chunk" and isinstance(req.get("key"), str) and isinstance(req.get("i"), int))
+            if not ok:
+                raise ProtocolError(f"expected a head or chunk request, got {req!r}")
+            deadline = time.monotonic() + min(float(req.get("timeout", 0)), 3600.0)
+        except (ValueError, TypeError, ProtocolError) as e:
+            self._send(identity, {"ok": False, "kind": "ProtocolError", "error": str(e)})
             return []
-        return [_Parked(identity, header["than"], bool(header.get("payload", True)), time.monotonic() + timeout)]
+        p = _Parked(identity, req, deadline)
+        if req["op"] == "chunk" and self.on_wait is not None and self.store.chunk(req["key"], req["i"]) is None:
+            self.on_wait(req["key"])
+        return [] if self._answer(p) else [p]
 
-    def _answer(self, parked: list[_Parked]) -> list[_Parked]:
-        with self._lock:
-            latest = self._latest
-        now = time.monotonic()
-        keep = []
-        for p in parked:
-            if latest is not None and latest.version > p.than:
-                frames = latest.frames if p.payload else []
-                self._send(p.identity, {"ok": True, "version": latest.version, "meta": latest.meta},
-                           frames=frames)
-            elif now >= p.deadline:
-                self._send(p.identity, {"ok": True, "version": None, "meta": {}})
-            else:
-                keep.append(p)
-        return keep
+    def _answer(self, p: _Parked) -> bool:
+        """Answer ``p`` if its head or chunk is here, or if its deadline passed; True when answered."""
+        req, store = p.req, self.store
+        if req["op"] == "head":
+            head = store.head
+            if head is not None and head.version > req["than"]:
+                return self._send(p.identity, {"ok": True, "op": "head", "head": head.to_json()})
+            if time.monotonic() >= p.deadline:
+                return self._send(p.identity, {"ok": True, "op": "head", "head": None})
+            return False
+        key, i = req["key"], req["i"]
+        reply = {"op": "chunk", "key": key, "i": i}
+        chunk = store.chunk(key, i)
+        if chunk is not None:
+            self._pace(len(_buffer(chunk)))
+            return self._send(p.identity, {"ok": True, **reply}, [chunk])
+        head = store.head
+        if self.on_wait is None and (head is None or key not in head.objects or i >= head.objects[key].num_chunks):
+            return self._send(p.identity, {"ok": False, **reply, "kind": "Gone",
+                                           "error": f"object {key!r} chunk {i} is not listed by the newest head"})
+        if time.monotonic() >= p.deadline:
+            return self._send(p.identity, {"ok": False, **reply, "kind": "Timeout",
+                                           "error": f"chunk {i} of {key!r} did not reach this relay in time"})
+        return False
 
-    def _send(self, identity: bytes, header: dict, frames: list = ()) -> None:
+    def _pace(self, size: int) -> None:
+        self.sent_bytes += size
+        if self.rate > 0:
+            now = time.monotonic()
+            start = max(now, self._next_free)
+            self._next_free = start + size / self.rate
+            time.sleep(self._next_free - now)  # the uplink is busy until this chunk has left
+
+    def _send(self, identity: bytes, header: dict, frames: list = ()) -> bool:
         try:
             self.sock.send_multipart([identity, json.dumps(header).encode(), *frames], copy=False)
-        except zmq.ZMQError:  # the subscriber went away (ROUTER_MANDATORY): nobody to answer
+        except zmq.ZMQError:  # the requester went away (ROUTER_MANDATORY): nobody to answer
             pass
+        return True
 
 
-class Subscriber:
-    """One DEALER to a publisher; one call in flight; use one per thread."""
+class Publisher:
+    """The root of the channel: publishes heads and serves every chunk they list."""
+
+    def __init__(self, address: str, chunk_bytes: int = CHUNK_BYTES, uplink_bytes_per_s: float = 0.0,
+                 keys_dir: str | None = None, insecure: bool = False):
+        self.chunk_bytes = chunk_bytes
+        self.store = Store()
+        self.server = Server(address, self.store, None, uplink_bytes_per_s, keys_dir, insecure)
+        self.address = self.server.address
+
+    def publish(self, version: int, objects: dict[str, bytes], meta: dict | None = None, keep=(),
+                prefetch: dict[str, bool] | None = None) -> Head:
+        """Make head ``version`` list ``objects`` (new) plus the ``keep`` keys of earlier heads; drop the rest.
+
+        ``prefetch[key] = False`` marks an object relays fetch only on demand. Versions must increase.
+        """
+        old = self.store.head
+        if old is not None and version <= old.version:
+            raise ValueError(f"version {version} is not newer than the published {old.version}")
+        listed = {k: old.objects[k] for k in keep if old is not None and k in old.objects}
+        missing = [k for k in keep if k not in listed]
+        if missing:
+            raise ValueError(f"cannot keep {missing}: not listed by the current head")
+        chunks = {}
+        for key, data in objects.items():
+            view = memoryview(data).cast("B")
+            parts = [view[o: o + self.chunk_bytes] for o in range(0, max(len(view), 1), self.chunk_bytes)]
+            listed[key] = ObjectInfo(len(view), self.chunk_bytes, [chunk_sum(p) for p in parts],
+                                     (prefetch or {}).get(key, True))
+            chunks[key] = parts
+        head = Head(version, dict(meta or {}), listed)
+        with self.store.cond:  # chunks first, then the head that announces them
+            for key, parts in chunks.items():
+                self.store.chunks[key], self.store.missing[key] = parts, 0
+            self.store.set_head(head)
+        self.server.wake()
+        return head
+
+    @property
+    def version(self) -> int | None:
+        head = self.store.head
+        return None if head is None else head.version
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class Client:
+    """A synchronous reader of one node (no relaying): one call in flight; use one per thread."""
 
     def __init__(self, address: str, keys_dir: str | None = None, reply_grace: float = 10.0):
-        """``reply_grace``: how much longer than a wait's own timeout to wait for the publisher's reply."""
-        self.address = address
-        self.keys_dir = keys_dir
-        self.reply_grace = reply_grace
+        """``reply_grace``: how much longer than a wait's own timeout to wait for the node's reply."""
+        self.address, self.keys_dir, self.reply_grace = address, keys_dir, reply_grace
         self.sock = self._connect()
 
     def _connect(self) -> zmq.Socket:
@@ -172,35 +351,43 @@ class Subscriber:
         sock.connect(self.address)
         return sock
 
-    def newer(self, than: int, timeout: float = 0.0, payload: bool = True) -> Item | None:
-        """The newest version if it is newer than ``than``, waiting up to ``timeout``; None if none came."""
-        self.sock.send_multipart([json.dumps({"op": "newer", "than": than, "timeout": timeout,
-                                                   "payload": payload}).encode()])
-        # The publisher answers at its deadline; the grace covers a publisher that is not there at all.
-        if not self.sock.poll(int(1000 * (timeout + self.reply_grace))):
-            self._reconnect()
-            raise BusTimeout(f"no answer from the channel publisher at {self.address} within "
-                             f"{timeout + self.reply_grace:.1f}s "
-                             f"(is the publishing process alive?)")
+    def _call(self, req: dict) -> tuple[dict, list]:
+        self.sock.send(json.dumps(req).encode())
+        if not self.sock.poll(int(1000 * (req["timeout"] + self.reply_grace))):
+            # A late reply to an abandoned request would be mistaken for the next one's: start afresh.
+            self.sock.close(0)
+            self.sock = self._connect()
+            raise BusTimeout(f"no answer from the channel at {self.address} within "
+                             f"{req['timeout'] + self.reply_grace:.1f}s (is the publishing process alive?)")
         msg = self.sock.recv_multipart(copy=False)
-        header = json.loads(msg[0].bytes)
-        if not header.get("ok"):
-            raise ProtocolError(header.get("error", "channel error"))
-        if header["version"] is None:
-            return None
-        return Item(header["version"], header["meta"], list(msg[1:]))
+        return json.loads(msg[0].bytes), msg[1:]
 
-    def wait_newer(self, than: int, timeout: float, payload: bool = True, what: str = "a newer version") -> Item:
-        """Like ``newer`` but a missing version after ``timeout`` is an error that names ``what``."""
-        item = self.newer(than, timeout, payload)
-        if item is None:
+    def head(self, than: int, timeout: float = 0.0) -> Head | None:
+        """The newest head if its version is above ``than``, waiting up to ``timeout``; None if none came."""
+        reply, _ = self._call({"op": "head", "than": than, "timeout": timeout})
+        if not reply.get("ok"):
+            raise ProtocolError(reply.get("error", "channel error"))
+        return Head.from_json(reply["head"])
+
+    def wait_head(self, than: int, timeout: float, what: str = "a newer version") -> Head:
+        head = self.head(than, timeout)
+        if head is None:
             raise BusTimeout(f"waited {timeout:.0f}s for {what} (newer than {than}) from {self.address}")
-        return item
+        return head
 
-    def _reconnect(self) -> None:
-        # A late reply to an abandoned request would be mistaken for the next one's: start a fresh socket.
-        self.sock.close(0)
-        self.sock = self._connect()
+    def fetch(self, head: Head, key: str, timeout: float = 60.0) -> bytes:
+        """Every chunk of ``key`` (one request at a time), checked against ``head``'s checksums."""
+        if key not in head.objects:
+            raise Gone(key)
+        info, parts = head.objects[key], []
+        for i in range(info.num_chunks):
+            reply, frames = self._call({"op": "chunk", "key": key, "i": i, "timeout": timeout})
+            if not reply.get("ok"):
+                raise (Gone(key) if reply.get("kind") == "Gone" else BusTimeout(reply.get("error")))
+            if chunk_sum(frames[0].buffer) != info.sums[i]:
+                raise ValueError(f"chunk {i} of {key!r} from {self.address} fails its checksum")
+            parts.append(frames[0].buffer)
+        return b"".join(parts)
 
     def close(self) -> None:
         self.sock.close(0)
