@@ -28,7 +28,7 @@ import torch
 
 from roles import sparse
 from transfer.channel import Gone, Publisher
-from transfer.relay import Relay
+from transfer.relay import HEAD_POLL_S, Relay
 from transfer.wire import BusTimeout
 
 MAX_RESYNCS = 3  # full snapshots that may fail in a row before the replica gives up with an error
@@ -114,11 +114,11 @@ class WeightReceiver:
     """A rollout replica's side: a relay node (prefetching, serving peers) and the verified version."""
 
     def __init__(self, address: str, cfg: SyncConfig, upstream: str | None = None, serve: str | None = None,
-                 fetch_timeout: float = 600.0):
-        """``fetch_timeout``: bound on getting one object's bytes once it is needed."""
+                 fetch_timeout: float = 600.0, head_poll: float = HEAD_POLL_S):
+        """``fetch_timeout``: bound on getting one object's bytes once it is needed; ``head_poll``: see Relay."""
         self.fetch_timeout = fetch_timeout
         self.relay = Relay(address, upstream, serve, window=cfg.window, hop_timeout=cfg.hop_timeout,
-                           uplink_bytes_per_s=cfg.uplink_mb_s * 1e6)
+                           uplink_bytes_per_s=cfg.uplink_mb_s * 1e6, head_poll=head_poll)
         self.version: int | None = None
         self.checksum: str | None = None  # of the weights at ``version``, as verified
         self.shadow: dict[str, torch.Tensor] | None = None  # for engines without in-place tensors

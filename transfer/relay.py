@@ -33,15 +33,16 @@ import zmq
 from transfer.channel import Gone, Head, Server, Store, assemble, chunk_sum
 from transfer.wire import BusTimeout
 
-HEAD_POLL_S = 30.0  # one parked head request's bound; the fetcher re-issues it
+HEAD_POLL_S = 5.0  # one parked head request's bound: also how soon a restarted publisher is found again
 REPLY_GRACE_S = 2.0  # beyond a request's own timeout, how long a silent peer gets before it is left
 
 
 class Relay:
     def __init__(self, root: str, upstream: str | None = None, serve: str | None = None, *, window: int = 4,
-                 hop_timeout: float = 10.0, uplink_bytes_per_s: float = 0.0, keys_dir: str | None = None):
+                 hop_timeout: float = 10.0, uplink_bytes_per_s: float = 0.0, keys_dir: str | None = None,
+                 head_poll: float = HEAD_POLL_S):
         self.root, self.upstream = root, upstream
-        self.window, self.hop_timeout, self.keys_dir = window, hop_timeout, keys_dir
+        self.window, self.hop_timeout, self.keys_dir, self.head_poll = window, hop_timeout, keys_dir, head_poll
         self.store = Store()
         self.stats = {"from_upstream": 0, "from_root": 0, "corrupt_chunks": 0, "upstream_failures": 0}
         self.ctx = zmq.Context.instance()
@@ -137,8 +138,8 @@ class Relay:
                 now = time.monotonic()
                 if now >= head_deadline:  # (re-)park a head request at the publisher
                     known = -1 if self.store.head is None else self.store.head.version
-                    root.send(json.dumps({"op": "head", "than": known, "timeout": HEAD_POLL_S}).encode())
-                    head_deadline = now + HEAD_POLL_S + REPLY_GRACE_S
+                    root.send(json.dumps({"op": "head", "than": known, "timeout": self.head_poll}).encode())
+                    head_deadline = now + self.head_poll + REPLY_GRACE_S
                 if job is None and queue:
                     job = self._start(queue.popleft(), up)
                 if job is not None:
@@ -233,7 +234,7 @@ class _Job:
         self.fill(root, None)
 
     def deadline(self) -> float:
-        return min(self.inflight.values(), default=time.monotonic() + HEAD_POLL_S)
+        return min(self.inflight.values(), default=time.monotonic() + self.relay.head_poll)
 
     def reply(self, reply: dict, frames: list, from_root: bool) -> None:
         i, store, stats = reply["i"], self.relay.store, self.relay.stats

@@ -1,0 +1,203 @@
+"""Weight sync end to end (roles/weights.py): keyframes, refusals, resyncs, and replicas that die mid-transfer."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from roles.sparse import checksum
+from roles.weights import SyncConfig, WeightPublisher, WeightReceiver, relay_parent
+
+
+class TensorEngine:
+    """The smallest rollout engine the sync needs: a version and its live tensors (no generation)."""
+
+    def __init__(self, shapes: dict[str, tuple], dtype=torch.float32):
+        self.version = 0
+        self.weights = {k: torch.zeros(s, dtype=dtype) for k, s in shapes.items()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.weights
+
+
+def trainer_weights(seed: int, n: int = 50_000) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(n // 100, 100, generator=g) * 0.02, "b.bias": torch.randn(n // 10, generator=g)}
+
+
+def step(weights: dict[str, torch.Tensor], seed: int, lr: float = 1e-4) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for t in weights.values():
+        t.add_(torch.randn(t.shape, generator=g).sign() * lr)
+
+
+def shapes(weights) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in weights.items()}
+
+
+@pytest.fixture
+def address(short_dir):
+    return f"ipc://{short_dir}/w"
+
+
+def test_a_late_joiner_gets_the_keyframe_and_then_the_patches_after_it(address):
+    w = trainer_weights(0)
+    pub = WeightPublisher(address, SyncConfig(keyframe_ratio=100.0), torch.bfloat16)
+    for v in range(4):
+        step(w, v)
+        pub.publish(v, w)
+    rx, engine = WeightReceiver(address, SyncConfig()), TensorEngine(shapes(w), torch.bfloat16)
+    try:
+        reports = rx.update(engine, need=3, timeout=10)
+        assert [r["object"] for r in reports] == ["full-0", "patch-1", "patch-2", "patch-3"]
+        assert engine.version == 3 and checksum(engine.weights) == pub.encoder.checksum
+    finally:
+        rx.close()
+        pub.close()
+
+
+def test_a_new_keyframe_is_cut_once_patches_add_up_to_one_and_old_objects_are_dropped(address):
+    w = trainer_weights(0)
+    pub = WeightPublisher(address, SyncConfig(keyframe_ratio=1.0), torch.float32)
+    try:
+        pub.publish(0, w)
+        cuts = []
+        for v in range(1, 6):
+            step(w, v, lr=1.0)  # every element changes: each patch is as big as a snapshot
+            cuts.append(pub.publish(v, w)["sync/keyframe"])
+        head = pub.channel.store.head
+        assert sum(cuts) >= 2 and head.meta["keyframe"] == max(v for v, c in zip(range(1, 6), cuts) if c)
+        assert len(head.objects) <= 3  # the keyframe, and at most a patch or two since
+    finally:
+        pub.close()
+
+
+def test_a_patch_from_another_lineage_is_refused_and_the_replica_resyncs_from_the_keyframe(address):
+    first = WeightPublisher(address, SyncConfig(), torch.float32)
+    w = trainer_weights(0)
+    first.publish(0, w)
+    step(w, 1)
+    first.publish(1, w)
+    rx, engine = WeightReceiver(address, SyncConfig(), head_poll=0.5), TensorEngine(shapes(w))
+    try:
+        rx.update(engine, need=1, timeout=10)
+        first.close()  # the trainer restarts from other weights and republishes the same version numbers
+        second = WeightPublisher(address, SyncConfig(), torch.float32)
+        w2 = trainer_weights(7)
+        for v in range(3):
+            step(w2, 10 + v)
+            second.publish(v, w2)
+        reports = rx.update(engine, need=2, timeout=30)
+        assert reports[0]["object"] == "patch-2" and "another lineage" in reports[0]["error"]
+        assert reports[1]["object"].startswith("full-") and all(r["bit_exact"] for r in reports[1:])
+        assert rx.version == 2 and checksum(engine.weights) == second.encoder.checksum
+        second.close()
+    finally:
+        rx.close()
+
+
+def test_weights_corrupted_in_a_replica_fail_the_checksum_and_are_replaced_from_the_keyframe(address):
+    w = trainer_weights(0)
+    pub = WeightPublisher(address, SyncConfig(), torch.float32)
+    rx, engine = WeightReceiver(address, SyncConfig()), TensorEngine(shapes(w))
+    try:
+        pub.publish(0, w)
+        rx.update(engine, need=0, timeout=10)
+        engine.weights["b.bias"][3] += 1.0  # a bit flip in the replica's memory, not in transit
+        w["a.weight"][0, :5] += 0.1  # a sparse patch, which leaves b.bias alone
+        pub.publish(1, w)
+        reports = rx.update(engine, need=1, timeout=10)
+        assert reports[0]["object"] == "patch-1" and "fail their checksum" in reports[0]["error"]
+        assert reports[1]["object"].startswith("full-") and all(r["bit_exact"] for r in reports[1:])
+        assert checksum(engine.weights) == pub.encoder.checksum and rx.version == 1
+    finally:
+        rx.close()
+        pub.close()
+
+
+def test_without_in_place_tensors_the_engine_gets_whole_verified_weights(address):
+    class LoadOnly:
+        def __init__(self):
+            self.version, self.loaded = 0, None
+
+        def load_weights(self, weights, version):
+            self.loaded, self.version = {k: v.clone() for k, v in weights.items()}, version
+
+    w = trainer_weights(0)
+    pub = WeightPublisher(address, SyncConfig(), torch.bfloat16)
+    rx, engine = WeightReceiver(address, SyncConfig()), LoadOnly()
+    try:
+        for v in range(3):
+            step(w, v)
+            pub.publish(v, w)
+            rx.update(engine, need=v, timeout=10)
+            assert engine.version == v and checksum(engine.loaded) == pub.encoder.checksum
+    finally:
+        rx.close()
+        pub.close()
+
+
+def test_relay_topologies_are_a_chain_a_tree_or_direct():
+    assert [relay_parent(r, 1) for r in range(4)] == [None, 0, 1, 2]
+    assert [relay_parent(r, 2) for r in range(6)] == [None, None, 0, 0, 1, 1]
+    assert [relay_parent(r, 0) for r in range(3)] == [None, None, None]
+
+
+# ---------------------------------------------------------------- a replica process killed mid-transfer
+SLOW = SyncConfig(chunk_kb=64, uplink_mb_s=2.0, hop_timeout=1.0)  # a 2 MB snapshot takes ~1 s per hop
+
+
+def _replica_process(address: str, serve: str, shapes_: dict, out) -> None:
+    rx, engine = WeightReceiver(address, SLOW, None, serve), TensorEngine(shapes_)
+    while True:
+        rx.update(engine, need=-1 if rx.version is None else rx.version + 1, timeout=120)
+        out.put((rx.version, checksum(engine.weights)))
+
+
+def test_a_replica_killed_mid_transfer_and_restarted_catches_up_while_its_peer_is_served(address, short_dir):
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    w = trainer_weights(0, n=500_000)  # 2 MB of float32
+    pub = WeightPublisher(address, SLOW, torch.float32)
+    serve = f"ipc://{short_dir}/w-0"
+    first = ctx.Process(target=_replica_process, args=(address, serve, shapes(w), out), daemon=True)
+    first.start()
+    peer, engine = WeightReceiver(address, SLOW, upstream=serve), TensorEngine(shapes(w))
+    restarted = None
+    try:
+        pub.publish(0, w)
+        synced = threading.Thread(target=peer.update, args=(engine, 0, 60))
+        synced.start()
+        deadline = time.monotonic() + 30
+        while not 0 < peer.relay.store.missing.get("full-0", 0) < 24:  # some of its 32 chunks came via the peer
+            assert time.monotonic() < deadline, "the peer never started receiving from replica 0"
+            time.sleep(0.01)
+        os.kill(first.pid, signal.SIGKILL)
+        synced.join(60)
+        assert engine.version == 0 and checksum(engine.weights) == pub.encoder.checksum
+        assert peer.stats["upstream_failures"] >= 1 and peer.stats["from_root"] > 0
+        for v in (1, 2):
+            step(w, v, lr=1e-3)
+            pub.publish(v, w)
+        restarted = ctx.Process(target=_replica_process, args=(address, serve, shapes(w), out), daemon=True)
+        restarted.start()
+        deadline = time.monotonic() + 60
+        while True:
+            version, digest = out.get(timeout=max(1.0, deadline - time.monotonic()))
+            if version == 2:
+                break
+        assert digest == pub.encoder.checksum  # the restarted replica caught up, bit for bit
+        peer.update(engine, need=2, timeout=30)
+        assert checksum(engine.weights) == pub.encoder.checksum
+    finally:
+        peer.close()
+        for p in (first, restarted):
+            if p is not None and p.is_alive():
+                p.kill()
+        pub.close()
