@@ -12,8 +12,9 @@ the gradient's noise. Per step and per learning rate (1e-6, 1e-5, 1e-4) the acto
 bf16 cast against the last published image and a replica applies the patch to its own bf16 tensors:
 - density (changed elements / all), bytes as sent (gap-coded, shuffled, zstd), bytes before the byte
   compressor (gap-coded), bytes with flat int32 indices (the paper's raw form), all against dense bf16;
+- the same with ``values="xor"`` (new XOR old bits instead of new values; see roles/sparse.py);
 - bit-exact: the replica's checksum verified by ``apply``, and an independent comparison of every
-  tensor's bits with a fresh cast of the master weights;
+  tensor's bits with a fresh cast of the master weights (both replicas, both value forms);
 - encode and apply time against the dense path (cast + safetensors save; safetensors load + copy).
 
 Part 2, dissemination. Replicas are separate processes running ``transfer.relay.Relay``; every node's
@@ -88,9 +89,11 @@ def patches(lr: float, steps: int, quick: bool) -> dict:
     model = build_model(quick)
     weights = dict(model.named_parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    encoder = PatchEncoder(torch.bfloat16)
+    encoder, xor_encoder = PatchEncoder(torch.bfloat16), PatchEncoder(torch.bfloat16, values="xor")
     replica = {k: torch.empty(v.shape, dtype=torch.bfloat16) for k, v in weights.items()}
+    xor_replica = {k: torch.empty(v.shape, dtype=torch.bfloat16) for k, v in weights.items()}
     apply(encoder.snapshot(0, weights), replica, base=None)
+    apply(xor_encoder.snapshot(0, weights), xor_replica, base=None)
     gen = torch.Generator().manual_seed(1)
     rows = []
     for step in range(1, steps + 1):
@@ -102,18 +105,25 @@ def patches(lr: float, steps: int, quick: bool) -> dict:
         t0 = time.perf_counter()
         apply(blob, replica, base=step - 1, base_checksum=rows[-1]["checksum"] if rows else None)
         apply_s = time.perf_counter() - t0
-        exact = all(torch.equal(replica[k].view(torch.int16), v.detach().to(torch.bfloat16).view(torch.int16))
-                    for k, v in weights.items())
+        xor_base = xor_encoder.checksum
+        xor_blob, xor_stats = xor_encoder.patch(step, weights)
+        t0 = time.perf_counter()
+        apply(xor_blob, xor_replica, base=step - 1, base_checksum=xor_base)
+        xor_apply_s = time.perf_counter() - t0
+        exact = all(torch.equal(r[k].view(torch.int16), v.detach().to(torch.bfloat16).view(torch.int16))
+                    for k, v in weights.items() for r in (replica, xor_replica))
         dense_encode_s, dense_apply_s, dense_bytes = dense_roundtrip(weights, {k: v.clone() for k, v in replica.items()})
         rows.append({"step": step, "density": stats["density"], "bytes": stats["bytes"],
                      "raw_bytes": start + sum(s[2] for s in header["sections"].values()),
                      "int32_bytes": stats["int32_bytes"], "dense_bytes": stats["dense_bytes"],
                      "bit_exact": exact and checksum(replica) == header["checksum"], "checksum": header["checksum"],
                      "encode_s": stats["encode_s"], "apply_s": apply_s, "train_s": train_s,
+                     "xor_bytes": xor_stats["bytes"], "xor_encode_s": xor_stats["encode_s"], "xor_apply_s": xor_apply_s,
                      "dense_encode_s": dense_encode_s, "dense_apply_s": dense_apply_s,
                      "dense_safetensors_bytes": dense_bytes})
         print(f"lr {lr:g} step {step}: density {stats['density']:.4%}, {stats['bytes'] / 1e6:.2f} MB "
-              f"({stats['dense_bytes'] / stats['bytes']:.0f}x smaller than dense bf16), "
+              f"({stats['dense_bytes'] / stats['bytes']:.0f}x smaller than dense bf16; "
+              f"xor values {stats['dense_bytes'] / xor_stats['bytes']:.0f}x), "
               f"encode {stats['encode_s']:.2f}s apply {apply_s:.2f}s, bit-exact {rows[-1]['bit_exact']}",
               file=sys.stderr, flush=True)
     return summarise(rows)
@@ -132,9 +142,11 @@ def summarise(rows: list[dict]) -> dict:
             "density_mean": round(mean("density", part), 6),
             "bytes_mean": round(mean("bytes", part)),
             "ratio_compressed": round(dense / mean("bytes", part), 1),
+            "ratio_compressed_xor": round(dense / mean("xor_bytes", part), 1),
             "ratio_raw_gap_coded": round(dense / mean("raw_bytes", part), 1),
             "ratio_raw_int32": round(dense / mean("int32_bytes", part), 1),
             "encode_s": round(mean("encode_s", part), 4), "apply_s": round(mean("apply_s", part), 4),
+            "xor_encode_s": round(mean("xor_encode_s", part), 4), "xor_apply_s": round(mean("xor_apply_s", part), 4),
             "dense_encode_s": round(mean("dense_encode_s", part), 4),
             "dense_apply_s": round(mean("dense_apply_s", part), 4),
         }

@@ -155,6 +155,7 @@ def validate(cfg: RunConfig) -> None:
     _require(sy.dtype is None or sy.dtype == r.dtype, "sync.dtype",
              f"patches are applied to the rollout's weights as they are: leave it null or equal to "
              f"rollout.dtype ({r.dtype!r}), got {sy.dtype!r}")
+    _require(sy.values in ("new", "xor"), "sync.values", f"choose 'new' or 'xor', got {sy.values!r}")
     _require(sy.fanout >= 0, "sync.fanout", f"must be >= 0 (0: every replica pulls from the actor, 1: a chain), got {sy.fanout}")
     for name, value in (("sync.chunk_kb", sy.chunk_kb), ("sync.window", sy.window)):
         _require(value >= 1, name, f"must be >= 1, got {value}")

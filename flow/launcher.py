@@ -124,6 +124,7 @@ class Run:
         self.busy: Counter = Counter()  # seconds each role spent working, from its reports
         self.reward_errors: Counter = Counter()
         self.sync_reports: list[dict] = []  # rollout weight applies since the last step's metrics line
+        self.sync_totals: dict[str, dict] = {}  # per rollout replica: bytes from the actor / from peers, applies
 
     def __enter__(self) -> "Run":
         try:
@@ -231,6 +232,10 @@ class Run:
             self.sync_reports.clear()
         elif kind == "sync":
             self.sync_reports.append(ev)
+            totals = self.sync_totals.setdefault(f"rollout-{ev['replica']}", {"applied": 0, "refused": 0})
+            totals["applied" if ev["bit_exact"] else "refused"] += 1
+            totals.update(from_actor_bytes=ev["from_actor_bytes"], from_peers_bytes=ev["from_peers_bytes"],
+                          version=ev.get("version", totals.get("version")))
             if "error" in ev:
                 self.console.print(f"[yellow]rollout-{ev['replica']} refused {ev['object']}[/]: {ev['error']}; "
                                    f"it resyncs from the keyframe", highlight=False)
@@ -260,7 +265,8 @@ class Run:
         return 1
 
     def _summary(self, wall: float) -> None:
-        summary = {"wall_s": round(wall, 3), "busy_s": dict(self.busy), "reward_errors": sum(self.reward_errors.values())}
+        summary = {"wall_s": round(wall, 3), "busy_s": dict(self.busy), "reward_errors": sum(self.reward_errors.values()),
+                   "sync": self.sync_totals}
         (Path(self.cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
 
     # ------------------------------------------------------------------ shut down

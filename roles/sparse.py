@@ -11,6 +11,9 @@ Design decisions (formulas in ALGORITHMS.md, "SparseRL-Sync"):
   patch holds the union of the changes of every optimizer step since (minus elements that came back to
   the published bits, which need no update).
 - A patch carries **new values**, not deltas: applying is a pure scatter, idempotent, bit-exact.
+  ``values="xor"`` sends new XOR old bits instead (still exact integer arithmetic, no float deltas):
+  a one-ulp change leaves only low bits set, so the value section compresses far better, at the cost
+  of idempotence; such a patch applies only to a base whose checksum it names (``apply`` insists).
 - Per tensor, the smaller of: sparse (sorted indices as uint16 gaps, the rare gap >= 2**16 carried as an
   exception, plus the new values) or dense (the whole tensor). Tensors with no change are left out.
 - Packing: all tensors share one value section and one gap section, so a patch is a handful of buffers
@@ -78,9 +81,12 @@ class PatchEncoder:
     Memory: one copy of the weights in the working dtype (the image), plus one patch being built.
     """
 
-    def __init__(self, dtype: torch.dtype, compress: bool = True):
+    def __init__(self, dtype: torch.dtype, compress: bool = True, values: str = "new"):
+        if values not in ("new", "xor"):
+            raise ValueError(f"values={values!r}: choose 'new' (pure scatter) or 'xor' (smaller)")
         self.dtype = dtype
         self.compress = compress
+        self.values = values
         self.image: dict[str, torch.Tensor] = {}  # name -> [n] working-dtype values, as last published
         self.version: int | None = None
         self.checksum: str | None = None
@@ -93,7 +99,7 @@ class PatchEncoder:
         if version != self.version:
             raise ValueError(f"snapshot of version {version} asked of an image at version {self.version}")
         return _pack(None, None, version, self.dtype, self.checksum,
-                     [(k, tuple(v.shape), None, _bits(v)) for k, v in self.image.items()], self.compress)
+                     [(k, tuple(v.shape), None, _bits(v)) for k, v in self.image.items()], self.compress, "new")
 
     def patch(self, version: int, weights: dict[str, torch.Tensor]) -> tuple[bytes, dict]:
         """The patch from the image's version to ``weights`` (cast); the image moves to ``version``."""
@@ -111,11 +117,11 @@ class PatchEncoder:
             total += new_bits.numel()
             if idx.numel():
                 changed += idx.numel()
-                entries.append((name, tuple(new.shape), idx, new_bits))
+                entries.append((name, tuple(new.shape), idx, new_bits if self.values == "new" else new_bits ^ old_bits))
                 self.image[name] = new
         base, base_sum, self.version = self.version, self.checksum, version
         self.checksum = checksum(self.image)
-        blob = _pack(base, base_sum, version, self.dtype, self.checksum, entries, self.compress)
+        blob = _pack(base, base_sum, version, self.dtype, self.checksum, entries, self.compress, self.values)
         size = self.dtype.itemsize
         return blob, {"changed": changed, "elements": total, "density": changed / max(total, 1),
                       "bytes": len(blob), "dense_bytes": total * size,
@@ -127,8 +133,8 @@ class PatchEncoder:
 
 
 def _pack(base: int | None, base_sum: str | None, version: int, dtype: torch.dtype, digest: str, entries: list,
-          compress: bool) -> bytes:
-    """entries: (name, shape, idx [c] int64 or None for dense, bits [n] integer view of the new values)."""
+          compress: bool, values_kind: str) -> bytes:
+    """entries: (name, shape, idx [c] int64 or None for dense, bits [n]: integer view of the new values or of new ^ old)."""
     size = dtype.itemsize
     tensors, values, gaps, exc_pos, exc_hi, num_gaps = [], [], [], [], [], 0
     for name, shape, idx, bits in entries:
@@ -149,6 +155,7 @@ def _pack(base: int | None, base_sum: str | None, version: int, dtype: torch.dty
     sections = {"values": _join(values, np.dtype(f"int{8 * size}")), "gaps": _join(gaps, np.uint16),
                 "exc_pos": _join(exc_pos, np.int64), "exc_hi": _join(exc_hi, np.int64)}
     header = {"base": base, "base_checksum": base_sum, "version": version, "dtype": dtype_name(dtype), "checksum": digest,
+              "values": values_kind,
               "tensors": tensors, "sections": {}}
     body, offset = [], 0
     for name, arr in sections.items():
@@ -225,6 +232,9 @@ def apply(blob, tensors: dict[str, torch.Tensor], base: int | None, base_checksu
     if header["base"] is not None and base_checksum is not None and header["base_checksum"] != base_checksum:
         raise PatchError(f"patch {header['base']} -> {header['version']} was made from other weights than "
                          f"this replica's version {base} (another lineage: was the trainer restarted?)")
+    xor = header.get("values") == "xor"
+    if xor and base_checksum is None:
+        raise PatchError("an xor patch applies only to a base of known checksum: pass base_checksum")
     dtype = DTYPES.get(header["dtype"])
     plan = _plan(header, tensors, dtype)
     int_t = _INT[dtype.itemsize]
@@ -256,9 +266,10 @@ def apply(blob, tensors: dict[str, torch.Tensor], base: int | None, base_checksu
             flat = target.view(-1).view(int_t)
             src = torch.from_numpy(vals).to(flat.device)
             if idx is None:
-                flat.copy_(src)
+                flat.bitwise_xor_(src) if xor else flat.copy_(src)
             else:
-                flat[torch.from_numpy(idx).to(flat.device)] = src
+                at = torch.from_numpy(idx).to(flat.device)
+                flat[at] = flat[at] ^ src if xor else src
     got = checksum(tensors)
     if got != header["checksum"]:
         raise PatchError(f"weights after {'snapshot' if header['base'] is None else 'patch'} "

@@ -44,6 +44,8 @@ class SyncConfig:
     """Send only the elements whose bits changed; false: a full snapshot every version."""
     compress: bool = True
     """Byte-shuffle and zstd each patch section where that saves at least 10%."""
+    values: str = "new"
+    """new: patches carry new values (pure scatter, idempotent); xor: new XOR old bits (smaller, exact base only)."""
     fanout: int = 1
     """Relay topology of rollout replicas: 1 = chain, k = tree of k children per node, 0 = all pull from the actor."""
     chunk_kb: int = 1024
@@ -77,7 +79,7 @@ class WeightPublisher:
         self.cfg = cfg
         self.channel = Publisher(address, chunk_bytes=cfg.chunk_kb << 10, uplink_bytes_per_s=cfg.uplink_mb_s * 1e6)
         self.address = self.channel.address
-        self.encoder = sparse.PatchEncoder(dtype, cfg.compress)
+        self.encoder = sparse.PatchEncoder(dtype, cfg.compress, cfg.values)
         self.keyframe: int | None = None
         self.keyframe_bytes = 0
         self.chain: list[int] = []  # versions since the keyframe with a patch on the channel
@@ -165,7 +167,8 @@ class WeightReceiver:
             blob = self.relay.fetch(key, self.fetch_timeout)
             t1 = time.monotonic()
             tensors = self._tensors(engine, blob)
-            report = {"object": key, "bytes": len(blob), "fetch_wait_s": t1 - t0}
+            report = {"object": key, "bytes": len(blob), "fetch_wait_s": t1 - t0,
+                      "from_actor_bytes": self.relay.stats["from_root"], "from_peers_bytes": self.relay.stats["from_upstream"]}
             if key.endswith(f"-{head.version}"):  # from the actor's publication to the last chunk here
                 report["transfer_s"] = self.relay.store.done_at.get(key, time.time()) - head.meta["time"]
             try:

@@ -59,8 +59,11 @@ def test_staleness_0_trains_only_on_current_samples_and_logs_everywhere(tmp_path
     rows = metrics(run_dir)
     assert [m["step"] for m in rows] == [1, 2, 3, 4, 5]
     for m in rows:
-        assert {"time", "reward/mean", "staleness/max", "staleness/mean"} <= m.keys()
+        assert {"time", "reward/mean", "staleness/max", "staleness/mean", "sync/bytes", "sync/dense_bytes",
+                "sync/density", "sync/encode_s"} <= m.keys()
         assert m["staleness/max"] == 0 and m["samples"] == 16
+    # At staleness 0 every version is applied before the next step's samples: each line has the applies.
+    assert all(m["sync/bit_exact"] == 1.0 and m["sync/apply_s"] > 0 for m in rows)
     assert (run_dir / "checkpoints/final/config.json").exists() and (run_dir / "config.yaml").exists()
     assert_all_processes_gone(run_dir)
     wandb = Path(sys.executable).parent / "wandb"
@@ -82,6 +85,22 @@ def test_no_sample_trains_with_staleness_above_k(tmp_path, tiny_model, model_cac
     if "actor.kl_coef=0.05" in extra:  # the reference role ran and its logprobs reached the loss
         assert all("actor/kl" in m for m in rows) and rows[-1]["actor/kl"] > 0
     assert_all_processes_gone(run_dir)
+
+
+def test_weights_reach_a_chain_of_bf16_replicas_bit_exact_and_mostly_through_the_peer(tmp_path, tiny_model,
+                                                                                    model_cache):
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, "flow.steps=6", "rollout.replicas=2", "rollout.dtype=bfloat16",
+               "actor.lr=1e-5", "sync.fanout=1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = metrics(run_dir)
+    assert all(m["sync/density"] < 0.5 and m["sync/bytes"] < m["sync/dense_bytes"] for m in rows[1:])
+    assert all(m["sync/bit_exact"] == 1.0 for m in rows if "sync/bit_exact" in m)
+    sync = json.loads((run_dir / "summary.json").read_text())["sync"]
+    assert sync["rollout-0"]["refused"] == sync["rollout-1"]["refused"] == 0
+    assert sync["rollout-0"]["applied"] >= 2 and sync["rollout-1"]["applied"] >= 2
+    assert sync["rollout-1"]["from_peers_bytes"] > 0 and sync["rollout-0"]["from_peers_bytes"] == 0
+    assert sync["rollout-1"]["from_actor_bytes"] < sync["rollout-1"]["from_peers_bytes"]
 
 
 def test_fully_async_runs_and_measures_staleness(tmp_path, tiny_model, model_cache):

@@ -28,10 +28,11 @@ def adam_like_step(w: dict[str, torch.Tensor], lr: float, g: torch.Generator) ->
             t.add_(torch.randn(t.shape, generator=g).sign() * lr)
 
 
+@pytest.mark.parametrize("values", ["new", "xor"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_reconstructed_weights_equal_the_trainers_bit_for_bit_over_many_steps(dtype):
+def test_reconstructed_weights_equal_the_trainers_bit_for_bit_over_many_steps(dtype, values):
     w, g = weights_with_special_values(), torch.Generator().manual_seed(1)
-    enc = PatchEncoder(dtype)
+    enc = PatchEncoder(dtype, values=values)
     replica = {k: torch.empty(v.shape, dtype=dtype) for k, v in w.items()}
     apply(enc.snapshot(0, w), replica, base=None)
     kinds = set()
@@ -40,8 +41,9 @@ def test_reconstructed_weights_equal_the_trainers_bit_for_bit_over_many_steps(dt
         if step == 5:  # sign of zero flips, NaN payload changes: both are changes in the bits
             w["special"][0], w["special"][1] = -0.0, 0.0
             w["special"][2] = torch.tensor(0x7FC10000, dtype=torch.int32).view(torch.float32)
+        base_checksum = enc.checksum
         blob, stats = enc.patch(step, w)
-        header = apply(blob, replica, base=step - 1)
+        header = apply(blob, replica, base=step - 1, base_checksum=base_checksum)
         kinds.update(t[2] for t in header["tensors"])
         for name, t in w.items():
             expected = t.to(dtype)
@@ -134,4 +136,20 @@ def test_a_compressed_patch_round_trips_and_is_smaller_than_the_raw_one():
     packed, stats = zstd_enc.patch(1, w)
     assert 0 < stats["bytes"] < 0.9 * len(raw)
     apply(packed, replica, base=0)
+    assert torch.equal(bits(replica["w"]), bits(w["w"].to(torch.bfloat16)))
+
+
+def test_xor_patches_are_smaller_and_refuse_a_base_of_unknown_checksum():
+    w = {"w": torch.randn(200_000) * 0.02}
+    new_enc, xor_enc = PatchEncoder(torch.bfloat16), PatchEncoder(torch.bfloat16, values="xor")
+    replica = {"w": torch.empty(200_000, dtype=torch.bfloat16)}
+    new_enc.snapshot(0, w)
+    apply(xor_enc.snapshot(0, w), replica, base=None)
+    base_checksum = xor_enc.checksum
+    w["w"] += torch.randn(200_000).sign() * 1e-5
+    new_blob, xor_blob = new_enc.patch(1, w)[0], xor_enc.patch(1, w)[0]
+    assert len(xor_blob) < 0.8 * len(new_blob)
+    with pytest.raises(PatchError, match="base of known checksum"):
+        apply(xor_blob, replica, base=0)
+    apply(xor_blob, replica, base=0, base_checksum=base_checksum)
     assert torch.equal(bits(replica["w"]), bits(w["w"].to(torch.bfloat16)))
