@@ -91,6 +91,11 @@ class PatchEncoder:
         self.version: int | None = None
         self.checksum: str | None = None
 
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes of the whole image: what a dense transfer of these weights would send."""
+        return sum(t.numel() for t in self.image.values()) * self.dtype.itemsize
+
     def snapshot(self, version: int, weights: dict[str, torch.Tensor] | None = None) -> bytes:
         """A full snapshot of ``weights`` (cast), which becomes the image; None: of the current image."""
         if weights is not None:
@@ -124,7 +129,7 @@ class PatchEncoder:
         blob = _pack(base, base_sum, version, self.dtype, self.checksum, entries, self.compress, self.values)
         size = self.dtype.itemsize
         return blob, {"changed": changed, "elements": total, "density": changed / max(total, 1),
-                      "bytes": len(blob), "dense_bytes": total * size,
+                      "bytes": len(blob), "dense_bytes": self.dense_bytes,
                       "int32_bytes": changed * (size + 4),  # flat int32 indices + values, uncompressed
                       "encode_s": time.perf_counter() - t0}
 

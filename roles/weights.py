@@ -102,7 +102,7 @@ class WeightPublisher:
         self.channel.publish(version, objects, keep=keep,
                              meta={"keyframe": self.keyframe, "chain": self.chain, "time": time.time()},
                              prefetch={f"full-{version}": not self.cfg.sparse})
-        dense = sum(t.numel() for t in self.encoder.image.values()) * self.encoder.dtype.itemsize
+        dense = self.encoder.dense_bytes
         sent = stats.get("bytes", len(objects.get(f"full-{version}", b"")))
         return {"sync/bytes": sent, "sync/dense_bytes": dense, "sync/density": stats.get("density", 1.0),
                 "sync/int32_bytes": stats.get("int32_bytes", dense), "sync/keyframe": int(f"full-{version}" in objects),
@@ -160,29 +160,29 @@ class WeightReceiver:
             keys = [f"patch-{v}" for v in range(self.version + 1, head.version + 1)]
         else:  # first sync, late joiner, or fell behind the keyframe: the snapshot, then the patches after it
             keys = [f"full-{keyframe}"] + [f"patch-{v}" for v in chain if v > keyframe]
+        # A list, not a generator: ``ready`` also asks for every missing object, so all of them get fetched.
         if not blocking and not all([self.relay.ready(k) for k in keys]):
             return  # still on its way: generate with the current version, apply next time
         for key in keys:
             t0 = time.monotonic()
             blob = self.relay.fetch(key, self.fetch_timeout)
             t1 = time.monotonic()
-            tensors = self._tensors(engine, blob)
             report = {"object": key, "bytes": len(blob), "fetch_wait_s": t1 - t0,
                       "from_actor_bytes": self.relay.stats["from_root"], "from_peers_bytes": self.relay.stats["from_upstream"]}
             if key.endswith(f"-{head.version}"):  # from the actor's publication to the last chunk here
                 report["transfer_s"] = self.relay.store.done_at.get(key, time.time()) - head.meta["time"]
             try:
-                header = sparse.apply(blob, tensors, self.version, self.checksum)
+                header = sparse.apply(blob, self._tensors(engine, blob), self.version, self.checksum)
             except sparse.PatchError as e:
                 self.version = self.checksum = None  # refused or dirty: only a verified snapshot is trusted now
                 reports.append({**report, "bit_exact": 0, "error": str(e)})
                 return
             self.version, self.checksum = header["version"], header["checksum"]
-            if self.shadow is not None:
-                engine.load_weights(self.shadow, self.version)
-            else:
-                engine.version = self.version
             reports.append({**report, "bit_exact": 1, "version": self.version, "apply_s": time.monotonic() - t1})
+        if self.shadow is not None:  # one whole load after the chain, not one per object
+            engine.load_weights(self.shadow, self.version)
+        else:
+            engine.version = self.version
 
     def _tensors(self, engine, blob) -> dict[str, torch.Tensor]:
         """The engine's own tensors when it exposes them (patched in place), else a host shadow copy."""

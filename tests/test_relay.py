@@ -63,9 +63,9 @@ def test_a_corrupted_chunk_from_a_peer_is_detected_and_fetched_from_the_publishe
     # A peer that announces the right head but serves flipped bytes in chunk 3.
     evil_store = Store()
     evil_store.set_head(head)
-    evil_store.chunks["blob"] = [bytearray(data[i: i + 1024]) for i in range(0, len(data), 1024)]
-    evil_store.chunks["blob"][3][100] ^= 0xFF
-    evil_store.missing["blob"] = 0
+    chunks = [bytearray(data[i: i + 1024]) for i in range(0, len(data), 1024)]
+    chunks[3][100] ^= 0xFF
+    evil_store.hold("blob", chunks)
     evil = Server(f"ipc://{short_dir}/evil", evil_store, on_wait=lambda key: None)
     relay = Relay(pub.address, evil.address, hop_timeout=5)
     try:

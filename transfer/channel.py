@@ -50,7 +50,6 @@ def chunk_sum(data) -> str:
 @dataclass
 class ObjectInfo:
     size: int  # bytes
-    chunk: int  # chunk size in bytes (the last chunk may be shorter)
     sums: list[str]  # xxh3-64 of each chunk, as the publisher computed it
     prefetch: bool = True  # relays fetch it as soon as it is announced (False: only when someone asks)
 
@@ -90,17 +89,20 @@ class Store:
         self.failed: dict[str, str] = {}  # key -> why its fetch was given up
         self.done_at: dict[str, float] = {}  # key -> wall time its last chunk arrived
 
-    def set_head(self, head: Head) -> list[str]:
-        """Adopt ``head``; drop objects it does not list. Returns the keys dropped."""
+    def set_head(self, head: Head) -> None:
+        """Adopt ``head``; drop objects it does not list."""
         with self.cond:
             self.head = head
-            dropped = [k for k in self.chunks if k not in head.objects]
-            for k in dropped:
+            for k in [k for k in self.chunks if k not in head.objects]:
                 del self.chunks[k]
                 self.missing.pop(k, None)
                 self.done_at.pop(k, None)
             self.cond.notify_all()
-            return dropped
+
+    def hold(self, key: str, chunks: list) -> None:
+        """Hold every chunk of ``key`` at once (the publisher's objects, complete from the start)."""
+        with self.cond:
+            self.chunks[key], self.missing[key] = chunks, 0
 
     def begin(self, key: str) -> bool:
         """Make room for ``key``'s chunks; False if it is already here or on its way."""
@@ -139,6 +141,16 @@ class Store:
     def complete(self, key: str) -> bool:
         with self.cond:
             return key in self.chunks and not self.missing[key]
+
+
+def connect_dealer(address: str, keys_dir: str | None = None) -> zmq.Socket:
+    """A DEALER to a channel node (CURVE client keys when ``keys_dir`` is given)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if keys_dir is not None:
+        security.client_curve(sock, keys_dir)
+    sock.connect(address)
+    return sock
 
 
 def _buffer(chunk) -> memoryview:
@@ -315,13 +327,12 @@ class Publisher:
         for key, data in objects.items():
             view = memoryview(data).cast("B")
             parts = [view[o: o + self.chunk_bytes] for o in range(0, max(len(view), 1), self.chunk_bytes)]
-            listed[key] = ObjectInfo(len(view), self.chunk_bytes, [chunk_sum(p) for p in parts],
-                                     (prefetch or {}).get(key, True))
+            listed[key] = ObjectInfo(len(view), [chunk_sum(p) for p in parts], (prefetch or {}).get(key, True))
             chunks[key] = parts
         head = Head(version, dict(meta or {}), listed)
         with self.store.cond:  # chunks first, then the head that announces them
             for key, parts in chunks.items():
-                self.store.chunks[key], self.store.missing[key] = parts, 0
+                self.store.hold(key, parts)
             self.store.set_head(head)
         self.server.wake()
         return head
@@ -341,22 +352,14 @@ class Client:
     def __init__(self, address: str, keys_dir: str | None = None, reply_grace: float = 10.0):
         """``reply_grace``: how much longer than a wait's own timeout to wait for the node's reply."""
         self.address, self.keys_dir, self.reply_grace = address, keys_dir, reply_grace
-        self.sock = self._connect()
-
-    def _connect(self) -> zmq.Socket:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        if self.keys_dir is not None:
-            security.client_curve(sock, self.keys_dir)
-        sock.connect(self.address)
-        return sock
+        self.sock = connect_dealer(address, keys_dir)
 
     def _call(self, req: dict) -> tuple[dict, list]:
         self.sock.send(json.dumps(req).encode())
         if not self.sock.poll(int(1000 * (req["timeout"] + self.reply_grace))):
             # A late reply to an abandoned request would be mistaken for the next one's: start afresh.
             self.sock.close(0)
-            self.sock = self._connect()
+            self.sock = connect_dealer(self.address, self.keys_dir)
             raise BusTimeout(f"no answer from the channel at {self.address} within "
                              f"{req['timeout'] + self.reply_grace:.1f}s (is the publishing process alive?)")
         msg = self.sock.recv_multipart(copy=False)

@@ -30,7 +30,7 @@ from collections import deque
 
 import zmq
 
-from transfer.channel import Gone, Head, Server, Store, assemble, chunk_sum
+from transfer.channel import Gone, Head, Server, Store, assemble, chunk_sum, connect_dealer
 from transfer.wire import BusTimeout
 
 HEAD_POLL_S = 5.0  # one parked head request's bound: also how soon a restarted publisher is found again
@@ -113,19 +113,9 @@ class Relay:
                 self._wants_out.send(key.encode())
 
     # ---------------------------------------------------------------- the fetcher thread
-    def _dealer(self, address: str) -> zmq.Socket:
-        from transfer import security
-
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        if self.keys_dir is not None:
-            security.client_curve(sock, self.keys_dir)
-        sock.connect(address)
-        return sock
-
     def _run(self) -> None:
-        root = self._dealer(self.root)
-        up = self._dealer(self.upstream) if self.upstream else None
+        root = connect_dealer(self.root, self.keys_dir)
+        up = connect_dealer(self.upstream, self.keys_dir) if self.upstream else None
         poller = zmq.Poller()
         for s in (root, up, self._wants_in):
             if s is not None:
@@ -157,16 +147,8 @@ class Relay:
                         if key not in queue and (job is None or job.key != key):
                             queue.append(key)
                 for sock in (root, up):
-                    if sock is not None and sock in events:
-                        while sock.poll(0):
-                            msg = sock.recv_multipart(copy=False)
-                            reply = json.loads(msg[0].bytes)
-                            if reply.get("op") == "head":
-                                head_deadline = 0.0  # answered: park the next one
-                                if reply.get("head"):
-                                    queue.extend(self._adopt(Head.from_json(reply["head"]), queue))
-                            elif job is not None and reply.get("key") == job.key:
-                                job.reply(reply, msg[1:], from_root=sock is root)
+                    if sock is not None and sock in events and self._drain(sock, sock is root, job, queue):
+                        head_deadline = 0.0  # the parked head request was answered: park the next one
                 if job is not None and job.finished():
                     job = None
                     up = self._reset_upstream(up, poller) if up is not None else None
@@ -175,12 +157,27 @@ class Relay:
                 if s is not None:
                     s.close(0)
 
-    def _adopt(self, head: Head, queue: deque) -> list[str]:
+    def _drain(self, sock, from_root: bool, job: "_Job | None", queue: deque) -> bool:
+        """Handle every reply waiting on ``sock``; True if one of them answered the head request."""
+        answered = False
+        while sock.poll(0):
+            msg = sock.recv_multipart(copy=False)
+            reply = json.loads(msg[0].bytes)
+            if reply.get("op") == "head":
+                answered = True
+                if reply.get("head"):
+                    self._adopt(Head.from_json(reply["head"]), queue)
+            elif job is not None and reply.get("key") == job.key:
+                job.reply(reply, msg[1:], from_root)
+        return answered
+
+    def _adopt(self, head: Head, queue: deque) -> None:
+        """Make ``head`` the store's; queue what it marks for prefetch and is not here yet."""
         self.store.set_head(head)
         if self.server:
             self.server.wake()
-        return [k for k, info in head.objects.items()
-                if info.prefetch and k not in queue and not self.store.complete(k)]
+        queue.extend(k for k, info in head.objects.items()
+                     if info.prefetch and k not in queue and not self.store.complete(k))
 
     def _start(self, key: str, up) -> "_Job | None":
         store = self.store
@@ -194,7 +191,7 @@ class Relay:
         """A fresh upstream socket after each object: late replies of a left-behind peer cannot confuse."""
         poller.unregister(up)
         up.close(0)
-        up = self._dealer(self.upstream)
+        up = connect_dealer(self.upstream, self.keys_dir)
         poller.register(up, zmq.POLLIN)
         return up
 
