@@ -2,7 +2,7 @@
 
     python -m benchmarks.weight_sync                # ~100M-parameter Qwen2-shaped model, 20 steps per lr
     python -m benchmarks.weight_sync --quick        # ~10M parameters, 5 steps, one lr, small objects
-    python -m benchmarks.weight_sync --steps 100 --lrs 1e-6
+    python -m benchmarks.weight_sync --steps 100 --lrs 1e-6 --no-dissemination   # the steady state
 
 Part 1, patches. A Qwen2-shaped causal LM (random init, std 0.02, as ``from_pretrained`` would build
 it) keeps fp32 master weights and trains with AdamW (grad-norm clip 1.0) on a GRPO-shaped loss: sampled
@@ -10,9 +10,10 @@ responses of random tokens, group-normalised random advantages, -A * log pi(y). 
 gradients look like (noisy, zero-mean), which matters: Adam's step size, hence the density, depends on
 the gradient's noise. Per step and per learning rate (1e-6, 1e-5, 1e-4) the actor's encoder diffs the
 bf16 cast against the last published image and a replica applies the patch to its own bf16 tensors:
-- density (changed elements / all), bytes as sent (gap-coded, shuffled, zstd), bytes before the byte
-  compressor (gap-coded), bytes with flat int32 indices (the paper's raw form), all against dense bf16;
-- the same with ``values="xor"`` (new XOR old bits instead of new values; see roles/sparse.py);
+- density (changed elements / all) and bytes against dense bf16: as sent with the default
+  ``values="xor"`` (new XOR old bits; Elias-Fano indices; shuffled, zstd) and with ``values="new"`` (the
+  new values), before the byte compressor ("raw": Elias-Fano indices + values, the same size for both
+  forms), and with flat int32 indices + values (the paper's raw form);
 - bit-exact: the replica's checksum verified by ``apply``, and an independent comparison of every
   tensor's bits with a fresh cast of the master weights (both replicas, both value forms);
 - encode and apply time against the dense path (cast + safetensors save; safetensors load + copy).
@@ -89,7 +90,7 @@ def patches(lr: float, steps: int, quick: bool) -> dict:
     model = build_model(quick)
     weights = dict(model.named_parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    encoder, xor_encoder = PatchEncoder(torch.bfloat16), PatchEncoder(torch.bfloat16, values="xor")
+    encoder, xor_encoder = PatchEncoder(torch.bfloat16, values="new"), PatchEncoder(torch.bfloat16, values="xor")
     replica = {k: torch.empty(v.shape, dtype=torch.bfloat16) for k, v in weights.items()}
     xor_replica = {k: torch.empty(v.shape, dtype=torch.bfloat16) for k, v in weights.items()}
     apply(encoder.snapshot(0, weights), replica, base=None)
@@ -113,7 +114,7 @@ def patches(lr: float, steps: int, quick: bool) -> dict:
         exact = all(torch.equal(r[k].view(torch.int16), v.detach().to(torch.bfloat16).view(torch.int16))
                     for k, v in weights.items() for r in (replica, xor_replica))
         dense_encode_s, dense_apply_s, dense_bytes = dense_roundtrip(weights, {k: v.clone() for k, v in replica.items()})
-        rows.append({"step": step, "density": stats["density"], "bytes": stats["bytes"],
+        rows.append({"step": step, "density": stats["density"], "new_bytes": stats["bytes"],
                      "raw_bytes": start + sum(s[2] for s in header["sections"].values()),
                      "int32_bytes": stats["int32_bytes"], "dense_bytes": stats["dense_bytes"],
                      "bit_exact": exact and checksum(replica) == header["checksum"], "checksum": header["checksum"],
@@ -121,9 +122,10 @@ def patches(lr: float, steps: int, quick: bool) -> dict:
                      "xor_bytes": xor_stats["bytes"], "xor_encode_s": xor_stats["encode_s"], "xor_apply_s": xor_apply_s,
                      "dense_encode_s": dense_encode_s, "dense_apply_s": dense_apply_s,
                      "dense_safetensors_bytes": dense_bytes})
-        print(f"lr {lr:g} step {step}: density {stats['density']:.4%}, {stats['bytes'] / 1e6:.2f} MB "
-              f"({stats['dense_bytes'] / stats['bytes']:.0f}x smaller than dense bf16; "
-              f"xor values {stats['dense_bytes'] / xor_stats['bytes']:.0f}x), "
+        dense = stats["dense_bytes"]
+        print(f"lr {lr:g} step {step}: density {stats['density']:.4%}, {xor_stats['bytes'] / 1e6:.2f} MB "
+              f"({dense / xor_stats['bytes']:.0f}x smaller than dense bf16; new values {dense / stats['bytes']:.0f}x, "
+              f"raw {dense / rows[-1]['raw_bytes']:.0f}x), "
               f"encode {stats['encode_s']:.2f}s apply {apply_s:.2f}s, bit-exact {rows[-1]['bit_exact']}",
               file=sys.stderr, flush=True)
     return summarise(rows)
@@ -136,14 +138,15 @@ def summarise(rows: list[dict]) -> dict:
     late = rows[len(rows) // 2:]  # past Adam's first steps, whose update is lr * sign(g) everywhere
     dense = rows[0]["dense_bytes"]
     out = {"steps": len(rows), "dense_bytes": dense, "density": [round(r["density"], 6) for r in rows],
+           "per_step_ratio": {k: [round(dense / r[f"{k}_bytes"], 1) for r in rows] for k in ("xor", "new", "raw")},
            "bit_exact_fraction": sum(r["bit_exact"] for r in rows) / len(rows)}
     for name, part in (("all", rows), ("second_half", late)):
-        out[name] = {
+        out[name] = {  # ratios of total dense bytes to total patch bytes over the part
             "density_mean": round(mean("density", part), 6),
-            "bytes_mean": round(mean("bytes", part)),
-            "ratio_compressed": round(dense / mean("bytes", part), 1),
+            "bytes_mean": round(mean("xor_bytes", part)),
             "ratio_compressed_xor": round(dense / mean("xor_bytes", part), 1),
-            "ratio_raw_gap_coded": round(dense / mean("raw_bytes", part), 1),
+            "ratio_compressed_new": round(dense / mean("new_bytes", part), 1),
+            "ratio_raw": round(dense / mean("raw_bytes", part), 1),
             "ratio_raw_int32": round(dense / mean("int32_bytes", part), 1),
             "encode_s": round(mean("encode_s", part), 4), "apply_s": round(mean("apply_s", part), 4),
             "xor_encode_s": round(mean("xor_encode_s", part), 4), "xor_apply_s": round(mean("xor_apply_s", part), 4),
@@ -219,6 +222,8 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=None, help="learning rates (default 1e-6 1e-5 1e-4)")
     parser.add_argument("--repeats", type=int, default=3, help="dissemination runs per cell (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--no-dissemination", dest="dissemination", action="store_false",
+                        help="patches only (part 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steps = args.steps or (5 if args.quick else 20)
@@ -229,7 +234,8 @@ def main() -> None:
     del model
     for lr in lrs:
         result["patches"][f"{lr:g}"] = patches(lr, steps, args.quick)
-    result["dissemination"] = dissemination(args.quick, 1 if args.quick else args.repeats)
+    if args.dissemination:
+        result["dissemination"] = dissemination(args.quick, 1 if args.quick else args.repeats)
     print(json.dumps(result))
 
 

@@ -2,10 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from roles.sparse import PatchEncoder, PatchError, apply, checksum, read_header
+from roles.sparse import PatchEncoder, PatchError, _ef_decode, _ef_encode, apply, checksum, read_header
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ def test_reconstructed_weights_equal_the_trainers_bit_for_bit_over_many_steps(dt
             expected = t.to(dtype)
             assert torch.equal(bits(replica[name]), bits(expected)), (step, name)
         assert checksum(replica) == header["checksum"]
-    assert kinds == {"sparse", "dense"}
+    assert {"mask", "dense"} <= kinds and ("sparse" in kinds or dtype == torch.float32)  # fp32: 1e-6 changes most elements
     special = bits(replica["special"])
     assert special[0] != special[1] and special[0] == bits(torch.tensor([-0.0], dtype=dtype))[0]
 
@@ -78,23 +79,41 @@ def test_a_snapshot_applies_whatever_the_replica_held_and_fixes_it():
     assert header["base"] is None and checksum(replica) == enc.checksum
 
 
-def test_the_dense_form_is_chosen_for_a_tensor_exactly_when_it_is_smaller():
+def test_each_tensor_takes_its_smallest_form_and_dense_exactly_when_it_is_smallest():
+    # c changes out of n = 10000 bf16 elements. dense: 2n = 20000 bytes. mask: 2c + n/8 = 2c + 1250.
+    # sparse: 2c + Elias-Fano, i.e. ceil(c*l / 8) low bytes (l = floor(log2(n / c))) + ceil((c + (n >> l) + 1) / 8).
     n = 10_000
     enc = PatchEncoder(torch.bfloat16, compress=False)
-    w = {"few": torch.randn(n), "most": torch.randn(n), "half": torch.randn(n), "none": torch.randn(n)}
+    w = {k: torch.randn(n) for k in ("few", "many", "under", "over", "most", "none")}
     enc.snapshot(0, w)
-    w["few"][::100] += 1.0  # 1% changed: sparse (4 bytes per change vs 2 per element)
-    w["most"][: 9 * n // 10] += 1.0  # 90% changed: dense
-    w["half"][: n // 2 - 10] += 1.0  # just under the 50% break-even of bf16 values + uint16 gaps
+    w["few"][::100] += 1.0  # c = 100, l = 6: sparse 200 + 75 + 33 = 308 (mask: 1450)
+    w["many"][:4000] += 1.0  # c = 4000, l = 1: sparse 8000 + 500 + 1126, mask 8000 + 1250
+    w["under"][:9374] += 1.0  # mask 18748 + 1250 = 19998 < 20000
+    w["over"][:9375] += 1.0  # mask 20000: a tie goes dense
+    w["most"][: 99 * n // 100] += 1.0  # 99% changed: dense
     blob, stats = enc.patch(1, w)
     kinds = {t[0]: t[2] for t in read_header(blob)[0]["tensors"]}
-    assert kinds == {"few": "sparse", "most": "dense", "half": "sparse"}  # "none" has no entry at all
-    assert stats["dense_bytes"] == 4 * n * 2
-    payload = (n // 100) * 4 + n * 2 + (n // 2 - 10) * 4  # what the three chosen forms take
+    assert kinds == {"few": "sparse", "many": "mask", "under": "mask", "over": "dense", "most": "dense"}  # "none": no entry
+    assert stats["dense_bytes"] == 6 * n * 2
+    payload = 308 + 9250 + 19998 + 20000 + 20000  # what the chosen forms take
     assert payload <= stats["bytes"] < payload + 1024  # the rest is the header
 
 
-def test_gaps_wider_than_sixteen_bits_survive_the_narrow_encoding():
+def test_the_index_coding_round_trips_every_density_and_layout():
+    rng = np.random.default_rng(0)
+    cases = [(1, [0]), (5, [0, 1, 2, 3, 4]), (1000, [999]), (1 << 20, [0, (1 << 20) - 1]), (70_000, [65_536])]
+    for n in (2, 7, 64, 1000, 100_003):
+        for c in sorted({1, 2, n // 50 or 1, n // 3 or 1, n - 1, n}):
+            cases.append((n, sorted(rng.choice(n, c, replace=False).tolist())))
+    for n, idx in cases:
+        idx = np.asarray(idx, dtype=np.int64)
+        width, low, high = _ef_encode(idx, n)
+        assert np.array_equal(_ef_decode(low, high, n, idx.size, width), idx), (n, idx.size)
+        bound = idx.size * (width + 1) + (n >> width) + 16  # c*l low bits, c ones, n >> l zeros, padding
+        assert (low.size + high.size) * 8 <= bound, (n, idx.size)
+
+
+def test_far_apart_and_adjacent_indices_survive_the_index_coding():
     w = {"long": torch.zeros(300_000)}
     enc = PatchEncoder(torch.float32)
     replica = {"long": torch.empty(300_000)}
@@ -106,7 +125,7 @@ def test_gaps_wider_than_sixteen_bits_survive_the_narrow_encoding():
     assert torch.equal(replica["long"], w["long"])
 
 
-@pytest.mark.parametrize("where", ["header", "values", "end"])
+@pytest.mark.parametrize("where", ["header", "values", "lows", "highs", "end"])
 def test_a_corrupted_patch_is_detected(where):
     w = weights_with_special_values()
     enc = PatchEncoder(torch.bfloat16, compress=False)
@@ -119,10 +138,30 @@ def test_a_corrupted_patch_is_detected(where):
         blob[10] ^= 0xFF
     elif where == "values":
         blob[start + header["sections"]["values"][0] + 1] ^= 0x01  # one bit of one new value
+    elif where in ("lows", "highs"):
+        blob[start + header["sections"][where][0] + 2] ^= 0x04  # one bit of one index
     else:
         del blob[-3:]
     with pytest.raises(PatchError):
         apply(bytes(blob), replica, base=0)
+
+
+@pytest.mark.parametrize("bit", [0x01, 0x80])
+def test_a_corrupted_bitmap_is_detected_before_anything_is_written(bit):
+    w = {"half": torch.randn(4096), "other": torch.randn(100)}
+    enc = PatchEncoder(torch.bfloat16, compress=False)
+    replica = {k: torch.empty(v.shape, dtype=torch.bfloat16) for k, v in w.items()}
+    apply(enc.snapshot(0, w), replica, base=None)
+    w["half"][::2] += 1.0
+    w["other"][:] += 1.0
+    blob = bytearray(enc.patch(1, w)[0])
+    header, start = read_header(blob)
+    assert {t[0]: t[2] for t in header["tensors"]} == {"half": "mask", "other": "dense"}
+    blob[start + header["sections"]["masks"][0] + 7] ^= bit  # one more or one fewer element marked
+    before = {k: v.clone() for k, v in replica.items()}
+    with pytest.raises(PatchError, match="marks") as e:
+        apply(bytes(blob), replica, base=0)
+    assert not e.value.dirty and all(torch.equal(bits(before[k]), bits(replica[k])) for k in w)
 
 
 def test_a_compressed_patch_round_trips_and_is_smaller_than_the_raw_one():
