@@ -141,6 +141,7 @@ def test_a_bad_plug_in_path_fails_at_start_naming_the_field(tmp_path, tiny_model
     assert_all_processes_gone(run_dir)
 
 
+@pytest.mark.timeout(300)  # room for its own bounds (first step, then 60s to EOF) and the diagnostic
 def test_ctrl_c_stops_every_process(tmp_path, tiny_model, model_cache):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_command(run_dir, model_cache, ["flow.steps=10000"]), cwd=REPO, env=_env(),
