@@ -76,7 +76,7 @@ def importance_weights(log_ratio: torch.Tensor, mask: torch.Tensor, correction: 
         weight = torch.exp(log_ratio.clamp(max=log_cap))
     elif correction == "mis":
         hit = log_ratio.abs() > log_cap
-        weight = torch.where(hit, torch.zeros_like(log_ratio), torch.exp(log_ratio.clamp(max=log_cap)))
+        weight = torch.exp(log_ratio).masked_fill(hit, 0.0)
     else:
         hit = torch.zeros_like(mask, dtype=torch.bool)
         weight = torch.exp(log_ratio)

@@ -314,6 +314,19 @@ def apply(blob, tensors: dict[str, torch.Tensor], base: int | None, base_checksu
         raise PatchError("an xor patch applies only to a base of known checksum: pass base_checksum")
     dtype = DTYPES.get(header["dtype"])
     plan = _plan(header, tensors, dtype)
+    writes = _decode(blob, start, header, plan, dtype)  # everything is decoded and checked before the first write
+    for target, idx, vals in writes:
+        _write(target, idx, vals, xor)
+    got = checksum(tensors)
+    if got != header["checksum"]:
+        raise PatchError(f"weights after {'snapshot' if header['base'] is None else 'patch'} "
+                         f"{header['base']} -> {header['version']} fail their checksum "
+                         f"({got} != {header['checksum']})", dirty=True)
+    return header
+
+
+def _decode(blob: memoryview, start: int, header: dict, plan: list, dtype: torch.dtype) -> list:
+    """(target, indices or None for every element, values) per tensor; PatchError on any inconsistency."""
     secs = header["sections"]
     values = _decode_section(blob, start, secs["values"], np.dtype(f"int{8 * dtype.itemsize}"))
     index = {k: _decode_section(blob, start, secs[k], np.uint8) for k in INDEX_SECTIONS}
@@ -326,7 +339,7 @@ def apply(blob, tensors: dict[str, torch.Tensor], base: int | None, base_checksu
             raise PatchError(f"section {section!r} too short for tensor {name!r}: corrupted patch")
         return piece
 
-    writes = []  # everything is decoded and checked before the first write
+    writes = []
     for entry, target in plan:
         name, kind, count, n = entry[0], entry[2], entry[3], target.numel()
         vals = take("values", count, name)
@@ -343,14 +356,7 @@ def apply(blob, tensors: dict[str, torch.Tensor], base: int | None, base_checksu
         writes.append((target, idx, vals))
     if used["values"] != len(values) or any(used[k] != len(index[k]) for k in INDEX_SECTIONS):
         raise PatchError("sections longer than the tensors listed: corrupted patch")
-    for target, idx, vals in writes:
-        _write(target, idx, vals, xor)
-    got = checksum(tensors)
-    if got != header["checksum"]:
-        raise PatchError(f"weights after {'snapshot' if header['base'] is None else 'patch'} "
-                         f"{header['base']} -> {header['version']} fail their checksum "
-                         f"({got} != {header['checksum']})", dirty=True)
-    return header
+    return writes
 
 
 def _write(target: torch.Tensor, idx: np.ndarray | None, vals: np.ndarray, xor: bool) -> None:

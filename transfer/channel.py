@@ -143,6 +143,47 @@ class Store:
             return key in self.chunks and not self.missing[key]
 
 
+class Inbox:
+    """Messages from any thread to one polling thread, over an inproc PUSH/PULL pair.
+
+    ZeroMQ sockets are not thread-safe: senders share the PUSH end under a lock; only the owning thread
+    reads (and finally closes) ``sock``. ``close`` sends ``CLOSE`` once, waits for the owner to stop, and
+    from then on ``send`` drops messages.
+    """
+
+    CLOSE = b"\0close"
+
+    def __init__(self, ctx: zmq.Context, name: str):
+        address = f"inproc://rlflow-{name}-{id(self)}"
+        self.sock = ctx.socket(zmq.PULL)
+        self.sock.bind(address)
+        self._out = ctx.socket(zmq.PUSH)
+        self._out.connect(address)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def send(self, message: bytes) -> None:
+        with self._lock:
+            if not self._closed:
+                self._out.send(message)
+
+    def drain(self) -> list[bytes]:
+        """Every message waiting (owner thread only)."""
+        messages = []
+        while self.sock.poll(0):
+            messages.append(self.sock.recv())
+        return messages
+
+    def close(self, owner: threading.Thread, timeout: float = 10.0) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._out.send(self.CLOSE)
+        owner.join(timeout)
+        self._out.close(0)
+
+
 def connect_dealer(address: str, keys_dir: str | None = None) -> zmq.Socket:
     """A DEALER to a channel node (CURVE client keys when ``keys_dir`` is given)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -194,51 +235,34 @@ class Server:
         self.rate = uplink_bytes_per_s
         self._next_free = 0.0  # when the paced uplink is free again
         self.sent_bytes = 0
-        # Other threads wake the serving thread (new chunks, new head, close) through an inproc pair.
-        inbox = f"inproc://rlflow-channel-{id(self)}"
-        self._wake_in = self.ctx.socket(zmq.PAIR)
-        self._wake_in.bind(inbox)
-        self._wake_out = self.ctx.socket(zmq.PAIR)
-        self._wake_out.connect(inbox)
-        self._wake_lock = threading.Lock()
-        self._closed = False
+        self._inbox = Inbox(self.ctx, "channel")  # other threads wake the serving thread: new chunks, new head
         self._thread = threading.Thread(target=self._serve, name="rlflow-channel", daemon=True)
         self._thread.start()
 
     def wake(self) -> None:
-        with self._wake_lock:
-            if not self._closed:
-                self._wake_out.send(b"")
+        self._inbox.send(b"")
 
     def close(self) -> None:
-        with self._wake_lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._wake_out.send(b"close")
-        self._thread.join(10)
-        self._wake_out.close(0)
+        self._inbox.close(self._thread)
 
     def _serve(self) -> None:
         parked: list[_Parked] = []
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._wake_in, zmq.POLLIN)
+        poller.register(self._inbox.sock, zmq.POLLIN)
         try:
             while True:
                 wait_ms = None if not parked else max(0, int(1000 * (min(p.deadline for p in parked) - time.monotonic())) + 1)
                 events = dict(poller.poll(wait_ms))
-                if self._wake_in in events:
-                    while self._wake_in.poll(0):
-                        if self._wake_in.recv() == b"close":
-                            return
+                if self._inbox.sock in events and Inbox.CLOSE in self._inbox.drain():
+                    return
                 if self.sock in events:
                     while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         parked += self._request(self.sock.recv_multipart(copy=False))
                 parked = [p for p in parked if not self._answer(p)]
         finally:
             self.sock.close(0)
-            self._wake_in.close(0)
+            self._inbox.sock.close(0)
 
     def _request(self, msg: list) -> list[_Parked]:
         identity = msg[0].bytes

@@ -30,7 +30,7 @@ from collections import deque
 
 import zmq
 
-from transfer.channel import Gone, Head, Server, Store, assemble, chunk_sum, connect_dealer
+from transfer.channel import Gone, Head, Inbox, Server, Store, assemble, chunk_sum, connect_dealer
 from transfer.wire import BusTimeout
 
 HEAD_POLL_S = 5.0  # one parked head request's bound: also how soon a restarted publisher is found again
@@ -46,13 +46,7 @@ class Relay:
         self.store = Store()
         self.stats = {"from_upstream": 0, "from_root": 0, "corrupt_chunks": 0, "upstream_failures": 0}
         self.ctx = zmq.Context.instance()
-        inbox = f"inproc://rlflow-relay-{id(self)}"
-        self._wants_in = self.ctx.socket(zmq.PULL)
-        self._wants_in.bind(inbox)
-        self._wants_out = self.ctx.socket(zmq.PUSH)
-        self._wants_out.connect(inbox)
-        self._wants_lock = threading.Lock()
-        self._closed = False
+        self._wants = Inbox(self.ctx, "relay")  # keys of objects to fetch, from the server's thread and callers
         self.server = Server(serve, self.store, self._want, uplink_bytes_per_s, keys_dir) if serve else None
         self.address = self.server.address if self.server else None
         self._thread = threading.Thread(target=self._run, name="rlflow-relay", daemon=True)
@@ -97,27 +91,19 @@ class Relay:
             return assemble(store, key)
 
     def close(self) -> None:
-        with self._wants_lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._wants_out.send(b"\0close")
-        self._thread.join(10)
-        self._wants_out.close(0)
+        self._wants.close(self._thread)
         if self.server:
             self.server.close()
 
     def _want(self, key: str) -> None:
-        with self._wants_lock:
-            if not self._closed:
-                self._wants_out.send(key.encode())
+        self._wants.send(key.encode())
 
     # ---------------------------------------------------------------- the fetcher thread
     def _run(self) -> None:
         root = connect_dealer(self.root, self.keys_dir)
         up = connect_dealer(self.upstream, self.keys_dir) if self.upstream else None
         poller = zmq.Poller()
-        for s in (root, up, self._wants_in):
+        for s in (root, up, self._wants.sock):
             if s is not None:
                 poller.register(s, zmq.POLLIN)
         queue: deque[str] = deque()  # objects to fetch, in order
@@ -139,13 +125,12 @@ class Relay:
                         job.fall_back(root)
                 wake = min([head_deadline] + ([job.deadline()] if job else []))
                 events = dict(poller.poll(max(0, int(1000 * (wake - time.monotonic())) + 1)))
-                if self._wants_in in events:
-                    while self._wants_in.poll(0):
-                        key = self._wants_in.recv().decode()
-                        if key == "\0close":
-                            return
-                        if key not in queue and (job is None or job.key != key):
-                            queue.append(key)
+                for message in self._wants.drain() if self._wants.sock in events else ():
+                    if message == Inbox.CLOSE:
+                        return
+                    key = message.decode()
+                    if key not in queue and (job is None or job.key != key):
+                        queue.append(key)
                 for sock in (root, up):
                     if sock is not None and sock in events and self._drain(sock, sock is root, job, queue):
                         head_deadline = 0.0  # the parked head request was answered: park the next one
@@ -153,7 +138,7 @@ class Relay:
                     job = None
                     up = self._reset_upstream(up, poller) if up is not None else None
         finally:
-            for s in (root, up, self._wants_in):
+            for s in (root, up, self._wants.sock):
                 if s is not None:
                     s.close(0)
 
