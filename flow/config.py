@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass, field
 
 from roles.actor import ActorConfig
-from roles.loss import ADVANTAGES, AGGREGATIONS
+from roles.loss import ADVANTAGES, AGGREGATIONS, OLD_LOGPROBS, RATIO_LEVELS
+from roles.offpolicy import CORRECTIONS, LEVELS, LR_RULES
 from roles.reference import ReferenceConfig
 from roles.reward import RewardConfig
 from roles.rollout import RolloutConfig
@@ -163,12 +164,19 @@ def validate(cfg: RunConfig) -> None:
              "sync.keyframe_ratio/hop_timeout/uplink_mb_s", "need keyframe_ratio > 0, hop_timeout > 0, uplink_mb_s >= 0")
     _require(a.advantage in ADVANTAGES, "actor.advantage", f"choose one of {ADVANTAGES}, got {a.advantage!r}")
     _require(a.aggregation in AGGREGATIONS, "actor.aggregation", f"choose one of {AGGREGATIONS}, got {a.aggregation!r}")
-    _require(a.old_logprobs in ("rollout", "recompute"), "actor.old_logprobs",
-             f"choose 'rollout' or 'recompute', got {a.old_logprobs!r}")
+    _require(a.old_logprobs in OLD_LOGPROBS, "actor.old_logprobs", f"choose one of {OLD_LOGPROBS}, got {a.old_logprobs!r}")
+    _require(a.ratio_level in RATIO_LEVELS, "actor.ratio_level", f"choose one of {RATIO_LEVELS}, got {a.ratio_level!r}")
+    _require(a.correction in CORRECTIONS, "actor.correction", f"choose one of {CORRECTIONS}, got {a.correction!r}")
+    _require(a.correction == "none" or a.old_logprobs == "recompute", "actor.correction",
+             f"{a.correction!r} weights need actor.old_logprobs=recompute (with 'rollout' the ratio π/μ is "
+             f"already the importance weight): set both, or actor.correction=none")
+    _require(a.correction_level in LEVELS, "actor.correction_level", f"choose one of {LEVELS}, got {a.correction_level!r}")
+    _require(a.is_cap > 1, "actor.is_cap", f"must be > 1 (weights are cut at C, or outside [1/C, C]), got {a.is_cap}")
+    _require(a.vcpo_rule in LR_RULES, "actor.vcpo_rule", f"choose one of {LR_RULES}, got {a.vcpo_rule!r}")
+    _require(0 < a.vcpo_ref <= 1, "actor.vcpo_ref", f"must be in (0, 1] (an ESS ratio), got {a.vcpo_ref}")
     _require(a.lr > 0, "actor.lr", f"must be > 0, got {a.lr}")
     _require(0 <= a.clip_low < 1 and a.clip_high >= 0, "actor.clip_low/clip_high",
              f"need 0 <= clip_low < 1 and clip_high >= 0, got {a.clip_low}, {a.clip_high}")
-    _require(a.tis_cap is None or a.tis_cap > 0, "actor.tis_cap", f"must be > 0 or null, got {a.tis_cap}")
     _require(a.kl_coef >= 0, "actor.kl_coef", f"must be >= 0, got {a.kl_coef}")
     if d.path is None:
         _require(d.task is not None, "data.path", "this recipe has no built-in task: give a prompt file, "

@@ -29,6 +29,7 @@ import torch
 from roles import schema
 from roles.interfaces import RoleContext, load_object
 from roles.loss import aggregate, group_advantages, policy_loss
+from roles.offpolicy import ess, lr_factor, opob_advantages, sequence_log_weights
 from roles.sparse import DTYPES
 from roles.weights import SyncConfig, WeightPublisher
 from transfer import BusTimeout
@@ -53,7 +54,7 @@ class ActorConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
     advantage: str = "grpo"
-    """grpo | rloo | drgrpo (see roles/loss.py)."""
+    """grpo | rloo | drgrpo | opob (VCPO's off-policy optimal baseline: one extra backward per sample)."""
     aggregation: str = "token_mean"
     """token_mean (DAPO) | seq_mean | constant (Dr.GRPO: samples x max_new_tokens)."""
     clip_low: float = 0.2
@@ -61,9 +62,23 @@ class ActorConfig:
     clip_high: float = 0.28
     """PPO clip: r <= 1 + clip_high (DAPO clip-higher when above clip_low)."""
     old_logprobs: str = "rollout"
-    """rollout: ratio against the rollout's logprobs; recompute: proximal ratio plus a TIS weight."""
-    tis_cap: float | None = 2.0
-    """Truncation C of the token importance weight min(π/μ, C) (old_logprobs=recompute); null: untruncated."""
+    """rollout: ratio against the rollout's logprobs (the clip is the only off-policy control);
+    recompute: proximal ratio plus the importance weight chosen by ``correction`` (AReaL's decoupled PPO)."""
+    ratio_level: str = "token"
+    """token: PPO's per-token ratio; sequence: GSPO's exp(mean_t log ratio) (use clip_low/high ~ 3e-4/4e-4)."""
+    correction: str = "none"
+    """Importance weight of old_logprobs=recompute: tis (truncate at is_cap), mis (mask outside
+    [1/is_cap, is_cap]) or none (untruncated); must stay none with old_logprobs=rollout."""
+    correction_level: str = "token"
+    """token: each token's own π/μ; sequence: the product over the response, shared by its tokens."""
+    is_cap: float = 2.0
+    """C of the truncation or mask (about 2 per token, 8 per sequence)."""
+    vcpo: bool = False
+    """Scale each step's learning rate by the ESS of the batch's sequence importance weights (VCPO)."""
+    vcpo_rule: str = "sqrt"
+    """lr x sqrt(min(1, ρ/ρ_ref)) (sqrt) or lr x min(1, ρ/ρ_ref) (linear), ρ = ESS / samples."""
+    vcpo_ref: float = 1.0
+    """ρ_ref: the ESS ratio at and above which the full learning rate applies."""
     kl_coef: float = 0.0
     """β of the k3 KL to the reference; > 0 starts the reference role."""
     drop_uniform_groups: bool = False
@@ -138,7 +153,14 @@ def _take(ctx: RoleContext, columns, n: int, step: int, staleness: int | None, h
 
 
 class StepAccumulator:
-    """One optimizer step's gradient, accumulated over deliveries of whole groups as they arrive."""
+    """One optimizer step's gradient, accumulated over deliveries of whole groups as they arrive.
+
+    Off-policy bookkeeping: θ does not change until the step, so the sequence log weights log π_θ/μ of
+    every trained sample, whichever delivery brought it, are comparable and together give the step's
+    effective sample size. With ``vcpo`` the step's learning rate is scaled by lr_factor(ESS / samples)
+    for this step only (the engine restores it). Samples of skipped groups carry no gradient and do not
+    count in the ESS.
+    """
 
     def __init__(self, engine, cfg: ActorConfig):
         self.engine, self.cfg = engine, cfg
@@ -152,13 +174,15 @@ class StepAccumulator:
         self.lengths: list[int] = []
         self.skipped_groups = 0
         self.reward_errors = 0
+        self.seq_log_w: list[torch.Tensor] = []  # [B] per forward: log π_θ/μ of each trained sample
+        self.token_log_w: list[torch.Tensor] = []  # flat log π_θ/μ of each trained token
 
     def add(self, table: pa.Table) -> None:
         cols = {name: table.column(name).to_pylist() for name in table.column_names}
         by_group: dict[str, list[int]] = {}
         for i, g in enumerate(cols["group_id"]):
             by_group.setdefault(g, []).append(i)
-        rows, advantages = [], []
+        groups = []  # (rows, rewards) of the groups that train
         for idx in by_group.values():
             self.groups += 1
             self.staleness += [self.engine.version - cols["version_start"][i] for i in idx]
@@ -169,10 +193,29 @@ class StepAccumulator:
             if len(valid) < 2 or (self.cfg.drop_uniform_groups and bool((r == r[0]).all())):
                 self.skipped_groups += 1
                 continue
-            rows += valid
-            advantages += group_advantages(r, self.cfg.advantage).tolist()
+            groups.append((valid, r))
+        rows = [i for valid, _ in groups for i in valid]
+        advantages = self._advantages(cols, groups)
         for lo in range(0, len(rows), self.cfg.micro_batch):
             self._backward(cols, rows[lo: lo + self.cfg.micro_batch], advantages[lo: lo + self.cfg.micro_batch])
+
+    def _advantages(self, cols: dict, groups: list) -> list[float]:
+        if self.cfg.advantage != "opob":
+            return [a for _, r in groups for a in group_advantages(r, self.cfg.advantage).tolist()]
+        if not hasattr(self.engine, "trajectory_grad_sq"):
+            raise TypeError(f"actor.advantage=opob needs per-trajectory gradient norms: "
+                            f"{type(self.engine).__name__} has no trajectory_grad_sq (see roles/interfaces.py)")
+        rows = [i for valid, _ in groups for i in valid]
+        if not rows:
+            return []
+        grad_sq, seq_logp = self.engine.trajectory_grad_sq([cols["prompt_ids"][i] for i in rows],
+                                                           [cols["response_ids"][i] for i in rows])
+        log_w = seq_logp - torch.tensor([sum(cols["rollout_logprobs"][i]) for i in rows], dtype=seq_logp.dtype)
+        out, k = [], 0
+        for valid, r in groups:
+            out += opob_advantages(r, log_w[k: k + len(valid)], grad_sq[k: k + len(valid)]).tolist()
+            k += len(valid)
+        return out
 
     def _backward(self, cols: dict, rows: list[int], advantages: list[float]) -> None:
         prompts = [cols["prompt_ids"][i] for i in rows]
@@ -188,22 +231,30 @@ class StepAccumulator:
             rollout_logp[j, :t] = torch.tensor(cols["rollout_logprobs"][i])
             if ref_logp is not None:
                 ref_logp[j, :t] = torch.tensor(cols["ref_logprobs"][i])
+        c = self.cfg
         token_loss, stats = policy_loss(logp, rollout_logp, torch.tensor(advantages), mask,
-                                        clip_low=self.cfg.clip_low, clip_high=self.cfg.clip_high,
-                                        old_logprobs=self.cfg.old_logprobs, tis_cap=self.cfg.tis_cap,
-                                        kl_coef=self.cfg.kl_coef, ref_logp=ref_logp)
-        total, count = aggregate(token_loss, mask, self.cfg.aggregation, self.cfg.max_new_tokens)
+                                        clip_low=c.clip_low, clip_high=c.clip_high, old_logprobs=c.old_logprobs,
+                                        ratio_level=c.ratio_level, correction=c.correction,
+                                        correction_level=c.correction_level, is_cap=c.is_cap,
+                                        kl_coef=c.kl_coef, ref_logp=ref_logp)
+        total, count = aggregate(token_loss, mask, c.aggregation, c.max_new_tokens)
         total.backward()
         self.loss_sum += total.item()
         self.normaliser += count
         self.tokens += float(mask.sum())
         for name, value in stats.items():
             self.sums[name] = self.sums.get(name, 0.0) + float((value * mask).sum())
+        self.seq_log_w.append(sequence_log_weights(logp, rollout_logp, mask))
+        self.token_log_w.append((logp.detach() - rollout_logp)[mask.bool()])
 
     def finish(self) -> dict[str, float]:
-        """Step the optimizer on the accumulated gradient divided by the batch's normaliser."""
+        """Step the optimizer on the accumulated gradient divided by the batch's normaliser, at this
+        step's learning rate (VCPO's factor when ``vcpo``)."""
         scale = 1.0 / self.normaliser if self.normaliser > 0 else 0.0
-        out = self.engine.step(scale)
+        log_w = torch.cat(self.seq_log_w) if self.seq_log_w else torch.zeros(0)
+        ess_ratio = ess(log_w) / log_w.numel() if log_w.numel() else 1.0
+        factor = lr_factor(ess_ratio, self.cfg.vcpo_rule, self.cfg.vcpo_ref) if self.cfg.vcpo else 1.0
+        out = self.engine.step(scale, factor)
         n = len(self.rewards)
         mean = sum(self.rewards) / n if n else math.nan
         out.update({
@@ -217,7 +268,23 @@ class StepAccumulator:
             "groups/skipped": self.skipped_groups,
             "samples": len(self.staleness),
             "tokens": self.tokens,
+            "ess/ratio": ess_ratio,
+            "lr/factor": factor,
+            **_weight_quantiles("is/seq", log_w),
+            **_weight_quantiles("is/token", torch.cat(self.token_log_w) if self.token_log_w else torch.zeros(0)),
         })
         for name, total in self.sums.items():
-            out[f"actor/{name}"] = total / self.tokens if self.tokens else 0.0
+            out[STAT_NAMES.get(name, f"actor/{name}")] = total / self.tokens if self.tokens else 0.0
         return out
+
+
+STAT_NAMES = {"is_weight": "is/weight_mean", "is_cut": "is/cut_frac", "rollout_kl": "kl/rollout_k3"}
+"""Metric names of policy_loss's per-token diagnostics (token means); the rest are actor/<name>."""
+
+
+def _weight_quantiles(prefix: str, log_w: torch.Tensor) -> dict[str, float]:
+    """max and p99 of importance weights given by their logs (capped at e^700 so they stay finite)."""
+    if log_w.numel() == 0:
+        return {f"{prefix}_max": 1.0, f"{prefix}_p99": 1.0}
+    log_w = log_w.double().clamp(max=700.0)
+    return {f"{prefix}_max": math.exp(float(log_w.max())), f"{prefix}_p99": math.exp(float(torch.quantile(log_w, 0.99)))}

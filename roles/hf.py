@@ -177,15 +177,38 @@ class HFTrainEngine:
     def token_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
         return sequence_logprobs(self.model, prompts, responses, self.temperature, self.device)
 
-    def step(self, grad_scale: float) -> dict[str, float]:
+    def step(self, grad_scale: float, lr_scale: float = 1.0) -> dict[str, float]:
+        """One AdamW step at lr x ``lr_scale``; the base learning rates are restored whatever happens."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         for p in params:
             p.grad.mul_(grad_scale)
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        self.optimizer.step()
+        base = [g["lr"] for g in self.optimizer.param_groups]
+        try:
+            for g, lr in zip(self.optimizer.param_groups, base):
+                g["lr"] = lr * lr_scale
+            self.optimizer.step()
+        finally:
+            for g, lr in zip(self.optimizer.param_groups, base):
+                g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
-        return {"actor/grad_norm": float(norm), "actor/lr": self.optimizer.param_groups[0]["lr"]}
+        return {"actor/grad_norm": float(norm), "lr/effective": base[0] * lr_scale}
+
+    def trajectory_grad_sq(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B] ‖∇_θ log π_θ(response_i)‖², [B] log π_θ(response_i)), one forward and backward per sample.
+
+        Uses ``torch.autograd.grad``, so the gradients the step is accumulating are untouched. The cost is
+        one extra single-sample pass per trajectory (OPOB's price); memory stays that of one sample.
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_sq, seq_logp = [], []
+        for p, r in zip(prompts, responses):
+            logp = sequence_logprobs(self.model, [p], [r], self.temperature, self.device).sum()
+            grads = torch.autograd.grad(logp, params, allow_unused=True)
+            grad_sq.append(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
+            seq_logp.append(float(logp.detach()))
+        return torch.tensor(grad_sq, dtype=torch.float64), torch.tensor(seq_logp, dtype=torch.float64)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.model.named_parameters()}

@@ -60,8 +60,14 @@ class TrainEngine(Protocol):
     def token_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
         """[B, T] log π_θ(y_t) of each response token, differentiable, zero-padded to the longest response."""
 
-    def step(self, grad_scale: float) -> dict[str, float]:
-        """Multiply accumulated gradients by ``grad_scale``, step the optimizer, zero grads, version += 1."""
+    def step(self, grad_scale: float, lr_scale: float = 1.0) -> dict[str, float]:
+        """Multiply accumulated gradients by ``grad_scale``, step the optimizer at its learning rate times
+        ``lr_scale`` (VCPO's factor, for this step only: restore the rate after), zero grads, version += 1.
+        Returns metrics, e.g. ``actor/grad_norm`` and ``lr/effective``."""
+
+    # Optional, for actor.advantage=opob:
+    # def trajectory_grad_sq(self, prompts, responses) -> tuple[Tensor, Tensor]:
+    #     """([B] squared norm of each response's ∇_θ log π_θ, [B] its log π_θ), leaving .grad untouched."""
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The policy parameters as rollout engines load them (name -> tensor, no duplicates of tied ones)."""

@@ -1,14 +1,20 @@
 """The algorithm: group advantages and the clipped policy-gradient token loss. Change a loss here.
 
-Plain functions, no state. Formulas are in ALGORITHMS.md ("GRPO and off-policy corrections"):
+Plain functions, no state. Formulas are in ALGORITHMS.md ("GRPO and off-policy corrections"); the
+importance weights, their ESS and OPOB live in ``roles/offpolicy.py``.
 
 - advantages: ``grpo`` (R - mean_g) / (std_g + eps); ``rloo`` R_i - mean_{j!=i} R_j; ``drgrpo`` R - mean_g
-  (no std division; pair it with the constant normaliser below).
+  (no std division; pair it with the constant normaliser below); ``opob`` (R - b*) / std_g with VCPO's
+  off-policy optimal baseline (computed by the actor: it needs per-trajectory gradient norms).
 - token loss: max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) (PPO-clip; DAPO clip-higher is
-  eps_high > eps_low), times a truncated importance weight, plus beta * k3 KL to the reference.
+  eps_high > eps_low), times an importance weight, plus beta * k3 KL to the reference.
   ``old_logprobs="rollout"``: r = π_θ / μ against the rollout's logprobs; the clip bounds how far an
-  off-policy sample can push. ``"recompute"``: r = π_θ / sg(π_θ) (the proximal policy, AReaL's
-  decoupled form) and the off-policy gap is carried by the TIS weight sg(min(π_θ / μ, C)) instead.
+  off-policy sample can push, and there is no separate weight. ``"recompute"``: r = π_θ / sg(π_θ) (the
+  proximal policy: AReaL's decoupled form, with one optimizer step per batch π_prox = π_θ) and the
+  off-policy gap is carried by the weight sg(π_θ / μ): truncated (``tis``), masked (``mis``) or plain
+  (``none``), per token or per sequence (``correction_level``).
+- ``ratio_level="sequence"`` is GSPO: r_i = exp(mean_t log(π_θ / π_old)) for every token of sample i
+  (pair it with a clip range of a few 1e-4).
 - aggregation returns an un-normalised *sum* and its normaliser count, so a step can accumulate
   chunks as they stream in and divide once at the end: the gradient then equals the one computed on
   the whole batch at once (the k = 0 equivalence the actor relies on).
@@ -18,13 +24,17 @@ from __future__ import annotations
 
 import torch
 
+from roles.offpolicy import importance_weights
+
 EPS = 1e-6
-ADVANTAGES = ("grpo", "rloo", "drgrpo")
+ADVANTAGES = ("grpo", "rloo", "drgrpo", "opob")
 AGGREGATIONS = ("token_mean", "seq_mean", "constant")
+OLD_LOGPROBS = ("rollout", "recompute")
+RATIO_LEVELS = ("token", "sequence")
 
 
 def group_advantages(rewards: torch.Tensor, kind: str) -> torch.Tensor:
-    """[G] rewards of one group -> [G] advantages."""
+    """[G] rewards of one group -> [G] advantages (``opob`` needs weights: see offpolicy.opob_advantages)."""
     g = rewards.numel()
     if kind == "grpo":
         return (rewards - rewards.mean()) / (rewards.std(unbiased=True) + EPS) if g > 1 else torch.zeros_like(rewards)
@@ -36,25 +46,38 @@ def group_advantages(rewards: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def policy_loss(logp: torch.Tensor, rollout_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                *, clip_low: float, clip_high: float, old_logprobs: str, tis_cap: float | None,
+                *, clip_low: float, clip_high: float, old_logprobs: str, ratio_level: str = "token",
+                correction: str = "none", correction_level: str = "token", is_cap: float = 2.0,
                 kl_coef: float = 0.0, ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token loss [B, T] (zero where ``mask`` is 0) and per-token diagnostics.
+    """Per-token loss [B, T] (zero where ``mask`` is 0) and per-token diagnostics [B, T].
 
     logp: [B, T] log π_θ (differentiable); rollout_logp: [B, T] log μ; advantages: [B]; mask: [B, T] 0/1.
+    Diagnostics: clip_frac, ratio, is_weight, is_cut (weight truncated or masked), rollout_kl (k3 of μ
+    against π_θ), kl (k3 to the reference, with a KL term).
     """
+    behaviour = logp.detach() - rollout_logp  # log π_θ/μ per token
     if old_logprobs == "rollout":
-        ratio = torch.exp(logp - rollout_logp)
-        weight = torch.ones_like(logp)
+        if correction != "none":
+            raise ValueError(f"actor.correction={correction!r} needs actor.old_logprobs=recompute: with "
+                             f"'rollout' the ratio π/μ is already the importance weight")
+        log_ratio = logp - rollout_logp
+        weight, cut = torch.ones_like(logp), torch.zeros_like(logp)
     elif old_logprobs == "recompute":
-        ratio = torch.exp(logp - logp.detach())
-        behaviour = torch.exp(logp.detach() - rollout_logp)
-        weight = behaviour if tis_cap is None else behaviour.clamp(max=tis_cap)
+        log_ratio = logp - logp.detach()
+        weight, cut = importance_weights(behaviour, mask, correction, correction_level, is_cap)
     else:
-        raise ValueError(f"actor.old_logprobs={old_logprobs!r}: choose 'rollout' or 'recompute'")
+        raise ValueError(f"actor.old_logprobs={old_logprobs!r}: choose one of {OLD_LOGPROBS}")
+    if ratio_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1))[:, None].expand_as(mask)
+    elif ratio_level != "token":
+        raise ValueError(f"actor.ratio_level={ratio_level!r}: choose one of {RATIO_LEVELS}")
+    ratio = torch.exp(log_ratio)
     a = advantages[:, None]
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     loss = torch.maximum(-a * ratio, -a * clipped) * weight
-    stats = {"clip_frac": ((ratio - clipped).abs() > 0).float(), "ratio": ratio.detach(), "is_weight": weight}
+    x = (-behaviour).clamp(max=50.0)  # log μ/π; the clamp keeps a degenerate token's diagnostic finite
+    stats = {"clip_frac": ((ratio - clipped).abs() > 0).float(), "ratio": ratio.detach(), "is_weight": weight,
+             "is_cut": cut, "rollout_kl": torch.exp(x) - x - 1.0}
     if kl_coef > 0.0:
         assert ref_logp is not None, "a KL term needs ref_logprobs"
         log_r = ref_logp - logp

@@ -85,23 +85,31 @@ def importance_weights(log_ratio: torch.Tensor, mask: torch.Tensor, correction: 
 
 def opob_advantages(rewards: torch.Tensor, log_w: torch.Tensor, grad_sq: torch.Tensor,
                     normalise: bool = True) -> torch.Tensor:
-    """[G] advantages of one group with VCPO's off-policy optimal baseline, leave-one-out.
+    """[..., G] advantages of groups (the last dimension) with VCPO's off-policy optimal baseline, leave-one-out.
 
     b_i = Σ_{j≠i} w_j² g_j R_j / Σ_{j≠i} w_j² g_j, with w_j the sequence importance weight and g_j =
     ‖∇ log π(τ_j)‖²: the baseline that minimises the variance of Σ w (R - b) ∇log π. Falls back to the
     leave-one-out mean where the other samples carry no weight. ``normalise``: divide by the group's
     reward std (GRPO's scale), as VCPO does.
+
+    Why leave-one-out: the in-group b* includes sample i's own reward and weight, which biases the
+    gradient in direction, not just size (on the 4-arm bandit of tests/test_offpolicy.py at G = 8 it
+    turns one arm's expected gradient from -0.011 to +0.012). The group *mean* has the same flaw in a
+    harmless form: R_i - mean = (G-1)/G (R_i - mean_{j≠i}), a shrink of the whole gradient that the
+    learning rate absorbs. The price: b_i is estimated from G - 1 heavy-tailed weights, so the variance
+    falls below the group mean's only from G ~ 16 on (measured in that test).
     """
-    g = rewards.numel()
+    g = rewards.shape[-1]
     if g < 2:
         return torch.zeros_like(rewards)
     log_c = 2 * log_w.double() + torch.log(grad_sq.double().clamp(min=1e-300))
-    c = torch.exp(log_c - log_c.max())  # w² g, scaled: only ratios matter
+    c = torch.exp(log_c - log_c.amax(-1, keepdim=True))  # w² g, scaled per group: only ratios matter
     r = rewards.double()
-    num, den = (c * r).sum() - c * r, c.sum() - c
-    loo_mean = (r.sum() - r) / (g - 1)
-    baseline = torch.where(den > 1e-12 * c.sum(), num / den.clamp(min=1e-300), loo_mean)
+    num = (c * r).sum(-1, keepdim=True) - c * r
+    den = c.sum(-1, keepdim=True) - c
+    loo_mean = (r.sum(-1, keepdim=True) - r) / (g - 1)
+    baseline = torch.where(den > 1e-12 * c.sum(-1, keepdim=True), num / den.clamp(min=1e-300), loo_mean)
     adv = r - baseline
     if normalise:
-        adv = adv / (r.std(unbiased=True) + 1e-6)
+        adv = adv / (r.std(-1, unbiased=True, keepdim=True) + 1e-6)
     return adv.to(rewards.dtype)

@@ -62,3 +62,40 @@ def tiny_model(model_cache):
     from roles.tiny import TinyModelConfig, build_tiny_model
 
     return build_tiny_model(TinyModelConfig(), "reverse", 3, 5, cache_dir=model_cache, log=lambda *_: None)
+
+
+G, GROUPS = 4, 6  # reverse_samples: groups of G samples each
+
+
+@pytest.fixture(scope="session")
+def _reverse_samples(tiny_model):
+    import random
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from roles.hf import HFRolloutEngine
+    from roles.interfaces import SamplingParams
+    from roles.rewards import positional_match
+    from roles.tasks import get_task
+
+    tok, rng = AutoTokenizer.from_pretrained(tiny_model), random.Random(1)
+    records = [get_task("reverse").make(rng, 3, 5) for _ in range(GROUPS)]
+    prompts = [tok(r["prompt"])["input_ids"] for r in records for _ in range(G)]
+    engine = HFRolloutEngine(tiny_model, SimpleNamespace(device="cpu", dtype="float32", max_batch=64, seed=3))
+    gens = engine.generate(prompts, SamplingParams(max_new_tokens=8))
+    rewards = [positional_match(tok.decode(g.response_ids, skip_special_tokens=True), records[i // G]["answer"])
+               for i, g in enumerate(gens)]
+    return {"uid": [f"s{i}" for i in range(len(gens))], "group_id": [f"g{i // G}" for i in range(len(gens))],
+            "prompt_ids": prompts, "response_ids": [g.response_ids for g in gens],
+            "rollout_logprobs": [g.logprobs for g in gens], "version_start": [0] * len(gens),
+            "version_end": [0] * len(gens), "reward": rewards}
+
+
+@pytest.fixture
+def reverse_samples(_reverse_samples):
+    """GROUPS groups of G samples the tiny model generated for the reverse task (columns as the bus holds
+    them), generated once per session; each test gets its own copy."""
+    import copy
+
+    return copy.deepcopy(_reverse_samples)

@@ -28,7 +28,7 @@ def test_a_uniform_group_has_zero_advantage():
 
 
 def _loss(logp, mu, adv, **kw):
-    args = dict(clip_low=0.2, clip_high=0.28, old_logprobs="rollout", tis_cap=None)
+    args = dict(clip_low=0.2, clip_high=0.28, old_logprobs="rollout")
     args.update(kw)
     return policy_loss(torch.tensor([[logp]], requires_grad=True), torch.tensor([[mu]]), torch.tensor([adv]),
                        torch.ones(1, 1), **args)
@@ -37,7 +37,7 @@ def _loss(logp, mu, adv, **kw):
 def test_on_policy_loss_gradient_is_the_policy_gradient():
     logp = torch.tensor([[-1.0]], requires_grad=True)
     loss, _ = policy_loss(logp, torch.tensor([[-1.0]]), torch.tensor([2.0]), torch.ones(1, 1),
-                          clip_low=0.2, clip_high=0.28, old_logprobs="rollout", tis_cap=None)
+                          clip_low=0.2, clip_high=0.28, old_logprobs="rollout")
     loss.sum().backward()
     assert torch.allclose(logp.grad, torch.tensor([[-2.0]]))  # d(-A r)/dlogp at r = 1
 
@@ -51,15 +51,15 @@ def test_clip_higher_stops_the_gradient_beyond_one_plus_eps_high():
 
 
 def test_recompute_mode_weights_tokens_by_the_truncated_behaviour_ratio():
-    _, stats = _loss(-1.0, -1.0 - 2.0, 1.0, old_logprobs="recompute", tis_cap=2.0)  # π/μ = e² > 2
+    _, stats = _loss(-1.0, -1.0 - 2.0, 1.0, old_logprobs="recompute", correction="tis", is_cap=2.0)  # π/μ = e² > 2
     assert float(stats["is_weight"]) == pytest.approx(2.0)
-    _, stats = _loss(-1.0, -1.0 - 0.5, 1.0, old_logprobs="recompute", tis_cap=2.0)
+    _, stats = _loss(-1.0, -1.0 - 0.5, 1.0, old_logprobs="recompute", correction="tis", is_cap=2.0)
     assert float(stats["is_weight"]) == pytest.approx(float(torch.exp(torch.tensor(0.5))), rel=1e-5)
 
 
 def test_k3_kl_is_zero_when_policy_equals_reference_and_positive_otherwise():
     logp, mu, mask, adv = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.0, -2.0]]), torch.ones(1, 2), torch.zeros(1)
-    common = dict(clip_low=0.2, clip_high=0.2, old_logprobs="rollout", tis_cap=None, kl_coef=0.1)
+    common = dict(clip_low=0.2, clip_high=0.2, old_logprobs="rollout", kl_coef=0.1)
     _, same = policy_loss(logp, mu, adv, mask, ref_logp=logp.clone(), **common)
     _, other = policy_loss(logp, mu, adv, mask, ref_logp=logp - 0.5, **common)
     assert float(same["kl"].abs().max()) == 0.0 and float(other["kl"].min()) > 0.0
@@ -71,3 +71,52 @@ def test_aggregations_return_the_right_normaliser():
     total, n = aggregate(token_loss, mask, "seq_mean", 3)
     assert (float(total), n) == (pytest.approx(3.0), 2.0)
     assert aggregate(token_loss, mask, "constant", 3)[1] == 6.0
+
+
+def _batch():
+    """Two samples of three tokens (the second has two): log π, log μ, advantages, mask."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.0, 0.0]], requires_grad=True)
+    mu = torch.tensor([[-1.0, -2.5, -0.5], [-2.3, -1.0, 0.0]])  # sequence log π/μ: 0.5 and 2.0
+    return logp, mu, torch.tensor([1.0, -1.0]), torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+def test_sequence_tis_gives_every_token_its_sequences_truncated_weight():
+    logp, mu, adv, mask = _batch()
+    _, stats = policy_loss(logp, mu, adv, mask, clip_low=0.2, clip_high=0.28, old_logprobs="recompute",
+                           correction="tis", correction_level="sequence", is_cap=4.0)
+    e = torch.exp(torch.tensor(0.5))
+    assert torch.allclose(stats["is_weight"], torch.tensor([[e, e, e], [4.0, 4.0, 0.0]]))
+    assert stats["is_cut"].tolist() == [[0, 0, 0], [1, 1, 0]]
+
+
+def test_a_masked_sequence_contributes_neither_loss_nor_gradient():
+    logp, mu, adv, mask = _batch()
+    loss, stats = policy_loss(logp, mu, adv, mask, clip_low=0.2, clip_high=0.28, old_logprobs="recompute",
+                              correction="mis", correction_level="sequence", is_cap=4.0)  # e² > 4: masked
+    loss.sum().backward()
+    assert loss[1].abs().sum() == 0 and logp.grad[1].abs().sum() == 0
+    assert logp.grad[0].abs().sum() > 0 and stats["is_cut"][1].tolist() == [1, 1, 0]
+
+
+def test_gspo_ratio_is_the_geometric_mean_over_the_sequence_and_shares_its_gradient():
+    logp, mu, adv, mask = _batch()
+    loss, stats = policy_loss(logp, mu, adv, mask, clip_low=1.0, clip_high=10.0, old_logprobs="rollout",
+                              ratio_level="sequence")
+    s0, s1 = torch.exp(torch.tensor(0.5 / 3)), torch.exp(torch.tensor(2.0 / 2))
+    assert torch.allclose(stats["ratio"], torch.tensor([[s0, s0, s0], [s1, s1, s1]]))
+    loss.sum().backward()  # d(-A s T_i)/d logp_t = -A s (every token of sample i gets the same share)
+    assert torch.allclose(logp.grad, torch.tensor([[-s0, -s0, -s0], [s1, s1, 0.0]]), atol=1e-6)
+
+
+def test_weights_on_top_of_the_rollout_ratio_are_refused():
+    logp, mu, adv, mask = _batch()
+    with pytest.raises(ValueError, match="old_logprobs=recompute"):
+        policy_loss(logp, mu, adv, mask, clip_low=0.2, clip_high=0.28, old_logprobs="rollout", correction="tis")
+
+
+def test_the_rollout_kl_is_k3_of_mu_against_pi_per_token():
+    logp, mu, adv, mask = _batch()
+    _, stats = policy_loss(logp, mu, adv, mask, clip_low=0.2, clip_high=0.28, old_logprobs="rollout")
+    x = (mu - logp.detach()) * mask
+    assert torch.allclose(stats["rollout_kl"] * mask, (torch.exp(x) - x - 1) * mask)
+    assert float(stats["rollout_kl"][0, 0]) == 0.0 and float(stats["rollout_kl"][1, 0]) > 0

@@ -47,6 +47,12 @@ def test_a_wrong_type_fails_at_compose_time():
     ("actor.advantage=ppo", "actor.advantage"),
     ("rollout.temperature=0", "rollout.temperature"),
     ("data.path=/nonexistent/prompts.jsonl", "data.path"),
+    ("actor.correction=tis", "actor.correction"),  # weights need old_logprobs=recompute
+    ("actor.correction_level=batch", "actor.correction_level"),
+    ("actor.is_cap=1", "actor.is_cap"),
+    ("actor.vcpo_rule=cubic", "actor.vcpo_rule"),
+    ("actor.vcpo_ref=0", "actor.vcpo_ref"),
+    ("actor.ratio_level=group", "actor.ratio_level"),
 ])
 def test_a_bad_value_fails_validation_naming_the_field(override, field):
     cfg = OmegaConf.to_object(_compose(overrides=[override]))

@@ -3,38 +3,17 @@ the whole batch computed at once in one process (ALGORITHMS.md, "Periodic Asynch
 
 from __future__ import annotations
 
-import random
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from roles import schema
 from roles.actor import ActorConfig, StepAccumulator
-from roles.hf import HFRolloutEngine, HFTrainEngine
-from roles.interfaces import SamplingParams
+from roles.hf import HFTrainEngine
 from roles.loss import aggregate, group_advantages, policy_loss
-from roles.rewards import positional_match
-from roles.tasks import get_task
 from transfer import BusClient
 
-G, GROUPS = 4, 6
-
-
-def _samples(tiny_model):
-    from transformers import AutoTokenizer
-
-    tok, rng = AutoTokenizer.from_pretrained(tiny_model), random.Random(1)
-    records = [get_task("reverse").make(rng, 3, 5) for _ in range(GROUPS)]
-    prompts = [tok(r["prompt"])["input_ids"] for r in records for _ in range(G)]
-    engine = HFRolloutEngine(tiny_model, SimpleNamespace(device="cpu", dtype="float32", max_batch=64, seed=3))
-    gens = engine.generate(prompts, SamplingParams(max_new_tokens=8))
-    rewards = [positional_match(tok.decode(g.response_ids, skip_special_tokens=True), records[i // G]["answer"])
-               for i, g in enumerate(gens)]
-    return {"uid": [f"s{i}" for i in range(len(gens))], "group_id": [f"g{i // G}" for i in range(len(gens))],
-            "prompt_ids": prompts, "response_ids": [g.response_ids for g in gens],
-            "rollout_logprobs": [g.logprobs for g in gens], "version_start": [0] * len(gens),
-            "version_end": [0] * len(gens), "reward": rewards}
+from conftest import G, GROUPS
 
 
 def _whole_batch_gradient(tiny_model, cfg: ActorConfig, s: dict) -> dict[str, torch.Tensor]:
@@ -46,17 +25,22 @@ def _whole_batch_gradient(tiny_model, cfg: ActorConfig, s: dict) -> dict[str, to
     for i, lp in enumerate(s["rollout_logprobs"]):
         mask[i, : len(lp)], mu[i, : len(lp)] = 1.0, torch.tensor(lp)
     token_loss, _ = policy_loss(logp, mu, adv, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                old_logprobs=cfg.old_logprobs, tis_cap=cfg.tis_cap)
+                                old_logprobs=cfg.old_logprobs, ratio_level=cfg.ratio_level, correction=cfg.correction,
+                                correction_level=cfg.correction_level, is_cap=cfg.is_cap)
     total, n = aggregate(token_loss, mask, cfg.aggregation, cfg.max_new_tokens)
     (total / n).backward()
     return {name: p.grad.clone() for name, p in engine.model.named_parameters()}
 
 
-@pytest.mark.parametrize("aggregation,old_logprobs", [("token_mean", "rollout"), ("seq_mean", "recompute"),
-                                                      ("constant", "rollout")])
-def test_a_step_streamed_off_the_bus_has_the_whole_batch_gradient(tiny_model, client, aggregation, old_logprobs):
-    cfg = ActorConfig(aggregation=aggregation, old_logprobs=old_logprobs, micro_batch=3, max_new_tokens=8)
-    s = _samples(tiny_model)
+@pytest.mark.parametrize("aggregation,old_logprobs,extra", [
+    ("token_mean", "rollout", {}),
+    ("seq_mean", "recompute", {"correction": "tis", "correction_level": "sequence", "is_cap": 8.0}),
+    ("constant", "rollout", {"ratio_level": "sequence"}),
+    ("token_mean", "recompute", {"correction": "mis", "is_cap": 1.5})])
+def test_a_step_streamed_off_the_bus_has_the_whole_batch_gradient(tiny_model, reverse_samples, client, aggregation,
+                                                                   old_logprobs, extra):
+    cfg = ActorConfig(aggregation=aggregation, old_logprobs=old_logprobs, micro_batch=3, max_new_tokens=8, **extra)
+    s = reverse_samples
     client.declare(schema.COLUMNS, release_after=schema.RELEASE_AFTER)
     client.put(s)
     engine = HFTrainEngine(tiny_model, cfg)
@@ -73,9 +57,9 @@ def test_a_step_streamed_off_the_bus_has_the_whole_batch_gradient(tiny_model, cl
     assert sum(float(g.abs().sum()) for g in expected.values()) > 0  # a batch with signal, not all-zero
 
 
-def test_samples_whose_reward_failed_are_left_out_of_the_step(tiny_model, client):
+def test_samples_whose_reward_failed_are_left_out_of_the_step(tiny_model, reverse_samples, client):
     cfg = ActorConfig(micro_batch=64)
-    s = _samples(tiny_model)
+    s = reverse_samples
     s["reward"][0] = float("nan")
     client.declare(schema.COLUMNS, release_after=schema.RELEASE_AFTER)
     client.put(s)
