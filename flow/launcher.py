@@ -265,8 +265,8 @@ class Run:
         return 1
 
     def _summary(self, wall: float) -> None:
-        summary = {"wall_s": round(wall, 3), "busy_s": dict(self.busy), "reward_errors": sum(self.reward_errors.values()),
-                   "sync": self.sync_totals}
+        summary = {"wall_s": round(wall, 3), "model_path": self.model_path, "busy_s": dict(self.busy),
+                   "reward_errors": sum(self.reward_errors.values()), "sync": self.sync_totals}
         (Path(self.cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
 
     # ------------------------------------------------------------------ shut down

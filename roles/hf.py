@@ -168,6 +168,7 @@ class HFTrainEngine:
     def __init__(self, model_path: str, cfg):
         self.device = cfg.device
         self.temperature = cfg.temperature
+        self.model_path = model_path
         self.model = load_model(model_path, "float32", cfg.device).train()
         self.max_grad_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -214,4 +215,8 @@ class HFTrainEngine:
         return {name: p.detach() for name, p in self.model.named_parameters()}
 
     def save(self, path: str) -> None:
+        """A self-contained checkpoint: the model and the start checkpoint's tokenizer (``from_pretrained``)."""
+        from transformers import AutoTokenizer
+
         self.model.save_pretrained(path)
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(path)
