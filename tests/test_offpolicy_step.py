@@ -64,7 +64,7 @@ def test_trajectory_grad_sq_is_each_samples_gradient_norm_and_leaves_accumulated
         logp.backward()
         expected = sum(float(p.grad.double().pow(2).sum()) for p in fresh.model.parameters() if p.grad is not None)
         assert float(grad_sq[i]) == pytest.approx(expected, rel=1e-5) and expected > 0
-        assert float(seq_logp[i]) == pytest.approx(float(logp), rel=1e-5, abs=1e-5)
+        assert float(seq_logp[i]) == pytest.approx(float(logp.detach()), rel=1e-5, abs=1e-5)
 
 
 def _stale_engine(tiny_model, samples: dict, steps: int, cfg: ActorConfig) -> HFTrainEngine:
