@@ -21,26 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.recipe_run import run_recipe
 
 
 def run(staleness: str, steps: int, extra: list[str], root: Path) -> dict:
     run_dir = root / f"staleness-{staleness}"
-    cmd = [sys.executable, "-m", "flow.cli", f"run_dir={run_dir}", f"flow.staleness={staleness}",
-           f"flow.steps={steps}", "tracking.wandb=false", *extra]
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    wall = time.monotonic() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"run at staleness {staleness} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    rows, summary, wall = run_recipe(run_dir, [f"flow.staleness={staleness}", f"flow.steps={steps}", *extra],
+                                     f"run at staleness {staleness}")
     window = max(1, len(rows) // 10)
     steady = rows[-1]["time"] - rows[0]["time"]
     wait = sum(r["actor/wait_s"] for r in rows)

@@ -36,14 +36,13 @@ import argparse
 import json
 import math
 import random
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.recipe_run import run_recipe
+
 BASE = ["actor.old_logprobs=recompute", "actor.correction=tis", "actor.correction_level=sequence", "actor.is_cap=8"]
 VARIANTS = {"tis": [], "vcpo": ["actor.vcpo=true"], "vcpo_opob": ["actor.vcpo=true", "actor.advantage=opob"]}
 REGIME = ["actor.lr=1e-3"]
@@ -54,15 +53,8 @@ never loses ground; at 1e-3 it peaks and then falls back (see the README, "Off-p
 
 def run_cell(staleness: int, variant: str, steps: int, extra: list[str], root: Path, seed: int) -> dict:
     run_dir = root / f"{variant}-k{staleness}"
-    cmd = [sys.executable, "-m", "flow.cli", f"run_dir={run_dir}", f"flow.staleness={staleness}", f"flow.steps={steps}",
-           f"seed={seed}", "tracking.wandb=false", *BASE, *VARIANTS[variant], *extra]
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    wall = time.monotonic() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"cell {variant} k={staleness} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    rows, summary, wall = run_recipe(run_dir, [f"flow.staleness={staleness}", f"flow.steps={steps}", f"seed={seed}",
+                                               *BASE, *VARIANTS[variant], *extra], f"cell {variant} k={staleness}")
     rewards = [r["reward/mean"] for r in rows]
     window = max(1, len(rows) // 10)
     return {
