@@ -195,17 +195,17 @@ class StepAccumulator:
                 continue
             groups.append((valid, r))
         rows = [i for valid, _ in groups for i in valid]
-        advantages = self._advantages(cols, groups)
+        advantages = self._advantages(cols, groups, rows)
         for lo in range(0, len(rows), self.cfg.micro_batch):
             self._backward(cols, rows[lo: lo + self.cfg.micro_batch], advantages[lo: lo + self.cfg.micro_batch])
 
-    def _advantages(self, cols: dict, groups: list) -> list[float]:
+    def _advantages(self, cols: dict, groups: list, rows: list[int]) -> list[float]:
+        """Advantages of ``rows`` (the training rows of ``groups``, in order)."""
         if self.cfg.advantage != "opob":
             return [a for _, r in groups for a in group_advantages(r, self.cfg.advantage).tolist()]
         if not hasattr(self.engine, "trajectory_grad_sq"):
             raise TypeError(f"actor.advantage=opob needs per-trajectory gradient norms: "
                             f"{type(self.engine).__name__} has no trajectory_grad_sq (see roles/interfaces.py)")
-        rows = [i for valid, _ in groups for i in valid]
         if not rows:
             return []
         grad_sq, seq_logp = self.engine.trajectory_grad_sq([cols["prompt_ids"][i] for i in rows],
