@@ -22,6 +22,8 @@ from roles.weights import SyncConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 WANDB_MODES = ("auto", "online", "offline")
+LAUNCHERS = ("local", "ray")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
@@ -97,6 +99,50 @@ class TrackingConfig:
 
 
 @dataclass
+class RoleResources:
+    """What one replica of a role asks the Ray scheduler for (launcher=ray; the local launcher ignores it)."""
+
+    cpus: float = 1.0
+    """Logical CPUs per replica (Ray also sets OMP_NUM_THREADS from it; torch threads stay `<role>.threads`)."""
+    gpus: float = 0.0
+    """GPUs per replica; Ray sets CUDA_VISIBLE_DEVICES, so `<role>.device=cuda` is the replica's own GPU(s)."""
+    custom: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per replica, e.g. {inference_node: 1} to pin rollouts to labelled nodes."""
+
+
+@dataclass
+class RayConfig:
+    """launcher=ray: where the cluster is and what each role replica asks of it."""
+
+    address: str | None = None
+    """Join this cluster (`auto`, `ray://head:10001`, `head:6379`); null: start a private local cluster."""
+    num_cpus: int | None = None
+    """Private cluster only: its logical CPUs; null: this machine's cores, or what the roles ask if more."""
+    num_gpus: int | None = None
+    """Private cluster only: its GPUs; null: what Ray detects."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Private cluster only: custom resources of its one node (for roles' `custom` requests)."""
+    object_store_mb: int = 128
+    """Private cluster only: the object store's size (rlflow moves data over its own bus, not this)."""
+    placement: str | None = None
+    """One placement group over the bus and every replica: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (null: none)."""
+    start_timeout: float = 120.0
+    """Bound on the cluster placing and starting every role actor; then the run fails naming what is pending."""
+    runtime_env: dict = field(default_factory=dict)
+    """Ray runtime_env for every actor (e.g. {working_dir: ., pip: [...]}) when joining a cluster."""
+    bus: RoleResources = field(default_factory=RoleResources)
+    """The bus server's request."""
+    actor: RoleResources = field(default_factory=RoleResources)
+    """The trainer's request (add gpus for a GPU trainer)."""
+    rollout: RoleResources = field(default_factory=RoleResources)
+    """Each rollout replica's request."""
+    reward: RoleResources = field(default_factory=RoleResources)
+    """Each reward replica's request."""
+    reference: RoleResources = field(default_factory=RoleResources)
+    """Each reference replica's request."""
+
+
+@dataclass
 class RunConfig:
     """One training run. `rlflow key=value ...` overrides any field."""
 
@@ -104,6 +150,10 @@ class RunConfig:
     """Where the run writes config.yaml, metrics.jsonl, checkpoints/ and wandb/."""
     seed: int = 0
     """Base seed; roles add their replica index."""
+    launcher: str = "local"
+    """local: every role a process of this machine; ray: every role replica a Ray actor (see `ray`)."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Cluster and per-role resources for launcher=ray."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -194,5 +244,33 @@ def validate(cfg: RunConfig) -> None:
     else:
         _require(d.path is None, "model.path", "the built-in tiny model knows only the built-in tasks; "
                  "give a checkpoint directory, model.path=DIR, for a dataset from data.path")
+    _require(cfg.launcher in LAUNCHERS, "launcher", f"choose one of {LAUNCHERS}, got {cfg.launcher!r}")
+    if cfg.launcher == "ray":
+        _validate_ray(cfg)
     _require(cfg.tracking.wandb_mode in WANDB_MODES, "tracking.wandb_mode",
              f"choose one of {WANDB_MODES}, got {cfg.tracking.wandb_mode!r}")
+
+
+def _validate_ray(cfg: RunConfig) -> None:
+    ray_cfg = cfg.ray
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ConfigError("launcher: launcher=ray needs Ray installed: pip install 'rlflow[ray]' "
+                          "(or run with launcher=local)") from None
+    _require(ray_cfg.placement is None or ray_cfg.placement in PLACEMENTS, "ray.placement",
+             f"choose one of {PLACEMENTS} or null, got {ray_cfg.placement!r}")
+    _require(ray_cfg.start_timeout > 0, "ray.start_timeout", f"must be > 0, got {ray_cfg.start_timeout}")
+    _require(ray_cfg.object_store_mb >= 80, "ray.object_store_mb", f"Ray needs at least 80, got {ray_cfg.object_store_mb}")
+    for role in ("bus", "actor", "rollout", "reward", "reference"):
+        res: RoleResources = getattr(ray_cfg, role)
+        _require(res.cpus >= 0 and res.gpus >= 0 and all(v >= 0 for v in res.custom.values()),
+                 f"ray.{role}", f"resource requests must be >= 0, got cpus={res.cpus} gpus={res.gpus} custom={res.custom}")
+        if ray_cfg.placement is not None:
+            _require(res.cpus > 0 or res.gpus > 0 or any(res.custom.values()), f"ray.{role}",
+                     "a placement group bundle cannot be empty: give it cpus > 0 (or gpus/custom)")
+    for role in ("actor", "rollout", "reference"):
+        device = getattr(cfg, role).device
+        _require(not device.startswith("cuda") or getattr(ray_cfg, role).gpus > 0, f"ray.{role}.gpus",
+                 f"{role}.device={device!r} but ray.{role}.gpus=0: Ray hides every GPU from an actor that asks "
+                 f"for none; set ray.{role}.gpus=1 (or {role}.device=cpu)")

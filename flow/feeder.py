@@ -66,10 +66,12 @@ def read_records(path: str, prompt_key: str) -> list[dict]:
 class Feeder:
     """Runs ``run`` on a thread of the launcher; ``error`` holds what stopped it if it failed."""
 
-    def __init__(self, bus_address: str, weights_address: str, records: Iterator[dict],
+    def __init__(self, bus_address: str, endpoints, records: Iterator[dict],
                  tokenize: Callable[[str], list[int]], *, group_size: int, groups_per_step: int,
-                 staleness: int | None, async_queue_steps: int, steps: int, wait_seconds: float):
-        self.bus_address, self.weights_address = bus_address, weights_address
+                 staleness: int | None, async_queue_steps: int, steps: int, wait_seconds: float,
+                 keys_dir: str | None = None):
+        """``endpoints`` (flow/endpoints.py) finds the actor's weight channel; ``keys_dir``: CURVE keys."""
+        self.bus_address, self.endpoints, self.keys_dir = bus_address, endpoints, keys_dir
         self.records, self.tokenize = records, tokenize
         self.group_size, self.groups_per_step = group_size, groups_per_step
         self.staleness, self.queue_steps = staleness, async_queue_steps
@@ -78,13 +80,18 @@ class Feeder:
         self.issued = 0
         self.stop = threading.Event()
 
+    def issued_uids(self) -> set[str]:
+        """The uid of every sample put on the bus so far (the rows ``_issue`` names)."""
+        return {uid(i, j) for i in range(self.issued) for j in range(self.group_size)}
+
     def allowed(self, version: int) -> int:
         """How many groups may have been issued in all while the trainer is at ``version``."""
         ahead = self.queue_steps if self.staleness is None else self.staleness
         return min(self.total_groups, (ahead + version + 1) * self.groups_per_step)
 
     def run(self) -> None:
-        bus, weights = BusClient(self.bus_address), Client(self.weights_address)
+        weights_address = self.endpoints.lookup("weights", self.wait_seconds)
+        bus, weights = BusClient(self.bus_address, keys_dir=self.keys_dir), Client(weights_address, keys_dir=self.keys_dir)
         try:
             version = weights.wait_head(-1, self.wait_seconds, what="the actor's first weights (version 0)").version
             while self.issued < self.total_groups and not self.stop.is_set():
@@ -107,7 +114,7 @@ class Feeder:
             step = i // self.groups_per_step
             min_version = 0 if self.staleness is None else max(0, step - self.staleness)
             for j in range(self.group_size):
-                rows["uid"].append(f"g{i}-{j}")
+                rows["uid"].append(uid(i, j))
                 rows["group_id"].append(f"g{i}")
                 rows["prompt_ids"].append(ids)
                 rows["fields"].append(json.dumps(record, default=str))
@@ -115,3 +122,8 @@ class Feeder:
                 rows["min_version"].append(min_version)
         bus.put(rows, timeout=self.wait_seconds)
         self.issued = target
+
+
+def uid(group: int, sample: int) -> str:
+    """The uid of sample ``sample`` of the ``group``-th group issued in the run."""
+    return f"g{group}-{sample}"

@@ -2,11 +2,12 @@
 
     rlflow (Hydra) ──► run(cfg)
         prepare   : validate the config, build or locate the model, make the run directory
-        start     : bus server process ─ control socket (roles → launcher reports) ─ role processes
-                    (actor ×1, rollout ×N, reward ×M, reference ×R when kl_coef > 0)
+        start     : bus server ─ control socket (roles → launcher reports) ─ role replicas
+                    (actor ×1, rollout ×N, reward ×M, reference ×R when kl_coef > 0), placed by
+                    flow/local.py (processes of this machine) or flow/ray_cluster.py (launcher=ray)
         feed      : the feeder thread puts prompt groups under admission control (flow/feeder.py)
         supervise : one event queue: reports, metrics, process exits, feeder failure, Ctrl-C
-        shut down : stop the feeder, SIGTERM every role, kill what is left after shutdown_seconds,
+        shut down : stop the feeder, stop every role (kill what is left after shutdown_seconds),
                     stop the bus, close tracking, remove the socket directory
 
 Invariants: the run ends on the actor's ``done`` (success), on any role's failure or unexpected exit
@@ -19,8 +20,8 @@ its producers are a handful of processes reporting a few events per step, and lo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import multiprocessing as mp
 import os
 import queue
 import shutil
@@ -39,17 +40,17 @@ from rich.panel import Panel
 from flow.config import ConfigError, RunConfig, validate
 from flow.feeder import Feeder, prompt_records
 from flow.tracking import Tracker, sync_summary
-from flow.worker import role_main
 from roles import schema
 from roles.weights import relay_parent, relays_to_others
-from transfer import BusClient, ServerConfig, spawn_server
+from transfer import BusClient, ServerConfig, security
 
 
 def run(dcfg: DictConfig, console: Console) -> int:
     """Run one training job; returns the process exit code (0: all steps done)."""
     cfg: RunConfig = OmegaConf.to_object(dcfg)
     validate(cfg)
-    check_devices(cfg)
+    if cfg.launcher == "local":  # under Ray the GPUs are the cluster's, not necessarily this machine's
+        check_devices(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg, resolve=True))
@@ -115,14 +116,15 @@ class Run:
     def __init__(self, cfg: RunConfig, model_path: str, console: Console):
         self.cfg, self.model_path, self.console = cfg, model_path, console
         self.events: queue.Queue = queue.Queue()
-        self.procs: list[tuple[str, int, mp.process.BaseProcess]] = []
         self.sock_dir = tempfile.mkdtemp(prefix="rlflow-")  # ipc paths must stay short (~100 chars)
-        self.server = None
+        self.placement = None  # flow/local.py or flow/ray_cluster.py: where the bus and the roles run
         self.tracker = None
         self.feeder = None
         self.closing = threading.Event()
         self.busy: Counter = Counter()  # seconds each role spent working, from its reports
         self.reward_errors: Counter = Counter()
+        self.work: Counter = Counter()  # samples each role replica processed, from its reports
+        self.trained: Counter = Counter()  # uid -> optimizer steps that consumed it (the exactly-once ledger)
         self.sync_reports: list[dict] = []  # rollout weight applies since the last step's metrics line
         self.sync_totals: dict[str, dict] = {}  # per rollout replica: bytes from the actor / from peers, applies
 
@@ -140,49 +142,64 @@ class Run:
     # ------------------------------------------------------------------ start
     def _start(self) -> None:
         cfg, run_dir = self.cfg, self.cfg.run_dir
-        self.server = spawn_server(ServerConfig(address=f"ipc://{self.sock_dir}/bus",
-                                                capacity_rows=cfg.flow.bus_capacity_rows,
-                                                capacity_bytes=cfg.flow.bus_capacity_bytes))
-        with BusClient(self.server.address) as bus:
+        plan = plan_roles(cfg)
+        self.placement = make_placement(cfg, [(r, i) for r, i, *_ in plan], self.sock_dir, self.console.print)
+        bus_address = self.placement.start_bus(ServerConfig(capacity_rows=cfg.flow.bus_capacity_rows,
+                                                            capacity_bytes=cfg.flow.bus_capacity_bytes))
+        keys_dir = self.placement.keys_dir
+        with BusClient(bus_address, keys_dir=keys_dir) as bus:
             schema.declare(bus)
-        control = f"ipc://{self.sock_dir}/control"
-        threading.Thread(target=self._receive, args=(control,), name="rlflow-control", daemon=True).start()
-        spec = {"bus": self.server.address, "weights": f"ipc://{self.sock_dir}/weights", "control": control,
-                "model_path": self.model_path, "run_dir": run_dir, "seed": cfg.seed,
+        control = self._listen(self.placement.control_address, keys_dir)
+        spec = {"bus": bus_address, "control": control, "endpoints": self.placement.endpoints_spec,
+                "keys": self.placement.keys, "model_path": self.model_path, "run_dir": run_dir, "seed": cfg.seed,
                 "wait_seconds": cfg.flow.wait_seconds, "lease_seconds": cfg.flow.lease_seconds,
                 "launcher_pid": os.getpid()}
-        ctx = mp.get_context("spawn")  # forking a process that holds a zmq context can hang
-        for role, replica, role_cfg, extra, threads in plan_roles(cfg):
+        for role, replica, role_cfg, extra, threads in plan:
             if role == "rollout":
-                extra = {**extra, **self._relay_addresses(replica, spec["weights"])}
-            p = ctx.Process(target=role_main, args=(role, replica, role_cfg, extra, {**spec, "threads": threads}),
-                            name=f"rlflow-{role}-{replica}")
-            p.start()
-            self.procs.append((role, replica, p))
-            threading.Thread(target=self._watch, args=(role, replica, p), daemon=True).start()
+                extra = {**extra, **self._relay_endpoints(replica)}
+            on_exit = functools.partial(self._exited, role, replica)
+            self.placement.start_role(role, replica, (role, replica, role_cfg, extra, {**spec, "threads": threads}),
+                                      getattr(cfg.ray, role), on_exit)
+        self.placement.wait_started()
         (Path(run_dir) / "processes.json").write_text(json.dumps(
-            {"launcher": os.getpid(), "bus": self.server.process.pid,
-             "roles": {f"{r}-{i}": p.pid for r, i, p in self.procs}}, indent=1))
+            {"launcher": os.getpid(), "kind": self.placement.kind, **self.placement.processes()}, indent=1))
         self.tracker = Tracker(cfg.tracking, run_dir, dataclasses.asdict(cfg),
                                cfg.flow.steps, self.console)
-        self.feeder = Feeder(self.server.address, spec["weights"], prompt_records(cfg.data),
+        self.feeder = Feeder(bus_address, self.placement.endpoints, prompt_records(cfg.data),
                              make_tokenize(self.model_path, cfg.data.chat_template),
                              group_size=cfg.rollout.group_size, groups_per_step=cfg.actor.groups_per_step,
                              staleness=cfg.flow.staleness, async_queue_steps=cfg.flow.async_queue_steps,
-                             steps=cfg.flow.steps, wait_seconds=cfg.flow.wait_seconds)
+                             steps=cfg.flow.steps, wait_seconds=cfg.flow.wait_seconds, keys_dir=keys_dir)
         threading.Thread(target=self._feed, name="rlflow-feeder", daemon=True).start()
 
-    def _relay_addresses(self, replica: int, weights: str) -> dict:
-        """Where rollout ``replica`` pulls weight chunks from, and where it serves them (chain or tree)."""
+    def _relay_endpoints(self, replica: int) -> dict:
+        """The endpoint rollout ``replica`` pulls weight chunks from, and the one it serves (chain or tree)."""
         fanout, replicas = self.cfg.sync.fanout, self.cfg.rollout.replicas
         parent = relay_parent(replica, fanout)
-        return {"upstream": None if parent is None else f"{weights}-{parent}",
-                "relay": f"{weights}-{replica}" if relays_to_others(replica, replicas, fanout) else None}
+        return {"upstream": None if parent is None else f"weights-{parent}",
+                "relay": f"weights-{replica}" if relays_to_others(replica, replicas, fanout) else None}
 
-    def _receive(self, address: str) -> None:
-        sock = zmq.Context.instance().socket(zmq.PULL)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(address)
+    def _listen(self, address: str, keys_dir: str | None) -> str:
+        """Bind the control socket (role reports -> launcher) on a thread of its own; returns where it listens."""
+        bound: queue.Queue = queue.Queue()
+        threading.Thread(target=self._receive, args=(address, keys_dir, bound), name="rlflow-control",
+                         daemon=True).start()
+        result = bound.get(timeout=30)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _receive(self, address: str, keys_dir: str | None, bound: queue.Queue) -> None:
+        try:
+            sock = zmq.Context.instance().socket(zmq.PULL)
+            sock.setsockopt(zmq.LINGER, 0)
+            if keys_dir is not None:
+                security.serve_curve(zmq.Context.instance(), sock, keys_dir)
+            sock.bind(address)
+            bound.put(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        except BaseException as e:
+            bound.put(e)
+            return
         try:
             while not self.closing.is_set():
                 if sock.poll(200):  # the bound only sets how soon this thread notices shutdown
@@ -190,9 +207,8 @@ class Run:
         finally:
             sock.close(0)
 
-    def _watch(self, role: str, replica: int, p: mp.process.BaseProcess) -> None:
-        p.join()
-        self.events.put(("exit", {"role": role, "replica": replica, "code": p.exitcode}))
+    def _exited(self, role: str, replica: int, why: str) -> None:
+        self.events.put(("exit", {"role": role, "replica": replica, "why": why}))
 
     def _feed(self) -> None:
         try:
@@ -214,8 +230,7 @@ class Run:
                 if kind == "exit":
                     if self.closing.is_set():
                         continue
-                    return self._failed(ev["role"], ev["replica"], None,
-                                        f"exited with code {ev['code']} before the run was done")
+                    return self._failed(ev["role"], ev["replica"], None, f"{ev['why']} before the run was done")
                 verdict = self._report(ev)
                 if verdict is not None:
                     return verdict
@@ -228,6 +243,7 @@ class Run:
     def _report(self, ev: dict) -> int | None:
         kind = ev["kind"]
         if kind == "metrics":
+            self.trained.update(ev.pop("uids"))
             self.tracker.log({**ev, **sync_summary(self.sync_reports)})
             self.sync_reports.clear()
         elif kind == "sync":
@@ -241,6 +257,7 @@ class Run:
                                    f"it resyncs from the keyframe", highlight=False)
         elif kind in ("rollout", "reward", "reference"):
             self.busy[kind] += ev["seconds"]
+            self.work[f"{kind}-{ev['replica']}"] += ev["samples"]
         elif kind == "reward_error":
             self._reward_error(ev)
         elif kind == "failed":
@@ -264,9 +281,18 @@ class Run:
         self.console.print(Panel(body, title=f"role {role}-{replica} {what}", border_style="red"))
         return 1
 
+    def _ledger(self) -> dict:
+        """The run's own exactly-once accounting: every issued sample against the steps that consumed it."""
+        issued = self.feeder.issued_uids() if self.feeder is not None else set()
+        return {"issued": len(issued), "trained": len(self.trained),
+                "trained_more_than_once": sum(1 for n in self.trained.values() if n > 1),
+                "issued_not_trained": len(issued - self.trained.keys()),
+                "trained_not_issued": len(self.trained.keys() - issued)}
+
     def _summary(self, wall: float) -> None:
-        summary = {"wall_s": round(wall, 3), "model_path": self.model_path, "busy_s": dict(self.busy),
-                   "reward_errors": sum(self.reward_errors.values()), "sync": self.sync_totals}
+        summary = {"wall_s": round(wall, 3), "model_path": self.model_path, "launcher": self.cfg.launcher,
+                   "busy_s": dict(self.busy), "samples_by_replica": dict(self.work), "reward_errors": sum(self.reward_errors.values()),
+                   "samples": self._ledger(), "sync": self.sync_totals}
         (Path(self.cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
 
     # ------------------------------------------------------------------ shut down
@@ -274,18 +300,19 @@ class Run:
         self.closing.set()
         if self.feeder is not None:
             self.feeder.stop.set()
-        for _, _, p in self.procs:
-            if p.is_alive():
-                p.terminate()
-        deadline = time.monotonic() + self.cfg.flow.shutdown_seconds
-        for role, replica, p in self.procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
-                self.console.print(f"[yellow]{role}-{replica} did not stop in {self.cfg.flow.shutdown_seconds}s: killed[/]")
-                p.kill()
-                p.join(5)
-        if self.server is not None:
-            self.server.stop()
+        if self.placement is not None:
+            self.placement.stop(self.cfg.flow.shutdown_seconds, lambda m: self.console.print(f"[yellow]{m}[/]"))
         if self.tracker is not None:
             self.tracker.close()
         shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+def make_placement(cfg: RunConfig, roles: list[tuple[str, int]], sock_dir: str, log):
+    """Where the bus and the roles run: processes of this machine, or Ray actors (``launcher=ray``)."""
+    if cfg.launcher == "ray":
+        from flow.ray_cluster import RayPlacement
+
+        return RayPlacement(cfg, roles, sock_dir, log)
+    from flow.local import LocalPlacement
+
+    return LocalPlacement(sock_dir)

@@ -24,6 +24,7 @@ PR_SET_PDEATHSIG = 1
 
 
 def _on_sigterm(signum, frame):
+    remove_keys()
     os._exit(0)
 
 
@@ -36,16 +37,31 @@ def _die_with_parent() -> None:
 
 
 def role_main(role: str, replica: int, role_cfg, extra: dict, spec: dict) -> None:
-    """Process target. ``spec``: bus, weights, control addresses, model_path, run_dir, seed, waits, threads."""
+    """Process target of the local launcher: signals as the module docstring says, then ``run_role``."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     if os.getppid() != spec["launcher_pid"]:  # the launcher died before the death signal was armed
         return
+    sys.exit(run_role(role, replica, role_cfg, extra, spec))
+
+
+def run_role(role: str, replica: int, role_cfg, extra: dict, spec: dict) -> int:
+    """Run one role replica to its end; returns 0 when its loop returned, 1 after reporting a failure.
+
+    ``spec``: bus and control addresses, endpoints (``flow/endpoints.py``), CURVE key files (``keys``,
+    None on one host), model_path, run_dir, seed, wait_seconds, lease_seconds, threads. The Ray
+    launcher calls this inside a role actor; the local one inside ``role_main``.
+    """
     import zmq
 
+    keys_dir = write_keys(spec.get("keys"))
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 2000)  # let the last report (a traceback) reach the launcher
+    if keys_dir is not None:
+        from transfer.security import client_curve
+
+        client_curve(push, keys_dir)
     push.connect(spec["control"])
 
     def report(kind: str, **data) -> None:
@@ -55,29 +71,69 @@ def role_main(role: str, replica: int, role_cfg, extra: dict, spec: dict) -> Non
         except zmq.Again:  # the launcher is not reading (gone): nothing to tell
             pass
 
-    bus = None
+    bus, code = None, 0
     try:
         import torch
 
+        from flow.endpoints import make_endpoints
         from roles.interfaces import RoleContext
         from transfer import BusClient
 
         torch.set_num_threads(spec["threads"])
-        bus = BusClient(spec["bus"])
-        ctx = RoleContext(bus=bus, weights_address=spec["weights"], model_path=spec["model_path"], report=report,
-                          run_dir=spec["run_dir"], replica=replica, seed=spec["seed"] + replica,
-                          wait_seconds=spec["wait_seconds"], lease_seconds=spec["lease_seconds"])
+        bus = BusClient(spec["bus"], keys_dir=keys_dir)
+        ctx = RoleContext(bus=bus, endpoints=make_endpoints(spec["endpoints"]), keys_dir=keys_dir,
+                          model_path=spec["model_path"], report=report, run_dir=spec["run_dir"], replica=replica,
+                          seed=spec["seed"] + replica, wait_seconds=spec["wait_seconds"],
+                          lease_seconds=spec["lease_seconds"])
         _quiet_libraries()
         module = __import__(f"roles.{role}", fromlist=["serve"])
         module.serve(role_cfg, ctx, **extra)
     except BaseException:
         report("failed", traceback=traceback.format_exc())
-        push.close()
-        sys.exit(1)
+        code = 1
     finally:
         if bus is not None:
             bus.close()
-    push.close()
+        push.close()
+    return code
+
+
+KEYS_DIR_ENV = "RLFLOW_KEYS_DIR"  # where write_keys put this process's keys, for whoever removes them
+
+
+def write_keys(keys: dict[str, bytes] | None) -> str | None:
+    """Materialise CURVE key files (relative path -> bytes) in a private directory; None when there are none.
+
+    Keys travel in the spec, not as paths, because a role on another node cannot read the launcher's
+    files. The directory is 0700 and removed by whoever stops the process (``remove_keys``).
+    """
+    if not keys:
+        return None
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(prefix="rlflow-keys-"))
+    for rel, data in keys.items():
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_bytes(data)
+    os.environ[KEYS_DIR_ENV] = str(d)
+    return str(d)
+
+
+def remove_keys() -> None:
+    import shutil
+
+    d = os.environ.pop(KEYS_DIR_ENV, None)
+    if d:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def read_keys(keys_dir: str) -> dict[str, bytes]:
+    """The key files ``write_keys`` recreates elsewhere: the server and client pairs and the authorized list."""
+    from pathlib import Path
+
+    d = Path(keys_dir)
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*.key*")) if f.is_file()}
 
 
 def _quiet_libraries() -> None:

@@ -3,8 +3,8 @@
 Loop contract:
 - consumes: whole groups with every ``ACTOR_INPUT`` column ready (plus ``ref_logprobs`` with a KL
   term); with a staleness bound only the groups scheduled for the current step (``target_step``)
-- produces: policy version v + 1 on the weight channel after each step; a ``metrics`` report per step;
-  checkpoints
+- produces: policy version v + 1 on the weight channel after each step; a ``metrics`` report per step
+  (with the uids it consumed: the launcher's exactly-once ledger); checkpoints
 - waits for: groups (bounded by the run's wait_seconds, then an error saying which step it was filling)
 - unblocked by: the reward (and reference) role's puts, which complete a group's columns
 
@@ -111,7 +111,8 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
     """``sync.dtype`` must be resolved (the rollout's dtype): patches are diffed in what the rollout runs."""
     torch.manual_seed(cfg.seed)
     engine = make_engine(cfg, ctx.model_path)
-    weights = WeightPublisher(ctx.weights_address, sync, DTYPES[sync.dtype])
+    weights = WeightPublisher(ctx.endpoints.bind_address("weights"), sync, DTYPES[sync.dtype], ctx.keys_dir)
+    ctx.endpoints.advertise("weights", weights.address)
     weights.publish(engine.version, engine.weights())
     columns = schema.ACTOR_INPUT + (["ref_logprobs"] if cfg.kl_coef > 0 else [])
     ctx.report("ready")
@@ -135,7 +136,7 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
             elapsed = time.monotonic() - t0
             ctx.report("metrics", step=step + 1, **metrics, **{
                 "actor/wait_s": waited, "actor/step_s": elapsed, "samples/s": metrics["samples"] / elapsed,
-                **sync_metrics})
+                **sync_metrics}, uids=[u for d in deliveries for u in d.uids])
         engine.save(f"{ctx.run_dir}/checkpoints/final")
         ctx.report("done", version=engine.version)
     finally:

@@ -79,12 +79,26 @@ class TrainEngine(Protocol):
 RewardFn = Callable[..., float]  # fn(response: str, **fields) -> float; fields are the prompt record's
 
 
+class Endpoints(Protocol):
+    """Where a role listens and how it finds others' sockets (the launcher's concern: ``flow/endpoints.py``)."""
+
+    def bind_address(self, name: str) -> str:
+        """The address to bind endpoint ``name`` at (it may carry port 0: the OS picks)."""
+
+    def advertise(self, name: str, address: str) -> None:
+        """Publish the address ``name`` was actually bound at."""
+
+    def lookup(self, name: str, timeout: float) -> str:
+        """The address of endpoint ``name``, waiting up to ``timeout`` for it to be advertised."""
+
+
 @dataclass
 class RoleContext:
     """Everything a role loop gets from whoever launched it; roles know nothing more of launching."""
 
     bus: Any  # transfer.BusClient
-    weights_address: str  # the actor's weight channel (transfer/channel.py)
+    endpoints: Endpoints  # names -> addresses: "weights" (the actor's channel), "weights-<i>" (relays)
+    keys_dir: str | None  # CURVE keys for sockets beyond loopback (transfer/security.py); None on one host
     model_path: str  # checkpoint every role starts from (version 0)
     report: Callable[..., None]  # report(kind, **data): metrics, warnings, errors to the launcher
     run_dir: str

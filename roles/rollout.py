@@ -66,9 +66,16 @@ def make_engine(cfg: RolloutConfig, model_path: str):
 
 def serve(cfg: RolloutConfig, ctx: RoleContext, sync: SyncConfig, upstream: str | None = None,
           relay: str | None = None) -> None:
-    """``upstream``: the peer this replica pulls weights from (None: the actor); ``relay``: where it serves peers."""
+    """``upstream``: the endpoint name of the peer this replica pulls weights from (None: the actor);
+    ``relay``: the endpoint name it serves peers at (None: no peer pulls from it)."""
     engine = make_engine(cfg, ctx.model_path)
-    weights = WeightReceiver(ctx.weights_address, sync, upstream, relay, fetch_timeout=ctx.wait_seconds)
+    ep = ctx.endpoints
+    weights = WeightReceiver(ep.lookup("weights", ctx.wait_seconds), sync,
+                             ep.lookup(upstream, ctx.wait_seconds) if upstream else None,
+                             ep.bind_address(relay) if relay else None, fetch_timeout=ctx.wait_seconds,
+                             keys_dir=ctx.keys_dir)
+    if relay:
+        ep.advertise(relay, weights.address)
     sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
     ctx.report("ready")
     try:

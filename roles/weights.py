@@ -76,9 +76,11 @@ def relays_to_others(replica: int, replicas: int, fanout: int) -> bool:
 class WeightPublisher:
     """The actor's side: a patch per version, a keyframe now and then, all on one channel."""
 
-    def __init__(self, address: str, cfg: SyncConfig, dtype: torch.dtype):
+    def __init__(self, address: str, cfg: SyncConfig, dtype: torch.dtype, keys_dir: str | None = None):
+        """``keys_dir``: CURVE keys, required when ``address`` is beyond loopback (transfer/security.py)."""
         self.cfg = cfg
-        self.channel = Publisher(address, chunk_bytes=cfg.chunk_kb << 10, uplink_bytes_per_s=cfg.uplink_mb_s * 1e6)
+        self.channel = Publisher(address, chunk_bytes=cfg.chunk_kb << 10, uplink_bytes_per_s=cfg.uplink_mb_s * 1e6,
+                                 keys_dir=keys_dir)
         self.address = self.channel.address
         self.encoder = sparse.PatchEncoder(dtype, cfg.compress, cfg.values)
         self.keyframe: int | None = None
@@ -117,11 +119,12 @@ class WeightReceiver:
     """A rollout replica's side: a relay node (prefetching, serving peers) and the verified version."""
 
     def __init__(self, address: str, cfg: SyncConfig, upstream: str | None = None, serve: str | None = None,
-                 fetch_timeout: float = 600.0, head_poll: float = HEAD_POLL_S):
-        """``fetch_timeout``: bound on getting one object's bytes once it is needed; ``head_poll``: see Relay."""
+                 fetch_timeout: float = 600.0, head_poll: float = HEAD_POLL_S, keys_dir: str | None = None):
+        """``fetch_timeout``: bound on getting one object's bytes once it is needed; ``head_poll``: see Relay;
+        ``keys_dir``: CURVE keys for addresses beyond loopback."""
         self.fetch_timeout = fetch_timeout
         self.relay = Relay(address, upstream, serve, window=cfg.window, hop_timeout=cfg.hop_timeout,
-                           uplink_bytes_per_s=cfg.uplink_mb_s * 1e6, head_poll=head_poll)
+                           uplink_bytes_per_s=cfg.uplink_mb_s * 1e6, head_poll=head_poll, keys_dir=keys_dir)
         self.version: int | None = None
         self.checksum: str | None = None  # of the weights at ``version``, as verified
         self.shadow: dict[str, torch.Tensor] | None = None  # for engines without in-place tensors
@@ -198,6 +201,11 @@ class WeightReceiver:
     @property
     def stats(self) -> dict:
         return dict(self.relay.stats)
+
+    @property
+    def address(self) -> str | None:
+        """Where this replica serves its peers (None: it serves none)."""
+        return self.relay.address
 
     def close(self) -> None:
         self.relay.close()

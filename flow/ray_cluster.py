@@ -1,0 +1,229 @@
+"""The Ray launcher's placement: the bus and every role replica as Ray actors with their resource requests.
+
+    launcher (Ray driver) ── registry actor   names -> tcp addresses (flow/endpoints.py)
+                          ├─ bus actor        the bus server on a thread, tcp on its node, CURVE
+                          └─ role actors      one per replica: run_role (flow/worker.py), as a local process would
+
+Ray places and supervises; it does not carry data. Rows travel over our bus and weights over our channel,
+both tcp on each node's IP with CURVE keys that the launcher makes for the run and hands to every actor
+(``flow/worker.write_keys``). Ray's object store holds nothing but the actors' arguments.
+
+Invariants:
+- ``ray.address`` null starts a private cluster on this machine (``address="local"``: never someone
+  else's) in the run's own temp directory, shut down with the run; otherwise the run joins that cluster
+  in a namespace of its own and removes only its own actors.
+- Every actor is placed within ``ray.start_timeout`` or the run fails naming the pending replicas, what
+  they asked for and what the cluster has free (an unplaceable request otherwise waits forever).
+- A role actor that dies (killed, OOM, node lost) is reported like a local process that exits: the run
+  stops with that role's name. A role that fails reports its traceback over the control socket first.
+- Stopping: every actor gets ``stop`` (it removes its key files), bounded by ``shutdown_seconds``, and is
+  then killed: a role owns nothing that outlives it (flow/worker.py), so killing it is its designed exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+import uuid
+from typing import Callable
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from flow.endpoints import RayEndpoints
+from flow.worker import read_keys, remove_keys, run_role, write_keys
+from transfer import ServerConfig
+from transfer.security import keygen
+
+REGISTRY = "rlflow-registry"
+
+
+class Registry:
+    """Endpoint name -> address for one run (a named actor in the run's namespace)."""
+
+    def __init__(self):
+        self.addresses: dict[str, str] = {}
+
+    def put(self, name: str, address: str) -> None:
+        self.addresses[name] = address
+
+    def get(self, name: str) -> str | None:
+        return self.addresses.get(name)
+
+
+class BusActor:
+    """Hosts the bus server on a thread, bound on this node's IP (CURVE: it listens beyond loopback)."""
+
+    def start(self, config: ServerConfig, keys: dict[str, bytes]) -> str:
+        from transfer.server import serve_in_thread
+
+        config = dataclasses.replace(config, address=f"tcp://{ray.util.get_node_ip_address()}:0",
+                                     keys_dir=write_keys(keys))
+        self.server, self.thread = serve_in_thread(config)
+        return self.server.address
+
+    def where(self) -> dict:
+        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+
+    def stop(self) -> None:
+        remove_keys()
+
+
+class RoleActor:
+    """One role replica. Threaded (two calls at once) so that ``stop`` runs while ``run`` is busy."""
+
+    def where(self) -> dict:
+        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+
+    def run(self, role: str, replica: int, role_cfg, extra: dict, spec: dict) -> int:
+        return run_role(role, replica, role_cfg, extra, spec)
+
+    def stop(self) -> None:
+        """Remove this replica's key files (its sockets hold the keys in memory); the launcher then kills it."""
+        remove_keys()
+
+
+def _bundle(res) -> dict[str, float]:
+    bundle = {"CPU": res.cpus, "GPU": res.gpus, **res.custom}
+    return {k: float(v) for k, v in bundle.items() if v > 0}
+
+
+class RayPlacement:
+    kind = "ray"
+
+    def __init__(self, cfg, roles: list[tuple[str, int]], sock_dir: str, log: Callable[[str], None]):
+        """``roles``: (role, replica) of every actor to come, so a placement group can hold them all."""
+        self.cfg, self.log = cfg.ray, log
+        self.namespace = f"rlflow-{uuid.uuid4().hex[:12]}"
+        self.private = self.cfg.address is None
+        self.temp_dir = os.path.join(sock_dir, "ray") if self.private else None  # the private cluster's files
+        self.keys_dir = str(keygen(os.path.join(sock_dir, "keys")))
+        self.keys = read_keys(self.keys_dir)
+        t0 = time.monotonic()
+        self._init(cfg, roles, sock_dir)
+        self.log(f"ray: {'private local cluster' if self.private else 'joined ' + str(self.cfg.address)} "
+                 f"in {time.monotonic() - t0:.1f}s; resources {ray.cluster_resources()}")
+        self.host = ray.util.get_node_ip_address()
+        self.control_address = f"tcp://{self.host}:0"
+        self.registry = ray.remote(Registry).options(name=REGISTRY, num_cpus=0).remote()
+        self.endpoints = RayEndpoints(REGISTRY, self.namespace)
+        self.endpoints_spec = {"kind": "ray", "registry": REGISTRY, "namespace": self.namespace}
+        self.pg = None
+        self._bundles: dict[tuple[str, int], int] = {}
+        if self.cfg.placement is not None:
+            self._place_group(roles)
+        self.bus = None
+        self.actors: dict[str, tuple] = {}  # "role-i" -> (handle, resources, where-ref, run-ref)
+        self.where: dict[str, dict] = {}
+
+    def _init(self, cfg, roles, sock_dir: str) -> None:
+        runtime_env = dict(self.cfg.runtime_env)
+        if self.private:  # workers import what this process imports: its cwd and PYTHONPATH
+            path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+            runtime_env.setdefault("env_vars", {}).setdefault("PYTHONPATH", path)
+            asked = self.cfg.bus.cpus + sum(getattr(self.cfg, r).cpus for r, _ in roles)
+            ray.init(address="local", namespace=self.namespace, include_dashboard=False,
+                     num_cpus=self.cfg.num_cpus or max(os.cpu_count() or 1, int(asked + 0.999)),
+                     num_gpus=self.cfg.num_gpus, resources=dict(self.cfg.resources) or None,
+                     object_store_memory=self.cfg.object_store_mb << 20,
+                     _temp_dir=self.temp_dir, runtime_env=runtime_env or None,
+                     logging_level="WARNING", log_to_driver=True)
+        else:
+            ray.init(address=self.cfg.address, namespace=self.namespace, runtime_env=runtime_env or None,
+                     logging_level="WARNING", log_to_driver=True)
+
+    def _place_group(self, roles) -> None:
+        bundles = [_bundle(self.cfg.bus)] + [_bundle(getattr(self.cfg, r)) for r, _ in roles]
+        self.pg = placement_group(bundles, strategy=self.cfg.placement, name=f"{self.namespace}-pg")
+        ready, _ = ray.wait([self.pg.ready()], timeout=self.cfg.start_timeout)
+        if not ready:
+            raise TimeoutError(f"ray.placement={self.cfg.placement}: the cluster could not place {len(bundles)} "
+                               f"bundles {bundles} within ray.start_timeout={self.cfg.start_timeout:.0f}s; it has "
+                               f"{ray.available_resources()} free")
+        self._bundles = {key: i + 1 for i, key in enumerate(roles)}
+
+    def _options(self, res, key: tuple[str, int] | None, name: str) -> dict:
+        opts = {"num_cpus": res.cpus, "num_gpus": res.gpus, "resources": dict(res.custom) or None,
+                "name": name, "max_restarts": 0}
+        if self.pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.pg, placement_group_bundle_index=0 if key is None else self._bundles[key])
+        return opts
+
+    # ------------------------------------------------------------------ the bus and the roles
+    def start_bus(self, config: ServerConfig) -> str:
+        self.bus = ray.remote(BusActor).options(**self._options(self.cfg.bus, None, "rlflow-bus")).remote()
+        ref = self.bus.start.remote(config, self.keys)
+        ready, _ = ray.wait([ref], timeout=self.cfg.start_timeout)
+        if not ready:
+            raise TimeoutError(self._pending_message({"bus": (self.cfg.bus, None)}))
+        address = ray.get(ref)
+        self.where["bus"] = ray.get(self.bus.where.remote())
+        return address
+
+    def start_role(self, role: str, replica: int, args: tuple, resources, on_exit: Callable[[str], None]) -> None:
+        """Create the actor and start ``run_role(*args)`` in it; ``on_exit(why)`` when that call ends."""
+        name = f"{role}-{replica}"
+        actor = ray.remote(RoleActor).options(max_concurrency=2,
+                                              **self._options(resources, (role, replica), f"rlflow-{name}")).remote()
+        run_ref = actor.run.remote(*args)
+        self.actors[name] = (actor, resources, actor.where.remote(), run_ref)
+
+        def watch() -> None:
+            try:
+                code = ray.get(run_ref)
+                on_exit(f"exited with code {code}")
+            except ray.exceptions.RayActorError as e:
+                on_exit(f"died: the Ray actor was lost ({_first_line(e)})")
+            except Exception as e:  # the driver is shutting down, or Ray failed in a way worth showing
+                on_exit(f"ended with {type(e).__name__}: {_first_line(e)}")
+
+        threading.Thread(target=watch, name=f"rlflow-watch-{name}", daemon=True).start()
+
+    def wait_started(self) -> None:
+        """Wait until every role actor is placed and running; the error names what is still pending."""
+        refs = {name: where for name, (_, _, where, _) in self.actors.items()}
+        ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.cfg.start_timeout)
+        if pending:
+            names = [n for n, r in refs.items() if r in pending]
+            raise TimeoutError(self._pending_message({n: (self.actors[n][1], None) for n in names}))
+        for name, ref in refs.items():
+            self.where[name] = ray.get(ref)
+
+    def _pending_message(self, pending: dict) -> str:
+        asks = ", ".join(f"{n} asks {_bundle(res) or '{}'}" for n, (res, _) in pending.items())
+        return (f"the Ray cluster did not start {', '.join(pending)} within ray.start_timeout="
+                f"{self.cfg.start_timeout:.0f}s: {asks}; the cluster has {ray.available_resources()} free of "
+                f"{ray.cluster_resources()}. Lower the requests (ray.<role>.cpus/gpus) or add nodes.")
+
+    def processes(self) -> dict:
+        return {"bus": self.where.get("bus", {}).get("pid"),
+                "roles": {name: w["pid"] for name, w in self.where.items() if name != "bus"},
+                "nodes": {name: w["node"] for name, w in self.where.items()},
+                "ray_namespace": self.namespace, "ray_temp_dir": self.temp_dir}
+
+    # ------------------------------------------------------------------ shut down
+    def stop(self, shutdown_seconds: float, warn: Callable[[str], None]) -> None:
+        if not ray.is_initialized():
+            return
+        actors = {name: handle for name, (handle, *_) in self.actors.items()}
+        if self.bus is not None:
+            actors["bus"] = self.bus
+        stops = {name: a.stop.remote() for name, a in actors.items()}
+        _, left = ray.wait(list(stops.values()), num_returns=len(stops), timeout=shutdown_seconds)
+        for name, actor in actors.items():
+            if stops[name] in left:
+                warn(f"{name} did not answer stop in {shutdown_seconds}s (its key files may remain): killed")
+            ray.kill(actor)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+        ray.kill(self.registry)
+        ray.shutdown()  # a private cluster stops with it; a joined one only loses this driver
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
