@@ -25,32 +25,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.recipe_run import run_recipe
+from benchmarks.recipe_run import run_recipe, run_stats
 
 
 def run(staleness: str, steps: int, extra: list[str], root: Path) -> dict:
     run_dir = root / f"staleness-{staleness}"
     rows, summary, wall = run_recipe(run_dir, [f"flow.staleness={staleness}", f"flow.steps={steps}", *extra],
                                      f"run at staleness {staleness}")
-    window = max(1, len(rows) // 10)
-    steady = rows[-1]["time"] - rows[0]["time"]
-    wait = sum(r["actor/wait_s"] for r in rows)
-    return {
-        "staleness": None if staleness == "null" else int(staleness),
-        "steps": len(rows),
-        "wall_s": round(wall, 2),
-        "train_s": rows[-1]["time"],
-        "steady_s": round(steady, 2),
-        "samples_per_s": round(sum(r["samples"] for r in rows[1:]) / steady, 1),
-        "trainer_wait_s": round(wait, 2),
-        "trainer_compute_s": round(sum(r["actor/step_s"] for r in rows) - wait, 2),
-        "rollout_busy_s": round(summary["busy_s"].get("rollout", 0.0), 2),
-        "reward_busy_s": round(summary["busy_s"].get("reward", 0.0), 2),
-        "staleness_max": max(r["staleness/max"] for r in rows),
-        "staleness_mean": round(sum(r["staleness/mean"] for r in rows) / len(rows), 3),
-        "reward_start": round(sum(r["reward/mean"] for r in rows[:window]) / window, 4),
-        "reward_final": round(sum(r["reward/mean"] for r in rows[-window:]) / window, 4),
-    }
+    return {"staleness": None if staleness == "null" else int(staleness), **run_stats(rows, summary, wall)}
 
 
 def main() -> None:

@@ -175,6 +175,10 @@ class ConfigError(ValueError):
     """A bad recipe value; the message names the field and the fix."""
 
 
+class StartError(RuntimeError):
+    """The run could not place or start its parts (e.g. no Ray node meets a request); the message says which."""
+
+
 def _require(ok: bool, field_name: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{field_name}: {message}")

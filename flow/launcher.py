@@ -37,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.panel import Panel
 
-from flow.config import ConfigError, RunConfig, validate
+from flow.config import ConfigError, RunConfig, StartError, validate
 from flow.feeder import Feeder, prompt_records
 from flow.tracking import Tracker, sync_summary
 from roles import schema
@@ -56,9 +56,12 @@ def run(dcfg: DictConfig, console: Console) -> int:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg, resolve=True))
     model_path = prepare_model(cfg, console)
     console.print(f"run {run_dir}  model {model_path}  staleness {cfg.flow.staleness}  steps {cfg.flow.steps}")
-    with Run(cfg, model_path, console) as r:
-        outcome = r.supervise()
-    return outcome
+    try:
+        with Run(cfg, model_path, console) as r:
+            return r.supervise()
+    except StartError as e:  # nothing ran: the message says what could not start, no traceback needed
+        console.print(f"[red]error[/]: {e}")
+        return 1
 
 
 def check_devices(cfg: RunConfig) -> None:
@@ -207,8 +210,8 @@ class Run:
         finally:
             sock.close(0)
 
-    def _exited(self, role: str, replica: int, why: str) -> None:
-        self.events.put(("exit", {"role": role, "replica": replica, "why": why}))
+    def _exited(self, role: str, replica: int, what: str, detail: str | None) -> None:
+        self.events.put(("exit", {"role": role, "replica": replica, "what": what, "detail": detail}))
 
     def _feed(self) -> None:
         try:
@@ -230,7 +233,8 @@ class Run:
                 if kind == "exit":
                     if self.closing.is_set():
                         continue
-                    return self._failed(ev["role"], ev["replica"], None, f"{ev['why']} before the run was done")
+                    return self._failed(ev["role"], ev["replica"], None, f"{ev['what']} before the run was done",
+                                        ev["detail"])
                 verdict = self._report(ev)
                 if verdict is not None:
                     return verdict
@@ -275,9 +279,11 @@ class Run:
             self.console.print(f"[yellow]reward function raised on row {ev['uid']}[/] (prompt {ev['prompt']!r}, "
                                f"response {ev['response']!r}); the sample is skipped:\n{ev['traceback']}")
 
-    def _failed(self, role: str, replica: int, tb: str | None, what: str) -> int:
+    def _failed(self, role: str, replica: int, tb: str | None, what: str, detail: str | None = None) -> int:
         self.closing.set()
         body = tb or "(no traceback: the process died without reporting; see its output above)"
+        if detail:
+            body = f"{detail}\n{body}"
         self.console.print(Panel(body, title=f"role {role}-{replica} {what}", border_style="red"))
         return 1
 

@@ -33,6 +33,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from flow.config import StartError
 from flow.endpoints import RayEndpoints
 from flow.worker import read_keys, remove_keys, run_role, write_keys
 from transfer import ServerConfig
@@ -140,7 +141,7 @@ class RayPlacement:
         self.pg = placement_group(bundles, strategy=self.cfg.placement, name=f"{self.namespace}-pg")
         ready, _ = ray.wait([self.pg.ready()], timeout=self.cfg.start_timeout)
         if not ready:
-            raise TimeoutError(f"ray.placement={self.cfg.placement}: the cluster could not place {len(bundles)} "
+            raise StartError(f"ray.placement={self.cfg.placement}: the cluster could not place {len(bundles)} "
                                f"bundles {bundles} within ray.start_timeout={self.cfg.start_timeout:.0f}s; it has "
                                f"{ray.available_resources()} free")
         self._bundles = {key: i + 1 for i, key in enumerate(roles)}
@@ -159,13 +160,13 @@ class RayPlacement:
         ref = self.bus.start.remote(config, self.keys)
         ready, _ = ray.wait([ref], timeout=self.cfg.start_timeout)
         if not ready:
-            raise TimeoutError(self._pending_message({"bus": (self.cfg.bus, None)}))
+            raise StartError(self._pending_message({"bus": (self.cfg.bus, None)}))
         address = ray.get(ref)
         self.where["bus"] = ray.get(self.bus.where.remote())
         return address
 
-    def start_role(self, role: str, replica: int, args: tuple, resources, on_exit: Callable[[str], None]) -> None:
-        """Create the actor and start ``run_role(*args)`` in it; ``on_exit(why)`` when that call ends."""
+    def start_role(self, role: str, replica: int, args: tuple, resources, on_exit: Callable[[str, str | None], None]) -> None:
+        """Create the actor and start ``run_role(*args)`` in it; ``on_exit(what, detail)`` when that call ends."""
         name = f"{role}-{replica}"
         actor = ray.remote(RoleActor).options(max_concurrency=2,
                                               **self._options(resources, (role, replica), f"rlflow-{name}")).remote()
@@ -175,11 +176,11 @@ class RayPlacement:
         def watch() -> None:
             try:
                 code = ray.get(run_ref)
-                on_exit(f"exited with code {code}")
+                on_exit(f"exited with code {code}", None)
             except ray.exceptions.RayActorError as e:
-                on_exit(f"died: the Ray actor was lost ({_first_line(e)})")
+                on_exit("died", f"Ray lost the actor: {_first_line(e)}")
             except Exception as e:  # the driver is shutting down, or Ray failed in a way worth showing
-                on_exit(f"ended with {type(e).__name__}: {_first_line(e)}")
+                on_exit("ended", f"{type(e).__name__}: {_first_line(e)}")
 
         threading.Thread(target=watch, name=f"rlflow-watch-{name}", daemon=True).start()
 
@@ -189,7 +190,7 @@ class RayPlacement:
         ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.cfg.start_timeout)
         if pending:
             names = [n for n, r in refs.items() if r in pending]
-            raise TimeoutError(self._pending_message({n: (self.actors[n][1], None) for n in names}))
+            raise StartError(self._pending_message({n: (self.actors[n][1], None) for n in names}))
         for name, ref in refs.items():
             self.where[name] = ray.get(ref)
 

@@ -53,9 +53,14 @@ def test_a_wrong_type_fails_at_compose_time():
     ("actor.vcpo_rule=cubic", "actor.vcpo_rule"),
     ("actor.vcpo_ref=0", "actor.vcpo_ref"),
     ("actor.ratio_level=group", "actor.ratio_level"),
+    ("launcher=slurm", "launcher"),
+    ("launcher=ray ray.placement=CLUSTERED", "ray.placement"),
+    ("launcher=ray ray.rollout.cpus=-1", "ray.rollout"),
+    ("launcher=ray ray.placement=PACK ray.reward.cpus=0", "ray.reward"),  # an empty bundle
+    ("launcher=ray actor.device=cuda", "ray.actor.gpus"),  # Ray would hide the GPU
 ])
 def test_a_bad_value_fails_validation_naming_the_field(override, field):
-    cfg = OmegaConf.to_object(_compose(overrides=[override]))
+    cfg = OmegaConf.to_object(_compose(overrides=override.split()))
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         validate(cfg)
 

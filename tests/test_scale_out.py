@@ -1,0 +1,113 @@
+"""Scale-out: launcher=ray (a private local Ray cluster per run) and replicated roles under both launchers.
+
+Whole runs through the `rlflow` command, as in test_runs.py: real processes or Ray actors, a real bus,
+the real tiny model. Each Ray run starts its own private cluster (about 5 s here) and must leave no
+process of it behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from test_runs import _command, _env, assert_all_processes_gone, metrics, rlflow
+
+pytest.importorskip("ray", reason="launcher=ray needs the ray extra: pip install -e '.[ray]'")
+
+
+def assert_no_ray_cluster_left(run_dir: Path) -> None:
+    """No process still runs from the private cluster's temp directory (raylet, GCS, workers)."""
+    temp = json.loads((run_dir / "processes.json").read_text()).get("ray_temp_dir")
+    assert temp, "a ray run records its private cluster's temp directory"
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            assert temp not in cmdline, f"pid {proc.name} of the private Ray cluster is still running: {cmdline[:200]}"
+
+
+def test_the_ray_launcher_trains_bit_for_bit_like_the_local_one(tmp_path, tiny_model, model_cache):
+    """At staleness 0 with one rollout replica a run is deterministic, so the launchers must agree exactly."""
+    runs = {}
+    for launcher in ("local", "ray"):
+        run_dir = tmp_path / launcher
+        r = rlflow(run_dir, model_cache, f"launcher={launcher}", "flow.staleness=0", "flow.steps=5")
+        assert r.returncode == 0, r.stdout + r.stderr
+        runs[launcher] = metrics(run_dir)
+        assert_all_processes_gone(run_dir)
+    for key in ("reward/mean", "loss", "samples", "staleness/max"):
+        assert [m[key] for m in runs["ray"]] == [m[key] for m in runs["local"]], key
+    pids = json.loads((tmp_path / "ray" / "processes.json").read_text())
+    assert pids["kind"] == "ray" and set(pids["roles"]) == {"actor-0", "rollout-0", "reward-0"}
+    assert_no_ray_cluster_left(tmp_path / "ray")
+
+
+@pytest.mark.parametrize("launcher", [["launcher=local"], ["launcher=ray", "ray.placement=PACK"]],
+                         ids=["local", "ray"])
+def test_with_two_rollout_and_two_reward_replicas_every_sample_trains_exactly_once(tmp_path, tiny_model,
+                                                                                  model_cache, launcher):
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, *launcher, "rollout.replicas=2", "reward.replicas=2", "flow.steps=8",
+               "rollout.groups_per_call=1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = metrics(run_dir)
+    assert len(rows) == 8 and sum(m["samples"] for m in rows) == 8 * 4 * 4
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["samples"] == {"issued": 128, "trained": 128, "trained_more_than_once": 0,
+                                  "issued_not_trained": 0, "trained_not_issued": 0}
+    work = summary["samples_by_replica"]
+    for role in ("rollout", "reward"):  # the bus spread the work: every replica took some
+        assert work.get(f"{role}-0", 0) > 0 and work.get(f"{role}-1", 0) > 0, work
+        assert work[f"{role}-0"] + work[f"{role}-1"] == 128, work
+    assert_all_processes_gone(run_dir)
+    if "launcher=ray" in launcher:
+        assert_no_ray_cluster_left(run_dir)
+
+
+def test_a_ray_role_actor_killed_mid_run_is_reported_like_a_dead_process(tmp_path, tiny_model, model_cache):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_command(run_dir, model_cache, ["launcher=ray", "flow.steps=10000"]),
+                            cwd=Path(__file__).resolve().parents[1], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text()):
+            assert time.monotonic() < deadline and proc.poll() is None, "the run never reached its first step"
+            time.sleep(0.2)
+        victim = json.loads((run_dir / "processes.json").read_text())["roles"]["rollout-0"]
+        os.kill(victim, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, out
+    assert "role rollout-0 died" in out and "before the run was done" in out, out[-3000:]
+    assert_all_processes_gone(run_dir)
+    assert_no_ray_cluster_left(run_dir)
+
+
+def test_a_failing_ray_role_stops_the_run_with_its_traceback(tmp_path, tiny_model, model_cache):
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, "launcher=ray", "rollout.engine=user_code.CrashingEngine", "flow.steps=20")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "role rollout-0 failed" in r.stdout and "engine exploded on purpose" in r.stdout
+    assert_all_processes_gone(run_dir)
+    assert_no_ray_cluster_left(run_dir)
+
+
+def test_a_request_no_node_can_meet_fails_naming_the_replica_and_what_it_asked(tmp_path, tiny_model, model_cache):
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, "launcher=ray", "ray.start_timeout=8", "+ray.rollout.custom.inference_node=1",
+               "flow.steps=3")
+    assert r.returncode == 1, r.stdout + r.stderr
+    text = " ".join((r.stdout + r.stderr).split())  # rich wraps long lines
+    assert "did not start rollout-0 within ray.start_timeout=8s" in text and "inference_node" in text, text[-3000:]
