@@ -216,6 +216,8 @@ def validate(cfg: RunConfig) -> None:
         _require(value >= 1, name, f"must be >= 1, got {value}")
     _require(sy.keyframe_ratio > 0 and sy.hop_timeout > 0 and sy.uplink_mb_s >= 0,
              "sync.keyframe_ratio/hop_timeout/uplink_mb_s", "need keyframe_ratio > 0, hop_timeout > 0, uplink_mb_s >= 0")
+    if r.engine == "sglang":
+        _validate_sglang(r)
     _require(a.advantage in ADVANTAGES, "actor.advantage", f"choose one of {ADVANTAGES}, got {a.advantage!r}")
     _require(a.aggregation in AGGREGATIONS, "actor.aggregation", f"choose one of {AGGREGATIONS}, got {a.aggregation!r}")
     _require(a.old_logprobs in OLD_LOGPROBS, "actor.old_logprobs", f"choose one of {OLD_LOGPROBS}, got {a.old_logprobs!r}")
@@ -255,6 +257,25 @@ def validate(cfg: RunConfig) -> None:
              f"choose one of {WANDB_MODES}, got {cfg.tracking.wandb_mode!r}")
 
 
+def _validate_sglang(r: RolloutConfig) -> None:
+    from roles.sglang_engine import UPDATES
+
+    sg = r.sglang
+    _require(sg.url is not None or r.device.startswith("cuda"), "rollout.sglang.url",
+             f"rollout.engine=sglang launches an sglang server per replica, which needs a GPU: set "
+             f"rollout.device=cuda on a GPU host, or give the URL of a running server (rollout.device={r.device!r})")
+    _require(sg.url is None or sg.url.startswith(("http://", "https://")), "rollout.sglang.url",
+             f"must be http://HOST:PORT, got {sg.url!r}")
+    _require(sg.url is None or r.replicas == 1, "rollout.sglang.url",
+             f"{r.replicas} replicas would share one server and update each other's weights: give each "
+             f"replica its own server (leave url null) or use rollout.replicas=1")
+    _require(sg.update in UPDATES, "rollout.sglang.update", f"choose one of {UPDATES}, got {sg.update!r}")
+    _require(sg.tp_size >= 1 and sg.max_retries >= 0 and sg.bucket_mb >= 1, "rollout.sglang.tp_size/max_retries/bucket_mb",
+             f"need tp_size >= 1, max_retries >= 0, bucket_mb >= 1, got {sg.tp_size}, {sg.max_retries}, {sg.bucket_mb}")
+    _require(min(sg.startup_timeout, sg.request_timeout, sg.flush_timeout) > 0,
+             "rollout.sglang.startup_timeout/request_timeout/flush_timeout", "must be > 0")
+
+
 def _validate_ray(cfg: RunConfig) -> None:
     ray_cfg = cfg.ray
     try:
@@ -273,7 +294,7 @@ def _validate_ray(cfg: RunConfig) -> None:
         if ray_cfg.placement is not None:
             _require(res.cpus > 0 or res.gpus > 0 or any(res.custom.values()), f"ray.{role}",
                      "a placement group bundle cannot be empty: give it cpus > 0 (or gpus/custom)")
-    for role in ("actor", "rollout", "reference"):
+    for role in ("actor", "rollout", "reference") if cfg.actor.kl_coef > 0 else ("actor", "rollout"):
         device = getattr(cfg, role).device
         _require(not device.startswith("cuda") or getattr(ray_cfg, role).gpus > 0, f"ray.{role}.gpus",
                  f"{role}.device={device!r} but ray.{role}.gpus=0: Ray hides every GPU from an actor that asks "

@@ -83,7 +83,11 @@ class RoleActor:
         return run_role(role, replica, role_cfg, extra, spec)
 
     def stop(self) -> None:
-        """Remove this replica's key files (its sockets hold the keys in memory); the launcher then kills it."""
+        """Run the role's exit hooks and remove its key files (its sockets hold the keys in memory); the
+        launcher then kills it."""
+        from roles.interfaces import run_exit_hooks
+
+        run_exit_hooks()
         remove_keys()
 
 
@@ -116,7 +120,11 @@ class RayPlacement:
         self._bundles: dict[tuple[str, int], int] = {}
         if self.cfg.placement is not None:
             self._place_group(roles)
-        self.bus = None
+        # Every actor is created now, so that Ray starts their worker processes in parallel with the bus.
+        self.bus = ray.remote(BusActor).options(**self._options(self.cfg.bus, None, "rlflow-bus")).remote()
+        self.handles = {(r, i): ray.remote(RoleActor).options(
+            max_concurrency=2, **self._options(getattr(self.cfg, r), (r, i), f"rlflow-{r}-{i}")).remote()
+            for r, i in roles}
         self.actors: dict[str, tuple] = {}  # "role-i" -> (handle, resources, where-ref, run-ref)
         self.where: dict[str, dict] = {}
 
@@ -156,7 +164,6 @@ class RayPlacement:
 
     # ------------------------------------------------------------------ the bus and the roles
     def start_bus(self, config: ServerConfig) -> str:
-        self.bus = ray.remote(BusActor).options(**self._options(self.cfg.bus, None, "rlflow-bus")).remote()
         ref = self.bus.start.remote(config, self.keys)
         ready, _ = ray.wait([ref], timeout=self.cfg.start_timeout)
         if not ready:
@@ -167,9 +174,7 @@ class RayPlacement:
 
     def start_role(self, role: str, replica: int, args: tuple, resources, on_exit: Callable[[str, str | None], None]) -> None:
         """Create the actor and start ``run_role(*args)`` in it; ``on_exit(what, detail)`` when that call ends."""
-        name = f"{role}-{replica}"
-        actor = ray.remote(RoleActor).options(max_concurrency=2,
-                                              **self._options(resources, (role, replica), f"rlflow-{name}")).remote()
+        name, actor = f"{role}-{replica}", self.handles[(role, replica)]
         run_ref = actor.run.remote(*args)
         self.actors[name] = (actor, resources, actor.where.remote(), run_ref)
 
@@ -210,9 +215,8 @@ class RayPlacement:
     def stop(self, shutdown_seconds: float, warn: Callable[[str], None]) -> None:
         if not ray.is_initialized():
             return
-        actors = {name: handle for name, (handle, *_) in self.actors.items()}
-        if self.bus is not None:
-            actors["bus"] = self.bus
+        actors = {f"{r}-{i}": handle for (r, i), handle in self.handles.items()}
+        actors["bus"] = self.bus
         stops = {name: a.stop.remote() for name, a in actors.items()}
         _, left = ray.wait(list(stops.values()), num_returns=len(stops), timeout=shutdown_seconds)
         for name, actor in actors.items():

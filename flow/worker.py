@@ -24,6 +24,9 @@ PR_SET_PDEATHSIG = 1
 
 
 def _on_sigterm(signum, frame):
+    from roles.interfaces import run_exit_hooks
+
+    run_exit_hooks()
     remove_keys()
     os._exit(0)
 
@@ -92,6 +95,9 @@ def run_role(role: str, replica: int, role_cfg, extra: dict, spec: dict) -> int:
         report("failed", traceback=traceback.format_exc())
         code = 1
     finally:
+        from roles.interfaces import run_exit_hooks
+
+        run_exit_hooks()
         if bus is not None:
             bus.close()
         push.close()

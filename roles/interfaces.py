@@ -108,6 +108,24 @@ class RoleContext:
     lease_seconds: float  # lease on rows taken from the bus
 
 
+_EXIT_HOOKS: list[Callable[[], None]] = []
+
+
+def at_role_exit(fn: Callable[[], None]) -> None:
+    """Run ``fn`` when this role process stops, however it stops (its loop ends, it fails, or the launcher
+    stops it): for what would outlive it, such as a server it launched or files in /dev/shm."""
+    _EXIT_HOOKS.append(fn)
+
+
+def run_exit_hooks() -> None:
+    """Run the hooks of ``at_role_exit`` once, newest first; one failing does not stop the others."""
+    while _EXIT_HOOKS:
+        try:
+            _EXIT_HOOKS.pop()()
+        except Exception:  # noqa: BLE001 - a cleanup must not prevent the next one
+            pass
+
+
 IDLE_WAIT_S = 30.0  # one idle get's bound; a role loop then re-checks its own state and waits again
 
 

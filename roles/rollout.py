@@ -17,10 +17,11 @@ when a delivery needs a newer version than it holds. A replica generates only at
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from roles import schema
 from roles.interfaces import RoleContext, SamplingParams, load_object, next_rows
+from roles.sglang_engine import SGLangConfig
 from roles.weights import SyncConfig, WeightReceiver
 
 
@@ -31,7 +32,8 @@ class RolloutConfig:
     replicas: int = 1
     """Rollout processes; each takes whole groups from the bus."""
     engine: str = "hf"
-    """'hf' (torch + transformers, CPU or GPU) or a dotted path to a RolloutEngine class."""
+    """'hf' (torch + transformers, CPU or GPU), 'sglang' (an sglang server per replica; see `sglang`) or a
+    dotted path to a RolloutEngine class."""
     group_size: int = 8
     """G: samples per prompt (one group)."""
     max_new_tokens: int = 8
@@ -54,6 +56,8 @@ class RolloutConfig:
     """torch intra-op threads per replica (keep replicas x threads within the cores)."""
     seed: int = 0
     """Sampling seed (each replica adds its index)."""
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    """engine=sglang: the server each replica drives and how weights reach it."""
 
 
 def make_engine(cfg: RolloutConfig, model_path: str):
@@ -61,6 +65,10 @@ def make_engine(cfg: RolloutConfig, model_path: str):
         from roles.hf import HFRolloutEngine
 
         return HFRolloutEngine(model_path, cfg)
+    if cfg.engine == "sglang":
+        from roles.sglang_engine import SGLangEngine
+
+        return SGLangEngine(model_path, cfg)
     return load_object(cfg.engine, "rollout.engine")(model_path, cfg)
 
 

@@ -58,6 +58,10 @@ def test_a_wrong_type_fails_at_compose_time():
     ("launcher=ray ray.rollout.cpus=-1", "ray.rollout"),
     ("launcher=ray ray.placement=PACK ray.reward.cpus=0", "ray.reward"),  # an empty bundle
     ("launcher=ray actor.device=cuda", "ray.actor.gpus"),  # Ray would hide the GPU
+    ("rollout.engine=sglang", "rollout.sglang.url"),  # launching a server needs a GPU
+    ("rollout.engine=sglang rollout.sglang.url=localhost:30000", "rollout.sglang.url"),
+    ("rollout.engine=sglang rollout.sglang.url=http://h:1 rollout.replicas=2", "rollout.sglang.url"),
+    ("rollout.engine=sglang rollout.sglang.url=http://h:1 rollout.sglang.update=nccl", "rollout.sglang.update"),
 ])
 def test_a_bad_value_fails_validation_naming_the_field(override, field):
     cfg = OmegaConf.to_object(_compose(overrides=override.split()))
@@ -71,6 +75,16 @@ def test_the_gpu_recipe_composes_and_validates_with_a_model_and_a_dataset(tiny_m
     cfg = OmegaConf.to_object(_compose("gsm8k_qwen", [f"model.path={tiny_model}", f"data.path={data}"]))
     validate(cfg)
     assert (cfg.rollout.device, cfg.reward.fn, cfg.data.prompt_key) == ("cuda", "roles.rewards.math_answer", "question")
+
+
+def test_the_sglang_cluster_recipe_composes_and_validates(tiny_model, tmp_path):
+    pytest.importorskip("ray")
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "1+1=2 #### 2"}) + "\n")
+    cfg = OmegaConf.to_object(_compose("gsm8k_sglang", [f"model.path={tiny_model}", f"data.path={data}"]))
+    validate(cfg)
+    assert (cfg.launcher, cfg.rollout.engine, cfg.rollout.replicas, cfg.ray.rollout.gpus) == ("ray", "sglang", 2, 1)
+    assert cfg.reward.fn == "roles.rewards.math_answer" and cfg.data.chat_template  # from gsm8k_qwen
 
 
 def test_the_gpu_recipe_names_each_missing_path(tmp_path):

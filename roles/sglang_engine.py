@@ -1,0 +1,425 @@
+"""The sglang rollout engine (``rollout.engine=sglang``): generation on an sglang server, over its HTTP API.
+
+Each rollout replica drives one sglang server: one it launches on its own GPU(s) (``rollout.sglang.url``
+null; needs the ``sglang`` extra) or one already running (``rollout.sglang.url``). The engine knows
+nothing of the bus; the rollout role calls ``generate`` and, between calls, ``load_weights``.
+
+Generation. One batched ``/generate`` per call with ``input_ids``, explicit sampling parameters (sglang's
+defaults come from the model's generation config otherwise; its max_new_tokens default is 128),
+``return_logprob`` and one rid per sequence. The rids have a fixed width, so none is a prefix of
+another (sglang aborts by rid prefix). sglang's output logprobs are log softmax(logits / T) before any
+top-p/top-k cut, the convention of ``roles/hf.py``, unless the server runs with
+SGLANG_RETURN_ORIGINAL_LOGPROB=1: a launched server never does, and a server you connect to must not.
+Every response must carry the weight version the engine last installed, or the call fails: a sample
+must never be attributed to the wrong policy. Sequences aborted by the server (``finish_reason`` abort)
+are sent again, up to ``max_retries`` times.
+
+Weight updates (``load_weights``), always in this order:
+    pause_generation(mode=abort)   every in-flight request returns (aborted): the scheduler is idle
+    update                         from disk (a safetensors snapshot the server reads) or from tensors
+                                   (CUDA IPC handles, same host), tagged with weight_version
+    update_weight_version          again, without aborting: sglang 0.5.6 drops the tag while paused
+    flush_cache                    the radix cache holds KV of the old weights; retried while busy
+    continue_generation
+then ``/model_info`` must report the new version. Only ``abort`` pauses: sglang flushes its cache only
+when the scheduler is idle, which neither ``retract`` nor ``in_place`` guarantees, and a failed flush
+after an update has crashed sglang's scheduler (<= 0.5.15). A failed step raises, naming the endpoint
+and the server's answer, and generation is not resumed on half-updated weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from roles.interfaces import Generation, SamplingParams, at_role_exit
+
+UPDATES = ("disk", "tensor")
+FLUSH_RETRY_S = 0.5  # between flush attempts while the scheduler finishes aborting
+
+
+@dataclass
+class SGLangConfig:
+    """rollout.engine=sglang: which server each replica drives and how new weights reach it."""
+
+    url: str | None = None
+    """A running sglang server (http://host:port); null: each replica launches its own on its GPU(s)."""
+    host: str = "127.0.0.1"
+    """Launched servers: the interface they listen on."""
+    port: int = 0
+    """Launched servers: the port (0: a free one)."""
+    tp_size: int = 1
+    """Launched servers: tensor-parallel GPUs per server (give the replica as many: ray.rollout.gpus)."""
+    mem_fraction: float | None = None
+    """Launched servers: --mem-fraction-static (null: sglang's choice)."""
+    launch_args: list[str] = field(default_factory=list)
+    """Launched servers: more `python -m sglang.launch_server` arguments, e.g. [--context-length, '4096']."""
+    api_key: str | None = None
+    """Bearer key of a server started with --api-key."""
+    update: str = "disk"
+    """How new weights reach the server: disk (a safetensors snapshot in update_dir, read by the server:
+    same host or a shared filesystem) or tensor (CUDA IPC handles: same host, needs the sglang extra here)."""
+    update_dir: str | None = None
+    """update=disk: where snapshots are written (null: a directory in /dev/shm, else the temp dir)."""
+    bucket_mb: int = 512
+    """update=tensor: most MB of tensors per update request (bounds the GPU copy)."""
+    startup_timeout: float = 900.0
+    """Bound on a server becoming ready (launch, or the first contact with `url`)."""
+    request_timeout: float = 1800.0
+    """Bound on one HTTP request (a whole batched generate)."""
+    flush_timeout: float = 60.0
+    """Bound on the cache flush succeeding after an update (the server refuses while not idle)."""
+    max_retries: int = 3
+    """Times a sequence the server aborted is sent again before the call fails."""
+
+
+class SGLangError(RuntimeError):
+    """An sglang endpoint failed; the message names the endpoint, the status and the server's answer."""
+
+
+class SGLangClient:
+    """sglang's HTTP endpoints as methods. Only the standard library: the server may be anywhere."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 1800.0):
+        self.url, self.api_key, self.timeout = url.rstrip("/"), api_key, timeout
+        self.version: tuple[int, ...] | None = None  # the server's sglang version, once known
+
+    def call(self, method: str, path: str, body: dict | None = None, timeout: float | None = None,
+             accept: tuple[int, ...] = (200,)) -> tuple[int, object]:
+        """(status, decoded body: JSON, or text when not JSON). A status outside ``accept`` raises SGLangError."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.api_key:
+            req.add_header("Authorization", f"Bearer {self.api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
+                status, raw = resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        except (urllib.error.URLError, OSError) as e:
+            raise SGLangError(f"{method} {self.url}{path}: no answer ({e})") from e
+        try:
+            payload = json.loads(raw) if raw else None
+        except ValueError:
+            payload = raw.decode(errors="replace")
+        if status not in accept:
+            raise SGLangError(f"{method} {path} -> {status}: {str(payload)[:500]}")
+        return status, payload
+
+    def server_info(self) -> dict:
+        _, info = self.call("GET", "/get_server_info")
+        self.version = parse_version(info.get("version", "0"))
+        return info
+
+    def model_info(self) -> dict:
+        return self.call("GET", "/get_model_info")[1]
+
+    def generate(self, request: dict) -> list[dict]:
+        _, out = self.call("POST", "/generate", request)
+        return out if isinstance(out, list) else [out]
+
+    def pause(self) -> None:
+        """Abort-mode pause: returns once every in-flight request has come back aborted."""
+        modes = self.version is None or self.version >= (0, 5, 6)  # before 0.5.6 every pause aborts
+        self.call("POST", "/pause_generation", {"mode": "abort"} if modes else {})
+
+    def resume(self) -> None:
+        self.call("POST", "/continue_generation", {})
+
+    def update_from_disk(self, path: str, version: int) -> None:
+        _, out = self.call("POST", "/update_weights_from_disk",
+                           {"model_path": path, "weight_version": str(version), "flush_cache": True,
+                            "abort_all_requests": False}, accept=(200, 400))
+        _check_success(out, "/update_weights_from_disk")
+
+    def update_from_tensor(self, serialized: list[str], version: int, flush: bool) -> None:
+        _, out = self.call("POST", "/update_weights_from_tensor",
+                           {"serialized_named_tensors": serialized, "weight_version": str(version),
+                            "flush_cache": flush, "abort_all_requests": False}, accept=(200, 400))
+        _check_success(out, "/update_weights_from_tensor")
+
+    def set_weight_version(self, version: int) -> None:
+        _, out = self.call("POST", "/update_weight_version",
+                           {"new_version": str(version), "abort_all_requests": False}, accept=(200, 400))
+        _check_success(out, "/update_weight_version")
+
+    def flush_cache(self, timeout: float) -> None:
+        """Flush the radix cache, retrying while the server says it is busy (400), up to ``timeout``."""
+        deadline, attempts = time.monotonic() + timeout, 0
+        while True:
+            attempts += 1
+            status, out = self.call("POST", "/flush_cache", accept=(200, 400))
+            if status == 200:
+                return
+            if time.monotonic() + FLUSH_RETRY_S > deadline:
+                raise SGLangError(f"POST /flush_cache refused {attempts} times in {timeout:.0f}s "
+                                  f"(rollout.sglang.flush_timeout); last answer: {str(out)[:300]}")
+            time.sleep(FLUSH_RETRY_S)
+
+
+def _check_success(out, endpoint: str) -> None:
+    if not (isinstance(out, dict) and out.get("success")):
+        raise SGLangError(f"{endpoint} failed: {str(out)[:500]}")
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """'0.5.10.post1' -> (0, 5, 10), '0.4.9rc1' -> (0, 4, 9): the numeric release, for feature checks."""
+    import re
+
+    return tuple(int(x) for x in re.findall(r"\d+", re.match(r"[\d.]*\d", str(text)).group(0))) \
+        if re.match(r"\d", str(text)) else ()
+
+
+# ---------------------------------------------------------------------------- requests and responses
+def sampling_params(s: SamplingParams, stop_ids: list[int]) -> dict:
+    """sglang's sampling_params for ``s``: every field explicit (sglang's own defaults differ)."""
+    return {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p,
+            "top_k": s.top_k if s.top_k > 0 else -1,  # sglang: -1 is off, 0 is invalid
+            "min_p": 0.0, "stop_token_ids": list(stop_ids), "ignore_eos": False, "no_stop_trim": True,
+            "skip_special_tokens": False, "n": 1}
+
+
+def generate_request(prompts: list[list[int]], sampling: SamplingParams, stop_ids: list[int],
+                     rids: list[str]) -> dict:
+    """One batched /generate: token ids in, per-token logprobs of the outputs only, one rid per sequence."""
+    if len(rids) != len(prompts) or len(set(rids)) != len(rids):
+        raise ValueError("one distinct rid per prompt")
+    return {"input_ids": [list(p) for p in prompts], "sampling_params": sampling_params(sampling, stop_ids),
+            "return_logprob": True, "logprob_start_len": -1, "top_logprobs_num": 0, "rid": list(rids),
+            "stream": False}
+
+
+def parse_generation(item: dict, expect_version: str | None) -> Generation | None:
+    """A /generate result as a Generation; None when the server aborted it (send it again).
+
+    Checks what the rest of the system relies on: one logprob per output token, for that token, and the
+    weight version the engine installed (``expect_version``; None: no check).
+    """
+    meta = item.get("meta_info")
+    if not isinstance(meta, dict) or "finish_reason" not in meta:
+        raise SGLangError(f"/generate returned an item without meta_info.finish_reason: {str(item)[:300]}")
+    reason = meta["finish_reason"] or {}
+    kind = reason.get("type") if isinstance(reason, dict) else str(reason)
+    if kind == "abort":
+        return None
+    if kind not in ("stop", "length"):
+        raise SGLangError(f"/generate finished with an unknown reason {reason!r}")
+    ids = item.get("output_ids")
+    logprobs = meta.get("output_token_logprobs")
+    if ids is None or logprobs is None:
+        raise SGLangError("/generate returned no output_ids or output_token_logprobs: was return_logprob sent?")
+    if len(logprobs) != len(ids):
+        raise SGLangError(f"/generate returned {len(logprobs)} logprobs for {len(ids)} output tokens")
+    for entry, token in zip(logprobs, ids):
+        if entry[1] != token:
+            raise SGLangError(f"/generate logprob entry {entry!r} is for token {entry[1]}, the output has {token}")
+    if expect_version is not None and str(meta.get("weight_version")) != expect_version:
+        raise SGLangError(f"/generate ran at weight version {meta.get('weight_version')!r} but this engine "
+                          f"installed {expect_version!r}: another client updated the server, or an update was lost")
+    return Generation([int(t) for t in ids], [float(e[0]) for e in logprobs], kind)
+
+
+def rids_for(prefix: str, call: int, n: int) -> list[str]:
+    """Fixed-width rids: none is a prefix of another (sglang's abort matches rid prefixes)."""
+    return [f"{prefix}-{call:010d}-{i:06d}" for i in range(n)]
+
+
+# ---------------------------------------------------------------------------- weight updates
+def update_weights(client: SGLangClient, push, version: int, flush_timeout: float) -> None:
+    """The update sequence of the module docstring around ``push()`` (the update call itself)."""
+    client.pause()
+    push()
+    client.set_weight_version(version)
+    client.flush_cache(flush_timeout)
+    client.resume()
+    served = str(client.model_info().get("weight_version"))
+    if served != str(version):
+        raise SGLangError(f"after updating to version {version} the server reports weight_version {served!r}")
+
+
+def write_snapshot(weights: dict[str, torch.Tensor], directory: Path, model_path: str) -> Path:
+    """A loadable checkpoint directory: the weights as safetensors plus the start checkpoint's config files."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"))
+    for name in ("config.json", "generation_config.json"):
+        if (Path(model_path) / name).exists():
+            shutil.copy(Path(model_path) / name, directory / name)
+    return directory
+
+
+def tensor_buckets(weights: dict[str, torch.Tensor], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """Split ``weights`` into lists of at most ``bucket_bytes`` (a bigger tensor goes alone), in order."""
+    buckets, current, size = [], [], 0
+    for name, t in weights.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append((name, t))
+        size += nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+# ---------------------------------------------------------------------------- the engine
+class SGLangEngine:
+    """A RolloutEngine on one sglang server (launched here or reached at ``rollout.sglang.url``)."""
+
+    def __init__(self, model_path: str, cfg):
+        from roles.hf import stop_token_ids
+
+        self.cfg: SGLangConfig = cfg.sglang
+        self.model_path, self.dtype, self.seed = model_path, cfg.dtype, cfg.seed
+        self.stop_ids = stop_token_ids(model_path)
+        self.server: subprocess.Popen | None = None
+        self.log_path: str | None = None
+        url = self.cfg.url or self._launch()
+        self.client = SGLangClient(url, self.cfg.api_key, self.cfg.request_timeout)
+        self._wait_ready()
+        self.version = 0
+        self.installed: str | None = None  # the weight_version tag this engine set (None: the server's own)
+        self.prefix = f"rlf{uuid.uuid4().hex[:8]}"
+        self.calls = 0
+        self.update_root = Path(self.cfg.update_dir or tempfile.mkdtemp(
+            prefix="rlflow-sglang-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+        self._snapshot: Path | None = None
+        at_role_exit(self.close)  # a stopped replica leaves no server and no snapshot in memory
+
+    # -------------------------------------------------------------- the interface
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+        out: list[Generation | None] = [None] * len(prompts)
+        todo = list(range(len(prompts)))
+        for attempt in range(self.cfg.max_retries + 1):
+            self.calls += 1
+            rids = rids_for(self.prefix, self.calls, len(todo))
+            items = self.client.generate(generate_request([prompts[i] for i in todo], sampling, self.stop_ids, rids))
+            if len(items) != len(todo):
+                raise SGLangError(f"/generate returned {len(items)} results for {len(todo)} prompts")
+            again = []
+            for i, item in zip(todo, items):
+                out[i] = parse_generation(item, self.installed)
+                if out[i] is None:
+                    again.append(i)
+            if not again:
+                return out  # type: ignore[return-value]
+            todo = again
+        raise SGLangError(f"the server aborted {len(todo)} sequences {self.cfg.max_retries + 1} times "
+                          f"(rollout.sglang.max_retries): is another client pausing it?")
+
+    def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        if self.cfg.update == "disk":
+            previous, target = self._snapshot, write_snapshot(weights, self.update_root / f"v{version}", self.model_path)
+            update_weights(self.client, lambda: self.client.update_from_disk(str(target), version), version,
+                           self.cfg.flush_timeout)
+            self._snapshot = target
+            if previous is not None and previous != target:
+                shutil.rmtree(previous, ignore_errors=True)
+        else:
+            update_weights(self.client, lambda: self._push_tensors(weights, version), version, self.cfg.flush_timeout)
+        self.version, self.installed = version, str(version)
+
+    def _push_tensors(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        """update=tensor: GPU copies in buckets, handed over as CUDA IPC handles (sglang's serializer)."""
+        try:
+            from sglang.srt.utils import MultiprocessingSerializer
+        except ImportError as e:
+            raise SGLangError("rollout.sglang.update=tensor serializes with sglang's own code: install the "
+                              "sglang extra in the rollout's environment, or use update=disk") from e
+        buckets = tensor_buckets(weights, self.cfg.bucket_mb << 20)
+        for k, bucket in enumerate(buckets):
+            named = [(name, t.to("cuda", non_blocking=True)) for name, t in bucket]
+            torch.cuda.synchronize()
+            payload = MultiprocessingSerializer.serialize(named, output_str=True)
+            self.client.update_from_tensor([payload] * self.cfg.tp_size, version, flush=k == len(buckets) - 1)
+
+    def close(self) -> None:
+        if self.server is not None and self.server.poll() is None:
+            os.killpg(self.server.pid, signal.SIGTERM)
+            try:
+                self.server.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.server.pid, signal.SIGKILL)
+        if self._snapshot is not None:
+            shutil.rmtree(self._snapshot, ignore_errors=True)
+        if self.cfg.update_dir is None:
+            shutil.rmtree(self.update_root, ignore_errors=True)
+
+    # -------------------------------------------------------------- the server
+    def _launch(self) -> str:
+        try:
+            import sglang  # noqa: F401
+        except ImportError:
+            raise SGLangError("rollout.engine=sglang with no rollout.sglang.url launches an sglang server, but "
+                              "sglang is not installed here: pip install 'rlflow[sglang]' on a GPU host, or give "
+                              "rollout.sglang.url=http://HOST:PORT of a running server") from None
+        port = self.cfg.port or _free_port(self.cfg.host)
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path,
+               "--host", self.cfg.host, "--port", str(port), "--tp-size", str(self.cfg.tp_size),
+               "--dtype", self.dtype, "--random-seed", str(self.seed)]
+        if self.cfg.mem_fraction is not None:
+            cmd += ["--mem-fraction-static", str(self.cfg.mem_fraction)]
+        if self.cfg.api_key:
+            cmd += ["--api-key", self.cfg.api_key]
+        cmd += [str(a) for a in self.cfg.launch_args]
+        env = {k: v for k, v in os.environ.items() if k not in ("SGLANG_RETURN_ORIGINAL_LOGPROB", "RETURN_ORIGINAL_LOGPROB")}
+        log = tempfile.NamedTemporaryFile(prefix="rlflow-sglang-", suffix=".log", delete=False)
+        self.log_path = log.name
+        # Its own session, so close() stops its whole process tree; it dies with this process (pdeathsig).
+        self.server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                       preexec_fn=_die_with_parent)
+        return f"http://{self.cfg.host}:{port}"
+
+    def _wait_ready(self) -> None:
+        """Until the server answers /get_server_info, bounded by startup_timeout; the error says why not."""
+        deadline = time.monotonic() + self.cfg.startup_timeout
+        while True:
+            if self.server is not None and self.server.poll() is not None:
+                raise SGLangError(f"the sglang server exited with code {self.server.returncode} while starting; "
+                                  f"its log ({self.log_path}) ends:\n{_tail(self.log_path)}")
+            try:
+                self.client.server_info()
+                return
+            except SGLangError as e:
+                if time.monotonic() > deadline:
+                    where = f"; its log ({self.log_path}) ends:\n{_tail(self.log_path)}" if self.log_path else ""
+                    raise SGLangError(f"no sglang server ready at {self.client.url} within "
+                                      f"rollout.sglang.startup_timeout={self.cfg.startup_timeout:.0f}s ({e}){where}") from e
+                time.sleep(2.0)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _tail(path: str | None, lines: int = 30) -> str:
+    if not path or not os.path.exists(path):
+        return "(no log)"
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])

@@ -1,0 +1,171 @@
+"""A stand-in for an sglang server, for the tests of a machine where sglang cannot run (no GPU).
+
+It speaks the part of sglang's HTTP API that ``roles/sglang_engine.py`` uses, with the request and
+response shapes of sglang 0.5.x's own server (``http_server.py`` / ``io_struct.py``): batched ``/generate``
+on ``input_ids`` with ``meta_info.output_token_logprobs`` as [logprob, token_id, text] triples and
+``finish_reason`` objects; abort-mode ``/pause_generation``; ``/update_weights_from_disk``
+answering {success, message, num_paused_requests}; ``/update_weight_version``; a plain-text
+``/flush_cache`` answering 400 while busy; ``/get_server_info`` and ``/get_model_info``.
+Behind it is a real model (the tiny checkpoint on torch), so generations and weight updates are real.
+It is strict where sglang is: unknown sampling parameters, top_k 0, duplicate rids and a batch whose rid
+list has the wrong length are 400s. Faults can be injected (``flush_busy``, ``abort_next``).
+
+Every call is recorded in ``calls`` as (path, body) so a test can check the engine's sequencing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "ignore_eos",
+                 "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "n", "min_new_tokens",
+                 "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "json_schema", "regex",
+                 "sampling_seed"}
+
+
+class StandIn:
+    def __init__(self, model_path: str, version: str = "0.5.10", seed: int = 0):
+        from types import SimpleNamespace
+
+        from roles.hf import HFRolloutEngine
+
+        self.model_path, self.server_version = model_path, version
+        self.engine = HFRolloutEngine(model_path, SimpleNamespace(device="cpu", dtype="float32", max_batch=256, seed=seed))
+        self.weight_version = "default"
+        self.lock = threading.Lock()  # one model: requests take turns
+        self.resumed = threading.Event()
+        self.resumed.set()
+        self.calls: list[tuple[str, dict | None]] = []
+        self.flush_busy = 0  # the next N flushes answer 400 (scheduler not idle)
+        self.abort_next = 0  # the next generate aborts its first N sequences
+        self.fail_update = False  # the next disk update answers success false
+        self.generated_versions: list[str] = []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def paths(self) -> list[str]:
+        return [p for p, _ in self.calls]
+
+    # ---------------------------------------------------------------- endpoints: (status, body)
+    def handle(self, method: str, path: str, body):
+        path = path.split("?")[0]
+        self.calls.append((path, body))
+        if path == "/get_server_info":
+            return 200, {"version": self.server_version, "model_path": self.model_path, "tp_size": 1,
+                         "weight_version": "default"}
+        if path in ("/get_model_info", "/model_info"):
+            return 200, {"model_path": self.model_path, "tokenizer_path": self.model_path, "is_generation": True,
+                         "preferred_sampling_params": None, "weight_version": self.weight_version}
+        if path == "/generate":
+            return self.generate(body)
+        if path == "/pause_generation":
+            if body.get("mode", "abort") not in ("abort", "retract", "in_place"):
+                return 400, {"error": {"message": f"bad mode {body.get('mode')}"}}
+            self.resumed.clear()
+            return 200, {"message": "Generation paused successfully.", "status": "ok"}
+        if path == "/continue_generation":
+            self.resumed.set()
+            return 200, {"message": "Generation continued successfully.", "status": "ok"}
+        if path == "/update_weights_from_disk":
+            return self.update_from_disk(body)
+        if path == "/update_weight_version":
+            self.weight_version = body["new_version"]
+            return 200, {"success": True, "message": "Weight version updated", "new_version": self.weight_version}
+        if path == "/flush_cache":
+            if self.flush_busy > 0:
+                self.flush_busy -= 1
+                return 400, "Flush cache failed.\n"
+            return 200, "Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting requests, the operation will not be performed.)\n"
+        return 404, {"detail": "Not Found"}
+
+    def generate(self, body):
+        from roles.interfaces import SamplingParams
+
+        ids = body.get("input_ids")
+        sp = body.get("sampling_params") or {}
+        unknown = set(sp) - SAMPLING_KEYS
+        if unknown:
+            return 400, {"error": f"unknown sampling parameters {sorted(unknown)}"}
+        if sp.get("top_k", -1) == 0:
+            return 400, {"error": {"message": "top_k must be -1 (disable), or at least 1, got 0."}}
+        if not ids or not isinstance(ids[0], list):
+            return 400, {"error": {"message": "this stand-in serves batched input_ids only"}}
+        rids = body.get("rid")
+        if isinstance(rids, list) and (len(rids) != len(ids) or len(set(rids)) != len(rids)):
+            return 400, {"error": {"message": "rid list must have one distinct rid per item"}}
+        if not self.resumed.wait(60):  # sglang holds new requests while paused
+            return 503, {"error": {"message": "paused for 60s"}}
+        top_k = sp.get("top_k", -1)
+        sampling = SamplingParams(sp.get("max_new_tokens", 128), sp.get("temperature", 1.0), sp.get("top_p", 1.0),
+                                  0 if top_k == -1 else top_k)
+        with self.lock:
+            gens = self.engine.generate(ids, sampling)
+            version = self.weight_version
+        self.generated_versions.append(version)
+        out = []
+        for i, (prompt, g) in enumerate(zip(ids, gens)):
+            rid = rids[i] if isinstance(rids, list) else f"r{i}"
+            if i < self.abort_next:
+                out.append({"text": "", "output_ids": [], "meta_info": {
+                    "id": rid, "finish_reason": {"type": "abort", "message": "Abort in waiting queue"},
+                    "completion_tokens": 0, "output_token_logprobs": []}})
+                continue
+            reason = ({"type": "stop", "matched": g.response_ids[-1]} if g.finish_reason == "stop"
+                      else {"type": "length", "length": len(g.response_ids)})
+            out.append({"text": "", "output_ids": g.response_ids, "meta_info": {
+                "id": rid, "finish_reason": reason, "prompt_tokens": len(prompt),
+                "completion_tokens": len(g.response_ids), "cached_tokens": 0, "weight_version": version,
+                "output_token_logprobs": [[lp, t, None] for lp, t in zip(g.logprobs, g.response_ids)],
+                "input_token_logprobs": [[None, prompt[-1], None]]}})
+        self.abort_next = 0
+        return 200, out
+
+    def update_from_disk(self, body):
+        from safetensors.torch import load_file
+
+        from roles.hf import load_parameters
+
+        path = Path(body["model_path"])
+        if self.fail_update or not (path / "model.safetensors").exists():
+            self.fail_update = False
+            return 400, {"success": False, "message": f"Failed to update weights: no checkpoint at {path}",
+                         "num_paused_requests": 0}
+        with self.lock:
+            load_parameters(self.engine.model, load_file(str(path / "model.safetensors")))
+            if body.get("weight_version") is not None:
+                self.weight_version = body["weight_version"]
+        return 200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+
+
+def _handler(standin: StandIn):
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self, method: str) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length)) if length else None
+            status, payload = standin.handle(method, self.path, body if body is not None else {})
+            raw = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain" if isinstance(payload, str) else "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def do_GET(self):
+            self._serve("GET")
+
+        def do_POST(self):
+            self._serve("POST")
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
