@@ -202,6 +202,7 @@ def validate(cfg: RunConfig) -> None:
     for name, value in (("rollout.replicas", r.replicas), ("reward.replicas", cfg.reward.replicas),
                         ("reference.replicas", cfg.reference.replicas), ("rollout.threads", r.threads),
                         ("actor.threads", a.threads), ("actor.groups_per_step", a.groups_per_step),
+                        ("actor.replicas", a.replicas),
                         ("rollout.groups_per_call", r.groups_per_call), ("actor.micro_batch", a.micro_batch)):
         _require(value >= 1, name, f"must be >= 1, got {value}")
     for name, value in (("rollout.dtype", r.dtype), ("reference.dtype", cfg.reference.dtype)):
@@ -218,6 +219,9 @@ def validate(cfg: RunConfig) -> None:
              "sync.keyframe_ratio/hop_timeout/uplink_mb_s", "need keyframe_ratio > 0, hop_timeout > 0, uplink_mb_s >= 0")
     if r.engine == "sglang":
         _validate_sglang(r)
+    _require(a.replicas < 1 or a.groups_per_step % a.replicas == 0, "actor.replicas",
+             f"each trainer replica takes groups_per_step / replicas groups: {a.groups_per_step} groups do not "
+             f"split over {a.replicas} replicas; make actor.groups_per_step a multiple of actor.replicas")
     _require(a.advantage in ADVANTAGES, "actor.advantage", f"choose one of {ADVANTAGES}, got {a.advantage!r}")
     _require(a.aggregation in AGGREGATIONS, "actor.aggregation", f"choose one of {AGGREGATIONS}, got {a.aggregation!r}")
     _require(a.old_logprobs in OLD_LOGPROBS, "actor.old_logprobs", f"choose one of {OLD_LOGPROBS}, got {a.old_logprobs!r}")

@@ -48,6 +48,7 @@ from transfer import BusClient, ServerConfig, security
 def run(dcfg: DictConfig, console: Console) -> int:
     """Run one training job; returns the process exit code (0: all steps done)."""
     cfg: RunConfig = OmegaConf.to_object(dcfg)
+    token_auth_for_joining(cfg)  # before anything imports ray
     validate(cfg)
     if cfg.launcher == "local":  # under Ray the GPUs are the cluster's, not necessarily this machine's
         check_devices(cfg)
@@ -62,6 +63,20 @@ def run(dcfg: DictConfig, console: Console) -> int:
     except StartError as e:  # nothing ran: the message says what could not start, no traceback needed
         console.print(f"[red]error[/]: {e}")
         return 1
+
+
+def token_auth_for_joining(cfg: RunConfig) -> None:
+    """Joining a Ray cluster: send our auth token when we have one.
+
+    Ray 2.5x clusters require a token by default, but a driver that joins one sends its token only in
+    token mode, which Ray reads from RAY_AUTH_MODE when it is imported. Sending a token to a cluster
+    without authentication is harmless, so token mode is turned on whenever a token is at hand.
+    """
+    if cfg.launcher != "ray" or cfg.ray.address is None or "RAY_AUTH_MODE" in os.environ:
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or \
+            (Path.home() / ".ray" / "auth_token").exists():
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def check_devices(cfg: RunConfig) -> None:
@@ -102,8 +117,8 @@ def plan_roles(cfg: RunConfig) -> list[tuple[str, int, object, dict, int]]:
 
     reward = dataclasses.replace(cfg.reward, fn=cfg.reward.fn or get_task(cfg.data.task).reward)
     sync = dataclasses.replace(cfg.sync, dtype=cfg.sync.dtype or cfg.rollout.dtype)
-    roles = [("actor", 0, cfg.actor, {"steps": cfg.flow.steps, "staleness": cfg.flow.staleness, "sync": sync},
-              cfg.actor.threads)]
+    roles = [("actor", i, cfg.actor, {"steps": cfg.flow.steps, "staleness": cfg.flow.staleness, "sync": sync},
+              cfg.actor.threads) for i in range(cfg.actor.replicas)]
     roles += [("rollout", i, dataclasses.replace(cfg.rollout, seed=cfg.rollout.seed + i), {"sync": sync},
                cfg.rollout.threads) for i in range(cfg.rollout.replicas)]
     roles += [("reward", i, reward, {}, 1) for i in range(cfg.reward.replicas)]
@@ -127,7 +142,8 @@ class Run:
         self.busy: Counter = Counter()  # seconds each role spent working, from its reports
         self.reward_errors: Counter = Counter()
         self.work: Counter = Counter()  # samples each role replica processed, from its reports
-        self.trained: Counter = Counter()  # uid -> optimizer steps that consumed it (the exactly-once ledger)
+        self.trained: Counter = Counter()
+        self.trainer: dict = {}  # from the actor's done report: replicas, identical_weights  # uid -> optimizer steps that consumed it (the exactly-once ledger)
         self.sync_reports: list[dict] = []  # rollout weight applies since the last step's metrics line
         self.sync_totals: dict[str, dict] = {}  # per rollout replica: bytes from the actor / from peers, applies
 
@@ -268,6 +284,10 @@ class Run:
             return self._failed(ev["role"], ev["replica"], ev.get("traceback"), "failed")
         elif kind == "done":
             self.closing.set()
+            self.trainer = {"replicas": ev["replicas"], "identical_weights": ev["identical_weights"]}
+            if not ev["identical_weights"]:
+                self.console.print("[red]the trainer replicas ended with different weights[/]")
+                return 1
             self.console.print(f"[green]done[/]: {ev['version']} steps; checkpoint in {self.cfg.run_dir}/checkpoints/final")
             return 0
         return None
@@ -298,7 +318,7 @@ class Run:
     def _summary(self, wall: float) -> None:
         summary = {"wall_s": round(wall, 3), "model_path": self.model_path, "launcher": self.cfg.launcher,
                    "busy_s": dict(self.busy), "samples_by_replica": dict(self.work), "reward_errors": sum(self.reward_errors.values()),
-                   "samples": self._ledger(), "sync": self.sync_totals}
+                   "samples": self._ledger(), "trainer": self.trainer, "sync": self.sync_totals}
         (Path(self.cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
 
     # ------------------------------------------------------------------ shut down

@@ -141,8 +141,14 @@ class RayPlacement:
                      _temp_dir=self.temp_dir, runtime_env=runtime_env or None,
                      logging_level="WARNING", log_to_driver=True)
         else:
-            ray.init(address=self.cfg.address, namespace=self.namespace, runtime_env=runtime_env or None,
-                     logging_level="WARNING", log_to_driver=True)
+            try:
+                ray.init(address=self.cfg.address, namespace=self.namespace, runtime_env=runtime_env or None,
+                         logging_level="WARNING", log_to_driver=True)
+            except ConnectionError as e:
+                raise StartError(f"could not join the Ray cluster at ray.address={self.cfg.address!r}: {_first_line(e)}"
+                                 f"{'; ' + _first_line(e.__cause__) if e.__cause__ else ''}. Is it running and "
+                                 f"reachable? With token authentication, make its token available here "
+                                 f"(~/.ray/auth_token or RAY_AUTH_TOKEN)") from e
 
     def _place_group(self, roles) -> None:
         bundles = [_bundle(self.cfg.bus)] + [_bundle(getattr(self.cfg, r)) for r, _ in roles]
@@ -168,8 +174,11 @@ class RayPlacement:
         ready, _ = ray.wait([ref], timeout=self.cfg.start_timeout)
         if not ready:
             raise StartError(self._pending_message({"bus": (self.cfg.bus, None)}))
-        address = ray.get(ref)
-        self.where["bus"] = ray.get(self.bus.where.remote())
+        try:
+            address = ray.get(ref)
+            self.where["bus"] = ray.get(self.bus.where.remote())
+        except ray.exceptions.RayError as e:
+            raise StartError(_could_not_start("the bus", e)) from e
         return address
 
     def start_role(self, role: str, replica: int, args: tuple, resources, on_exit: Callable[[str, str | None], None]) -> None:
@@ -197,7 +206,10 @@ class RayPlacement:
             names = [n for n, r in refs.items() if r in pending]
             raise StartError(self._pending_message({n: (self.actors[n][1], None) for n in names}))
         for name, ref in refs.items():
-            self.where[name] = ray.get(ref)
+            try:
+                self.where[name] = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                raise StartError(_could_not_start(name, e)) from e
 
     def _pending_message(self, pending: dict) -> str:
         asks = ", ".join(f"{n} asks {_bundle(res) or '{}'}" for n, (res, _) in pending.items())
@@ -227,6 +239,12 @@ class RayPlacement:
             remove_placement_group(self.pg)
         ray.kill(self.registry)
         ray.shutdown()  # a private cluster stops with it; a joined one only loses this driver
+
+
+def _could_not_start(name: str, e: BaseException) -> str:
+    return (f"{name} could not start on the Ray cluster: {_first_line(e)}. On a cluster, rlflow (and your reward "
+            f"or engine modules) must be importable on every node: install it there or set ray.runtime_env, "
+            f"e.g. ray.runtime_env={{working_dir: .}}")
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,10 +1,15 @@
-"""The entry point of every role process: connect, build the RoleContext, run the role's loop.
+"""The entry point of every role replica: connect, build the RoleContext, run the role's loop.
 
-Shutdown is a designed path: the launcher sends SIGTERM and the process exits at once with status 0,
-wherever its loop is (a blocking bus wait included). Exiting on the spot is safe because a role owns
-nothing that outlives it: rows it took and did not ack return to the bus when their lease ends, its
-unfinished shared-memory payloads are swept by the bus (their writer pid is dead), and its sockets die
-with it. (Raising an exception from the handler instead was tried: when the signal lands inside a
+``run_role`` is the replica itself, whoever hosts it: ``role_main`` (a process of the local launcher)
+or a Ray actor (``flow/ray_cluster.py``). CURVE keys, when the run listens beyond loopback, arrive as
+bytes in the spec and are written to a private directory (``write_keys``).
+
+Shutdown is a designed path: the launcher sends SIGTERM (Ray: ``stop``, then a kill) and the process
+exits at once, wherever its loop is (a blocking bus wait included), after the role's exit hooks
+(``roles.interfaces.at_role_exit``: e.g. a server it launched) and removing its keys. Exiting on the
+spot is safe because a role owns nothing else that outlives it: rows it took and did not ack return to
+the bus when their lease ends, its unfinished shared-memory payloads are swept by the bus (their writer
+pid is dead), and its sockets die with it. (Raising an exception from the handler instead was tried: when the signal lands inside a
 ZeroMQ destructor the exception is swallowed and the role keeps running.) SIGINT is ignored here: a Ctrl-C in the terminal
 reaches the whole process group, and the launcher alone decides the order things stop in. On Linux a
 role also gets SIGTERM when the launcher dies (PR_SET_PDEATHSIG), so no role outlives its launcher.

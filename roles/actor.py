@@ -28,6 +28,7 @@ import torch
 
 from roles import schema
 from roles.interfaces import RoleContext, load_object
+from roles.data_parallel import TrainerGroup
 from roles.loss import aggregate, group_advantages, policy_loss
 from roles.offpolicy import ess, lr_factor, opob_advantages, sequence_log_weights
 from roles.sparse import DTYPES
@@ -41,6 +42,8 @@ class ActorConfig:
 
     engine: str = "hf"
     """'hf' (torch + transformers) or a dotted path to a TrainEngine class."""
+    replicas: int = 1
+    """Data-parallel trainer replicas: each trains on groups_per_step / replicas groups, gradients are summed."""
     groups_per_step: int = 16
     """Prompt groups per optimizer step (batch = groups_per_step x rollout.group_size samples)."""
     lr: float = 3e-4
@@ -108,39 +111,63 @@ def make_engine(cfg: ActorConfig, model_path: str):
 
 
 def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None, sync: SyncConfig) -> None:
-    """``sync.dtype`` must be resolved (the rollout's dtype): patches are diffed in what the rollout runs."""
+    """``sync.dtype`` must be resolved (the rollout's dtype): patches are diffed in what the rollout runs.
+
+    With ``cfg.replicas`` > 1 this is one of several data-parallel replicas (``roles/data_parallel.py``):
+    it trains on its share of each step's groups, and replica 0 alone publishes, saves and reports.
+    """
     torch.manual_seed(cfg.seed)
     engine = make_engine(cfg, ctx.model_path)
-    weights = WeightPublisher(ctx.endpoints.bind_address("weights"), sync, DTYPES[sync.dtype], ctx.keys_dir)
-    ctx.endpoints.advertise("weights", weights.address)
-    weights.publish(engine.version, engine.weights())
+    if cfg.replicas > 1 and not hasattr(engine, "gradients"):
+        raise TypeError(f"actor.replicas={cfg.replicas} sums gradients across replicas: {type(engine).__name__} "
+                        f"has no gradients() (see roles/interfaces.py)")
+    group = TrainerGroup(ctx, cfg.replicas, cfg.device) if cfg.replicas > 1 else None
+    lead = group is None or group.rank == 0
+    weights = None
+    if lead:
+        weights = WeightPublisher(ctx.endpoints.bind_address("weights"), sync, DTYPES[sync.dtype], ctx.keys_dir)
+        ctx.endpoints.advertise("weights", weights.address)
+        weights.publish(engine.version, engine.weights())
     columns = schema.ACTOR_INPUT + (["ref_logprobs"] if cfg.kl_coef > 0 else [])
+    share = cfg.groups_per_step // cfg.replicas  # validation makes it divide
     ctx.report("ready")
     try:
         while engine.version < steps:
             step, t0 = engine.version, time.monotonic()
             acc = StepAccumulator(engine, cfg)
             deliveries, waited = [], 0.0
-            while acc.groups < cfg.groups_per_step:
+            while acc.groups < share:
                 t = time.monotonic()
-                deliveries.append(_take(ctx, columns, cfg.groups_per_step - acc.groups, step, staleness, acc.groups,
-                                        cfg.groups_per_step))
+                deliveries.append(_take(ctx, columns, share - acc.groups, step, staleness, acc.groups, share))
                 waited += time.monotonic() - t
                 acc.add(deliveries[-1].table)
+            uids = [u for d in deliveries for u in d.uids]
+            if group is not None:
+                uids = group.merge(acc, uids)
+                group.all_reduce_gradients(engine.gradients())
             metrics = acc.finish()
             for d in deliveries:
                 ctx.bus.ack(d)
+            if not lead:
+                continue
             sync_metrics = weights.publish(engine.version, engine.weights())
             if cfg.checkpoint_every and engine.version % cfg.checkpoint_every == 0:
                 engine.save(f"{ctx.run_dir}/checkpoints/step-{engine.version}")
             elapsed = time.monotonic() - t0
             ctx.report("metrics", step=step + 1, **metrics, **{
                 "actor/wait_s": waited, "actor/step_s": elapsed, "samples/s": metrics["samples"] / elapsed,
-                **sync_metrics}, uids=[u for d in deliveries for u in d.uids])
-        engine.save(f"{ctx.run_dir}/checkpoints/final")
-        ctx.report("done", version=engine.version)
+                **sync_metrics}, uids=uids)
+        identical = group.identical_weights(engine.weights()) if group is not None else True
+        if lead:
+            engine.save(f"{ctx.run_dir}/checkpoints/final")
+            ctx.report("done", version=engine.version, replicas=cfg.replicas, identical_weights=identical)
+        else:  # the run ends on replica 0's report; stay until the launcher stops this replica
+            time.sleep(ctx.wait_seconds)
     finally:
-        weights.close()
+        if weights is not None:
+            weights.close()
+        if group is not None:
+            group.close()
 
 
 def _take(ctx: RoleContext, columns, n: int, step: int, staleness: int | None, have: int, want: int):

@@ -211,6 +211,13 @@ class HFTrainEngine:
             seq_logp.append(float(logp.detach()))
         return torch.tensor(grad_sq, dtype=torch.float64), torch.tensor(seq_logp, dtype=torch.float64)
 
+    def gradients(self) -> list[torch.Tensor]:
+        """Every trainable parameter's accumulated gradient, zeros where nothing flowed (for all-reduce)."""
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.model.parameters() if p.requires_grad]
+
     def weights(self) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.model.named_parameters()}
 

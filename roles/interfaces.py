@@ -65,6 +65,10 @@ class TrainEngine(Protocol):
         ``lr_scale`` (VCPO's factor, for this step only: restore the rate after), zero grads, version += 1.
         Returns metrics, e.g. ``actor/grad_norm`` and ``lr/effective``."""
 
+    # Optional, for actor.replicas > 1 (data-parallel trainers):
+    # def gradients(self) -> list[Tensor]:
+    #     """Every trainable parameter's accumulated gradient (zeros where none flowed), summed in place."""
+
     # Optional, for actor.advantage=opob:
     # def trajectory_grad_sq(self, prompts, responses) -> tuple[Tensor, Tensor]:
     #     """([B] squared norm of each response's ∇_θ log π_θ, [B] its log π_θ), leaving .grad untouched."""

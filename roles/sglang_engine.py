@@ -390,7 +390,8 @@ class SGLangEngine:
 
     def _wait_ready(self) -> None:
         """Until the server answers /get_server_info, bounded by startup_timeout; the error says why not."""
-        deadline = time.monotonic() + self.cfg.startup_timeout
+        start = time.monotonic()
+        deadline, next_note = start + self.cfg.startup_timeout, start + 30.0
         while True:
             if self.server is not None and self.server.poll() is not None:
                 raise SGLangError(f"the sglang server exited with code {self.server.returncode} while starting; "
@@ -403,6 +404,10 @@ class SGLangEngine:
                     where = f"; its log ({self.log_path}) ends:\n{_tail(self.log_path)}" if self.log_path else ""
                     raise SGLangError(f"no sglang server ready at {self.client.url} within "
                                       f"rollout.sglang.startup_timeout={self.cfg.startup_timeout:.0f}s ({e}){where}") from e
+                if time.monotonic() > next_note:  # model loading takes minutes on big checkpoints: show it
+                    print(f"waiting for the sglang server at {self.client.url} ({time.monotonic() - start:.0f}s of "
+                          f"{self.cfg.startup_timeout:.0f}s)", flush=True)
+                    next_note += 30.0
                 time.sleep(2.0)
 
 

@@ -54,6 +54,7 @@ def test_a_wrong_type_fails_at_compose_time():
     ("actor.vcpo_ref=0", "actor.vcpo_ref"),
     ("actor.ratio_level=group", "actor.ratio_level"),
     ("launcher=slurm", "launcher"),
+    ("actor.replicas=3", "actor.replicas"),  # 16 groups per step do not split over 3 trainers
     ("launcher=ray ray.placement=CLUSTERED", "ray.placement"),
     ("launcher=ray ray.rollout.cpus=-1", "ray.rollout"),
     ("launcher=ray ray.placement=PACK ray.reward.cpus=0", "ray.reward"),  # an empty bundle

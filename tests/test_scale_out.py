@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,20 +35,49 @@ def assert_no_ray_cluster_left(run_dir: Path) -> None:
             assert temp not in cmdline, f"pid {proc.name} of the private Ray cluster is still running: {cmdline[:200]}"
 
 
-def test_the_ray_launcher_trains_bit_for_bit_like_the_local_one(tmp_path, tiny_model, model_cache):
+ON_POLICY = ["flow.staleness=0", "flow.steps=5"]  # deterministic: one rollout replica, synchronous steps
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, tiny_model, model_cache) -> list[dict]:
+    """The reference: the local launcher, one trainer, on-policy (shared by the comparisons below)."""
+    run_dir = tmp_path_factory.mktemp("local") / "run"
+    r = rlflow(run_dir, model_cache, "launcher=local", *ON_POLICY)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return metrics(run_dir)
+
+
+def test_the_ray_launcher_trains_bit_for_bit_like_the_local_one(tmp_path, local_run, model_cache):
     """At staleness 0 with one rollout replica a run is deterministic, so the launchers must agree exactly."""
-    runs = {}
-    for launcher in ("local", "ray"):
-        run_dir = tmp_path / launcher
-        r = rlflow(run_dir, model_cache, f"launcher={launcher}", "flow.staleness=0", "flow.steps=5")
-        assert r.returncode == 0, r.stdout + r.stderr
-        runs[launcher] = metrics(run_dir)
-        assert_all_processes_gone(run_dir)
+    run_dir = tmp_path / "ray"
+    r = rlflow(run_dir, model_cache, "launcher=ray", *ON_POLICY)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = metrics(run_dir)
     for key in ("reward/mean", "loss", "samples", "staleness/max"):
-        assert [m[key] for m in runs["ray"]] == [m[key] for m in runs["local"]], key
-    pids = json.loads((tmp_path / "ray" / "processes.json").read_text())
+        assert [m[key] for m in rows] == [m[key] for m in local_run], key
+    pids = json.loads((run_dir / "processes.json").read_text())
     assert pids["kind"] == "ray" and set(pids["roles"]) == {"actor-0", "rollout-0", "reward-0"}
-    assert_no_ray_cluster_left(tmp_path / "ray")
+    assert_all_processes_gone(run_dir)
+    assert_no_ray_cluster_left(run_dir)
+
+
+@pytest.mark.parametrize("launcher", ["local", "ray"])
+def test_two_data_parallel_trainers_take_the_steps_one_trainer_takes(tmp_path, local_run, model_cache, launcher):
+    """Each replica trains half of each step's groups; the summed gradient is the whole batch's, so the
+    run matches one trainer's (same samples, losses equal up to float summation order) and the
+    replicas end with bit-identical weights."""
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, f"launcher={launcher}", "actor.replicas=2", *ON_POLICY)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = metrics(run_dir)
+    assert [m["reward/mean"] for m in rows] == [m["reward/mean"] for m in local_run]
+    assert [m["loss"] for m in rows] == pytest.approx([m["loss"] for m in local_run], rel=1e-5, abs=1e-7)
+    assert [m["ess/ratio"] for m in rows] == pytest.approx([m["ess/ratio"] for m in local_run], rel=1e-6)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["trainer"] == {"replicas": 2, "identical_weights": True}
+    assert summary["samples"]["trained"] == summary["samples"]["issued"] == 80
+    assert summary["samples"]["trained_more_than_once"] == 0
+    assert_all_processes_gone(run_dir)
 
 
 @pytest.mark.parametrize("launcher", [["launcher=local"], ["launcher=ray", "ray.placement=PACK"]],
@@ -111,3 +141,43 @@ def test_a_request_no_node_can_meet_fails_naming_the_replica_and_what_it_asked(t
     assert r.returncode == 1, r.stdout + r.stderr
     text = " ".join((r.stdout + r.stderr).split())  # rich wraps long lines
     assert "did not start rollout-0 within ray.start_timeout=8s" in text and "inference_node" in text, text[-3000:]
+
+
+HOLDER = """
+import json, sys, tempfile, ray
+ray.init(address="local", num_cpus=6, include_dashboard=False, object_store_memory=100 << 20,
+         _temp_dir=sys.argv[1], logging_level="ERROR")
+print(json.dumps({"address": ray.get_runtime_context().gcs_address}), flush=True)
+for line in sys.stdin:
+    if line.strip() == "actors":
+        named = ray.util.list_named_actors(all_namespaces=True)
+        print(json.dumps({"alive": [a["name"] for a in named]}), flush=True)
+    else:
+        break
+ray.shutdown()
+"""
+
+
+def test_ray_address_joins_a_running_cluster_and_leaves_it_running_without_its_actors(tmp_path, tiny_model,
+                                                                                     model_cache, short_dir):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, f"{short_dir}/r"], env=_env(), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        address = json.loads(holder.stdout.readline())["address"]
+        run_dir = tmp_path / "run"
+        r = rlflow(run_dir, model_cache, "launcher=ray", f"ray.address={address}", "flow.steps=3",
+                   "reward.replicas=2")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"joined {address}" in " ".join(r.stdout.split())
+        assert json.loads((run_dir / "summary.json").read_text())["samples"]["trained_more_than_once"] == 0
+        holder.stdin.write("actors\n")
+        holder.stdin.flush()
+        alive = json.loads(holder.stdout.readline())["alive"]  # the cluster still answers: it was not stopped
+        assert not [a for a in alive if a.startswith("rlflow")], alive
+        assert_all_processes_gone(run_dir)
+    finally:
+        holder.stdin.close()
+        try:
+            holder.wait(30)
+        except subprocess.TimeoutExpired:
+            holder.kill()
