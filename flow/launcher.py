@@ -112,7 +112,7 @@ def make_tokenize(model_path: str, chat_template: bool):
 
 
 def plan_roles(cfg: RunConfig) -> list[tuple[str, int, object, dict, int]]:
-    """(role, replica, role config, extra serve() arguments, torch threads) for every process."""
+    """(role, replica, role config, extra serve() arguments, torch threads) for every role replica."""
     from roles.tasks import get_task
 
     reward = dataclasses.replace(cfg.reward, fn=cfg.reward.fn or get_task(cfg.data.task).reward)
@@ -142,8 +142,8 @@ class Run:
         self.busy: Counter = Counter()  # seconds each role spent working, from its reports
         self.reward_errors: Counter = Counter()
         self.work: Counter = Counter()  # samples each role replica processed, from its reports
-        self.trained: Counter = Counter()
-        self.trainer: dict = {}  # from the actor's done report: replicas, identical_weights  # uid -> optimizer steps that consumed it (the exactly-once ledger)
+        self.trained: Counter = Counter()  # uid -> optimizer steps that consumed it (the exactly-once ledger)
+        self.trainer: dict = {}  # from the actor's done report: replicas, identical_weights
         self.sync_reports: list[dict] = []  # rollout weight applies since the last step's metrics line
         self.sync_totals: dict[str, dict] = {}  # per rollout replica: bytes from the actor / from peers, applies
 

@@ -57,7 +57,9 @@ class SGLangConfig:
     """rollout.engine=sglang: which server each replica drives and how new weights reach it."""
 
     url: str | None = None
-    """A running sglang server (http://host:port); null: each replica launches its own on its GPU(s)."""
+    """A running sglang server (http://host:port); null: each replica launches its own on its GPU(s): under
+    launcher=ray the GPUs Ray gave it (ray.rollout.gpus), under the local launcher the visible ones from
+    rollout.device (cuda:N starts at GPU N), which replicas would share."""
     host: str = "127.0.0.1"
     """Launched servers: the interface they listen on."""
     port: int = 0
@@ -288,7 +290,7 @@ class SGLangEngine:
         from roles.hf import stop_token_ids
 
         self.cfg: SGLangConfig = cfg.sglang
-        self.model_path, self.dtype, self.seed = model_path, cfg.dtype, cfg.seed
+        self.model_path, self.dtype, self.seed, self.device = model_path, cfg.dtype, cfg.seed, cfg.device
         self.stop_ids = stop_token_ids(model_path)
         self.server: subprocess.Popen | None = None
         self.log_path: str | None = None
@@ -375,6 +377,8 @@ class SGLangEngine:
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path,
                "--host", self.cfg.host, "--port", str(port), "--tp-size", str(self.cfg.tp_size),
                "--dtype", self.dtype, "--random-seed", str(self.seed)]
+        if self.device.startswith("cuda:"):  # rollout.device=cuda:N: the server's first GPU
+            cmd += ["--base-gpu-id", self.device.split(":", 1)[1]]
         if self.cfg.mem_fraction is not None:
             cmd += ["--mem-fraction-static", str(self.cfg.mem_fraction)]
         if self.cfg.api_key:

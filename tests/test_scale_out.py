@@ -181,3 +181,25 @@ def test_ray_address_joins_a_running_cluster_and_leaves_it_running_without_its_a
             holder.wait(30)
         except subprocess.TimeoutExpired:
             holder.kill()
+
+
+def test_ctrl_c_under_ray_stops_the_run_and_its_private_cluster(tmp_path, tiny_model, model_cache):
+    """A terminal's Ctrl-C reaches the whole process group: the launcher and the cluster it started."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_command(run_dir, model_cache, ["launcher=ray", "flow.steps=10000"]),
+                            cwd=Path(__file__).resolve().parents[1], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text()):
+            assert time.monotonic() < deadline and proc.poll() is None, "the run never reached its first step"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130 and "interrupted" in out, out[-3000:]
+    assert_all_processes_gone(run_dir)
+    assert_no_ray_cluster_left(run_dir)
