@@ -4,8 +4,9 @@ Endpoints are named (``weights``: the actor's weight channel; ``weights-3``: rol
 A role that listens calls ``bind_address(name)``, binds there, then ``advertise(name, bound)`` with the
 address it really got; a role that connects calls ``lookup(name, timeout)``.
 
-- ``LocalEndpoints`` (one machine): every name is an ipc path in the run's socket directory, known before
-  anything binds, so advertising is a no-op and lookups never wait.
+- ``LocalEndpoints`` (one machine): a role binds an ipc path in the run's socket directory and advertises
+  what it bound (or any other address, such as a server's URL) as a file beside it; lookups wait for
+  that file, bounded by their timeout, so a name exists only once its owner is listening.
 - ``RayEndpoints`` (a cluster): a role binds tcp on its node's IP with a port the OS picks, and advertises
   the result in the run's registry (a named Ray actor); lookups poll the registry, bounded by their
   timeout, and the error names the endpoint and who should have published it.
@@ -16,6 +17,7 @@ so it crosses process boundaries (multiprocessing spawn, Ray actor arguments) un
 
 from __future__ import annotations
 
+import os
 import time
 
 LOOKUP_POLL_S = 0.2  # between registry polls: endpoints appear once, within seconds of a role starting
@@ -29,10 +31,20 @@ class LocalEndpoints:
         return f"ipc://{self.sock_dir}/{name}"
 
     def advertise(self, name: str, address: str) -> None:
-        pass
+        path = os.path.join(self.sock_dir, f"{name}.endpoint")
+        with open(path + ".tmp", "w") as f:
+            f.write(address)
+        os.replace(path + ".tmp", path)  # atomic: a reader sees the whole address or nothing
 
     def lookup(self, name: str, timeout: float) -> str:
-        return self.bind_address(name)
+        path, deadline = os.path.join(self.sock_dir, f"{name}.endpoint"), time.monotonic() + timeout
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {timeout:.0f}s for endpoint {name!r}: {describe(name)} has not "
+                                   f"published its address; did it start?")
+            time.sleep(LOOKUP_POLL_S)
+        with open(path) as f:
+            return f.read()
 
 
 class RayEndpoints:
@@ -78,6 +90,10 @@ def describe(name: str) -> str:
         return "the actor (its weight channel)"
     if name.startswith("weights-"):
         return f"rollout replica {name.split('-', 1)[1]} (its weight relay)"
+    if name.startswith("sglang-"):
+        return f"rollout replica {name.split('-', 1)[1]} (its sglang server)"
+    if name == "trainer":
+        return "trainer replica 0 (the data-parallel rendezvous)"
     return f"whoever serves {name!r}"
 
 

@@ -117,8 +117,12 @@ def plan_roles(cfg: RunConfig) -> list[tuple[str, int, object, dict, int]]:
 
     reward = dataclasses.replace(cfg.reward, fn=cfg.reward.fn or get_task(cfg.data.task).reward)
     sync = dataclasses.replace(cfg.sync, dtype=cfg.sync.dtype or cfg.rollout.dtype)
-    roles = [("actor", i, cfg.actor, {"steps": cfg.flow.steps, "staleness": cfg.flow.staleness, "sync": sync},
-              cfg.actor.threads) for i in range(cfg.actor.replicas)]
+    broadcast = None
+    if cfg.rollout.engine == "sglang" and cfg.rollout.sglang.update == "distributed":
+        broadcast = {"servers": cfg.rollout.replicas, "tp": cfg.rollout.sglang.tp_size, "sglang": cfg.rollout.sglang,
+                     "backend": "nccl" if cfg.actor.device.startswith("cuda") else "gloo"}
+    actor = {"steps": cfg.flow.steps, "staleness": cfg.flow.staleness, "sync": sync, "broadcast": broadcast}
+    roles = [("actor", i, cfg.actor, actor, cfg.actor.threads) for i in range(cfg.actor.replicas)]
     roles += [("rollout", i, dataclasses.replace(cfg.rollout, seed=cfg.rollout.seed + i), {"sync": sync},
                cfg.rollout.threads) for i in range(cfg.rollout.replicas)]
     roles += [("reward", i, reward, {}, 1) for i in range(cfg.reward.replicas)]

@@ -110,8 +110,14 @@ def make_engine(cfg: ActorConfig, model_path: str):
     return load_object(cfg.engine, "actor.engine")(model_path, cfg)
 
 
-def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None, sync: SyncConfig) -> None:
+def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None, sync: SyncConfig,
+          broadcast: dict | None = None) -> None:
     """``sync.dtype`` must be resolved (the rollout's dtype): patches are diffed in what the rollout runs.
+
+    ``broadcast`` (sglang rollouts with update=distributed): {"servers": N, "tp": tp size, "backend",
+    "sglang": SGLangConfig}; the trainer then also installs every version on the servers itself
+    (``roles/sglang_engine.WeightBroadcaster``). The weight channel still carries the versions the
+    feeder's admission control reads.
 
     With ``cfg.replicas`` > 1 this is one of several data-parallel replicas (``roles/data_parallel.py``):
     it trains on its share of each step's groups, and replica 0 alone publishes, saves and reports.
@@ -123,8 +129,11 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
                         f"has no gradients() (see roles/interfaces.py)")
     group = TrainerGroup(ctx, cfg.replicas, cfg.device) if cfg.replicas > 1 else None
     lead = group is None or group.rank == 0
-    weights = None
+    weights = servers = None
     if lead:
+        if broadcast is not None:  # before publishing version 0: rollouts start only once their server holds it
+            servers = _broadcaster(ctx, broadcast)
+            servers.push(_in_dtype(engine.weights(), sync), engine.version, cfg.device)
         weights = WeightPublisher(ctx.endpoints.bind_address("weights"), sync, DTYPES[sync.dtype], ctx.keys_dir)
         ctx.endpoints.advertise("weights", weights.address)
         weights.publish(engine.version, engine.weights())
@@ -150,7 +159,11 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
                 ctx.bus.ack(d)
             if not lead:
                 continue
+            if servers is not None:  # the servers hold the new version before the feeder can admit for it
+                broadcast_s = servers.push(_in_dtype(engine.weights(), sync), engine.version, cfg.device)
             sync_metrics = weights.publish(engine.version, engine.weights())
+            if servers is not None:
+                sync_metrics["sync/broadcast_s"] = broadcast_s
             if cfg.checkpoint_every and engine.version % cfg.checkpoint_every == 0:
                 engine.save(f"{ctx.run_dir}/checkpoints/step-{engine.version}")
             elapsed = time.monotonic() - t0
@@ -166,8 +179,26 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
     finally:
         if weights is not None:
             weights.close()
+        if servers is not None:
+            servers.close()
         if group is not None:
             group.close()
+
+
+def _broadcaster(ctx: RoleContext, broadcast: dict):
+    """Connect to every rollout replica's sglang server (endpoints ``sglang-<i>``) in one process group."""
+    from roles.sglang_engine import WeightBroadcaster
+
+    urls = [ctx.endpoints.lookup(f"sglang-{i}", ctx.wait_seconds) for i in range(broadcast["servers"])]
+    address = ctx.endpoints.bind_address("trainer-broadcast")
+    host = address[len("tcp://"):].rpartition(":")[0] if address.startswith("tcp://") else "127.0.0.1"
+    return WeightBroadcaster(urls, [broadcast["tp"]] * len(urls), host, broadcast["backend"], broadcast["sglang"],
+                             ctx.wait_seconds)
+
+
+def _in_dtype(weights: dict[str, torch.Tensor], sync: SyncConfig) -> dict[str, torch.Tensor]:
+    dtype = DTYPES[sync.dtype]
+    return {k: v.to(dtype) for k, v in weights.items()}
 
 
 def _take(ctx: RoleContext, columns, n: int, step: int, staleness: int | None, have: int, want: int):

@@ -26,6 +26,7 @@ class Generation:
     response_ids: list[int]  # [T] token ids, the stop token included when it was produced
     logprobs: list[float]  # [T] log μ(y_t) under the sampling distribution (temperature applied, before top-p)
     finish_reason: str  # "stop" | "length"
+    version: int | None = None  # the policy version that generated it, when the engine knows (else the role's)
 
 
 @dataclass

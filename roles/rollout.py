@@ -75,37 +75,51 @@ def make_engine(cfg: RolloutConfig, model_path: str):
 def serve(cfg: RolloutConfig, ctx: RoleContext, sync: SyncConfig, upstream: str | None = None,
           relay: str | None = None) -> None:
     """``upstream``: the endpoint name of the peer this replica pulls weights from (None: the actor);
-    ``relay``: the endpoint name it serves peers at (None: no peer pulls from it)."""
+    ``relay``: the endpoint name it serves peers at (None: no peer pulls from it).
+
+    An engine whose weights the trainer installs itself (``follows_trainer``: sglang with
+    update=distributed) takes no patches: the replica advertises its server as ``sglang-<replica>``,
+    waits for the server to reach the version a delivery needs, and records each sample's own version.
+    """
     engine = make_engine(cfg, ctx.model_path)
-    ep = ctx.endpoints
-    weights = WeightReceiver(ep.lookup("weights", ctx.wait_seconds), sync,
-                             ep.lookup(upstream, ctx.wait_seconds) if upstream else None,
-                             ep.bind_address(relay) if relay else None, fetch_timeout=ctx.wait_seconds,
-                             keys_dir=ctx.keys_dir)
-    if relay:
-        ep.advertise(relay, weights.address)
+    ep, weights = ctx.endpoints, None
+    follows = getattr(engine, "follows_trainer", False)
+    if follows:
+        ep.advertise(f"sglang-{ctx.replica}", engine.client.url)
+    else:
+        weights = WeightReceiver(ep.lookup("weights", ctx.wait_seconds), sync,
+                                 ep.lookup(upstream, ctx.wait_seconds) if upstream else None,
+                                 ep.bind_address(relay) if relay else None, fetch_timeout=ctx.wait_seconds,
+                                 keys_dir=ctx.keys_dir)
+        if relay:
+            ep.advertise(relay, weights.address)
     sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
     ctx.report("ready")
     try:
         while True:
-            _report_sync(ctx, weights.update(engine))
+            if weights is not None:
+                _report_sync(ctx, weights.update(engine))
             d = next_rows(ctx, "rollout", schema.ROLLOUT_INPUT, cfg.groups_per_call, groups=True)
             if d is None:
                 continue
             need = max(d.table.column("min_version").to_pylist())
-            if weights.version is None or weights.version < need:  # admitted for a version not applied yet
+            if follows:
+                engine.wait_version(need, ctx.wait_seconds)
+            elif weights.version is None or weights.version < need:  # admitted for a version not applied yet
                 _report_sync(ctx, weights.update(engine, need, ctx.wait_seconds))
             start, t0 = engine.version, time.monotonic()
             gens = engine.generate(d.table.column("prompt_ids").to_pylist(), sampling)
-            n = len(gens)
+            versions = [start if g.version is None else g.version for g in gens]
             ctx.bus.put({"uid": d.uids, "response_ids": [g.response_ids for g in gens],
-                         "rollout_logprobs": [g.logprobs for g in gens], "version_start": [start] * n,
-                         "version_end": [engine.version] * n, "finish_reason": [g.finish_reason for g in gens]})
+                         "rollout_logprobs": [g.logprobs for g in gens], "version_start": versions,
+                         "version_end": [max(v, engine.version) for v in versions],
+                         "finish_reason": [g.finish_reason for g in gens]})
             ctx.bus.ack(d)
-            ctx.report("rollout", samples=n, tokens=sum(len(g.response_ids) for g in gens),
+            ctx.report("rollout", samples=len(gens), tokens=sum(len(g.response_ids) for g in gens),
                        seconds=time.monotonic() - t0, version=start)
     finally:
-        weights.close()
+        if weights is not None:
+            weights.close()
 
 
 def _report_sync(ctx: RoleContext, reports: list[dict]) -> None:

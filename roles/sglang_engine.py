@@ -48,7 +48,7 @@ import torch
 
 from roles.interfaces import Generation, SamplingParams, at_role_exit
 
-UPDATES = ("disk", "tensor")
+UPDATES = ("disk", "tensor", "distributed")
 FLUSH_RETRY_S = 0.5  # between flush attempts while the scheduler finishes aborting
 
 
@@ -74,7 +74,9 @@ class SGLangConfig:
     """Bearer key of a server started with --api-key."""
     update: str = "disk"
     """How new weights reach the server: disk (a safetensors snapshot in update_dir, read by the server:
-    same host or a shared filesystem) or tensor (CUDA IPC handles: same host, needs the sglang extra here)."""
+    same host or a shared filesystem), tensor (CUDA IPC handles: same host, needs the sglang extra here),
+    or distributed (the trainer broadcasts every tensor to every server through one process group:
+    NCCL from the trainer's GPU, no patches; `WeightBroadcaster`)."""
     update_dir: str | None = None
     """update=disk: where snapshots are written (null: a directory in /dev/shm, else the temp dir)."""
     bucket_mb: int = 512
@@ -156,6 +158,26 @@ class SGLangClient:
                             "flush_cache": flush, "abort_all_requests": False}, accept=(200, 400))
         _check_success(out, "/update_weights_from_tensor")
 
+    def init_update_group(self, host: str, port: int, rank_offset: int, world_size: int, group: str,
+                          backend: str) -> None:
+        """Join the trainer's process group (blocks until every member has joined)."""
+        _, out = self.call("POST", "/init_weights_update_group",
+                           {"master_address": host, "master_port": port, "rank_offset": rank_offset,
+                            "world_size": world_size, "group_name": group, "backend": backend}, accept=(200, 400))
+        _check_success(out, "/init_weights_update_group")
+
+    def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]], group: str,
+                                version: int) -> None:
+        """Receive the tensors the trainer broadcasts next, in this order (blocks until they arrived)."""
+        _, out = self.call("POST", "/update_weights_from_distributed",
+                           {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group,
+                            "flush_cache": True, "abort_all_requests": False, "weight_version": str(version)},
+                           accept=(200, 400))
+        _check_success(out, "/update_weights_from_distributed")
+
+    def weight_version(self) -> str:
+        return str(self.model_info().get("weight_version"))
+
     def set_weight_version(self, version: int) -> None:
         _, out = self.call("POST", "/update_weight_version",
                            {"new_version": str(version), "abort_all_requests": False}, accept=(200, 400))
@@ -231,10 +253,12 @@ def parse_generation(item: dict, expect_version: str | None) -> Generation | Non
     for entry, token in zip(logprobs, ids):
         if entry[1] != token:
             raise SGLangError(f"/generate logprob entry {entry!r} is for token {entry[1]}, the output has {token}")
-    if expect_version is not None and str(meta.get("weight_version")) != expect_version:
-        raise SGLangError(f"/generate ran at weight version {meta.get('weight_version')!r} but this engine "
+    served = str(meta.get("weight_version"))
+    if expect_version is not None and served != expect_version:
+        raise SGLangError(f"/generate ran at weight version {served!r} but this engine "
                           f"installed {expect_version!r}: another client updated the server, or an update was lost")
-    return Generation([int(t) for t in ids], [float(e[0]) for e in logprobs], kind)
+    return Generation([int(t) for t in ids], [float(e[0]) for e in logprobs], kind,
+                      int(served) if served.isdigit() else None)
 
 
 def rids_for(prefix: str, call: int, n: int) -> list[str]:
@@ -301,6 +325,7 @@ class SGLangEngine:
         self.installed: str | None = None  # the weight_version tag this engine set (None: the server's own)
         self.prefix = f"rlf{uuid.uuid4().hex[:8]}"
         self.calls = 0
+        self.follows_trainer = self.cfg.update == "distributed"  # the trainer installs versions (WeightBroadcaster)
         self.update_root = Path(self.cfg.update_dir or tempfile.mkdtemp(
             prefix="rlflow-sglang-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
         self._snapshot: Path | None = None
@@ -327,7 +352,22 @@ class SGLangEngine:
         raise SGLangError(f"the server aborted {len(todo)} sequences {self.cfg.max_retries + 1} times "
                           f"(rollout.sglang.max_retries): is another client pausing it?")
 
+    def wait_version(self, need: int, timeout: float) -> None:
+        """update=distributed: until the trainer has installed version >= ``need`` on the server (bounded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            served = self.client.weight_version()
+            if served.isdigit() and int(served) >= need:
+                self.version = int(served)
+                return
+            if time.monotonic() > deadline:
+                raise SGLangError(f"waited {timeout:.0f}s for the trainer to broadcast policy version {need} to "
+                                  f"{self.client.url} (it serves {served!r}): is the actor alive?")
+            time.sleep(0.1)
+
     def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        if self.follows_trainer:
+            raise RuntimeError("rollout.sglang.update=distributed: the trainer installs weights, not the rollout")
         if self.cfg.update == "disk":
             previous, target = self._snapshot, write_snapshot(weights, self.update_root / f"v{version}", self.model_path)
             update_weights(self.client, lambda: self.client.update_from_disk(str(target), version), version,
@@ -432,3 +472,82 @@ def _tail(path: str | None, lines: int = 30) -> str:
     if not path or not os.path.exists(path):
         return "(no log)"
     return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------------------- update=distributed: the trainer's side
+def update_group(backend: str, host: str, port: int, world_size: int, rank: int, name: str, timeout: float):
+    """A process group outside torch's default one, formed the way sglang forms its side of it
+    (``init_custom_process_group``: tcp rendezvous, the store prefixed by the group's name), so the
+    trainer (rank 0) and every server rank meet in the same keys. Uses torch's group helper, as sglang does."""
+    import datetime
+
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+
+    delta = datetime.timedelta(seconds=timeout)
+    store, rank, world_size = next(rendezvous(f"tcp://{host}:{port}", rank, world_size, timeout=delta))
+    store.set_timeout(delta)
+    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(name, store),
+                                      group_name=name, backend_options=None, timeout=delta)
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+class WeightBroadcaster:
+    """update=distributed, on the trainer: every server joins one process group with the trainer as rank 0
+    (a server's TP ranks take the ranks after it), and each new version is broadcast tensor by tensor.
+
+    Per version: pause every server (abort), ask each to receive ``names/dtypes/shapes`` while this side
+    broadcasts them in that order, tag the version, flush, continue. The servers' versions then move
+    with the trainer's; rollout replicas read the version each sample was generated at from sglang's
+    response (``Generation.version``), so the staleness bound still holds.
+    """
+
+    def __init__(self, urls: list[str], tp_sizes: list[int], host: str, backend: str, cfg: SGLangConfig,
+                 timeout: float):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.cfg, self.backend = cfg, backend
+        self.clients = [SGLangClient(u, cfg.api_key, cfg.request_timeout) for u in urls]
+        for c in self.clients:
+            c.server_info()
+        self.name = f"rlflow-{uuid.uuid4().hex[:8]}"
+        world = 1 + sum(tp_sizes)
+        port = _free_port(host)
+        offsets = [1 + sum(tp_sizes[:i]) for i in range(len(urls))]
+        self.pool = ThreadPoolExecutor(max(1, len(urls)), thread_name_prefix="rlflow-broadcast")
+        joins = [self.pool.submit(c.init_update_group, host, port, off, world, self.name, backend)
+                 for c, off in zip(self.clients, offsets)]
+        self.group = update_group(backend, host, port, world, 0, self.name, timeout)
+        for j in joins:
+            j.result()
+
+    def push(self, weights: dict[str, torch.Tensor], version: int, device: str) -> float:
+        """Install ``weights`` as ``version`` on every server; returns the seconds it took."""
+        import torch.distributed as dist
+
+        t0 = time.monotonic()
+        names = list(weights)
+        dtypes = [str(weights[n].dtype).removeprefix("torch.") for n in names]
+        shapes = [list(weights[n].shape) for n in names]
+        for c in self.clients:
+            c.pause()
+        receives = [self.pool.submit(c.update_from_distributed, names, dtypes, shapes, self.name, version)
+                    for c in self.clients]
+        for n in names:
+            dist.broadcast(weights[n].to(device).contiguous(), src=0, group=self.group)
+        for r in receives:
+            r.result()
+        for c in self.clients:
+            c.set_weight_version(version)
+            c.flush_cache(self.cfg.flush_timeout)
+            c.resume()
+        return time.monotonic() - t0
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        self.pool.shutdown(wait=False)
+        try:
+            dist.destroy_process_group(self.group)
+        except Exception:  # noqa: BLE001 - the servers may already be gone at shutdown
+            pass

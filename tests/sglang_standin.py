@@ -77,6 +77,10 @@ class StandIn:
             return 200, {"message": "Generation continued successfully.", "status": "ok"}
         if path == "/update_weights_from_disk":
             return self.update_from_disk(body)
+        if path == "/init_weights_update_group":
+            return self.join_group(body)
+        if path == "/update_weights_from_distributed":
+            return self.update_from_distributed(body)
         if path == "/update_weight_version":
             self.weight_version = body["new_version"]
             return 200, {"success": True, "message": "Weight version updated", "new_version": self.weight_version}
@@ -128,6 +132,32 @@ class StandIn:
                 "input_token_logprobs": [[None, prompt[-1], None]]}})
         self.abort_next = 0
         return 200, out
+
+    def join_group(self, body):
+        """sglang's side of the trainer's group: rank = rank_offset + tp_rank (one TP rank here)."""
+        from roles.sglang_engine import update_group  # sglang's init_custom_process_group, as the trainer uses it
+
+        self.group = update_group(body.get("backend") or "nccl", body["master_address"], body["master_port"],
+                                  body["world_size"], body["rank_offset"], body["group_name"], 60)
+        return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
+
+    def update_from_distributed(self, body):
+        """Receive each named tensor by broadcast from rank 0, in the request's order, then load them all."""
+        import torch
+        import torch.distributed as dist
+
+        from roles.hf import load_parameters
+
+        received = {}
+        for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
+            t = torch.empty(shape, dtype=getattr(torch, dtype))
+            dist.broadcast(t, src=0, group=self.group)
+            received[name] = t
+        with self.lock:
+            load_parameters(self.engine.model, received)
+            if body.get("weight_version") is not None:
+                self.weight_version = body["weight_version"]
+        return 200, {"success": True, "message": "Succeeded to update parameter online."}
 
     def update_from_disk(self, body):
         from safetensors.torch import load_file

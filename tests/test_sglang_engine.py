@@ -230,3 +230,25 @@ def test_live_sglang_server_generates_and_takes_a_weight_update():  # pragma: no
         print(json.dumps({"lengths": [len(g.response_ids) for g in gens]}))
     finally:
         engine.close()
+
+
+def test_a_run_where_the_trainer_broadcasts_to_the_server_trains_at_the_trainers_versions(
+        tmp_path, tiny_model, model_cache, standin):
+    """update=distributed: the trainer joins the server in one (gloo) process group and installs each version
+    itself; the rollout reads every sample's version from the server's answers."""
+    from safetensors.torch import load_file
+
+    from test_runs import metrics, rlflow
+
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, "rollout.engine=sglang", f"rollout.sglang.url={standin.url}",
+               "rollout.sglang.update=distributed", "flow.steps=4", "flow.staleness=0", "actor.checkpoint_every=1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = metrics(run_dir)
+    assert len(rows) == 4 and all(m["staleness/max"] == 0 and m["sync/broadcast_s"] > 0 for m in rows)
+    assert standin.generated_versions == ["0", "1", "2", "3"]
+    assert "/update_weights_from_disk" not in standin.paths()
+    assert standin.paths().count("/update_weights_from_distributed") == 5  # version 0, then after each step
+    served = {k: v for k, v in standin.engine.model.named_parameters()}
+    trained = load_file(str(run_dir / "checkpoints/step-4/model.safetensors"))
+    assert all(torch.equal(served[k], trained[k]) for k in served)
