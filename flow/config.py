@@ -219,6 +219,9 @@ def validate(cfg: RunConfig) -> None:
              "sync.keyframe_ratio/hop_timeout/uplink_mb_s", "need keyframe_ratio > 0, hop_timeout > 0, uplink_mb_s >= 0")
     if r.engine == "sglang":
         _validate_sglang(r)
+        _require(r.sglang.update != "distributed" or r.sglang.url is not None or a.device.startswith("cuda"),
+                 "actor.device", "rollout.sglang.update=distributed broadcasts from the trainer's GPU to the "
+                 "servers' GPUs over NCCL: set actor.device=cuda (or update=disk)")
     _require(a.replicas < 1 or a.groups_per_step % a.replicas == 0, "actor.replicas",
              f"each trainer replica takes groups_per_step / replicas groups: {a.groups_per_step} groups do not "
              f"split over {a.replicas} replicas; make actor.groups_per_step a multiple of actor.replicas")

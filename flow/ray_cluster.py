@@ -13,7 +13,8 @@ Invariants:
   else's) in the run's own temp directory, shut down with the run; otherwise the run joins that cluster
   in a namespace of its own and removes only its own actors.
 - Every actor is placed within ``ray.start_timeout`` or the run fails naming the pending replicas, what
-  they asked for and what the cluster has free (an unplaceable request otherwise waits forever).
+  they asked for and what the cluster has free (an unplaceable request otherwise waits forever). On a
+  private cluster a request its one node cannot meet fails at once (no autoscaler will add a node).
 - A role actor that dies (killed, OOM, node lost) is reported like a local process that exits: the run
   stops with that role's name. A role that fails reports its traceback over the control socket first.
 - Stopping: every actor gets ``stop`` (it removes its key files), bounded by ``shutdown_seconds``, and is
@@ -116,6 +117,8 @@ class RayPlacement:
         self.registry = ray.remote(Registry).options(name=REGISTRY, num_cpus=0).remote()
         self.endpoints = RayEndpoints(REGISTRY, self.namespace)
         self.endpoints_spec = {"kind": "ray", "registry": REGISTRY, "namespace": self.namespace}
+        if self.private:  # no autoscaler can add a node: a request no node meets now never will
+            self._check_feasible(roles)
         self.pg = None
         self._bundles: dict[tuple[str, int], int] = {}
         if self.cfg.placement is not None:
@@ -149,6 +152,16 @@ class RayPlacement:
                                  f"{'; ' + _first_line(e.__cause__) if e.__cause__ else ''}. Is it running and "
                                  f"reachable? With token authentication, make its token available here "
                                  f"(~/.ray/auth_token or RAY_AUTH_TOKEN)") from e
+
+    def _check_feasible(self, roles) -> None:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        asks = {"bus": _bundle(self.cfg.bus), **{f"{r}-{i}": _bundle(getattr(self.cfg, r)) for r, i in roles}}
+        for name, ask in asks.items():
+            if not any(all(node.get(k, 0.0) >= v for k, v in ask.items()) for node in nodes):
+                raise StartError(f"no node of the private Ray cluster can meet {name}'s request {ask}: its node has "
+                                 f"{ {k: v for k, v in nodes[0].items() if not k.startswith('node:')} }. Lower "
+                                 f"ray.{name.split('-')[0]} (cpus/gpus/custom), or give the cluster what it needs "
+                                 f"(ray.num_cpus, ray.num_gpus, ray.resources)")
 
     def _place_group(self, roles) -> None:
         bundles = [_bundle(self.cfg.bus)] + [_bundle(getattr(self.cfg, r)) for r, _ in roles]
@@ -232,7 +245,7 @@ class RayPlacement:
         stops = {name: a.stop.remote() for name, a in actors.items()}
         _, left = ray.wait(list(stops.values()), num_returns=len(stops), timeout=shutdown_seconds)
         for name, actor in actors.items():
-            if stops[name] in left:
+            if stops[name] in left and name in self.where:  # one never placed cannot answer: no news
                 warn(f"{name} did not answer stop in {shutdown_seconds}s (its key files may remain): killed")
             ray.kill(actor)
         if self.pg is not None:

@@ -21,7 +21,10 @@ Weight updates (``load_weights``), always in this order:
     update_weight_version          again, without aborting: sglang 0.5.6 drops the tag while paused
     flush_cache                    the radix cache holds KV of the old weights; retried while busy
     continue_generation
-then ``/model_info`` must report the new version. Only ``abort`` pauses: sglang flushes its cache only
+then ``/model_info`` must report the new version. With update=distributed the trainer runs the same
+sequence itself for every server (``WeightBroadcaster``), broadcasting the tensors through a process
+group the servers joined, and the replica only waits for the version it needs and reads each sample's
+version from the response. Only ``abort`` pauses: sglang flushes its cache only
 when the scheduler is idle, which neither ``retract`` nor ``in_place`` guarantees, and a failed flush
 after an update has crashed sglang's scheduler (<= 0.5.15). A failed step raises, naming the endpoint
 and the server's answer, and generation is not resumed on half-updated weights.
@@ -147,9 +150,10 @@ class SGLangClient:
         self.call("POST", "/continue_generation", {})
 
     def update_from_disk(self, path: str, version: int) -> None:
-        _, out = self.call("POST", "/update_weights_from_disk",
-                           {"model_path": path, "weight_version": str(version), "flush_cache": True,
-                            "abort_all_requests": False}, accept=(200, 400))
+        body = {"model_path": path, "weight_version": str(version), "abort_all_requests": False}
+        if self.version is None or self.version >= (0, 5, 6):  # before 0.5.6 the server always flushes
+            body["flush_cache"] = True
+        _, out = self.call("POST", "/update_weights_from_disk", body, accept=(200, 400))
         _check_success(out, "/update_weights_from_disk")
 
     def update_from_tensor(self, serialized: list[str], version: int, flush: bool) -> None:

@@ -63,6 +63,7 @@ def test_a_wrong_type_fails_at_compose_time():
     ("rollout.engine=sglang rollout.sglang.url=localhost:30000", "rollout.sglang.url"),
     ("rollout.engine=sglang rollout.sglang.url=http://h:1 rollout.replicas=2", "rollout.sglang.url"),
     ("rollout.engine=sglang rollout.sglang.url=http://h:1 rollout.sglang.update=nccl", "rollout.sglang.update"),
+    ("rollout.engine=sglang rollout.device=cuda rollout.sglang.update=distributed", "actor.device"),
 ])
 def test_a_bad_value_fails_validation_naming_the_field(override, field):
     cfg = OmegaConf.to_object(_compose(overrides=override.split()))
