@@ -129,14 +129,7 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
                         f"has no gradients() (see roles/interfaces.py)")
     group = TrainerGroup(ctx, cfg.replicas, cfg.device) if cfg.replicas > 1 else None
     lead = group is None or group.rank == 0
-    weights = servers = None
-    if lead:
-        if broadcast is not None:  # before publishing version 0: rollouts start only once their server holds it
-            servers = _broadcaster(ctx, broadcast)
-            servers.push(_in_dtype(engine.weights(), sync), engine.version, cfg.device)
-        weights = WeightPublisher(ctx.endpoints.bind_address("weights"), sync, DTYPES[sync.dtype], ctx.keys_dir)
-        ctx.endpoints.advertise("weights", weights.address)
-        weights.publish(engine.version, engine.weights())
+    publication = Publication(ctx, engine, sync, broadcast, cfg.device) if lead else None
     columns = schema.ACTOR_INPUT + (["ref_logprobs"] if cfg.kl_coef > 0 else [])
     share = cfg.groups_per_step // cfg.replicas  # validation makes it divide
     ctx.report("ready")
@@ -159,11 +152,7 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
                 ctx.bus.ack(d)
             if not lead:
                 continue
-            if servers is not None:  # the servers hold the new version before the feeder can admit for it
-                broadcast_s = servers.push(_in_dtype(engine.weights(), sync), engine.version, cfg.device)
-            sync_metrics = weights.publish(engine.version, engine.weights())
-            if servers is not None:
-                sync_metrics["sync/broadcast_s"] = broadcast_s
+            sync_metrics = publication.publish(engine)
             if cfg.checkpoint_every and engine.version % cfg.checkpoint_every == 0:
                 engine.save(f"{ctx.run_dir}/checkpoints/step-{engine.version}")
             elapsed = time.monotonic() - t0
@@ -177,12 +166,48 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
         else:  # the run ends on replica 0's report; stay until the launcher stops this replica
             time.sleep(ctx.wait_seconds)
     finally:
-        if weights is not None:
-            weights.close()
-        if servers is not None:
-            servers.close()
+        if publication is not None:
+            publication.close()
         if group is not None:
             group.close()
+
+
+class Publication:
+    """Where each new version goes (replica 0 only): the weight channel, and first, with sglang's
+    update=distributed, every rollout server (so a server holds a version before the feeder, which reads
+    versions off the channel, can admit groups for it)."""
+
+    def __init__(self, ctx: RoleContext, engine, sync: SyncConfig, broadcast: dict | None, device: str):
+        self.sync, self.device = sync, device
+        self.servers = self.channel = None
+        try:
+            if broadcast is not None:
+                self.servers = _broadcaster(ctx, broadcast)
+                self.servers.push(self._rollout_dtype(engine), engine.version, device)
+            self.channel = WeightPublisher(ctx.endpoints.bind_address("weights"), sync, DTYPES[sync.dtype],
+                                           ctx.keys_dir)
+            ctx.endpoints.advertise("weights", self.channel.address)
+            self.channel.publish(engine.version, engine.weights())
+        except BaseException:
+            self.close()
+            raise
+
+    def publish(self, engine) -> dict:
+        """Publish the engine's current version; returns its ``sync/*`` metrics."""
+        extra = {}
+        if self.servers is not None:
+            extra["sync/broadcast_s"] = self.servers.push(self._rollout_dtype(engine), engine.version, self.device)
+        return {**self.channel.publish(engine.version, engine.weights()), **extra}
+
+    def _rollout_dtype(self, engine) -> dict[str, torch.Tensor]:
+        dtype = DTYPES[self.sync.dtype]
+        return {k: v.to(dtype) for k, v in engine.weights().items()}
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        if self.servers is not None:
+            self.servers.close()
 
 
 def _broadcaster(ctx: RoleContext, broadcast: dict):
@@ -194,11 +219,6 @@ def _broadcaster(ctx: RoleContext, broadcast: dict):
     host = address[len("tcp://"):].rpartition(":")[0] if address.startswith("tcp://") else "127.0.0.1"
     return WeightBroadcaster(urls, [broadcast["tp"]] * len(urls), host, broadcast["backend"], broadcast["sglang"],
                              ctx.wait_seconds)
-
-
-def _in_dtype(weights: dict[str, torch.Tensor], sync: SyncConfig) -> dict[str, torch.Tensor]:
-    dtype = DTYPES[sync.dtype]
-    return {k: v.to(dtype) for k, v in weights.items()}
 
 
 def _take(ctx: RoleContext, columns, n: int, step: int, staleness: int | None, have: int, want: int):
