@@ -135,7 +135,7 @@ class StandIn:
 
     def join_group(self, body):
         """sglang's side of the trainer's group: rank = rank_offset + tp_rank (one TP rank here)."""
-        from roles.sglang_engine import update_group  # sglang's init_custom_process_group, as the trainer uses it
+        from roles.sglang_api import update_group  # sglang's init_custom_process_group, as the trainer uses it
 
         self.group = update_group(body.get("backend") or "nccl", body["master_address"], body["master_port"],
                                   body["world_size"], body["rank_offset"], body["group_name"], 60)

@@ -18,8 +18,8 @@ import torch
 
 from roles.interfaces import SamplingParams
 from roles.rollout import RolloutConfig
-from roles.sglang_engine import (SGLangConfig, SGLangEngine, SGLangError, generate_request, parse_generation,
-                                 parse_version, rids_for, tensor_buckets)
+from roles.sglang_api import SGLangError, generate_request, parse_generation, parse_version, rids_for
+from roles.sglang_engine import SGLangConfig, SGLangEngine, tensor_buckets
 from sglang_standin import StandIn
 
 
