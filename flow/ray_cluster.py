@@ -109,9 +109,17 @@ class RayPlacement:
         self.keys_dir = str(keygen(os.path.join(sock_dir, "keys")))
         self.keys = read_keys(self.keys_dir)
         t0 = time.monotonic()
-        self._init(cfg, roles, sock_dir)
+        self._init(roles)
+        try:
+            self._prepare(roles)
+        except BaseException:
+            ray.shutdown()  # the constructor failed, so no stop() will: the private cluster goes now
+            raise
         self.log(f"ray: {'private local cluster' if self.private else 'joined ' + str(self.cfg.address)} "
                  f"in {time.monotonic() - t0:.1f}s; resources {ray.cluster_resources()}")
+
+    def _prepare(self, roles) -> None:
+        """The registry, the feasibility check, the placement group and every actor (created, not started)."""
         self.host = ray.util.get_node_ip_address()
         self.control_address = f"tcp://{self.host}:0"
         self.registry = ray.remote(Registry).options(name=REGISTRY, num_cpus=0).remote()
@@ -131,7 +139,7 @@ class RayPlacement:
         self.actors: dict[str, tuple] = {}  # "role-i" -> (handle, resources, where-ref, run-ref)
         self.where: dict[str, dict] = {}
 
-    def _init(self, cfg, roles, sock_dir: str) -> None:
+    def _init(self, roles) -> None:
         runtime_env = dict(self.cfg.runtime_env)
         if self.private:  # workers import what this process imports: its cwd and PYTHONPATH
             path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
@@ -169,8 +177,8 @@ class RayPlacement:
         ready, _ = ray.wait([self.pg.ready()], timeout=self.cfg.start_timeout)
         if not ready:
             raise StartError(f"ray.placement={self.cfg.placement}: the cluster could not place {len(bundles)} "
-                               f"bundles {bundles} within ray.start_timeout={self.cfg.start_timeout:.0f}s; it has "
-                               f"{ray.available_resources()} free")
+                             f"bundles {bundles} within ray.start_timeout={self.cfg.start_timeout:.0f}s; it has "
+                             f"{ray.available_resources()} free")
         self._bundles = {key: i + 1 for i, key in enumerate(roles)}
 
     def _options(self, res, key: tuple[str, int] | None, name: str) -> dict:
