@@ -174,7 +174,8 @@ class Run:
             schema.declare(bus)
         control = self._listen(self.placement.control_address, keys_dir)
         spec = {"bus": bus_address, "control": control, "endpoints": self.placement.endpoints_spec,
-                "keys": self.placement.keys, "model_path": self.model_path, "run_dir": run_dir, "seed": cfg.seed,
+                "keys": self.placement.keys, "keys_parent": self.placement.keys_parent,
+                "model_path": self.model_path, "run_dir": run_dir, "seed": cfg.seed,
                 "wait_seconds": cfg.flow.wait_seconds, "lease_seconds": cfg.flow.lease_seconds,
                 "launcher_pid": os.getpid()}
         for role, replica, role_cfg, extra, threads in plan:

@@ -59,11 +59,11 @@ class Registry:
 class BusActor:
     """Hosts the bus server on a thread, bound on this node's IP (CURVE: it listens beyond loopback)."""
 
-    def start(self, config: ServerConfig, keys: dict[str, bytes]) -> str:
+    def start(self, config: ServerConfig, keys: dict[str, bytes], keys_parent: str) -> str:
         from transfer.server import serve_in_thread
 
         config = dataclasses.replace(config, address=f"tcp://{ray.util.get_node_ip_address()}:0",
-                                     keys_dir=write_keys(keys))
+                                     keys_dir=write_keys(keys, keys_parent))
         self.server, self.thread = serve_in_thread(config)
         return self.server.address
 
@@ -108,6 +108,7 @@ class RayPlacement:
         self.temp_dir = os.path.join(sock_dir, "ray") if self.private else None  # the private cluster's files
         self.keys_dir = str(keygen(os.path.join(sock_dir, "keys")))
         self.keys = read_keys(self.keys_dir)
+        self.keys_parent = sock_dir  # where actors on this node write their copy (see flow/worker.write_keys)
         t0 = time.monotonic()
         self._init(roles)
         try:
@@ -191,7 +192,7 @@ class RayPlacement:
 
     # ------------------------------------------------------------------ the bus and the roles
     def start_bus(self, config: ServerConfig) -> str:
-        ref = self.bus.start.remote(config, self.keys)
+        ref = self.bus.start.remote(config, self.keys, self.keys_parent)
         ready, _ = ray.wait([ref], timeout=self.cfg.start_timeout)
         if not ready:
             raise StartError(self._pending_message({"bus": (self.cfg.bus, None)}))

@@ -63,7 +63,7 @@ def run_role(role: str, replica: int, role_cfg, extra: dict, spec: dict) -> int:
     """
     import zmq
 
-    keys_dir = write_keys(spec.get("keys"))
+    keys_dir = write_keys(spec.get("keys"), spec.get("keys_parent"))
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 2000)  # let the last report (a traceback) reach the launcher
     if keys_dir is not None:
@@ -112,18 +112,20 @@ def run_role(role: str, replica: int, role_cfg, extra: dict, spec: dict) -> int:
 KEYS_DIR_ENV = "RLFLOW_KEYS_DIR"  # where write_keys put this process's keys, for whoever removes them
 
 
-def write_keys(keys: dict[str, bytes] | None) -> str | None:
+def write_keys(keys: dict[str, bytes] | None, parent: str | None = None) -> str | None:
     """Materialise CURVE key files (relative path -> bytes) in a private directory; None when there are none.
 
     Keys travel in the spec, not as paths, because a role on another node cannot read the launcher's
-    files. The directory is 0700 and removed by whoever stops the process (``remove_keys``).
+    files. The directory is 0700, inside ``parent`` (the run's socket directory, which the launcher
+    removes whatever happened to the role) when this process can see it, else in the temp dir; the
+    process removes it when stopped (``remove_keys``).
     """
     if not keys:
         return None
     import tempfile
     from pathlib import Path
 
-    d = Path(tempfile.mkdtemp(prefix="rlflow-keys-"))
+    d = Path(tempfile.mkdtemp(prefix="rlflow-keys-", dir=parent if parent and os.path.isdir(parent) else None))
     for rel, data in keys.items():
         (d / rel).parent.mkdir(parents=True, exist_ok=True)
         (d / rel).write_bytes(data)
