@@ -186,9 +186,20 @@ def _require(ok: bool, field_name: str, message: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Check values and cross-field rules; raise ConfigError naming the field and the fix."""
-    from roles.tasks import TASKS
+    _validate_run(cfg)
+    _validate_sync(cfg)
+    _validate_actor(cfg.actor)
+    _validate_data(cfg)
+    _require(cfg.launcher in LAUNCHERS, "launcher", f"choose one of {LAUNCHERS}, got {cfg.launcher!r}")
+    if cfg.launcher == "ray":
+        _validate_ray(cfg)
+    _require(cfg.tracking.wandb_mode in WANDB_MODES, "tracking.wandb_mode",
+             f"choose one of {WANDB_MODES}, got {cfg.tracking.wandb_mode!r}")
 
-    f, r, a, d = cfg.flow, cfg.rollout, cfg.actor, cfg.data
+
+def _validate_run(cfg: RunConfig) -> None:
+    """Flow bounds, rollout sampling, replica and thread counts, dtypes."""
+    f, r, a = cfg.flow, cfg.rollout, cfg.actor
     _require(f.steps >= 1, "flow.steps", f"must be >= 1, got {f.steps}")
     _require(f.staleness is None or f.staleness >= 0, "flow.staleness",
              f"must be >= 0 (0: on-policy) or null (fully async), got {f.staleness}")
@@ -207,6 +218,11 @@ def validate(cfg: RunConfig) -> None:
         _require(value >= 1, name, f"must be >= 1, got {value}")
     for name, value in (("rollout.dtype", r.dtype), ("reference.dtype", cfg.reference.dtype)):
         _require(value in DTYPES, name, f"choose one of {DTYPES}, got {value!r}")
+
+
+def _validate_sync(cfg: RunConfig) -> None:
+    """Weight sync, and how weights reach an sglang engine."""
+    r, a = cfg.rollout, cfg.actor
     sy = cfg.sync
     _require(sy.dtype is None or sy.dtype == r.dtype, "sync.dtype",
              f"patches are applied to the rollout's weights as they are: leave it null or equal to "
@@ -222,6 +238,10 @@ def validate(cfg: RunConfig) -> None:
         _require(r.sglang.update != "distributed" or r.sglang.url is not None or a.device.startswith("cuda"),
                  "actor.device", "rollout.sglang.update=distributed broadcasts from the trainer's GPU to the "
                  "servers' GPUs over NCCL: set actor.device=cuda (or update=disk)")
+
+
+def _validate_actor(a: ActorConfig) -> None:
+    """The algorithm: advantages, corrections, VCPO, the optimizer, trainer replicas."""
     _require(a.replicas < 1 or a.groups_per_step % a.replicas == 0, "actor.replicas",
              f"each trainer replica takes groups_per_step / replicas groups: {a.groups_per_step} groups do not "
              f"split over {a.replicas} replicas; make actor.groups_per_step a multiple of actor.replicas")
@@ -241,6 +261,13 @@ def validate(cfg: RunConfig) -> None:
     _require(0 <= a.clip_low < 1 and a.clip_high >= 0, "actor.clip_low/clip_high",
              f"need 0 <= clip_low < 1 and clip_high >= 0, got {a.clip_low}, {a.clip_high}")
     _require(a.kl_coef >= 0, "actor.kl_coef", f"must be >= 0, got {a.kl_coef}")
+
+
+def _validate_data(cfg: RunConfig) -> None:
+    """Where prompts come from, and the model that can answer them."""
+    from roles.tasks import TASKS
+
+    d = cfg.data
     if d.path is None:
         _require(d.task is not None, "data.path", "this recipe has no built-in task: give a prompt file, "
                  "data.path=FILE.jsonl|parquet")
@@ -257,11 +284,6 @@ def validate(cfg: RunConfig) -> None:
     else:
         _require(d.path is None, "model.path", "the built-in tiny model knows only the built-in tasks; "
                  "give a checkpoint directory, model.path=DIR, for a dataset from data.path")
-    _require(cfg.launcher in LAUNCHERS, "launcher", f"choose one of {LAUNCHERS}, got {cfg.launcher!r}")
-    if cfg.launcher == "ray":
-        _validate_ray(cfg)
-    _require(cfg.tracking.wandb_mode in WANDB_MODES, "tracking.wandb_mode",
-             f"choose one of {WANDB_MODES}, got {cfg.tracking.wandb_mode!r}")
 
 
 def _validate_sglang(r: RolloutConfig) -> None:
