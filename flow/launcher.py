@@ -183,7 +183,7 @@ class Run:
                 extra = {**extra, **self._relay_endpoints(replica)}
             on_exit = functools.partial(self._exited, role, replica)
             self.placement.start_role(role, replica, (role, replica, role_cfg, extra, {**spec, "threads": threads}),
-                                      getattr(cfg.ray, role), on_exit)
+                                      on_exit)
         self.placement.wait_started()
         (Path(run_dir) / "processes.json").write_text(json.dumps(
             {"launcher": os.getpid(), "kind": self.placement.kind, **self.placement.processes()}, indent=1))

@@ -35,9 +35,8 @@ class LocalPlacement:
         self.server = spawn_server(dataclasses.replace(config, address=f"ipc://{self.sock_dir}/bus"))
         return self.server.address
 
-    def start_role(self, role: str, replica: int, args: tuple, resources, on_exit: Callable[[str, str | None], None]) -> None:
-        """Start ``role_main(*args)`` in its own process; ``on_exit(what, detail)`` when it ends.
-        ``resources``: unused here."""
+    def start_role(self, role: str, replica: int, args: tuple, on_exit: Callable[[str, str | None], None]) -> None:
+        """Start ``role_main(*args)`` in its own process; ``on_exit(what, detail)`` when it ends."""
         p = self._ctx.Process(target=role_main, args=args, name=f"rlflow-{role}-{replica}")
         p.start()
         self.procs.append((role, replica, p))

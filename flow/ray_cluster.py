@@ -137,7 +137,7 @@ class RayPlacement:
         self.handles = {(r, i): ray.remote(RoleActor).options(
             max_concurrency=2, **self._options(getattr(self.cfg, r), (r, i), f"rlflow-{r}-{i}")).remote()
             for r, i in roles}
-        self.actors: dict[str, tuple] = {}  # "role-i" -> (handle, resources, where-ref, run-ref)
+        self.started: dict[str, object] = {}  # "role-i" -> the ref of its where() call: answered once it runs
         self.where: dict[str, dict] = {}
 
     def _init(self, roles) -> None:
@@ -195,7 +195,7 @@ class RayPlacement:
         ref = self.bus.start.remote(config, self.keys, self.keys_parent)
         ready, _ = ray.wait([ref], timeout=self.cfg.start_timeout)
         if not ready:
-            raise StartError(self._pending_message({"bus": (self.cfg.bus, None)}))
+            raise StartError(self._pending_message(["bus"]))
         try:
             address = ray.get(ref)
             self.where["bus"] = ray.get(self.bus.where.remote())
@@ -203,11 +203,11 @@ class RayPlacement:
             raise StartError(_could_not_start("the bus", e)) from e
         return address
 
-    def start_role(self, role: str, replica: int, args: tuple, resources, on_exit: Callable[[str, str | None], None]) -> None:
-        """Create the actor and start ``run_role(*args)`` in it; ``on_exit(what, detail)`` when that call ends."""
+    def start_role(self, role: str, replica: int, args: tuple, on_exit: Callable[[str, str | None], None]) -> None:
+        """Start ``run_role(*args)`` in the replica's actor; ``on_exit(what, detail)`` when that call ends."""
         name, actor = f"{role}-{replica}", self.handles[(role, replica)]
         run_ref = actor.run.remote(*args)
-        self.actors[name] = (actor, resources, actor.where.remote(), run_ref)
+        self.started[name] = actor.where.remote()
 
         def watch() -> None:
             try:
@@ -222,19 +222,19 @@ class RayPlacement:
 
     def wait_started(self) -> None:
         """Wait until every role actor is placed and running; the error names what is still pending."""
-        refs = {name: where for name, (_, _, where, _) in self.actors.items()}
+        refs = self.started
         ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.cfg.start_timeout)
         if pending:
-            names = [n for n, r in refs.items() if r in pending]
-            raise StartError(self._pending_message({n: (self.actors[n][1], None) for n in names}))
+            raise StartError(self._pending_message([n for n, r in refs.items() if r in pending]))
         for name, ref in refs.items():
             try:
                 self.where[name] = ray.get(ref)
             except ray.exceptions.RayError as e:
                 raise StartError(_could_not_start(name, e)) from e
 
-    def _pending_message(self, pending: dict) -> str:
-        asks = ", ".join(f"{n} asks {_bundle(res) or '{}'}" for n, (res, _) in pending.items())
+    def _pending_message(self, pending: list[str]) -> str:
+        """``pending``: actor names ("bus", "rollout-1"); each one's request is its role's ``ray.<role>``."""
+        asks = ", ".join(f"{n} asks {_bundle(getattr(self.cfg, n.split('-')[0])) or '{}'}" for n in pending)
         return (f"the Ray cluster did not start {', '.join(pending)} within ray.start_timeout="
                 f"{self.cfg.start_timeout:.0f}s: {asks}; the cluster has {ray.available_resources()} free of "
                 f"{ray.cluster_resources()}. Lower the requests (ray.<role>.cpus/gpus) or add nodes.")
