@@ -19,6 +19,7 @@ from roles.reward import RewardConfig
 from roles.rollout import RolloutConfig
 from roles.tiny import TinyModelConfig
 from roles.weights import SyncConfig
+from flow.supervisor import SupervisionConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 WANDB_MODES = ("auto", "online", "offline")
@@ -161,6 +162,7 @@ class RunConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -205,6 +207,12 @@ def _validate_run(cfg: RunConfig) -> None:
              f"must be >= 0 (0: on-policy) or null (fully async), got {f.staleness}")
     _require(f.async_queue_steps >= 1, "flow.async_queue_steps", f"must be >= 1, got {f.async_queue_steps}")
     _require(f.wait_seconds > 0 and f.lease_seconds > 0, "flow.wait_seconds/lease_seconds", "must be > 0")
+    sv = cfg.supervision
+    _require(sv.max_restarts >= 0 and sv.restart_window_s > 0, "supervision.max_restarts/restart_window_s",
+             f"need max_restarts >= 0 and restart_window_s > 0, got {sv.max_restarts}, {sv.restart_window_s}")
+    _require(0 < sv.heartbeat_s < sv.hang_s, "supervision.heartbeat_s/hang_s",
+             f"need 0 < heartbeat_s < hang_s (a few heartbeats may be late before a replica counts as hung), "
+             f"got {sv.heartbeat_s}, {sv.hang_s}")
     _require(r.group_size >= 2, "rollout.group_size", f"group advantages need >= 2 samples per prompt, got {r.group_size}")
     _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
     _require(r.temperature > 0, "rollout.temperature", f"must be > 0 (logprobs of a greedy policy are "

@@ -6,13 +6,16 @@
                     (actor ×1, rollout ×N, reward ×M, reference ×R when kl_coef > 0), placed by
                     flow/local.py (processes of this machine) or flow/ray_cluster.py (launcher=ray)
         feed      : the feeder thread puts prompt groups under admission control (flow/feeder.py)
-        supervise : one event queue: reports, metrics, process exits, feeder failure, Ctrl-C
+        supervise : one event queue: reports, heartbeats, metrics, process exits, feeder failure, Ctrl-C;
+                    a replica that dies, fails or hangs is restarted by policy (flow/supervisor.py)
         shut down : stop the feeder, stop every role (kill what is left after shutdown_seconds),
                     stop the bus, close tracking, remove the socket directory
 
-Invariants: the run ends on the actor's ``done`` (success), on any role's failure or unexpected exit
-(a role that returns is a crash), or on Ctrl-C; in every case every process it started is gone when
-``run`` returns, and the failing role's traceback is shown. The event queue is unbounded on purpose:
+Invariants: the run ends on the actor's ``done`` (success), on a failure supervision may not recover
+(the bus, a replica past its restart budget, a start-up error), or on Ctrl-C; in every case every
+process it started is gone when ``run`` returns, and the failing role's traceback is shown. A restarted
+replica loses nothing: it is killed for sure before its leases are handed back to the bus, so no row
+is held by two live incarnations, and every row it held is redelivered. The event queue is unbounded on purpose:
 its producers are a handful of processes reporting a few events per step, and losing a report
 (a traceback) would be worse than the memory it takes.
 """
@@ -39,10 +42,14 @@ from rich.panel import Panel
 
 from flow.config import ConfigError, RunConfig, StartError, validate
 from flow.feeder import Feeder, prompt_records
+from flow.supervisor import Supervisor
 from flow.tracking import Tracker, sync_summary
+from flow.worker import holder_name
 from roles import schema
 from roles.weights import relay_parent, relays_to_others
 from transfer import BusClient, ServerConfig, security
+
+KILL_WAIT_S = 30.0  # bound on a killed replica's process (or Ray actor) being reported gone
 
 
 def run(dcfg: DictConfig, console: Console) -> int:
@@ -150,6 +157,10 @@ class Run:
         self.trainer: dict = {}  # from the actor's done report: replicas, identical_weights
         self.sync_reports: list[dict] = []  # rollout weight applies since the last step's metrics line
         self.sync_totals: dict[str, dict] = {}  # per rollout replica: bytes from the actor / from peers, applies
+        self.supervisor = Supervisor(cfg.supervision)
+        self.role_args: dict[tuple[str, int], tuple] = {}  # what each replica was started with (restarts reuse it)
+        self.bus = None  # the launcher's own bus client: hands a dead replica's leases back
+        self.lease_expiries = 0
 
     def __enter__(self) -> "Run":
         try:
@@ -168,25 +179,24 @@ class Run:
         plan = plan_roles(cfg)
         self.placement = make_placement(cfg, [(r, i) for r, i, *_ in plan], self.sock_dir, self.console.print)
         bus_address = self.placement.start_bus(ServerConfig(capacity_rows=cfg.flow.bus_capacity_rows,
-                                                            capacity_bytes=cfg.flow.bus_capacity_bytes))
+                                                            capacity_bytes=cfg.flow.bus_capacity_bytes),
+                                               functools.partial(self._exited, "bus", 0, None))
         keys_dir = self.placement.keys_dir
-        with BusClient(bus_address, keys_dir=keys_dir) as bus:
-            schema.declare(bus)
+        self.bus = BusClient(bus_address, keys_dir=keys_dir)
+        schema.declare(self.bus)
         control = self._listen(self.placement.control_address, keys_dir)
         spec = {"bus": bus_address, "control": control, "endpoints": self.placement.endpoints_spec,
                 "keys": self.placement.keys, "keys_parent": self.placement.keys_parent,
                 "model_path": self.model_path, "run_dir": run_dir, "seed": cfg.seed,
                 "wait_seconds": cfg.flow.wait_seconds, "lease_seconds": cfg.flow.lease_seconds,
-                "launcher_pid": os.getpid()}
+                "heartbeat_s": cfg.supervision.heartbeat_s, "launcher_pid": os.getpid()}
         for role, replica, role_cfg, extra, threads in plan:
             if role == "rollout":
                 extra = {**extra, **self._relay_endpoints(replica)}
-            on_exit = functools.partial(self._exited, role, replica)
-            self.placement.start_role(role, replica, (role, replica, role_cfg, extra, {**spec, "threads": threads}),
-                                      on_exit)
+            self.role_args[(role, replica)] = (role, replica, role_cfg, extra, {**spec, "threads": threads})
+            self._start_role(role, replica)
         self.placement.wait_started()
-        (Path(run_dir) / "processes.json").write_text(json.dumps(
-            {"launcher": os.getpid(), "kind": self.placement.kind, **self.placement.processes()}, indent=1))
+        self._write_processes()
         self.tracker = Tracker(cfg.tracking, run_dir, dataclasses.asdict(cfg),
                                cfg.flow.steps, self.console)
         self.feeder = Feeder(bus_address, self.placement.endpoints, prompt_records(cfg.data),
@@ -195,6 +205,18 @@ class Run:
                              staleness=cfg.flow.staleness, async_queue_steps=cfg.flow.async_queue_steps,
                              steps=cfg.flow.steps, wait_seconds=cfg.flow.wait_seconds, keys_dir=keys_dir)
         threading.Thread(target=self._feed, name="rlflow-feeder", daemon=True).start()
+
+    def _start_role(self, role: str, replica: int) -> None:
+        """Start the next incarnation of a replica with the arguments it was first planned with."""
+        incarnation = self.supervisor.started(f"{role}-{replica}")
+        role_, replica_, role_cfg, extra, spec = self.role_args[(role, replica)]
+        self.placement.start_role(role, replica, (role_, replica_, role_cfg, extra, {**spec, "incarnation": incarnation}),
+                                  functools.partial(self._exited, role, replica, incarnation))
+
+    def _write_processes(self) -> None:
+        """processes.json: every pid of the run as it is now (rewritten after each restart)."""
+        (Path(self.cfg.run_dir) / "processes.json").write_text(json.dumps(
+            {"launcher": os.getpid(), "kind": self.placement.kind, **self.placement.processes()}, indent=1))
 
     def _relay_endpoints(self, replica: int) -> dict:
         """The endpoint rollout ``replica`` pulls weight chunks from, and the one it serves (chain or tree)."""
@@ -231,8 +253,9 @@ class Run:
         finally:
             sock.close(0)
 
-    def _exited(self, role: str, replica: int, what: str, detail: str | None) -> None:
-        self.events.put(("exit", {"role": role, "replica": replica, "what": what, "detail": detail}))
+    def _exited(self, role: str, replica: int, incarnation: int | None, what: str, detail: str | None) -> None:
+        self.events.put(("exit", {"role": role, "replica": replica, "incarnation": incarnation, "what": what,
+                                  "detail": detail}))
 
     def _feed(self) -> None:
         try:
@@ -250,13 +273,17 @@ class Run:
                 try:
                     kind, ev = self.events.get(timeout=1.0)
                 except queue.Empty:
-                    continue
+                    kind, ev = None, None
+                verdict = None
                 if kind == "exit":
-                    if self.closing.is_set():
-                        continue
-                    return self._failed(ev["role"], ev["replica"], None, f"{ev['what']} before the run was done",
-                                        ev["detail"])
-                verdict = self._report(ev)
+                    verdict = self._on_exit(ev)
+                elif kind == "report":
+                    verdict = self._report(ev)
+                for name, silent in self.supervisor.hung():
+                    if verdict is None and not self.closing.is_set():
+                        role, replica = name.rsplit("-", 1)
+                        verdict = self._recover(role, int(replica), f"hung: no heartbeat for {silent:.0f}s "
+                                                f"(supervision.hang_s={self.cfg.supervision.hang_s:g})")
                 if verdict is not None:
                     return verdict
         except KeyboardInterrupt:
@@ -265,11 +292,59 @@ class Run:
         finally:
             self._summary(time.monotonic() - t0)
 
+    def _on_exit(self, ev: dict) -> int | None:
+        if self.closing.is_set():
+            return None
+        role, replica = ev["role"], ev["replica"]
+        what = f"{ev['what']} before the run was done"
+        if role == "bus":
+            return self._failed("bus", 0, None, what, f"{ev['detail'] or ''}\nThe bus held the run's rows and "
+                                "leases, so the run cannot go on; continue it from its last checkpoint with "
+                                "resume=true.".strip())
+        if not self.supervisor.current(f"{role}-{replica}", ev["incarnation"]):
+            return None  # an incarnation already replaced (killed by the supervisor)
+        return self._recover(role, replica, what, detail=ev["detail"])
+
+    def _recover(self, role: str, replica: int, what: str, tb: str | None = None, detail: str | None = None,
+                 failed: bool = False) -> int | None:
+        """Restart a replica that died, failed or hung, if the policy allows; else stop the run (returns 1)."""
+        name = f"{role}-{replica}"
+        incarnation = self.supervisor.incarnation(name)
+        why_not = "the trainer restarts from checkpoints: not yet" if role == "actor" else \
+            self.supervisor.may_restart(name, role, failed)
+        if why_not is not None:
+            self.supervisor.record(name, incarnation, what, "stopped the run", why=why_not)
+            restarts = [h for h in self.supervisor.history if h["action"] == "restarted"]
+            detail = "\n".join(filter(None, [detail, f"not restarted: {why_not}"] +
+                                      [f"earlier: {h['replica']} {h['what']} (restarted)" for h in restarts]))
+            return self._failed(role, replica, tb, what, detail)
+        t0 = time.monotonic()
+        self.placement.kill_role(role, replica, KILL_WAIT_S)  # for sure gone before its leases go back
+        returned = self.bus.release(holder_name(role, replica, incarnation))
+        self._start_role(role, replica)
+        self.placement.wait_started()
+        self._write_processes()
+        entry = self.supervisor.record(name, incarnation, what, "restarted", rows_returned=sum(returned.values()),
+                                       restart_s=round(time.monotonic() - t0, 3))
+        self.console.print(f"[yellow]{name} {what}[/]" + (f" ({detail})" if detail else "") +
+                           f": restarted as incarnation {incarnation + 1}; {entry['rows_returned']} rows it held "
+                           f"went back to the bus", highlight=False)
+        if tb:
+            self.console.print(tb, highlight=False)
+        return None
+
     def _report(self, ev: dict) -> int | None:
-        kind = ev["kind"]
+        kind, name = ev["kind"], f"{ev['role']}-{ev['replica']}"
+        if ev["role"] != "feeder":
+            if not self.supervisor.current(name, ev.get("incarnation")):
+                return None  # sent by an incarnation that is gone: its successor reports for itself
+            self.supervisor.heard(name, kind)
+        if kind == "heartbeat":
+            return None
         if kind == "metrics":
             self.trained.update(ev.pop("uids"))
-            self.tracker.log({**ev, **sync_summary(self.sync_reports)})
+            self.tracker.log({**ev, **sync_summary(self.sync_reports),
+                              "supervision/restarts": len(self.supervisor.history)})
             self.sync_reports.clear()
         elif kind == "sync":
             self.sync_reports.append(ev)
@@ -285,8 +360,12 @@ class Run:
             self.work[f"{kind}-{ev['replica']}"] += ev["samples"]
         elif kind == "reward_error":
             self._reward_error(ev)
+        elif kind == "lease_expired":
+            self.lease_expiries += 1
         elif kind == "failed":
-            return self._failed(ev["role"], ev["replica"], ev.get("traceback"), "failed")
+            if ev["role"] == "feeder" or self.closing.is_set():
+                return self._failed(ev["role"], ev["replica"], ev.get("traceback"), "failed")
+            return self._recover(ev["role"], ev["replica"], "failed", tb=ev.get("traceback"), failed=True)
         elif kind == "done":
             self.closing.set()
             self.trainer = {"replicas": ev["replicas"], "identical_weights": ev["identical_weights"]}
@@ -323,7 +402,8 @@ class Run:
     def _summary(self, wall: float) -> None:
         summary = {"wall_s": round(wall, 3), "model_path": self.model_path, "launcher": self.cfg.launcher,
                    "busy_s": dict(self.busy), "samples_by_replica": dict(self.work), "reward_errors": sum(self.reward_errors.values()),
-                   "samples": self._ledger(), "trainer": self.trainer, "sync": self.sync_totals}
+                   "samples": self._ledger(), "trainer": self.trainer, "sync": self.sync_totals,
+                   "supervision": {"restarts": self.supervisor.history, "lease_expiries": self.lease_expiries}}
         (Path(self.cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
 
     # ------------------------------------------------------------------ shut down
@@ -331,6 +411,8 @@ class Run:
         self.closing.set()
         if self.feeder is not None:
             self.feeder.stop.set()
+        if self.bus is not None:
+            self.bus.close()
         if self.placement is not None:
             self.placement.stop(self.cfg.flow.shutdown_seconds, lambda m: self.console.print(f"[yellow]{m}[/]"))
         if self.tracker is not None:

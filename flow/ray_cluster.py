@@ -67,6 +67,10 @@ class BusActor:
         self.server, self.thread = serve_in_thread(config)
         return self.server.address
 
+    def serving(self) -> None:
+        """Returns when the bus stops serving (the launcher's watch: an error if this actor dies)."""
+        self.thread.join()
+
     def where(self) -> dict:
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
 
@@ -133,10 +137,10 @@ class RayPlacement:
         if self.cfg.placement is not None:
             self._place_group(roles)
         # Every actor is created now, so that Ray starts their worker processes in parallel with the bus.
-        self.bus = ray.remote(BusActor).options(**self._options(self.cfg.bus, None, "rlflow-bus")).remote()
-        self.handles = {(r, i): ray.remote(RoleActor).options(
-            max_concurrency=2, **self._options(getattr(self.cfg, r), (r, i), f"rlflow-{r}-{i}")).remote()
-            for r, i in roles}
+        self.bus = ray.remote(BusActor).options(max_concurrency=2,
+                                                **self._options(self.cfg.bus, None, "rlflow-bus")).remote()
+        self.handles = {(r, i): self._role_actor(r, i, f"rlflow-{r}-{i}") for r, i in roles}
+        self.runs: dict[tuple[str, int], object] = {}  # the ref of each replica's run() call
         self.started: dict[str, object] = {}  # "role-i" -> the ref of its where() call: answered once it runs
         self.where: dict[str, dict] = {}
 
@@ -182,6 +186,10 @@ class RayPlacement:
                              f"{ray.available_resources()} free")
         self._bundles = {key: i + 1 for i, key in enumerate(roles)}
 
+    def _role_actor(self, role: str, replica: int, name: str):
+        return ray.remote(RoleActor).options(max_concurrency=2, **self._options(getattr(self.cfg, role), (role, replica),
+                                                                                name)).remote()
+
     def _options(self, res, key: tuple[str, int] | None, name: str) -> dict:
         opts = {"num_cpus": res.cpus, "num_gpus": res.gpus, "resources": dict(res.custom) or None,
                 "name": name, "max_restarts": 0}
@@ -191,7 +199,8 @@ class RayPlacement:
         return opts
 
     # ------------------------------------------------------------------ the bus and the roles
-    def start_bus(self, config: ServerConfig) -> str:
+    def start_bus(self, config: ServerConfig, on_exit: Callable[[str, str | None], None]) -> str:
+        """Start the bus in its actor; ``on_exit(what, detail)`` if the actor dies or the bus stops."""
         ref = self.bus.start.remote(config, self.keys, self.keys_parent)
         ready, _ = ray.wait([ref], timeout=self.cfg.start_timeout)
         if not ready:
@@ -201,28 +210,38 @@ class RayPlacement:
             self.where["bus"] = ray.get(self.bus.where.remote())
         except ray.exceptions.RayError as e:
             raise StartError(_could_not_start("the bus", e)) from e
+        _watch(self.bus.serving.remote(), "bus", on_exit)
         return address
 
     def start_role(self, role: str, replica: int, args: tuple, on_exit: Callable[[str, str | None], None]) -> None:
-        """Start ``run_role(*args)`` in the replica's actor; ``on_exit(what, detail)`` when that call ends."""
-        name, actor = f"{role}-{replica}", self.handles[(role, replica)]
-        run_ref = actor.run.remote(*args)
+        """Start ``run_role(*args)`` in the replica's actor; ``on_exit(what, detail)`` when that call ends.
+
+        A restarted replica (its actor killed by ``kill_role``) gets a new actor in the same bundle.
+        """
+        name, key = f"{role}-{replica}", (role, replica)
+        if key not in self.handles:
+            self.handles[key] = self._role_actor(role, replica, f"rlflow-{name}.{args[4].get('incarnation', 0)}")
+        actor = self.handles[key]
+        self.runs[key] = run_ref = actor.run.remote(*args)
         self.started[name] = actor.where.remote()
+        _watch(run_ref, name, on_exit)
 
-        def watch() -> None:
-            try:
-                code = ray.get(run_ref)
-                on_exit(f"exited with code {code}", None)
-            except ray.exceptions.RayActorError as e:
-                on_exit("died", f"Ray lost the actor: {_first_line(e)}")
-            except Exception as e:  # the driver is shutting down, or Ray failed in a way worth showing
-                on_exit("ended", f"{type(e).__name__}: {_first_line(e)}")
-
-        threading.Thread(target=watch, name=f"rlflow-watch-{name}", daemon=True).start()
+    def kill_role(self, role: str, replica: int, timeout: float) -> None:
+        """Kill the replica's actor (its process, frozen or not) and wait, bounded, until Ray reports it gone."""
+        actor = self.handles.pop((role, replica), None)
+        if actor is None:
+            return
+        ray.kill(actor, no_restart=True)
+        done, _ = ray.wait([self.runs[(role, replica)]], timeout=timeout)
+        if not done:
+            raise RuntimeError(f"Ray did not report {role}-{replica} gone within {timeout:.0f}s of killing it")
+        self.where.pop(f"{role}-{replica}", None)
 
     def wait_started(self) -> None:
         """Wait until every role actor is placed and running; the error names what is still pending."""
-        refs = self.started
+        refs = {name: ref for name, ref in self.started.items() if name not in self.where}
+        if not refs:
+            return
         ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.cfg.start_timeout)
         if pending:
             raise StartError(self._pending_message([n for n, r in refs.items() if r in pending]))
@@ -261,6 +280,20 @@ class RayPlacement:
             remove_placement_group(self.pg)
         ray.kill(self.registry)
         ray.shutdown()  # a private cluster stops with it; a joined one only loses this driver
+
+
+def _watch(ref, name: str, on_exit: Callable[[str, str | None], None]) -> None:
+    """Call ``on_exit(what, detail)`` when the remote call ``ref`` ends, however it ends."""
+    def watch() -> None:
+        try:
+            code = ray.get(ref)
+            on_exit(f"exited with code {code}", None)
+        except ray.exceptions.RayActorError as e:
+            on_exit("died", f"Ray lost the actor: {_first_line(e)}")
+        except Exception as e:  # the driver is shutting down, or Ray failed in a way worth showing
+            on_exit("ended", f"{type(e).__name__}: {_first_line(e)}")
+
+    threading.Thread(target=watch, name=f"rlflow-watch-{name}", daemon=True).start()
 
 
 def _could_not_start(name: str, e: BaseException) -> str:

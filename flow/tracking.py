@@ -56,7 +56,7 @@ class Tracker:
 
     def log(self, metrics: dict) -> dict:
         record = {"step": metrics["step"], "time": round(time.monotonic() - self.t0, 3),
-                  **{k: v for k, v in metrics.items() if k not in ("step", "kind", "role", "replica", "pid")}}
+                  **{k: v for k, v in metrics.items() if k not in ("step", "kind", "role", "replica", "pid", "incarnation")}}
         self.jsonl.write(json.dumps(record) + "\n")
         if self.run is not None:
             self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])

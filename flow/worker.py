@@ -6,15 +6,23 @@ bytes in the spec and are written to a private directory (``write_keys``).
 
 Shutdown is a designed path: the launcher sends SIGTERM (Ray: ``stop``, then a kill) and the process
 exits at once, wherever its loop is (a blocking bus wait included), after the role's exit hooks
-(``roles.interfaces.at_role_exit``: e.g. a server it launched) and removing its keys. Exiting on the
-spot is safe because a role owns nothing else that outlives it: rows it took and did not ack return to
-the bus when their lease ends, its unfinished shared-memory payloads are swept by the bus (their writer
-pid is dead), and its sockets die with it. (Raising an exception from the handler instead was tried: when the signal lands inside a
-ZeroMQ destructor the exception is swallowed and the role keeps running.) SIGINT is ignored here: a Ctrl-C in the terminal
-reaches the whole process group, and the launcher alone decides the order things stop in. On Linux a
-role also gets SIGTERM when the launcher dies (PR_SET_PDEATHSIG), so no role outlives its launcher.
+(``roles.interfaces.at_role_exit``: e.g. a server it launched) and removing its keys; a thread of its
+own waits for the signal (``_exit_on_sigterm``). Exiting on the spot is safe because a role owns
+nothing else that outlives it: rows it took and did not ack return to the bus (at once when the
+launcher releases its leases, else when they end), its unfinished shared-memory payloads are swept by
+the bus (their writer pid is dead), and its sockets die with it. SIGINT is ignored here: a Ctrl-C in
+the terminal reaches the whole process group, and the launcher alone decides the order things stop in.
+On Linux a role also gets SIGTERM when the launcher dies (PR_SET_PDEATHSIG), so no role outlives its
+launcher.
 
 Any other exception is reported to the launcher with its traceback (kind ``failed``) and exits 1.
+
+Liveness: a thread of its own sends a ``heartbeat`` every ``heartbeat_s`` over a socket of its own. A
+process that is frozen (SIGSTOP, a debugger, a swapped-out host) or wedged with the GIL held sends
+none, and the launcher's supervisor (``flow/supervisor.py``) kills and restarts it. Every report carries
+the replica's ``incarnation`` (restarts so far), so nothing a dead incarnation sent is mistaken for
+its successor's. Leases it takes carry the holder name ``<role>-<replica>.<incarnation>``, which the
+launcher hands back to the bus when the incarnation is gone.
 """
 
 from __future__ import annotations
@@ -23,14 +31,22 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 import traceback
 
 PR_SET_PDEATHSIG = 1
 
 
-def _on_sigterm(signum, frame):
+def _exit_on_sigterm() -> None:
+    """A thread that waits for SIGTERM (blocked in every other thread) and exits the process at once.
+
+    A handler would run only when the main thread next executes Python code, which a blocking wait in C
+    (a socket poll, a join at interpreter exit) can delay indefinitely; a signal the kernel hands to
+    another thread does not even interrupt that wait. Waiting for it synchronously here has neither problem.
+    """
     from roles.interfaces import run_exit_hooks
 
+    signal.sigwait({signal.SIGTERM})
     run_exit_hooks()
     remove_keys()
     os._exit(0)
@@ -46,8 +62,9 @@ def _die_with_parent() -> None:
 
 def role_main(role: str, replica: int, role_cfg, extra: dict, spec: dict) -> None:
     """Process target of the local launcher: signals as the module docstring says, then ``run_role``."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before any thread: all of them inherit it
+    threading.Thread(target=_exit_on_sigterm, name="rlflow-sigterm", daemon=True).start()
     _die_with_parent()
     if os.getppid() != spec["launcher_pid"]:  # the launcher died before the death signal was armed
         return
@@ -64,18 +81,16 @@ def run_role(role: str, replica: int, role_cfg, extra: dict, spec: dict) -> int:
     import zmq
 
     keys_dir = write_keys(spec.get("keys"), spec.get("keys_parent"))
-    push = zmq.Context.instance().socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 2000)  # let the last report (a traceback) reach the launcher
-    if keys_dir is not None:
-        from transfer.security import client_curve
-
-        client_curve(push, keys_dir)
-    push.connect(spec["control"])
+    incarnation = spec.get("incarnation", 0)
+    push = _control_socket(spec["control"], keys_dir, linger_ms=2000)  # let a last traceback reach the launcher
+    stop_beating = threading.Event()
+    threading.Thread(target=_heartbeat, args=(spec, keys_dir, role, replica, stop_beating),
+                     name="rlflow-heartbeat", daemon=True).start()
 
     def report(kind: str, **data) -> None:
         try:
-            push.send_json({"role": role, "replica": replica, "kind": kind, "pid": os.getpid(), **data},
-                           zmq.NOBLOCK)
+            push.send_json({"role": role, "replica": replica, "kind": kind, "pid": os.getpid(),
+                            "incarnation": incarnation, **data}, zmq.NOBLOCK)
         except zmq.Again:  # the launcher is not reading (gone): nothing to tell
             pass
 
@@ -88,7 +103,7 @@ def run_role(role: str, replica: int, role_cfg, extra: dict, spec: dict) -> int:
         from transfer import BusClient
 
         torch.set_num_threads(spec["threads"])
-        bus = BusClient(spec["bus"], keys_dir=keys_dir)
+        bus = BusClient(spec["bus"], keys_dir=keys_dir, holder=holder_name(role, replica, incarnation))
         ctx = RoleContext(bus=bus, endpoints=make_endpoints(spec["endpoints"]), keys_dir=keys_dir,
                           model_path=spec["model_path"], report=report, run_dir=spec["run_dir"], replica=replica,
                           seed=spec["seed"] + replica, wait_seconds=spec["wait_seconds"],
@@ -103,10 +118,48 @@ def run_role(role: str, replica: int, role_cfg, extra: dict, spec: dict) -> int:
         from roles.interfaces import run_exit_hooks
 
         run_exit_hooks()
+        stop_beating.set()
         if bus is not None:
             bus.close()
         push.close()
     return code
+
+
+def holder_name(role: str, replica: int, incarnation: int) -> str:
+    """The name one incarnation of a replica's leases carry on the bus (see ``BusClient.release``)."""
+    return f"{role}-{replica}.{incarnation}"
+
+
+def _control_socket(address: str, keys_dir: str | None, linger_ms: int):
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    if keys_dir is not None:
+        from transfer.security import client_curve
+
+        client_curve(sock, keys_dir)
+    sock.connect(address)
+    return sock
+
+
+def _heartbeat(spec: dict, keys_dir: str | None, role: str, replica: int, stop: threading.Event) -> None:
+    """Tell the launcher this process is alive every ``heartbeat_s`` (a thread; its own socket)."""
+    import zmq
+
+    # Signals go to the main thread, whose blocking waits they interrupt (SIGTERM must stop it at once).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    sock = _control_socket(spec["control"], keys_dir, linger_ms=0)
+    beat = {"role": role, "replica": replica, "kind": "heartbeat", "pid": os.getpid(),
+            "incarnation": spec.get("incarnation", 0)}
+    try:
+        while not stop.wait(spec.get("heartbeat_s", 1.0)):
+            try:
+                sock.send_json(beat, zmq.NOBLOCK)
+            except zmq.Again:  # the launcher is not reading: it learns of us when it does
+                pass
+    finally:
+        sock.close()
 
 
 KEYS_DIR_ENV = "RLFLOW_KEYS_DIR"  # where write_keys put this process's keys, for whoever removes them

@@ -150,6 +150,20 @@ def next_rows(ctx: RoleContext, consumer: str, columns: list[str], n: int, group
         return None
 
 
+def ack_work(ctx: RoleContext, delivery) -> None:
+    """Ack a delivery whose results were put (rollout, reward, reference: at-least-once work).
+
+    A lease that ran out meanwhile is not an error: its rows went back to the bus and another replica
+    redoes them; the bus keeps whichever result came first. The launcher counts it.
+    """
+    from transfer import LeaseExpired
+
+    try:
+        ctx.bus.ack(delivery)
+    except LeaseExpired:
+        ctx.report("lease_expired", rows=len(delivery))
+
+
 def load_object(path: str, what: str) -> Any:
     """Import ``pkg.module.name``; a bad path is a ValueError naming the recipe field ``what``."""
     module_name, _, attr = path.rpartition(".")

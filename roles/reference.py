@@ -19,7 +19,7 @@ import torch
 
 from roles import schema
 from roles.hf import load_model, sequence_logprobs
-from roles.interfaces import RoleContext, next_rows
+from roles.interfaces import RoleContext, ack_work, next_rows
 
 
 @dataclass
@@ -50,6 +50,7 @@ def serve(cfg: ReferenceConfig, ctx: RoleContext, temperature: float) -> None:
         with torch.no_grad():
             logp = sequence_logprobs(model, d.table.column("prompt_ids").to_pylist(), responses, temperature,
                                      cfg.device).cpu()
-        ctx.bus.put({"uid": d.uids, "ref_logprobs": [logp[i, : len(r)].tolist() for i, r in enumerate(responses)]})
-        ctx.bus.ack(d)
+        ctx.bus.put({"uid": d.uids, "ref_logprobs": [logp[i, : len(r)].tolist() for i, r in enumerate(responses)]},
+                    missing="skip")
+        ack_work(ctx, d)
         ctx.report("reference", samples=len(responses), seconds=time.monotonic() - t0)

@@ -21,7 +21,7 @@ import traceback
 from dataclasses import dataclass
 
 from roles import schema
-from roles.interfaces import RoleContext, load_object, next_rows
+from roles.interfaces import RoleContext, ack_work, load_object, next_rows
 
 
 @dataclass
@@ -51,8 +51,8 @@ def serve(cfg: RewardConfig, ctx: RoleContext) -> None:
         texts = tokenizer.batch_decode(d.table.column("response_ids").to_pylist(), skip_special_tokens=True)
         fields = [json.loads(f) for f in d.table.column("fields").to_pylist()]
         rewards = [score(fn, text, f, uid, ctx) for text, f, uid in zip(texts, fields, d.uids)]
-        ctx.bus.put({"uid": d.uids, "reward": rewards})
-        ctx.bus.ack(d)
+        ctx.bus.put({"uid": d.uids, "reward": rewards}, missing="skip")
+        ack_work(ctx, d)
         ctx.report("reward", samples=len(rewards), seconds=time.monotonic() - t0,
                    errors=sum(math.isnan(r) for r in rewards))
 

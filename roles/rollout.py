@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from roles import schema
-from roles.interfaces import RoleContext, SamplingParams, load_object, next_rows
+from roles.interfaces import RoleContext, SamplingParams, ack_work, load_object, next_rows
 from roles.sglang_engine import SGLangConfig
 from roles.weights import SyncConfig, WeightReceiver
 
@@ -113,8 +113,8 @@ def serve(cfg: RolloutConfig, ctx: RoleContext, sync: SyncConfig, upstream: str 
             ctx.bus.put({"uid": d.uids, "response_ids": [g.response_ids for g in gens],
                          "rollout_logprobs": [g.logprobs for g in gens], "version_start": versions,
                          "version_end": [max(v, engine.version) for v in versions],
-                         "finish_reason": [g.finish_reason for g in gens]})
-            ctx.bus.ack(d)
+                         "finish_reason": [g.finish_reason for g in gens]}, missing="skip")
+            ack_work(ctx, d)
             ctx.report("rollout", samples=len(gens), tokens=sum(len(g.response_ids) for g in gens),
                        seconds=time.monotonic() - t0, version=start)
     finally:

@@ -164,9 +164,45 @@ def test_clear_frees_rows_and_whole_groups(client):
 def test_a_repeated_cell_is_skipped_and_counted_first_write_wins(client):
     client.put(new_rows(2))
     assert client.put({"uid": ["r0"], "reward": [1.0]})["skipped"] == 0
-    assert client.put({"uid": ["r0", "r1"], "reward": [9.0, 2.0]}) == {"rows": 2, "cells": 1, "skipped": 1}
+    assert client.put({"uid": ["r0", "r1"], "reward": [9.0, 2.0]}) == {"rows": 2, "cells": 1, "skipped": 1,
+                                                                        "missing": 0}
     d = client.get("actor", ["reward"], n=2, timeout=5)
     assert d.table.column("reward").to_pylist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "socket"])
+def test_a_put_to_freed_rows_fails_unless_it_skips_missing_rows_and_then_only_they_are_skipped(bus_server,
+                                                                                                shared_memory):
+    with BusClient(bus_server.address, shared_memory=shared_memory) as c:
+        c.declare(COLUMNS)
+        c.put(new_rows(4))
+        c.clear(uids=["r1", "r2"])  # e.g. completed by another replica and released
+        scores = {"uid": ["r0", "r1", "r2", "r3"], "reward": [0.0, 1.0, 2.0, 3.0]}
+        with pytest.raises(BusError, match="unknown row ids"):
+            c.put(scores)
+        assert c.put(scores, missing="skip") == {"rows": 2, "cells": 2, "skipped": 0, "missing": 2}
+        d = c.get("actor", ["reward"], n=2, timeout=5)
+        assert d.uids == ["r0", "r3"] and d.table.column("reward").to_pylist() == [0.0, 3.0]
+        assert c.stats()["rows_missing"] == 2
+        with pytest.raises(BusError, match="'missing' must be"):
+            c.put(scores, missing="drop")
+
+
+def test_release_returns_only_the_dead_holders_leases_at_once(bus_server):
+    with BusClient(bus_server.address, holder="rollout-0") as dead, \
+            BusClient(bus_server.address, holder="rollout-1") as alive:
+        dead.declare(COLUMNS)
+        dead.put(new_rows(6, group_size=2))
+        lost = dead.get("rollout", ["prompt"], n=2, groups=True, timeout=5, lease=3600)
+        kept = alive.get("rollout", ["prompt"], n=1, groups=True, timeout=5, lease=3600)
+        assert len(lost) == 4 and len(kept) == 2
+        assert alive.release("rollout-0") == {"rollout": 4}
+        again = alive.get("rollout", ["prompt"], n=3, min_n=1, groups=True, timeout=5)
+        assert sorted(again.uids) == sorted(lost.uids)  # redelivered now, not in an hour
+        alive.ack(kept)  # the survivor's lease is untouched
+        assert alive.release("rollout-0") == {}
+        stats = alive.stats()
+        assert stats["leases_released"] == 1 and stats["consumers"]["rollout"]["redelivered"] == 4
 
 
 @pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "socket"])

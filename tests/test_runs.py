@@ -126,11 +126,17 @@ def test_a_raising_user_reward_is_reported_and_its_samples_skipped(tmp_path, tin
     assert json.loads((run_dir / "summary.json").read_text())["reward_errors"] == sum(m["reward/errors"] for m in rows)
 
 
-def test_a_failing_role_stops_the_run_with_its_traceback_and_leaves_no_process(tmp_path, tiny_model, model_cache):
+def test_a_role_that_keeps_failing_is_restarted_up_to_its_budget_then_stops_the_run_with_a_report(
+        tmp_path, tiny_model, model_cache):
     run_dir = tmp_path / "run"
-    r = rlflow(run_dir, model_cache, "rollout.engine=user_code.CrashingEngine", "flow.steps=20")
+    r = rlflow(run_dir, model_cache, "rollout.engine=user_code.CrashingEngine", "flow.steps=20",
+               "supervision.max_restarts=1")
     assert r.returncode == 1
     assert "role rollout-0 failed" in r.stdout and "engine exploded on purpose" in r.stdout
+    assert "not restarted: it already restarted 1 time(s)" in r.stdout
+    history = json.loads((run_dir / "summary.json").read_text())["supervision"]["restarts"]
+    assert [(h["replica"], h["incarnation"], h["action"]) for h in history] == [
+        ("rollout-0", 0, "restarted"), ("rollout-0", 1, "stopped the run")]
     assert_all_processes_gone(run_dir)
 
 

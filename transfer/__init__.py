@@ -6,8 +6,8 @@ Read in this order: ``wire.py`` (frames and errors), ``store.py`` (rows × colum
 
 from transfer.client import BusClient, Delivery
 from transfer.server import BusServer, ServerConfig, ServerProcess, serve_in_thread, spawn_server
-from transfer.wire import GROUP, UID, BusError, BusTimeout, CapacityError, ProtocolError, SchemaError
+from transfer.wire import GROUP, UID, BusError, BusTimeout, CapacityError, LeaseExpired, ProtocolError, SchemaError
 
 __all__ = ["BusClient", "Delivery", "BusServer", "ServerConfig", "ServerProcess", "serve_in_thread",
-           "spawn_server", "GROUP", "UID", "BusError", "BusTimeout", "CapacityError", "ProtocolError",
+           "spawn_server", "GROUP", "UID", "BusError", "BusTimeout", "CapacityError", "LeaseExpired", "ProtocolError",
            "SchemaError"]

@@ -46,13 +46,15 @@ class Delivery:
 
 class BusClient:
     def __init__(self, address: str, keys_dir: str | None = None, connect_timeout: float = 10.0,
-                 shared_memory: bool = True, context: zmq.Context | None = None):
+                 shared_memory: bool = True, context: zmq.Context | None = None, holder: str | None = None):
         """Connect and greet the server; raises BusTimeout if no bus answers within ``connect_timeout``.
 
         ``shared_memory``: put payloads through /dev/shm when the server proves to be on this host
         (see ``transfer/shm.py``); False forces every payload through the socket.
+        ``holder``: a name for this process that its leases carry, so that whoever supervises it can
+        hand them back at once when it dies (``release``) instead of after their deadline.
         """
-        self.address = address
+        self.address, self.holder = address, holder
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -121,11 +123,13 @@ class BusClient:
         return self.columns
 
     def put(self, data: pa.RecordBatch | pa.Table | dict, timeout: float = 60.0,
-            wait: bool = True) -> dict[str, int] | None:
+            wait: bool = True, missing: str = "error") -> dict[str, int] | None:
         """Create rows (data has ``group_id``) or add columns to existing rows (data has only ``uid``).
 
-        Waits up to ``timeout`` for room (backpressure). Returns the counts ``rows``, ``cells`` written
-        and ``skipped`` (cells already written by an earlier put: the first write wins).
+        Waits up to ``timeout`` for room (backpressure). Returns the counts ``rows`` and ``cells`` written,
+        ``skipped`` (cells already written by an earlier put: the first write wins) and ``missing``.
+        ``missing="skip"``: rows no longer on the bus are skipped and counted instead of failing the put
+        (for at-least-once producers: another replica may have finished those rows and they were freed).
 
         ``wait=False`` returns once the put is sent, so the next batch is prepared while the server stores
         this one; its outcome is checked by the next call on this client (which raises if it failed) or
@@ -133,13 +137,13 @@ class BusClient:
         """
         batch = _as_batch(data, self.columns)
         if self.shared_memory:
-            request, header = self._put_shared(batch, timeout)
+            request, header = self._put_shared(batch, timeout, missing)
         else:
-            request, header = self._put_framed(batch, timeout)
+            request, header = self._put_framed(batch, timeout, missing)
         self._pending = (request, header, timeout + REPLY_GRACE_S)
         return self.flush() if wait else None
 
-    def _put_shared(self, batch: pa.RecordBatch, timeout: float) -> tuple[int, dict]:
+    def _put_shared(self, batch: pa.RecordBatch, timeout: float, missing: str) -> tuple[int, dict]:
         # The payload is written before asking for room: it is this producer's own memory either way,
         # and the server parks the put until there is room, then adopts the file.
         size = self._checked_size(batch, shm.stream_size(batch))
@@ -149,17 +153,18 @@ class BusClient:
         except BaseException:
             shm.unlink(name)  # never handed over: still ours
             raise
-        header = {"op": "put", "shm": name, "rows": batch.num_rows, "bytes": size, "timeout": timeout}
+        header = {"op": "put", "shm": name, "rows": batch.num_rows, "bytes": size, "timeout": timeout,
+                  "missing": missing}
         return self._send(header), header  # from here the server owns the file and unlinks it on failure
 
-    def _put_framed(self, batch: pa.RecordBatch, timeout: float) -> tuple[int, dict]:
+    def _put_framed(self, batch: pa.RecordBatch, timeout: float, missing: str) -> tuple[int, dict]:
         # Bytes that cross the socket are only sent once the server has room for them.
         frame = encode_batch(batch)
         self._checked_size(batch, frame.size)
         reserve = {"op": "reserve", "rows": batch.num_rows, "bytes": frame.size, "timeout": timeout}
         reply, _ = self._call(reserve, timeout=timeout + REPLY_GRACE_S,
                               what=f"room for {batch.num_rows} rows / {frame.size} bytes")
-        header = {"op": "put", "reservation": reply["reservation"]}
+        header = {"op": "put", "reservation": reply["reservation"], "missing": missing}
         return self._send(header, [frame]), header
 
     def _checked_size(self, batch: pa.RecordBatch, size: int) -> int:
@@ -176,7 +181,7 @@ class BusClient:
         self._pending = None
         what = f"the put of {header.get('rows', 'some')} rows to be stored"
         reply, _ = self._reply(request, header, timeout, what=what)
-        return {k: reply[k] for k in ("rows", "cells", "skipped")}
+        return {k: reply[k] for k in ("rows", "cells", "skipped", "missing")}
 
     def get(self, consumer: str, columns: list[str], n: int, min_n: int | None = None, groups: bool = False,
             where: list | None = None, timeout: float = 30.0, lease: float = 60.0,
@@ -193,6 +198,8 @@ class BusClient:
                   "min_n": n if min_n is None else min_n, "groups": groups, "timeout": timeout, "lease": lease}
         if where:
             header["where"] = [list(c) for c in where]
+        if self.holder is not None:
+            header["holder"] = self.holder
         if ack is not None:
             header["ack"] = {"consumer": ack.consumer, "lease": ack.lease}
         reply, frames = self._call(header, timeout=timeout + REPLY_GRACE_S,
@@ -210,6 +217,11 @@ class BusClient:
     def nack(self, delivery: Delivery, timeout: float = 30.0) -> int:
         """Hand the delivery's rows back at once (for another replica, or a retry); returns how many."""
         reply, _ = self._call({"op": "nack", "consumer": delivery.consumer, "lease": delivery.lease}, timeout=timeout)
+        return reply["returned"]
+
+    def release(self, holder: str, timeout: float = 30.0) -> dict[str, int]:
+        """Hand back every lease of ``holder`` now (its process is known dead); returns rows per consumer."""
+        reply, _ = self._call({"op": "release", "holder": holder}, timeout=timeout)
         return reply["returned"]
 
     def renew(self, delivery: Delivery, lease: float = 60.0, timeout: float = 30.0) -> None:

@@ -93,6 +93,13 @@ class Parked:
     since: float = field(default_factory=time.monotonic)
 
 
+def _skip_missing(header: dict) -> bool:
+    missing = _field(header, "missing", str, "error")
+    if missing not in ("error", "skip"):
+        raise ProtocolError(f"put: field 'missing' must be 'error' or 'skip', got {missing!r}")
+    return missing == "skip"
+
+
 def _field(header: dict, name: str, kind: type | tuple, default: Any = ...) -> Any:
     value = header.get(name, default)
     if value is ...:
@@ -133,7 +140,7 @@ class BusServer:
         self._served = -1  # store.changes when parked calls were last tried
         self.handlers: dict[str, Callable] = {
             "hello": self._hello, "declare": self._declare, "reserve": self._reserve, "put": self._put,
-            "get": self._get, "ack": self._ack, "nack": self._nack, "renew": self._renew,
+            "get": self._get, "ack": self._ack, "nack": self._nack, "renew": self._renew, "release": self._release,
             "clear": self._clear, "stats": self._stats}
 
     # -------------------------------------------------------------------------------------------
@@ -281,6 +288,7 @@ class BusServer:
         return None
 
     def _put(self, identity, header, frames):
+        _skip_missing(header)  # a bad value is refused now, not once the put got room
         name = _field(header, "shm", str, None)
         if name is None:
             if len(frames) != 1:
@@ -306,7 +314,7 @@ class BusServer:
             if batch.num_rows > header["rows"] or nbytes > header["bytes"]:
                 raise BusError(f"put of {batch.num_rows} rows / {nbytes} bytes exceeds the {header['rows']} rows / "
                                f"{header['bytes']} bytes it announced")
-            return self.store.put(batch, None, nbytes, name)
+            return self.store.put(batch, None, nbytes, name, skip_missing=_skip_missing(header))
         except BaseException:
             shm.unlink(name)
             raise
@@ -320,7 +328,7 @@ class BusServer:
                                f"{r.rows} rows / {r.nbytes} bytes")
         elif not self.store.fits(batch.num_rows, nbytes):
             raise BusError("bus is full and this put holds no reservation; reserve rows and bytes first")
-        return self.store.put(batch, frame, nbytes, shm_name)
+        return self.store.put(batch, frame, nbytes, shm_name, skip_missing=_skip_missing(header))
 
     def _get(self, identity, header, frames):
         self._parse_get(header)
@@ -341,6 +349,7 @@ class BusServer:
             raise ProtocolError(f"get: need 1 <= min_n <= n, got min_n={min_n} n={n}")
         _field(header, "groups", bool, False)
         _field(header, "where", list, None)
+        _field(header, "holder", str, None)
         self._timeout(header, "lease")
         self.store._mask(columns)  # unknown columns fail now, not at the first state change
 
@@ -350,7 +359,7 @@ class BusServer:
                                  h.get("groups", False), h.get("where"))
         if slots is None:
             return False
-        lease = self.store.lease(h["consumer"], slots, now + h["lease"])
+        lease = self.store.lease(h["consumer"], slots, now + h["lease"], h.get("holder"))
         pieces = self.store.pieces(slots, h["columns"])
         self.store.pin(lease, pieces)
         meta = [{"start": x.start, "rows": x.rows, "columns": x.columns, "whole": x.whole, "shm": x.shm}
@@ -421,6 +430,9 @@ class BusServer:
     def _nack(self, identity, header, frames):
         returned = self.store.nack(_field(header, "consumer", str), _field(header, "lease", str))
         return {"returned": returned}, ()
+
+    def _release(self, identity, header, frames):
+        return {"returned": self.store.release(_field(header, "holder", str))}, ()
 
     def _renew(self, identity, header, frames):
         deadline = time.monotonic() + self._timeout(header, "lease_seconds")

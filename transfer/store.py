@@ -11,7 +11,12 @@ Data model
 - A *consumer* is a name (all replicas of a role share one). Per row it has a state AVAILABLE → LEASED →
   ACKED. ``ready`` picks rows whose needed columns are present and which that consumer has not consumed.
   A lease that expires or is nacked returns its rows to AVAILABLE (at-least-once); ACKED is final, so with
-  acks every row reaches every consumer exactly once.
+  acks every row reaches every consumer exactly once. A lease may name its *holder* (a process, e.g.
+  ``rollout-1``): when a supervisor knows that process is dead, ``release(holder)`` returns all its
+  leases at once instead of after their deadline.
+- A column put may name rows that are gone (``skip_missing``): an at-least-once producer can finish
+  work on rows another replica already completed and the consumers already released. Those rows are
+  skipped and counted; without the flag an unknown uid is an error (a put to a wrong id is a bug).
 
 Bounds: every per-row array is preallocated to ``capacity_rows`` slots (freed slots are reused), and
 segment bytes plus outstanding reservations never exceed ``capacity_bytes``: the table cannot outgrow
@@ -35,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from transfer import shm
-from transfer.wire import GROUP, RESERVED_COLUMNS, UID, BusError, CapacityError, SchemaError, encode_batch
+from transfer.wire import GROUP, RESERVED_COLUMNS, UID, BusError, CapacityError, LeaseExpired, SchemaError, encode_batch
 
 AVAILABLE, LEASED, ACKED = 0, 1, 2
 MAX_COLUMNS = 64  # one bit per column in the uint64 readiness mask
@@ -73,6 +78,7 @@ class Lease:
     slots: np.ndarray  # [n] int64 row slots
     seqs: np.ndarray  # [n] int64 creation numbers: a freed and reused slot no longer matches
     deadline: float
+    holder: str | None = None  # the process holding it, when the consumer named one (``release``)
     pinned: list[int] = field(default_factory=list)  # shared-memory segments named in the delivery
 
 
@@ -136,8 +142,8 @@ class Store:
         self.reserved_rows = 0
         self._ids = itertools.count(1)
         self.changes = 0  # bumped whenever rows may have become ready or room may have been freed
-        self.counters = dict(puts=0, rows_in=0, cells_in=0, cells_skipped=0, rows_freed=0,
-                             leases_expired=0, reservations_expired=0)
+        self.counters = dict(puts=0, rows_in=0, cells_in=0, cells_skipped=0, rows_missing=0, rows_freed=0,
+                             leases_expired=0, leases_released=0, reservations_expired=0)
 
     # -------------------------------------------------------------------------------------------
     # schema
@@ -208,25 +214,30 @@ class Store:
     # -------------------------------------------------------------------------------------------
     # put
 
-    def put(self, batch: pa.RecordBatch, frame: Any, nbytes: int, shm_name: str | None = None) -> dict[str, int]:
-        """Store one validated batch; returns counts. Raises before changing anything on bad input."""
+    def put(self, batch: pa.RecordBatch, frame: Any, nbytes: int, shm_name: str | None = None,
+            skip_missing: bool = False) -> dict[str, int]:
+        """Store one validated batch; returns counts. Raises before changing anything on bad input.
+
+        ``skip_missing``: a column put skips rows whose uid is not on the bus (counted as ``missing``).
+        """
         uids = self._uids_of(batch)
         data_columns = self._check_columns(batch.schema)
         if GROUP in batch.schema.names:
             slots, written = self._create_rows(batch, uids), None
+            rows = np.arange(len(slots))
         else:
-            slots = self._existing_slots(uids)
+            slots, rows = self._existing_slots(uids, skip_missing)
             written = {c: (self.present[slots] & self.bit[c]) == 0 for c in data_columns}
         seg_id = next(self._ids)
         cells = 0
         for c in data_columns:
             sel = np.arange(len(slots)) if written is None else np.flatnonzero(written[c])
-            target = slots[sel]
+            target, at = slots[sel], rows[sel]  # row slots, and those rows' positions in the batch
             self.seg[c][target] = seg_id
-            self.pos[c][target] = sel
+            self.pos[c][target] = at
             self.present[target] |= self.bit[c]
             if c in self.value and len(sel):
-                values = batch.column(c).take(pa.array(sel)).to_numpy(zero_copy_only=False)
+                values = batch.column(c).take(pa.array(at)).to_numpy(zero_copy_only=False)
                 self.value[c][target] = np.asarray(values, dtype=np.float64)
             cells += len(sel)
         if cells:
@@ -239,7 +250,8 @@ class Store:
         self.counters["puts"] += 1
         self.counters["cells_in"] += cells
         self.counters["cells_skipped"] += skipped
-        return {"rows": len(slots), "cells": cells, "skipped": skipped}
+        self.counters["rows_missing"] += len(uids) - len(slots)
+        return {"rows": len(slots), "cells": cells, "skipped": skipped, "missing": len(uids) - len(slots)}
 
     def _uids_of(self, batch: pa.RecordBatch) -> list[str]:
         if UID not in batch.schema.names:
@@ -311,13 +323,16 @@ class Store:
         del free[len(free) - n:]
         return taken
 
-    def _existing_slots(self, uids: list[str]) -> np.ndarray:
+    def _existing_slots(self, uids: list[str], skip_missing: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, their rows' positions in the put) of the uids on the bus."""
         slots = list(map(self.slot_of.get, uids))
-        unknown = [u for u, s in zip(uids, slots) if s is None]
-        if unknown:
+        known = [i for i, s in enumerate(slots) if s is not None]
+        if len(known) < len(uids) and not skip_missing:
+            unknown = [u for u, s in zip(uids, slots) if s is None]
             raise BusError(f"put to unknown row ids {unknown[:5]!r} ({len(unknown)} of {len(uids)}): rows "
-                           f"are created by a put that carries {GROUP!r}, and freed rows are gone")
-        return np.array(slots, np.int64)
+                           f"are created by a put that carries {GROUP!r}, and freed rows are gone (a producer "
+                           f"that may finish work others completed puts with missing='skip')")
+        return np.array([slots[i] for i in known], np.int64), np.array(known, np.int64)
 
     # -------------------------------------------------------------------------------------------
     # consume
@@ -373,12 +388,12 @@ class Store:
         chosen = slots[np.isin(g, complete)]
         return chosen[np.argsort(self.seq[chosen])]
 
-    def lease(self, name: str, slots: np.ndarray, deadline: float) -> Lease:
-        """Hand ``slots`` to consumer ``name`` until ``deadline``."""
+    def lease(self, name: str, slots: np.ndarray, deadline: float, holder: str | None = None) -> Lease:
+        """Hand ``slots`` to consumer ``name`` until ``deadline``; ``holder`` names the process (``release``)."""
         consumer = self.consumers[name]
         consumer.state[slots] = LEASED
         consumer.delivered += len(slots)
-        lease = Lease(secrets.token_hex(8), name, slots, self.seq[slots].copy(), deadline)
+        lease = Lease(secrets.token_hex(8), name, slots, self.seq[slots].copy(), deadline, holder)
         self.leases[lease.id] = lease
         heapq.heappush(self.lease_heap, (deadline, lease.id))
         return lease
@@ -391,7 +406,7 @@ class Store:
     def _lease_of(self, name: str, lease_id: str) -> Lease:
         lease = self.leases.get(lease_id)
         if lease is None or lease.consumer != name:
-            raise BusError(f"lease {lease_id!r} of consumer {name!r} is unknown or expired (an expired "
+            raise LeaseExpired(f"lease {lease_id!r} of consumer {name!r} is unknown or expired (an expired "
                            "lease's rows were made available again); renew long work before it expires")
         return lease
 
@@ -422,6 +437,15 @@ class Store:
         lease = self._lease_of(name, lease_id)
         self._end_lease(lease)
         return self._return_rows(lease)
+
+    def release(self, holder: str) -> dict[str, int]:
+        """Return every lease ``holder`` holds, now (its process is known to be dead); rows per consumer."""
+        returned: dict[str, int] = {}
+        for lease in [x for x in self.leases.values() if x.holder == holder]:
+            self._end_lease(lease)
+            self.counters["leases_released"] += 1
+            returned[lease.consumer] = returned.get(lease.consumer, 0) + self._return_rows(lease)
+        return returned
 
     def renew(self, name: str, lease_id: str, deadline: float) -> None:
         lease = self._lease_of(name, lease_id)

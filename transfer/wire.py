@@ -50,13 +50,20 @@ class CapacityError(BusError):
     kind = "CapacityError"
 
 
+class LeaseExpired(BusError):
+    """An ack/nack/renew named a lease the bus no longer holds: it expired or was released, and its rows
+    went back to the other replicas (who may have finished them already: work is at-least-once)."""
+
+    kind = "LeaseExpired"
+
+
 class BusTimeout(BusError, TimeoutError):
     """A bounded wait ran out; the message says what was waited for and what state it was in."""
 
     kind = "BusTimeout"
 
 
-ERRORS = {cls.kind: cls for cls in (BusError, SchemaError, ProtocolError, CapacityError, BusTimeout)}
+ERRORS = {cls.kind: cls for cls in (BusError, SchemaError, ProtocolError, CapacityError, LeaseExpired, BusTimeout)}
 
 
 # ---------------------------------------------------------------------------------------------------

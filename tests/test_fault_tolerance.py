@@ -1,0 +1,100 @@
+"""Runs that lose a process mid-run and finish anyway: real processes killed with real signals.
+
+What they pin (flow/supervisor.py): a rollout, reward or reference replica that dies (SIGKILL) or
+freezes (SIGSTOP: no heartbeat) is restarted in place; the rows it held go back to the bus at once;
+the run finishes every step with every issued sample trained exactly once by its own ledger; and the
+reward curve stays within noise of an undisturbed run with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from test_runs import REPO, _command, _env, assert_all_processes_gone, metrics
+
+STEPS, KILL_AT = 20, 5
+SAMPLES = STEPS * 4 * 4  # steps x groups_per_step x group_size (test_runs.SMALL)
+# A KL term, so that a reference replica runs too; a short hang bound, so a frozen replica is found quickly.
+BASE = [f"flow.steps={STEPS}", "actor.kl_coef=0.01", "supervision.hang_s=4", "supervision.heartbeat_s=0.5"]
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory, tiny_model, model_cache) -> list[dict]:
+    run_dir = tmp_path_factory.mktemp("undisturbed") / "run"
+    r = subprocess.run(_command(run_dir, model_cache, BASE), cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return metrics(run_dir)
+
+
+def run_and_signal(run_dir: Path, model_cache: str, target: str, sig: signal.Signals, at_step: int,
+                   *overrides: str) -> tuple[subprocess.CompletedProcess, int]:
+    """Run rlflow; once ``at_step`` steps are logged, send ``sig`` to the ``target`` replica's process."""
+    p = subprocess.Popen(_command(run_dir, model_cache, [*BASE, *overrides]), cwd=REPO, env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim, deadline = None, time.monotonic() + 240
+    try:
+        while victim is None and p.poll() is None and time.monotonic() < deadline:
+            log = run_dir / "metrics.jsonl"
+            if log.exists() and len(log.read_text().splitlines()) >= at_step:
+                victim = json.loads((run_dir / "processes.json").read_text())["roles"][target]
+                os.kill(victim, sig)
+            time.sleep(0.05)
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert victim is not None, f"the run never reached step {at_step}: rc {p.returncode}\n{out}{err}"
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err), victim
+
+
+def assert_within_noise(disturbed: list[dict], undisturbed: list[dict], after: int) -> None:
+    """Mean reward of the steps after ``after``: the two runs agree within 4 standard errors."""
+    a = [m["reward/mean"] for m in disturbed if m["step"] > after]
+    b = [m["reward/mean"] for m in undisturbed if m["step"] > after]
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    var = lambda xs, mu: sum((x - mu) ** 2 for x in xs) / (len(xs) - 1)  # noqa: E731
+    se = math.sqrt(var(a, mean_a) / len(a) + var(b, mean_b) / len(b))
+    assert abs(mean_a - mean_b) <= 4 * se + 1e-3, (mean_a, mean_b, se)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("target, sig, what", [
+    ("rollout-0", signal.SIGKILL, "exited with code -9"),
+    ("reward-0", signal.SIGKILL, "exited with code -9"),
+    ("reference-0", signal.SIGKILL, "exited with code -9"),
+    ("rollout-0", signal.SIGSTOP, "hung: no heartbeat"),
+], ids=["kill-rollout", "kill-reward", "kill-reference", "freeze-rollout"])
+def test_a_replica_killed_or_frozen_mid_run_is_restarted_and_every_sample_trains_exactly_once(
+        tmp_path, model_cache, undisturbed, target, sig, what):
+    run_dir = tmp_path / "run"
+    r, victim = run_and_signal(run_dir, model_cache, target, sig, KILL_AT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = metrics(run_dir)
+    assert [m["step"] for m in rows] == list(range(1, STEPS + 1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["samples"] == {"issued": SAMPLES, "trained": SAMPLES, "trained_more_than_once": 0,
+                                  "issued_not_trained": 0, "trained_not_issued": 0}
+    [restart] = summary["supervision"]["restarts"]
+    assert restart["replica"] == target and restart["action"] == "restarted" and what in restart["what"]
+    assert restart["incarnation"] == 0 and "ready_s" in restart  # the new incarnation came up and worked
+    assert rows[-1]["supervision/restarts"] == 1
+    assert json.loads((run_dir / "processes.json").read_text())["roles"][target] != victim
+    assert not pid_alive(victim)  # a frozen replica is killed, not left behind
+    assert_within_noise(rows, undisturbed, KILL_AT)
+    assert_all_processes_gone(run_dir)
