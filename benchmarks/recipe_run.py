@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -12,7 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_recipe(run_dir: Path, overrides: list[str], label: str) -> tuple[list[dict], dict, float]:
-    """(metrics rows, summary.json, wall seconds) of one real run (W&B off); exits naming ``label`` on failure."""
+    """(metrics rows, summary.json, wall seconds) of one real run (W&B off); exits naming ``label`` on failure.
+
+    A previous run in ``run_dir`` is removed first (a fresh run refuses a directory holding one)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "flow.cli", f"run_dir={run_dir}", "tracking.wandb=false", *overrides]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

@@ -151,6 +151,9 @@ class RunConfig:
     """Where the run writes config.yaml, metrics.jsonl, checkpoints/ and wandb/."""
     seed: int = 0
     """Base seed; roles add their replica index."""
+    resume: str | None = None
+    """true: continue the run in run_dir from its newest checkpoint; PATH: from that checkpoint (or that run
+    directory's newest); null: a fresh run. Steps after the checkpoint are trained again, none twice."""
     launcher: str = "local"
     """local: every role a process of this machine; ray: every role replica a Ray actor (see `ray`)."""
     ray: RayConfig = field(default_factory=RayConfig)

@@ -36,6 +36,15 @@ class LocalEndpoints:
             f.write(address)
         os.replace(path + ".tmp", path)  # atomic: a reader sees the whole address or nothing
 
+    def withdraw(self, name: str) -> None:
+        """Forget ``name`` (its owner is gone and a successor will advertise anew): its address file, and
+        the socket or rendezvous file bound at ``bind_address(name)``."""
+        for path in (os.path.join(self.sock_dir, f"{name}.endpoint"), os.path.join(self.sock_dir, name)):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+
     def lookup(self, name: str, timeout: float) -> str:
         path, deadline = os.path.join(self.sock_dir, f"{name}.endpoint"), time.monotonic() + timeout
         while not os.path.exists(path):
@@ -69,6 +78,12 @@ class RayEndpoints:
         import ray
 
         ray.get(self.registry.put.remote(name, address), timeout=60)
+
+    def withdraw(self, name: str) -> None:
+        """Forget ``name`` (its owner is gone and a successor will advertise anew)."""
+        import ray
+
+        ray.get(self.registry.delete.remote(name), timeout=60)
 
     def lookup(self, name: str, timeout: float) -> str:
         import ray

@@ -14,6 +14,12 @@ is s - version_start <= k: the bound holds by construction, and no sample is eve
 stale. k = 0 makes rollouts of step s wait for version s: synchronous training, streamed.
 With k = null there is no version bound; ``async_queue_steps`` still bounds how far prompts run ahead
 (memory, not staleness).
+
+Resume and rewind: group i always gets the i-th record of the prompt stream (a seeded, replayable
+sequence), so a feeder told which groups the kept steps consumed (``done``) skips exactly those and
+issues the rest again. Groups issued after the run's ``epoch``-th rewind carry ``@epoch`` in their ids,
+so a result computed for a row before the rewind can never land on its reissued twin; ``logical_uid``
+strips it for the run's ledger.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ import itertools
 import json
 import random
 import threading
+import time
 from typing import Callable, Iterator
 
 from roles.tasks import get_task
 from transfer.channel import Client
-from transfer import BusClient
+from transfer import BusClient, BusTimeout
 
-VERSION_WAIT_S = 30.0  # one wait for a newer version; the loop re-checks the stop flag between waits
+VERSION_WAIT_S = 1.0  # one long-poll for a newer version; the loop re-checks the stop flag between them
 
 
 def prompt_records(data) -> Iterator[dict]:
@@ -69,20 +76,22 @@ class Feeder:
     def __init__(self, bus_address: str, endpoints, records: Iterator[dict],
                  tokenize: Callable[[str], list[int]], *, group_size: int, groups_per_step: int,
                  staleness: int | None, async_queue_steps: int, steps: int, wait_seconds: float,
-                 keys_dir: str | None = None):
-        """``endpoints`` (flow/endpoints.py) finds the actor's weight channel; ``keys_dir``: CURVE keys."""
+                 keys_dir: str | None = None, done: set[int] = frozenset(), epoch: int = 0):
+        """``endpoints`` (flow/endpoints.py) finds the actor's weight channel; ``keys_dir``: CURVE keys;
+        ``done``: indices of groups already trained (a resumed run's kept steps); ``epoch``: rewinds so far."""
         self.bus_address, self.endpoints, self.keys_dir = bus_address, endpoints, keys_dir
         self.records, self.tokenize = records, tokenize
         self.group_size, self.groups_per_step = group_size, groups_per_step
         self.staleness, self.queue_steps = staleness, async_queue_steps
         self.total_groups = steps * groups_per_step
         self.wait_seconds = wait_seconds
-        self.issued = 0
+        self.done, self.epoch = set(done), epoch
+        self.issued = 0  # groups 0..issued-1 are issued (or were done before)
         self.stop = threading.Event()
 
-    def issued_uids(self) -> set[str]:
-        """The uid of every sample put on the bus so far (the rows ``_issue`` names)."""
-        return {uid(i, j) for i in range(self.issued) for j in range(self.group_size)}
+    def issued_groups(self) -> set[int]:
+        """Indices of every group put on the bus so far, or trained before this feeder started."""
+        return set(range(self.issued)) | self.done
 
     def allowed(self, version: int) -> int:
         """How many groups may have been issued in all while the trainer is at ``version``."""
@@ -91,16 +100,27 @@ class Feeder:
 
     def run(self) -> None:
         weights_address = self.endpoints.lookup("weights", self.wait_seconds)
-        bus, weights = BusClient(self.bus_address, keys_dir=self.keys_dir), Client(weights_address, keys_dir=self.keys_dir)
+        # A short reply grace: a trainer that stops answering (dead, restarting) must not hold up ``stop``.
+        bus = BusClient(self.bus_address, keys_dir=self.keys_dir)
+        weights = Client(weights_address, keys_dir=self.keys_dir, reply_grace=2.0)
         try:
-            version = weights.wait_head(-1, self.wait_seconds, what="the actor's first weights (version 0)").version
+            version = weights.wait_head(-1, self.wait_seconds, what="the actor's first weights").version
+            since = time.monotonic()
             while self.issued < self.total_groups and not self.stop.is_set():
                 target = self.allowed(version)
                 if self.issued < target:
                     self._issue(bus, target)
                     continue
-                head = weights.head(version, VERSION_WAIT_S)
-                version = version if head is None else head.version
+                try:
+                    head = weights.head(version, VERSION_WAIT_S)
+                except BusTimeout:  # the trainer does not answer: supervision restarts it, or the bound below ends this
+                    head = None
+                if head is not None:
+                    version, since = head.version, time.monotonic()
+                elif time.monotonic() - since > 2 * self.wait_seconds:
+                    raise TimeoutError(f"the feeder waited {time.monotonic() - since:.0f}s (2 x flow.wait_seconds) "
+                                       f"for the actor to publish version {version + 1} on its weight channel; "
+                                       f"the actor's own waits are bounded by flow.wait_seconds, so it is stuck")
         finally:
             bus.close()
             weights.close()
@@ -109,21 +129,39 @@ class Feeder:
         """Put groups issued..target-1 in one put (one put per step keeps rollout batches whole)."""
         rows: dict[str, list] = {k: [] for k in ("uid", "group_id", "prompt_ids", "fields", "target_step", "min_version")}
         for i in range(self.issued, target):
-            record = next(self.records)
+            record = next(self.records)  # group i gets record i, issued or not: the stream stays aligned
+            if i in self.done:
+                continue
             ids = self.tokenize(record["prompt"])
             step = i // self.groups_per_step
             min_version = 0 if self.staleness is None else max(0, step - self.staleness)
             for j in range(self.group_size):
-                rows["uid"].append(uid(i, j))
-                rows["group_id"].append(f"g{i}")
+                rows["uid"].append(uid(i, j, self.epoch))
+                rows["group_id"].append(group_id(i, self.epoch))
                 rows["prompt_ids"].append(ids)
                 rows["fields"].append(json.dumps(record, default=str))
                 rows["target_step"].append(step)
                 rows["min_version"].append(min_version)
-        bus.put(rows, timeout=self.wait_seconds)
+        if rows["uid"]:
+            bus.put(rows, timeout=self.wait_seconds)
         self.issued = target
 
 
-def uid(group: int, sample: int) -> str:
-    """The uid of sample ``sample`` of the ``group``-th group issued in the run."""
-    return f"g{group}-{sample}"
+def group_id(group: int, epoch: int = 0) -> str:
+    """The id of the ``group``-th group of the run, as issued after the ``epoch``-th rewind."""
+    return f"g{group}" if epoch == 0 else f"g{group}@{epoch}"
+
+
+def uid(group: int, sample: int, epoch: int = 0) -> str:
+    """The uid of sample ``sample`` of the ``group``-th group of the run, issued after the ``epoch``-th rewind."""
+    return f"{group_id(group)}-{sample}" if epoch == 0 else f"{group_id(group)}-{sample}@{epoch}"
+
+
+def logical_uid(uid_: str) -> str:
+    """The sample a uid stands for, whichever epoch issued it (the ledger counts samples, not rows)."""
+    return uid_.partition("@")[0]
+
+
+def group_index(group_id_: str) -> int:
+    """The index ``i`` of a group id ``g<i>`` or ``g<i>@<epoch>``."""
+    return int(group_id_.partition("@")[0][1:])

@@ -41,7 +41,8 @@ from rich.console import Console
 from rich.panel import Panel
 
 from flow.config import ConfigError, RunConfig, StartError, validate
-from flow.feeder import Feeder, prompt_records
+from flow.feeder import Feeder, logical_uid, prompt_records, uid
+from flow.resume import ResumePoint, newest_point, requested_point
 from flow.supervisor import Supervisor
 from flow.tracking import Tracker, sync_summary
 from flow.worker import holder_name
@@ -50,6 +51,7 @@ from roles.weights import relay_parent, relays_to_others
 from transfer import BusClient, ServerConfig, security
 
 KILL_WAIT_S = 30.0  # bound on a killed replica's process (or Ray actor) being reported gone
+FEEDER_STOP_S = 30.0  # bound on the feeder thread returning once asked to (its waits are 1 s long-polls)
 
 
 def run(dcfg: DictConfig, console: Console) -> int:
@@ -59,13 +61,19 @@ def run(dcfg: DictConfig, console: Console) -> int:
     validate(cfg)
     if cfg.launcher == "local":  # under Ray the GPUs are the cluster's, not necessarily this machine's
         check_devices(cfg)
+    start = requested_point(cfg) or ResumePoint(None)
     run_dir = Path(cfg.run_dir)
+    if start.path is None and (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").stat().st_size:
+        raise ConfigError(f"run_dir={cfg.run_dir!r} already holds a run (its metrics.jsonl): continue it with "
+                          f"resume=true, or choose another run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg, resolve=True))
     model_path = prepare_model(cfg, console)
     console.print(f"run {run_dir}  model {model_path}  staleness {cfg.flow.staleness}  steps {cfg.flow.steps}")
+    if start.path is not None:
+        console.print(f"resuming from {start.path}: step {start.version} of {cfg.flow.steps}")
     try:
-        with Run(cfg, model_path, console) as r:
+        with Run(cfg, model_path, console, start) as r:
             return r.supervise()
     except StartError as e:  # nothing ran: the message says what could not start, no traceback needed
         console.print(f"[red]error[/]: {e}")
@@ -142,18 +150,24 @@ def plan_roles(cfg: RunConfig) -> list[tuple[str, int, object, dict, int]]:
 class Run:
     """The processes and threads of one run; ``with Run(...)`` guarantees the shutdown path runs."""
 
-    def __init__(self, cfg: RunConfig, model_path: str, console: Console):
+    def __init__(self, cfg: RunConfig, model_path: str, console: Console, start: ResumePoint | None = None):
+        """``start``: the checkpoint the run continues from (``resume``); None or a path-less point: fresh."""
         self.cfg, self.model_path, self.console = cfg, model_path, console
+        self.start = start or ResumePoint(None)
         self.events: queue.Queue = queue.Queue()
-        self.sock_dir = tempfile.mkdtemp(prefix="rlflow-")  # ipc paths must stay short (~100 chars)
+        sweep_socket_dirs()
+        # ipc paths must stay short (~100 chars); the pid in the name lets a later run remove it if we are killed
+        self.sock_dir = tempfile.mkdtemp(prefix=f"rlflow-{os.getpid()}-")
         self.placement = None  # flow/local.py or flow/ray_cluster.py: where the bus and the roles run
         self.tracker = None
-        self.feeder = None
+        self.feeder = self.feeder_thread = None
+        self.issued: set[int] = set()  # groups issued by feeders that were replaced (rewinds)
+        self.epoch = 0  # rewinds so far, this run and the ones it resumed
         self.closing = threading.Event()
         self.busy: Counter = Counter()  # seconds each role spent working, from its reports
         self.reward_errors: Counter = Counter()
         self.work: Counter = Counter()  # samples each role replica processed, from its reports
-        self.trained: Counter = Counter()  # uid -> optimizer steps that consumed it (the exactly-once ledger)
+        self.trained: dict[int, list[str]] = {}  # step -> logical uids it trained (the exactly-once ledger)
         self.trainer: dict = {}  # from the actor's done report: replicas, identical_weights
         self.sync_reports: list[dict] = []  # rollout weight applies since the last step's metrics line
         self.sync_totals: dict[str, dict] = {}  # per rollout replica: bytes from the actor / from peers, applies
@@ -194,17 +208,37 @@ class Run:
             if role == "rollout":
                 extra = {**extra, **self._relay_endpoints(replica)}
             self.role_args[(role, replica)] = (role, replica, role_cfg, extra, {**spec, "threads": threads})
-            self._start_role(role, replica)
+        self.tokenize = make_tokenize(self.model_path, cfg.data.chat_template)
+        self.tracker = Tracker(cfg.tracking, run_dir, dataclasses.asdict(cfg), cfg.flow.steps, self.console,
+                               keep_steps=self.start.version if self.start.path else None)
+        self._continue_from(self.start, [(r, i) for r, i, *_ in plan], rewind=False)
         self.placement.wait_started()
         self._write_processes()
-        self.tracker = Tracker(cfg.tracking, run_dir, dataclasses.asdict(cfg),
-                               cfg.flow.steps, self.console)
-        self.feeder = Feeder(bus_address, self.placement.endpoints, prompt_records(cfg.data),
-                             make_tokenize(self.model_path, cfg.data.chat_template),
+
+    def _continue_from(self, point: ResumePoint, replicas: list[tuple[str, int]], rewind: bool) -> None:
+        """Start ``replicas`` (the actor's resuming from ``point``) and a feeder that skips what ``point``
+        trained. The bus holds nothing the run still needs: it is fresh, or the rewind cleared it."""
+        if rewind or point.path is not None:  # rows issued from here on are told apart from earlier ones
+            self.epoch = max(self.epoch, point.epoch) + 1
+        for role, replica in replicas:
+            if role == "actor":
+                r, i, role_cfg, extra, spec = self.role_args[(role, replica)]
+                self.role_args[(role, replica)] = (r, i, role_cfg, {**extra, "resume_from": point.path,
+                                                                    "epoch": self.epoch}, spec)
+            self._start_role(role, replica)
+        self.trained = {s: uids for s, uids in self.trained.items() if s <= point.version}
+        for s, uids in point.trained_by_step(self.cfg.rollout.group_size).items():
+            self.trained.setdefault(s, uids)  # a kept step whose metrics report never arrived
+        cfg = self.cfg
+        self.feeder = Feeder(self.bus.address, self.placement.endpoints,
+                             prompt_records(cfg.data), self.tokenize,
                              group_size=cfg.rollout.group_size, groups_per_step=cfg.actor.groups_per_step,
                              staleness=cfg.flow.staleness, async_queue_steps=cfg.flow.async_queue_steps,
-                             steps=cfg.flow.steps, wait_seconds=cfg.flow.wait_seconds, keys_dir=keys_dir)
-        threading.Thread(target=self._feed, name="rlflow-feeder", daemon=True).start()
+                             steps=cfg.flow.steps, wait_seconds=cfg.flow.wait_seconds,
+                             keys_dir=self.placement.keys_dir, done=point.done_groups(), epoch=self.epoch)
+        self.feeder_thread = threading.Thread(target=self._feed, args=(self.feeder,), name="rlflow-feeder",
+                                              daemon=True)
+        self.feeder_thread.start()
 
     def _start_role(self, role: str, replica: int) -> None:
         """Start the next incarnation of a replica with the arguments it was first planned with."""
@@ -257,10 +291,12 @@ class Run:
         self.events.put(("exit", {"role": role, "replica": replica, "incarnation": incarnation, "what": what,
                                   "detail": detail}))
 
-    def _feed(self) -> None:
+    def _feed(self, feeder: Feeder) -> None:
         try:
-            self.feeder.run()
+            feeder.run()
         except BaseException:
+            if feeder.stop.is_set():  # a rewind stopped it mid-put: nothing to report
+                return
             self.events.put(("report", {"role": "feeder", "replica": 0, "kind": "failed",
                                         "traceback": traceback.format_exc()}))
 
@@ -310,14 +346,15 @@ class Run:
         """Restart a replica that died, failed or hung, if the policy allows; else stop the run (returns 1)."""
         name = f"{role}-{replica}"
         incarnation = self.supervisor.incarnation(name)
-        why_not = "the trainer restarts from checkpoints: not yet" if role == "actor" else \
-            self.supervisor.may_restart(name, role, failed)
+        why_not = self.supervisor.may_restart(name, role, failed)
         if why_not is not None:
             self.supervisor.record(name, incarnation, what, "stopped the run", why=why_not)
             restarts = [h for h in self.supervisor.history if h["action"] == "restarted"]
             detail = "\n".join(filter(None, [detail, f"not restarted: {why_not}"] +
                                       [f"earlier: {h['replica']} {h['what']} (restarted)" for h in restarts]))
             return self._failed(role, replica, tb, what, detail)
+        if role == "actor":
+            return self._rewind(name, incarnation, what, tb, detail)
         t0 = time.monotonic()
         self.placement.kill_role(role, replica, KILL_WAIT_S)  # for sure gone before its leases go back
         returned = self.bus.release(holder_name(role, replica, incarnation))
@@ -333,6 +370,49 @@ class Run:
             self.console.print(tb, highlight=False)
         return None
 
+    def _rewind(self, name: str, incarnation: int, what: str, tb: str | None, detail: str | None) -> int | None:
+        """The trainer died, failed or hung: continue from this run's newest checkpoint.
+
+        Every trainer replica and every rollout replica restarts (the rollouts hold weights of a lineage
+        that is being discarded); the bus is cleared, the ledger and metrics.jsonl drop the steps after the
+        checkpoint, and a new feeder reissues every group the kept steps did not consume, under new ids.
+        Reward and reference replicas go on: a result they put for a cleared row is skipped.
+        """
+        t0 = time.monotonic()
+        point = newest_point(self.cfg.run_dir)
+        self.feeder.stop.set()
+        self.feeder_thread.join(FEEDER_STOP_S)
+        if self.feeder_thread.is_alive():
+            return self._failed("feeder", 0, None, "did not stop for a rewind",
+                                f"the feeder thread did not return within {FEEDER_STOP_S:.0f}s (blocked in a put "
+                                f"to a full bus?), so the trainer could not be restarted after: {name} {what}")
+        self.issued |= self.feeder.issued_groups()
+        restarted = [(r, i) for r, i in self.role_args if r in ("actor", "rollout")]
+        for role, replica in restarted:
+            self.placement.kill_role(role, replica, KILL_WAIT_S)
+            self.bus.release(holder_name(role, replica, self.supervisor.incarnation(f"{role}-{replica}")))
+        cleared = self.bus.clear(everything=True)
+        for endpoint in self._trainer_endpoints():
+            self.placement.endpoints.withdraw(endpoint)
+        lost = max(self.trained, default=0) - point.version
+        self.tracker.rewind(point.version)
+        self._continue_from(point, restarted, rewind=True)
+        self.placement.wait_started()
+        self._write_processes()
+        self.supervisor.record(name, incarnation, what, "restarted", rewound_to=point.version, steps_lost=lost,
+                               rows_cleared=cleared, restart_s=round(time.monotonic() - t0, 3))
+        self.console.print(f"[yellow]{name} {what}[/]" + (f" ({detail})" if detail else "") +
+                           f": the trainer restarts from {point.path or 'the start policy'} (step {point.version}; "
+                           f"{lost} later steps are trained again), with every rollout replica", highlight=False)
+        if tb:
+            self.console.print(tb, highlight=False)
+        return None
+
+    def _trainer_endpoints(self) -> list[str]:
+        """Endpoints the trainer and rollout replicas advertise (withdrawn before they restart)."""
+        names = ["weights", "trainer", "trainer-broadcast"]
+        return names + [f"{p}-{i}" for p in ("weights", "sglang") for i in range(self.cfg.rollout.replicas)]
+
     def _report(self, ev: dict) -> int | None:
         kind, name = ev["kind"], f"{ev['role']}-{ev['replica']}"
         if ev["role"] != "feeder":
@@ -342,7 +422,7 @@ class Run:
         if kind == "heartbeat":
             return None
         if kind == "metrics":
-            self.trained.update(ev.pop("uids"))
+            self.trained[ev["step"]] = [logical_uid(u) for u in ev.pop("uids")]
             self.tracker.log({**ev, **sync_summary(self.sync_reports),
                               "supervision/restarts": len(self.supervisor.history)})
             self.sync_reports.clear()
@@ -393,11 +473,13 @@ class Run:
 
     def _ledger(self) -> dict:
         """The run's own exactly-once accounting: every issued sample against the steps that consumed it."""
-        issued = self.feeder.issued_uids() if self.feeder is not None else set()
-        return {"issued": len(issued), "trained": len(self.trained),
-                "trained_more_than_once": sum(1 for n in self.trained.values() if n > 1),
-                "issued_not_trained": len(issued - self.trained.keys()),
-                "trained_not_issued": len(self.trained.keys() - issued)}
+        groups = self.issued | (self.feeder.issued_groups() if self.feeder is not None else set())
+        issued = {uid(i, j) for i in groups for j in range(self.cfg.rollout.group_size)}
+        trained = Counter(u for uids in self.trained.values() for u in uids)
+        return {"issued": len(issued), "trained": len(trained),
+                "trained_more_than_once": sum(1 for n in trained.values() if n > 1),
+                "issued_not_trained": len(issued - trained.keys()),
+                "trained_not_issued": len(trained.keys() - issued)}
 
     def _summary(self, wall: float) -> None:
         summary = {"wall_s": round(wall, 3), "model_path": self.model_path, "launcher": self.cfg.launcher,
@@ -418,6 +500,20 @@ class Run:
         if self.tracker is not None:
             self.tracker.close()
         shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+def sweep_socket_dirs() -> None:
+    """Remove the socket directories of launchers that were killed (a clean stop removes its own)."""
+    for d in Path(tempfile.gettempdir()).glob("rlflow-*-*"):
+        pid = d.name.split("-")[1]
+        if not pid.isdigit() or not d.is_dir() or d.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 def make_placement(cfg: RunConfig, roles: list[tuple[str, int]], sock_dir: str, log):

@@ -55,6 +55,9 @@ class Registry:
     def get(self, name: str) -> str | None:
         return self.addresses.get(name)
 
+    def delete(self, name: str) -> None:
+        self.addresses.pop(name, None)
+
 
 class BusActor:
     """Hosts the bus server on a thread, bound on this node's IP (CURVE: it listens beyond loopback)."""

@@ -2,7 +2,10 @@
 
 metrics.jsonl is a contract (../shared/DESIGN.md): one JSON object per optimizer step with at least
 ``step``, ``time`` (seconds since the run started), ``reward/mean``, ``staleness/max``, ``staleness/mean``.
-Each line is flushed when written, so a run that fails keeps every step it finished.
+Each line is flushed when written, so a run that fails keeps every step it finished. A run that
+continues from a checkpoint at step N (``resume``, or a rewind after the trainer failed) first drops
+the lines after N, so the file keeps one line per step of the lineage that survives; ``time`` goes on
+from the last kept line.
 
 W&B runs offline when no API key is configured (``tracking.wandb_mode=auto``), so a laptop or a CI
 machine without network still gets a complete run directory to ``wandb sync`` later.
@@ -35,18 +38,30 @@ def wandb_mode(requested: str) -> str:
 
 
 class Tracker:
-    def __init__(self, cfg, run_dir: str, config: dict, total_steps: int, console: Console):
+    def __init__(self, cfg, run_dir: str, config: dict, total_steps: int, console: Console,
+                 keep_steps: int | None = None):
+        """``keep_steps``: a resumed run keeps the lines of steps up to this one and appends after them."""
         self.cfg, self.total, self.console = cfg, total_steps, console
+        self.path = Path(run_dir) / "metrics.jsonl"
         self.t0 = time.monotonic()
-        self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        self.jsonl = None
+        self._reopen(keep_steps if keep_steps is not None else (None if not self.path.exists() else 0))
         self.recent: deque[float] = deque(maxlen=10)  # the bar's reward: a mean over the last 10 steps
         self.run = None
         if cfg.wandb:
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
+            # The run's W&B id is kept in run_dir, so a resumed run continues the same W&B run. Charts use
+            # the logged "step" as x axis rather than W&B's own counter, which cannot go back on a rewind.
+            id_file = Path(run_dir) / "wandb-id"
+            run_id = id_file.read_text().strip() if keep_steps is not None and id_file.exists() else None
             self.run = wandb.init(project=cfg.project, name=cfg.name or Path(run_dir).name, dir=run_dir,
-                                  config=config, mode=wandb_mode(cfg.wandb_mode))
+                                  config=config, mode=wandb_mode(cfg.wandb_mode), id=run_id,
+                                  resume="allow" if run_id else None)
+            id_file.write_text(self.run.id)
+            self.run.define_metric("step")
+            self.run.define_metric("*", step_metric="step")
         self.progress = None
         if cfg.progress and console.is_terminal:
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
@@ -59,7 +74,7 @@ class Tracker:
                   **{k: v for k, v in metrics.items() if k not in ("step", "kind", "role", "replica", "pid", "incarnation")}}
         self.jsonl.write(json.dumps(record) + "\n")
         if self.run is not None:
-            self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.run.log(record)
         if not math.isnan(record["reward/mean"]):
             self.recent.append(record["reward/mean"])
         info = (f"reward {sum(self.recent) / max(len(self.recent), 1):.3f}  staleness max {record['staleness/max']}"
@@ -69,6 +84,26 @@ class Tracker:
         elif record["step"] % self.cfg.log_every == 0 or record["step"] in (1, self.total):
             self.console.print(f"step {record['step']}/{self.total}  {info}  {record['time']:.0f}s", highlight=False)
         return record
+
+    def rewind(self, step: int) -> None:
+        """Drop the lines after ``step``: the steps after it are about to be trained again."""
+        self._reopen(step)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step)
+
+    def _reopen(self, keep: int | None) -> None:
+        """(Re)open metrics.jsonl for appending; with ``keep``, first drop the lines of later steps
+        (a fresh run truncates with keep=0); ``time`` then goes on from the last line kept."""
+        if self.jsonl is not None:
+            self.jsonl.close()
+        offset = 0.0
+        if keep is not None and self.path.exists():
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line)["step"] <= keep]
+            self.path.write_text("".join(line + "\n" for line in kept))
+            offset = json.loads(kept[-1])["time"] if kept else 0.0
+        self.t0 = time.monotonic() - offset
+        self.jsonl = open(self.path, "a", buffering=1)
 
     def close(self) -> None:
         if self.progress is not None:

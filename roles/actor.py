@@ -4,7 +4,8 @@ Loop contract:
 - consumes: whole groups with every ``ACTOR_INPUT`` column ready (plus ``ref_logprobs`` with a KL
   term); with a staleness bound only the groups scheduled for the current step (``target_step``)
 - produces: policy version v + 1 on the weight channel after each step; a ``metrics`` report per step
-  (with the uids it consumed: the launcher's exactly-once ledger); checkpoints
+  (with the uids it consumed: the launcher's exactly-once ledger); checkpoints every ``checkpoint_every``
+  steps and at the end (``roles/checkpoint.py``: written in the background, resumable)
 - waits for: groups (bounded by the run's wait_seconds, then an error saying which step it was filling)
 - unblocked by: the reward (and reference) role's puts, which complete a group's columns
 
@@ -13,8 +14,13 @@ the optimizer once the batch is complete. Losses are accumulated as un-normalise
 gradient is divided by the batch's normaliser at the end, so the step's gradient is the one the
 whole batch would give in one pass: with staleness 0 this is synchronous training, not an approximation.
 
-Exactly-once: a step's rows stay leased until its optimizer step is done and are acked then; the bus
+Exactly-once: a step's rows stay leased until its optimizer step is done and are acked then (leases
+held longer than half their term are renewed while the step fills, so none expires under it); the bus
 releases a row once the actor acked it, so no sample trains twice.
+
+Resume (``resume_from``): the engine is built from the checkpoint, restores its optimizer state and
+version, and the loop goes on from there; the checkpoint's ``groups_by_step`` carries on, so every later
+checkpoint still names every group the kept steps consumed.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import pyarrow as pa
 import torch
 
 from roles import schema
+from roles.checkpoint import Checkpointer, read_state, restore_rng
 from roles.interfaces import RoleContext, load_object
 from roles.data_parallel import TrainerGroup
 from roles.loss import aggregate, group_advantages, policy_loss
@@ -92,8 +99,10 @@ class ActorConfig:
     """Scoring temperature; the recipes tie it to rollout.temperature."""
     max_new_tokens: int = 8
     """Used by aggregation=constant; the recipes tie it to rollout.max_new_tokens."""
-    checkpoint_every: int = 0
-    """Save a checkpoint every N steps (0: only the final one)."""
+    checkpoint_every: int = 10
+    """Save a resumable checkpoint every N steps (0: only the final one); written in the background."""
+    checkpoint_keep: int = 2
+    """Newest step-N checkpoints kept (older ones are deleted; `final` is always kept)."""
     device: str = "cpu"
     """torch device of the trained model."""
     threads: int = 1
@@ -111,7 +120,7 @@ def make_engine(cfg: ActorConfig, model_path: str):
 
 
 def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None, sync: SyncConfig,
-          broadcast: dict | None = None) -> None:
+          broadcast: dict | None = None, resume_from: str | None = None, epoch: int = 0) -> None:
     """``sync.dtype`` must be resolved (the rollout's dtype): patches are diffed in what the rollout runs.
 
     ``broadcast`` (sglang rollouts with update=distributed): {"servers": N, "tp": tp size, "backend",
@@ -121,15 +130,28 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
 
     With ``cfg.replicas`` > 1 this is one of several data-parallel replicas (``roles/data_parallel.py``):
     it trains on its share of each step's groups, and replica 0 alone publishes, saves and reports.
+
+    ``resume_from``: a checkpoint directory to continue from; ``epoch``: how many times the run was
+    rewound (recorded in checkpoints).
     """
     torch.manual_seed(cfg.seed)
-    engine = make_engine(cfg, ctx.model_path)
+    engine = make_engine(cfg, resume_from or ctx.model_path)
+    groups_by_step: list[list[str]] = []  # the group ids each step consumed: the data position
+    if resume_from is not None:
+        if not hasattr(engine, "restore"):
+            raise TypeError(f"resuming needs {type(engine).__name__}.restore(path, version) (see roles/interfaces.py)")
+        state = read_state(resume_from)
+        engine.restore(resume_from, state["version"])
+        restore_rng(resume_from)
+        groups_by_step = state["groups_by_step"]
     if cfg.replicas > 1 and not hasattr(engine, "gradients"):
         raise TypeError(f"actor.replicas={cfg.replicas} sums gradients across replicas: {type(engine).__name__} "
                         f"has no gradients() (see roles/interfaces.py)")
     group = TrainerGroup(ctx, cfg.replicas, cfg.device) if cfg.replicas > 1 else None
     lead = group is None or group.rank == 0
     publication = Publication(ctx, engine, sync, broadcast, cfg.device) if lead else None
+    checkpoints = Checkpointer(f"{ctx.run_dir}/checkpoints", cfg.checkpoint_keep) \
+        if lead and hasattr(engine, "snapshot") else None
     columns = schema.ACTOR_INPUT + (["ref_logprobs"] if cfg.kl_coef > 0 else [])
     share = cfg.groups_per_step // cfg.replicas  # validation makes it divide
     ctx.report("ready")
@@ -140,28 +162,38 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
             deliveries, waited = [], 0.0
             while acc.groups < share:
                 t = time.monotonic()
+                _renew_held(ctx, deliveries)
                 deliveries.append(_take(ctx, columns, share - acc.groups, step, staleness, acc.groups, share))
                 waited += time.monotonic() - t
                 acc.add(deliveries[-1].table)
             uids = [u for d in deliveries for u in d.uids]
+            groups = list(dict.fromkeys(g for d in deliveries for g in d.table.column("group_id").to_pylist()))
             if group is not None:
-                uids = group.merge(acc, uids)
+                uids, groups = group.merge(acc, uids, groups)
                 group.all_reduce_gradients(engine.gradients())
             metrics = acc.finish()
             for d in deliveries:
                 ctx.bus.ack(d)
             if not lead:
                 continue
+            groups_by_step.append(groups)
             sync_metrics = publication.publish(engine)
-            if cfg.checkpoint_every and engine.version % cfg.checkpoint_every == 0:
-                engine.save(f"{ctx.run_dir}/checkpoints/step-{engine.version}")
+            ckpt_metrics = {}
+            if checkpoints is not None and cfg.checkpoint_every and engine.version % cfg.checkpoint_every == 0 \
+                    and engine.version < steps:  # the last step's checkpoint is `final`
+                ckpt_metrics = _checkpoint(checkpoints, f"step-{engine.version}", engine, epoch, groups_by_step,
+                                           ctx.wait_seconds)
             elapsed = time.monotonic() - t0
             ctx.report("metrics", step=step + 1, **metrics, **{
                 "actor/wait_s": waited, "actor/step_s": elapsed, "samples/s": metrics["samples"] / elapsed,
-                **sync_metrics}, uids=uids)
+                **sync_metrics, **ckpt_metrics}, uids=uids)
         identical = group.identical_weights(engine.weights()) if group is not None else True
         if lead:
-            engine.save(f"{ctx.run_dir}/checkpoints/final")
+            if checkpoints is not None:
+                _checkpoint(checkpoints, "final", engine, epoch, groups_by_step, ctx.wait_seconds)
+                checkpoints.close(ctx.wait_seconds)
+            else:
+                engine.save(f"{ctx.run_dir}/checkpoints/final")
             ctx.report("done", version=engine.version, replicas=cfg.replicas, identical_weights=identical)
         else:  # the run ends on replica 0's report; stay until the launcher stops this replica
             time.sleep(ctx.wait_seconds)
@@ -170,6 +202,22 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
             publication.close()
         if group is not None:
             group.close()
+
+
+def _checkpoint(checkpoints: Checkpointer, name: str, engine, epoch: int, groups_by_step: list[list[str]],
+                timeout: float) -> dict[str, float]:
+    t0 = time.monotonic()
+    write = engine.snapshot()
+    snapshot_s = time.monotonic() - t0
+    state = {"version": engine.version, "epoch": epoch, "groups_by_step": list(groups_by_step), "time": time.time()}
+    return {**checkpoints.save(name, write, state, timeout), "checkpoint/snapshot_s": snapshot_s}
+
+
+def _renew_held(ctx: RoleContext, deliveries: list) -> None:
+    """Renew the leases of this step's deliveries that are past half their term (a step may fill slowly)."""
+    for d in deliveries:
+        if time.monotonic() - d.leased_at > ctx.lease_seconds / 2:
+            ctx.bus.renew(d, lease=ctx.lease_seconds)
 
 
 class Publication:

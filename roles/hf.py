@@ -15,6 +15,8 @@ top_p = 1 and top_k = 0 (the defaults).
 from __future__ import annotations
 
 import math
+from typing import Callable
+
 import torch
 
 from roles.interfaces import Generation, SamplingParams
@@ -170,6 +172,7 @@ class HFTrainEngine:
         self.temperature = cfg.temperature
         self.model_path = model_path
         self.model = load_model(model_path, "float32", cfg.device).train()
+        self.tokenizer = None  # loaded at the first snapshot, and kept: model_path may be a pruned checkpoint by then
         self.max_grad_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                            weight_decay=cfg.weight_decay)
@@ -223,7 +226,40 @@ class HFTrainEngine:
 
     def save(self, path: str) -> None:
         """A self-contained checkpoint: the model and the start checkpoint's tokenizer (``from_pretrained``)."""
+        self.snapshot()(path)
+
+    def snapshot(self) -> Callable[[str], None]:
+        """Copy the weights and the optimizer state to host memory now; return a function that writes them
+        (model + tokenizer as ``from_pretrained`` reads them, and ``optimizer.pt``) to a directory later."""
         from transformers import AutoTokenizer
 
-        self.model.save_pretrained(path)
-        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(path)
+        if self.tokenizer is None:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        optimizer = _host_copy(self.optimizer.state_dict())
+        model, tokenizer = self.model, self.tokenizer
+
+        def write(path: str) -> None:
+            model.save_pretrained(path, state_dict=weights)
+            tokenizer.save_pretrained(path)
+            torch.save(optimizer, f"{path}/optimizer.pt")
+
+        return write
+
+    def restore(self, path: str, version: int) -> None:
+        """Continue from checkpoint ``path`` (this engine was built from it, so the weights are already
+        loaded): the optimizer state, and ``version``."""
+        state = torch.load(f"{path}/optimizer.pt", map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state)
+        self.version = version
+
+
+def _host_copy(obj):
+    """``obj`` with every tensor in it copied to host memory (an optimizer state_dict, nested)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj

@@ -80,6 +80,15 @@ class TrainEngine(Protocol):
     def save(self, path: str) -> None:
         """Write a checkpoint that ``from_pretrained(path)`` (or the engine's own loader) reads back."""
 
+    # Optional, for checkpoints a run can resume from (``roles/checkpoint.py``; without them only the
+    # final model is saved, and a failed trainer stops the run):
+    # def snapshot(self) -> Callable[[str], None]:
+    #     """Copy what a resume needs (weights, optimizer state) now; return a writer ``write(dir)`` that
+    #     another thread calls later, while training goes on (so it must not read live state)."""
+    # def restore(self, path: str, version: int) -> None:
+    #     """Continue from a checkpoint ``snapshot`` wrote: the engine was built from ``path`` (its weights);
+    #     load the rest (optimizer state) and set ``version``."""
+
 
 RewardFn = Callable[..., float]  # fn(response: str, **fields) -> float; fields are the prompt record's
 

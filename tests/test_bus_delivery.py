@@ -205,6 +205,41 @@ def test_release_returns_only_the_dead_holders_leases_at_once(bus_server):
         assert stats["leases_released"] == 1 and stats["consumers"]["rollout"]["redelivered"] == 4
 
 
+def _park_get(address: str, holder: str | None):
+    """A raw client that asks for rows and never reads the answer: a process about to die."""
+    import zmq
+
+    from transfer.wire import encode_header
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    header = {"op": "get", "id": 1, "consumer": "rollout", "columns": ["prompt"], "n": 4, "min_n": 1,
+              "timeout": 600, "lease": 600}
+    sock.send(encode_header({**header, **({"holder": holder} if holder else {})}))
+    return sock
+
+
+def test_a_released_holders_parked_get_takes_no_rows_later(client, bus_server):
+    ghost = _park_get(bus_server.address, "rollout-0.0")
+    time.sleep(0.3)  # parked
+    assert client.release("rollout-0.0") == {}
+    client.put(new_rows(4))
+    d = client.get("rollout", ["prompt"], n=4, timeout=5)  # not leased to the ghost
+    assert len(d) == 4
+    ghost.close()
+
+
+def test_rows_leased_to_a_client_that_vanished_return_at_once(client, bus_server):
+    ghost = _park_get(bus_server.address, None)
+    time.sleep(0.3)
+    ghost.close()  # the process died: its parked get is answered into nothing
+    time.sleep(0.3)
+    client.put(new_rows(4))
+    d = client.get("rollout", ["prompt"], n=4, timeout=5)  # within seconds, not the 600 s lease
+    assert len(d) == 4
+
+
 @pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "socket"])
 def test_a_large_batch_round_trips_bit_exact(bus_server, shared_memory):
     import numpy as np

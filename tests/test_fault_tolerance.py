@@ -98,3 +98,63 @@ def test_a_replica_killed_or_frozen_mid_run_is_restarted_and_every_sample_trains
     assert not pid_alive(victim)  # a frozen replica is killed, not left behind
     assert_within_noise(rows, undisturbed, KILL_AT)
     assert_all_processes_gone(run_dir)
+
+
+def assert_each_step_once_and_every_sample_trained_once(run_dir: Path) -> None:
+    assert [m["step"] for m in metrics(run_dir)] == list(range(1, STEPS + 1))
+    assert json.loads((run_dir / "summary.json").read_text())["samples"] == {
+        "issued": SAMPLES, "trained": SAMPLES, "trained_more_than_once": 0, "issued_not_trained": 0,
+        "trained_not_issued": 0}
+
+
+def test_a_trainer_killed_mid_run_restarts_from_its_checkpoint_and_no_sample_trains_twice(
+        tmp_path, model_cache, undisturbed):
+    run_dir = tmp_path / "run"
+    r, victim = run_and_signal(run_dir, model_cache, "actor-0", signal.SIGKILL, 8, "actor.checkpoint_every=5")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_each_step_once_and_every_sample_trained_once(run_dir)
+    [restart] = json.loads((run_dir / "summary.json").read_text())["supervision"]["restarts"]
+    assert restart["replica"] == "actor-0" and restart["rewound_to"] in (5, 10) and "ready_s" in restart
+    assert "the trainer restarts from" in r.stdout and not pid_alive(victim)
+    assert_within_noise(metrics(run_dir), undisturbed, 10)
+    assert_all_processes_gone(run_dir)
+
+
+def test_a_run_killed_whole_resumes_with_resume_true_and_finishes_with_each_sample_trained_once(
+        tmp_path, model_cache, undisturbed):
+    run_dir = tmp_path / "run"
+    p = subprocess.Popen(_command(run_dir, model_cache, [*BASE, "actor.checkpoint_every=5"]), cwd=REPO, env=_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not ((run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 12):
+        assert p.poll() is None and time.monotonic() < deadline, "the run never reached step 12"
+        time.sleep(0.05)
+    p.kill()  # the launcher itself: every role and the bus go with it
+    p.communicate(timeout=60)
+    pids = json.loads((run_dir / "processes.json").read_text())
+    deadline = time.monotonic() + 20
+    while any(pid_alive(pid) for pid in [pids["bus"], *pids["roles"].values()]):
+        assert time.monotonic() < deadline, f"processes outlived their killed launcher: {pids}"
+        time.sleep(0.1)
+    assert len(metrics(run_dir)) >= 12 and not (run_dir / "summary.json").exists()
+    r = subprocess.run(_command(run_dir, model_cache, [*BASE, "actor.checkpoint_every=5", "resume=true"]), cwd=REPO,
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    said = " ".join(r.stdout.split())  # the console wraps long lines
+    assert "resuming from" in said and ": step 10 of 20" in said
+    assert_each_step_once_and_every_sample_trained_once(run_dir)
+    assert_within_noise(metrics(run_dir), undisturbed, 10)
+    assert_all_processes_gone(run_dir)
+
+
+def test_resume_refuses_a_run_dir_without_checkpoints_and_a_fresh_run_refuses_an_used_run_dir(tmp_path, model_cache):
+    run_dir = tmp_path / "run"
+    r = subprocess.run(_command(run_dir, model_cache, ["resume=true"]), cwd=REPO, env=_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "has no checkpoint to continue from" in " ".join(r.stdout.split())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    r = subprocess.run(_command(run_dir, model_cache, []), cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    said = " ".join(r.stdout.split())
+    assert r.returncode == 2 and "already holds a run" in said and "resume=true" in said

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -35,6 +35,7 @@ class Delivery:
     consumer: str
     lease: str
     table: pa.Table  # uid, group_id, then the asked columns in the asked order; oldest rows first
+    leased_at: float = field(default_factory=time.monotonic)  # when the lease was granted or last renewed
 
     @property
     def uids(self) -> list[str]:
@@ -228,10 +229,13 @@ class BusClient:
         """Extend the delivery's lease to ``lease`` seconds from now (long work)."""
         self._call({"op": "renew", "consumer": delivery.consumer, "lease": delivery.lease, "lease_seconds": lease},
                    timeout=timeout)
+        delivery.leased_at = time.monotonic()
 
-    def clear(self, uids: list[str] | None = None, groups: list[str] | None = None, timeout: float = 30.0) -> int:
-        """Free rows by uid and whole groups by group id now; returns the number of rows freed."""
-        reply, _ = self._call({"op": "clear", "uids": uids, "groups": groups}, timeout=timeout)
+    def clear(self, uids: list[str] | None = None, groups: list[str] | None = None, everything: bool = False,
+              timeout: float = 30.0) -> int:
+        """Free rows by uid and whole groups by group id (or every row) now; returns the number of rows freed."""
+        reply, _ = self._call({"op": "clear", "uids": uids, "groups": groups, "everything": everything},
+                              timeout=timeout)
         return reply["freed"]
 
     def stats(self, timeout: float = 10.0) -> dict[str, Any]:

@@ -26,11 +26,13 @@ Run one with ``rlflow bus serve`` or ``spawn_server(ServerConfig(...))`` (its ow
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -244,13 +246,14 @@ class BusServer:
         if self.store.changes != self._served:
             self._serve_parked(time.monotonic())
 
-    def _send(self, identity: bytes, reply: dict, frames: list | tuple = ()) -> None:
+    def _send(self, identity: bytes, reply: dict, frames: list | tuple = ()) -> bool:
+        """Send a reply; False when the peer vanished or stopped reading (the reply is dropped)."""
         try:
             self.sock.send_multipart([identity, encode_header(reply), *frames], zmq.NOBLOCK, copy=False)
+            return True
         except (zmq.Again, zmq.ZMQError) as e:
-            # The peer vanished or stopped reading. Nothing is lost: rows leased by this reply return
-            # to the others when the lease expires.
             log.warning("bus: reply to a client dropped (%s)", e)
+            return False
 
     def _hello(self, identity, header, frames):
         c = self.config
@@ -366,7 +369,8 @@ class BusServer:
                 for x in pieces]
         index = encode_batch(self.store.index_batch(slots))
         reply = {"id": h.get("id"), "ok": True, "lease": lease.id, "rows": len(slots), "pieces": meta}
-        self._send(p.identity, reply, [index, *[x.frame for x in pieces if x.shm is None]])
+        if not self._send(p.identity, reply, [index, *[x.frame for x in pieces if x.shm is None]]):
+            self.store.nack(h["consumer"], lease.id)  # its taker is gone: the rows are free again now
         return True
 
     def _try_reserve(self, p: Parked, now: float) -> bool:
@@ -432,7 +436,10 @@ class BusServer:
         return {"returned": returned}, ()
 
     def _release(self, identity, header, frames):
-        return {"returned": self.store.release(_field(header, "holder", str))}, ()
+        """Hand back a dead holder's leases, and drop its parked gets (they would lease rows to nobody)."""
+        holder = _field(header, "holder", str)
+        self.gets = [p for p in self.gets if p.header.get("holder") != holder]
+        return {"returned": self.store.release(holder)}, ()
 
     def _renew(self, identity, header, frames):
         deadline = time.monotonic() + self._timeout(header, "lease_seconds")
@@ -440,7 +447,8 @@ class BusServer:
         return {}, ()
 
     def _clear(self, identity, header, frames):
-        freed = self.store.clear(_field(header, "uids", list, None), _field(header, "groups", list, None))
+        freed = self.store.clear(_field(header, "uids", list, None), _field(header, "groups", list, None),
+                                 _field(header, "everything", bool, False))
         return {"freed": freed}, ()
 
     def _stats(self, identity, header, frames):
@@ -473,7 +481,8 @@ class ServerProcess:
             self.process.join(timeout)
 
 
-def _server_main(config: ServerConfig, conn) -> None:
+def _server_main(config: ServerConfig, conn, parent: int) -> None:
+    _stop_with_parent(parent)
     try:
         server = BusServer(config)
     except Exception as e:  # reported to the parent, which raises it with the address it tried
@@ -488,11 +497,23 @@ def _server_main(config: ServerConfig, conn) -> None:
     server.serve_forever(signal_socket=signal_r)
 
 
+def _stop_with_parent(parent: int) -> None:
+    """On Linux, get SIGTERM (a clean stop) when the process that spawned this server dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # no glibc: the parent's own shutdown still stops the server
+        return
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def spawn_server(config: ServerConfig, timeout: float = 30.0) -> ServerProcess:
     """Start a bus server in a fresh process and wait (bounded) until it is bound."""
     ctx = mp.get_context("spawn")  # forking a process that holds a zmq context can hang
     parent, child = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_server_main, args=(config, child), name="rlflow-bus", daemon=True)
+    process = ctx.Process(target=_server_main, args=(config, child, os.getpid()), name="rlflow-bus", daemon=True)
     process.start()
     child.close()
     if not parent.poll(timeout):

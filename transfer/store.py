@@ -554,8 +554,13 @@ class Store:
             done &= c.state[slots] == ACKED
         return self.free(slots[done])
 
-    def clear(self, uids: list[str] | None = None, groups: list[str] | None = None) -> int:
-        """Free the named rows and every row of the named groups; unknown names are ignored."""
+    def clear(self, uids: list[str] | None = None, groups: list[str] | None = None, everything: bool = False) -> int:
+        """Free the named rows and every row of the named groups (or every row); unknown names are ignored.
+
+        Leases on freed rows stay valid but cover nothing: their holders' acks free nothing and their
+        puts to those rows are refused (or skipped, with ``skip_missing``)."""
+        if everything:
+            return self.free(np.flatnonzero(self.alive[: self.top]))
         slots = [self.slot_of[u] for u in uids or () if u in self.slot_of]
         wanted = [self.group_of[g] for g in groups or () if g in self.group_of]
         if wanted:

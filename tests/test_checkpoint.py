@@ -1,0 +1,98 @@
+"""Trainer checkpoints: snapshot semantics, background writes, failure reporting, pruning, resume state."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from roles.checkpoint import Checkpointer, latest, read_state, restore_rng
+from roles.hf import HFTrainEngine
+from test_engines import ACTOR, _prompts
+
+
+def _train_step(engine: HFTrainEngine, prompts) -> None:
+    logp = engine.token_logprobs(prompts, [[5, 6, 7]] * len(prompts))
+    (-logp.sum()).backward()
+    engine.step(1.0 / len(prompts))
+
+
+def test_a_checkpoint_holds_the_snapshot_not_the_weights_trained_while_it_was_written(tiny_model, tmp_path):
+    engine, prompts = HFTrainEngine(tiny_model, ACTOR), _prompts(tiny_model, 4)
+    _train_step(engine, prompts)
+    at_snapshot = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    release, writing = threading.Event(), threading.Event()
+    write = engine.snapshot()
+
+    def slow_write(path: str) -> None:  # a slow disk: the write runs while training goes on
+        writing.set()
+        release.wait(30)
+        write(path)
+
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=2)
+    ckpt.save("step-1", slow_write, {"version": 1, "epoch": 0, "groups_by_step": [["g0"]]}, timeout=5)
+    assert writing.wait(10)  # save returned while the write is still blocked
+    _train_step(engine, prompts)  # training goes on and changes the live weights
+    with pytest.raises(TimeoutError, match="still being written"):
+        ckpt.save("step-2", engine.snapshot(), {"version": 2}, timeout=0.2)  # one write in flight at most
+    assert not (tmp_path / "checkpoints" / "step-1").exists()  # only a whole checkpoint gets its name
+    release.set()
+    ckpt.close(timeout=30)
+    path = latest(tmp_path / "checkpoints")
+    assert path.name == "step-1" and read_state(path)["groups_by_step"] == [["g0"]]
+    saved = load_file(str(path / "model.safetensors"))
+    for name, value in saved.items():
+        assert torch.equal(value, at_snapshot[name]), name
+    assert any(not torch.equal(engine.model.state_dict()[k], at_snapshot[k]) for k in saved)
+
+
+def test_a_checkpoint_resumes_the_optimizer_and_the_version_bit_for_bit(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    engine, prompts = HFTrainEngine(tiny_model, ACTOR), _prompts(tiny_model, 4)
+    for _ in range(2):
+        _train_step(engine, prompts)
+    ckpt = Checkpointer(tmp_path, keep=2)
+    ckpt.save("step-2", engine.snapshot(), {"version": engine.version, "epoch": 0, "groups_by_step": []}, timeout=5)
+    ckpt.close(timeout=60)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "step-2")  # a plain Hugging Face checkpoint
+    resumed = HFTrainEngine(str(tmp_path / "step-2"), ACTOR)
+    resumed.restore(str(tmp_path / "step-2"), read_state(tmp_path / "step-2")["version"])
+    restore_rng(tmp_path / "step-2")
+    assert resumed.version == 2
+    _train_step(engine, prompts)
+    _train_step(resumed, prompts)  # the same step from the restored state: Adam moments included
+    for (name, a), b in zip(engine.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_failed_write_is_raised_by_the_next_save_and_leaves_no_partial_directory(tmp_path):
+    def broken(path: str) -> None:
+        (tmp_path / "checkpoints" / "step-1.tmp" / "half").write_text("x")
+        raise OSError("No space left on device")
+
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=2)
+    ckpt.save("step-1", broken, {"version": 1}, timeout=5)
+    with pytest.raises(RuntimeError, match="No space left on device"):
+        ckpt.save("step-2", lambda path: None, {"version": 2}, timeout=5)
+    assert not (tmp_path / "checkpoints" / "step-1.tmp").exists() and latest(tmp_path / "checkpoints") is None
+
+
+def test_only_the_newest_checkpoints_are_kept_and_final_counts_as_newest(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep=2)
+    for v in (5, 10, 15):
+        ckpt.save(f"step-{v}", lambda path: None, {"version": v}, timeout=5)
+    ckpt.close(timeout=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-10", "step-15"]
+    assert latest(tmp_path).name == "step-15"
+    ckpt.save("final", lambda path: None, {"version": 20}, timeout=5)
+    ckpt.close(timeout=10)
+    assert latest(tmp_path).name == "final" and json.loads((tmp_path / "final" / "trainer_state.json").read_text())["version"] == 20
+
+
+def test_a_directory_without_trainer_state_is_refused_naming_what_it_lacks(tiny_model):
+    with pytest.raises(ValueError, match="no trainer_state.json"):
+        read_state(tiny_model)
