@@ -3,6 +3,7 @@
     rlflow [key=value ...]                 train with the default recipe (recipes/default.yaml)
     rlflow -cn gsm8k_qwen key=value ...    train with another recipe
     rlflow --cfg job [overrides]           print the composed config and exit (Hydra)
+    rlflow doctor [-cn NAME] [overrides]   check the installation and a recipe before a long run
     rlflow bus serve|stats|keygen|demo     the transfer-queue bus on its own
 
 Training is a Hydra app over the structured config in ``flow/config.py``: a misspelled key or a value of
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         from transfer.cli import main as bus_main
 
         return bus_main(argv[1:])
+    if argv[:1] == ["doctor"]:
+        from flow.doctor import main as doctor_main
+
+        return doctor_main(argv[1:])
     return train(argv)
 
 

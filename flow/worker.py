@@ -27,15 +27,13 @@ launcher hands back to the bus when the incarnation is gone.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
 import threading
 import traceback
 
-PR_SET_PDEATHSIG = 1
-
+from transfer.lifetime import die_with_parent
 
 def _exit_on_sigterm() -> None:
     """A thread that waits for SIGTERM (blocked in every other thread) and exits the process at once.
@@ -52,22 +50,12 @@ def _exit_on_sigterm() -> None:
     os._exit(0)
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        except OSError:  # no libc.so.6 (musl): the launcher's own shutdown still stops roles
-            pass
-
-
 def role_main(role: str, replica: int, role_cfg, extra: dict, spec: dict) -> None:
     """Process target of the local launcher: signals as the module docstring says, then ``run_role``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before any thread: all of them inherit it
     threading.Thread(target=_exit_on_sigterm, name="rlflow-sigterm", daemon=True).start()
-    _die_with_parent()
-    if os.getppid() != spec["launcher_pid"]:  # the launcher died before the death signal was armed
-        return
+    die_with_parent(spec["launcher_pid"])
     sys.exit(run_role(role, replica, role_cfg, extra, spec))
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from roles.interfaces import Generation, SamplingParams, at_role_exit
+from transfer.lifetime import die_with_parent
 from roles.sglang_api import (SGLangClient, SGLangError, generate_request, parse_generation, rids_for,
                               update_group)
 
@@ -254,7 +255,7 @@ class SGLangEngine:
         self.log_path = log.name
         # Its own session, so close() stops its whole process tree; it dies with this process (pdeathsig).
         self.server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                       preexec_fn=_die_with_parent)
+                                       preexec_fn=die_with_parent)
         return f"http://{self.cfg.host}:{port}"
 
     def _wait_ready(self) -> None:
@@ -284,13 +285,6 @@ def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _tail(path: str | None, lines: int = 30) -> str:

@@ -23,3 +23,19 @@ class CrashingEngine(HFRolloutEngine):
         if CrashingEngine.calls == 2:
             raise RuntimeError("engine exploded on purpose")
         return super().generate(prompts, sampling)
+
+
+def reward_hanging_on_eights(response: str, **_) -> float:
+    """1.0, except that a response with an 8 never returns (an endless loop holding the GIL)."""
+    while "8" in response:
+        pass
+    return 1.0
+
+
+def reward_exiting_on_nines(response: str, **_) -> float:
+    """1.0, except that a response with a 9 takes the whole interpreter down."""
+    if "9" in response:
+        import os
+
+        os._exit(3)
+    return 1.0

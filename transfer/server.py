@@ -26,13 +26,11 @@ Run one with ``rlflow bus serve`` or ``spawn_server(ServerConfig(...))`` (its ow
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing as mp
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 import traceback
@@ -42,6 +40,7 @@ from typing import Any, Callable
 import zmq
 
 from transfer import security, shm
+from transfer.lifetime import die_with_parent
 from transfer.store import Store
 from transfer.wire import (PROTOCOL_VERSION, BusError, BusTimeout, ProtocolError, decode_batch, decode_header,
                            decode_schema, encode_batch, encode_schema, encode_header, error_reply)
@@ -482,7 +481,7 @@ class ServerProcess:
 
 
 def _server_main(config: ServerConfig, conn, parent: int) -> None:
-    _stop_with_parent(parent)
+    die_with_parent(parent)  # SIGTERM: a clean stop, even when the parent was SIGKILLed
     try:
         server = BusServer(config)
     except Exception as e:  # reported to the parent, which raises it with the address it tried
@@ -495,18 +494,6 @@ def _server_main(config: ServerConfig, conn, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole process group; the parent decides
     conn.send(("ok", server.address))
     server.serve_forever(signal_socket=signal_r)
-
-
-def _stop_with_parent(parent: int) -> None:
-    """On Linux, get SIGTERM (a clean stop) when the process that spawned this server dies, even by SIGKILL."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:  # no glibc: the parent's own shutdown still stops the server
-        return
-    if os.getppid() != parent:  # the parent died before the signal was armed
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def spawn_server(config: ServerConfig, timeout: float = 30.0) -> ServerProcess:

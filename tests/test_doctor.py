@@ -1,0 +1,36 @@
+"""`rlflow doctor`: what it finds on a good recipe, and that each problem is named with its fix."""
+
+from __future__ import annotations
+
+import json
+
+from flow.doctor import main
+
+
+def _checks(capsys, *argv: str) -> tuple[int, dict[str, dict]]:
+    code = main(["--json", *argv])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    return code, {c["name"]: c for c in json.loads(last)}
+
+
+def test_the_default_recipe_passes_every_check(capsys):
+    code, checks = _checks(capsys)
+    assert code == 0, checks
+    assert all(c["status"] == "ok" for c in checks.values())
+    assert {"python", "package torch", "zmq CURVE", "recipe", "model", "data", "devices", "disk (run_dir)",
+            "socket dir"} <= checks.keys()
+
+
+def test_each_problem_fails_its_check_naming_the_field_and_the_fix(capsys, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "solution": "2"}) + "\n")
+    code, checks = _checks(capsys, "-cn", "gsm8k_qwen", f"model.path={tmp_path}/missing", f"data.path={data}",
+                           "rollout.engine=no_such.Engine", f"resume={tmp_path}")
+    assert code == 1
+    assert checks["recipe"]["status"] == "FAIL" and "model.path" in checks["recipe"]["detail"]
+    assert checks["model"]["status"] == "FAIL" and "Hugging Face checkpoint directory" in checks["model"]["detail"]
+    reward = checks["reward.fn"]  # math_answer(response, answer) and the data has no `answer` column
+    assert reward["status"] == "FAIL" and "['answer']" in reward["detail"] and "solution" in reward["detail"]
+    assert checks["rollout.engine"]["status"] == "FAIL" and "cannot import module 'no_such'" in checks["rollout.engine"]["detail"]
+    assert checks["devices"]["status"] == "FAIL" and "torch sees no GPU" in checks["devices"]["detail"]
+    assert checks["resume"]["status"] == "FAIL" and "not a checkpoint directory" in checks["resume"]["detail"]

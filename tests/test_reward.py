@@ -1,0 +1,41 @@
+"""The reward sandbox: user code with a time limit per call, in a process that can be killed."""
+
+from __future__ import annotations
+
+import math
+
+from roles.sandbox import Sandbox
+
+
+def test_a_call_past_the_time_limit_is_stopped_and_the_rest_of_the_batch_still_scores():
+    sandbox = Sandbox("user_code.reward_hanging_on_eights", timeout_s=1.0)
+    try:
+        results = sandbox.score(["12", "8 loops", "34", "88", "56"], [{}] * 5)
+        assert [r[0] for r in results] == ["ok", "error", "ok", "error", "ok"]
+        assert "ran past reward.timeout_s=1s" in results[1][1] and results[1][1].startswith("TimeoutError")
+        assert [r[1] for r in results if r[0] == "ok"] == [1.0, 1.0, 1.0]
+        assert sandbox.restarts == 2
+        assert sandbox.score(["1"], [{}]) == [("ok", 1.0)]  # a fresh sandbox serves the next batch
+    finally:
+        sandbox.close()
+
+
+def test_a_function_that_kills_its_interpreter_costs_one_sample_not_the_role():
+    sandbox = Sandbox("user_code.reward_exiting_on_nines", timeout_s=30.0)
+    try:
+        results = sandbox.score(["1", "9", "2"], [{}] * 3)
+        assert [r[0] for r in results] == ["ok", "error", "ok"]
+        assert "process died (exit code 3)" in results[1][1]
+    finally:
+        sandbox.close()
+
+
+def test_an_exception_is_an_error_result_and_needs_no_restart():
+    sandbox = Sandbox("user_code.reward_raising_on_sevens", timeout_s=30.0)
+    try:
+        results = sandbox.score(["123", "777"], [{"expected": "123"}, {"expected": "321"}])
+        assert results[0] == ("ok", 1.0) and results[1][0] == "error"
+        assert "ArithmeticError: sevens are not allowed" in results[1][1] and "raise ArithmeticError" in results[1][2]
+        assert sandbox.restarts == 0 and not math.isnan(results[0][1])
+    finally:
+        sandbox.close()
