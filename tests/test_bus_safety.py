@@ -47,7 +47,7 @@ def assert_still_serves(client: BusClient) -> None:
                      "lease": 1})], "SchemaError", "unknown column 'nope'"),
     ([encode_header({"op": "put", "id": 1}), b"not arrow at all"], "ProtocolError", "not a valid Arrow IPC"),
     ([encode_header({"op": "put", "id": 1})], "ProtocolError", "exactly one payload frame"),
-    ([encode_header({"op": "ack", "id": 1, "consumer": "a", "lease": "nope"})], "BusError", "unknown or expired"),
+    ([encode_header({"op": "ack", "id": 1, "consumer": "a", "lease": "nope"})], "LeaseExpired", "unknown or expired"),
 ])
 def test_each_malformed_request_gets_an_error_naming_it_and_the_server_keeps_serving(client, bus_server, frames,
                                                                                    kind, message):

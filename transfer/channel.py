@@ -41,6 +41,9 @@ from transfer import security
 from transfer.wire import BusTimeout, ProtocolError
 
 CHUNK_BYTES = 1 << 20
+MAX_PARKED = 1024  # waiting requests a node holds: legit peers park about window + 1 each; a flood gets "Busy"
+MAX_PARKED_PER_PEER = 64  # so that one connection's flood leaves room for everyone else
+MAX_WAIT_S = 3600.0
 
 
 def chunk_sum(data) -> str:
@@ -258,25 +261,36 @@ class Server:
                     return
                 if self.sock in events:
                     while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                        parked += self._request(self.sock.recv_multipart(copy=False))
+                        parked += self._request(self.sock.recv_multipart(copy=False), parked)
                 parked = [p for p in parked if not self._answer(p)]
         finally:
             self.sock.close(0)
             self._inbox.sock.close(0)
 
-    def _request(self, msg: list) -> list[_Parked]:
+    def _request(self, msg: list, parked: list) -> list[_Parked]:
         identity = msg[0].bytes
         try:
             if len(msg) != 2:
                 raise ProtocolError(f"expected one header frame, got {len(msg) - 1} frames")
             req = json.loads(msg[1].bytes)
-            ok = (req.get("op") == "head" and isinstance(req.get("than"), int)) or \
-                 (req.get("op") == "chunk" and isinstance(req.get("key"), str) and isinstance(req.get("i"), int))
+            ok = isinstance(req, dict) and (
+                (req.get("op") == "head" and isinstance(req.get("than"), int)) or
+                (req.get("op") == "chunk" and isinstance(req.get("key"), str) and isinstance(req.get("i"), int)
+                 and req["i"] >= 0))
             if not ok:
-                raise ProtocolError(f"expected a head or chunk request, got {req!r}")
-            deadline = time.monotonic() + min(float(req.get("timeout", 0)), 3600.0)
+                raise ProtocolError(f"expected a head or chunk request, got {str(req)[:200]}")
+            timeout = req.get("timeout", 0)
+            if not isinstance(timeout, (int, float)) or not 0 <= timeout <= MAX_WAIT_S:  # NaN fails too
+                raise ProtocolError(f"timeout must be a number of seconds in [0, {MAX_WAIT_S:.0f}], got {timeout!r}")
+            mine = sum(p.identity == identity for p in parked)
+            if len(parked) >= MAX_PARKED or mine >= MAX_PARKED_PER_PEER:
+                self._send(identity, {"ok": False, "kind": "Busy", "error": f"{len(parked)} requests wait here "
+                                      f"({mine} of them yours; at most {MAX_PARKED}, {MAX_PARKED_PER_PEER} per peer); "
+                                      f"retry later"})
+                return []
+            deadline = time.monotonic() + timeout
         except (ValueError, TypeError, ProtocolError) as e:
-            self._send(identity, {"ok": False, "kind": "ProtocolError", "error": str(e)})
+            self._send(identity, {"ok": False, "kind": "ProtocolError", "error": str(e)[:500]})
             return []
         p = _Parked(identity, req, deadline)
         if req["op"] == "chunk" and self.on_wait is not None and self.store.chunk(req["key"], req["i"]) is None:

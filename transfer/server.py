@@ -50,6 +50,11 @@ log = logging.getLogger("rlflow.bus")
 # A granted reservation is used by the very next request of its client; one that is not (the producer
 # died between the two) gives its room back after this long.
 RESERVATION_TTL_S = 60.0
+# Parked requests are rescanned whenever rows or room appear: these bounds keep a flood of waiting
+# requests (one connection pipelining them, or many connections) from slowing the bus for everyone.
+# A well-behaved client has one call in flight.
+MAX_PARKED_PER_PEER = 16
+MAX_PARKED = 4096
 
 
 @dataclass
@@ -82,6 +87,26 @@ class ServerConfig:
         if not security.is_local(self.address) and self.keys_dir is None and not self.insecure:
             raise ValueError(f"refusing to listen on {self.address} without CURVE keys: set keys_dir (create "
                              "keys with `rlflow bus keygen DIR`) or insecure=True on an isolated network")
+
+
+class _LogBudget:
+    """At most ``per_minute`` log lines a minute, then a count of what was left out: a flood of bad
+    requests must not flood the log (a full pipe on stderr would block the serving thread)."""
+
+    def __init__(self, per_minute: int = 20):
+        self.per_minute, self.window, self.used, self.dropped = per_minute, time.monotonic(), 0, 0
+
+    def __call__(self, level: int, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.window >= 60:
+            if self.dropped:
+                log.warning("bus: %d more log lines in the last minute were left out", self.dropped)
+            self.window, self.used, self.dropped = now, 0, 0
+        if self.used < self.per_minute:
+            self.used += 1
+            log.log(level, msg, *args)
+        else:
+            self.dropped += 1
 
 
 @dataclass
@@ -120,6 +145,7 @@ class BusServer:
         self.gets: list[Parked] = []
         self.reserves: list[Parked] = []
         self.errors = 0
+        self._log = _LogBudget()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown/vanished peer raises instead of a silent drop
@@ -234,7 +260,7 @@ class BusServer:
             return
         except Exception as e:  # a bug in a handler must not take the bus down for everyone
             self.errors += 1
-            log.error("bus: internal error on %s:\n%s", header, traceback.format_exc())
+            self._log(logging.ERROR, "bus: internal error on %s:\n%s", header, traceback.format_exc())
             self._send(identity, error_reply(request_id, RuntimeError(f"internal error: {e!r}")))
             return
         if result is not None:
@@ -251,7 +277,7 @@ class BusServer:
             self.sock.send_multipart([identity, encode_header(reply), *frames], zmq.NOBLOCK, copy=False)
             return True
         except (zmq.Again, zmq.ZMQError) as e:
-            log.warning("bus: reply to a client dropped (%s)", e)
+            self._log(logging.WARNING, "bus: reply to a client dropped (%s)", e)
             return False
 
     def _hello(self, identity, header, frames):
@@ -277,6 +303,18 @@ class BusServer:
             raise ProtocolError(f"{name} {t} must be within [0, max_wait_seconds={self.config.max_wait_seconds}]")
         return t
 
+    def _park(self, queue: list, identity: bytes, header: dict) -> None:
+        """Park a waiting request, within the bounds on waiting requests (see MAX_PARKED)."""
+        waiting = len(self.gets) + len(self.reserves)
+        if waiting >= MAX_PARKED:
+            raise BusError(f"the bus has {waiting} waiting requests (at most {MAX_PARKED}); retry later")
+        mine = sum(p.identity == identity for p in self.gets) + sum(p.identity == identity for p in self.reserves)
+        if mine >= MAX_PARKED_PER_PEER:
+            raise BusError(f"this connection already has {mine} waiting requests (at most {MAX_PARKED_PER_PEER}); "
+                           f"wait for their answers")
+        queue.append(Parked(identity, header, time.monotonic() + self._timeout(header)))
+        self._served = -1  # a new waiter: try it once now
+
     def _reserve(self, identity, header, frames):
         rows, nbytes = _field(header, "rows", int), _field(header, "bytes", int)
         if rows < 0 or nbytes < 0:
@@ -285,8 +323,7 @@ class BusServer:
             raise BusError(f"a put of {nbytes} bytes exceeds max_message_bytes={self.config.max_message_bytes}; "
                            "split the batch")
         self.store.check_ever_fits(rows, nbytes)
-        self.reserves.append(Parked(identity, header, time.monotonic() + self._timeout(header)))
-        self._served = -1  # a new waiter: try it once now
+        self._park(self.reserves, identity, header)
         return None
 
     def _put(self, identity, header, frames):
@@ -301,11 +338,10 @@ class BusServer:
             if frames or self.shm_probe is None:
                 raise ProtocolError("a shared-memory put carries no frame, and needs a bus on the same host")
             self.store.check_ever_fits(_field(header, "rows", int), _field(header, "bytes", int))
-            self.reserves.append(Parked(identity, header, time.monotonic() + self._timeout(header)))
+            self._park(self.reserves, identity, header)
         except BaseException:
             shm.unlink(name)
             raise
-        self._served = -1  # a new waiter: try it once now
         return None
 
     def _put_shared(self, header: dict) -> dict:
@@ -337,8 +373,7 @@ class BusServer:
         ack = _field(header, "ack", dict, None)
         if ack is not None:  # an ack riding on the next get saves the consumer a round trip
             self.store.ack(_field(ack, "consumer", str), _field(ack, "lease", str))
-        self.gets.append(Parked(identity, header, time.monotonic() + self._timeout(header)))
-        self._served = -1  # a new waiter: try it once now
+        self._park(self.gets, identity, header)
         return None
 
     def _parse_get(self, header: dict) -> None:
@@ -391,7 +426,13 @@ class BusServer:
     def _serve_parked(self, now: float) -> None:
         self._served = self.store.changes
         # Reserves are granted strictly in arrival order, so a large put is never starved by small ones.
-        while self.reserves and self._try_reserve(self.reserves[0], now):
+        while self.reserves:
+            p = self.reserves[0]
+            try:
+                if not self._try_reserve(p, now):
+                    break
+            except Exception as e:  # e.g. a shared-memory file that is not what its put said
+                self._internal_error(p, e)
             self.reserves.pop(0)
         for p in self.reserves:
             if p.deadline <= now:
@@ -405,20 +446,28 @@ class BusServer:
             try:
                 if self._try_get(p, now):
                     continue
+                if p.deadline <= now:
+                    self._time_out(p, self._waited_for(p.header))
+                    continue
             except BusError as e:  # e.g. a bad `where`, found only when evaluated
                 self._send(p.identity, error_reply(p.header.get("id"), e))
                 continue
-            if p.deadline <= now:
-                h = p.header
-                unit = "groups" if h.get("groups") else "rows"
-                ready = int(self.store._ready_mask(self.store.consumer(h["consumer"]), h["columns"],
-                                                   h.get("where")).sum())
-                self._time_out(p, f"{h.get('min_n', 1)} {unit} ready for consumer {h['consumer']!r} with "
-                                  f"columns {h['columns']}" + (f" where {h['where']}" if h.get("where") else "")
-                               + f" ({ready} rows ready now)")
-            else:
-                kept.append(p)
+            except Exception as e:  # a bug must not stop the bus: answer this one, serve the rest
+                self._internal_error(p, e)
+                continue
+            kept.append(p)
         self.gets = kept
+
+    def _internal_error(self, p: Parked, e: Exception) -> None:
+        self.errors += 1
+        self._log(logging.ERROR, "bus: internal error on a parked %s:\n%s", p.header, traceback.format_exc())
+        self._send(p.identity, error_reply(p.header.get("id"), RuntimeError(f"internal error: {e!r}")))
+
+    def _waited_for(self, h: dict) -> str:
+        unit = "groups" if h.get("groups") else "rows"
+        ready = int(self.store._ready_mask(self.store.consumer(h["consumer"]), h["columns"], h.get("where")).sum())
+        return (f"{h.get('min_n', 1)} {unit} ready for consumer {h['consumer']!r} with columns {h['columns']}"
+                + (f" where {h['where']}" if h.get("where") else "") + f" ({ready} rows ready now)")
 
     def _time_out(self, p: Parked, what: str) -> None:
         waited = time.monotonic() - p.since

@@ -44,6 +44,7 @@ from transfer.wire import GROUP, RESERVED_COLUMNS, UID, BusError, CapacityError,
 
 AVAILABLE, LEASED, ACKED = 0, 1, 2
 MAX_COLUMNS = 64  # one bit per column in the uint64 readiness mask
+MAX_CONSUMERS = 64  # each costs capacity_rows bytes of state: a flood of invented names must not exhaust memory
 WHERE_OPS = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
              ">": operator.gt, ">=": operator.ge}
 
@@ -340,6 +341,9 @@ class Store:
     def consumer(self, name: str) -> Consumer:
         c = self.consumers.get(name)
         if c is None:
+            if len(self.consumers) >= MAX_CONSUMERS:
+                raise BusError(f"a bus serves at most {MAX_CONSUMERS} consumer names ({sorted(self.consumers)[:8]}...); "
+                               f"{name!r} would be one more: consumers are roles, not processes")
             c = self.consumers[name] = Consumer(name, np.zeros(self.capacity_rows, np.uint8))
         return c
 
@@ -418,6 +422,8 @@ class Store:
             slots = live
             self._end_lease(lease)
         else:
+            if not all(isinstance(u, str) for u in uids):
+                raise BusError("ack: uids must be a list of row ids (strings)")
             wanted = np.array([self.slot_of.get(u, -1) for u in uids], np.int64)
             inside = np.isin(wanted, live)
             if not inside.all():
@@ -561,6 +567,8 @@ class Store:
         puts to those rows are refused (or skipped, with ``skip_missing``)."""
         if everything:
             return self.free(np.flatnonzero(self.alive[: self.top]))
+        if not all(isinstance(x, str) for x in [*(uids or ()), *(groups or ())]):
+            raise BusError("clear: uids and groups must be lists of ids (strings)")
         slots = [self.slot_of[u] for u in uids or () if u in self.slot_of]
         wanted = [self.group_of[g] for g in groups or () if g in self.group_of]
         if wanted:

@@ -126,7 +126,7 @@ def read_one_batch(source: Any, what: str) -> pa.RecordBatch:
         if len(batches) != 1:
             raise ProtocolError(f"{what} must hold exactly one record batch, found {len(batches)}")
         batches[0].validate(full=True)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, ValueError) as e:
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, ValueError, OSError) as e:
         raise ProtocolError(f"{what} is not a valid Arrow IPC stream: {e}") from None
     return batches[0]
 
@@ -139,6 +139,6 @@ def decode_schema(frame: Any) -> dict[str, pa.DataType]:
     buf = pa.py_buffer(frame.buffer if hasattr(frame, "buffer") else frame)
     try:
         schema = pa.ipc.read_schema(buf)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, ValueError) as e:
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, ValueError, OSError) as e:
         raise ProtocolError(f"schema frame is not a valid Arrow schema: {e}") from None
     return {f.name: f.type for f in schema}
