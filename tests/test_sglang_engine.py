@@ -250,5 +250,5 @@ def test_a_run_where_the_trainer_broadcasts_to_the_server_trains_at_the_trainers
     assert "/update_weights_from_disk" not in standin.paths()
     assert standin.paths().count("/update_weights_from_distributed") == 5  # version 0, then after each step
     served = {k: v for k, v in standin.engine.model.named_parameters()}
-    trained = load_file(str(run_dir / "checkpoints/step-4/model.safetensors"))
+    trained = load_file(str(run_dir / "checkpoints/final/model.safetensors"))  # step 4, the last
     assert all(torch.equal(served[k], trained[k]) for k in served)
