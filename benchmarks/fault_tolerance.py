@@ -61,6 +61,8 @@ def run(run_dir: Path, overrides: list[str], victim: str | None, sig, at: int) -
 
 def reward_after(rows: list[dict], at: int) -> tuple[float, float, int]:
     xs = [r["reward/mean"] for r in rows if r["step"] > at]
+    if not xs:
+        return math.nan, math.nan, 0
     mean = sum(xs) / len(xs)
     var = sum((x - mean) ** 2 for x in xs) / max(len(xs) - 1, 1)
     return mean, var, len(xs)
@@ -68,12 +70,13 @@ def reward_after(rows: list[dict], at: int) -> tuple[float, float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="40 steps, failure at step 10")
+    ap.add_argument("--quick", action="store_true", help="40 steps, failure at step 13")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--at", type=int, default=25, help="the step at which the signal is sent")
     ap.add_argument("--cases", nargs="*", default=list(CASES))
     args = ap.parse_args()
-    steps, at = (40, 10) if args.quick else (args.steps, args.at)
+    # Checkpoints every 10 steps; failing a few steps after one shows the steps a rewind trains again.
+    steps, at = (40, 13) if args.quick else (args.steps, args.at)
     overrides = [f"flow.steps={steps}", "actor.kl_coef=0.01", "actor.checkpoint_every=10", "supervision.hang_s=5"]
     results, out = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +87,7 @@ def main() -> None:
             victim, sig = CASES[case]
             r = run(Path(tmp) / case, overrides, victim, sig, at)
             mean, var, n = reward_after(r["rows"], at)
-            se = math.sqrt(var / n + b_var / b_n)
+            se = math.sqrt(var / n + b_var / b_n) if n else math.nan
             sup = r["summary"].get("supervision", {}).get("restarts", [])
             ledger = r["summary"].get("samples", {})
             results[case] = {
@@ -94,7 +97,7 @@ def main() -> None:
                 "restarts": [{k: h.get(k) for k in ("replica", "what", "restart_s", "ready_s", "rewound_to", "steps_lost",
                                                      "rows_returned", "rows_cleared") if k in h} for h in sup],
                 "wall_s": r["wall_s"], "wall_ratio": round(r["wall_s"] / base["wall_s"], 3),
-                "reward_after": round(mean, 4), "reward_diff_se": round((mean - b_mean) / se, 2) if se else 0.0}
+                "reward_after": round(mean, 4), "reward_diff_se": round((mean - b_mean) / se, 2) if se > 0 else 0.0}
             print(f"{case}: {json.dumps(results[case])}", file=sys.stderr, flush=True)
     out = {"steps": steps, "failure_at_step": at, "results": results}
     print(json.dumps(out))

@@ -183,7 +183,7 @@ def test_thousands_of_hostile_messages_leave_a_real_run_unaffected_and_within_it
     from fuzz import Peers, bus_message, channel_message
     from transfer import BusClient
 
-    run_dir, steps = tmp_path / "run", 100  # long enough to be training all through the flood
+    run_dir, steps = tmp_path / "run", 80  # long enough to be training all through the flood
     log = open(tmp_path / "run.log", "w")  # a file, not a pipe nobody reads during the flood
     p = subprocess.Popen(_command(run_dir, model_cache, [*BASE, f"flow.steps={steps}"]), cwd=REPO, env=_env(),
                          stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -202,7 +202,7 @@ def test_thousands_of_hostile_messages_leave_a_real_run_unaffected_and_within_it
             errors_before = probe.stats()["errors"]
         rng, bus, channel = random.Random(7), Peers(bus_address, 4), Peers(channel_address, 4)
         peak = dict(before)
-        for i in range(6000):
+        for i in range(4000):
             bus.send(bus_message(rng))
             if i % 2 == 0:
                 channel.send(channel_message(rng))
@@ -222,9 +222,9 @@ def test_thousands_of_hostile_messages_leave_a_real_run_unaffected_and_within_it
         log.close()
     out = (tmp_path / "run.log").read_text()
     assert p.returncode == 0, out[-3000:]
-    assert bus.sent == 6000 and channel.sent == 3000
-    assert errors >= 3000, errors  # most of them were refused, each with an error reply
-    assert bus.replies >= 5000 and channel.replies >= 2000, (bus.replies, channel.replies)
+    assert bus.sent == 4000 and channel.sent == 2000
+    assert errors >= 2500, errors  # most of them were refused, each with an error reply
+    assert bus.replies >= 3500 and channel.replies >= 1500, (bus.replies, channel.replies)
     assert_each_step_once_and_every_sample_trained_once(run_dir, steps)
     rows = metrics(run_dir)
     assert all(m.get("sync/bit_exact", 1.0) == 1.0 for m in rows)

@@ -169,6 +169,7 @@ ray.shutdown()
 """
 
 
+@pytest.mark.slow  # 40 s of two clusters; the private-cluster runs cover the launcher in the default run
 def test_ray_address_joins_a_running_cluster_and_leaves_it_running_without_its_actors(tmp_path, tiny_model,
                                                                                      model_cache, short_dir):
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, f"{short_dir}/r"], env=_env(), stdin=subprocess.PIPE,
@@ -194,6 +195,7 @@ def test_ray_address_joins_a_running_cluster_and_leaves_it_running_without_its_a
             holder.kill()
 
 
+@pytest.mark.slow  # the local Ctrl-C test and the Ray kill test cover both halves in the default run
 def test_ctrl_c_under_ray_stops_the_run_and_its_private_cluster(tmp_path, tiny_model, model_cache):
     """A terminal's Ctrl-C reaches the whole process group: the launcher and the cluster it started."""
     run_dir = tmp_path / "run"
