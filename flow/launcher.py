@@ -52,6 +52,7 @@ from transfer import BusClient, ServerConfig, security
 
 KILL_WAIT_S = 30.0  # bound on a killed replica's process (or Ray actor) being reported gone
 FEEDER_STOP_S = 30.0  # bound on the feeder thread returning once asked to (its waits are 1 s long-polls)
+EXIT_GRACE_S = 5.0  # a replica that exits cleanly may have its last report (the actor's ``done``) still in flight
 
 
 def run(dcfg: DictConfig, console: Console) -> int:
@@ -339,6 +340,11 @@ class Run:
                                 "resume=true.".strip())
         if not self.supervisor.current(f"{role}-{replica}", ev["incarnation"]):
             return None  # an incarnation already replaced (killed by the supervisor)
+        if ev["what"] == "exited with code 0" and not ev.get("graced"):  # look again once its reports are in
+            timer = threading.Timer(EXIT_GRACE_S, self.events.put, args=(("exit", {**ev, "graced": True}),))
+            timer.daemon = True
+            timer.start()
+            return None
         return self._recover(role, replica, what, detail=ev["detail"])
 
     def _recover(self, role: str, replica: int, what: str, tb: str | None = None, detail: str | None = None,

@@ -179,10 +179,12 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
             groups_by_step.append(groups)
             sync_metrics = publication.publish(engine)
             ckpt_metrics = {}
-            if checkpoints is not None and cfg.checkpoint_every and engine.version % cfg.checkpoint_every == 0 \
-                    and engine.version < steps:  # the last step's checkpoint is `final`
-                ckpt_metrics = _checkpoint(checkpoints, f"step-{engine.version}", engine, epoch, groups_by_step,
-                                           ctx.wait_seconds)
+            if cfg.checkpoint_every and engine.version % cfg.checkpoint_every == 0 and engine.version < steps:
+                name = f"step-{engine.version}"  # (the last step's checkpoint is `final`)
+                if checkpoints is not None:
+                    ckpt_metrics = _checkpoint(checkpoints, name, engine, epoch, groups_by_step, ctx.wait_seconds)
+                else:  # an engine without snapshot(): the model only, not resumable
+                    engine.save(f"{ctx.run_dir}/checkpoints/{name}")
             elapsed = time.monotonic() - t0
             ctx.report("metrics", step=step + 1, **metrics, **{
                 "actor/wait_s": waited, "actor/step_s": elapsed, "samples/s": metrics["samples"] / elapsed,
