@@ -365,15 +365,9 @@ class Run:
         self.placement.kill_role(role, replica, KILL_WAIT_S)  # for sure gone before its leases go back
         returned = self.bus.release(holder_name(role, replica, incarnation))
         self._start_role(role, replica)
-        self.placement.wait_started()
-        self._write_processes()
-        entry = self.supervisor.record(name, incarnation, what, "restarted", rows_returned=sum(returned.values()),
-                                       restart_s=round(time.monotonic() - t0, 3))
-        self.console.print(f"[yellow]{name} {what}[/]" + (f" ({detail})" if detail else "") +
-                           f": restarted as incarnation {incarnation + 1}; {entry['rows_returned']} rows it held "
-                           f"went back to the bus", highlight=False)
-        if tb:
-            self.console.print(tb, highlight=False)
+        rows = sum(returned.values())
+        self._restarted(name, incarnation, what, detail, tb, t0, f"restarted as incarnation {incarnation + 1}; "
+                        f"{rows} rows it held went back to the bus", rows_returned=rows)
         return None
 
     def _rewind(self, name: str, incarnation: int, what: str, tb: str | None, detail: str | None) -> int | None:
@@ -403,16 +397,22 @@ class Run:
         lost = max(self.trained, default=0) - point.version
         self.tracker.rewind(point.version)
         self._continue_from(point, restarted, rewind=True)
+        self._restarted(name, incarnation, what, detail, tb, t0,
+                        f"the trainer restarts from {point.path or 'the start policy'} (step {point.version}; {lost} "
+                        f"later steps are trained again), with every rollout replica",
+                        rewound_to=point.version, steps_lost=lost, rows_cleared=cleared)
+        return None
+
+    def _restarted(self, name: str, incarnation: int, what: str, detail: str | None, tb: str | None, t0: float,
+                   said: str, **facts) -> None:
+        """The end of every restart: wait for the new incarnations, write their pids, record it, say it."""
         self.placement.wait_started()
         self._write_processes()
-        self.supervisor.record(name, incarnation, what, "restarted", rewound_to=point.version, steps_lost=lost,
-                               rows_cleared=cleared, restart_s=round(time.monotonic() - t0, 3))
-        self.console.print(f"[yellow]{name} {what}[/]" + (f" ({detail})" if detail else "") +
-                           f": the trainer restarts from {point.path or 'the start policy'} (step {point.version}; "
-                           f"{lost} later steps are trained again), with every rollout replica", highlight=False)
+        self.supervisor.record(name, incarnation, what, "restarted", restart_s=round(time.monotonic() - t0, 3), **facts)
+        self.console.print(f"[yellow]{name} {what}[/]" + (f" ({detail})" if detail else "") + f": {said}",
+                           highlight=False)
         if tb:
             self.console.print(tb, highlight=False)
-        return None
 
     def _trainer_endpoints(self) -> list[str]:
         """Endpoints the trainer and rollout replicas advertise (withdrawn before they restart)."""

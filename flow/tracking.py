@@ -45,7 +45,7 @@ class Tracker:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.t0 = time.monotonic()
         self.jsonl = None
-        self._reopen(keep_steps if keep_steps is not None else (None if not self.path.exists() else 0))
+        self._reopen(keep_steps or 0)  # a fresh run keeps nothing (the launcher refuses a run_dir holding one)
         self.recent: deque[float] = deque(maxlen=10)  # the bar's reward: a mean over the last 10 steps
         self.run = None
         if cfg.wandb:

@@ -136,14 +136,7 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
     """
     torch.manual_seed(cfg.seed)
     engine = make_engine(cfg, resume_from or ctx.model_path)
-    groups_by_step: list[list[str]] = []  # the group ids each step consumed: the data position
-    if resume_from is not None:
-        if not hasattr(engine, "restore"):
-            raise TypeError(f"resuming needs {type(engine).__name__}.restore(path, version) (see roles/interfaces.py)")
-        state = read_state(resume_from)
-        engine.restore(resume_from, state["version"])
-        restore_rng(resume_from)
-        groups_by_step = state["groups_by_step"]
+    groups_by_step = _resume(engine, resume_from) if resume_from else []  # group ids of each step: the data position
     if cfg.replicas > 1 and not hasattr(engine, "gradients"):
         raise TypeError(f"actor.replicas={cfg.replicas} sums gradients across replicas: {type(engine).__name__} "
                         f"has no gradients() (see roles/interfaces.py)")
@@ -180,22 +173,16 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
             sync_metrics = publication.publish(engine)
             ckpt_metrics = {}
             if cfg.checkpoint_every and engine.version % cfg.checkpoint_every == 0 and engine.version < steps:
-                name = f"step-{engine.version}"  # (the last step's checkpoint is `final`)
-                if checkpoints is not None:
-                    ckpt_metrics = _checkpoint(checkpoints, name, engine, epoch, groups_by_step, ctx.wait_seconds)
-                else:  # an engine without snapshot(): the model only, not resumable
-                    engine.save(f"{ctx.run_dir}/checkpoints/{name}")
+                ckpt_metrics = _checkpoint(checkpoints, f"step-{engine.version}", engine, epoch, groups_by_step, ctx)
             elapsed = time.monotonic() - t0
             ctx.report("metrics", step=step + 1, **metrics, **{
                 "actor/wait_s": waited, "actor/step_s": elapsed, "samples/s": metrics["samples"] / elapsed,
                 **sync_metrics, **ckpt_metrics}, uids=uids)
         identical = group.identical_weights(engine.weights()) if group is not None else True
         if lead:
+            _checkpoint(checkpoints, "final", engine, epoch, groups_by_step, ctx)
             if checkpoints is not None:
-                _checkpoint(checkpoints, "final", engine, epoch, groups_by_step, ctx.wait_seconds)
                 checkpoints.close(ctx.wait_seconds)
-            else:
-                engine.save(f"{ctx.run_dir}/checkpoints/final")
             ctx.report("done", version=engine.version, replicas=cfg.replicas, identical_weights=identical)
         else:  # the run ends on replica 0's report; stay until the launcher stops this replica
             time.sleep(ctx.wait_seconds)
@@ -206,13 +193,27 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
             group.close()
 
 
-def _checkpoint(checkpoints: Checkpointer, name: str, engine, epoch: int, groups_by_step: list[list[str]],
-                timeout: float) -> dict[str, float]:
+def _resume(engine, path: str) -> list[list[str]]:
+    """Bring ``engine`` (built from checkpoint ``path``) to where it was; returns the checkpoint's data position."""
+    if not hasattr(engine, "restore"):
+        raise TypeError(f"resuming needs {type(engine).__name__}.restore(path, version) (see roles/interfaces.py)")
+    state = read_state(path)
+    engine.restore(path, state["version"])
+    restore_rng(path)
+    return state["groups_by_step"]
+
+
+def _checkpoint(checkpoints: Checkpointer | None, name: str, engine, epoch: int, groups_by_step: list[list[str]],
+                ctx: RoleContext) -> dict[str, float]:
+    """Checkpoint ``name`` in the background; an engine without ``snapshot()`` saves its model only (not resumable)."""
+    if checkpoints is None:
+        engine.save(f"{ctx.run_dir}/checkpoints/{name}")
+        return {}
     t0 = time.monotonic()
     write = engine.snapshot()
     snapshot_s = time.monotonic() - t0
     state = {"version": engine.version, "epoch": epoch, "groups_by_step": list(groups_by_step), "time": time.time()}
-    return {**checkpoints.save(name, write, state, timeout), "checkpoint/snapshot_s": snapshot_s}
+    return {**checkpoints.save(name, write, state, ctx.wait_seconds), "checkpoint/snapshot_s": snapshot_s}
 
 
 def _renew_held(ctx: RoleContext, deliveries: list) -> None:
