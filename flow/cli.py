@@ -4,6 +4,7 @@
     rlflow -cn gsm8k_qwen key=value ...    train with another recipe
     rlflow --cfg job [overrides]           print the composed config and exit (Hydra)
     rlflow doctor [-cn NAME] [overrides]   check the installation and a recipe before a long run
+    rlflow report RUN_DIR                  figures, timeline (trace.json) and capacity advice of a run
     rlflow bus serve|stats|keygen|demo     the transfer-queue bus on its own
 
 Training is a Hydra app over the structured config in ``flow/config.py``: a misspelled key or a value of
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         from flow.doctor import main as doctor_main
 
         return doctor_main(argv[1:])
+    if argv[:1] == ["report"]:
+        from flow.report import main as report_main
+
+        return report_main(argv[1:])
     return train(argv)
 
 

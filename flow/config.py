@@ -97,6 +97,12 @@ class TrackingConfig:
     """Live progress bar on a terminal (log lines every `log_every` steps otherwise)."""
     log_every: int = 10
     """Steps between console log lines when there is no terminal."""
+    report: bool = True
+    """Write run_dir/report (figures, trace.json, capacity advice) when the run ends, and print the advice."""
+    figures_every: int = 50
+    """Steps between the report's figures sent to W&B while the run goes (drawn on a thread; 0: at the end only)."""
+    samples_every: int = 10
+    """Steps between samples (one group's prompt, responses, rewards) logged to samples.jsonl and a W&B table (0: never)."""
 
 
 @dataclass
@@ -198,6 +204,8 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.launcher in LAUNCHERS, "launcher", f"choose one of {LAUNCHERS}, got {cfg.launcher!r}")
     if cfg.launcher == "ray":
         _validate_ray(cfg)
+    _require(cfg.tracking.figures_every >= 0, "tracking.figures_every", "must be >= 0 (0: figures at the end only)")
+    _require(cfg.tracking.samples_every >= 0, "tracking.samples_every", "must be >= 0 (0: no samples)")
     _require(cfg.tracking.wandb_mode in WANDB_MODES, "tracking.wandb_mode",
              f"choose one of {WANDB_MODES}, got {cfg.tracking.wandb_mode!r}")
 

@@ -40,10 +40,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.panel import Panel
 
+from flow.capacity import machine_cores
 from flow.config import ConfigError, RunConfig, StartError, validate
 from flow.feeder import Feeder, logical_uid, prompt_records, uid
 from flow.resume import ResumePoint, newest_point, requested_point
 from flow.supervisor import Supervisor
+from flow.timeline import BusSampler, TimelineLog
 from flow.tracking import Tracker, sync_summary
 from flow.worker import holder_name
 from roles import schema
@@ -52,6 +54,7 @@ from transfer import BusClient, ServerConfig, security
 
 KILL_WAIT_S = 30.0  # bound on a killed replica's process (or Ray actor) being reported gone
 FEEDER_STOP_S = 30.0  # bound on the feeder thread returning once asked to (its waits are 1 s long-polls)
+RECEIVER_STOP_S = 5.0  # bound on the control thread taking in the reports already queued once every role stopped
 EXIT_GRACE_S = 5.0  # a replica that exits cleanly may have its last report (the actor's ``done``) still in flight
 
 
@@ -117,10 +120,7 @@ def prepare_model(cfg: RunConfig, console: Console) -> str:
                             cfg.model.cache_dir, log=console.print)
 
 
-def make_tokenize(model_path: str, chat_template: bool):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+def make_tokenize(tokenizer, chat_template: bool):
     if chat_template:
         return lambda text: tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                           add_generation_prompt=True, tokenize=True)
@@ -137,7 +137,8 @@ def plan_roles(cfg: RunConfig) -> list[tuple[str, int, object, dict, int]]:
     if cfg.rollout.engine == "sglang" and cfg.rollout.sglang.update == "distributed":
         broadcast = {"servers": cfg.rollout.replicas, "tp": cfg.rollout.sglang.tp_size, "sglang": cfg.rollout.sglang,
                      "backend": "nccl" if cfg.actor.device.startswith("cuda") else "gloo"}
-    actor = {"steps": cfg.flow.steps, "staleness": cfg.flow.staleness, "sync": sync, "broadcast": broadcast}
+    actor = {"steps": cfg.flow.steps, "staleness": cfg.flow.staleness, "sync": sync, "broadcast": broadcast,
+             "samples_every": cfg.tracking.samples_every}
     roles = [("actor", i, cfg.actor, actor, cfg.actor.threads) for i in range(cfg.actor.replicas)]
     roles += [("rollout", i, dataclasses.replace(cfg.rollout, seed=cfg.rollout.seed + i), {"sync": sync},
                cfg.rollout.threads) for i in range(cfg.rollout.replicas)]
@@ -165,6 +166,8 @@ class Run:
         self.issued: set[int] = set()  # groups issued by feeders that were replaced (rewinds)
         self.epoch = 0  # rewinds so far, this run and the ones it resumed
         self.closing = threading.Event()
+        self.stopped = threading.Event()  # every role is stopped: the control socket may close
+        self.timeline = self.sampler = self.receiver = None  # run_dir/timeline.jsonl and the bus's queue sampler (flow/timeline.py)
         self.busy: Counter = Counter()  # seconds each role spent working, from its reports
         self.reward_errors: Counter = Counter()
         self.work: Counter = Counter()  # samples each role replica processed, from its reports
@@ -176,6 +179,7 @@ class Run:
         self.role_args: dict[tuple[str, int], tuple] = {}  # what each replica was started with (restarts reuse it)
         self.bus = None  # the launcher's own bus client: hands a dead replica's leases back
         self.lease_expiries = 0
+        self.interrupted = False  # Ctrl-C: stop at once, no report
 
     def __enter__(self) -> "Run":
         try:
@@ -209,9 +213,14 @@ class Run:
             if role == "rollout":
                 extra = {**extra, **self._relay_endpoints(replica)}
             self.role_args[(role, replica)] = (role, replica, role_cfg, extra, {**spec, "threads": threads})
-        self.tokenize = make_tokenize(self.model_path, cfg.data.chat_template)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)  # prompts in (feeder), samples out (tracking)
+        self.tokenize = make_tokenize(self.tokenizer, cfg.data.chat_template)
         self.tracker = Tracker(cfg.tracking, run_dir, dataclasses.asdict(cfg), cfg.flow.steps, self.console,
                                keep_steps=self.start.version if self.start.path else None)
+        self.timeline = TimelineLog(run_dir)
+        self.sampler = BusSampler(bus_address, keys_dir, self.timeline)
         self._continue_from(self.start, [(r, i) for r, i, *_ in plan], rewind=False)
         self.placement.wait_started()
         self._write_processes()
@@ -263,8 +272,9 @@ class Run:
     def _listen(self, address: str, keys_dir: str | None) -> str:
         """Bind the control socket (role reports -> launcher) on a thread of its own; returns where it listens."""
         bound: queue.Queue = queue.Queue()
-        threading.Thread(target=self._receive, args=(address, keys_dir, bound), name="rlflow-control",
-                         daemon=True).start()
+        self.receiver = threading.Thread(target=self._receive, args=(address, keys_dir, bound), name="rlflow-control",
+                                         daemon=True)
+        self.receiver.start()
         result = bound.get(timeout=30)
         if isinstance(result, BaseException):
             raise result
@@ -282,9 +292,11 @@ class Run:
             bound.put(e)
             return
         try:
-            while not self.closing.is_set():
+            while not self.stopped.is_set():  # roles report until they are stopped (their last spans)
                 if sock.poll(200):  # the bound only sets how soon this thread notices shutdown
                     self.events.put(("report", sock.recv_json()))
+            while sock.poll(0):  # what the stopped roles sent last is queued already
+                self.events.put(("report", sock.recv_json()))
         finally:
             sock.close(0)
 
@@ -325,6 +337,7 @@ class Run:
                     return verdict
         except KeyboardInterrupt:
             self.console.print("[yellow]interrupted: stopping every role[/]")
+            self.interrupted = True
             return 130
         finally:
             self._summary(time.monotonic() - t0)
@@ -408,7 +421,11 @@ class Run:
         """The end of every restart: wait for the new incarnations, write their pids, record it, say it."""
         self.placement.wait_started()
         self._write_processes()
-        self.supervisor.record(name, incarnation, what, "restarted", restart_s=round(time.monotonic() - t0, 3), **facts)
+        took = time.monotonic() - t0
+        self.supervisor.record(name, incarnation, what, "restarted", restart_s=round(took, 3), **facts)
+        role, replica = name.rsplit("-", 1)
+        self.timeline.instant(role, int(replica), "rewind" if "rewound_to" in facts else "restart", ago_s=took,
+                              what=what, restart_s=round(took, 3), **facts)
         self.console.print(f"[yellow]{name} {what}[/]" + (f" ({detail})" if detail else "") + f": {said}",
                            highlight=False)
         if tb:
@@ -421,6 +438,8 @@ class Run:
 
     def _report(self, ev: dict) -> int | None:
         kind, name = ev["kind"], f"{ev['role']}-{ev['replica']}"
+        if kind == "heartbeat" and self.timeline is not None:  # a gone incarnation's last spans are history too
+            self.timeline.heartbeat(ev)
         if ev["role"] != "feeder":
             if not self.supervisor.current(name, ev.get("incarnation")):
                 return None  # sent by an incarnation that is gone: its successor reports for itself
@@ -429,6 +448,8 @@ class Run:
             return None
         if kind == "metrics":
             self.trained[ev["step"]] = [logical_uid(u) for u in ev.pop("uids")]
+            if "examples" in ev:
+                self.tracker.log_samples(ev["step"], self._decoded(ev.pop("examples"), ev["step"]))
             self.tracker.log({**ev, **sync_summary(self.sync_reports),
                               "supervision/restarts": len(self.supervisor.history)})
             self.sync_reports.clear()
@@ -462,6 +483,12 @@ class Run:
             return 0
         return None
 
+    def _decoded(self, examples: list[dict], step: int) -> list[dict]:
+        """The actor's sample of a step (token ids) as text, for samples.jsonl and the W&B table."""
+        text = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        return [{"prompt": text(e["prompt_ids"]), "response": text(e["response_ids"]), "reward": e["reward"],
+                 "version": e["version_start"], "staleness": step - 1 - e["version_start"]} for e in examples]
+
     def _reward_error(self, ev: dict) -> None:
         first = self.reward_errors[ev["error"]] == 0
         self.reward_errors[ev["error"]] += 1
@@ -491,7 +518,9 @@ class Run:
         summary = {"wall_s": round(wall, 3), "model_path": self.model_path, "launcher": self.cfg.launcher,
                    "busy_s": dict(self.busy), "samples_by_replica": dict(self.work), "reward_errors": sum(self.reward_errors.values()),
                    "samples": self._ledger(), "trainer": self.trainer, "sync": self.sync_totals,
-                   "supervision": {"restarts": self.supervisor.history, "lease_expiries": self.lease_expiries}}
+                   "supervision": {"restarts": self.supervisor.history, "lease_expiries": self.lease_expiries},
+                   "cores": machine_cores(),
+                   "timeline": {"spans_dropped": self.timeline.spans_dropped if self.timeline else {}}}
         (Path(self.cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
 
     # ------------------------------------------------------------------ shut down
@@ -499,13 +528,40 @@ class Run:
         self.closing.set()
         if self.feeder is not None:
             self.feeder.stop.set()
+        if self.sampler is not None:
+            self.sampler.close()
         if self.bus is not None:
             self.bus.close()
         if self.placement is not None:
             self.placement.stop(self.cfg.flow.shutdown_seconds, lambda m: self.console.print(f"[yellow]{m}[/]"))
+        self.stopped.set()
+        if self.receiver is not None:
+            self.receiver.join(RECEIVER_STOP_S)
+        if self.timeline is not None:
+            self._drain_spans()
+            self.timeline.close()
+            self._final_report()
         if self.tracker is not None:
             self.tracker.close()
         shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+    def _final_report(self) -> None:
+        """Write run_dir/report (tracking.report), print the capacity advice, send the figures to W&B."""
+        if self.cfg.tracking.report and not self.interrupted and self.tracker is not None:
+            from flow.report import report_at_end
+
+            report_at_end(self.cfg.run_dir, self.console, self.tracker, max(self.trained, default=0))
+
+    def _drain_spans(self) -> None:
+        """Write the spans of the heartbeats that arrived after supervision ended (each role's last)."""
+        while True:
+            try:
+                kind, ev = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "report" and ev.get("kind") == "heartbeat":
+                self.timeline.heartbeat(ev)
 
 
 def sweep_socket_dirs() -> None:

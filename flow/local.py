@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import signal
 import threading
 import time
 from typing import Callable
@@ -43,7 +44,15 @@ class LocalPlacement:
     def start_role(self, role: str, replica: int, args: tuple, on_exit: Callable[[str, str | None], None]) -> None:
         """Start ``role_main(*args)`` in its own process; ``on_exit(what, detail)`` when it ends."""
         p = self._ctx.Process(target=role_main, args=args, name=f"rlflow-{role}-{replica}")
-        p.start()
+        # The child starts with SIGTERM blocked (a signal mask survives fork and exec), so every thread it
+        # makes, even while unpickling its arguments imports torch, leaves SIGTERM to the thread that
+        # waits for it (flow/worker.py); one thread that does not block it would let SIGTERM kill the
+        # process without its exit hooks.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.procs[(role, replica)] = p
         self._watch(p, on_exit)
 

@@ -12,6 +12,13 @@ machine without network still gets a complete run directory to ``wandb sync`` la
 
 The console shows a live bar on a terminal (step, reward, staleness, samples/s, ETA) and a log line
 every ``log_every`` steps otherwise (CI logs stay readable).
+
+Figures and samples while the run goes: every ``figures_every`` steps the report's figures
+(``flow/plots.py``) are drawn from the run directory by a child process at the lowest CPU priority
+(drawing takes seconds of CPU that training should have first, and a thread would hold the launcher's
+GIL), at most one at a time (one still going when the next is due is not queued: the next shows
+more anyway); they go to W&B at the next step after it finished. Every ``samples_every`` steps one
+group of the step (prompt, responses, rewards) goes to ``samples.jsonl`` and a W&B table.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import os
 import sys
 import time
 from collections import deque
+import subprocess
 from pathlib import Path
 
 from rich.console import Console
@@ -41,8 +49,11 @@ class Tracker:
     def __init__(self, cfg, run_dir: str, config: dict, total_steps: int, console: Console,
                  keep_steps: int | None = None):
         """``keep_steps``: a resumed run keeps the lines of steps up to this one and appends after them."""
-        self.cfg, self.total, self.console = cfg, total_steps, console
+        self.cfg, self.total, self.console, self.run_dir = cfg, total_steps, console, run_dir
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.samples = open(Path(run_dir) / "samples.jsonl", "a" if keep_steps is not None else "w", buffering=1)
+        self.drawing: subprocess.Popen | None = None  # the process drawing figures for W&B (one at a time)
+        self.figures_failed = False
         self.t0 = time.monotonic()
         self.jsonl = None
         self._reopen(keep_steps or 0)  # a fresh run keeps nothing (the launcher refuses a run_dir holding one)
@@ -74,7 +85,8 @@ class Tracker:
                   **{k: v for k, v in metrics.items() if k not in ("step", "kind", "role", "replica", "pid", "incarnation")}}
         self.jsonl.write(json.dumps(record) + "\n")
         if self.run is not None:
-            self.run.log(record)
+            self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))})  # the histogram is a figure
+            self._send_figures(record["step"])
         if not math.isnan(record["reward/mean"]):
             self.recent.append(record["reward/mean"])
         info = (f"reward {sum(self.recent) / max(len(self.recent), 1):.3f}  staleness max {record['staleness/max']}"
@@ -84,6 +96,51 @@ class Tracker:
         elif record["step"] % self.cfg.log_every == 0 or record["step"] in (1, self.total):
             self.console.print(f"step {record['step']}/{self.total}  {info}  {record['time']:.0f}s", highlight=False)
         return record
+
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        """One group of step ``step``: dicts of prompt, response, reward, version, staleness."""
+        for row in rows:
+            self.samples.write(json.dumps({"step": step, **row}) + "\n")
+        if self.run is not None:
+            import wandb
+
+            columns = ["step", "prompt", "response", "reward", "version", "staleness"]
+            table = wandb.Table(columns=columns, data=[[step] + [r[c] for c in columns[1:]] for r in rows])
+            self.run.log({"samples": table, "step": step})
+
+    def _send_figures(self, step: int) -> None:
+        """Send figures drawn since the last call to W&B; start the next drawing when it is due."""
+        if self.drawing is not None and self.drawing.poll() is not None:
+            drawn, self.drawing = self.drawing, None
+            if drawn.returncode == 0:
+                self._log_images(report_pngs(self.run_dir), step)
+            else:  # figures are a by-product: a failure is said once and never stops the training
+                self.figures_failed = True
+                log = Path(self.run_dir) / "report" / "drawing.log"
+                self.console.print(f"[yellow]drawing the figures for W&B failed[/] (exit {drawn.returncode}, see {log});"
+                                   f" no more until the end of the run", highlight=False)
+        every = self.cfg.figures_every
+        if every and step % every == 0 and step < self.total and self.drawing is None and not self.figures_failed:
+            self.drawing = draw_in_background(self.run_dir)
+
+    def _log_images(self, paths: dict, step: int) -> None:
+        import wandb
+
+        self.run.log({f"figures/{name}": wandb.Image(str(path)) for name, path in paths.items()} | {"step": step})
+
+    def stop_drawing(self) -> None:
+        """Stop a drawing still going (the final report is about to draw); its files are replaced whole,
+        so none is left torn."""
+        if self.drawing is not None:
+            self.drawing.kill()
+            self.drawing.wait()
+            self.drawing = None
+
+    def final_figures(self, paths: dict, step: int, advice: list[str]) -> None:
+        """The report's figures and capacity advice at the end of the run (written by the launcher)."""
+        if self.run is not None:
+            self._log_images(paths, step)
+            self.run.summary["capacity_advice"] = "\n".join(advice)
 
     def rewind(self, step: int) -> None:
         """Drop the lines after ``step``: the steps after it are about to be trained again."""
@@ -108,10 +165,29 @@ class Tracker:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+        self.stop_drawing()
         self.jsonl.close()
+        self.samples.close()
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def draw_in_background(run_dir: str) -> subprocess.Popen:
+    """Start a process drawing the report's figures of ``run_dir`` into run_dir/report, at nice 19."""
+    import flow
+
+    report = Path(run_dir) / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    root = str(Path(flow.__file__).resolve().parent.parent)  # where rlflow is importable from, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    code = f"from flow.report import draw_figures_niced; draw_figures_niced({str(run_dir)!r}, {os.getpid()})"
+    with open(report / "drawing.log", "w") as log:
+        return subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def report_pngs(run_dir: str) -> dict[str, Path]:
+    return {p.stem: p for p in sorted((Path(run_dir) / "report").glob("*.png"))}
 
 
 def sync_summary(reports: list[dict]) -> dict:

@@ -72,8 +72,13 @@ def run_role(role: str, replica: int, role_cfg, extra: dict, spec: dict) -> int:
     incarnation = spec.get("incarnation", 0)
     push = _control_socket(spec["control"], keys_dir, linger_ms=2000)  # let a last traceback reach the launcher
     stop_beating = threading.Event()
-    threading.Thread(target=_heartbeat, args=(spec, keys_dir, role, replica, stop_beating),
-                     name="rlflow-heartbeat", daemon=True).start()
+    from roles.interfaces import Timeline, at_role_exit
+
+    timeline = Timeline()
+    beats = threading.Thread(target=_heartbeat, args=(spec, keys_dir, role, replica, timeline, stop_beating),
+                             name="rlflow-heartbeat", daemon=True)
+    beats.start()
+    at_role_exit(lambda: (stop_beating.set(), beats.join(HEARTBEAT_JOIN_S)))  # also when stopped by SIGTERM
 
     def report(kind: str, **data) -> None:
         try:
@@ -95,7 +100,7 @@ def run_role(role: str, replica: int, role_cfg, extra: dict, spec: dict) -> int:
         ctx = RoleContext(bus=bus, endpoints=make_endpoints(spec["endpoints"]), keys_dir=keys_dir,
                           model_path=spec["model_path"], report=report, run_dir=spec["run_dir"], replica=replica,
                           seed=spec["seed"] + replica, wait_seconds=spec["wait_seconds"],
-                          lease_seconds=spec["lease_seconds"])
+                          lease_seconds=spec["lease_seconds"], timeline=timeline)
         _quiet_libraries()
         module = __import__(f"roles.{role}", fromlist=["serve"])
         module.serve(role_cfg, ctx, **extra)
@@ -105,12 +110,14 @@ def run_role(role: str, replica: int, role_cfg, extra: dict, spec: dict) -> int:
     finally:
         from roles.interfaces import run_exit_hooks
 
-        run_exit_hooks()
-        stop_beating.set()
+        run_exit_hooks()  # the first hook registered, so the last to run: the last heartbeat, with the last spans
         if bus is not None:
             bus.close()
         push.close()
     return code
+
+
+HEARTBEAT_JOIN_S = 5.0  # bound on the heartbeat thread's last send (non-blocking) at a role's end
 
 
 def holder_name(role: str, replica: int, incarnation: int) -> str:
@@ -118,10 +125,10 @@ def holder_name(role: str, replica: int, incarnation: int) -> str:
     return f"{role}-{replica}.{incarnation}"
 
 
-def _control_socket(address: str, keys_dir: str | None, linger_ms: int):
+def _control_socket(address: str, keys_dir: str | None, linger_ms: int, context=None):
     import zmq
 
-    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock = (context or zmq.Context.instance()).socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, linger_ms)
     if keys_dir is not None:
         from transfer.security import client_curve
@@ -131,23 +138,32 @@ def _control_socket(address: str, keys_dir: str | None, linger_ms: int):
     return sock
 
 
-def _heartbeat(spec: dict, keys_dir: str | None, role: str, replica: int, stop: threading.Event) -> None:
-    """Tell the launcher this process is alive every ``heartbeat_s`` (a thread; its own socket)."""
+def _heartbeat(spec: dict, keys_dir: str | None, role: str, replica: int, timeline, stop: threading.Event) -> None:
+    """Tell the launcher this process is alive every ``heartbeat_s`` (a thread; its own socket); each beat
+    carries the timeline spans the role recorded since the last one, and a last beat goes when ``stop`` is set."""
     import zmq
 
     # Signals go to the main thread, whose blocking waits they interrupt (SIGTERM must stop it at once).
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    sock = _control_socket(spec["control"], keys_dir, linger_ms=0)
+    # A context of its own: terminating it at the end waits (up to the linger) until the last beat is out,
+    # even when SIGTERM's thread exits the process with os._exit right after.
+    context = zmq.Context()
+    sock = _control_socket(spec["control"], keys_dir, linger_ms=1000, context=context)
     beat = {"role": role, "replica": replica, "kind": "heartbeat", "pid": os.getpid(),
             "incarnation": spec.get("incarnation", 0)}
     try:
-        while not stop.wait(spec.get("heartbeat_s", 1.0)):
+        while True:
+            stopping = stop.wait(spec.get("heartbeat_s", 1.0))
             try:
-                sock.send_json(beat, zmq.NOBLOCK)
-            except zmq.Again:  # the launcher is not reading: it learns of us when it does
+                sock.send_json({**beat, "spans": timeline.take(last=stopping), "spans_dropped": timeline.dropped},
+                               zmq.NOBLOCK)
+            except zmq.Again:  # the launcher is not reading: it learns of us when it does (those spans are lost)
                 pass
+            if stopping:
+                return
     finally:
         sock.close()
+        context.term()
 
 
 KEYS_DIR_ENV = "RLFLOW_KEYS_DIR"  # where write_keys put this process's keys, for whoever removes them

@@ -120,7 +120,8 @@ def make_engine(cfg: ActorConfig, model_path: str):
 
 
 def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None, sync: SyncConfig,
-          broadcast: dict | None = None, resume_from: str | None = None, epoch: int = 0) -> None:
+          broadcast: dict | None = None, resume_from: str | None = None, epoch: int = 0,
+          samples_every: int = 0) -> None:
     """``sync.dtype`` must be resolved (the rollout's dtype): patches are diffed in what the rollout runs.
 
     ``broadcast`` (sglang rollouts with update=distributed): {"servers": N, "tp": tp size, "backend",
@@ -132,7 +133,8 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
     it trains on its share of each step's groups, and replica 0 alone publishes, saves and reports.
 
     ``resume_from``: a checkpoint directory to continue from; ``epoch``: how many times the run was
-    rewound (recorded in checkpoints).
+    rewound (recorded in checkpoints). ``samples_every``: every that many steps the metrics report
+    carries the step's first group (token ids, rewards), for the run's table of samples (0: never).
     """
     torch.manual_seed(cfg.seed)
     engine = make_engine(cfg, resume_from or ctx.model_path)
@@ -152,32 +154,32 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
         while engine.version < steps:
             step, t0 = engine.version, time.monotonic()
             acc = StepAccumulator(engine, cfg)
-            deliveries, waited = [], 0.0
-            while acc.groups < share:
-                t = time.monotonic()
-                _renew_held(ctx, deliveries)
-                deliveries.append(_take(ctx, columns, share - acc.groups, step, staleness, acc.groups, share))
-                waited += time.monotonic() - t
-                acc.add(deliveries[-1].table)
+            deliveries, waited = _fill(ctx, acc, columns, share, step, staleness)
             uids = [u for d in deliveries for u in d.uids]
             groups = list(dict.fromkeys(g for d in deliveries for g in d.table.column("group_id").to_pylist()))
             if group is not None:
-                uids, groups = group.merge(acc, uids, groups)
-                group.all_reduce_gradients(engine.gradients())
-            metrics = acc.finish()
+                with ctx.timeline.span("all-reduce", step=step + 1):
+                    uids, groups = group.merge(acc, uids, groups)
+                    group.all_reduce_gradients(engine.gradients())
+            with ctx.timeline.span("train", step=step + 1, optimizer_step=True):
+                metrics = acc.finish()
             for d in deliveries:
                 ctx.bus.ack(d)
             if not lead:
                 continue
             groups_by_step.append(groups)
-            sync_metrics = publication.publish(engine)
+            with ctx.timeline.span("sync", step=step + 1, version=engine.version) as span:
+                sync_metrics = publication.publish(engine)
+                span["bytes"] = sync_metrics.get("sync/bytes")
             ckpt_metrics = {}
             if cfg.checkpoint_every and engine.version % cfg.checkpoint_every == 0 and engine.version < steps:
-                ckpt_metrics = _checkpoint(checkpoints, f"step-{engine.version}", engine, epoch, groups_by_step, ctx)
+                with ctx.timeline.span("checkpoint", step=step + 1):
+                    ckpt_metrics = _checkpoint(checkpoints, f"step-{engine.version}", engine, epoch, groups_by_step, ctx)
             elapsed = time.monotonic() - t0
+            examples = {"examples": _examples(deliveries[0].table)} if samples_every and (step + 1) % samples_every == 0 else {}
             ctx.report("metrics", step=step + 1, **metrics, **{
                 "actor/wait_s": waited, "actor/step_s": elapsed, "samples/s": metrics["samples"] / elapsed,
-                **sync_metrics, **ckpt_metrics}, uids=uids)
+                **sync_metrics, **ckpt_metrics}, uids=uids, **examples)
         identical = group.identical_weights(engine.weights()) if group is not None else True
         if lead:
             _checkpoint(checkpoints, "final", engine, epoch, groups_by_step, ctx)
@@ -191,6 +193,30 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
             publication.close()
         if group is not None:
             group.close()
+
+
+def _fill(ctx: RoleContext, acc: "StepAccumulator", columns: list[str], share: int, step: int,
+          staleness: int | None) -> tuple[list, float]:
+    """Take whole groups until ``acc`` holds this replica's ``share`` of the step, training on each delivery
+    as it arrives; returns the deliveries (acked after the optimizer step) and the seconds spent waiting."""
+    deliveries, waited = [], 0.0
+    while acc.groups < share:
+        t = time.monotonic()
+        _renew_held(ctx, deliveries)
+        with ctx.timeline.span("wait", step=step + 1, groups=acc.groups):
+            deliveries.append(_take(ctx, columns, share - acc.groups, step, staleness, acc.groups, share))
+        waited += time.monotonic() - t
+        with ctx.timeline.span("train", step=step + 1, samples=len(deliveries[-1])):
+            acc.add(deliveries[-1].table)
+    return deliveries, waited
+
+
+def _examples(table: pa.Table) -> list[dict]:
+    """The first group of a delivery as token ids, rewards and versions: a sample of what the step trained."""
+    first = table.column("group_id")[0].as_py()
+    rows = [i for i, g in enumerate(table.column("group_id").to_pylist()) if g == first]
+    pick = table.take(rows).select(["prompt_ids", "response_ids", "reward", "version_start"]).to_pylist()
+    return [{**r, "reward": None if math.isnan(r["reward"]) else r["reward"]} for r in pick]
 
 
 def _resume(engine, path: str) -> list[list[str]]:
@@ -394,6 +420,7 @@ class StepAccumulator:
             "reward/errors": self.reward_errors,
             "staleness/max": max(self.staleness, default=0),
             "staleness/mean": sum(self.staleness) / len(self.staleness) if self.staleness else 0.0,
+            "staleness/counts": [self.staleness.count(k) for k in range(max(self.staleness, default=0) + 1)],
             "response/length_mean": sum(self.lengths) / len(self.lengths) if self.lengths else 0.0,
             "groups/skipped": self.skipped_groups,
             "samples": len(self.staleness),

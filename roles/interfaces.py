@@ -13,8 +13,11 @@ engines are in ``roles/hf.py``. Engines know nothing of the bus: the role loops 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -106,6 +109,55 @@ class Endpoints(Protocol):
         """The address of endpoint ``name``, waiting up to ``timeout`` for it to be advertised."""
 
 
+class Timeline:
+    """What a replica spends its time on, as spans for the run's trace (``rlflow report``: trace.json).
+
+    A role loop records a span per activity: ``generate``, ``score``, ``train``, ``sync`` (weights),
+    ``checkpoint``, ``wait`` (for rows, groups or weights). Spans are taken out by whoever hosts the
+    role (``flow/worker.py`` sends them with each heartbeat) and cost the loop an append. The buffer is
+    bounded: if nobody takes spans out (the launcher stopped reading), the oldest are dropped and
+    counted, so a stuck reader never grows a role's memory.
+    """
+
+    MAX_SPANS = 20_000  # about 5 MB; at a few spans per step, minutes of a run
+
+    def __init__(self) -> None:
+        self._spans: deque[dict] = deque(maxlen=self.MAX_SPANS)
+        self._open: list[tuple[str, float, dict]] = []  # spans entered and not yet left (innermost last)
+        self.dropped = 0
+
+    @contextmanager
+    def span(self, name: str, **args) -> Iterator[dict]:
+        """Record the ``with`` block as span ``name``; the yielded ``args`` may be filled in inside it."""
+        entry = (name, time.time(), args)
+        self._open.append(entry)
+        try:
+            yield args
+        finally:
+            self._open.remove(entry)
+            self.add(name, entry[1], time.time() - entry[1], **args)
+
+    def add(self, name: str, start: float, seconds: float, **args) -> None:
+        """A span that started at ``start`` (time.time()) and lasted ``seconds``."""
+        if len(self._spans) == self.MAX_SPANS:
+            self.dropped += 1
+        self._spans.append({"name": name, "t": round(start, 6), "d": round(seconds, 6), "args": args})
+
+    def take(self, last: bool = False) -> list[dict]:
+        """Every span recorded so far, oldest first, and forget them (safe against a concurrent ``add``).
+
+        ``last``: the process is stopping; spans still open (an idle wait, typically) end now, marked unfinished.
+        """
+        out = []
+        while self._spans:
+            out.append(self._spans.popleft())
+        if last:
+            now = time.time()
+            out += [{"name": name, "t": round(t0, 6), "d": round(now - t0, 6), "args": {**args, "unfinished": True}}
+                    for name, t0, args in list(self._open)]
+        return out
+
+
 @dataclass
 class RoleContext:
     """Everything a role loop gets from whoever launched it; roles know nothing more of launching."""
@@ -120,6 +172,7 @@ class RoleContext:
     seed: int
     wait_seconds: float  # bound on any wait for data or weights that should arrive
     lease_seconds: float  # lease on rows taken from the bus
+    timeline: Timeline = field(default_factory=Timeline)  # spans of this replica's activities, for the trace
 
 
 _EXIT_HOOKS: list[Callable[[], None]] = []
@@ -152,11 +205,14 @@ def next_rows(ctx: RoleContext, consumer: str, columns: list[str], n: int, group
     """
     from transfer import BusTimeout
 
-    try:
-        return ctx.bus.get(consumer, columns, n=n, min_n=1, groups=groups, timeout=IDLE_WAIT_S,
-                           lease=ctx.lease_seconds)
-    except BusTimeout:
-        return None
+    with ctx.timeline.span("wait", rows=0) as span:
+        try:
+            d = ctx.bus.get(consumer, columns, n=n, min_n=1, groups=groups, timeout=IDLE_WAIT_S,
+                            lease=ctx.lease_seconds)
+        except BusTimeout:
+            return None
+        span["rows"] = len(d)
+    return d
 
 
 def ack_work(ctx: RoleContext, delivery) -> None:

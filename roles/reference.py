@@ -47,7 +47,7 @@ def serve(cfg: ReferenceConfig, ctx: RoleContext, temperature: float) -> None:
             continue
         t0 = time.monotonic()
         responses = d.table.column("response_ids").to_pylist()
-        with torch.no_grad():
+        with torch.no_grad(), ctx.timeline.span("score", samples=len(responses)):
             logp = sequence_logprobs(model, d.table.column("prompt_ids").to_pylist(), responses, temperature,
                                      cfg.device).cpu()
         ctx.bus.put({"uid": d.uids, "ref_logprobs": [logp[i, : len(r)].tolist() for i, r in enumerate(responses)]},

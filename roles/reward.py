@@ -56,13 +56,14 @@ def serve(cfg: RewardConfig, ctx: RoleContext) -> None:
         if d is None:
             continue
         t0 = time.monotonic()
-        texts = tokenizer.batch_decode(d.table.column("response_ids").to_pylist(), skip_special_tokens=True)
-        fields = [json.loads(f) for f in d.table.column("fields").to_pylist()]
-        if sandbox is None:
-            rewards = [score(fn, text, f, uid, ctx) for text, f, uid in zip(texts, fields, d.uids)]
-        else:
-            rewards = [_checked(result, text, f, uid, ctx)
-                       for result, text, f, uid in zip(sandbox.score(texts, fields), texts, fields, d.uids)]
+        with ctx.timeline.span("score", samples=len(d)):
+            texts = tokenizer.batch_decode(d.table.column("response_ids").to_pylist(), skip_special_tokens=True)
+            fields = [json.loads(f) for f in d.table.column("fields").to_pylist()]
+            if sandbox is None:
+                rewards = [score(fn, text, f, uid, ctx) for text, f, uid in zip(texts, fields, d.uids)]
+            else:
+                rewards = [_checked(result, text, f, uid, ctx)
+                           for result, text, f, uid in zip(sandbox.score(texts, fields), texts, fields, d.uids)]
         ctx.bus.put({"uid": d.uids, "reward": rewards}, missing="skip")
         ack_work(ctx, d)
         ctx.report("reward", samples=len(rewards), seconds=time.monotonic() - t0,

@@ -98,17 +98,20 @@ def serve(cfg: RolloutConfig, ctx: RoleContext, sync: SyncConfig, upstream: str 
     try:
         while True:
             if weights is not None:
-                _report_sync(ctx, weights.update(engine))
+                _synced(ctx, weights, engine)
             d = next_rows(ctx, "rollout", schema.ROLLOUT_INPUT, cfg.groups_per_call, groups=True)
             if d is None:
                 continue
             need = max(d.table.column("min_version").to_pylist())
             if follows:
-                engine.wait_version(need, ctx.wait_seconds)
+                with ctx.timeline.span("wait", weights=need):
+                    engine.wait_version(need, ctx.wait_seconds)
             elif weights.version is None or weights.version < need:  # admitted for a version not applied yet
-                _report_sync(ctx, weights.update(engine, need, ctx.wait_seconds))
+                _synced(ctx, weights, engine, need)
             start, t0 = engine.version, time.monotonic()
-            gens = engine.generate(d.table.column("prompt_ids").to_pylist(), sampling)
+            with ctx.timeline.span("generate", samples=len(d), version=start) as span:
+                gens = engine.generate(d.table.column("prompt_ids").to_pylist(), sampling)
+                span["tokens"] = sum(len(g.response_ids) for g in gens)
             versions = [start if g.version is None else g.version for g in gens]
             ctx.bus.put({"uid": d.uids, "response_ids": [g.response_ids for g in gens],
                          "rollout_logprobs": [g.logprobs for g in gens], "version_start": versions,
@@ -122,6 +125,21 @@ def serve(cfg: RolloutConfig, ctx: RoleContext, sync: SyncConfig, upstream: str 
             weights.close()
 
 
-def _report_sync(ctx: RoleContext, reports: list[dict]) -> None:
+def _synced(ctx: RoleContext, weights: WeightReceiver, engine, need: int | None = None) -> None:
+    """Apply the newest weights (waiting for version ``need`` when given); report and time what happened.
+
+    On the timeline the time until the last object was fetched is a ``wait`` when the replica had to
+    wait for a version, and the applying is a ``sync``; a call that found nothing new records nothing.
+    """
+    t0 = time.time()
+    reports = weights.update(engine, need, ctx.wait_seconds) if need is not None else weights.update(engine)
+    if not reports:
+        return
+    seconds = time.time() - t0
+    applying = min(seconds, sum(r.get("apply_s", 0.0) for r in reports))
+    if need is not None:
+        ctx.timeline.add("wait", t0, seconds - applying, weights=need)
+        t0, seconds = t0 + seconds - applying, applying
+    ctx.timeline.add("sync", t0, seconds, version=weights.version, bytes=sum(r["bytes"] for r in reports))
     for r in reports:
         ctx.report("sync", **r)

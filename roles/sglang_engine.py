@@ -255,7 +255,7 @@ class SGLangEngine:
         self.log_path = log.name
         # Its own session, so close() stops its whole process tree; it dies with this process (pdeathsig).
         self.server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                       preexec_fn=die_with_parent)
+                                       preexec_fn=_server_preexec)
         return f"http://{self.cfg.host}:{port}"
 
     def _wait_ready(self) -> None:
@@ -353,3 +353,10 @@ class WeightBroadcaster:
             dist.destroy_process_group(self.group)
         except Exception:  # noqa: BLE001 - the servers may already be gone at shutdown
             pass
+
+
+def _server_preexec() -> None:
+    """In the server's process, before exec: SIGTERM unblocked (the rollout blocks it for the thread that
+    waits for it, and a signal mask survives exec), then dying with the rollout (pdeathsig)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    die_with_parent()

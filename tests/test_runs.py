@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["actor.groups_per_step=4", "rollout.group_size=4", "rollout.groups_per_call=4", "tracking.wandb=false"]
+SMALL = ["actor.groups_per_step=4", "rollout.group_size=4", "rollout.groups_per_call=4", "tracking.wandb=false",
+         "tracking.report=false"]  # the report's few seconds are tested once, in test_report.py
 
 
 def rlflow(run_dir: Path, model_cache: str, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
