@@ -190,7 +190,7 @@ def _figure(width: float, height: float, cols: int = 1, rows: int = 1, right: fl
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=100)
-    fig.subplots_adjust(left=0.1, right=right, bottom=0.13, top=0.9, wspace=0.4)
+    fig.subplots_adjust(left=0.12, right=right, bottom=0.13, top=0.9, wspace=0.4)
     return fig, fig.subplots(rows, cols, squeeze=False).ravel().tolist()
 
 
