@@ -6,10 +6,12 @@
                     (actor ×1, rollout ×N, reward ×M, reference ×R when kl_coef > 0), placed by
                     flow/local.py (processes of this machine) or flow/ray_cluster.py (launcher=ray)
         feed      : the feeder thread puts prompt groups under admission control (flow/feeder.py)
-        supervise : one event queue: reports, heartbeats, metrics, process exits, feeder failure, Ctrl-C;
+        supervise : one event queue: reports, heartbeats (carrying the roles' timeline spans: written to
+                    timeline.jsonl, flow/timeline.py), metrics, process exits, feeder failure, Ctrl-C;
                     a replica that dies, fails or hangs is restarted by policy (flow/supervisor.py)
-        shut down : stop the feeder, stop every role (kill what is left after shutdown_seconds),
-                    stop the bus, close tracking, remove the socket directory
+        shut down : stop the feeder, stop every role (kill what is left after shutdown_seconds), take
+                    their last spans, stop the bus, write the report and print the capacity advice
+                    (flow/report.py), close tracking, remove the socket directory
 
 Invariants: the run ends on the actor's ``done`` (success), on a failure supervision may not recover
 (the bus, a replica past its restart budget, a start-up error), or on Ctrl-C; in every case every

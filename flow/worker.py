@@ -6,8 +6,12 @@ bytes in the spec and are written to a private directory (``write_keys``).
 
 Shutdown is a designed path: the launcher sends SIGTERM (Ray: ``stop``, then a kill) and the process
 exits at once, wherever its loop is (a blocking bus wait included), after the role's exit hooks
-(``roles.interfaces.at_role_exit``: e.g. a server it launched) and removing its keys; a thread of its
-own waits for the signal (``_exit_on_sigterm``). Exiting on the spot is safe because a role owns
+(``roles.interfaces.at_role_exit``: e.g. a server it launched; the last heartbeat, with the last
+timeline spans) and removing its keys; a thread of its own waits for the signal (``_exit_on_sigterm``).
+Every other thread must block SIGTERM, or the kernel may hand it one that does not and the default
+action kills the process without its hooks: the local launcher starts the process with SIGTERM already
+blocked (a mask survives fork and exec), so even the threads made while its arguments are unpickled
+(torch's, at import) block it. Exiting on the spot is safe because a role owns
 nothing else that outlives it: rows it took and did not ack return to the bus (at once when the
 launcher releases its leases, else when they end), its unfinished shared-memory payloads are swept by
 the bus (their writer pid is dead), and its sockets die with it. SIGINT is ignored here: a Ctrl-C in
@@ -143,7 +147,7 @@ def _heartbeat(spec: dict, keys_dir: str | None, role: str, replica: int, timeli
     carries the timeline spans the role recorded since the last one, and a last beat goes when ``stop`` is set."""
     import zmq
 
-    # Signals go to the main thread, whose blocking waits they interrupt (SIGTERM must stop it at once).
+    # SIGTERM belongs to the thread that waits for it (_exit_on_sigterm), SIGINT to nobody here.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     # A context of its own: terminating it at the end waits (up to the linger) until the last beat is out,
     # even when SIGTERM's thread exits the process with os._exit right after.
