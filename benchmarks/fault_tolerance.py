@@ -92,8 +92,8 @@ def main() -> None:
             ledger = r["summary"].get("samples", {})
             results[case] = {
                 "code": r["code"], "steps_logged": [x["step"] for x in r["rows"]] == list(range(1, steps + 1)),
-                "exactly_once": ledger.get("issued") == ledger.get("trained") and not ledger.get("trained_more_than_once")
-                and not ledger.get("issued_not_trained"), "samples": ledger,
+                "exactly_once": ledger.get("issued") == ledger.get("trained") and not ledger.get("consumed_more_than_once")
+                and not ledger.get("issued_not_consumed"), "samples": ledger,
                 "restarts": [{k: h.get(k) for k in ("replica", "what", "restart_s", "ready_s", "rewound_to", "steps_lost",
                                                      "rows_returned", "rows_cleared") if k in h} for h in sup],
                 "wall_s": r["wall_s"], "wall_ratio": round(r["wall_s"] / base["wall_s"], 3),

@@ -41,7 +41,7 @@ def run(launcher: str, replicas: int, trainers: int, steps: int, extra: list[str
             "outside_training_s": round(wall - stats["train_s"], 2),
             "step_s": round(stats["steady_s"] / max(1, stats["steps"] - 1), 4),
             "samples_by_replica": summary["samples_by_replica"],
-            "exactly_once": ledger["trained_more_than_once"] == 0 and ledger["issued_not_trained"] == 0
+            "exactly_once": ledger["consumed_more_than_once"] == 0 and ledger["issued_not_consumed"] == 0
             and ledger["trained"] == ledger["issued"]}
 
 

@@ -5,8 +5,10 @@
 
 A reward is ``fn(response: str, **fields) -> float``. ``fields`` is the prompt record: for the built-in
 tasks ``prompt`` and ``answer``; for a dataset given by ``data.path`` every column of its row. Ignore
-the fields you do not need with ``**_``. If the function raises, the run reports the row and skips that
-sample; it does not stop.
+the fields you do not need with ``**_``. It must return a finite number (int, float or bool): if it
+raises or returns anything else (``None``, a string), the run reports the row once per kind of failure
+and does not train that sample; if that happens to every sample of ``reward.max_failed_steps`` steps in
+a row, the run stops and says why.
 """
 
 from __future__ import annotations

@@ -1,29 +1,66 @@
-"""The ``rlflow`` command.
+"""The ``rlflow`` command (``rlflow --help`` prints ``HELP``).
 
-    rlflow [key=value ...]                 train with the default recipe (recipes/default.yaml)
-    rlflow -cn gsm8k_qwen key=value ...    train with another recipe
-    rlflow --cfg job [overrides]           print the composed config and exit (Hydra)
-    rlflow doctor [-cn NAME] [overrides]   check the installation and a recipe before a long run
-    rlflow report RUN_DIR                  figures, timeline (trace.json) and capacity advice of a run
-    rlflow bus serve|stats|keygen|demo     the transfer-queue bus on its own
+Training is a Hydra app over the structured config in ``flow/config.py``. Before Hydra composes
+anything, every ``key=value`` is checked against the settings (``flow/overrides.py``: a typo is refused
+with the nearest key, also when added with ``+``) and ``-cn`` against the recipes; ``flow.config.validate``
+then checks values. Heavy imports (torch, transformers, wandb) happen after composition, so ``--help``
+and a mistyped key answer at once.
 
-Training is a Hydra app over the structured config in ``flow/config.py``: a misspelled key or a value of
-the wrong type fails at compose time with Hydra's message; ``flow.config.validate`` then checks values.
-Heavy imports (torch, transformers, wandb) happen after composition, so ``--help`` is quick.
+Hydra's files are rlflow's business, so the command sets them (``HYDRA_SETTINGS``): no log file and no
+``.hydra/`` directory (a run writes its own ``config.yaml``), and nothing is created before the run
+decides to start, so a refused run leaves no directory behind. A sweep (``rlflow -m k=a,b ...``) runs
+its jobs one after the other, each in a directory of its own under the recipe's ``run_dir``:
+``RUN_DIR/<job number>_<the job's swept values>``; the sweep's summary lists them, and its exit code is
+the worst of its jobs'.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
+
+HELP = """\
+rlflow: asynchronous streaming RL post-training of LLMs (rollout, reward, reference and actor roles
+exchanging Arrow batches over a ZeroMQ bus; one staleness knob from on-policy to fully async).
+
+  rlflow [-cn RECIPE] [key=value ...]      train (default recipe: a tiny model built here, the built-in
+                                           `reverse` task, on CPU, learning within minutes)
+  rlflow -m key=a,b [key=value ...]        a sweep: one run per combination, each in RUN_DIR/<job>_<values>
+  rlflow --cfg job [key=value ...]         print every setting as the run would see it, and exit
+  rlflow doctor [-cn RECIPE] [key=value]   check the installation and a recipe before a long run
+  rlflow report RUN_DIR                    figures, trace.json and capacity advice of a run (going or done)
+  rlflow bus stats RUN_DIR|ADDRESS         what a run's bus holds now: rows, consumers, leases, waits
+  rlflow bus serve|keygen|demo             the transfer-queue bus on its own
+
+Recipes (-cn NAME): {recipes}
+
+Most used settings (every one with its default: rlflow --cfg job):
+  run_dir=runs/NAME          flow.steps=300              flow.staleness=1 (0: on-policy, null: fully async)
+  data.task=reverse|sort|add data.path=FILE.jsonl|.parquet data.prompt_key=prompt    reward.fn=pkg.module.fn
+  model.path=CHECKPOINT_DIR  rollout.group_size=8        actor.groups_per_step=16    actor.lr=3e-4
+  rollout.replicas=N         reward.replicas=N           launcher=local|ray          tracking.wandb=false
+  resume=true                continue run_dir from its newest checkpoint, with the run's own settings
+
+Where to change what: README.md (its first screen maps the code). Hydra's own flags: rlflow --hydra-help
+"""
+
+HYDRA_SETTINGS = ["hydra/job_logging=none", "hydra.output_subdir=null", "hydra.job.chdir=false", "hydra.run.dir=.",
+                  "hydra.sweep.dir=${run_dir}", "hydra.sweep.subdir=${rlflow_job:}"]
+"""Hydra settings every rlflow command line gets first (the user's own come after and win)."""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"], ["help"]):
+        import recipes
+
+        print(HELP.format(recipes=", ".join(recipes.names())), end="")
+        return 0
     if argv[:1] == ["bus"]:
         from transfer.cli import main as bus_main
 
-        return bus_main(argv[1:])
+        return bus_main(_bus_args(argv[1:]))
     if argv[:1] == ["doctor"]:
         from flow.doctor import main as doctor_main
 
@@ -37,33 +74,125 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(argv: list[str]) -> int:
     import hydra
-    from omegaconf import DictConfig
+    from hydra._internal.utils import get_args_parser
+    from omegaconf import DictConfig, OmegaConf
 
-    from flow.config import register
+    from flow.config import ConfigError, check_recipe, register
+    from flow.overrides import check_keys, parse
+    from flow.tracking import make_console, say
 
+    console = make_console()
+    args = get_args_parser().parse_intermixed_args(argv)  # flags may come after overrides (`rlflow k=v -m`)
+    overrides = parse(args.overrides)
+    try:
+        if args.config_name and not (args.config_path or args.config_dir):
+            check_recipe(args.config_name)
+        check_keys(overrides)
+    except ConfigError as e:
+        say(console, str(e), "error")
+        return 2
     register()
+    swept = [o.key for o in overrides if o.sweep]
+    OmegaConf.register_new_resolver("rlflow_job", lambda: _job_dir_name(swept), replace=True)
     # Like `python -m`, make the working directory importable, so reward.fn=my_module.fn and
     # rollout.engine=my_module.MyEngine find the user's own files (role processes inherit sys.path).
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    status = {"code": 0}
+    jobs: list[dict] = []
 
     @hydra.main(config_path="pkg://recipes", config_name="default", version_base="1.3")
     def _app(cfg: DictConfig) -> None:
-        from flow.config import ConfigError
-        from flow.launcher import run
-        from flow.tracking import make_console
+        jobs.append(_job(cfg, console, swept))
+        if jobs[-1]["code"] == 130:  # Ctrl-C ends a sweep too, not only its job
+            raise KeyboardInterrupt
 
-        console = make_console()
-        try:
-            status["code"] = run(cfg, console)
-        except ConfigError as e:  # a bad recipe value, named with its fix
-            console.print(f"[red]error[/]: {e}")
-            status["code"] = 2
+    # Hydra reads sys.argv, flags first and then every override: ours go before the user's, which win
+    flags = list(argv)
+    for o in args.overrides:
+        flags.remove(o)
+    sys.argv = [sys.argv[0], *flags, *HYDRA_SETTINGS, *args.overrides]
+    try:
+        _app()
+    except KeyboardInterrupt:
+        pass
+    if args.multirun:
+        _sweep_summary(console, jobs)
+    return max((j["code"] for j in jobs), default=0)
 
-    sys.argv = [sys.argv[0], *argv]  # Hydra reads its arguments from sys.argv
-    _app()
-    return status["code"]
+
+def _job(cfg, console, swept: list[str]) -> dict:
+    """One run of a command line (or one job of a sweep, in a directory of its own)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from flow.config import ConfigError
+    from flow.launcher import run
+    from flow.resume import resuming
+    from flow.tracking import say
+
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    job = {"overrides": [o for o in overrides if o.partition("=")[0].lstrip("+~") in swept], "code": 0}
+    try:
+        if hc.mode == RunMode.MULTIRUN:
+            if resuming(cfg.resume):
+                raise ConfigError("resume: a sweep starts a new run per job; resume its runs one at a time")
+            cfg.run_dir = os.path.relpath(hc.runtime.output_dir)
+            if cfg.tracking.name is None:  # W&B: the sweep's name and the job's, not the job's alone
+                cfg.tracking.name = os.path.join(*Path(cfg.run_dir).parts[-2:])
+            say(console, f"sweep job {hc.job.num}: {' '.join(job['overrides']) or '(no swept value)'} -> {cfg.run_dir}",
+                style="bold")
+        job["run_dir"] = cfg.run_dir
+        job["code"] = run(cfg, console, overrides)
+    except ConfigError as e:  # a bad recipe value, named with its fix
+        say(console, str(e), "error")
+        job["code"] = 2
+    return job
+
+
+def _job_dir_name(swept: list[str]) -> str:
+    """A sweep job's directory name: its number and its swept values (``3_flow.staleness=2``), path-safe."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    values = [o for o in hc.overrides.task if o.partition("=")[0].lstrip("+~") in swept]
+    name = "_".join([str(hc.job.num), ",".join(values)]) if values else str(hc.job.num)
+    return name.replace(os.sep, "%")[:120]
+
+
+def _sweep_summary(console, jobs: list[dict]) -> None:
+    from rich.table import Table
+
+    from flow.tracking import plain
+
+    table = Table("job", "swept values", "run directory", "result", title=plain("sweep"))
+    for i, j in enumerate(jobs):
+        result = {0: "done", 2: "refused (settings)", 130: "interrupted"}.get(j["code"], f"failed (exit {j['code']})")
+        table.add_row(str(i), plain(" ".join(j["overrides"])), plain(j.get("run_dir", "-")),
+                      plain(result, "green" if j["code"] == 0 else "red"))
+    console.print(table)
+
+
+def _bus_args(argv: list[str]) -> list[str]:
+    """``rlflow bus stats RUN_DIR``: a run directory stands for its bus (address and keys, from processes.json)."""
+    if argv[:1] != ["stats"] or len(argv) < 2 or not os.path.isdir(argv[1]):
+        return argv
+    import json
+
+    path = os.path.join(argv[1], "processes.json")
+    try:
+        procs = json.loads(open(path).read())
+        address, keys, launcher = procs["bus_address"], procs.get("keys_dir"), procs["launcher"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {argv[1]} is not a started run's directory ({path}: {e})") from None
+    try:
+        os.kill(launcher, 0)
+    except ProcessLookupError:
+        raise SystemExit(f"error: the run in {argv[1]} is not running (its launcher, pid {launcher}, is gone), and "
+                         f"its bus went with it; `rlflow report {argv[1]}` shows what it did") from None
+    except PermissionError:
+        pass
+    return ["stats", address, *(["--keys-dir", keys] if keys else []), *argv[2:]]
 
 
 if __name__ == "__main__":

@@ -182,6 +182,15 @@ def register() -> None:
     ConfigStore.instance().store(name="rlflow_schema", node=RunConfig)
 
 
+def check_recipe(name: str) -> None:
+    """Refuse a ``-cn`` that names no shipped recipe, listing those there are."""
+    import recipes
+
+    if name not in recipes.names():
+        raise ConfigError(f"-cn {name}: no such recipe; the recipes are {', '.join(recipes.names())} (recipes/*.yaml; "
+                          f"-cd DIR -cn NAME takes your own DIR/NAME.yaml)")
+
+
 class ConfigError(ValueError):
     """A bad recipe value; the message names the field and the fix."""
 
@@ -224,6 +233,8 @@ def _validate_run(cfg: RunConfig) -> None:
     _require(0 < sv.heartbeat_s < sv.hang_s, "supervision.heartbeat_s/hang_s",
              f"need 0 < heartbeat_s < hang_s (a few heartbeats may be late before a replica counts as hung), "
              f"got {sv.heartbeat_s}, {sv.hang_s}")
+    _require(cfg.reward.max_failed_steps >= 0, "reward.max_failed_steps",
+             f"must be >= 0 (0: never stop for failing rewards), got {cfg.reward.max_failed_steps}")
     _require(r.group_size >= 2, "rollout.group_size", f"group advantages need >= 2 samples per prompt, got {r.group_size}")
     _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
     _require(r.temperature > 0, "rollout.temperature", f"must be > 0 (logprobs of a greedy policy are "
@@ -299,10 +310,34 @@ def _validate_data(cfg: RunConfig) -> None:
         _require(cfg.reward.fn is not None, "reward.fn", "a dataset from data.path needs a reward: "
                  "reward.fn=my_pkg.my_reward (or roles.rewards.math_answer, roles.rewards.exact_match)")
     if cfg.model.path is not None:
-        _require(os.path.isdir(cfg.model.path), "model.path", f"no such checkpoint directory: {cfg.model.path!r}")
+        problem = checkpoint_problem(cfg.model.path)
+        _require(problem is None, "model.path", f"{cfg.model.path!r} {problem}")
     else:
-        _require(d.path is None, "model.path", "the built-in tiny model knows only the built-in tasks; "
-                 "give a checkpoint directory, model.path=DIR, for a dataset from data.path")
+        _require(not d.chat_template, "model.path", "data.chat_template=true needs a checkpoint whose tokenizer has "
+                 "a chat template, and the tiny model built here has none: give model.path=CHECKPOINT_DIR (or set "
+                 "data.chat_template=false)")
+
+
+CHECKPOINT_FILES = "config.json, the weights (*.safetensors or *.bin) and the tokenizer's files"
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """What keeps directory ``path`` from being a Hugging Face checkpoint rlflow can start from (None: nothing).
+
+    Only the files are looked at (quick, no import); ``rlflow doctor`` also loads the config and tokenizer."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_dir():
+        return f"is not a directory: give a checkpoint directory holding {CHECKPOINT_FILES}"
+    if not (p / "config.json").is_file():
+        return f"holds no config.json: a checkpoint directory holds {CHECKPOINT_FILES} (a run's own are in " \
+               f"RUN_DIR/checkpoints/final)"
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        return "holds no weights (*.safetensors or *.bin)"
+    if not any((p / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
+        return "holds no tokenizer (tokenizer.json, tokenizer.model or vocab.json): save the tokenizer beside the model"
+    return None
 
 
 def _validate_sglang(r: RolloutConfig) -> None:

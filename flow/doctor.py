@@ -24,6 +24,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from flow.tracking import plain, say
+
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
 
@@ -38,6 +40,7 @@ class Doctor:
     def __init__(self, cfg):
         self.cfg = cfg
         self.checks: list[Check] = []
+        self.tokenizer = None  # the start checkpoint's, once the model check loaded it
 
     def add(self, name: str, status: str, detail: str) -> None:
         self.checks.append(Check(name, status, detail))
@@ -94,8 +97,11 @@ class Doctor:
             self.add("model", OK, f"a tiny model ({t.num_layers} layers x {t.hidden_size}) built locally at the start")
             return
         p = Path(path)
-        if not p.is_dir():
-            self.add("model", FAIL, f"model.path={path!r} is not a directory; give a Hugging Face checkpoint directory")
+        from flow.config import checkpoint_problem
+
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            self.add("model", FAIL, f"model.path={path!r} {problem}")
             return
         from transformers import AutoConfig, AutoTokenizer
 
@@ -105,7 +111,7 @@ class Doctor:
         except Exception as e:  # noqa: BLE001
             self.add("model config", FAIL, f"config.json of {path} does not load: {e}")
         try:
-            tok = AutoTokenizer.from_pretrained(path)
+            tok = self.tokenizer = AutoTokenizer.from_pretrained(path)
             chat = getattr(tok, "chat_template", None) is not None
             status = FAIL if self.cfg.data.chat_template and not chat else OK
             self.add("tokenizer", status, f"{type(tok).__name__}, vocab {len(tok)}" +
@@ -122,15 +128,17 @@ class Doctor:
         if d.path is None:
             self.add("data", OK, f"built-in task {d.task!r}")
             return
-        from flow.feeder import read_records
+        from flow.data import check_tokens, read_prompts
 
         try:
-            records = read_records(d.path, d.prompt_key)
-        except (OSError, ValueError) as e:
+            prompts = read_prompts(d.path, d.prompt_key)
+            if self.tokenizer is not None:
+                check_tokens(self.tokenizer, prompts)
+        except (OSError, ValueError) as e:  # ConfigError is a ValueError
             self.add("data", FAIL, str(e))
             return
-        columns = sorted(records[0])
-        self.add("data", OK, f"{len(records)} records; columns {columns}")
+        columns = sorted(prompts.records[0])
+        self.add("data", OK, f"{len(prompts.records)} records; columns {columns}")
         if self.cfg.reward.fn:
             self._reward_parameters(self.cfg.reward.fn, set(columns))
 
@@ -259,7 +267,9 @@ def main(argv: list[str], console: Console | None = None) -> int:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from flow.config import register
+    from flow.config import ConfigError, check_recipe, register
+    from flow.overrides import parse, unknown
+    from flow.resume import locate, resume_settings, resuming
 
     console = console or Console()
     as_json = "--json" in argv
@@ -269,19 +279,38 @@ def main(argv: list[str], console: Console | None = None) -> int:
     register()
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `rlflow` does: plug-ins may live in the working directory
+    try:
+        check_recipe(name)
+    except ConfigError as e:
+        say(console, str(e), "error")
+        return 1
+    bad = unknown(parse(overrides))
+    first = [Check(f"setting {o.key}", FAIL, message) for o, message in bad]
+    overrides = [a for a in overrides if a not in {o.text for o, _ in bad}]  # the other checks go on without them
     with initialize_config_module("recipes", version_base="1.3"):
-        cfg = OmegaConf.to_object(compose(name, overrides=overrides))
-    checks = Doctor(cfg).run()
-    table = Table(title=f"rlflow doctor: recipe {name}" + (f" {' '.join(overrides)}" if overrides else ""))
+        dcfg = compose(name, overrides=overrides)
+    if resuming(dcfg.resume):  # with the run's own settings, as `rlflow` would resume it
+        try:
+            locate(dcfg.resume, dcfg.run_dir)
+        except ConfigError:
+            pass  # the `resume` check reports a missing checkpoint
+        else:
+            try:
+                dcfg, _ = resume_settings(dcfg, overrides)
+            except ConfigError as e:
+                first.append(Check("resume settings", FAIL, str(e)))
+    cfg = OmegaConf.to_object(dcfg)
+    checks = first + Doctor(cfg).run()
+    table = Table(title=plain(f"rlflow doctor: recipe {name}" + (f" {' '.join(argv)}" if argv else "")))
     for col in ("check", "", "found / fix"):
         table.add_column(col, overflow="fold")
     colors = {OK: "green", WARN: "yellow", FAIL: "red"}
     for c in checks:
-        table.add_row(c.name, f"[{colors[c.status]}]{c.status}[/]", c.detail)
+        table.add_row(plain(c.name), plain(c.status, colors[c.status]), plain(c.detail))
     console.print(table)
     failed = [c.name for c in checks if c.status == FAIL]
-    console.print(f"[red]{len(failed)} check(s) failed: {', '.join(failed)}[/]" if failed
-                  else "[green]ready to run[/]")
+    say(console, f"{len(failed)} check(s) failed: {', '.join(failed)}" if failed else "ready to run",
+        style="red" if failed else "green")
     if as_json:
         print(json.dumps([c.__dict__ for c in checks]))
     return 1 if failed else 0

@@ -24,50 +24,15 @@ strips it for the run's ledger.
 
 from __future__ import annotations
 
-import itertools
 import json
-import random
 import threading
 import time
 from typing import Callable, Iterator
 
-from roles.tasks import get_task
 from transfer.channel import Client
 from transfer import BusClient, BusTimeout
 
 VERSION_WAIT_S = 1.0  # one long-poll for a newer version; the loop re-checks the stop flag between them
-
-
-def prompt_records(data) -> Iterator[dict]:
-    """Endless prompt records ``{"prompt": str, ...fields}`` from ``data`` (a DataConfig)."""
-    if data.path is None:
-        task, rng = get_task(data.task), random.Random(data.seed)
-        while True:
-            yield task.make(rng, data.min_digits, data.max_digits)
-    records = read_records(data.path, data.prompt_key)
-    rng = random.Random(data.seed)
-    for _ in itertools.count():
-        order = list(range(len(records)))
-        rng.shuffle(order)
-        for i in order:
-            yield records[i]
-
-
-def read_records(path: str, prompt_key: str) -> list[dict]:
-    """A user's .jsonl or .parquet file as records; the prompt column is renamed to ``prompt``."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        records = pq.read_table(path).to_pylist()
-    else:
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-    if not records:
-        raise ValueError(f"data.path={path!r} holds no records")
-    if prompt_key not in records[0]:
-        raise ValueError(f"data.prompt_key={prompt_key!r} is not a column of {path}; its columns are "
-                         f"{sorted(records[0])}")
-    return [{**{k: v for k, v in r.items() if k != prompt_key}, "prompt": r[prompt_key]} for r in records]
 
 
 class Feeder:

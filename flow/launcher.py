@@ -1,7 +1,9 @@
 """The launcher: one run, top to bottom — prepare, start the bus and the roles, feed, supervise, shut down.
 
     rlflow (Hydra) ──► run(cfg)
-        prepare   : validate the config, build or locate the model, make the run directory
+        prepare   : settle the settings (a resume's own: flow/resume.py) and check them, read and check
+                    the data file (flow/data.py), build or locate the model; only then make the run
+                    directory (nothing is written for a run refused here)
         start     : bus server ─ control socket (roles → launcher reports) ─ role replicas
                     (actor ×1, rollout ×N, reward ×M, reference ×R when kl_coef > 0), placed by
                     flow/local.py (processes of this machine) or flow/ray_cluster.py (launcher=ray)
@@ -13,8 +15,9 @@
                     their last spans, stop the bus, write the report and print the capacity advice
                     (flow/report.py), close tracking, remove the socket directory
 
-Invariants: the run ends on the actor's ``done`` (success), on a failure supervision may not recover
-(the bus, a replica past its restart budget, a start-up error), or on Ctrl-C; in every case every
+Invariants: the run ends on the actor's ``done`` (success, unless no step had a sample to train), on a
+failure supervision may not recover (the bus, a replica past its restart budget, a start-up error, a
+reward function failing on every sample of ``reward.max_failed_steps`` steps), or on Ctrl-C; in every case every
 process it started is gone when ``run`` returns, and the failing role's traceback is shown. A restarted
 replica loses nothing: it is killed for sure before its leases are handed back to the bus, so no row
 is held by two live incarnations, and every row it held is redelivered. The event queue is unbounded on purpose:
@@ -44,11 +47,12 @@ from rich.panel import Panel
 
 from flow.capacity import machine_cores
 from flow.config import ConfigError, RunConfig, StartError, validate
-from flow.feeder import Feeder, logical_uid, prompt_records, uid
-from flow.resume import ResumePoint, newest_point, requested_point
+from flow.data import Prompts, check_tokens, load_prompts, prompt_records
+from flow.feeder import Feeder, logical_uid, uid
+from flow.resume import ResumePoint, Resumed, newest_point, record_resume, requested_point, resume_settings
 from flow.supervisor import Supervisor
 from flow.timeline import BusSampler, TimelineLog
-from flow.tracking import Tracker, sync_summary
+from flow.tracking import Tracker, plain, say, sync_summary
 from flow.worker import holder_name
 from roles import schema
 from roles.weights import relay_parent, relays_to_others
@@ -60,30 +64,61 @@ RECEIVER_STOP_S = 5.0  # bound on the control thread taking in the reports alrea
 EXIT_GRACE_S = 5.0  # a replica that exits cleanly may have its last report (the actor's ``done``) still in flight
 
 
-def run(dcfg: DictConfig, console: Console) -> int:
-    """Run one training job; returns the process exit code (0: all steps done)."""
+def run(dcfg: DictConfig, console: Console, overrides: list[str] = ()) -> int:
+    """Run one training job; returns the process exit code (0: all steps done).
+
+    ``overrides``: the command line's ``key=value`` arguments (a resume applies only the safe ones to the
+    run's saved settings: ``flow/resume.py``). Everything that can be checked is checked before anything
+    is written or started: the settings, the resume point, the data file, the model (a ConfigError then
+    leaves no run directory behind).
+    """
+    dcfg, cfg, resumed, start = settle(dcfg, overrides)
+    prompts = load_prompts(cfg.data)
+    model_path = prepare_model(cfg, prompts, console)
+    tokenizer = load_tokenizer(model_path)
+    if prompts is not None:
+        check_tokens(tokenizer, prompts)
+    write_settings(Path(cfg.run_dir), dcfg, resumed, start)
+    say(console, f"run {cfg.run_dir}  model {model_path}  staleness {cfg.flow.staleness}  steps {cfg.flow.steps}")
+    if start.path is not None:
+        changed = "; ".join(f"{k}: {old} -> {new}" for k, (old, new) in resumed.changed.items())
+        say(console, f"resuming from {start.path}: step {start.version} of {cfg.flow.steps}"
+                     + (f" with the settings of {resumed.saved}" if resumed.saved else
+                        " (no config.yaml beside it: with the settings of this command line)")
+                     + (f"; changed: {changed}" if changed else ""))
+    try:
+        with Run(cfg, model_path, console, start, prompts, tokenizer) as r:
+            return r.supervise()
+    except StartError as e:  # nothing ran: the message says what could not start, no traceback needed
+        say(console, str(e), "error")
+        return 1
+
+
+def settle(dcfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, RunConfig, Resumed | None, ResumePoint]:
+    """The run's settings (a resume's own, with the command line's safe changes), checked; where it starts."""
+    dcfg, resumed = resume_settings(dcfg, list(overrides))
     cfg: RunConfig = OmegaConf.to_object(dcfg)
     token_auth_for_joining(cfg)  # before anything imports ray
     validate(cfg)
     if cfg.launcher == "local":  # under Ray the GPUs are the cluster's, not necessarily this machine's
         check_devices(cfg)
     start = requested_point(cfg) or ResumePoint(None)
-    run_dir = Path(cfg.run_dir)
-    if start.path is None and (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").stat().st_size:
+    metrics = Path(cfg.run_dir) / "metrics.jsonl"
+    if start.path is None and metrics.exists() and metrics.stat().st_size:
         raise ConfigError(f"run_dir={cfg.run_dir!r} already holds a run (its metrics.jsonl): continue it with "
                           f"resume=true, or choose another run_dir")
+    return dcfg, cfg, resumed, start
+
+
+def write_settings(run_dir: Path, dcfg: DictConfig, resumed: Resumed | None, start: ResumePoint) -> None:
+    """Make the run directory; write config.yaml (a fresh run, or a resume's safe changes) and resumes.jsonl."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg, resolve=True))
-    model_path = prepare_model(cfg, console)
-    console.print(f"run {run_dir}  model {model_path}  staleness {cfg.flow.staleness}  steps {cfg.flow.steps}")
-    if start.path is not None:
-        console.print(f"resuming from {start.path}: step {start.version} of {cfg.flow.steps}")
-    try:
-        with Run(cfg, model_path, console, start) as r:
-            return r.supervise()
-    except StartError as e:  # nothing ran: the message says what could not start, no traceback needed
-        console.print(f"[red]error[/]: {e}")
-        return 1
+    if resumed is None or resumed.changed or not (run_dir / "config.yaml").exists():
+        saved = OmegaConf.to_container(dcfg, resolve=True)
+        saved["resume"] = None  # the file describes the experiment; how it was continued is in resumes.jsonl
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    if resumed is not None:
+        record_resume(run_dir, resumed, start.version)
 
 
 def token_auth_for_joining(cfg: RunConfig) -> None:
@@ -109,17 +144,35 @@ def check_devices(cfg: RunConfig) -> None:
             raise ConfigError(f"{name}={device!r} but torch sees no GPU here; use {name}=cpu")
 
 
-def prepare_model(cfg: RunConfig, console: Console) -> str:
+def prepare_model(cfg: RunConfig, prompts: Prompts | None, console: Console) -> str:
+    """The start policy's checkpoint directory: ``model.path``, or the tiny model built (once) for the data."""
     if cfg.model.path is not None:
         return cfg.model.path
     import transformers
 
-    from roles.tiny import build_tiny_model
+    from roles.tiny import build_tiny_model, data_demos, task_demos
 
     transformers.logging.disable_progress_bar()
+    if prompts is None:
+        demos = task_demos(cfg.data.task, cfg.data.min_digits, cfg.data.max_digits)
+    else:
+        demos = data_demos(prompts.records, cfg.model.tiny.answer_key)
+        say(console, f"model: a tiny model built here for data.path (its byte tokenizer reads any text); warm-start: "
+                     + (f"on the data's {cfg.model.tiny.answer_key!r} column" if demos.sample else
+                        f"none, the data has no {cfg.model.tiny.answer_key!r} column (model.tiny.answer_key), so the "
+                        f"policy starts random") + ". For a real policy give model.path=CHECKPOINT_DIR.", "note")
+    return build_tiny_model(cfg.model.tiny, demos, cfg.model.cache_dir, log=lambda m: say(console, m))
 
-    return build_tiny_model(cfg.model.tiny, cfg.data.task, cfg.data.min_digits, cfg.data.max_digits,
-                            cfg.model.cache_dir, log=console.print)
+
+def load_tokenizer(model_path: str):
+    """The start checkpoint's tokenizer; one that does not load is a ConfigError naming model.path."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a directory it cannot read
+        raise ConfigError(f"model.path={model_path!r}: its tokenizer does not load ({type(e).__name__}: "
+                          f"{str(e).strip()[:300]})") from None
 
 
 def make_tokenize(tokenizer, chat_template: bool):
@@ -129,11 +182,16 @@ def make_tokenize(tokenizer, chat_template: bool):
     return lambda text: tokenizer(text)["input_ids"]
 
 
-def plan_roles(cfg: RunConfig) -> list[tuple[str, int, object, dict, int]]:
-    """(role, replica, role config, extra serve() arguments, torch threads) for every role replica."""
+def reward_fn(cfg: RunConfig) -> str:
+    """The dotted path of the run's reward function: ``reward.fn``, or the built-in task's own."""
     from roles.tasks import get_task
 
-    reward = dataclasses.replace(cfg.reward, fn=cfg.reward.fn or get_task(cfg.data.task).reward)
+    return cfg.reward.fn or get_task(cfg.data.task).reward
+
+
+def plan_roles(cfg: RunConfig) -> list[tuple[str, int, object, dict, int]]:
+    """(role, replica, role config, extra serve() arguments, torch threads) for every role replica."""
+    reward = dataclasses.replace(cfg.reward, fn=reward_fn(cfg))
     sync = dataclasses.replace(cfg.sync, dtype=cfg.sync.dtype or cfg.rollout.dtype)
     broadcast = None
     if cfg.rollout.engine == "sglang" and cfg.rollout.sglang.update == "distributed":
@@ -154,10 +212,16 @@ def plan_roles(cfg: RunConfig) -> list[tuple[str, int, object, dict, int]]:
 class Run:
     """The processes and threads of one run; ``with Run(...)`` guarantees the shutdown path runs."""
 
-    def __init__(self, cfg: RunConfig, model_path: str, console: Console, start: ResumePoint | None = None):
-        """``start``: the checkpoint the run continues from (``resume``); None or a path-less point: fresh."""
+    def __init__(self, cfg: RunConfig, model_path: str, console: Console, start: ResumePoint | None = None,
+                 prompts: Prompts | None = None, tokenizer=None):
+        """``start``: the checkpoint the run continues from (``resume``); None or a path-less point: fresh.
+        ``prompts``: the data file's records (None: the built-in task); ``tokenizer``: the start
+        checkpoint's (loaded here when not given)."""
         self.cfg, self.model_path, self.console = cfg, model_path, console
         self.start = start or ResumePoint(None)
+        self.prompts = prompts
+        self.reward_fn = reward_fn(cfg)
+        self.tokenizer = tokenizer or load_tokenizer(model_path)  # prompts in (feeder), samples out (tracking)
         self.events: queue.Queue = queue.Queue()
         sweep_socket_dirs()
         # ipc paths must stay short (~100 chars); the pid in the name lets a later run remove it if we are killed
@@ -171,9 +235,13 @@ class Run:
         self.stopped = threading.Event()  # every role is stopped: the control socket may close
         self.timeline = self.sampler = self.receiver = None  # run_dir/timeline.jsonl and the bus's queue sampler (flow/timeline.py)
         self.busy: Counter = Counter()  # seconds each role spent working, from its reports
-        self.reward_errors: Counter = Counter()
+        self.reward_errors: Counter = Counter()  # failed reward calls by kind (roles/sandbox.call), from reports
+        self.first_reward_error: dict[str, dict] = {}  # kind -> its first reward_error report (shown in full)
+        self.failed_reward_steps = 0  # steps in a row whose every sample's reward failed
+        self.updated: dict[int, bool] = {}  # step -> whether it updated the policy (False: nothing to train)
         self.work: Counter = Counter()  # samples each role replica processed, from its reports
         self.trained: dict[int, list[str]] = {}  # step -> logical uids it trained (the exactly-once ledger)
+        self.skipped: dict[int, list[str]] = {}  # step -> logical uids it consumed without training
         self.trainer: dict = {}  # from the actor's done report: replicas, identical_weights
         self.sync_reports: list[dict] = []  # rollout weight applies since the last step's metrics line
         self.sync_totals: dict[str, dict] = {}  # per rollout replica: bytes from the actor / from peers, applies
@@ -181,7 +249,7 @@ class Run:
         self.role_args: dict[tuple[str, int], tuple] = {}  # what each replica was started with (restarts reuse it)
         self.bus = None  # the launcher's own bus client: hands a dead replica's leases back
         self.lease_expiries = 0
-        self.interrupted = False  # Ctrl-C: stop at once, no report
+        self.interrupted = False  # Ctrl-C: stop at once (the report of what was logged is still written)
 
     def __enter__(self) -> "Run":
         try:
@@ -198,12 +266,13 @@ class Run:
     def _start(self) -> None:
         cfg, run_dir = self.cfg, self.cfg.run_dir
         plan = plan_roles(cfg)
-        self.placement = make_placement(cfg, [(r, i) for r, i, *_ in plan], self.sock_dir, self.console.print)
+        self.placement = make_placement(cfg, [(r, i) for r, i, *_ in plan], self.sock_dir, lambda m: say(self.console, m))
         bus_address = self.placement.start_bus(ServerConfig(capacity_rows=cfg.flow.bus_capacity_rows,
                                                             capacity_bytes=cfg.flow.bus_capacity_bytes),
                                                functools.partial(self._exited, "bus", 0, None))
         keys_dir = self.placement.keys_dir
         self.bus = BusClient(bus_address, keys_dir=keys_dir)
+        say(self.console, f"bus {bus_address}  (`rlflow bus stats {run_dir}` shows what it holds)")
         schema.declare(self.bus)
         control = self._listen(self.placement.control_address, keys_dir)
         spec = {"bus": bus_address, "control": control, "endpoints": self.placement.endpoints_spec,
@@ -215,9 +284,6 @@ class Run:
             if role == "rollout":
                 extra = {**extra, **self._relay_endpoints(replica)}
             self.role_args[(role, replica)] = (role, replica, role_cfg, extra, {**spec, "threads": threads})
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)  # prompts in (feeder), samples out (tracking)
         self.tokenize = make_tokenize(self.tokenizer, cfg.data.chat_template)
         self.tracker = Tracker(cfg.tracking, run_dir, dataclasses.asdict(cfg), cfg.flow.steps, self.console,
                                keep_steps=self.start.version if self.start.path else None)
@@ -239,11 +305,15 @@ class Run:
                                                                     "epoch": self.epoch}, spec)
             self._start_role(role, replica)
         self.trained = {s: uids for s, uids in self.trained.items() if s <= point.version}
+        self.skipped = {s: uids for s, uids in self.skipped.items() if s <= point.version}
+        self.updated = {s: u for s, u in self.updated.items() if s <= point.version}
         for s, uids in point.trained_by_step(self.cfg.rollout.group_size).items():
             self.trained.setdefault(s, uids)  # a kept step whose metrics report never arrived
+        for s, uids in point.skipped().items():
+            self.skipped.setdefault(s, uids)
         cfg = self.cfg
         self.feeder = Feeder(self.bus.address, self.placement.endpoints,
-                             prompt_records(cfg.data), self.tokenize,
+                             prompt_records(cfg.data, self.prompts), self.tokenize,
                              group_size=cfg.rollout.group_size, groups_per_step=cfg.actor.groups_per_step,
                              staleness=cfg.flow.staleness, async_queue_steps=cfg.flow.async_queue_steps,
                              steps=cfg.flow.steps, wait_seconds=cfg.flow.wait_seconds,
@@ -260,9 +330,11 @@ class Run:
                                   functools.partial(self._exited, role, replica, incarnation))
 
     def _write_processes(self) -> None:
-        """processes.json: every pid of the run as it is now (rewritten after each restart)."""
+        """processes.json: every pid of the run as it is now (rewritten after each restart), and where its
+        bus listens (``rlflow bus stats RUN_DIR`` reads it)."""
         (Path(self.cfg.run_dir) / "processes.json").write_text(json.dumps(
-            {"launcher": os.getpid(), "kind": self.placement.kind, **self.placement.processes()}, indent=1))
+            {"launcher": os.getpid(), "kind": self.placement.kind, "bus_address": self.bus.address,
+             "keys_dir": self.placement.keys_dir, **self.placement.processes()}, indent=1))
 
     def _relay_endpoints(self, replica: int) -> dict:
         """The endpoint rollout ``replica`` pulls weight chunks from, and the one it serves (chain or tree)."""
@@ -338,11 +410,15 @@ class Run:
                 if verdict is not None:
                     return verdict
         except KeyboardInterrupt:
-            self.console.print("[yellow]interrupted: stopping every role[/]")
+            say(self.console, "interrupted: stopping every role", style="yellow")
             self.interrupted = True
             return 130
         finally:
             self._summary(time.monotonic() - t0)
+            if self.reward_errors:
+                kinds = ", ".join(f"{kind} ({n})" for kind, n in self.reward_errors.most_common())
+                say(self.console, f"reward.fn={self.reward_fn} failed on {sum(self.reward_errors.values())} samples, "
+                                  f"none of them trained: {kinds}", "warning")
 
     def _on_exit(self, ev: dict) -> int | None:
         if self.closing.is_set():
@@ -428,10 +504,9 @@ class Run:
         role, replica = name.rsplit("-", 1)
         self.timeline.instant(role, int(replica), "rewind" if "rewound_to" in facts else "restart", ago_s=took,
                               what=what, restart_s=round(took, 3), **facts)
-        self.console.print(f"[yellow]{name} {what}[/]" + (f" ({detail})" if detail else "") + f": {said}",
-                           highlight=False)
+        say(self.console, f"{name} {what}" + (f" ({detail})" if detail else "") + f": {said}", style="yellow")
         if tb:
-            self.console.print(tb, highlight=False)
+            say(self.console, tb)
 
     def _trainer_endpoints(self) -> list[str]:
         """Endpoints the trainer and rollout replicas advertise (withdrawn before they restart)."""
@@ -450,11 +525,14 @@ class Run:
             return None
         if kind == "metrics":
             self.trained[ev["step"]] = [logical_uid(u) for u in ev.pop("uids")]
+            self.skipped[ev["step"]] = [logical_uid(u) for u in ev.pop("skipped_uids")]
+            self.updated[ev["step"]] = bool(ev["step/updated"])
             if "examples" in ev:
                 self.tracker.log_samples(ev["step"], self._decoded(ev.pop("examples"), ev["step"]))
             self.tracker.log({**ev, **sync_summary(self.sync_reports),
                               "supervision/restarts": len(self.supervisor.history)})
             self.sync_reports.clear()
+            return self._reward_health(ev)
         elif kind == "sync":
             self.sync_reports.append(ev)
             totals = self.sync_totals.setdefault(f"rollout-{ev['replica']}", {"applied": 0, "refused": 0})
@@ -462,11 +540,12 @@ class Run:
             totals.update(from_actor_bytes=ev["from_actor_bytes"], from_peers_bytes=ev["from_peers_bytes"],
                           version=ev.get("version", totals.get("version")))
             if "error" in ev:
-                self.console.print(f"[yellow]rollout-{ev['replica']} refused {ev['object']}[/]: {ev['error']}; "
-                                   f"it resyncs from the keyframe", highlight=False)
+                say(self.console, f"rollout-{ev['replica']} refused {ev['object']}: {ev['error']}; it resyncs from the "
+                                  f"keyframe", style="yellow")
         elif kind in ("rollout", "reward", "reference"):
             self.busy[kind] += ev["seconds"]
             self.work[f"{kind}-{ev['replica']}"] += ev["samples"]
+            self.reward_errors.update(ev.get("errors", {}))
         elif kind == "reward_error":
             self._reward_error(ev)
         elif kind == "lease_expired":
@@ -479,10 +558,9 @@ class Run:
             self.closing.set()
             self.trainer = {"replicas": ev["replicas"], "identical_weights": ev["identical_weights"]}
             if not ev["identical_weights"]:
-                self.console.print("[red]the trainer replicas ended with different weights[/]")
+                say(self.console, "the trainer replicas ended with different weights", style="red")
                 return 1
-            self.console.print(f"[green]done[/]: {ev['version']} steps; checkpoint in {self.cfg.run_dir}/checkpoints/final")
-            return 0
+            return self._done(ev["version"])
         return None
 
     def _decoded(self, examples: list[dict], step: int) -> list[dict]:
@@ -491,34 +569,73 @@ class Run:
         return [{"prompt": text(e["prompt_ids"]), "response": text(e["response_ids"]), "reward": e["reward"],
                  "version": e["version_start"], "staleness": step - 1 - e["version_start"]} for e in examples]
 
-    def _reward_error(self, ev: dict) -> None:
-        first = self.reward_errors[ev["error"]] == 0
-        self.reward_errors[ev["error"]] += 1
-        if first:  # each distinct error once, with its row; the count goes to the summary and metrics
-            self.console.print(f"[yellow]reward function raised on row {ev['uid']}[/] (prompt {ev['prompt']!r}, "
-                               f"response {ev['response']!r}); the sample is skipped:\n{ev['traceback']}")
+    def _done(self, version: int) -> int:
+        """The actor finished every step: 0, unless no step had anything to train (a run that trained nothing)."""
+        idle = sum(1 for u in self.updated.values() if not u)
+        if idle and idle == len(self.updated):
+            say(self.console, f"the run trained nothing: none of its {version} steps had a sample to train (every "
+                              f"reward failed, or no group had two different rewards: see groups/skipped and "
+                              f"reward/errors in {self.cfg.run_dir}/metrics.jsonl)", "error")
+            return 1
+        say(self.console, f"{version} steps" + (f" ({version - idle} updated the policy; {idle} had no sample to "
+                                                f"train)" if idle else "")
+            + f"; checkpoint in {self.cfg.run_dir}/checkpoints/final", "done")
+        return 0
 
-    def _failed(self, role: str, replica: int, tb: str | None, what: str, detail: str | None = None) -> int:
+    def _reward_error(self, ev: dict) -> None:
+        """A kind of reward failure seen for the first time (by this run): shown once, in full."""
+        if ev["failure"] in self.first_reward_error:
+            return  # another replica's first of a kind already shown
+        self.first_reward_error[ev["failure"]] = ev
+        say(self.console, f"reward.fn={self.reward_fn} on row {ev['uid']} (prompt {ev['prompt']!r}, response "
+                          f"{ev['response']!r}) {ev['error']}. The sample is not trained; later failures of this "
+                          f"kind are counted (reward/errors in metrics.jsonl, reward_errors in summary.json)", "warning")
+        if ev["traceback"]:
+            say(self.console, ev["traceback"].rstrip())
+
+    def _reward_health(self, m: dict) -> int | None:
+        """Stop the run once every sample of ``reward.max_failed_steps`` steps in a row failed its reward."""
+        failed = m["samples"] > 0 and m["reward/errors"] == m["samples"]
+        self.failed_reward_steps = self.failed_reward_steps + 1 if failed else 0
+        limit = self.cfg.reward.max_failed_steps
+        if not limit or self.failed_reward_steps < limit:
+            return None
+        kind, count = self.reward_errors.most_common(1)[0] if self.reward_errors else ("?", 0)
+        first = self.first_reward_error.get(kind, {})
+        example = f"row {first['uid']}: prompt {first['prompt']!r}, response {first['response']!r}" if first else "?"
+        detail = (f"reward.fn={self.reward_fn} failed on every sample of the last {limit} steps (steps "
+                  f"{m['step'] - limit + 1}-{m['step']}), so they trained nothing. Most often ({count} samples) it "
+                  f"{first.get('error', kind)}; e.g. {example}.\nFix the function (try it on a row of the data), "
+                  f"then start again. reward.max_failed_steps={limit} sets how many such steps stop a run (0: never).")
+        return self._failed("reward", 0, first.get("traceback", ""), "", detail,
+                            title=f"reward.fn failed on every sample of {limit} steps in a row")
+
+    def _failed(self, role: str, replica: int, tb: str | None, what: str, detail: str | None = None,
+                title: str | None = None) -> int:
         self.closing.set()
-        body = tb or "(no traceback: the process died without reporting; see its output above)"
-        if detail:
-            body = f"{detail}\n{body}"
-        self.console.print(Panel(body, title=f"role {role}-{replica} {what}", border_style="red"))
+        body = tb if tb is not None else "(no traceback: the process died without reporting; see its output above)"
+        body = "\n".join(filter(None, [detail, body]))
+        self.console.print(Panel(plain(body), title=plain(title or f"role {role}-{replica} {what}"), border_style="red"))
         return 1
 
     def _ledger(self) -> dict:
-        """The run's own exactly-once accounting: every issued sample against the steps that consumed it."""
+        """The run's own exactly-once accounting: every issued sample against the steps that consumed it,
+        trained or skipped (a failed reward, a group without signal)."""
         groups = self.issued | (self.feeder.issued_groups() if self.feeder is not None else set())
         issued = {uid(i, j) for i in groups for j in range(self.cfg.rollout.group_size)}
-        trained = Counter(u for uids in self.trained.values() for u in uids)
-        return {"issued": len(issued), "trained": len(trained),
-                "trained_more_than_once": sum(1 for n in trained.values() if n > 1),
-                "issued_not_trained": len(issued - trained.keys()),
-                "trained_not_issued": len(trained.keys() - issued)}
+        trained = {u for uids in self.trained.values() for u in uids}
+        skipped = {u for uids in self.skipped.values() for u in uids}
+        consumed = Counter(u for step in (self.trained, self.skipped) for uids in step.values() for u in uids)
+        return {"issued": len(issued), "trained": len(trained), "skipped": len(skipped),
+                "consumed_more_than_once": sum(1 for n in consumed.values() if n > 1),
+                "issued_not_consumed": len(issued - consumed.keys()),
+                "consumed_not_issued": len(consumed.keys() - issued)}
 
     def _summary(self, wall: float) -> None:
         summary = {"wall_s": round(wall, 3), "model_path": self.model_path, "launcher": self.cfg.launcher,
-                   "busy_s": dict(self.busy), "samples_by_replica": dict(self.work), "reward_errors": sum(self.reward_errors.values()),
+                   "busy_s": dict(self.busy), "samples_by_replica": dict(self.work),
+                   "reward_errors": sum(self.reward_errors.values()), "reward_errors_by_kind": dict(self.reward_errors),
+                   "steps": {"done": len(self.updated), "updated": sum(self.updated.values())},
                    "samples": self._ledger(), "trainer": self.trainer, "sync": self.sync_totals,
                    "supervision": {"restarts": self.supervisor.history, "lease_expiries": self.lease_expiries},
                    "cores": machine_cores(),
@@ -535,7 +652,7 @@ class Run:
         if self.bus is not None:
             self.bus.close()
         if self.placement is not None:
-            self.placement.stop(self.cfg.flow.shutdown_seconds, lambda m: self.console.print(f"[yellow]{m}[/]"))
+            self.placement.stop(self.cfg.flow.shutdown_seconds, lambda m: say(self.console, m, style="yellow"))
         self.stopped.set()
         if self.receiver is not None:
             self.receiver.join(RECEIVER_STOP_S)
@@ -549,11 +666,20 @@ class Run:
 
 
     def _final_report(self) -> None:
-        """Write run_dir/report (tracking.report), print the capacity advice, send the figures to W&B."""
-        if self.cfg.tracking.report and not self.interrupted and self.tracker is not None:
-            from flow.report import report_at_end
+        """Write run_dir/report (tracking.report), print the capacity advice, send the figures to W&B.
 
+        An interrupted run gets the report of what it logged too; a second Ctrl-C skips it (every process
+        is already stopped by then, so nothing is left behind either way)."""
+        if not self.cfg.tracking.report or self.tracker is None or not self.trained:
+            return
+        from flow.report import report_at_end
+
+        if self.interrupted:
+            say(self.console, "writing the report of what the run logged (Ctrl-C again skips it)", style="yellow")
+        try:
             report_at_end(self.cfg.run_dir, self.console, self.tracker, max(self.trained, default=0))
+        except KeyboardInterrupt:
+            say(self.console, f"report skipped; `rlflow report {self.cfg.run_dir}` writes it", style="yellow")
 
     def _drain_spans(self) -> None:
         """Write the spans of the heartbeats that arrived after supervision ended (each role's last)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import threading
 import time
 import uuid
@@ -148,6 +149,8 @@ class RayPlacement:
         self.where: dict[str, dict] = {}
 
     def _init(self, roles) -> None:
+        if not sys.stdout.isatty():  # Ray colours its log prefixes; in a pipe or a file they are escape noise
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")
         runtime_env = dict(self.cfg.runtime_env)
         if self.private:  # workers import what this process imports: its cwd and PYTHONPATH
             path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)

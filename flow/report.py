@@ -56,9 +56,18 @@ class RunLogs:
                    read_jsonl(run_dir / "samples.jsonl"))
 
     def advice(self) -> Advice | None:
-        if not self.config:
+        if not self.config or self.no_advice() is not None:
             return None
         return advise(self.metrics, self.records, self.config, self.summary.get("cores"))
+
+    def no_advice(self) -> str | None:
+        """Why there is no capacity advice to give (None: there may be)."""
+        if not self.config:
+            return "the run directory has no config.yaml"
+        if self.metrics and not any(m.get("step/updated", 1) for m in self.metrics):
+            return ("no advice: the run trained nothing (no step had a sample to train), so there is no training "
+                    "rate for the other roles to keep up with")
+        return None
 
     def events(self) -> list[tuple[int, str]]:
         """(step, label) of each restart and rewind: the first step that ended after it."""
@@ -103,9 +112,9 @@ def draw_figures_niced(run_dir: str, parent: int) -> None:
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
-                 trace_steps: tuple[int, int] | None = None) -> tuple[Path, Advice | None]:
-    """Write the report of ``run_dir`` (into ``run_dir/report`` unless ``out_dir``); returns (index.html, advice).
-    ``trace_steps``: (first, last) step of the trace (None: the whole run)."""
+                 trace_steps: tuple[int, int] | None = None) -> tuple[Path, Advice | None, str | None]:
+    """Write the report of ``run_dir`` (into ``run_dir/report`` unless ``out_dir``); returns (index.html,
+    advice, why there is none). ``trace_steps``: (first, last) step of the trace (None: the whole run)."""
     logs = RunLogs.read(run_dir)
     out = Path(out_dir) if out_dir else logs.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +124,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     (out / "advice.json").write_text(json.dumps(_finite(advice.to_dict()) if advice else None, indent=1))
     index = out / "index.html"
     index.write_text(_html(logs, advice, paths))
-    return index, advice
+    return index, advice, logs.no_advice()
 
 
 def _finite(x):
@@ -137,9 +146,10 @@ def _html(logs: RunLogs, advice: Advice | None, paths: dict[str, Path]) -> str:
              f"time: {last.get('time', 0):.0f}s", f"reward (last step): {last.get('reward/mean', float('nan')):.3f}"]
     if ledger:
         facts.append(f"samples trained: {ledger.get('trained')} of {ledger.get('issued')} issued, "
-                     f"{ledger.get('trained_more_than_once')} more than once")
+                     f"{ledger.get('skipped', 0)} skipped (failed reward, no signal), "
+                     f"{ledger.get('consumed_more_than_once', ledger.get('trained_more_than_once'))} more than once")
     advice_html = "".join(f"<li>{e(line)}</li>" for line in advice.lines) if advice else \
-        "<li>not enough steps or no timeline to measure</li>"
+        f"<li>{e(logs.no_advice() or 'not enough steps or no timeline to measure')}</li>"
     overrides = " ".join(advice.overrides) if advice and advice.overrides else ""
     images = "".join(f'<h3>{e(name)}</h3><img src="{e(p.name)}" style="max-width:100%">' for name, p in paths.items()
                      if name != "overview")
@@ -161,19 +171,22 @@ or chrome://tracing: one track per role replica, the bus queues and step metrics
 """
 
 
-def print_advice(console, advice: Advice | None, index: Path | None = None) -> None:
+def print_advice(console, advice: Advice | None, index: Path | None = None, why_none: str | None = None) -> None:
+    """The advice in a panel; ``why_none``: what to say when there is no advice."""
     from rich.panel import Panel
 
+    from flow.tracking import plain, say
+
     if advice is None:
-        body = "not enough steps, or no timeline, to measure"
+        body = why_none or "not enough steps, or no timeline, to measure"
     else:
         body = "\n".join(advice.lines)
         if advice.overrides:
             body += f"\n\nTo follow it: {' '.join(advice.overrides)}"
-    console.print(Panel(body, title=f"capacity (bottleneck: {advice.bottleneck if advice else 'unknown'})",
-                        border_style="cyan"), highlight=False)
+    console.print(Panel(plain(body), title=plain(f"capacity (bottleneck: {advice.bottleneck if advice else 'unknown'})"),
+                        border_style="cyan"))
     if index is not None:
-        console.print(f"report: {index}", highlight=False)
+        say(console, f"report: {index}")
 
 
 def _step_range(text: str) -> tuple[int, int]:
@@ -189,16 +202,15 @@ def _step_range(text: str) -> tuple[int, int]:
 
 def report_at_end(run_dir: str, console, tracker, step: int) -> None:
     """The end of a run: write its report, print the advice, send the figures and the advice to W&B."""
-    from flow.tracking import report_pngs
+    from flow.tracking import report_pngs, say
 
     tracker.stop_drawing()  # a drawing still going would race the final one for the same files
     try:
-        index, advice = write_report(run_dir)
+        index, advice, why_none = write_report(run_dir)
     except Exception as e:  # noqa: BLE001 - the run's outcome is decided; the report is a by-product of it
-        console.print(f"[yellow]writing the report failed[/] ({e!r}); `rlflow report {run_dir}` tries again",
-                      highlight=False)
+        say(console, f"writing the report failed ({e!r}); `rlflow report {run_dir}` tries again", "warning")
         return
-    print_advice(console, advice, index)
+    print_advice(console, advice, index, why_none)
     tracker.final_figures(report_pngs(run_dir), step, advice.lines if advice else [])
 
 
@@ -210,18 +222,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", metavar="FIRST:LAST", type=_step_range,
                         help="only these steps in trace.json (a long run's whole trace can be too big to open)")
     args = parser.parse_args(argv)
-    from flow.tracking import make_console
+    from flow.tracking import make_console, say
 
     console = make_console()
     try:
-        index, advice = write_report(args.run_dir, args.out, args.steps)
+        index, advice, why_none = write_report(args.run_dir, args.out, args.steps)
     except FileNotFoundError as e:
-        console.print(f"[red]error[/]: {e}")
+        say(console, str(e), "error")
         return 2
     if args.json:
         print(json.dumps(_finite(advice.to_dict()) if advice else None))
     else:
-        print_advice(console, advice, index)
+        print_advice(console, advice, index, why_none)
     return 0
 
 

@@ -33,6 +33,7 @@ import subprocess
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
@@ -94,7 +95,7 @@ class Tracker:
         if self.progress is not None:
             self.progress.update(self.task, completed=record["step"], info=info)
         elif record["step"] % self.cfg.log_every == 0 or record["step"] in (1, self.total):
-            self.console.print(f"step {record['step']}/{self.total}  {info}  {record['time']:.0f}s", highlight=False)
+            say(self.console, f"step {record['step']}/{self.total}  {info}  {record['time']:.0f}s")
         return record
 
     def log_samples(self, step: int, rows: list[dict]) -> None:
@@ -117,8 +118,8 @@ class Tracker:
             else:  # figures are a by-product: a failure is said once and never stops the training
                 self.figures_failed = True
                 log = Path(self.run_dir) / "report" / "drawing.log"
-                self.console.print(f"[yellow]drawing the figures for W&B failed[/] (exit {drawn.returncode}, see {log});"
-                                   f" no more until the end of the run", highlight=False)
+                say(self.console, f"drawing the figures for W&B failed (exit {drawn.returncode}, see {log}); no more until "
+                                  f"the end of the run", "warning")
         every = self.cfg.figures_every
         if every and step % every == 0 and step < self.total and self.drawing is None and not self.figures_failed:
             self.drawing = draw_in_background(self.run_dir)
@@ -211,3 +212,23 @@ def sync_summary(reports: list[dict]) -> dict:
 
 def make_console() -> Console:
     return Console(file=sys.stdout, stderr=False)
+
+
+LABELS = {"error": "red", "warning": "yellow", "note": "cyan", "done": "green"}
+
+
+def say(console: Console, text: str, label: str | None = None, style: str | None = None) -> None:
+    """Print ``text`` as it is: rich reads no markup in it (a user's ``rlflow[ray]``, a path with brackets
+    or a traceback keep every character), highlights nothing, and lets the terminal wrap long lines (a
+    command or a path stays one line to copy). ``label``: a coloured prefix (``error: ...``, see
+    ``LABELS``); ``style``: the colour of the whole text. Every message carrying user or program text goes
+    through here (or through ``plain`` into a rich renderable)."""
+    body = plain(text, style)
+    if label is not None:
+        body = Text.assemble((label, LABELS[label]), ": ", body)
+    console.print(body, highlight=False, soft_wrap=True)
+
+
+def plain(text: str, style: str | None = None) -> Text:
+    """``text`` as a rich renderable that is never parsed for markup (for panels, tables and titles)."""
+    return Text(str(text), style=style or "")

@@ -4,8 +4,9 @@ Loop contract:
 - consumes: whole groups with every ``ACTOR_INPUT`` column ready (plus ``ref_logprobs`` with a KL
   term); with a staleness bound only the groups scheduled for the current step (``target_step``)
 - produces: policy version v + 1 on the weight channel after each step; a ``metrics`` report per step
-  (with the uids it consumed: the launcher's exactly-once ledger); checkpoints every ``checkpoint_every``
-  steps and at the end (``roles/checkpoint.py``: written in the background, resumable)
+  (with the uids it trained and those it consumed without training: the launcher's exactly-once
+  ledger); checkpoints every ``checkpoint_every`` steps and at the end (``roles/checkpoint.py``: written
+  in the background, resumable)
 - waits for: groups (bounded by the run's wait_seconds, then an error saying which step it was filling)
 - unblocked by: the reward (and reference) role's puts, which complete a group's columns
 
@@ -13,6 +14,12 @@ Streaming: a step does forward/backward on each delivery as it arrives (``StepAc
 the optimizer once the batch is complete. Losses are accumulated as un-normalised sums and the
 gradient is divided by the batch's normaliser at the end, so the step's gradient is the one the
 whole batch would give in one pass: with staleness 0 this is synchronous training, not an approximation.
+
+What trains: a sample whose reward failed (NaN) is skipped, and so is a whole group left with fewer
+than two scored samples (or, with ``drop_uniform_groups``, one whose rewards are all equal). A step whose
+every sample was skipped makes no update: the weights and the optimizer state stay as they are (AdamW
+would move weights on a zero gradient through its momentum and weight decay), only the version moves
+on, so admission control and the data position are unchanged; its metrics say ``step/updated: 0``.
 
 Exactly-once: a step's rows stay leased until its optimizer step is done and are acked then (leases
 held longer than half their term are renewed while the step fills, so none expires under it); the bus
@@ -138,7 +145,8 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
     """
     torch.manual_seed(cfg.seed)
     engine = make_engine(cfg, resume_from or ctx.model_path)
-    groups_by_step = _resume(engine, resume_from) if resume_from else []  # group ids of each step: the data position
+    # group ids each step consumed (the data position) and the uids it consumed without training them
+    groups_by_step, skipped_by_step = _resume(engine, resume_from) if resume_from else ([], [])
     if cfg.replicas > 1 and not hasattr(engine, "gradients"):
         raise TypeError(f"actor.replicas={cfg.replicas} sums gradients across replicas: {type(engine).__name__} "
                         f"has no gradients() (see roles/interfaces.py)")
@@ -155,11 +163,10 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
             step, t0 = engine.version, time.monotonic()
             acc = StepAccumulator(engine, cfg)
             deliveries, waited = _fill(ctx, acc, columns, share, step, staleness)
-            uids = [u for d in deliveries for u in d.uids]
             groups = list(dict.fromkeys(g for d in deliveries for g in d.table.column("group_id").to_pylist()))
             if group is not None:
                 with ctx.timeline.span("all-reduce", step=step + 1):
-                    uids, groups = group.merge(acc, uids, groups)
+                    groups = group.merge(acc, groups)
                     group.all_reduce_gradients(engine.gradients())
             with ctx.timeline.span("train", step=step + 1, optimizer_step=True):
                 metrics = acc.finish()
@@ -168,21 +175,23 @@ def serve(cfg: ActorConfig, ctx: RoleContext, steps: int, staleness: int | None,
             if not lead:
                 continue
             groups_by_step.append(groups)
+            skipped_by_step.append(acc.skipped_uids)
             with ctx.timeline.span("sync", step=step + 1, version=engine.version) as span:
                 sync_metrics = publication.publish(engine)
                 span["bytes"] = sync_metrics.get("sync/bytes")
             ckpt_metrics = {}
             if cfg.checkpoint_every and engine.version % cfg.checkpoint_every == 0 and engine.version < steps:
                 with ctx.timeline.span("checkpoint", step=step + 1):
-                    ckpt_metrics = _checkpoint(checkpoints, f"step-{engine.version}", engine, epoch, groups_by_step, ctx)
+                    ckpt_metrics = _checkpoint(checkpoints, f"step-{engine.version}", engine, epoch,
+                                               groups_by_step, skipped_by_step, ctx)
             elapsed = time.monotonic() - t0
             examples = {"examples": _examples(deliveries[0].table)} if samples_every and (step + 1) % samples_every == 0 else {}
             ctx.report("metrics", step=step + 1, **metrics, **{
                 "actor/wait_s": waited, "actor/step_s": elapsed, "samples/s": metrics["samples"] / elapsed,
-                **sync_metrics, **ckpt_metrics}, uids=uids, **examples)
+                **sync_metrics, **ckpt_metrics}, uids=acc.trained_uids, skipped_uids=acc.skipped_uids, **examples)
         identical = group.identical_weights(engine.weights()) if group is not None else True
         if lead:
-            _checkpoint(checkpoints, "final", engine, epoch, groups_by_step, ctx)
+            _checkpoint(checkpoints, "final", engine, epoch, groups_by_step, skipped_by_step, ctx)
             if checkpoints is not None:
                 checkpoints.close(ctx.wait_seconds)
             ctx.report("done", version=engine.version, replicas=cfg.replicas, identical_weights=identical)
@@ -219,18 +228,19 @@ def _examples(table: pa.Table) -> list[dict]:
     return [{**r, "reward": None if math.isnan(r["reward"]) else r["reward"]} for r in pick]
 
 
-def _resume(engine, path: str) -> list[list[str]]:
-    """Bring ``engine`` (built from checkpoint ``path``) to where it was; returns the checkpoint's data position."""
+def _resume(engine, path: str) -> tuple[list[list[str]], list[list[str]]]:
+    """Bring ``engine`` (built from checkpoint ``path``) to where it was; returns the checkpoint's data
+    position (group ids per step) and the uids each step consumed without training."""
     if not hasattr(engine, "restore"):
         raise TypeError(f"resuming needs {type(engine).__name__}.restore(path, version) (see roles/interfaces.py)")
     state = read_state(path)
     engine.restore(path, state["version"])
     restore_rng(path)
-    return state["groups_by_step"]
+    return state["groups_by_step"], state.get("skipped_by_step", [[] for _ in state["groups_by_step"]])
 
 
 def _checkpoint(checkpoints: Checkpointer | None, name: str, engine, epoch: int, groups_by_step: list[list[str]],
-                ctx: RoleContext) -> dict[str, float]:
+                skipped_by_step: list[list[str]], ctx: RoleContext) -> dict[str, float]:
     """Checkpoint ``name`` in the background; an engine without ``snapshot()`` saves its model only (not resumable)."""
     if checkpoints is None:
         engine.save(f"{ctx.run_dir}/checkpoints/{name}")
@@ -238,7 +248,8 @@ def _checkpoint(checkpoints: Checkpointer | None, name: str, engine, epoch: int,
     t0 = time.monotonic()
     write = engine.snapshot()
     snapshot_s = time.monotonic() - t0
-    state = {"version": engine.version, "epoch": epoch, "groups_by_step": list(groups_by_step), "time": time.time()}
+    state = {"version": engine.version, "epoch": epoch, "groups_by_step": list(groups_by_step),
+             "skipped_by_step": list(skipped_by_step), "time": time.time()}
     return {**checkpoints.save(name, write, state, ctx.wait_seconds), "checkpoint/snapshot_s": snapshot_s}
 
 
@@ -314,8 +325,8 @@ class StepAccumulator:
     Off-policy bookkeeping: θ does not change until the step, so the sequence log weights log π_θ/μ of
     every trained sample, whichever delivery brought it, are comparable and together give the step's
     effective sample size. With ``vcpo`` the step's learning rate is scaled by lr_factor(ESS / samples)
-    for this step only (the engine restores it). Samples of skipped groups carry no gradient and do not
-    count in the ESS.
+    for this step only (the engine restores it). Skipped samples (a failed reward, a group without
+    signal) carry no gradient and do not count in the ESS; with none trained the step makes no update.
     """
 
     def __init__(self, engine, cfg: ActorConfig):
@@ -330,6 +341,8 @@ class StepAccumulator:
         self.lengths: list[int] = []
         self.skipped_groups = 0
         self.reward_errors = 0
+        self.trained_uids: list[str] = []  # the samples this step trains on
+        self.skipped_uids: list[str] = []  # consumed without training (failed reward, group without signal)
         self.seq_log_w: list[torch.Tensor] = []  # [B] per forward: log π_θ/μ of each trained sample
         self.token_log_w: list[torch.Tensor] = []  # flat log π_θ/μ of each trained token
 
@@ -348,7 +361,10 @@ class StepAccumulator:
             self.rewards += r.tolist()
             if len(valid) < 2 or (self.cfg.drop_uniform_groups and bool((r == r[0]).all())):
                 self.skipped_groups += 1
+                self.skipped_uids += [cols["uid"][i] for i in idx]
                 continue
+            self.skipped_uids += [cols["uid"][i] for i in idx if i not in valid]
+            self.trained_uids += [cols["uid"][i] for i in valid]
             groups.append((valid, r))
         rows = [i for valid, _ in groups for i in valid]
         advantages = self._advantages(cols, groups, rows)
@@ -410,7 +426,11 @@ class StepAccumulator:
         log_w = torch.cat(self.seq_log_w) if self.seq_log_w else torch.zeros(0)
         ess_ratio = ess(log_w) / log_w.numel() if log_w.numel() else 1.0
         factor = lr_factor(ess_ratio, self.cfg.vcpo_rule, self.cfg.vcpo_ref) if self.cfg.vcpo else 1.0
-        out = self.engine.step(scale, factor)
+        if self.trained_uids:
+            out = {**self.engine.step(scale, factor), "step/updated": 1}
+        else:  # nothing to train: no update (see the module docstring), the version moves on
+            self.engine.version += 1
+            out = {"actor/grad_norm": 0.0, "lr/effective": 0.0, "step/updated": 0}
         n = len(self.rewards)
         mean = sum(self.rewards) / n if n else math.nan
         out.update({
@@ -424,6 +444,8 @@ class StepAccumulator:
             "response/length_mean": sum(self.lengths) / len(self.lengths) if self.lengths else 0.0,
             "groups/skipped": self.skipped_groups,
             "samples": len(self.staleness),
+            "samples/trained": len(self.trained_uids),
+            "samples/skipped": len(self.skipped_uids),
             "tokens": self.tokens,
             "ess/ratio": ess_ratio,
             "lr/factor": factor,

@@ -24,7 +24,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-MERGED_LISTS = ("rewards", "staleness", "lengths")
+MERGED_LISTS = ("rewards", "staleness", "lengths", "trained_uids", "skipped_uids")
 MERGED_SUMS = ("groups", "normaliser", "loss_sum", "tokens", "skipped_groups", "reward_errors")
 
 
@@ -57,11 +57,11 @@ class TrainerGroup:
                                 rank=self.rank, world_size=replicas,
                                 timeout=datetime.timedelta(seconds=ctx.wait_seconds))
 
-    def merge(self, acc, uids: list[str], groups: list[str]) -> tuple[list[str], list[str]]:
-        """Give ``acc`` (a StepAccumulator) the whole step's statistics; returns every replica's uids and
-        group ids, in rank order."""
+    def merge(self, acc, groups: list[str]) -> list[str]:
+        """Give ``acc`` (a StepAccumulator) the whole step's statistics (uids trained and skipped included);
+        returns every replica's group ids, in rank order."""
         state = {name: getattr(acc, name) for name in MERGED_LISTS + MERGED_SUMS}
-        state.update(sums=acc.sums, uids=uids, group_ids=groups,
+        state.update(sums=acc.sums, group_ids=groups,
                      seq_log_w=torch.cat(acc.seq_log_w) if acc.seq_log_w else None,
                      token_log_w=torch.cat(acc.token_log_w) if acc.token_log_w else None)
         states: list = [None] * self.world
@@ -73,7 +73,7 @@ class TrainerGroup:
         acc.sums = {k: sum(s["sums"].get(k, 0.0) for s in states) for k in {k for s in states for k in s["sums"]}}
         acc.seq_log_w = [s["seq_log_w"] for s in states if s["seq_log_w"] is not None]
         acc.token_log_w = [s["token_log_w"] for s in states if s["token_log_w"] is not None]
-        return [u for s in states for u in s["uids"]], [g for s in states for g in s["group_ids"]]
+        return [g for s in states for g in s["group_ids"]]
 
     def all_reduce_gradients(self, grads: list[torch.Tensor]) -> None:
         """Sum ``grads`` over the replicas in place (one flat buffer per dtype and device)."""

@@ -14,6 +14,7 @@ top_p = 1 and top_k = 0 (the defaults).
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -104,6 +105,8 @@ class HFRolloutEngine:
         self.version = 0
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(cfg.seed)
+        # transformers 5 renamed the KV cache argument and output ``past_key_values`` -> ``cache``
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
@@ -137,7 +140,7 @@ class HFRolloutEngine:
             mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=self.device)], 1)
             positions = positions[:, -1:] + 1
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=positions,
-                             past_key_values=out.past_key_values, use_cache=True)
+                             **{self.cache_arg: out[self.cache_arg]}, use_cache=True)
         tokens, logps, lengths = tokens.tolist(), logps.tolist(), lengths.tolist()
         done = done.tolist()
         return [Generation(tokens[i][: lengths[i]], logps[i][: lengths[i]], "stop" if done[i] else "length")

@@ -53,7 +53,10 @@ class RolloutEngine(Protocol):
 
     # Optional: ``tensors() -> dict[str, torch.Tensor]``, the engine's live weights (contiguous, in the
     # sync dtype, names as the trainer's ``weights()``). With it, patches are scattered into them in
-    # place; without it, the rollout keeps a host copy, patches that, and calls ``load_weights``.
+    # place and ``load_weights`` is not called; without it, the rollout keeps a host copy, patches that,
+    # and calls ``load_weights`` with the whole of it. A subclass of an engine that has ``tensors()``
+    # (``HFRolloutEngine``) which overrides ``load_weights`` gets its override called for every version
+    # (``roles/weights.patches_in_place``); to keep the in-place path, override ``tensors()`` too.
 
 
 class TrainEngine(Protocol):

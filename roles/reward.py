@@ -2,14 +2,19 @@
 
 Loop contract:
 - consumes: rows with ``response_ids`` and ``fields`` (any rows, not whole groups: scoring is per sample)
-- produces: ``reward`` (float32; NaN when the reward function raised)
+- produces: ``reward`` (float32; NaN when the reward function failed on the sample)
 - waits for: responses (idle is normal)
 - unblocked by: the rollouts' puts
 
-The reward function is user code and runs at a fault boundary: an exception becomes a NaN reward, a
-``reward_error`` report naming the row (uid, prompt, response, the exception) and a count in the
-metrics; the run goes on and the actor skips that sample. Anything else that fails (the bus, a bad
-``reward.fn`` path at start-up) fails the role, and the launcher stops the run with its traceback.
+The reward function is user code and runs at a fault boundary: an exception, or a value that is not a
+finite number (``None``, ``"1.0"``, NaN), becomes a NaN reward, and the actor does not train that
+sample (the run's ledger counts it as skipped). Failures are told apart by kind (``sandbox.call``): the
+first of each kind in this replica goes to the launcher in full (``reward_error``: the row's uid,
+prompt and response, the message, the traceback), later ones only as counts in the ``reward`` report,
+so a function that fails on every sample costs a count, not a traceback per sample. The launcher stops
+the run when every sample of ``max_failed_steps`` steps in a row failed. Anything else that fails (the
+bus, a bad ``reward.fn`` path at start-up) fails the role, and the launcher stops the run with its
+traceback.
 
 Time limit: with ``timeout_s`` > 0 the function runs in a sandbox process (``roles/sandbox.py``); a
 call past the limit is killed and its sample scores NaN with a ``reward_error`` saying so.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from roles import schema
@@ -40,6 +46,9 @@ class RewardConfig:
     timeout_s: float = 30.0
     """Most seconds one call of `fn` may take; past it the call is killed and the sample scores NaN.
     The function then runs in a sandbox process of its own (0: no limit, in the role's process)."""
+    max_failed_steps: int = 3
+    """Stop the run, naming the function and what it did, once it failed on every sample of this many
+    steps in a row (0: never): such steps train nothing."""
 
 
 def serve(cfg: RewardConfig, ctx: RoleContext) -> None:
@@ -51,6 +60,7 @@ def serve(cfg: RewardConfig, ctx: RoleContext) -> None:
     sandbox = Sandbox(cfg.fn, cfg.timeout_s) if cfg.timeout_s > 0 else None
     at_role_exit(lambda: sandbox and sandbox.close())
     ctx.report("ready")
+    seen: set[str] = set()  # kinds of failure already reported in full by this replica
     while True:
         d = next_rows(ctx, "reward", schema.REWARD_INPUT, cfg.batch)
         if d is None:
@@ -59,25 +69,17 @@ def serve(cfg: RewardConfig, ctx: RoleContext) -> None:
         with ctx.timeline.span("score", samples=len(d)):
             texts = tokenizer.batch_decode(d.table.column("response_ids").to_pylist(), skip_special_tokens=True)
             fields = [json.loads(f) for f in d.table.column("fields").to_pylist()]
-            if sandbox is None:
-                rewards = [score(fn, text, f, uid, ctx) for text, f, uid in zip(texts, fields, d.uids)]
-            else:
-                rewards = [_checked(result, text, f, uid, ctx)
-                           for result, text, f, uid in zip(sandbox.score(texts, fields), texts, fields, d.uids)]
+            results = sandbox.score(texts, fields) if sandbox is not None else \
+                [call(fn, text, f) for text, f in zip(texts, fields)]
+        rewards, failures = [], Counter()
+        for result, text, f, uid in zip(results, texts, fields, d.uids):
+            rewards.append(result[1] if result[0] == "ok" else math.nan)
+            if result[0] == "error":
+                failures[result[1]] += 1
+                if result[1] not in seen:
+                    seen.add(result[1])
+                    ctx.report("reward_error", uid=uid, prompt=f.get("prompt"), response=text, failure=result[1],
+                               error=result[2], traceback=result[3])
         ctx.bus.put({"uid": d.uids, "reward": rewards}, missing="skip")
         ack_work(ctx, d)
-        ctx.report("reward", samples=len(rewards), seconds=time.monotonic() - t0,
-                   errors=sum(math.isnan(r) for r in rewards))
-
-
-def score(fn, response: str, fields: dict, uid: str, ctx: RoleContext) -> float:
-    """fn(response, **fields) as a float, or NaN with a report when it raises or returns a non-number."""
-    return _checked(call(fn, response, fields), response, fields, uid, ctx)
-
-
-def _checked(result: tuple, response: str, fields: dict, uid: str, ctx: RoleContext) -> float:
-    if result[0] == "ok":
-        return result[1]
-    ctx.report("reward_error", uid=uid, prompt=fields.get("prompt"), response=response, error=result[1],
-               traceback=result[2])
-    return math.nan
+        ctx.report("reward", samples=len(rewards), seconds=time.monotonic() - t0, errors=dict(failures))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import math
 import multiprocessing as mp
+import numbers
 import os
 import signal
 import traceback
@@ -23,14 +24,28 @@ START_S = 120.0  # bound on a fresh sandbox importing the function (its module m
 
 
 def call(fn, response: str, fields: dict) -> tuple:
-    """("ok", float) or ("error", "Type: message", traceback): one call of user code, never raising."""
+    """One call of user code, never raising: ``("ok", reward)`` or ``("error", kind, message, traceback)``.
+
+    ``kind`` tells failures apart for reporting (each kind's first occurrence is shown in full, the rest
+    counted): an exception's type and the line of user code that raised it, or what was returned instead
+    of a number. A reward must be a finite real number (int, float, bool, a numpy scalar): anything else,
+    ``None`` and the string ``"1.0"`` included, is an error naming its type, never a silent conversion.
+    """
     try:
-        value = float(fn(response, **fields))
-        if math.isnan(value):
-            raise ValueError("the reward function returned NaN")
-        return ("ok", value)
+        value = fn(response, **fields)
     except Exception as e:  # user code: a fault boundary by design (see the module docstring)
-        return ("error", f"{type(e).__name__}: {e}", traceback.format_exc(limit=-3))
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        return ("error", f"{type(e).__name__} at {os.path.basename(frame.filename)}:{frame.lineno}",
+                f"raised {type(e).__name__}: {e}", traceback.format_exc(limit=-3))
+    if isinstance(value, numbers.Real):
+        reward = float(value)
+        if math.isfinite(reward):
+            return ("ok", reward)
+        return ("error", f"returned {reward}", f"returned {reward}: a reward must be a finite number", "")
+    shown = repr(value)
+    return ("error", f"returned {type(value).__name__}",
+            f"returned {type(value).__name__} {shown[:60] + ('...' if len(shown) > 60 else '')}: a reward function "
+            f"must return a number (int, float or bool) for every response", "")
 
 
 class Sandbox:
@@ -79,10 +94,10 @@ class Sandbox:
                         continue
                     except EOFError:  # the sandbox died (the function crashed the interpreter)
                         self.proc.join(5)
-                        error = f"ProcessError: the reward function's process died (exit code {self.proc.exitcode})"
+                        error = ("process died", f"took its process down (exit code {self.proc.exitcode})")
                 else:
-                    error = f"TimeoutError: the reward function ran past reward.timeout_s={self.timeout_s:g}s and was stopped"
-                results.append(("error", error, ""))
+                    error = ("timeout", f"ran past reward.timeout_s={self.timeout_s:g}s and was stopped")
+                results.append(("error", *error, ""))
                 self.close()  # the rest of the batch goes to a fresh sandbox
                 self.restarts += 1
                 break

@@ -1,4 +1,4 @@
-"""A tiny causal LM built on this machine: a character tokenizer, a Qwen2-shaped model, a short warm-start.
+"""A tiny causal LM built on this machine: a byte tokenizer, a Qwen2-shaped model, a short warm-start.
 
 Why it exists: the default recipe must learn visibly on a CPU in minutes with no model download. The
 result is an ordinary Hugging Face checkpoint directory, so everything downstream uses the same
@@ -7,6 +7,15 @@ result is an ordinary Hugging Face checkpoint directory, so everything downstrea
 Why a warm-start: a random-init policy almost never emits a well-formed answer, so a verifiable reward
 carries no signal. ``warmup_steps`` of supervised training on the task's demonstrations teaches the
 format and a little of the task (mean reward ~0.2 on ``reverse``); RL has to do the rest.
+
+Its tokenizer has one token per byte (GPT-2's byte-to-character map, no merges): every text has
+tokens, none is dropped or mapped to <unk>, and an ASCII character is one token. It is saved so that
+it loads the same whichever class ``AutoTokenizer`` picks for a Qwen2 checkpoint (transformers 5
+rebuilds it as ``Qwen2Tokenizer``, a byte-level BPE: with this vocabulary the same ids come out).
+
+What the warm-start learns from (``Demos``): a built-in task's generator, or the records of a user's
+data file when they carry a demonstration answer (``model.tiny.answer_key``); data without one gets no
+warm-start (the policy starts random, and the run says so).
 
 Built once and cached: the directory name is a hash of everything that shapes the weights. Building
 writes to a temporary directory and renames it into place, so a crashed build is never mistaken for
@@ -23,11 +32,12 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]  # ids 0..3
-CHARS = [chr(c) for c in range(32, 127)]  # printable ASCII: enough for every built-in task and plain-text prompts
+SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]  # ids 0..3; byte b is id 4 + b
+TOKENIZER = "bytes-v1"  # in the cache key: a model built for another vocabulary is another model
 
 
 @dataclass
@@ -54,17 +64,61 @@ class TinyModelConfig:
     """Demonstrations per warm-start step."""
     seed: int = 0
     """Seed of the initial weights and of the demonstrations."""
+    answer_key: str = "answer"
+    """With data.path: the column whose text the warm-start teaches as the answer to each prompt (a data
+    file without it gets no warm-start)."""
 
 
-def char_tokenizer():
-    """A character-level ``PreTrainedTokenizerFast``: one token per printable ASCII character, <bos> prepended."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+@dataclass
+class Demos:
+    """What the warm-start learns from."""
+
+    name: str  # part of the cache directory's name: tiny-<name>-<hash>
+    identity: str  # everything about the demonstrations that shapes the weights (in the cache key)
+    sample: Callable[[random.Random], dict] | None  # rng -> {"prompt": str, "answer": str}; None: no warm-start
+
+
+def task_demos(task: str, min_digits: int, max_digits: int) -> Demos:
+    """A built-in task's endless demonstrations."""
+    from roles.tasks import get_task
+
+    make = get_task(task).make
+    return Demos(task, json.dumps([task, min_digits, max_digits]), lambda rng: make(rng, min_digits, max_digits))
+
+
+def data_demos(records: list[dict], answer_key: str) -> Demos:
+    """A data file's records (``prompt`` plus fields) as demonstrations, when they carry ``answer_key`` text."""
+    pairs = [(r["prompt"], r[answer_key]) for r in records if isinstance(r.get(answer_key), str)]
+    digest = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+    if not pairs:
+        return Demos("data", f"data without {answer_key!r}: {len(records)} records", None)
+    return Demos("data", f"{answer_key}: {digest}", lambda rng: dict(zip(("prompt", "answer"), rng.choice(pairs))))
+
+
+def byte_symbols() -> list[str]:
+    """The character GPT-2's byte-level alphabet writes byte b as, for b = 0..255 (printable bytes as
+    themselves, the rest shifted past 255), so a byte-level BPE sees one symbol per byte."""
+    printable = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
+    out, shifted = [], 0
+    for b in range(256):
+        if b in printable:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + shifted))
+            shifted += 1
+    return out
+
+
+def byte_tokenizer():
+    """A ``PreTrainedTokenizerFast`` with one token per byte of the (NFC-normalised) text, <bos> prepended."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + CHARS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + byte_symbols())}
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.normalizer = normalizers.NFC()  # as Qwen2Tokenizer does, so both load paths give the same ids
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                                    pad_token="<pad>", unk_token="<unk>")
@@ -75,23 +129,24 @@ def cache_root() -> Path:
     return Path(base) / "rlflow" / "models"
 
 
-def build_tiny_model(cfg: TinyModelConfig, task: str, min_digits: int, max_digits: int,
-                     cache_dir: str | None = None, log=print) -> str:
+def build_tiny_model(cfg: TinyModelConfig, demos: Demos, cache_dir: str | None = None, log=print) -> str:
     """Return the path of the tiny checkpoint for this config, building and caching it if needed."""
     import transformers
 
-    key = json.dumps({"model": asdict(cfg), "task": task, "digits": [min_digits, max_digits],
+    model = {**asdict(cfg), "answer_key": None}  # where the answers came from is in ``demos.identity``
+    key = json.dumps({"model": model, "demos": demos.identity, "tokenizer": TOKENIZER,
                       "transformers": transformers.__version__}, sort_keys=True)
     root = Path(cache_dir) if cache_dir else cache_root()
-    path = root / f"tiny-{task}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    path = root / f"tiny-{demos.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (path / "config.json").exists():
         return str(path)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
     try:
-        log(f"building the tiny model once ({cfg.num_layers} layers x {cfg.hidden_size}, "
-            f"{cfg.warmup_steps} warm-start steps on {task!r}) -> {path}")
-        _build(cfg, task, min_digits, max_digits, tmp)
+        warm = f"{cfg.warmup_steps} warm-start steps on {demos.name!r}" if demos.sample and cfg.warmup_steps \
+            else "no warm-start: the policy starts random"
+        log(f"building the tiny model once ({cfg.num_layers} layers x {cfg.hidden_size}, {warm}) -> {path}")
+        _build(cfg, demos, tmp)
         (tmp / "rlflow_build.json").write_text(key)
         try:
             os.rename(tmp, path)
@@ -102,25 +157,22 @@ def build_tiny_model(cfg: TinyModelConfig, task: str, min_digits: int, max_digit
     return str(path)
 
 
-def _build(cfg: TinyModelConfig, task: str, min_digits: int, max_digits: int, out: Path) -> None:
+def _build(cfg: TinyModelConfig, demos: Demos, out: Path) -> None:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from roles.tasks import get_task
-
     torch.manual_seed(cfg.seed)
-    tokenizer = char_tokenizer()
-    config = Qwen2Config(vocab_size=len(SPECIAL) + len(CHARS), hidden_size=cfg.hidden_size,
+    tokenizer = byte_tokenizer()
+    config = Qwen2Config(vocab_size=len(SPECIAL) + 256, hidden_size=cfg.hidden_size,
                          intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
                          num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
                          max_position_embeddings=cfg.max_positions, tie_word_embeddings=True,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = AutoModelForCausalLM.from_config(config)
     rng = random.Random(cfg.seed)
-    make = get_task(task).make
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
     model.train()
-    for _ in range(cfg.warmup_steps):
-        records = [make(rng, min_digits, max_digits) for _ in range(cfg.warmup_batch)]
+    for _ in range(cfg.warmup_steps if demos.sample else 0):
+        records = [demos.sample(rng) for _ in range(cfg.warmup_batch)]
         prompts = [tokenizer(r["prompt"])["input_ids"] for r in records]
         answers = [tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [2] for r in records]
         width = max(len(p) + len(a) for p, a in zip(prompts, answers))

@@ -115,6 +115,25 @@ class WeightPublisher:
         self.channel.close()
 
 
+def patches_in_place(engine) -> bool:  # an engine, or its class
+    """Whether patches are scattered straight into ``engine.tensors()`` instead of going through its
+    ``load_weights``.
+
+    An engine with ``tensors()`` is patched in place, unless a subclass overrides ``load_weights`` below
+    the class that defines ``tensors()`` (a user's ``class MyEngine(HFRolloutEngine)`` adding a hook to
+    ``load_weights``): that override is what the user asked to run, so such an engine gets every version
+    through ``load_weights`` from a host copy. An engine that wants both in-place patches and its own
+    ``load_weights`` defines ``tensors()`` in its own class too.
+    """
+    cls = engine if isinstance(engine, type) else type(engine)
+    if not hasattr(cls, "tensors"):
+        return False
+    mro = cls.__mro__
+    owner = {name: next((c for c in mro if name in vars(c)), None) for name in ("tensors", "load_weights")}
+    loads, tensors = owner["load_weights"], owner["tensors"]
+    return loads is None or tensors is None or not (issubclass(loads, tensors) and loads is not tensors)
+
+
 class WeightReceiver:
     """A rollout replica's side: a relay node (prefetching, serving peers) and the verified version."""
 
@@ -189,8 +208,9 @@ class WeightReceiver:
             engine.version = self.version
 
     def _tensors(self, engine, blob) -> dict[str, torch.Tensor]:
-        """The engine's own tensors when it exposes them (patched in place), else a host shadow copy."""
-        if hasattr(engine, "tensors"):
+        """The engine's own tensors when it takes patches in place (``patches_in_place``), else a host
+        shadow copy that ``load_weights`` then loads whole."""
+        if patches_in_place(engine):
             return engine.tensors()
         if self.shadow is None:
             header, _ = sparse.read_header(blob)

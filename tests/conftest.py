@@ -59,9 +59,9 @@ def model_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(model_cache):
-    from roles.tiny import TinyModelConfig, build_tiny_model
+    from roles.tiny import TinyModelConfig, build_tiny_model, task_demos
 
-    return build_tiny_model(TinyModelConfig(), "reverse", 3, 5, cache_dir=model_cache, log=lambda *_: None)
+    return build_tiny_model(TinyModelConfig(), task_demos("reverse", 3, 5), cache_dir=model_cache, log=lambda *_: None)
 
 
 G, GROUPS = 4, 6  # reverse_samples: groups of G samples each

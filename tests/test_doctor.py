@@ -28,7 +28,7 @@ def test_each_problem_fails_its_check_naming_the_field_and_the_fix(capsys, tmp_p
                            "rollout.engine=no_such.Engine", f"resume={tmp_path}")
     assert code == 1
     assert checks["recipe"]["status"] == "FAIL" and "model.path" in checks["recipe"]["detail"]
-    assert checks["model"]["status"] == "FAIL" and "Hugging Face checkpoint directory" in checks["model"]["detail"]
+    assert checks["model"]["status"] == "FAIL" and "is not a directory: give a checkpoint directory" in checks["model"]["detail"]
     reward = checks["reward.fn"]  # math_answer(response, answer) and the data has no `answer` column
     assert reward["status"] == "FAIL" and "['answer']" in reward["detail"] and "solution" in reward["detail"]
     assert checks["rollout.engine"]["status"] == "FAIL" and "cannot import module 'no_such'" in checks["rollout.engine"]["detail"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -48,8 +49,10 @@ def test_kv_cache_generation_matches_full_recomputation(tiny_model):
             ids.append(token)
 
 
-def test_responses_end_at_the_stop_token_or_at_max_new_tokens(tiny_model):
-    gens = HFRolloutEngine(tiny_model, ROLLOUT).generate(_prompts(tiny_model, 32), SamplingParams(max_new_tokens=5))
+def test_responses_end_at_the_stop_token_or_at_max_new_tokens_with_no_deprecated_api(tiny_model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. transformers' FutureWarning on `past_key_values`
+        gens = HFRolloutEngine(tiny_model, ROLLOUT).generate(_prompts(tiny_model, 32), SamplingParams(max_new_tokens=5))
     for g in gens:
         assert 1 <= len(g.response_ids) <= 5 and len(g.logprobs) == len(g.response_ids)
         assert (g.finish_reason == "stop") == (g.response_ids[-1] == 2)
@@ -87,3 +90,16 @@ def test_sequence_logprobs_do_not_depend_on_batch_neighbours(tiny_model):
         for i in range(4):
             alone = sequence_logprobs(model, prompts[i:i + 1], responses[i:i + 1], 1.0, "cpu")
             assert torch.allclose(batch[i, : len(responses[i])], alone[0], atol=1e-5)
+
+
+def test_the_tiny_tokenizer_keeps_every_character_whichever_class_loads_it(tiny_model):
+    from transformers import AutoTokenizer
+
+    from roles.tiny import byte_tokenizer
+
+    text = "add 55+20= \tcafé 中文 ~"
+    loaded = AutoTokenizer.from_pretrained(tiny_model)  # transformers 5 rebuilds it as Qwen2Tokenizer
+    ids = loaded(text)["input_ids"]
+    assert ids == byte_tokenizer()(text)["input_ids"]
+    assert loaded.unk_token_id not in ids and len(ids) == 1 + len(text.encode())  # <bos>, then one per byte
+    assert loaded.decode(ids, skip_special_tokens=True) == text

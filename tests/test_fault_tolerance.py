@@ -93,8 +93,8 @@ def test_a_replica_killed_or_frozen_mid_run_is_restarted_and_every_sample_trains
     rows = metrics(run_dir)
     assert [m["step"] for m in rows] == list(range(1, STEPS + 1))
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["samples"] == {"issued": SAMPLES, "trained": SAMPLES, "trained_more_than_once": 0,
-                                  "issued_not_trained": 0, "trained_not_issued": 0}
+    assert summary["samples"] == {"issued": SAMPLES, "trained": SAMPLES, "skipped": 0, "consumed_more_than_once": 0,
+                                  "issued_not_consumed": 0, "consumed_not_issued": 0}
     [restart] = summary["supervision"]["restarts"]
     assert restart["replica"] == target and restart["action"] == "restarted" and what in restart["what"]
     assert restart["incarnation"] == 0 and "ready_s" in restart  # the new incarnation came up and worked
@@ -109,8 +109,8 @@ def assert_each_step_once_and_every_sample_trained_once(run_dir: Path, steps: in
     samples = SAMPLES // STEPS * steps
     assert [m["step"] for m in metrics(run_dir)] == list(range(1, steps + 1))
     assert json.loads((run_dir / "summary.json").read_text())["samples"] == {
-        "issued": samples, "trained": samples, "trained_more_than_once": 0, "issued_not_trained": 0,
-        "trained_not_issued": 0}
+        "issued": samples, "trained": samples, "skipped": 0, "consumed_more_than_once": 0, "issued_not_consumed": 0,
+        "consumed_not_issued": 0}
 
 
 @pytest.mark.timeout(300)
@@ -153,6 +153,38 @@ def test_a_run_killed_whole_resumes_with_resume_true_and_finishes_with_each_samp
     assert_each_step_once_and_every_sample_trained_once(run_dir)
     assert_within_noise(metrics(run_dir), undisturbed, 10)
     assert_all_processes_gone(run_dir)
+
+
+def test_resume_continues_the_runs_own_settings_and_refuses_changes_to_the_experiment(tmp_path, model_cache):
+    """The run is the user's own task (data file, reward function, a tiny model built for the data); the
+    resume command line names only the run and more steps, as a user would type it."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"rev {n}=", "answer": str(n)[::-1]}) + "\n" for n in range(100, 140)))
+    run_dir = tmp_path / "run"
+    first = [f"data.path={data}", "reward.fn=roles.rewards.positional_match", "flow.steps=4", "actor.checkpoint_every=2",
+             "tracking.samples_every=1"]
+    r = subprocess.run(_command(run_dir, model_cache, first), cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    saved = (run_dir / "config.yaml").read_text()
+    r = subprocess.run(_command(run_dir, model_cache, ["resume=true", "flow.steps=6"]), cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "changed: flow.steps: 4 -> 6" in " ".join(r.stdout.split())
+    prompts = {json.loads(line)["step"]: json.loads(line)["prompt"] for line in (run_dir / "samples.jsonl").open()}
+    assert sorted(prompts) == [1, 2, 3, 4, 5, 6] and all(p.startswith("rev 1") for p in prompts.values()), prompts
+    assert (run_dir / "config.yaml").read_text() == saved.replace("steps: 4", "steps: 6")
+    [resumed] = [json.loads(line) for line in (run_dir / "resumes.jsonl").open()]
+    assert resumed["step"] == 4 and resumed["changed"] == {"flow.steps": [4, 6]}
+    assert json.loads((run_dir / "summary.json").read_text())["samples"]["consumed_more_than_once"] == 0
+    r = subprocess.run(_command(run_dir, model_cache, ["resume=true", "flow.steps=8", "data.task=sort",
+                                                       "reward.fn=roles.rewards.exact_match"]),
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    said = " ".join(r.stdout.split())
+    assert r.returncode == 2 and "would change the run's experiment" in said, r.stdout + r.stderr
+    assert "data.task='sort' (the run has 'reverse')" in said and "reward.fn='roles.rewards.exact_match'" in said
+    assert f"model.path={run_dir}/checkpoints/final" in said
+    assert (run_dir / "config.yaml").read_text() == saved.replace("steps: 4", "steps: 6")
 
 
 def test_resume_refuses_a_run_dir_without_checkpoints_and_a_fresh_run_refuses_an_used_run_dir(tmp_path, model_cache):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 
-from roles.sandbox import Sandbox
+import numpy as np
+import pytest
+
+from roles.sandbox import Sandbox, call
 
 
 def test_a_call_past_the_time_limit_is_stopped_and_the_rest_of_the_batch_still_scores():
@@ -12,7 +15,7 @@ def test_a_call_past_the_time_limit_is_stopped_and_the_rest_of_the_batch_still_s
     try:
         results = sandbox.score(["12", "8 loops", "34", "88", "56"], [{}] * 5)
         assert [r[0] for r in results] == ["ok", "error", "ok", "error", "ok"]
-        assert "ran past reward.timeout_s=1s" in results[1][1] and results[1][1].startswith("TimeoutError")
+        assert results[1][1] == "timeout" and "ran past reward.timeout_s=1s" in results[1][2]
         assert [r[1] for r in results if r[0] == "ok"] == [1.0, 1.0, 1.0]
         assert sandbox.restarts == 2
         assert sandbox.score(["1"], [{}]) == [("ok", 1.0)]  # a fresh sandbox serves the next batch
@@ -25,7 +28,7 @@ def test_a_function_that_kills_its_interpreter_costs_one_sample_not_the_role():
     try:
         results = sandbox.score(["1", "9", "2"], [{}] * 3)
         assert [r[0] for r in results] == ["ok", "error", "ok"]
-        assert "process died (exit code 3)" in results[1][1]
+        assert results[1][1] == "process died" and "(exit code 3)" in results[1][2]
     finally:
         sandbox.close()
 
@@ -35,7 +38,25 @@ def test_an_exception_is_an_error_result_and_needs_no_restart():
     try:
         results = sandbox.score(["123", "777"], [{"expected": "123"}, {"expected": "321"}])
         assert results[0] == ("ok", 1.0) and results[1][0] == "error"
-        assert "ArithmeticError: sevens are not allowed" in results[1][1] and "raise ArithmeticError" in results[1][2]
+        assert results[1][1].startswith("ArithmeticError at user_code.py:")
+        assert "raised ArithmeticError: sevens are not allowed" in results[1][2] and "raise ArithmeticError" in results[1][3]
         assert sandbox.restarts == 0 and not math.isnan(results[0][1])
     finally:
         sandbox.close()
+
+
+@pytest.mark.parametrize("value,kind,said", [
+    (None, "returned NoneType", "returned NoneType None: a reward function must return a number"),
+    ("1.0", "returned str", "returned str '1.0'"),
+    (float("nan"), "returned nan", "a reward must be a finite number"),
+    (float("inf"), "returned inf", "a reward must be a finite number"),
+    ([1.0], "returned list", "returned list [1.0]"),
+])
+def test_a_reward_that_is_not_a_finite_number_is_an_error_naming_its_type_never_converted(value, kind, said):
+    result = call(lambda response, **_: value, "x", {})
+    assert result[:2] == ("error", kind) and said in result[2]
+
+
+@pytest.mark.parametrize("value", [1, 0.25, True, np.float32(0.5), np.int64(2)])
+def test_ints_floats_bools_and_numpy_scalars_are_rewards(value):
+    assert call(lambda response, **_: value, "x", {}) == ("ok", float(value))

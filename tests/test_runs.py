@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,9 +33,15 @@ def _command(run_dir: Path, model_cache: str, overrides) -> list[str]:
 
 
 def _env() -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    # COLUMNS: rich wraps at the width, which a pipe does not set (80); a message must not break mid-phrase
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "COLUMNS": "250"}
     env.pop("WANDB_API_KEY", None)
     return env
+
+
+def said(r: subprocess.CompletedProcess) -> str:
+    """What a command printed as one line of words (panel borders and line breaks dropped)."""
+    return " ".join(re.sub("[│╭╮╰╯─┃┏┓┗┛━]", " ", r.stdout + r.stderr).split())
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -121,10 +128,54 @@ def test_a_raising_user_reward_is_reported_and_its_samples_skipped(tmp_path, tin
     r = rlflow(run_dir, model_cache, f"model.path={tiny_model}", f"data.path={data}", "data.prompt_key=text",
                "reward.fn=user_code.reward_raising_on_sevens", "flow.steps=4")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "reward function raised on row" in r.stdout and "sevens are not allowed" in r.stdout
+    out = said(r)
+    assert "reward.fn=user_code.reward_raising_on_sevens on row" in out and "sevens are not allowed" in out
+    assert r.stdout.count("Traceback (most recent call last)") == 1  # one per kind of failure, then counts
     rows = metrics(run_dir)
     assert len(rows) == 4 and sum(m["reward/errors"] for m in rows) > 0
-    assert json.loads((run_dir / "summary.json").read_text())["reward_errors"] == sum(m["reward/errors"] for m in rows)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["reward_errors"] == sum(m["reward/errors"] for m in rows)
+    [kind] = summary["reward_errors_by_kind"]
+    assert kind.startswith("ArithmeticError at user_code.py:") and f"{kind} ({summary['reward_errors']})" in out
+    ledger = summary["samples"]  # a failed sample is consumed, not trained
+    assert ledger["trained"] == sum(m["samples/trained"] for m in rows) and ledger["skipped"] >= summary["reward_errors"]
+    assert ledger["trained"] + ledger["skipped"] == ledger["issued"] == 4 * 16
+
+
+def test_a_reward_that_fails_on_every_sample_stops_the_run_naming_it_and_trains_nothing(tmp_path, tiny_model,
+                                                                                         model_cache):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{n}=", "answer": str(n)[::-1]}) + "\n" for n in range(100, 120)))
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, f"model.path={tiny_model}", f"data.path={data}",
+               "reward.fn=user_code.reward_returning_none", "reward.max_failed_steps=2", "flow.steps=20",
+               "tracking.report=true")
+    out = said(r)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "reward.fn=user_code.reward_returning_none failed on every sample of the last 2 steps" in out
+    assert "returned NoneType None: a reward function must return a number" in out and "e.g. row g" in out
+    assert "no advice: the run trained nothing" in out and "Traceback" not in out
+    rows = metrics(run_dir)
+    assert len(rows) == 2 and all(m["step/updated"] == 0 and m["samples/trained"] == 0 for m in rows)
+    ledger = json.loads((run_dir / "summary.json").read_text())["samples"]
+    assert ledger["trained"] == 0 and ledger["skipped"] == 2 * 16
+    # a step without a sample to train makes no update: the weights after it are those before it
+    assert all(m["actor/grad_norm"] == 0.0 and m["lr/effective"] == 0.0 for m in rows)
+    assert_all_processes_gone(run_dir)
+
+
+def test_a_sweep_runs_each_job_in_a_directory_of_its_own(tmp_path, tiny_model, model_cache):
+    sweep = tmp_path / "sweep"
+    r = subprocess.run([*_command(sweep, model_cache, ["flow.steps=2"]), "-m", "flow.staleness=0,1"], cwd=tmp_path,
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0_flow.staleness=0", "1_flow.staleness=1"]
+    for job, k in zip(jobs, (0, 1)):
+        rows = metrics(sweep / job)
+        assert [m["step"] for m in rows] == [1, 2] and max(m["staleness/max"] for m in rows) <= k
+        assert f"staleness: {k}" in (sweep / job / "config.yaml").read_text()
+    assert not list(tmp_path.rglob("*.log")) and not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
 
 
 def test_a_role_that_keeps_failing_is_restarted_up_to_its_budget_then_stops_the_run_with_a_report(
@@ -149,14 +200,18 @@ def test_a_bad_plug_in_path_fails_at_start_naming_the_field(tmp_path, tiny_model
 
 
 @pytest.mark.timeout(300)  # room for its own bounds (first step, then 60s to EOF) and the diagnostic
-def test_ctrl_c_stops_every_process(tmp_path, tiny_model, model_cache):
+def test_ctrl_c_stops_every_process_and_leaves_the_report_of_what_was_logged(tmp_path, tiny_model, model_cache):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_command(run_dir, model_cache, ["flow.steps=10000"]), cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(_command(run_dir, model_cache, ["flow.steps=10000", "tracking.report=true"]), cwd=REPO,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text()):
         assert time.monotonic() < deadline and proc.poll() is None, "the run never reached its first step"
         time.sleep(0.2)
+    stats = subprocess.run([sys.executable, "-m", "flow.cli", "bus", "stats", str(run_dir), "--json"], cwd=REPO,
+                           env=_env(), capture_output=True, text=True, timeout=60)  # the run's bus, by its directory
+    assert stats.returncode == 0, stats.stdout + stats.stderr
+    assert {"rollout", "reward", "actor"} <= json.loads(stats.stdout)["consumers"].keys()
     proc.send_signal(signal.SIGINT)
     try:
         out, _ = proc.communicate(timeout=60)
@@ -168,5 +223,5 @@ def test_ctrl_c_stops_every_process(tmp_path, tiny_model, model_cache):
                     f"{(run_dir / 'processes.json').read_text() if (run_dir / 'processes.json').exists() else '?'}; "
                     f"output:\n{out[-4000:]}")
     assert proc.returncode == 130, out
-    assert "interrupted" in out
+    assert "interrupted" in out and (run_dir / "report" / "index.html").exists()
     assert_all_processes_gone(run_dir)

@@ -77,7 +77,7 @@ def test_two_data_parallel_trainers_take_the_steps_one_trainer_takes(tmp_path, l
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["trainer"] == {"replicas": 2, "identical_weights": True}
     assert summary["samples"]["trained"] == summary["samples"]["issued"] == 80
-    assert summary["samples"]["trained_more_than_once"] == 0
+    assert summary["samples"]["consumed_more_than_once"] == 0
     assert_all_processes_gone(run_dir)
 
 
@@ -94,8 +94,8 @@ def test_with_two_rollout_and_two_reward_replicas_every_sample_trains_exactly_on
     rows = metrics(run_dir)
     assert len(rows) == 8 and sum(m["samples"] for m in rows) == 8 * 4 * 4
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["samples"] == {"issued": 128, "trained": 128, "trained_more_than_once": 0,
-                                  "issued_not_trained": 0, "trained_not_issued": 0}
+    assert summary["samples"] == {"issued": 128, "trained": 128, "skipped": 0, "consumed_more_than_once": 0,
+                                  "issued_not_consumed": 0, "consumed_not_issued": 0}
     work = summary["samples_by_replica"]
     for role in ("rollout", "reward"):  # the bus spread the work: every replica took some
         assert work.get(f"{role}-0", 0) > 0 and work.get(f"{role}-1", 0) > 0, work
@@ -128,7 +128,7 @@ def test_a_ray_role_actor_killed_mid_run_is_restarted_in_a_new_actor_and_nothing
     [restart] = summary["supervision"]["restarts"]
     assert restart["replica"] == "rollout-0" and restart["action"] == "restarted" and "died" in restart["what"]
     assert summary["samples"]["issued"] == summary["samples"]["trained"] == 12 * 16
-    assert summary["samples"]["trained_more_than_once"] == 0
+    assert summary["samples"]["consumed_more_than_once"] == 0
     assert json.loads((run_dir / "processes.json").read_text())["roles"]["rollout-0"] != victim
     assert_all_processes_gone(run_dir)
     assert_no_ray_cluster_left(run_dir)
@@ -141,6 +141,8 @@ def test_a_failing_ray_role_stops_the_run_with_its_traceback(tmp_path, tiny_mode
                "supervision.max_restarts=0")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "role rollout-0 failed" in r.stdout and "engine exploded on purpose" in r.stdout
+    assert "pid=" in r.stdout and "CrashingEngine: call 1" in r.stdout  # a role's print, with Ray's log prefix
+    assert "\x1b[" not in r.stdout + r.stderr  # uncoloured in a pipe
     assert_all_processes_gone(run_dir)
     assert_no_ray_cluster_left(run_dir)
 
@@ -181,7 +183,7 @@ def test_ray_address_joins_a_running_cluster_and_leaves_it_running_without_its_a
                    "reward.replicas=2")
         assert r.returncode == 0, r.stdout + r.stderr
         assert f"joined {address}" in " ".join(r.stdout.split())
-        assert json.loads((run_dir / "summary.json").read_text())["samples"]["trained_more_than_once"] == 0
+        assert json.loads((run_dir / "summary.json").read_text())["samples"]["consumed_more_than_once"] == 0
         holder.stdin.write("actors\n")
         holder.stdin.flush()
         alive = json.loads(holder.stdout.readline())["alive"]  # the cluster still answers: it was not stopped

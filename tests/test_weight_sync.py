@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from roles.sparse import checksum
-from roles.weights import SyncConfig, WeightPublisher, WeightReceiver, relay_parent
+from roles.weights import SyncConfig, WeightPublisher, WeightReceiver, patches_in_place, relay_parent
 
 
 class TensorEngine:
@@ -200,4 +200,40 @@ def test_a_replica_killed_mid_transfer_and_restarted_catches_up_while_its_peer_i
         for p in (first, restarted):
             if p is not None and p.is_alive():
                 p.kill()
+        pub.close()
+
+
+class HookedEngine(TensorEngine):
+    """A user's subclass of an engine with ``tensors()`` that overrides ``load_weights`` (to log each version)."""
+
+    def __init__(self, shapes, dtype=torch.float32):
+        super().__init__(shapes, dtype)
+        self.loaded: list[int] = []
+
+    def load_weights(self, weights, version):
+        for k, v in weights.items():
+            self.weights[k].copy_(v)
+        self.version = version
+        self.loaded.append(version)
+
+
+def test_a_subclass_overriding_load_weights_gets_every_version_through_it(address):
+    from roles.hf import HFRolloutEngine
+
+    assert patches_in_place(TensorEngine) and patches_in_place(HFRolloutEngine)
+    assert not patches_in_place(HookedEngine)
+    assert not patches_in_place(type("MyHF", (HFRolloutEngine,), {"load_weights": lambda self, w, v: None}))
+    w = trainer_weights(0)
+    pub = WeightPublisher(address, SyncConfig(), torch.float32)
+    rx, engine = WeightReceiver(address, SyncConfig()), HookedEngine(shapes(w))
+    try:
+        pub.publish(0, w)
+        rx.update(engine, need=0, timeout=10)
+        step(w, 1)
+        pub.publish(1, w)
+        rx.update(engine, need=1, timeout=10)
+        assert engine.loaded == [0, 1] and engine.version == 1
+        assert checksum(engine.weights) == pub.encoder.checksum  # bit-exact through the override
+    finally:
+        rx.close()
         pub.close()

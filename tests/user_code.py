@@ -20,6 +20,7 @@ class CrashingEngine(HFRolloutEngine):
 
     def generate(self, prompts, sampling):
         CrashingEngine.calls += 1
+        print(f"CrashingEngine: call {CrashingEngine.calls}", flush=True)  # what a user's debugging print looks like
         if CrashingEngine.calls == 2:
             raise RuntimeError("engine exploded on purpose")
         return super().generate(prompts, sampling)
@@ -39,3 +40,8 @@ def reward_exiting_on_nines(response: str, **_) -> float:
 
         os._exit(3)
     return 1.0
+
+
+def reward_returning_none(response: str, **_):
+    """A reward function with a forgotten ``return``: every call returns None."""
+    hits = len(response)  # noqa: F841 - computed, never returned

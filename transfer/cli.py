@@ -46,10 +46,10 @@ def print_stats(s: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    console.print(f"[bold]bus {s['address']}[/]  rows {s['rows']}/{s['capacity_rows']}  "
+    console = Console(markup=False, highlight=False)  # names and addresses are printed as they are
+    console.print(f"bus {s['address']}  rows {s['rows']}/{s['capacity_rows']}  "
                   f"bytes {s['bytes']:,}/{s['capacity_bytes']:,}  groups {s['groups']}  "
-                  f"segments {s['segments']}  leases {s['leases']}  errors {s['errors']}")
+                  f"segments {s['segments']}  leases {s['leases']}  errors {s['errors']}", style="bold")
     console.print(f"in: {s['rows_in']} rows, {s['cells_in']} cells ({s['cells_skipped']} repeated cells "
                   f"skipped) in {s['puts']} puts; freed {s['rows_freed']} rows; expired leases "
                   f"{s['leases_expired']}; release after {s['release_after'] or '(clear only)'}")
