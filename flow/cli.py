@@ -10,14 +10,17 @@ Hydra's files are rlflow's business, so the command sets them (``HYDRA_SETTINGS`
 ``.hydra/`` directory (a run writes its own ``config.yaml``), and nothing is created before the run
 decides to start, so a refused run leaves no directory behind. A sweep (``rlflow -m k=a,b ...``) runs
 its jobs one after the other, each in a directory of its own under the recipe's ``run_dir``:
-``RUN_DIR/<job number>_<the job's swept values>``; the sweep's summary lists them, and its exit code is
-the worst of its jobs'.
+``RUN_DIR/<job number>_<key>:<value>_...`` (its swept values); a job that fails does not stop the
+others, the sweep's summary lists them all, and its exit code is the worst of its jobs'. Ctrl-C stops
+the sweep.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
 
 HELP = """\
@@ -26,7 +29,7 @@ exchanging Arrow batches over a ZeroMQ bus; one staleness knob from on-policy to
 
   rlflow [-cn RECIPE] [key=value ...]      train (default recipe: a tiny model built here, the built-in
                                            `reverse` task, on CPU, learning within minutes)
-  rlflow -m key=a,b [key=value ...]        a sweep: one run per combination, each in RUN_DIR/<job>_<values>
+  rlflow -m key=a,b [key=value ...]        a sweep: one run per combination, each in RUN_DIR/<job>_<key>:<value>
   rlflow --cfg job [key=value ...]         print every setting as the run would see it, and exit
   rlflow doctor [-cn RECIPE] [key=value]   check the installation and a recipe before a long run
   rlflow report RUN_DIR                    figures, trace.json and capacity advice of a run (going or done)
@@ -51,7 +54,14 @@ HYDRA_SETTINGS = ["hydra/job_logging=none", "hydra.output_subdir=null", "hydra.j
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _dispatch(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # Ctrl-C before anything was started (importing, composing): no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"], ["help"]):
         import recipes
 
@@ -106,15 +116,18 @@ def train(argv: list[str]) -> int:
         if jobs[-1]["code"] == 130:  # Ctrl-C ends a sweep too, not only its job
             raise KeyboardInterrupt
 
-    # Hydra reads sys.argv, flags first and then every override: ours go before the user's, which win
+    # Hydra reads sys.argv with every override in one run: ours, then the user's (which win), then the
+    # flags (last, so that one taking an optional value, `--info`, takes nothing of ours)
     flags = list(argv)
     for o in args.overrides:
         flags.remove(o)
-    sys.argv = [sys.argv[0], *flags, *HYDRA_SETTINGS, *args.overrides]
+    sys.argv = [sys.argv[0], *HYDRA_SETTINGS, *args.overrides, *flags]
     try:
         _app()
     except KeyboardInterrupt:
-        pass
+        if not jobs or jobs[-1]["code"] != 130:  # before a run had started (building the model, say)
+            say(console, "interrupted", style="yellow")
+            jobs.append({"overrides": [], "code": 130})
     if args.multirun:
         _sweep_summary(console, jobs)
     return max((j["code"] for j in jobs), default=0)
@@ -147,17 +160,31 @@ def _job(cfg, console, swept: list[str]) -> dict:
     except ConfigError as e:  # a bad recipe value, named with its fix
         say(console, str(e), "error")
         job["code"] = 2
+    except Exception:  # noqa: BLE001 - a sweep's other jobs still run, and its summary says which failed
+        say(console, traceback.format_exc(), "error")
+        job["code"] = 1
+    if hc.mode == RunMode.MULTIRUN and job["code"] == 2:
+        _remove_if_empty(Path(hc.runtime.output_dir))  # Hydra made it; a refused job leaves nothing
     return job
 
 
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:  # not empty (the run wrote something), or gone
+        pass
+
+
 def _job_dir_name(swept: list[str]) -> str:
-    """A sweep job's directory name: its number and its swept values (``3_flow.staleness=2``), path-safe."""
+    """A sweep job's directory name: its number and its swept values, ``3_flow.staleness:2_actor.lr:0.001``.
+
+    Only characters a command line can give back unquoted (``run_dir=...`` of a resume, say): no ``=``
+    or ``,`` (Hydra's grammar), no ``/``."""
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    values = [o for o in hc.overrides.task if o.partition("=")[0].lstrip("+~") in swept]
-    name = "_".join([str(hc.job.num), ",".join(values)]) if values else str(hc.job.num)
-    return name.replace(os.sep, "%")[:120]
+    values = [o.lstrip("+~").replace("=", ":", 1) for o in hc.overrides.task if o.partition("=")[0].lstrip("+~") in swept]
+    return re.sub(r"[^\w.:+@%-]", "-", "_".join([str(hc.job.num), *values]))[:120]
 
 
 def _sweep_summary(console, jobs: list[dict]) -> None:

@@ -62,18 +62,20 @@ def read_prompts(path: str, prompt_key: str) -> Prompts:
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[str, object]]:
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"line {number}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"data.path={path!r}, line {number}: not valid JSON ({e.msg}, column {e.colno}): "
-                                      f"{line.strip()[:80]!r}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"data.path={path!r}, line {number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    with open(path, "rb") as f:  # bytes, decoded line by line, so an error names its own line
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"data.path={path!r}, line {number}: not UTF-8 text ({e.reason} at column "
+                                  f"{e.start + 1})") from None
+            if not line.strip():
+                continue
+            try:
+                yield f"line {number}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"data.path={path!r}, line {number}: not valid JSON ({e.msg}, column {e.colno}): "
+                                  f"{line.strip()[:80]!r}") from None
 
 
 def _parquet_rows(path: str) -> Iterator[tuple[str, object]]:

@@ -49,7 +49,8 @@ from flow.capacity import machine_cores
 from flow.config import ConfigError, RunConfig, StartError, validate
 from flow.data import Prompts, check_tokens, load_prompts, prompt_records
 from flow.feeder import Feeder, logical_uid, uid
-from flow.resume import ResumePoint, Resumed, newest_point, record_resume, requested_point, resume_settings
+from flow.resume import (ResumePoint, Resumed, newest_point, record_resume, requested_point, require_same_shape,
+                         resume_settings)
 from flow.supervisor import Supervisor
 from flow.timeline import BusSampler, TimelineLog
 from flow.tracking import Tracker, plain, say, sync_summary
@@ -75,6 +76,8 @@ def run(dcfg: DictConfig, console: Console, overrides: list[str] = ()) -> int:
     dcfg, cfg, resumed, start = settle(dcfg, overrides)
     prompts = load_prompts(cfg.data)
     model_path = prepare_model(cfg, prompts, console)
+    if start.path is not None:
+        require_same_shape(start.path, model_path)
     tokenizer = load_tokenizer(model_path)
     if prompts is not None:
         check_tokens(tokenizer, prompts)
@@ -307,8 +310,10 @@ class Run:
         self.trained = {s: uids for s, uids in self.trained.items() if s <= point.version}
         self.skipped = {s: uids for s, uids in self.skipped.items() if s <= point.version}
         self.updated = {s: u for s, u in self.updated.items() if s <= point.version}
+        self.failed_reward_steps = 0
         for s, uids in point.trained_by_step(self.cfg.rollout.group_size).items():
-            self.trained.setdefault(s, uids)  # a kept step whose metrics report never arrived
+            self.trained.setdefault(s, uids)  # a kept step whose metrics report never arrived (or a resumed one)
+            self.updated.setdefault(s, bool(uids))
         for s, uids in point.skipped().items():
             self.skipped.setdefault(s, uids)
         cfg = self.cfg
@@ -462,7 +467,8 @@ class Run:
         return None
 
     def _rewind(self, name: str, incarnation: int, what: str, tb: str | None, detail: str | None) -> int | None:
-        """The trainer died, failed or hung: continue from this run's newest checkpoint.
+        """The trainer died, failed or hung: continue from this run's newest checkpoint (or, before this
+        launcher wrote one, from where it started: a resumed run's checkpoint, or the start policy).
 
         Every trainer replica and every rollout replica restarts (the rollouts hold weights of a lineage
         that is being discarded); the bus is cleared, the ledger and metrics.jsonl drop the steps after the
@@ -471,6 +477,8 @@ class Run:
         """
         t0 = time.monotonic()
         point = newest_point(self.cfg.run_dir)
+        if point.version < self.start.version or point.path is None:  # resumed into a new run_dir, no checkpoint yet
+            point = self.start
         self.feeder.stop.set()
         self.feeder_thread.join(FEEDER_STOP_S)
         if self.feeder_thread.is_alive():

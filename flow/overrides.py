@@ -63,7 +63,8 @@ def parse(args: list[str]) -> list[Override]:
 
 
 def resumable(key: str) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUMABLE)
+    """Whether a resume may change ``key`` (a whole node such as ``tracking`` when all under it may)."""
+    return any(key == p or (p.endswith(".") and (key.startswith(p) or key + "." == p)) for p in RESUMABLE)
 
 
 def check_keys(overrides: list[Override]) -> None:

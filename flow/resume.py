@@ -56,7 +56,10 @@ class ResumePoint:
 
 
 def point_of(path: Path) -> ResumePoint:
-    state = read_state(path)
+    try:
+        state = read_state(path)
+    except ValueError as e:  # not a checkpoint, or a damaged one
+        raise ConfigError(f"resume: {e}") from None
     return ResumePoint(str(path), state["version"], state["epoch"], state["groups_by_step"],
                        state.get("skipped_by_step", []))
 
@@ -94,7 +97,27 @@ def requested_point(cfg) -> ResumePoint | None:
         return None
     point = point_of(locate(cfg.resume, cfg.run_dir))
     _require_fits(point, cfg)
+    _require_lineage(point, Path(cfg.run_dir))
     return point
+
+
+def _require_lineage(point: ResumePoint, run_dir: Path) -> None:
+    """A resume writes on in ``run_dir``: only from its newest checkpoint, or into a directory holding no run.
+
+    Continuing run X from an older checkpoint of its own would leave X's newer checkpoints in place for a
+    later rewind to pick (another lineage); continuing into a directory that holds another run would mix
+    the two runs' metrics and checkpoints. Either is refused, with the way to branch instead."""
+    branch = "to branch from it, resume into a new run_dir (leave run_dir unset: a new directory is made)"
+    ours = Path(point.path).resolve().parent == (run_dir / "checkpoints").resolve()
+    newest = latest(run_dir / "checkpoints")
+    if ours and newest is not None and point_of(newest).version > point.version:
+        raise ConfigError(f"resume={point.path}: run_dir={str(run_dir)!r} has a newer checkpoint ({newest.name}, step "
+                          f"{point_of(newest).version}) than this one (step {point.version}), and a run continues "
+                          f"from its newest; {branch}")
+    metrics = run_dir / "metrics.jsonl"
+    if not ours and metrics.exists() and metrics.stat().st_size:
+        raise ConfigError(f"resume={point.path}: run_dir={str(run_dir)!r} holds another run (its metrics.jsonl); "
+                          f"continue a run in its own directory, or {branch}")
 
 
 @dataclass
@@ -109,6 +132,7 @@ class Resumed:
 def resume_settings(dcfg, overrides: list[str]):
     """``(config, Resumed | None)``: for a resume, the saved run's config with the command line's safe
     ``overrides`` on top (ConfigError naming any unsafe one); otherwise ``dcfg`` as composed."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -124,7 +148,7 @@ def resume_settings(dcfg, overrides: list[str]):
         return dcfg, Resumed(None, checkpoint, {})
     try:
         saved = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(saved_path))
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise ConfigError(f"resume: {saved_path} does not fit this version of rlflow's settings ({e}); start a new "
                           f"run from the checkpoint's weights instead: model.path={checkpoint}") from None
     changed, refused = {}, []
@@ -152,6 +176,29 @@ def _value(cfg, key: str):
 
     value = OmegaConf.select(cfg, key, throw_on_missing=False)
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
+
+
+SHAPE = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+         "intermediate_size")
+"""config.json fields a checkpoint must share with the start model: rollouts and the reference start from
+the start model and take the trainer's weights by name and shape."""
+
+
+def require_same_shape(checkpoint: str, model_path: str) -> None:
+    """Refuse to resume a checkpoint whose model is not the start model's shape (a ConfigError naming both)."""
+    def config(path: str) -> dict:
+        try:
+            return json.loads((Path(path) / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    ours, start = config(checkpoint), config(model_path)
+    differ = [f"{k} {ours.get(k)} against {start.get(k)}" for k in SHAPE if ours.get(k) != start.get(k)]
+    if differ:
+        raise ConfigError(f"resume: the checkpoint {checkpoint} is not of the start model {model_path} ({'; '.join(differ)}); "
+                          f"the rollouts and the reference start from the start model and could not take its weights. "
+                          f"(The tiny model built here has a byte tokenizer since 2026-12-01: a run of it from before "
+                          f"cannot be resumed.) Start a new run from the checkpoint's weights: model.path={checkpoint}")
 
 
 def record_resume(run_dir: Path, resumed: Resumed, version: int) -> None:

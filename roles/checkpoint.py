@@ -36,12 +36,22 @@ FINAL = "final"
 
 
 def latest(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (``final`` counts as the newest of all), or None."""
+    """The newest complete checkpoint under ``root``: the highest version, ``final`` first among equals, or None.
+
+    By version, not by name: a run resumed to train further writes ``step-N`` past its old ``final`` (the
+    new ``final`` comes at its end), and a rewind or a resume meanwhile must go to the newest of them."""
     root = Path(root)
-    if (root / FINAL / STATE).exists():
-        return root / FINAL
-    steps = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE).exists()]
-    return max(steps, key=lambda p: int(p.name.split("-", 1)[1]), default=None)
+    found = [p for p in [root / FINAL, *root.glob("step-*")]
+             if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE).exists()]
+    return max(found, key=lambda p: (_version(p), p.name == FINAL), default=None)
+
+
+def _version(path: Path) -> int:
+    """A checkpoint's version, -1 when its state cannot be read (it is then never the newest)."""
+    try:
+        return int(read_state(path)["version"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return -1
 
 
 def read_state(path: str | Path) -> dict:
@@ -50,7 +60,10 @@ def read_state(path: str | Path) -> dict:
     if not f.exists():
         raise ValueError(f"{path} is not an rlflow checkpoint: it has no {STATE} (a model-only directory can be "
                          f"a run's start policy, model.path=DIR, but not resumed)")
-    return json.loads(f.read_text())
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not readable JSON ({e}): the checkpoint is damaged; use another one") from None
 
 
 class Checkpointer:

@@ -119,19 +119,19 @@ def patches_in_place(engine) -> bool:  # an engine, or its class
     """Whether patches are scattered straight into ``engine.tensors()`` instead of going through its
     ``load_weights``.
 
-    An engine with ``tensors()`` is patched in place, unless a subclass overrides ``load_weights`` below
-    the class that defines ``tensors()`` (a user's ``class MyEngine(HFRolloutEngine)`` adding a hook to
-    ``load_weights``): that override is what the user asked to run, so such an engine gets every version
-    through ``load_weights`` from a host copy. An engine that wants both in-place patches and its own
-    ``load_weights`` defines ``tensors()`` in its own class too.
+    An engine with ``tensors()`` is patched in place, unless its ``load_weights`` comes from a class ahead
+    of the one its ``tensors()`` comes from in its MRO (a user's ``class MyEngine(HFRolloutEngine)``, or a
+    mixin, adding a hook to ``load_weights``): that override is what the user asked to run, so such an
+    engine gets every version through ``load_weights`` from a host copy. An engine that wants both
+    in-place patches and its own ``load_weights`` defines ``tensors()`` in the same class too.
     """
     cls = engine if isinstance(engine, type) else type(engine)
     if not hasattr(cls, "tensors"):
         return False
     mro = cls.__mro__
-    owner = {name: next((c for c in mro if name in vars(c)), None) for name in ("tensors", "load_weights")}
+    owner = {name: next((i for i, c in enumerate(mro) if name in vars(c)), None) for name in ("tensors", "load_weights")}
     loads, tensors = owner["load_weights"], owner["tensors"]
-    return loads is None or tensors is None or not (issubclass(loads, tensors) and loads is not tensors)
+    return loads is None or tensors is None or loads >= tensors  # load_weights more specific: call it
 
 
 class WeightReceiver:

@@ -81,7 +81,7 @@ def test_a_failed_write_is_raised_by_the_next_save_and_leaves_no_partial_directo
     assert not (tmp_path / "checkpoints" / "step-1.tmp").exists() and latest(tmp_path / "checkpoints") is None
 
 
-def test_only_the_newest_checkpoints_are_kept_and_final_counts_as_newest(tmp_path):
+def test_only_the_newest_checkpoints_are_kept_and_final_counts_as_newest_among_equals(tmp_path):
     ckpt = Checkpointer(tmp_path, keep=2)
     for v in (5, 10, 15):
         ckpt.save(f"step-{v}", lambda path: None, {"version": v}, timeout=5)
@@ -96,3 +96,37 @@ def test_only_the_newest_checkpoints_are_kept_and_final_counts_as_newest(tmp_pat
 def test_a_directory_without_trainer_state_is_refused_naming_what_it_lacks(tiny_model):
     with pytest.raises(ValueError, match="no trainer_state.json"):
         read_state(tiny_model)
+
+
+def _checkpoints(run_dir, versions: dict[str, int]) -> None:
+    """Checkpoint directories as a trainer leaves them (their state file; weights do not matter here)."""
+    for name, version in versions.items():
+        (run_dir / "checkpoints" / name).mkdir(parents=True)
+        state = {"version": version, "epoch": 0, "groups_by_step": [[f"g{s}"] for s in range(version)]}
+        (run_dir / "checkpoints" / name / "trainer_state.json").write_text(json.dumps(state))
+
+
+def test_the_newest_checkpoint_is_the_highest_version_even_past_an_older_final(tmp_path):
+    # a run that ended at step 4 (final) and was resumed to train further has written step-6 since
+    _checkpoints(tmp_path, {"step-2": 2, "final": 4, "step-6": 6})
+    assert latest(tmp_path / "checkpoints").name == "step-6"
+
+
+def test_a_resume_continues_a_run_only_from_its_newest_checkpoint_and_never_into_another_run(tmp_path):
+    from types import SimpleNamespace
+
+    from flow.config import ConfigError
+    from flow.resume import requested_point
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    _checkpoints(run, {"step-2": 2, "step-4": 4})
+    cfg = lambda resume, run_dir: SimpleNamespace(resume=str(resume), run_dir=str(run_dir),  # noqa: E731
+                                                  flow=SimpleNamespace(steps=10), actor=SimpleNamespace(groups_per_step=1))
+    assert requested_point(cfg("true", run)).version == 4
+    with pytest.raises(ConfigError, match="has a newer checkpoint \\(step-4, step 4\\) than this one \\(step 2\\)"):
+        requested_point(cfg(run / "checkpoints" / "step-2", run))
+    other.mkdir()
+    (other / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match="holds another run"):
+        requested_point(cfg(run / "checkpoints" / "step-2", other))
+    assert requested_point(cfg(run / "checkpoints" / "step-2", tmp_path / "branch")).version == 2  # a new directory

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from test_runs import REPO, _env, said
@@ -75,6 +76,18 @@ def test_user_text_keeps_its_brackets_in_errors_and_in_doctor(tmp_path):
     from flow.doctor import main as doctor
 
     console = Console(record=True, width=300)
-    assert doctor(["reward.fn='my_pkg[extra].score'", f"data.path='{missing}'", *CHEAP], console) == 1
-    out = console.export_text()
-    assert "my_pkg[extra]" in out and f"{missing}" in out
+    assert doctor(["rollout.engine='my_pkg[extra].Engine'", f"data.path='{missing}'", *CHEAP], console) == 1
+    rows = console.export_text().split("┡", 1)[1]  # the checks' rows, below the title (which repeats argv)
+    assert "cannot import module 'my_pkg[extra]'" in rows and f"no such file: '{missing}'" in " ".join(rows.split())
+
+
+def test_a_data_line_that_is_not_utf8_is_refused_naming_that_line(tmp_path):
+    from flow.config import ConfigError
+    from flow.data import read_prompts
+
+    data = tmp_path / "prompts.jsonl"
+    lines = [json.dumps({"prompt": f"{i}="}).encode() for i in range(3000)]  # past any read buffer
+    lines[2000] = b'{"prompt": "caf\xe9="}'  # Latin-1, not UTF-8
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ConfigError, match="line 2001: not UTF-8 text .* at column 16"):
+        read_prompts(str(data), "prompt")
