@@ -145,7 +145,7 @@ def _job(cfg, console, swept: list[str]) -> dict:
 
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
-    job = {"overrides": [o for o in overrides if o.partition("=")[0].lstrip("+~") in swept], "code": 0}
+    job = {"overrides": _swept_values(overrides, swept), "code": 0}
     try:
         if hc.mode == RunMode.MULTIRUN:
             if resuming(cfg.resume):
@@ -183,8 +183,13 @@ def _job_dir_name(swept: list[str]) -> str:
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    values = [o.lstrip("+~").replace("=", ":", 1) for o in hc.overrides.task if o.partition("=")[0].lstrip("+~") in swept]
+    values = [o.lstrip("+~").replace("=", ":", 1) for o in _swept_values(hc.overrides.task, swept)]
     return re.sub(r"[^\w.:+@%-]", "-", "_".join([str(hc.job.num), *values]))[:120]
+
+
+def _swept_values(overrides, swept: list[str]) -> list[str]:
+    """The overrides of a sweep's job (``key=value``) whose key the sweep varies."""
+    return [o for o in overrides if o.partition("=")[0].lstrip("+~") in swept]
 
 
 def _sweep_summary(console, jobs: list[dict]) -> None:

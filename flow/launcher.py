@@ -215,16 +215,13 @@ def plan_roles(cfg: RunConfig) -> list[tuple[str, int, object, dict, int]]:
 class Run:
     """The processes and threads of one run; ``with Run(...)`` guarantees the shutdown path runs."""
 
-    def __init__(self, cfg: RunConfig, model_path: str, console: Console, start: ResumePoint | None = None,
-                 prompts: Prompts | None = None, tokenizer=None):
-        """``start``: the checkpoint the run continues from (``resume``); None or a path-less point: fresh.
-        ``prompts``: the data file's records (None: the built-in task); ``tokenizer``: the start
-        checkpoint's (loaded here when not given)."""
+    def __init__(self, cfg: RunConfig, model_path: str, console: Console, start: ResumePoint, prompts: Prompts | None,
+                 tokenizer):
+        """``start``: the checkpoint the run continues from (``resume``; a path-less point: fresh);
+        ``prompts``: the data file's records (None: the built-in task); ``tokenizer``: the start checkpoint's."""
         self.cfg, self.model_path, self.console = cfg, model_path, console
-        self.start = start or ResumePoint(None)
-        self.prompts = prompts
+        self.start, self.prompts, self.tokenizer = start, prompts, tokenizer  # tokenizer: prompts in, samples out
         self.reward_fn = reward_fn(cfg)
-        self.tokenizer = tokenizer or load_tokenizer(model_path)  # prompts in (feeder), samples out (tracking)
         self.events: queue.Queue = queue.Queue()
         sweep_socket_dirs()
         # ipc paths must stay short (~100 chars); the pid in the name lets a later run remove it if we are killed
@@ -241,9 +238,8 @@ class Run:
         self.reward_errors: Counter = Counter()  # failed reward calls by kind (roles/sandbox.call), from reports
         self.first_reward_error: dict[str, dict] = {}  # kind -> its first reward_error report (shown in full)
         self.failed_reward_steps = 0  # steps in a row whose every sample's reward failed
-        self.updated: dict[int, bool] = {}  # step -> whether it updated the policy (False: nothing to train)
         self.work: Counter = Counter()  # samples each role replica processed, from its reports
-        self.trained: dict[int, list[str]] = {}  # step -> logical uids it trained (the exactly-once ledger)
+        self.trained: dict[int, list[str]] = {}  # step -> logical uids it trained (the exactly-once ledger; none: no update)
         self.skipped: dict[int, list[str]] = {}  # step -> logical uids it consumed without training
         self.trainer: dict = {}  # from the actor's done report: replicas, identical_weights
         self.sync_reports: list[dict] = []  # rollout weight applies since the last step's metrics line
@@ -309,11 +305,9 @@ class Run:
             self._start_role(role, replica)
         self.trained = {s: uids for s, uids in self.trained.items() if s <= point.version}
         self.skipped = {s: uids for s, uids in self.skipped.items() if s <= point.version}
-        self.updated = {s: u for s, u in self.updated.items() if s <= point.version}
         self.failed_reward_steps = 0
         for s, uids in point.trained_by_step(self.cfg.rollout.group_size).items():
             self.trained.setdefault(s, uids)  # a kept step whose metrics report never arrived (or a resumed one)
-            self.updated.setdefault(s, bool(uids))
         for s, uids in point.skipped().items():
             self.skipped.setdefault(s, uids)
         cfg = self.cfg
@@ -534,7 +528,6 @@ class Run:
         if kind == "metrics":
             self.trained[ev["step"]] = [logical_uid(u) for u in ev.pop("uids")]
             self.skipped[ev["step"]] = [logical_uid(u) for u in ev.pop("skipped_uids")]
-            self.updated[ev["step"]] = bool(ev["step/updated"])
             if "examples" in ev:
                 self.tracker.log_samples(ev["step"], self._decoded(ev.pop("examples"), ev["step"]))
             self.tracker.log({**ev, **sync_summary(self.sync_reports),
@@ -579,8 +572,8 @@ class Run:
 
     def _done(self, version: int) -> int:
         """The actor finished every step: 0, unless no step had anything to train (a run that trained nothing)."""
-        idle = sum(1 for u in self.updated.values() if not u)
-        if idle and idle == len(self.updated):
+        idle = sum(1 for uids in self.trained.values() if not uids)  # steps without an update
+        if idle and idle == len(self.trained):
             say(self.console, f"the run trained nothing: none of its {version} steps had a sample to train (every "
                               f"reward failed, or no group had two different rewards: see groups/skipped and "
                               f"reward/errors in {self.cfg.run_dir}/metrics.jsonl)", "error")
@@ -643,7 +636,7 @@ class Run:
         summary = {"wall_s": round(wall, 3), "model_path": self.model_path, "launcher": self.cfg.launcher,
                    "busy_s": dict(self.busy), "samples_by_replica": dict(self.work),
                    "reward_errors": sum(self.reward_errors.values()), "reward_errors_by_kind": dict(self.reward_errors),
-                   "steps": {"done": len(self.updated), "updated": sum(self.updated.values())},
+                   "steps": {"done": len(self.trained), "updated": sum(1 for uids in self.trained.values() if uids)},
                    "samples": self._ledger(), "trainer": self.trainer, "sync": self.sync_totals,
                    "supervision": {"restarts": self.supervisor.history, "lease_expiries": self.lease_expiries},
                    "cores": machine_cores(),

@@ -43,7 +43,6 @@ class Override:
 
     key: str
     text: str  # as given, for messages
-    add: bool  # +key=value
     sweep: bool  # key=a,b (a multirun sweep)
 
 
@@ -58,7 +57,7 @@ def parse(args: list[str]) -> list[Override]:
             o = parser.parse_override(text)
         except HydraException:
             continue
-        out.append(Override(o.key_or_group, text, o.is_add() or o.is_force_add(), o.is_sweep_override()))
+        out.append(Override(o.key_or_group, text, o.is_sweep_override()))
     return out
 
 

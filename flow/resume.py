@@ -109,11 +109,11 @@ def _require_lineage(point: ResumePoint, run_dir: Path) -> None:
     the two runs' metrics and checkpoints. Either is refused, with the way to branch instead."""
     branch = "to branch from it, resume into a new run_dir (leave run_dir unset: a new directory is made)"
     ours = Path(point.path).resolve().parent == (run_dir / "checkpoints").resolve()
-    newest = latest(run_dir / "checkpoints")
-    if ours and newest is not None and point_of(newest).version > point.version:
-        raise ConfigError(f"resume={point.path}: run_dir={str(run_dir)!r} has a newer checkpoint ({newest.name}, step "
-                          f"{point_of(newest).version}) than this one (step {point.version}), and a run continues "
-                          f"from its newest; {branch}")
+    newest = newest_point(str(run_dir))
+    if ours and newest.version > point.version:
+        raise ConfigError(f"resume={point.path}: run_dir={str(run_dir)!r} has a newer checkpoint "
+                          f"({Path(newest.path).name}, step {newest.version}) than this one (step {point.version}), "
+                          f"and a run continues from its newest; {branch}")
     metrics = run_dir / "metrics.jsonl"
     if not ours and metrics.exists() and metrics.stat().st_size:
         raise ConfigError(f"resume={point.path}: run_dir={str(run_dir)!r} holds another run (its metrics.jsonl); "

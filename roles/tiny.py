@@ -89,32 +89,20 @@ def task_demos(task: str, min_digits: int, max_digits: int) -> Demos:
 def data_demos(records: list[dict], answer_key: str) -> Demos:
     """A data file's records (``prompt`` plus fields) as demonstrations, when they carry ``answer_key`` text."""
     pairs = [(r["prompt"], r[answer_key]) for r in records if isinstance(r.get(answer_key), str)]
-    digest = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
     if not pairs:
         return Demos("data", f"data without {answer_key!r}: {len(records)} records", None)
+    digest = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
     return Demos("data", f"{answer_key}: {digest}", lambda rng: dict(zip(("prompt", "answer"), rng.choice(pairs))))
-
-
-def byte_symbols() -> list[str]:
-    """The character GPT-2's byte-level alphabet writes byte b as, for b = 0..255 (printable bytes as
-    themselves, the rest shifted past 255), so a byte-level BPE sees one symbol per byte."""
-    printable = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
-    out, shifted = [], 0
-    for b in range(256):
-        if b in printable:
-            out.append(chr(b))
-        else:
-            out.append(chr(256 + shifted))
-            shifted += 1
-    return out
 
 
 def byte_tokenizer():
     """A ``PreTrainedTokenizerFast`` with one token per byte of the (NFC-normalised) text, <bos> prepended."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte -> symbol map
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + byte_symbols())}
+    symbols = bytes_to_unicode()
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + [symbols[b] for b in range(256)])}
     tok = Tokenizer(models.BPE(vocab, []))
     tok.normalizer = normalizers.NFC()  # as Qwen2Tokenizer does, so both load paths give the same ids
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
