@@ -455,7 +455,7 @@ def run_ray(session: RaySession, shape: Shape, num_batches: int) -> dict:
 
 
 def bus_producer(warm, done, address: str, shape: Shape, num_batches: int, shared_memory: bool) -> dict:
-    from transfer import BusClient
+    from rlflow.transfer import BusClient
 
     batches = make_batches(shape, num_batches)
     client = BusClient(address, shared_memory=shared_memory)
@@ -474,7 +474,7 @@ def bus_producer(warm, done, address: str, shape: Shape, num_batches: int, share
 
 
 def bus_consumer(warm, done, address: str, shape: Shape, num_batches: int, shared_memory: bool) -> dict:
-    from transfer import BusClient
+    from rlflow.transfer import BusClient
 
     client = BusClient(address, shared_memory=shared_memory)
     try:
@@ -499,7 +499,7 @@ def _bus_take(client, num_rows: int, what: str, previous):
 
 
 def run_bus(case: str, address: str, shape: Shape, num_batches: int, shared_memory: bool) -> dict:
-    from transfer import BusClient, ServerConfig, spawn_server
+    from rlflow.transfer import BusClient, ServerConfig, spawn_server
 
     config = ServerConfig(address=address, capacity_bytes=2 * 1024**3, capacity_rows=1 << 20)
     server = spawn_server(config)

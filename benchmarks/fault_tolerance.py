@@ -37,7 +37,7 @@ CASES = {"kill-rollout": ("rollout-0", signal.SIGKILL), "kill-reward": ("reward-
 
 def run(run_dir: Path, overrides: list[str], victim: str | None, sig, at: int) -> dict:
     """One run; the signal goes to ``victim`` once ``at`` steps are logged. kill-launcher resumes after."""
-    cmd = [sys.executable, "-m", "flow.cli", f"run_dir={run_dir}", "tracking.wandb=false", "tracking.report=false", *overrides]
+    cmd = [sys.executable, "-m", "rlflow.flow.cli", f"run_dir={run_dir}", "tracking.wandb=false", "tracking.report=false", *overrides]
     t0 = time.monotonic()
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
         p = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

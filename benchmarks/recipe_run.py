@@ -18,7 +18,7 @@ def run_recipe(run_dir: Path, overrides: list[str], label: str, report: bool = F
     A previous run in ``run_dir`` is removed first (a fresh run refuses a directory holding one).
     ``report``: let the run write run_dir/report at its end (off by default: it adds seconds to the wall)."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "flow.cli", f"run_dir={run_dir}", "tracking.wandb=false", f"tracking.report={report}",
+    cmd = [sys.executable, "-m", "rlflow.flow.cli", f"run_dir={run_dir}", "tracking.wandb=false", f"tracking.report={report}",
            *overrides]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

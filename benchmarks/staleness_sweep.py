@@ -15,7 +15,7 @@ objective (``actor.old_logprobs=recompute``) with sequence-level truncated IS, C
   2-core machines makes a step 10-20x slower (about 20 minutes per 300-step cell instead of 1.5).
 
 The regime (``--set``, default ``REGIME``) is chosen so that plain off-policy training degrades at
-high staleness: see the README section "Off-policy stability, measured" for how it was chosen.
+high staleness: see docs/benchmarks.md, "Off-policy stability, measured", for how it was chosen.
 
 Per cell:
 - ``reward_final``: the *final policy's* mean reward on a fixed set of held-out prompts, sampled as in
@@ -48,7 +48,7 @@ VARIANTS = {"tis": [], "vcpo": ["actor.vcpo=true"], "vcpo_opob": ["actor.vcpo=tr
 REGIME = ["actor.lr=1e-3"]
 """Overrides of the default recipe under which off-policy training degrades. At the default lr 3e-4,
 sequence-TIS at staleness 64 only learns slower (final-policy reward 0.41 vs 0.64 at staleness 0) and
-never loses ground; at 1e-3 it peaks and then falls back (see the README, "Off-policy stability")."""
+never loses ground; at 1e-3 it peaks and then falls back (see docs/benchmarks.md, "Off-policy stability, measured")."""
 
 
 def run_cell(staleness: int, variant: str, steps: int, extra: list[str], root: Path, seed: int) -> dict:
@@ -91,9 +91,10 @@ def evaluate(checkpoint: str, tokenizer_path: str, **kw) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from roles.hf import HFRolloutEngine
-    from roles.interfaces import SamplingParams, load_object
-    from roles.tasks import get_task
+    from rlflow.engines.hf import HFRolloutEngine
+    from rlflow.engines.base import SamplingParams
+    from rlflow.plugins import load_object
+    from rlflow.tasks.builtin import get_task
 
     e = {**EVAL, **kw}
     torch.set_num_threads(2)

@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from roles.sparse import PatchEncoder, apply, checksum, read_header
+from rlflow.sync.codec import PatchEncoder, apply, checksum, read_header
 
 
 def build_model(quick: bool):
@@ -159,7 +159,7 @@ def summarise(rows: list[dict]) -> dict:
 
 # ---------------------------------------------------------------- part 2: dissemination
 def _replica(root: str, upstream: str | None, serve: str | None, key: str, rate: float, ready, done) -> None:
-    from transfer.relay import Relay
+    from rlflow.transfer.relay import Relay
 
     relay = Relay(root, upstream, serve, uplink_bytes_per_s=rate, hop_timeout=60)
     ready.put(os.getpid())
@@ -170,7 +170,7 @@ def _replica(root: str, upstream: str | None, serve: str | None, key: str, rate:
 
 
 def disseminate(num: int, chain: bool, size: int, chunk: int, rate: float, sock_dir: str, tag: str) -> float:
-    from transfer.channel import Publisher
+    from rlflow.transfer.channel import Publisher
 
     ctx = mp.get_context("spawn")
     ready, done = ctx.Queue(), ctx.Queue()

@@ -3,9 +3,9 @@
     rlflow rollout.engine=examples.custom_engine.NoCacheEngine flow.steps=50
     python -m examples.custom_engine          # the same, 50 steps, no W&B
 
-An engine is a class built as ``Engine(model_path, cfg)`` (cfg: ``roles.rollout.RolloutConfig``) with a
+An engine is a class built as ``Engine(model_path, cfg)`` (cfg: ``rlflow.roles.rollout.RolloutConfig``) with a
 ``version`` attribute, ``generate(prompts, sampling) -> list[Generation]`` and
-``load_weights(weights, version)``; see ``roles/interfaces.py``. This one samples without a KV cache:
+``load_weights(weights, version)``; see ``engines/base.py``. This one samples without a KV cache:
 it re-runs the whole sequence for every new token. That is slower, but works for any model whose
 forward takes only ``input_ids`` and ``attention_mask`` — a starting point for wrapping your own.
 The logprob it records must be that of softmax(logits / temperature), the distribution the actor scores.
@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from roles.hf import load_parameters
-from roles.interfaces import Generation, SamplingParams
+from rlflow.engines.hf import load_parameters
+from rlflow.engines.base import Generation, SamplingParams
 
 
 class NoCacheEngine:
@@ -53,7 +53,7 @@ class NoCacheEngine:
 if __name__ == "__main__":
     import sys
 
-    from flow.cli import main
+    from rlflow.flow.cli import main
 
     sys.exit(main(["rollout.engine=examples.custom_engine.NoCacheEngine", "flow.steps=50", "tracking.wandb=false",
                    *sys.argv[1:]]))

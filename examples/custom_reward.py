@@ -26,7 +26,7 @@ def reverse_with_format(response: str, answer: str, **_) -> float:
 if __name__ == "__main__":
     import sys
 
-    from flow.cli import main
+    from rlflow.flow.cli import main
 
     sys.exit(main(["reward.fn=examples.custom_reward.reverse_with_format", "flow.steps=50", "tracking.wandb=false",
                    *sys.argv[1:]]))

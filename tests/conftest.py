@@ -8,7 +8,7 @@ import tempfile
 import pyarrow as pa
 import pytest
 
-from transfer import BusClient, ServerConfig, spawn_server
+from rlflow.transfer import BusClient, ServerConfig, spawn_server
 
 TOKENS = pa.list_(pa.int32())
 COLUMNS = {"prompt": TOKENS, "response": TOKENS, "logprobs": pa.list_(pa.float32()),
@@ -59,7 +59,7 @@ def model_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(model_cache):
-    from roles.tiny import TinyModelConfig, build_tiny_model, task_demos
+    from rlflow.engines.tiny import TinyModelConfig, build_tiny_model, task_demos
 
     return build_tiny_model(TinyModelConfig(), task_demos("reverse", 3, 5), cache_dir=model_cache, log=lambda *_: None)
 
@@ -74,10 +74,10 @@ def _reverse_samples(tiny_model):
 
     from transformers import AutoTokenizer
 
-    from roles.hf import HFRolloutEngine
-    from roles.interfaces import SamplingParams
-    from roles.rewards import positional_match
-    from roles.tasks import get_task
+    from rlflow.engines.hf import HFRolloutEngine
+    from rlflow.engines.base import SamplingParams
+    from rlflow.tasks.rewards import positional_match
+    from rlflow.tasks.builtin import get_task
 
     tok, rng = AutoTokenizer.from_pretrained(tiny_model), random.Random(1)
     records = [get_task("reverse").make(rng, 3, 5) for _ in range(GROUPS)]

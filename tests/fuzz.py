@@ -16,7 +16,7 @@ import time
 import pyarrow as pa
 import zmq
 
-from transfer.wire import encode_batch, encode_header, encode_schema
+from rlflow.transfer.wire import encode_batch, encode_header, encode_schema
 
 JUNK_CONSUMERS = [f"intruder-{i}" for i in range(8)]
 

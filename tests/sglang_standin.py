@@ -1,6 +1,6 @@
 """A stand-in for an sglang server, for the tests of a machine where sglang cannot run (no GPU).
 
-It speaks the part of sglang's HTTP API that ``roles/sglang_engine.py`` uses, with the request and
+It speaks the part of sglang's HTTP API that ``engines/sglang.py`` uses, with the request and
 response shapes of sglang 0.5.x's own server (``http_server.py`` / ``io_struct.py``): batched ``/generate``
 on ``input_ids`` with ``meta_info.output_token_logprobs`` as [logprob, token_id, text] triples and
 ``finish_reason`` objects; abort-mode ``/pause_generation``; ``/update_weights_from_disk``
@@ -30,7 +30,7 @@ class StandIn:
     def __init__(self, model_path: str, version: str = "0.5.10", seed: int = 0):
         from types import SimpleNamespace
 
-        from roles.hf import HFRolloutEngine
+        from rlflow.engines.hf import HFRolloutEngine
 
         self.model_path, self.server_version = model_path, version
         self.engine = HFRolloutEngine(model_path, SimpleNamespace(device="cpu", dtype="float32", max_batch=256, seed=seed))
@@ -92,7 +92,7 @@ class StandIn:
         return 404, {"detail": "Not Found"}
 
     def generate(self, body):
-        from roles.interfaces import SamplingParams
+        from rlflow.engines.base import SamplingParams
 
         ids = body.get("input_ids")
         sp = body.get("sampling_params") or {}
@@ -135,7 +135,7 @@ class StandIn:
 
     def join_group(self, body):
         """sglang's side of the trainer's group: rank = rank_offset + tp_rank (one TP rank here)."""
-        from roles.sglang_api import update_group  # sglang's init_custom_process_group, as the trainer uses it
+        from rlflow.engines.sglang_api import update_group  # sglang's init_custom_process_group, as the trainer uses it
 
         self.group = update_group(body.get("backend") or "nccl", body["master_address"], body["master_port"],
                                   body["world_size"], body["rank_offset"], body["group_name"], 60)
@@ -146,7 +146,7 @@ class StandIn:
         import torch
         import torch.distributed as dist
 
-        from roles.hf import load_parameters
+        from rlflow.engines.hf import load_parameters
 
         received = {}
         for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
@@ -162,7 +162,7 @@ class StandIn:
     def update_from_disk(self, body):
         from safetensors.torch import load_file
 
-        from roles.hf import load_parameters
+        from rlflow.engines.hf import load_parameters
 
         path = Path(body["model_path"])
         if self.fail_update or not (path / "model.safetensors").exists():

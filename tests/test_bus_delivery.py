@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 
 from conftest import COLUMNS, new_rows
-from transfer import BusClient, BusError, BusTimeout
+from helpers import wait_parked
+from rlflow.transfer import BusClient, BusError, BusTimeout
 
 SPAWN = mp.get_context("spawn")
 
@@ -209,7 +210,7 @@ def _park_get(address: str, holder: str | None):
     """A raw client that asks for rows and never reads the answer: a process about to die."""
     import zmq
 
-    from transfer.wire import encode_header
+    from rlflow.transfer.wire import encode_header
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -222,7 +223,7 @@ def _park_get(address: str, holder: str | None):
 
 def test_a_released_holders_parked_get_takes_no_rows_later(client, bus_server):
     ghost = _park_get(bus_server.address, "rollout-0.0")
-    time.sleep(0.3)  # parked
+    wait_parked(client, 1)
     assert client.release("rollout-0.0") == {}
     client.put(new_rows(4))
     d = client.get("rollout", ["prompt"], n=4, timeout=5)  # not leased to the ghost
@@ -232,9 +233,8 @@ def test_a_released_holders_parked_get_takes_no_rows_later(client, bus_server):
 
 def test_rows_leased_to_a_client_that_vanished_return_at_once(client, bus_server):
     ghost = _park_get(bus_server.address, None)
-    time.sleep(0.3)
+    wait_parked(client, 1)
     ghost.close()  # the process died: its parked get is answered into nothing
-    time.sleep(0.3)
     client.put(new_rows(4))
     d = client.get("rollout", ["prompt"], n=4, timeout=5)  # within seconds, not the 600 s lease
     assert len(d) == 4

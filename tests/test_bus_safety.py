@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -14,9 +15,9 @@ import pytest
 import zmq
 
 from conftest import COLUMNS, new_rows, start_bus
-from transfer import BusClient, BusError, BusTimeout, SchemaError, ServerConfig, spawn_server
-from transfer.security import keygen
-from transfer.wire import encode_batch, encode_header
+from rlflow.transfer import BusClient, BusError, BusTimeout, SchemaError, ServerConfig, spawn_server
+from rlflow.transfer.security import keygen
+from rlflow.transfer.wire import encode_batch, encode_header
 
 
 def raw_call(address: str, frames: list[bytes], timeout_ms: int = 5000) -> dict:
@@ -200,11 +201,11 @@ def test_listening_beyond_loopback_without_keys_is_refused():
 def test_bus_stats_command_shows_rows_consumers_and_waiting_calls(client, bus_server):
     client.put(new_rows(3))
     d = client.get("reward", ["prompt"], n=2, timeout=5)
-    out = subprocess.run([sys.executable, "-m", "flow.cli", "bus", "stats", bus_server.address],
+    out = subprocess.run([sys.executable, "-m", "rlflow.flow.cli", "bus", "stats", bus_server.address],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "rows 3/65536" in out.stdout and "reward" in out.stdout
-    as_json = subprocess.run([sys.executable, "-m", "flow.cli", "bus", "stats", bus_server.address, "--json"],
+    as_json = subprocess.run([sys.executable, "-m", "rlflow.flow.cli", "bus", "stats", bus_server.address, "--json"],
                              capture_output=True, text=True, timeout=60)
     stats = json.loads(as_json.stdout)
     assert stats["consumers"]["reward"]["leased"] == 2 and stats["leases"] == 1
@@ -212,6 +213,29 @@ def test_bus_stats_command_shows_rows_consumers_and_waiting_calls(client, bus_se
 
 
 def test_bus_stats_command_on_a_dead_address_says_what_it_waited_for(short_dir):
-    out = subprocess.run([sys.executable, "-m", "flow.cli", "bus", "stats", f"ipc://{short_dir}/none.sock",
+    out = subprocess.run([sys.executable, "-m", "rlflow.flow.cli", "bus", "stats", f"ipc://{short_dir}/none.sock",
                           "--timeout", "0.5"], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "no reply from the bus" in out.stderr
+
+
+def test_a_forked_producer_names_its_payloads_apart_and_the_server_never_adopts_one_over_another():
+    from rlflow.transfer import shm
+    from rlflow.transfer.wire import ProtocolError
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a forked role process: same module state as its parent until the fork hook ran
+        os.write(write, shm.new_name(4242).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    theirs, ours = os.read(read, 200).decode(), shm.new_name(4242)
+    assert theirs.split("-")[2] != ours.split("-")[2]  # each process's token
+    first, second = f"rlflow-1-{'a' * 16}-7", f"rlflow-2-{'a' * 16}-7"  # two producers' files, one adopted name
+    for name in (first, second):
+        shm.path_of(name).write_bytes(b"payload of " + name.encode())
+    adopted = shm.adopt(first, 99999)
+    with pytest.raises(ProtocolError, match="already holds"):
+        shm.adopt(second, 99999)
+    assert shm.path_of(adopted).read_bytes() == f"payload of {first}".encode()
+    for name in (adopted, second):
+        shm.unlink(name)

@@ -1,11 +1,11 @@
-"""The capacity model (flow/capacity.py) on timelines whose answer is known, and the span recorder."""
+"""The capacity model (flow/observe/capacity.py) on timelines whose answer is known, and the span recorder."""
 
 from __future__ import annotations
 
 import math
 
-from flow.capacity import advise
-from roles.interfaces import Timeline
+from rlflow.flow.observe.capacity import advise
+from rlflow.roles.context import Timeline
 
 CONFIG = {"flow": {"staleness": 1},
           "actor": {"replicas": 1, "threads": 1, "kl_coef": 0.0},

@@ -9,7 +9,7 @@ import time
 import pytest
 import zmq
 
-from transfer.channel import Client, Gone, Publisher
+from rlflow.transfer.channel import Client, Gone, Publisher
 
 
 @pytest.fixture

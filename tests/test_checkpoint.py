@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from roles.checkpoint import Checkpointer, latest, read_state, restore_rng
-from roles.hf import HFTrainEngine
+from rlflow.train.checkpoint import Checkpointer, latest, read_state, restore_rng
+from rlflow.engines.hf import HFTrainEngine
 from test_engines import ACTOR, _prompts
 
 
@@ -115,8 +115,8 @@ def test_the_newest_checkpoint_is_the_highest_version_even_past_an_older_final(t
 def test_a_resume_continues_a_run_only_from_its_newest_checkpoint_and_never_into_another_run(tmp_path):
     from types import SimpleNamespace
 
-    from flow.config import ConfigError
-    from flow.resume import requested_point
+    from rlflow.flow.config import ConfigError
+    from rlflow.flow.resume import requested_point
 
     run, other = tmp_path / "run", tmp_path / "other"
     _checkpoints(run, {"step-2": 2, "step-4": 4})

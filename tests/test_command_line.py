@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from test_runs import REPO, _env, said
+from helpers import REPO, env, said
 
 CHEAP = ["tracking.wandb=false"]
 
 
 def rlflow(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flow.cli", *args], cwd=cwd, env=_env(), capture_output=True,
+    return subprocess.run([sys.executable, "-m", "rlflow.flow.cli", *args], cwd=cwd, env=env(), capture_output=True,
                           text=True, timeout=120)
 
 
@@ -60,20 +60,20 @@ def test_a_malformed_data_line_is_refused_naming_the_file_and_its_line_before_an
     data = tmp_path / "prompts.jsonl"
     lines = [json.dumps({"prompt": f"{i}=", "answer": str(i)}) for i in range(50)]
     data.write_text("\n".join(lines + ['{"prompt": "50=",\n', *lines[:3]]) + "\n")  # line 51 is cut short
-    r = rlflow(f"run_dir={tmp_path / 'run'}", f"data.path={data}", "reward.fn=roles.rewards.exact_match", *CHEAP)
+    r = rlflow(f"run_dir={tmp_path / 'run'}", f"data.path={data}", "reward.fn=rlflow.tasks.rewards.exact_match", *CHEAP)
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"data.path='{data}', line 51: not valid JSON" in said(r) and "Traceback" not in said(r)
     assert not (tmp_path / "run").exists()
     data.write_text("\n".join(lines[:3] + [json.dumps({"question": "x"})]) + "\n")
-    r = rlflow(f"run_dir={tmp_path / 'run'}", f"data.path={data}", "reward.fn=roles.rewards.exact_match", *CHEAP)
+    r = rlflow(f"run_dir={tmp_path / 'run'}", f"data.path={data}", "reward.fn=rlflow.tasks.rewards.exact_match", *CHEAP)
     assert r.returncode == 2 and "line 4: no 'prompt' field (data.prompt_key); its fields are ['question']" in said(r)
 
 
 def test_user_text_keeps_its_brackets_in_errors_and_in_doctor(tmp_path):
     missing = tmp_path / "[ray]" / "prompts.jsonl"
-    r = rlflow(f"run_dir={tmp_path / 'run'}", f"data.path='{missing}'", "reward.fn=roles.rewards.exact_match", *CHEAP)
+    r = rlflow(f"run_dir={tmp_path / 'run'}", f"data.path='{missing}'", "reward.fn=rlflow.tasks.rewards.exact_match", *CHEAP)
     assert r.returncode == 2 and f"no such file: '{missing}'" in said(r)
-    from flow.doctor import main as doctor
+    from rlflow.flow.doctor import main as doctor
 
     console = Console(record=True, width=300)
     assert doctor(["rollout.engine='my_pkg[extra].Engine'", f"data.path='{missing}'", *CHEAP], console) == 1
@@ -82,8 +82,8 @@ def test_user_text_keeps_its_brackets_in_errors_and_in_doctor(tmp_path):
 
 
 def test_a_data_line_that_is_not_utf8_is_refused_naming_that_line(tmp_path):
-    from flow.config import ConfigError
-    from flow.data import read_prompts
+    from rlflow.flow.config import ConfigError
+    from rlflow.flow.data import read_prompts
 
     data = tmp_path / "prompts.jsonl"
     lines = [json.dumps({"prompt": f"{i}="}).encode() for i in range(3000)]  # past any read buffer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from flow.doctor import main
+from rlflow.flow.doctor import main
 
 
 def _checks(capsys, *argv: str) -> tuple[int, dict[str, dict]]:

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from roles.hf import HFRolloutEngine, HFTrainEngine, sequence_logprobs
-from roles.interfaces import SamplingParams
-from roles.tasks import get_task
-from roles.weights import SyncConfig, WeightPublisher, WeightReceiver
+from rlflow.engines.hf import HFRolloutEngine, HFTrainEngine, sequence_logprobs
+from rlflow.engines.base import SamplingParams
+from rlflow.tasks.builtin import get_task
+from rlflow.sync.weights import SyncConfig, WeightPublisher, WeightReceiver
 
 ROLLOUT = SimpleNamespace(device="cpu", dtype="float32", max_batch=64, seed=0)
 ACTOR = SimpleNamespace(device="cpu", temperature=1.0, lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, max_grad_norm=1.0)
@@ -95,7 +95,7 @@ def test_sequence_logprobs_do_not_depend_on_batch_neighbours(tiny_model):
 def test_the_tiny_tokenizer_keeps_every_character_whichever_class_loads_it(tiny_model):
     from transformers import AutoTokenizer
 
-    from roles.tiny import byte_tokenizer
+    from rlflow.engines.tiny import byte_tokenizer
 
     text = "add 55+20= \tcafé 中文 ~"
     loaded = AutoTokenizer.from_pretrained(tiny_model)  # transformers 5 rebuilds it as Qwen2Tokenizer

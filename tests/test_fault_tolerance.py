@@ -1,6 +1,6 @@
 """Runs that lose a process mid-run and finish anyway: real processes killed with real signals.
 
-What they pin (flow/supervisor.py): a rollout, reward or reference replica that dies (SIGKILL) or
+What they pin (flow/placement/supervisor.py): a rollout, reward or reference replica that dies (SIGKILL) or
 freezes (SIGSTOP: no heartbeat) is restarted in place; the rows it held go back to the bus at once;
 the run finishes every step with every issued sample trained exactly once by its own ledger; and the
 reward curve stays within noise of an undisturbed run with the same seed.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from test_runs import REPO, _command, _env, assert_all_processes_gone, metrics
+from helpers import REPO, assert_all_processes_gone, command, env, metrics, wait_for_step
 
 STEPS, KILL_AT = 16, 5
 SAMPLES = STEPS * 4 * 4  # steps x groups_per_step x group_size (test_runs.SMALL)
@@ -29,7 +29,7 @@ BASE = [f"flow.steps={STEPS}", "actor.kl_coef=0.01", "supervision.hang_s=4", "su
 @pytest.fixture(scope="module")
 def undisturbed(tmp_path_factory, tiny_model, model_cache) -> list[dict]:
     run_dir = tmp_path_factory.mktemp("undisturbed") / "run"
-    r = subprocess.run(_command(run_dir, model_cache, BASE), cwd=REPO, env=_env(), capture_output=True, text=True,
+    r = subprocess.run(command(run_dir, model_cache, BASE), cwd=REPO, env=env(), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     return metrics(run_dir)
@@ -41,7 +41,7 @@ def run_and_signal(run_dir: Path, model_cache: str, target: str, sig: signal.Sig
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     out, err = run_dir.parent / "stdout.log", run_dir.parent / "stderr.log"  # files: nobody reads a pipe meanwhile
     with open(out, "w") as stdout, open(err, "w") as stderr:
-        p = subprocess.Popen(_command(run_dir, model_cache, [*BASE, *overrides]), cwd=REPO, env=_env(),
+        p = subprocess.Popen(command(run_dir, model_cache, [*BASE, *overrides]), cwd=REPO, env=env(),
                              stdout=stdout, stderr=stderr, text=True)
         victim, deadline = None, time.monotonic() + 240
         try:
@@ -131,12 +131,9 @@ def test_a_trainer_killed_mid_run_restarts_from_its_checkpoint_and_no_sample_tra
 def test_a_run_killed_whole_resumes_with_resume_true_and_finishes_with_each_sample_trained_once(
         tmp_path, model_cache, undisturbed):
     run_dir = tmp_path / "run"
-    p = subprocess.Popen(_command(run_dir, model_cache, [*BASE, "actor.checkpoint_every=5"]), cwd=REPO, env=_env(),
+    p = subprocess.Popen(command(run_dir, model_cache, [*BASE, "actor.checkpoint_every=5"]), cwd=REPO, env=env(),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 240
-    while not ((run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 12):
-        assert p.poll() is None and time.monotonic() < deadline, "the run never reached step 12"
-        time.sleep(0.05)
+    wait_for_step(run_dir, p, 12)
     p.kill()  # the launcher itself: every role and the bus go with it
     p.communicate(timeout=60)
     pids = json.loads((run_dir / "processes.json").read_text())
@@ -145,8 +142,8 @@ def test_a_run_killed_whole_resumes_with_resume_true_and_finishes_with_each_samp
         assert time.monotonic() < deadline, f"processes outlived their killed launcher: {pids}"
         time.sleep(0.1)
     assert len(metrics(run_dir)) >= 12 and not (run_dir / "summary.json").exists()
-    r = subprocess.run(_command(run_dir, model_cache, [*BASE, "actor.checkpoint_every=5", "resume=true"]), cwd=REPO,
-                       env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(command(run_dir, model_cache, [*BASE, "actor.checkpoint_every=5", "resume=true"]), cwd=REPO,
+                       env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     said = " ".join(r.stdout.split())  # the console wraps long lines
     assert "resuming from" in said and f": step 10 of {STEPS}" in said
@@ -161,13 +158,13 @@ def test_resume_continues_the_runs_own_settings_and_refuses_changes_to_the_exper
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"rev {n}=", "answer": str(n)[::-1]}) + "\n" for n in range(100, 140)))
     run_dir = tmp_path / "run"
-    first = [f"data.path={data}", "reward.fn=roles.rewards.positional_match", "flow.steps=4", "actor.checkpoint_every=2",
+    first = [f"data.path={data}", "reward.fn=rlflow.tasks.rewards.positional_match", "flow.steps=4", "actor.checkpoint_every=2",
              "tracking.samples_every=1"]
-    r = subprocess.run(_command(run_dir, model_cache, first), cwd=REPO, env=_env(), capture_output=True, text=True,
+    r = subprocess.run(command(run_dir, model_cache, first), cwd=REPO, env=env(), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     saved = (run_dir / "config.yaml").read_text()
-    r = subprocess.run(_command(run_dir, model_cache, ["resume=true", "flow.steps=6"]), cwd=REPO, env=_env(),
+    r = subprocess.run(command(run_dir, model_cache, ["resume=true", "flow.steps=6"]), cwd=REPO, env=env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "changed: flow.steps: 4 -> 6" in " ".join(r.stdout.split())
@@ -177,24 +174,24 @@ def test_resume_continues_the_runs_own_settings_and_refuses_changes_to_the_exper
     [resumed] = [json.loads(line) for line in (run_dir / "resumes.jsonl").open()]
     assert resumed["step"] == 4 and resumed["changed"] == {"flow.steps": [4, 6]}
     assert json.loads((run_dir / "summary.json").read_text())["samples"]["consumed_more_than_once"] == 0
-    r = subprocess.run(_command(run_dir, model_cache, ["resume=true", "flow.steps=8", "data.task=sort",
-                                                       "reward.fn=roles.rewards.exact_match"]),
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(command(run_dir, model_cache, ["resume=true", "flow.steps=8", "data.task=sort",
+                                                       "reward.fn=rlflow.tasks.rewards.exact_match"]),
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     said = " ".join(r.stdout.split())
     assert r.returncode == 2 and "would change the run's experiment" in said, r.stdout + r.stderr
-    assert "data.task='sort' (the run has 'reverse')" in said and "reward.fn='roles.rewards.exact_match'" in said
+    assert "data.task='sort' (the run has 'reverse')" in said and "reward.fn='rlflow.tasks.rewards.exact_match'" in said
     assert f"model.path={run_dir}/checkpoints/final" in said
     assert (run_dir / "config.yaml").read_text() == saved.replace("steps: 4", "steps: 6")
 
 
 def test_resume_refuses_a_run_dir_without_checkpoints_and_a_fresh_run_refuses_an_used_run_dir(tmp_path, model_cache):
     run_dir = tmp_path / "run"
-    r = subprocess.run(_command(run_dir, model_cache, ["resume=true"]), cwd=REPO, env=_env(), capture_output=True,
+    r = subprocess.run(command(run_dir, model_cache, ["resume=true"]), cwd=REPO, env=env(), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "has no checkpoint to continue from" in " ".join(r.stdout.split())
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
-    r = subprocess.run(_command(run_dir, model_cache, []), cwd=REPO, env=_env(), capture_output=True, text=True,
+    r = subprocess.run(command(run_dir, model_cache, []), cwd=REPO, env=env(), capture_output=True, text=True,
                        timeout=120)
     said = " ".join(r.stdout.split())
     assert r.returncode == 2 and "already holds a run" in said and "resume=true" in said
@@ -213,17 +210,14 @@ def test_thousands_of_hostile_messages_leave_a_real_run_unaffected_and_within_it
     import random
 
     from fuzz import Peers, bus_message, channel_message
-    from transfer import BusClient
+    from rlflow.transfer import BusClient
 
     run_dir, steps = tmp_path / "run", 80  # long enough to be training all through the flood
     log = open(tmp_path / "run.log", "w")  # a file, not a pipe nobody reads during the flood
-    p = subprocess.Popen(_command(run_dir, model_cache, [*BASE, f"flow.steps={steps}"]), cwd=REPO, env=_env(),
+    p = subprocess.Popen(command(run_dir, model_cache, [*BASE, f"flow.steps={steps}"]), cwd=REPO, env=env(),
                          stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while not ((run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2):
-            assert p.poll() is None and time.monotonic() < deadline, "the run never reached step 2"
-            time.sleep(0.05)
+        wait_for_step(run_dir, p, 2)
         pids = json.loads((run_dir / "processes.json").read_text())
         [sock_dir] = Path("/tmp").glob(f"rlflow-{pids['launcher']}-*")
         bus_address = f"ipc://{sock_dir}/bus"

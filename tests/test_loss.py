@@ -1,11 +1,11 @@
-"""The algorithm's formulas (ALGORITHMS.md): advantages, the clipped token loss, the KL term, aggregation."""
+"""The algorithm's formulas (docs/algorithms.md): advantages, the clipped token loss, the KL term, aggregation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from roles.loss import aggregate, group_advantages, policy_loss
+from rlflow.algo.loss import aggregate, group_advantages, policy_loss
 
 
 def test_grpo_advantages_are_standardised_within_the_group():

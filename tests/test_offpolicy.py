@@ -1,11 +1,11 @@
-"""Importance weights, ESS, the VCPO learning-rate rule and OPOB (roles/offpolicy.py)."""
+"""Importance weights, ESS, the VCPO learning-rate rule and OPOB (algo/offpolicy.py)."""
 
 import math
 
 import pytest
 import torch
 
-from roles.offpolicy import ess, importance_weights, lr_factor, opob_advantages, sequence_log_weights
+from rlflow.algo.offpolicy import ess, importance_weights, lr_factor, opob_advantages, sequence_log_weights
 
 
 def naive_ess(w: torch.Tensor) -> float:

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from roles.actor import ActorConfig, StepAccumulator
-from roles.hf import HFTrainEngine
+from rlflow.algo.step import StepAccumulator
+from rlflow.roles.actor import ActorConfig
+from rlflow.engines.hf import HFTrainEngine
 
 
 def _loss(engine: HFTrainEngine, s: dict) -> torch.Tensor:

@@ -13,14 +13,14 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from flow.config import ConfigError, register, validate
+from rlflow.flow.config import ConfigError, register, validate
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _compose(name: str = "default", overrides: list[str] = ()):
     register()
-    with initialize_config_module(config_module="recipes", version_base="1.3"):
+    with initialize_config_module(config_module="rlflow.recipes", version_base="1.3"):
         return compose(name, overrides=list(overrides))
 
 
@@ -76,7 +76,7 @@ def test_the_gpu_recipe_composes_and_validates_with_a_model_and_a_dataset(tiny_m
     data.write_text(json.dumps({"question": "1+1?", "answer": "1+1=2 #### 2"}) + "\n")
     cfg = OmegaConf.to_object(_compose("gsm8k_qwen", [f"model.path={tiny_model}", f"data.path={data}"]))
     validate(cfg)
-    assert (cfg.rollout.device, cfg.reward.fn, cfg.data.prompt_key) == ("cuda", "roles.rewards.math_answer", "question")
+    assert (cfg.rollout.device, cfg.reward.fn, cfg.data.prompt_key) == ("cuda", "rlflow.tasks.rewards.math_answer", "question")
 
 
 def test_the_sglang_cluster_recipe_composes_and_validates(tiny_model, tmp_path):
@@ -86,7 +86,7 @@ def test_the_sglang_cluster_recipe_composes_and_validates(tiny_model, tmp_path):
     cfg = OmegaConf.to_object(_compose("gsm8k_sglang", [f"model.path={tiny_model}", f"data.path={data}"]))
     validate(cfg)
     assert (cfg.launcher, cfg.rollout.engine, cfg.rollout.replicas, cfg.ray.rollout.gpus) == ("ray", "sglang", 2, 1)
-    assert cfg.reward.fn == "roles.rewards.math_answer" and cfg.data.chat_template  # from gsm8k_qwen
+    assert cfg.reward.fn == "rlflow.tasks.rewards.math_answer" and cfg.data.chat_template  # from gsm8k_qwen
 
 
 def test_the_gpu_recipe_names_each_missing_path(tmp_path):
@@ -107,5 +107,5 @@ def test_the_cli_exits_2_and_names_a_bad_value(tmp_path):
 
 def _cli(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "flow.cli", *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "rlflow.flow.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)

@@ -10,8 +10,8 @@ import time
 import pytest
 import xxhash
 
-from transfer.channel import Publisher, Server, Store
-from transfer.relay import Relay
+from rlflow.transfer.channel import Publisher, Server, ChunkStore
+from rlflow.transfer.relay import Relay
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:
@@ -61,7 +61,7 @@ def test_a_corrupted_chunk_from_a_peer_is_detected_and_fetched_from_the_publishe
     data = os.urandom(8 << 10)
     head = pub.publish(0, {"blob": data}, prefetch={"blob": False})
     # A peer that announces the right head but serves flipped bytes in chunk 3.
-    evil_store = Store()
+    evil_store = ChunkStore()
     evil_store.set_head(head)
     chunks = [bytearray(data[i: i + 1024]) for i in range(0, len(data), 1024)]
     chunks[3][100] ^= 0xFF

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from test_runs import REPO, _env, metrics, rlflow
+from helpers import REPO, env, metrics, rlflow
 
 STEPS, K, EVERY = 16, 1, 4
 REPLICAS = {"actor-0": "train", "rollout-0": "generate", "rollout-1": "generate", "reward-0": "score",
@@ -45,9 +45,9 @@ def test_report_files_exist_and_are_real_images(run):
 
 
 def test_figures_plot_the_logged_series(run):
-    from flow import plots
-    from flow.report import RunLogs
-    from flow.timeline import utilization
+    from rlflow.flow.observe import plots
+    from rlflow.flow.observe.report import RunLogs
+    from rlflow.flow.observe.timeline import utilization
 
     logs = RunLogs.read(run[0])
     rows = metrics(run[0])
@@ -86,7 +86,7 @@ def test_trace_parses_with_a_track_per_replica_doing_its_work(run):
 
 def test_every_replica_timeline_reaches_the_end_of_the_run(run):
     """Stopped roles send the spans of their last second (and the wait they were in) as they exit."""
-    from flow.timeline import read_timeline, spans_by_replica
+    from rlflow.flow.observe.timeline import read_timeline, spans_by_replica
 
     by_replica = spans_by_replica(read_timeline(run[0]))
     end = max(s["t"] + s["d"] for s in by_replica["actor-0"])
@@ -124,8 +124,8 @@ def test_samples_reach_samples_jsonl_and_a_wandb_table_every_n_steps(run):
 
 def test_figures_reach_wandb_while_the_run_goes(run, tmp_path):
     """The tracker's figures path on the run's own logs: drawn in a child process, then sent at a later step."""
-    from flow.config import TrackingConfig
-    from flow.tracking import Tracker, make_console
+    from rlflow.flow.config import TrackingConfig
+    from rlflow.flow.observe.tracking import Tracker, make_console
 
     run_dir = tmp_path / "again"
     run_dir.mkdir()
@@ -146,12 +146,12 @@ def test_figures_reach_wandb_while_the_run_goes(run, tmp_path):
 
 def test_report_command_writes_elsewhere_and_prints_json(run, tmp_path):
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "flow.cli", "report", str(run[0]), "--out", str(out), "--json"], cwd=REPO,
-                       env=_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "rlflow.flow.cli", "report", str(run[0]), "--out", str(out), "--json"], cwd=REPO,
+                       env=env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["bottleneck"] == json.loads(
         (run[0] / "report" / "advice.json").read_text())["bottleneck"]
     assert all((out / f"{name}.png").exists() for name in FIGURES) and (out / "trace.json").exists()
-    missing = subprocess.run([sys.executable, "-m", "flow.cli", "report", str(tmp_path / "nothing")], cwd=REPO,
-                             env=_env(), capture_output=True, text=True, timeout=60)
+    missing = subprocess.run([sys.executable, "-m", "rlflow.flow.cli", "report", str(tmp_path / "nothing")], cwd=REPO,
+                             env=env(), capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "holds no metrics.jsonl" in missing.stdout

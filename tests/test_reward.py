@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from roles.sandbox import Sandbox, call
+from rlflow.roles.sandbox import Sandbox, call
 
 
 def test_a_call_past_the_time_limit_is_stopped_and_the_rest_of_the_batch_still_scores():
@@ -60,3 +60,12 @@ def test_a_reward_that_is_not_a_finite_number_is_an_error_naming_its_type_never_
 @pytest.mark.parametrize("value", [1, 0.25, True, np.float32(0.5), np.int64(2)])
 def test_ints_floats_bools_and_numpy_scalars_are_rewards(value):
     assert call(lambda response, **_: value, "x", {}) == ("ok", float(value))
+
+
+def test_a_recipe_path_from_before_the_rlflow_package_is_refused_with_the_path_it_moved_to():
+    from rlflow.plugins import load_object
+    from rlflow.tasks.rewards import math_answer
+
+    with pytest.raises(ValueError, match=r"use reward\.fn=rlflow\.tasks\.rewards\.math_answer"):
+        load_object("roles.rewards.math_answer", "reward.fn")
+    assert load_object("rlflow.tasks.rewards.math_answer", "reward.fn") is math_answer

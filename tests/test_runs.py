@@ -7,56 +7,13 @@ Each run is short (a few steps of a small batch); what they pin is the flow's co
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-SMALL = ["actor.groups_per_step=4", "rollout.group_size=4", "rollout.groups_per_call=4", "tracking.wandb=false",
-         "tracking.report=false"]  # the report's few seconds are tested once, in test_report.py
-
-
-def rlflow(run_dir: Path, model_cache: str, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(run_dir, model_cache, overrides), cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def _command(run_dir: Path, model_cache: str, overrides) -> list[str]:
-    return [sys.executable, "-m", "flow.cli", f"run_dir={run_dir}", f"model.cache_dir={model_cache}", *SMALL,
-            *overrides]
-
-
-def _env() -> dict:
-    # COLUMNS: rich wraps at the width, which a pipe does not set (80); a message must not break mid-phrase
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "COLUMNS": "250"}
-    env.pop("WANDB_API_KEY", None)
-    return env
-
-
-def said(r: subprocess.CompletedProcess) -> str:
-    """What a command printed as one line of words (panel borders and line breaks dropped)."""
-    return " ".join(re.sub("[│╭╮╰╯─┃┏┓┗┛━]", " ", r.stdout + r.stderr).split())
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_all_processes_gone(run_dir: Path) -> None:
-    pids = json.loads((run_dir / "processes.json").read_text())
-    for name, pid in [("bus", pids["bus"]), *pids["roles"].items()]:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            continue
-        state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "?"
-        pytest.fail(f"{name} (pid {pid}) is still there after the run, state {state}")
+from helpers import REPO, assert_all_processes_gone, command, env, metrics, rlflow, said, wait_for_step
 
 
 def test_staleness_0_trains_only_on_current_samples_and_logs_everywhere(tmp_path, tiny_model, model_cache):
@@ -168,8 +125,8 @@ def test_a_sweep_runs_each_job_in_a_directory_of_its_own(tmp_path, tiny_model, m
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     sweep = tmp_path / "sweep"  # the third job's value is refused: the others still run, the exit code says so
-    r = subprocess.run([*_command(sweep, model_cache, ["flow.steps=2"]), "-m", "flow.staleness=0,1,-1"], cwd=tmp_path,
-                       env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*command(sweep, model_cache, ["flow.steps=2"]), "-m", "flow.staleness=0,1,-1"], cwd=tmp_path,
+                       env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stdout + r.stderr
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0_flow.staleness:0", "1_flow.staleness:1"]  # the refused job left no directory
@@ -207,14 +164,11 @@ def test_a_bad_plug_in_path_fails_at_start_naming_the_field(tmp_path, tiny_model
 @pytest.mark.timeout(300)  # room for its own bounds (first step, then 60s to EOF) and the diagnostic
 def test_ctrl_c_stops_every_process_and_leaves_the_report_of_what_was_logged(tmp_path, tiny_model, model_cache):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_command(run_dir, model_cache, ["flow.steps=10000", "tracking.report=true"]), cwd=REPO,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text()):
-        assert time.monotonic() < deadline and proc.poll() is None, "the run never reached its first step"
-        time.sleep(0.2)
-    stats = subprocess.run([sys.executable, "-m", "flow.cli", "bus", "stats", str(run_dir), "--json"], cwd=REPO,
-                           env=_env(), capture_output=True, text=True, timeout=60)  # the run's bus, by its directory
+    proc = subprocess.Popen(command(run_dir, model_cache, ["flow.steps=10000", "tracking.report=true"]), cwd=REPO,
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(run_dir, proc, 1, timeout=120)
+    stats = subprocess.run([sys.executable, "-m", "rlflow.flow.cli", "bus", "stats", str(run_dir), "--json"], cwd=REPO,
+                           env=env(), capture_output=True, text=True, timeout=60)  # the run's bus, by its directory
     assert stats.returncode == 0, stats.stdout + stats.stderr
     assert {"rollout", "reward", "actor"} <= json.loads(stats.stdout)["consumers"].keys()
     proc.send_signal(signal.SIGINT)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_runs import _command, _env, assert_all_processes_gone, metrics, rlflow
+from helpers import assert_all_processes_gone, command, env, metrics, rlflow, wait_for_step
 
 pytest.importorskip("ray", reason="launcher=ray needs the ray extra: pip install -e '.[ray]'")
 
@@ -108,14 +108,11 @@ def test_with_two_rollout_and_two_reward_replicas_every_sample_trains_exactly_on
 def test_a_ray_role_actor_killed_mid_run_is_restarted_in_a_new_actor_and_nothing_is_lost(tmp_path, tiny_model,
                                                                                          model_cache):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_command(run_dir, model_cache, ["launcher=ray", "flow.steps=12"]),
-                            cwd=Path(__file__).resolve().parents[1], env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(command(run_dir, model_cache, ["launcher=ray", "flow.steps=12"]),
+                            cwd=Path(__file__).resolve().parents[1], env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while not ((run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 3):
-            assert time.monotonic() < deadline and proc.poll() is None, "the run never reached its third step"
-            time.sleep(0.1)
+        wait_for_step(run_dir, proc, 3, timeout=90)
         victim = json.loads((run_dir / "processes.json").read_text())["roles"]["rollout-0"]
         os.kill(victim, signal.SIGKILL)
         out, _ = proc.communicate(timeout=120)
@@ -174,7 +171,7 @@ ray.shutdown()
 @pytest.mark.slow  # 40 s of two clusters; the private-cluster runs cover the launcher in the default run
 def test_ray_address_joins_a_running_cluster_and_leaves_it_running_without_its_actors(tmp_path, tiny_model,
                                                                                      model_cache, short_dir):
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, f"{short_dir}/r"], env=_env(), stdin=subprocess.PIPE,
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, f"{short_dir}/r"], env=env(), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
         address = json.loads(holder.stdout.readline())["address"]
@@ -201,8 +198,8 @@ def test_ray_address_joins_a_running_cluster_and_leaves_it_running_without_its_a
 def test_ctrl_c_under_ray_stops_the_run_and_its_private_cluster(tmp_path, tiny_model, model_cache):
     """A terminal's Ctrl-C reaches the whole process group: the launcher and the cluster it started."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_command(run_dir, model_cache, ["launcher=ray", "flow.steps=10000"]),
-                            cwd=Path(__file__).resolve().parents[1], env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(command(run_dir, model_cache, ["launcher=ray", "flow.steps=10000"]),
+                            cwd=Path(__file__).resolve().parents[1], env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 90

@@ -16,10 +16,10 @@ import shutil
 import pytest
 import torch
 
-from roles.interfaces import SamplingParams
-from roles.rollout import RolloutConfig
-from roles.sglang_api import SGLangError, generate_request, parse_generation, parse_version, rids_for
-from roles.sglang_engine import SGLangConfig, SGLangEngine, tensor_buckets
+from rlflow.engines.base import SamplingParams
+from rlflow.roles.rollout import RolloutConfig
+from rlflow.engines.sglang_api import SGLangError, generate_request, parse_generation, parse_version, rids_for
+from rlflow.engines.sglang import SGLangConfig, SGLangEngine, tensor_buckets
 from sglang_standin import StandIn
 
 
@@ -36,7 +36,7 @@ def engine_for(standin: StandIn, tiny_model: str, **sglang) -> SGLangEngine:
 
 
 def model_weights(path: str) -> dict[str, torch.Tensor]:
-    from roles.hf import load_model
+    from rlflow.engines.hf import load_model
 
     return {k: v.detach().clone() for k, v in load_model(path, "float32", "cpu").named_parameters()}
 

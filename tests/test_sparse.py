@@ -1,4 +1,4 @@
-"""The sparse patch codec (roles/sparse.py): bit-exact reconstruction, refusal, dense fallback, corruption."""
+"""The sparse patch codec (sync/codec.py): bit-exact reconstruction, refusal, dense fallback, corruption."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from roles.sparse import PatchEncoder, PatchError, _ef_decode, _ef_encode, apply, checksum, read_header
+from rlflow.sync.codec import PatchEncoder, PatchError, _ef_decode, _ef_encode, apply, checksum, read_header
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 
 from conftest import COLUMNS, new_rows
-from transfer.client import _as_batch
-from transfer.store import Store
-from transfer.wire import decode_batch, encode_batch
+from rlflow.transfer.client import _as_batch
+from rlflow.transfer.store import Store
+from rlflow.transfer.wire import decode_batch, encode_batch
 
 
 def put(store: Store, data: dict) -> None:

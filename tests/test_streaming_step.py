@@ -1,5 +1,5 @@
 """Staleness 0 is synchronous training: a step streamed group by group off the bus has the gradient of
-the whole batch computed at once in one process (ALGORITHMS.md, "Periodic Asynchrony")."""
+the whole batch computed at once in one process (docs/algorithms.md, "Streaming steps")."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from roles import schema
-from roles.actor import ActorConfig, StepAccumulator
-from roles.hf import HFTrainEngine
-from roles.loss import aggregate, group_advantages, policy_loss
-from transfer import BusClient
+from rlflow.roles import schema
+from rlflow.algo.step import StepAccumulator
+from rlflow.roles.actor import ActorConfig
+from rlflow.engines.hf import HFTrainEngine
+from rlflow.algo.loss import aggregate, group_advantages, policy_loss
+from rlflow.transfer import BusClient
 
 from conftest import G, GROUPS
 

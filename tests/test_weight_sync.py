@@ -1,4 +1,4 @@
-"""Weight sync end to end (roles/weights.py): keyframes, refusals, resyncs, and replicas that die mid-transfer."""
+"""Weight sync end to end (sync/weights.py): keyframes, refusals, resyncs, and replicas that die mid-transfer."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from roles.sparse import checksum
-from roles.weights import SyncConfig, WeightPublisher, WeightReceiver, patches_in_place, relay_parent
+from rlflow.sync.codec import checksum
+from rlflow.sync.weights import SyncConfig, WeightPublisher, WeightReceiver, patches_in_place, relay_parent
 
 
 class TensorEngine:
@@ -218,7 +218,7 @@ class HookedEngine(TensorEngine):
 
 
 def test_a_subclass_overriding_load_weights_gets_every_version_through_it(address):
-    from roles.hf import HFRolloutEngine
+    from rlflow.engines.hf import HFRolloutEngine
 
     assert patches_in_place(TensorEngine) and patches_in_place(HFRolloutEngine)
     assert not patches_in_place(HookedEngine)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from roles.hf import HFRolloutEngine
+from rlflow.engines.hf import HFRolloutEngine
 
 
 def reward_raising_on_sevens(response: str, expected: str, **_) -> float:

@@ -1,0 +1,3 @@
+"""The algorithm: group advantages, the policy loss, off-policy corrections and VCPO's learning-rate rule,
+and the step accumulator that streams groups into one optimizer step. Torch only; nothing of the bus.
+"""

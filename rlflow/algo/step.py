@@ -1,0 +1,169 @@
+"""The step accumulator: one optimizer step's gradient, streamed in over deliveries of whole groups.
+
+Losses are accumulated as un-normalised sums and the gradient is divided by the batch's normaliser at
+the end (``finish``), so the step's gradient is the one the whole batch would give in one pass: with
+staleness 0 this is synchronous training, not an approximation (pinned by tests/test_streaming_step.py).
+
+``cfg`` is the actor's config (``roles/actor.py ActorConfig``); only its algorithm fields are read here.
+The engine is a ``TrainEngine`` (``engines/base.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import torch
+
+from rlflow.algo.loss import aggregate, group_advantages, policy_loss
+from rlflow.algo.offpolicy import ess, lr_factor, opob_advantages, sequence_log_weights
+
+
+class StepAccumulator:
+    """One optimizer step's gradient, accumulated over deliveries of whole groups as they arrive.
+
+    Off-policy bookkeeping: θ does not change until the step, so the sequence log weights log π_θ/μ of
+    every trained sample, whichever delivery brought it, are comparable and together give the step's
+    effective sample size. With ``vcpo`` the step's learning rate is scaled by lr_factor(ESS / samples)
+    for this step only (the engine restores it). Skipped samples (a failed reward, a group without
+    signal) carry no gradient and do not count in the ESS; with none trained the step makes no update.
+    """
+
+    def __init__(self, engine, cfg):
+        self.engine, self.cfg = engine, cfg
+        self.groups = 0  # groups consumed (including skipped ones)
+        self.normaliser = 0.0
+        self.loss_sum = 0.0
+        self.sums: dict[str, float] = {}
+        self.tokens = 0.0
+        self.rewards: list[float] = []
+        self.staleness: list[int] = []
+        self.lengths: list[int] = []
+        self.skipped_groups = 0
+        self.reward_errors = 0
+        self.trained_uids: list[str] = []  # the samples this step trains on
+        self.skipped_uids: list[str] = []  # consumed without training (failed reward, group without signal)
+        self.seq_log_w: list[torch.Tensor] = []  # [B] per forward: log π_θ/μ of each trained sample
+        self.token_log_w: list[torch.Tensor] = []  # flat log π_θ/μ of each trained token
+
+    def add(self, table: pa.Table) -> None:
+        cols = {name: table.column(name).to_pylist() for name in table.column_names}
+        by_group: dict[str, list[int]] = {}
+        for i, g in enumerate(cols["group_id"]):
+            by_group.setdefault(g, []).append(i)
+        groups = []  # (rows, rewards) of the groups that train
+        for idx in by_group.values():
+            self.groups += 1
+            self.staleness += [self.engine.version - cols["version_start"][i] for i in idx]
+            valid = [i for i in idx if not math.isnan(cols["reward"][i])]
+            self.reward_errors += len(idx) - len(valid)
+            r = torch.tensor([cols["reward"][i] for i in valid], dtype=torch.float32)
+            self.rewards += r.tolist()
+            if len(valid) < 2 or (self.cfg.drop_uniform_groups and bool((r == r[0]).all())):
+                self.skipped_groups += 1
+                self.skipped_uids += [cols["uid"][i] for i in idx]
+                continue
+            self.skipped_uids += [cols["uid"][i] for i in idx if i not in valid]
+            self.trained_uids += [cols["uid"][i] for i in valid]
+            groups.append((valid, r))
+        rows = [i for valid, _ in groups for i in valid]
+        advantages = self._advantages(cols, groups, rows)
+        for lo in range(0, len(rows), self.cfg.micro_batch):
+            self._backward(cols, rows[lo: lo + self.cfg.micro_batch], advantages[lo: lo + self.cfg.micro_batch])
+
+    def _advantages(self, cols: dict, groups: list, rows: list[int]) -> list[float]:
+        """Advantages of ``rows`` (the training rows of ``groups``, in order)."""
+        if self.cfg.advantage != "opob":
+            return [a for _, r in groups for a in group_advantages(r, self.cfg.advantage).tolist()]
+        if not hasattr(self.engine, "trajectory_grad_sq"):
+            raise TypeError(f"actor.advantage=opob needs per-trajectory gradient norms: "
+                            f"{type(self.engine).__name__} has no trajectory_grad_sq (see engines/base.py)")
+        if not rows:
+            return []
+        grad_sq, seq_logp = self.engine.trajectory_grad_sq([cols["prompt_ids"][i] for i in rows],
+                                                           [cols["response_ids"][i] for i in rows])
+        log_w = seq_logp - torch.tensor([sum(cols["rollout_logprobs"][i]) for i in rows], dtype=seq_logp.dtype)
+        out, k = [], 0
+        for valid, r in groups:
+            out += opob_advantages(r, log_w[k: k + len(valid)], grad_sq[k: k + len(valid)]).tolist()
+            k += len(valid)
+        return out
+
+    def _backward(self, cols: dict, rows: list[int], advantages: list[float]) -> None:
+        prompts = [cols["prompt_ids"][i] for i in rows]
+        responses = [cols["response_ids"][i] for i in rows]
+        self.lengths += [len(r) for r in responses]
+        logp = self.engine.token_logprobs(prompts, responses)  # [B, T]
+        mask = torch.zeros_like(logp)
+        rollout_logp = torch.zeros_like(logp)
+        ref_logp = torch.zeros_like(logp) if self.cfg.kl_coef > 0 else None
+        for j, i in enumerate(rows):
+            t = len(responses[j])
+            mask[j, :t] = 1.0
+            rollout_logp[j, :t] = torch.tensor(cols["rollout_logprobs"][i])
+            if ref_logp is not None:
+                ref_logp[j, :t] = torch.tensor(cols["ref_logprobs"][i])
+        c = self.cfg
+        token_loss, stats = policy_loss(logp, rollout_logp, torch.tensor(advantages), mask,
+                                        clip_low=c.clip_low, clip_high=c.clip_high, old_logprobs=c.old_logprobs,
+                                        ratio_level=c.ratio_level, correction=c.correction,
+                                        correction_level=c.correction_level, is_cap=c.is_cap,
+                                        kl_coef=c.kl_coef, ref_logp=ref_logp)
+        total, count = aggregate(token_loss, mask, c.aggregation, c.max_new_tokens)
+        total.backward()
+        self.loss_sum += total.item()
+        self.normaliser += count
+        self.tokens += float(mask.sum())
+        for name, value in stats.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float((value * mask).sum())
+        self.seq_log_w.append(sequence_log_weights(logp, rollout_logp, mask))
+        self.token_log_w.append((logp.detach() - rollout_logp)[mask.bool()])
+
+    def finish(self) -> dict[str, float]:
+        """Step the optimizer on the accumulated gradient divided by the batch's normaliser, at this
+        step's learning rate (VCPO's factor when ``vcpo``)."""
+        scale = 1.0 / self.normaliser if self.normaliser > 0 else 0.0
+        log_w = torch.cat(self.seq_log_w) if self.seq_log_w else torch.zeros(0)
+        ess_ratio = ess(log_w) / log_w.numel() if log_w.numel() else 1.0
+        factor = lr_factor(ess_ratio, self.cfg.vcpo_rule, self.cfg.vcpo_ref) if self.cfg.vcpo else 1.0
+        if self.trained_uids:
+            out = {**self.engine.step(scale, factor), "step/updated": 1}
+        else:  # nothing to train: no update (see the module docstring), the version moves on
+            self.engine.version += 1
+            out = {"actor/grad_norm": 0.0, "lr/effective": 0.0, "step/updated": 0}
+        n = len(self.rewards)
+        mean = sum(self.rewards) / n if n else math.nan
+        out.update({
+            "loss": self.loss_sum * scale,
+            "reward/mean": mean,
+            "reward/std": (sum((r - mean) ** 2 for r in self.rewards) / n) ** 0.5 if n else math.nan,
+            "reward/errors": self.reward_errors,
+            "staleness/max": max(self.staleness, default=0),
+            "staleness/mean": sum(self.staleness) / len(self.staleness) if self.staleness else 0.0,
+            "staleness/counts": [self.staleness.count(k) for k in range(max(self.staleness, default=0) + 1)],
+            "response/length_mean": sum(self.lengths) / len(self.lengths) if self.lengths else 0.0,
+            "groups/skipped": self.skipped_groups,
+            "samples": len(self.staleness),
+            "samples/trained": len(self.trained_uids),
+            "samples/skipped": len(self.skipped_uids),
+            "tokens": self.tokens,
+            "ess/ratio": ess_ratio,
+            "lr/factor": factor,
+            **_weight_quantiles("is/seq", log_w),
+            **_weight_quantiles("is/token", torch.cat(self.token_log_w) if self.token_log_w else torch.zeros(0)),
+        })
+        for name, total in self.sums.items():
+            out[STAT_NAMES.get(name, f"actor/{name}")] = total / self.tokens if self.tokens else 0.0
+        return out
+
+
+STAT_NAMES = {"is_weight": "is/weight_mean", "is_cut": "is/cut_frac", "rollout_kl": "kl/rollout_k3"}
+"""Metric names of policy_loss's per-token diagnostics (token means); the rest are actor/<name>."""
+
+
+def _weight_quantiles(prefix: str, log_w: torch.Tensor) -> dict[str, float]:
+    """max and p99 of importance weights given by their logs (capped at e^700 so they stay finite)."""
+    if log_w.numel() == 0:
+        return {f"{prefix}_max": 1.0, f"{prefix}_p99": 1.0}
+    log_w = log_w.double().clamp(max=700.0)
+    return {f"{prefix}_max": math.exp(float(log_w.max())), f"{prefix}_p99": math.exp(float(torch.quantile(log_w, 0.99)))}

@@ -1,0 +1,93 @@
+"""The engine interfaces: what generates (a rollout engine) and what trains (a train engine).
+
+To plug your own, write a class with this shape and name it by dotted path in the recipe:
+
+    rollout.engine=my_pkg.engines.MyEngine    # class: MyEngine(model_path: str, cfg: RolloutConfig)
+    actor.engine=my_pkg.engines.MyTrainer      # class: MyTrainer(model_path: str, cfg: ActorConfig)
+
+``examples/custom_engine.py`` is a runnable example; the built-in engines are ``engines/hf.py`` and
+``engines/sglang.py``. Engines know nothing of the bus: the role loops (``roles/``) move data, engines
+compute. An engine that starts something which would outlive its process (a server, files in /dev/shm)
+registers its cleanup with ``rlflow.transfer.lifetime.at_exit``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Generation:
+    """One sampled response."""
+
+    response_ids: list[int]  # [T] token ids, the stop token included when it was produced
+    logprobs: list[float]  # [T] log μ(y_t) under the sampling distribution (temperature applied, before top-p)
+    finish_reason: str  # "stop" | "length"
+    version: int | None = None  # the policy version that generated it, when the engine knows (else the role's)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+
+
+class RolloutEngine(Protocol):
+    """Generates with the current policy; swaps in new weights between generate calls."""
+
+    version: int  # the policy version the engine runs now
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+        """One response per prompt, in order (repeat a prompt G times for a group)."""
+
+    def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        """Replace the policy weights by ``weights`` (parameter name -> tensor) and set ``version``."""
+
+    # Optional: ``tensors() -> dict[str, torch.Tensor]``, the engine's live weights (contiguous, in the
+    # sync dtype, names as the trainer's ``weights()``). With it, patches are scattered into them in
+    # place and ``load_weights`` is not called; without it, the rollout keeps a host copy, patches that,
+    # and calls ``load_weights`` with the whole of it. A subclass of an engine that has ``tensors()``
+    # (``HFRolloutEngine``) which overrides ``load_weights`` gets its override called for every version
+    # (``sync/weights.patches_in_place``); to keep the in-place path, override ``tensors()`` too.
+
+
+class TrainEngine(Protocol):
+    """Owns the trained model and its optimizer; the actor loop owns the algorithm (``algo/loss.py``)."""
+
+    version: int  # optimizer steps taken since the start policy (version 0)
+
+    def token_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+        """[B, T] log π_θ(y_t) of each response token, differentiable, zero-padded to the longest response."""
+
+    def step(self, grad_scale: float, lr_scale: float = 1.0) -> dict[str, float]:
+        """Multiply accumulated gradients by ``grad_scale``, step the optimizer at its learning rate times
+        ``lr_scale`` (VCPO's factor, for this step only: restore the rate after), zero grads, version += 1.
+        Returns metrics, e.g. ``actor/grad_norm`` and ``lr/effective``."""
+
+    # Optional, for actor.replicas > 1 (data-parallel trainers):
+    # def gradients(self) -> list[Tensor]:
+    #     """Every trainable parameter's accumulated gradient (zeros where none flowed), summed in place."""
+
+    # Optional, for actor.advantage=opob:
+    # def trajectory_grad_sq(self, prompts, responses) -> tuple[Tensor, Tensor]:
+    #     """([B] squared norm of each response's ∇_θ log π_θ, [B] its log π_θ), leaving .grad untouched."""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The policy parameters as rollout engines load them (name -> tensor, no duplicates of tied ones)."""
+
+    def save(self, path: str) -> None:
+        """Write a checkpoint that ``from_pretrained(path)`` (or the engine's own loader) reads back."""
+
+    # Optional, for checkpoints a run can resume from (``train/checkpoint.py``; without them only the
+    # final model is saved, and a failed trainer stops the run):
+    # def snapshot(self) -> Callable[[str], None]:
+    #     """Copy what a resume needs (weights, optimizer state) now; return a writer ``write(dir)`` that
+    #     another thread calls later, while training goes on (so it must not read live state)."""
+    # def restore(self, path: str, version: int) -> None:
+    #     """Continue from a checkpoint ``snapshot`` wrote: the engine was built from ``path`` (its weights);
+    #     load the rest (optimizer state) and set ``version``."""

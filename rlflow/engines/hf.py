@@ -1,0 +1,268 @@
+"""The built-in engines on torch + transformers: CPU or GPU, any causal LM ``from_pretrained`` loads.
+
+- ``HFRolloutEngine``: batched sampling with a KV cache (left-padded prompts, one forward per new
+  token for the whole batch), per-token logprobs of the sampling distribution, weights swapped in place.
+- ``HFTrainEngine``: fp32 master weights and AdamW; the actor loop accumulates gradients through
+  ``token_logprobs`` and calls ``step`` once per policy version.
+- ``sequence_logprobs``: the one function that scores responses, shared by trainer and reference, so
+  the two can never disagree on alignment or temperature.
+
+Logprob convention everywhere: log softmax(logits / temperature) of the chosen token, before any top-p
+or top-k cut. That is the distribution the trainer can compute, so π_θ/μ is exactly 1 on-policy when
+top_p = 1 and top_k = 0 (the defaults).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable
+
+import torch
+
+from rlflow.engines.base import Generation, SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(path: str, dtype: str, device: str):
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    return model.to(device)
+
+
+def stop_token_ids(path: str) -> list[int]:
+    """Every id that ends a response: the tokenizer's eos plus the generation config's (chat models add some)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    ids = set()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except OSError:  # no generation_config.json: the tokenizer's eos is all there is
+        pass
+    if not ids:
+        raise ValueError(f"model at {path} has no eos token in its tokenizer or generation config")
+    return sorted(ids)
+
+
+def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], temperature: float,
+                      device: str) -> torch.Tensor:
+    """[B, T] log π(y_t | prompt, y_<t) for every response token, zero past each response's end."""
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    width, t_max = max(lengths), max(len(r) for r in responses)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):  # right padding: positions start at 0 for every row
+        ids[i, : lengths[i]] = torch.tensor(p + r)
+        mask[i, : lengths[i]] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits  # [B, L, V]
+    # The logit at position j predicts token j + 1: response token t sits at len(p) + t.
+    start = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    pos = (start[:, None] + torch.arange(t_max, device=device)[None, :]).clamp(max=width - 2)  # [B, T]
+    picked = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1])).float() / temperature  # [B, T, V]
+    target = ids.gather(1, pos + 1)  # [B, T]
+    logp = picked.gather(-1, target[:, :, None]).squeeze(-1) - torch.logsumexp(picked, -1)
+    valid = torch.arange(t_max, device=device)[None, :] < torch.tensor([len(r) for r in responses], device=device)[:, None]
+    return logp * valid
+
+
+def _sample(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row; returns (tokens [B], logprobs [B]) under softmax(logits / T)."""
+    scaled = logits.float() / max(sampling.temperature, 1e-6)
+    logp = torch.log_softmax(scaled, -1)  # [B, V]
+    probs = logp.exp()
+    if sampling.top_k > 0:
+        kth = probs.topk(min(sampling.top_k, probs.shape[-1]), -1).values[:, -1:]
+        probs = probs * (probs >= kth)
+    if sampling.top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = (sorted_p.cumsum(-1) - sorted_p) < sampling.top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    if sampling.temperature <= 1e-6:
+        tokens = logits.argmax(-1)
+    else:
+        tokens = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+class HFRolloutEngine:
+    """Batched generation with a KV cache. ``max_batch`` sequences at a time bound the cache's memory."""
+
+    def __init__(self, model_path: str, cfg):
+        self.device = cfg.device
+        self.model = load_model(model_path, cfg.dtype, cfg.device).eval()
+        self.stop_ids = torch.tensor(stop_token_ids(model_path), device=self.device)
+        self.pad_id = 0  # any id works: padded positions are masked out of attention
+        self.max_batch = cfg.max_batch
+        self.version = 0
+        self.gen = torch.Generator(device=self.device)
+        self.gen.manual_seed(cfg.seed)
+        # transformers 5 renamed the KV cache argument and output ``past_key_values`` -> ``cache``
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+        out: list[Generation] = []
+        for i in range(0, len(prompts), self.max_batch):
+            out += self._generate(prompts[i : i + self.max_batch], sampling)
+        return out
+
+    def _generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+        b, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(b, width, dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every row's next token is at the same column
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        tokens = torch.zeros(b, sampling.max_new_tokens, dtype=torch.long, device=self.device)
+        logps = torch.zeros(b, sampling.max_new_tokens, device=self.device)
+        lengths = torch.full((b,), sampling.max_new_tokens, dtype=torch.long, device=self.device)
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        for t in range(sampling.max_new_tokens):
+            tok, logp = _sample(out.logits[:, -1], sampling, self.gen)
+            tokens[:, t], logps[:, t] = tok, logp
+            stopped = ~done & torch.isin(tok, self.stop_ids)
+            lengths[stopped] = t + 1
+            done |= stopped
+            if bool(done.all()) or t + 1 == sampling.max_new_tokens:
+                break
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=self.device)], 1)
+            positions = positions[:, -1:] + 1
+            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=positions,
+                             **{self.cache_arg: out[self.cache_arg]}, use_cache=True)
+        tokens, logps, lengths = tokens.tolist(), logps.tolist(), lengths.tolist()
+        done = done.tolist()
+        return [Generation(tokens[i][: lengths[i]], logps[i][: lengths[i]], "stop" if done[i] else "length")
+                for i in range(b)]
+
+    @torch.no_grad()
+    def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        load_parameters(self.model, weights)
+        self.version = version
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The live parameter tensors (tied ones once): weight patches are scattered into them in place."""
+        return {name: p.data for name, p in self.model.named_parameters()}
+
+
+def load_parameters(model, weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights`` into the model's parameters in place; the names must match exactly."""
+    params = dict(model.named_parameters())
+    if params.keys() != weights.keys():
+        missing, extra = sorted(params.keys() - weights.keys()), sorted(weights.keys() - params.keys())
+        raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+
+
+class HFTrainEngine:
+    """fp32 master weights and AdamW. Gradients accumulate across ``token_logprobs`` backward passes."""
+
+    def __init__(self, model_path: str, cfg):
+        self.device = cfg.device
+        self.temperature = cfg.temperature
+        self.model_path = model_path
+        self.model = load_model(model_path, "float32", cfg.device).train()
+        self.tokenizer = None  # loaded at the first snapshot, and kept: model_path may be a pruned checkpoint by then
+        self.max_grad_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                           weight_decay=cfg.weight_decay)
+        self.version = 0
+
+    def token_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+        return sequence_logprobs(self.model, prompts, responses, self.temperature, self.device)
+
+    def step(self, grad_scale: float, lr_scale: float = 1.0) -> dict[str, float]:
+        """One AdamW step at lr x ``lr_scale``; the base learning rates are restored whatever happens."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        for p in params:
+            p.grad.mul_(grad_scale)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        base = [g["lr"] for g in self.optimizer.param_groups]
+        try:
+            for g, lr in zip(self.optimizer.param_groups, base):
+                g["lr"] = lr * lr_scale
+            self.optimizer.step()
+        finally:
+            for g, lr in zip(self.optimizer.param_groups, base):
+                g["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        self.version += 1
+        return {"actor/grad_norm": float(norm), "lr/effective": base[0] * lr_scale}
+
+    def trajectory_grad_sq(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B] ‖∇_θ log π_θ(response_i)‖², [B] log π_θ(response_i)), one forward and backward per sample.
+
+        Uses ``torch.autograd.grad``, so the gradients the step is accumulating are untouched. The cost is
+        one extra single-sample pass per trajectory (OPOB's price); memory stays that of one sample.
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_sq, seq_logp = [], []
+        for p, r in zip(prompts, responses):
+            logp = sequence_logprobs(self.model, [p], [r], self.temperature, self.device).sum()
+            grads = torch.autograd.grad(logp, params, allow_unused=True)
+            grad_sq.append(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
+            seq_logp.append(float(logp.detach()))
+        return torch.tensor(grad_sq, dtype=torch.float64), torch.tensor(seq_logp, dtype=torch.float64)
+
+    def gradients(self) -> list[torch.Tensor]:
+        """Every trainable parameter's accumulated gradient, zeros where nothing flowed (for all-reduce)."""
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.model.parameters() if p.requires_grad]
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.model.named_parameters()}
+
+    def save(self, path: str) -> None:
+        """A self-contained checkpoint: the model and the start checkpoint's tokenizer (``from_pretrained``)."""
+        self.snapshot()(path)
+
+    def snapshot(self) -> Callable[[str], None]:
+        """Copy the weights and the optimizer state to host memory now; return a function that writes them
+        (model + tokenizer as ``from_pretrained`` reads them, and ``optimizer.pt``) to a directory later."""
+        from transformers import AutoTokenizer
+
+        if self.tokenizer is None:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        optimizer = _host_copy(self.optimizer.state_dict())
+        model, tokenizer = self.model, self.tokenizer
+
+        def write(path: str) -> None:
+            model.save_pretrained(path, state_dict=weights)
+            tokenizer.save_pretrained(path)
+            torch.save(optimizer, f"{path}/optimizer.pt")
+
+        return write
+
+    def restore(self, path: str, version: int) -> None:
+        """Continue from checkpoint ``path`` (this engine was built from it, so the weights are already
+        loaded): the optimizer state, and ``version``."""
+        state = torch.load(f"{path}/optimizer.pt", map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state)
+        self.version = version
+
+
+def _host_copy(obj):
+    """``obj`` with every tensor in it copied to host memory (an optimizer state_dict, nested)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj

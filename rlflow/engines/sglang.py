@@ -1,0 +1,363 @@
+"""The sglang rollout engine (``rollout.engine=sglang``): generation on an sglang server, over its HTTP API.
+
+Each rollout replica drives one sglang server: one it launches on its own GPU(s) (``rollout.sglang.url``
+null; needs the ``sglang`` extra) or one already running (``rollout.sglang.url``). The engine knows
+nothing of the bus; the rollout role calls ``generate`` and, between calls, ``load_weights``.
+
+Generation. One batched ``/generate`` per call with ``input_ids``, explicit sampling parameters (sglang's
+defaults come from the model's generation config otherwise; its max_new_tokens default is 128),
+``return_logprob`` and one rid per sequence. The rids have a fixed width, so none is a prefix of
+another (sglang aborts by rid prefix). sglang's output logprobs are log softmax(logits / T) before any
+top-p/top-k cut, the convention of ``engines/hf.py``, unless the server runs with
+SGLANG_RETURN_ORIGINAL_LOGPROB=1: a launched server never does, and a server you connect to must not.
+Every response must carry the weight version the engine last installed, or the call fails: a sample
+must never be attributed to the wrong policy. Sequences aborted by the server (``finish_reason`` abort)
+are sent again, up to ``max_retries`` times.
+
+Weight updates (``load_weights``), always in this order:
+    pause_generation(mode=abort)   every in-flight request returns (aborted): the scheduler is idle
+    update                         from disk (a safetensors snapshot the server reads) or from tensors
+                                   (CUDA IPC handles, same host), tagged with weight_version
+    update_weight_version          again, without aborting: sglang 0.5.6 drops the tag while paused
+    flush_cache                    the radix cache holds KV of the old weights; retried while busy
+    continue_generation
+then ``/model_info`` must report the new version. With update=distributed the trainer runs the same
+sequence itself for every server (``WeightBroadcaster``), broadcasting the tensors through a process
+group the servers joined, and the replica only waits for the version it needs and reads each sample's
+version from the response. Only ``abort`` pauses: sglang flushes its cache only
+when the scheduler is idle, which neither ``retract`` nor ``in_place`` guarantees, and a failed flush
+after an update has crashed sglang's scheduler (<= 0.5.15). A failed step raises, naming the endpoint
+and the server's answer, and generation is not resumed on half-updated weights.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlflow.engines.base import Generation, SamplingParams
+from rlflow.transfer.lifetime import at_exit
+from rlflow.transfer.lifetime import die_with_parent
+from rlflow.engines.sglang_api import (SGLangClient, SGLangError, generate_request, parse_generation, rids_for,
+                              update_group)
+
+UPDATES = ("disk", "tensor", "distributed")
+
+
+@dataclass
+class SGLangConfig:
+    """rollout.engine=sglang: which server each replica drives and how new weights reach it."""
+
+    url: str | None = None
+    """A running sglang server (http://host:port); null: each replica launches its own on its GPU(s): under
+    launcher=ray the GPUs Ray gave it (ray.rollout.gpus), under the local launcher the visible ones from
+    rollout.device (cuda:N starts at GPU N), which replicas would share."""
+    host: str = "127.0.0.1"
+    """Launched servers: the interface they listen on."""
+    port: int = 0
+    """Launched servers: the port (0: a free one)."""
+    tp_size: int = 1
+    """Launched servers: tensor-parallel GPUs per server (give the replica as many: ray.rollout.gpus)."""
+    mem_fraction: float | None = None
+    """Launched servers: --mem-fraction-static (null: sglang's choice)."""
+    launch_args: list[str] = field(default_factory=list)
+    """Launched servers: more `python -m sglang.launch_server` arguments, e.g. [--context-length, '4096']."""
+    api_key: str | None = None
+    """Bearer key of a server started with --api-key."""
+    update: str = "disk"
+    """How new weights reach the server: disk (a safetensors snapshot in update_dir, read by the server:
+    same host or a shared filesystem), tensor (CUDA IPC handles: same host, needs the sglang extra here),
+    or distributed (the trainer broadcasts every tensor to every server through one process group:
+    NCCL from the trainer's GPU, no patches; `WeightBroadcaster`)."""
+    update_dir: str | None = None
+    """update=disk: where snapshots are written (null: a directory in /dev/shm, else the temp dir)."""
+    bucket_mb: int = 512
+    """update=tensor: most MB of tensors per update request (bounds the GPU copy)."""
+    startup_timeout: float = 900.0
+    """Bound on a server becoming ready (launch, or the first contact with `url`)."""
+    request_timeout: float = 1800.0
+    """Bound on one HTTP request (a whole batched generate)."""
+    flush_timeout: float = 60.0
+    """Bound on the cache flush succeeding after an update (the server refuses while not idle)."""
+    max_retries: int = 3
+    """Times a sequence the server aborted is sent again before the call fails."""
+
+# ---------------------------------------------------------------------------- weight updates
+def update_weights(client: SGLangClient, push, version: int, flush_timeout: float) -> None:
+    """The update sequence of the module docstring around ``push()`` (the update call itself)."""
+    client.pause()
+    push()
+    client.set_weight_version(version)
+    client.flush_cache(flush_timeout)
+    client.resume()
+    served = str(client.model_info().get("weight_version"))
+    if served != str(version):
+        raise SGLangError(f"after updating to version {version} the server reports weight_version {served!r}")
+
+
+def write_snapshot(weights: dict[str, torch.Tensor], directory: Path, model_path: str) -> Path:
+    """A loadable checkpoint directory: the weights as safetensors plus the start checkpoint's config files."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(directory / "model.safetensors"))
+    for name in ("config.json", "generation_config.json"):
+        if (Path(model_path) / name).exists():
+            shutil.copy(Path(model_path) / name, directory / name)
+    return directory
+
+
+def tensor_buckets(weights: dict[str, torch.Tensor], bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """Split ``weights`` into lists of at most ``bucket_bytes`` (a bigger tensor goes alone), in order."""
+    buckets, current, size = [], [], 0
+    for name, t in weights.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > bucket_bytes:
+            buckets.append(current)
+            current, size = [], 0
+        current.append((name, t))
+        size += nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+# ---------------------------------------------------------------------------- the engine
+class SGLangEngine:
+    """A RolloutEngine on one sglang server (launched here or reached at ``rollout.sglang.url``)."""
+
+    def __init__(self, model_path: str, cfg):
+        from rlflow.engines.hf import stop_token_ids
+
+        self.cfg: SGLangConfig = cfg.sglang
+        self.model_path, self.dtype, self.seed, self.device = model_path, cfg.dtype, cfg.seed, cfg.device
+        self.stop_ids = stop_token_ids(model_path)
+        self.server: subprocess.Popen | None = None
+        self.log_path: str | None = None
+        url = self.cfg.url or self._launch()
+        self.client = SGLangClient(url, self.cfg.api_key, self.cfg.request_timeout)
+        self._wait_ready()
+        self.version = 0
+        self.installed: str | None = None  # the weight_version tag this engine set (None: the server's own)
+        self.prefix = f"rlf{uuid.uuid4().hex[:8]}"
+        self.calls = 0
+        self.follows_trainer = self.cfg.update == "distributed"  # the trainer installs versions (WeightBroadcaster)
+        self.update_root = Path(self.cfg.update_dir or tempfile.mkdtemp(
+            prefix="rlflow-sglang-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+        self._snapshot: Path | None = None
+        at_exit(self.close)  # a stopped replica leaves no server and no snapshot in memory
+
+    # -------------------------------------------------------------- the interface
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+        out: list[Generation | None] = [None] * len(prompts)
+        todo = list(range(len(prompts)))
+        for attempt in range(self.cfg.max_retries + 1):
+            self.calls += 1
+            rids = rids_for(self.prefix, self.calls, len(todo))
+            items = self.client.generate(generate_request([prompts[i] for i in todo], sampling, self.stop_ids, rids))
+            if len(items) != len(todo):
+                raise SGLangError(f"/generate returned {len(items)} results for {len(todo)} prompts")
+            again = []
+            for i, item in zip(todo, items):
+                out[i] = parse_generation(item, self.installed)
+                if out[i] is None:
+                    again.append(i)
+            if not again:
+                return out  # type: ignore[return-value]
+            todo = again
+        raise SGLangError(f"the server aborted {len(todo)} sequences {self.cfg.max_retries + 1} times "
+                          f"(rollout.sglang.max_retries): is another client pausing it?")
+
+    def wait_version(self, need: int, timeout: float) -> None:
+        """update=distributed: until the trainer has installed version >= ``need`` on the server (bounded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            served = self.client.weight_version()
+            if served.isdigit() and int(served) >= need:
+                self.version = int(served)
+                return
+            if time.monotonic() > deadline:
+                raise SGLangError(f"waited {timeout:.0f}s for the trainer to broadcast policy version {need} to "
+                                  f"{self.client.url} (it serves {served!r}): is the actor alive?")
+            time.sleep(0.1)
+
+    def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        if self.follows_trainer:
+            raise RuntimeError("rollout.sglang.update=distributed: the trainer installs weights, not the rollout")
+        if self.cfg.update == "disk":
+            previous, target = self._snapshot, write_snapshot(weights, self.update_root / f"v{version}", self.model_path)
+            update_weights(self.client, lambda: self.client.update_from_disk(str(target), version), version,
+                           self.cfg.flush_timeout)
+            self._snapshot = target
+            if previous is not None and previous != target:
+                shutil.rmtree(previous, ignore_errors=True)
+        else:
+            update_weights(self.client, lambda: self._push_tensors(weights, version), version, self.cfg.flush_timeout)
+        self.version, self.installed = version, str(version)
+
+    def _push_tensors(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        """update=tensor: GPU copies in buckets, handed over as CUDA IPC handles (sglang's serializer)."""
+        try:
+            from sglang.srt.utils import MultiprocessingSerializer
+        except ImportError as e:
+            raise SGLangError("rollout.sglang.update=tensor serializes with sglang's own code: install the "
+                              "sglang extra in the rollout's environment, or use update=disk") from e
+        buckets = tensor_buckets(weights, self.cfg.bucket_mb << 20)
+        for k, bucket in enumerate(buckets):
+            named = [(name, t.to("cuda", non_blocking=True)) for name, t in bucket]
+            torch.cuda.synchronize()
+            payload = MultiprocessingSerializer.serialize(named, output_str=True)
+            self.client.update_from_tensor([payload] * self.cfg.tp_size, version, flush=k == len(buckets) - 1)
+
+    def close(self) -> None:
+        if self.server is not None and self.server.poll() is None:
+            os.killpg(self.server.pid, signal.SIGTERM)
+            try:
+                self.server.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.server.pid, signal.SIGKILL)
+        if self._snapshot is not None:
+            shutil.rmtree(self._snapshot, ignore_errors=True)
+        if self.cfg.update_dir is None:
+            shutil.rmtree(self.update_root, ignore_errors=True)
+
+    # -------------------------------------------------------------- the server
+    def _launch(self) -> str:
+        try:
+            import sglang  # noqa: F401
+        except ImportError:
+            raise SGLangError("rollout.engine=sglang with no rollout.sglang.url launches an sglang server, but "
+                              "sglang is not installed here: pip install 'rlflow[sglang]' on a GPU host, or give "
+                              "rollout.sglang.url=http://HOST:PORT of a running server") from None
+        port = self.cfg.port or _free_port(self.cfg.host)
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path,
+               "--host", self.cfg.host, "--port", str(port), "--tp-size", str(self.cfg.tp_size),
+               "--dtype", self.dtype, "--random-seed", str(self.seed)]
+        if self.device.startswith("cuda:"):  # rollout.device=cuda:N: the server's first GPU
+            cmd += ["--base-gpu-id", self.device.split(":", 1)[1]]
+        if self.cfg.mem_fraction is not None:
+            cmd += ["--mem-fraction-static", str(self.cfg.mem_fraction)]
+        if self.cfg.api_key:
+            cmd += ["--api-key", self.cfg.api_key]
+        cmd += [str(a) for a in self.cfg.launch_args]
+        env = {k: v for k, v in os.environ.items() if k not in ("SGLANG_RETURN_ORIGINAL_LOGPROB", "RETURN_ORIGINAL_LOGPROB")}
+        log = tempfile.NamedTemporaryFile(prefix="rlflow-sglang-", suffix=".log", delete=False)
+        self.log_path = log.name
+        # Its own session, so close() stops its whole process tree; it dies with this process (pdeathsig).
+        self.server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                       preexec_fn=_server_preexec)
+        return f"http://{self.cfg.host}:{port}"
+
+    def _wait_ready(self) -> None:
+        """Until the server answers /get_server_info, bounded by startup_timeout; the error says why not."""
+        start = time.monotonic()
+        deadline, next_note = start + self.cfg.startup_timeout, start + 30.0
+        while True:
+            if self.server is not None and self.server.poll() is not None:
+                raise SGLangError(f"the sglang server exited with code {self.server.returncode} while starting; "
+                                  f"its log ({self.log_path}) ends:\n{_tail(self.log_path)}")
+            try:
+                self.client.server_info()
+                return
+            except SGLangError as e:
+                if time.monotonic() > deadline:
+                    where = f"; its log ({self.log_path}) ends:\n{_tail(self.log_path)}" if self.log_path else ""
+                    raise SGLangError(f"no sglang server ready at {self.client.url} within "
+                                      f"rollout.sglang.startup_timeout={self.cfg.startup_timeout:.0f}s ({e}){where}") from e
+                if time.monotonic() > next_note:  # model loading takes minutes on big checkpoints: show it
+                    print(f"waiting for the sglang server at {self.client.url} ({time.monotonic() - start:.0f}s of "
+                          f"{self.cfg.startup_timeout:.0f}s)", flush=True)
+                    next_note += 30.0
+                time.sleep(2.0)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: str | None, lines: int = 30) -> str:
+    if not path or not os.path.exists(path):
+        return "(no log)"
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------------------- update=distributed: the trainer's side
+class WeightBroadcaster:
+    """update=distributed, on the trainer: every server joins one process group with the trainer as rank 0
+    (a server's TP ranks take the ranks after it), and each new version is broadcast tensor by tensor.
+
+    Per version: pause every server (abort), ask each to receive ``names/dtypes/shapes`` while this side
+    broadcasts them in that order, tag the version, flush, continue. The servers' versions then move
+    with the trainer's; rollout replicas read the version each sample was generated at from sglang's
+    response (``Generation.version``), so the staleness bound still holds.
+    """
+
+    def __init__(self, urls: list[str], tp_sizes: list[int], host: str, backend: str, cfg: SGLangConfig,
+                 timeout: float):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.cfg, self.backend = cfg, backend
+        self.clients = [SGLangClient(u, cfg.api_key, cfg.request_timeout) for u in urls]
+        for c in self.clients:
+            c.server_info()
+        self.name = f"rlflow-{uuid.uuid4().hex[:8]}"
+        world = 1 + sum(tp_sizes)
+        port = _free_port(host)
+        offsets = [1 + sum(tp_sizes[:i]) for i in range(len(urls))]
+        self.pool = ThreadPoolExecutor(max(1, len(urls)), thread_name_prefix="rlflow-broadcast")
+        joins = [self.pool.submit(c.init_update_group, host, port, off, world, self.name, backend)
+                 for c, off in zip(self.clients, offsets)]
+        self.group = update_group(backend, host, port, world, 0, self.name, timeout)
+        for j in joins:
+            j.result()
+
+    def push(self, weights: dict[str, torch.Tensor], version: int, device: str) -> float:
+        """Install ``weights`` as ``version`` on every server; returns the seconds it took."""
+        import torch.distributed as dist
+
+        t0 = time.monotonic()
+        names = list(weights)
+        dtypes = [str(weights[n].dtype).removeprefix("torch.") for n in names]
+        shapes = [list(weights[n].shape) for n in names]
+        for c in self.clients:
+            c.pause()
+        receives = [self.pool.submit(c.update_from_distributed, names, dtypes, shapes, self.name, version)
+                    for c in self.clients]
+        for n in names:
+            dist.broadcast(weights[n].to(device).contiguous(), src=0, group=self.group)
+        for r in receives:
+            r.result()
+        for c in self.clients:
+            c.set_weight_version(version)
+            c.flush_cache(self.cfg.flush_timeout)
+            c.resume()
+        return time.monotonic() - t0
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        self.pool.shutdown(wait=False)
+        try:
+            dist.destroy_process_group(self.group)
+        except Exception:  # noqa: BLE001 - the servers may already be gone at shutdown
+            pass
+
+
+def _server_preexec() -> None:
+    """In the server's process, before exec: SIGTERM unblocked (the rollout blocks it for the thread that
+    waits for it, and a signal mask survives exec), then dying with the rollout (pdeathsig)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    die_with_parent()

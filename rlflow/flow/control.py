@@ -1,0 +1,75 @@
+"""The control socket: role replicas' reports (``roles/reports.py``) into the launcher's event queue.
+
+One PULL socket on a thread of its own; every report is checked where it is read (``reports.problem``):
+one that is not a report the launcher can act on becomes a ``bad_report`` event naming what is wrong,
+so a confused or hostile sender can neither crash the launcher nor be half-handled. With CURVE keys
+(a cluster) only holders of the run's keys can connect. The thread stops when ``stopped`` is set, after
+taking in what the stopped roles sent last.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+
+import zmq
+
+from rlflow.roles import reports
+from rlflow.transfer import security
+
+BIND_S = 30.0  # bound on the thread binding the socket
+POLL_MS = 200  # how soon the thread notices ``stopped``; not a bound on anything a role waits for
+MAX_REPORT_BYTES = 64 << 20  # a report bigger than this (the actor's carries a step's uids) is refused unread
+
+
+class ControlReceiver:
+    def __init__(self, address: str, keys_dir: str | None, events: queue.Queue, stopped: threading.Event):
+        self.events, self.stopped = events, stopped
+        bound: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._receive, args=(address, keys_dir, bound), name="rlflow-control",
+                                       daemon=True)
+        self.thread.start()
+        try:
+            result = bound.get(timeout=BIND_S)
+        except queue.Empty:
+            raise TimeoutError(f"the control socket was not bound at {address} within {BIND_S:.0f}s") from None
+        if isinstance(result, BaseException):
+            raise result
+        self.address = result  # where it listens (port 0 resolved)
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+
+    def _receive(self, address: str, keys_dir: str | None, bound: queue.Queue) -> None:
+        try:
+            sock = zmq.Context.instance().socket(zmq.PULL)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPORT_BYTES)
+            if keys_dir is not None:
+                security.serve_curve(zmq.Context.instance(), sock, keys_dir)
+            sock.bind(address)
+            bound.put(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        except BaseException as e:
+            bound.put(e)
+            return
+        try:
+            while not self.stopped.is_set():  # roles report until they are stopped (their last spans)
+                if sock.poll(POLL_MS):
+                    self._take(sock.recv())
+            while sock.poll(0):  # what the stopped roles sent last is queued already
+                self._take(sock.recv())
+        finally:
+            sock.close(0)
+
+    def _take(self, frame: bytes) -> None:
+        try:
+            report = json.loads(frame)
+        except ValueError as e:
+            self.events.put(("bad_report", {"why": f"not JSON ({e})", "head": frame[:80]}))
+            return
+        why = reports.problem(report)
+        if why is not None:
+            self.events.put(("bad_report", {"why": why, "head": frame[:80]}))
+            return
+        self.events.put(("report", report))

@@ -1,0 +1,678 @@
+"""The launcher: one run, top to bottom — prepare, start the bus and the roles, feed, supervise, shut down.
+
+    rlflow (Hydra) ──► run(cfg)
+        prepare   : settle the settings (a resume's own: flow/resume.py) and check them, read and check
+                    the data file (flow/data.py), build or locate the model; only then make the run
+                    directory (nothing is written for a run refused here)
+        start     : bus server ─ control socket (roles → launcher reports) ─ role replicas
+                    (actor ×1, rollout ×N, reward ×M, reference ×R when kl_coef > 0), placed by
+                    flow/placement/local.py (processes of this machine) or flow/placement/ray_cluster.py (launcher=ray)
+        feed      : the feeder thread puts prompt groups under admission control (flow/feeder.py)
+        supervise : one event queue: reports, heartbeats (carrying the roles' timeline spans: written to
+                    timeline.jsonl, flow/observe/timeline.py), metrics, process exits, feeder failure, Ctrl-C;
+                    a replica that dies, fails or hangs is restarted by policy (flow/placement/supervisor.py)
+        shut down : stop the feeder, stop every role (kill what is left after shutdown_seconds), take
+                    their last spans, stop the bus, write the report and print the capacity advice
+                    (flow/observe/report.py), close tracking, remove the socket directory
+
+Invariants: the run ends on the actor's ``done`` (success, unless no step had a sample to train), on a
+failure supervision may not recover (the bus, a replica past its restart budget, a start-up error, a
+reward function failing on every sample of ``reward.max_failed_steps`` steps), or on Ctrl-C; in every case every
+process it started is gone when ``run`` returns, and the failing role's traceback is shown. A restarted
+replica loses nothing: it is killed for sure before its leases are handed back to the bus, so no row
+is held by two live incarnations, and every row it held is redelivered. The event queue is unbounded on purpose:
+its producers are a handful of processes reporting a few events per step, and losing a report
+(a traceback) would be worse than the memory it takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.panel import Panel
+
+from rlflow.flow.observe.capacity import machine_cores
+from rlflow.flow.config import ConfigError, RunConfig, StartError, validate
+from rlflow.flow.data import Prompts, check_tokens, load_prompts, prompt_records
+from rlflow.flow.control import ControlReceiver
+from rlflow.flow.feeder import Feeder
+from rlflow.flow.ledger import Ledger
+from rlflow.flow.resume import (ResumePoint, Resumed, newest_point, record_resume, requested_point, require_same_shape,
+                         resume_settings)
+from rlflow.flow.placement.supervisor import Supervisor
+from rlflow.flow.observe.timeline import BusSampler, TimelineLog
+from rlflow.flow.observe.tracking import Tracker, plain, say, sync_summary
+from rlflow.flow.placement.plan import ReplicaPlan, Wiring
+from rlflow.flow.placement.worker import holder_name
+from rlflow.roles.actor import ActorArgs, Broadcast
+from rlflow.roles.reference import ReferenceArgs
+from rlflow.roles.rollout import RolloutArgs
+from rlflow.roles import reports, schema
+from rlflow.sync.weights import relay_parent, relays_to_others
+from rlflow.transfer import BusClient, ServerConfig
+
+KILL_WAIT_S = 30.0  # bound on a killed replica's process (or Ray actor) being reported gone
+FEEDER_STOP_S = 30.0  # bound on the feeder thread returning once asked to (its waits are 1 s long-polls)
+RECEIVER_STOP_S = 5.0  # bound on the control thread taking in the reports already queued once every role stopped
+EXIT_GRACE_S = 5.0  # a replica that exits cleanly may have its last report (the actor's ``done``) still in flight
+
+
+def run(dcfg: DictConfig, console: Console, overrides: list[str] = ()) -> int:
+    """Run one training job; returns the process exit code (0: all steps done).
+
+    ``overrides``: the command line's ``key=value`` arguments (a resume applies only the safe ones to the
+    run's saved settings: ``flow/resume.py``). Everything that can be checked is checked before anything
+    is written or started: the settings, the resume point, the data file, the model (a ConfigError then
+    leaves no run directory behind).
+    """
+    dcfg, cfg, resumed, start = settle(dcfg, overrides)
+    if cfg.launcher == "local":  # its imports overlap with preparing the data and the model
+        from rlflow.flow.placement.local import start_forkserver
+
+        start_forkserver()
+    prompts = load_prompts(cfg.data)
+    model_path = prepare_model(cfg, prompts, console)
+    if start.path is not None:
+        require_same_shape(start.path, model_path)
+    tokenizer = load_tokenizer(model_path)
+    if prompts is not None:
+        check_tokens(tokenizer, prompts)
+    write_settings(Path(cfg.run_dir), dcfg, resumed, start)
+    say(console, f"run {cfg.run_dir}  model {model_path}  staleness {cfg.flow.staleness}  steps {cfg.flow.steps}")
+    if start.path is not None:
+        changed = "; ".join(f"{k}: {old} -> {new}" for k, (old, new) in resumed.changed.items())
+        say(console, f"resuming from {start.path}: step {start.version} of {cfg.flow.steps}"
+                     + (f" with the settings of {resumed.saved}" if resumed.saved else
+                        " (no config.yaml beside it: with the settings of this command line)")
+                     + (f"; changed: {changed}" if changed else ""))
+    try:
+        with Run(cfg, model_path, console, start, prompts, tokenizer) as r:
+            return r.supervise()
+    except StartError as e:  # nothing ran: the message says what could not start, no traceback needed
+        say(console, str(e), "error")
+        return 1
+
+
+def settle(dcfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, RunConfig, Resumed | None, ResumePoint]:
+    """The run's settings (a resume's own, with the command line's safe changes), checked; where it starts."""
+    dcfg, resumed = resume_settings(dcfg, list(overrides))
+    cfg: RunConfig = OmegaConf.to_object(dcfg)
+    token_auth_for_joining(cfg)  # before anything imports ray
+    validate(cfg)
+    if cfg.launcher == "local":  # under Ray the GPUs are the cluster's, not necessarily this machine's
+        check_devices(cfg)
+    start = requested_point(cfg) or ResumePoint(None)
+    metrics = Path(cfg.run_dir) / "metrics.jsonl"
+    if start.path is None and metrics.exists() and metrics.stat().st_size:
+        raise ConfigError(f"run_dir={cfg.run_dir!r} already holds a run (its metrics.jsonl): continue it with "
+                          f"resume=true, or choose another run_dir")
+    return dcfg, cfg, resumed, start
+
+
+def write_settings(run_dir: Path, dcfg: DictConfig, resumed: Resumed | None, start: ResumePoint) -> None:
+    """Make the run directory; write config.yaml (a fresh run, or a resume's safe changes) and resumes.jsonl."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resumed is None or resumed.changed or not (run_dir / "config.yaml").exists():
+        saved = OmegaConf.to_container(dcfg, resolve=True)
+        saved["resume"] = None  # the file describes the experiment; how it was continued is in resumes.jsonl
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    if resumed is not None:
+        record_resume(run_dir, resumed, start.version)
+
+
+def token_auth_for_joining(cfg: RunConfig) -> None:
+    """Joining a Ray cluster: send our auth token when we have one.
+
+    Ray 2.5x clusters require a token by default, but a driver that joins one sends its token only in
+    token mode, which Ray reads from RAY_AUTH_MODE when it is imported. Sending a token to a cluster
+    without authentication is harmless, so token mode is turned on whenever a token is at hand.
+    """
+    if cfg.launcher != "ray" or cfg.ray.address is None or "RAY_AUTH_MODE" in os.environ:
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or \
+            (Path.home() / ".ray" / "auth_token").exists():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def check_devices(cfg: RunConfig) -> None:
+    import torch
+
+    for name, device in (("rollout.device", cfg.rollout.device), ("actor.device", cfg.actor.device),
+                         ("reference.device", cfg.reference.device)):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"{name}={device!r} but torch sees no GPU here; use {name}=cpu")
+
+
+def prepare_model(cfg: RunConfig, prompts: Prompts | None, console: Console) -> str:
+    """The start policy's checkpoint directory: ``model.path``, or the tiny model built (once) for the data."""
+    if cfg.model.path is not None:
+        return cfg.model.path
+    import transformers
+
+    from rlflow.engines.tiny import build_tiny_model, data_demos, task_demos
+
+    transformers.logging.disable_progress_bar()
+    if prompts is None:
+        demos = task_demos(cfg.data.task, cfg.data.min_digits, cfg.data.max_digits)
+    else:
+        demos = data_demos(prompts.records, cfg.model.tiny.answer_key)
+        say(console, f"model: a tiny model built here for data.path (its byte tokenizer reads any text); warm-start: "
+                     + (f"on the data's {cfg.model.tiny.answer_key!r} column" if demos.sample else
+                        f"none, the data has no {cfg.model.tiny.answer_key!r} column (model.tiny.answer_key), so the "
+                        f"policy starts random") + ". For a real policy give model.path=CHECKPOINT_DIR.", "note")
+    return build_tiny_model(cfg.model.tiny, demos, cfg.model.cache_dir, log=lambda m: say(console, m))
+
+
+def load_tokenizer(model_path: str):
+    """The start checkpoint's tokenizer; one that does not load is a ConfigError naming model.path."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a directory it cannot read
+        raise ConfigError(f"model.path={model_path!r}: its tokenizer does not load ({type(e).__name__}: "
+                          f"{str(e).strip()[:300]})") from None
+
+
+def make_tokenize(tokenizer, chat_template: bool):
+    if chat_template:
+        return lambda text: tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                          add_generation_prompt=True, tokenize=True)
+    return lambda text: tokenizer(text)["input_ids"]
+
+
+def reward_fn(cfg: RunConfig) -> str:
+    """The dotted path of the run's reward function: ``reward.fn``, or the built-in task's own."""
+    from rlflow.tasks.builtin import get_task
+
+    return cfg.reward.fn or get_task(cfg.data.task).reward
+
+
+def plan_roles(cfg: RunConfig) -> list[ReplicaPlan]:
+    """Every role replica of the run, with its config and run-level arguments (wiring comes at start)."""
+    reward = dataclasses.replace(cfg.reward, fn=reward_fn(cfg))
+    sync = dataclasses.replace(cfg.sync, dtype=cfg.sync.dtype or cfg.rollout.dtype)
+    broadcast = None
+    if cfg.rollout.engine == "sglang" and cfg.rollout.sglang.update == "distributed":
+        broadcast = Broadcast(servers=cfg.rollout.replicas, tp=cfg.rollout.sglang.tp_size, sglang=cfg.rollout.sglang,
+                              backend="nccl" if cfg.actor.device.startswith("cuda") else "gloo")
+    actor = ActorArgs(steps=cfg.flow.steps, staleness=cfg.flow.staleness, sync=sync, broadcast=broadcast,
+                      samples_every=cfg.tracking.samples_every)
+    plans = [ReplicaPlan("actor", i, cfg.actor, actor, cfg.actor.threads) for i in range(cfg.actor.replicas)]
+    plans += [ReplicaPlan("rollout", i, dataclasses.replace(cfg.rollout, seed=cfg.rollout.seed + i),
+                          RolloutArgs(sync, *relay_endpoints(i, cfg.rollout.replicas, cfg.sync.fanout)),
+                          cfg.rollout.threads) for i in range(cfg.rollout.replicas)]
+    plans += [ReplicaPlan("reward", i, reward, None, 1) for i in range(cfg.reward.replicas)]
+    if cfg.actor.kl_coef > 0:
+        plans += [ReplicaPlan("reference", i, cfg.reference, ReferenceArgs(cfg.rollout.temperature),
+                              cfg.reference.threads) for i in range(cfg.reference.replicas)]
+    return plans
+
+
+def relay_endpoints(replica: int, replicas: int, fanout: int) -> tuple[str | None, str | None]:
+    """The endpoint rollout ``replica`` pulls weight chunks from, and the one it serves (chain or tree)."""
+    parent = relay_parent(replica, fanout)
+    return (None if parent is None else f"weights-{parent}",
+            f"weights-{replica}" if relays_to_others(replica, replicas, fanout) else None)
+
+
+class Run:
+    """The processes and threads of one run; ``with Run(...)`` guarantees the shutdown path runs."""
+
+    def __init__(self, cfg: RunConfig, model_path: str, console: Console, start: ResumePoint, prompts: Prompts | None,
+                 tokenizer):
+        """``start``: the checkpoint the run continues from (``resume``; a path-less point: fresh);
+        ``prompts``: the data file's records (None: the built-in task); ``tokenizer``: the start checkpoint's."""
+        self.cfg, self.model_path, self.console = cfg, model_path, console
+        self.start, self.prompts, self.tokenizer = start, prompts, tokenizer  # tokenizer: prompts in, samples out
+        self.reward_fn = reward_fn(cfg)
+        self.events: queue.Queue = queue.Queue()
+        sweep_socket_dirs()
+        # ipc paths must stay short (~100 chars); the pid in the name lets a later run remove it if we are killed
+        self.sock_dir = tempfile.mkdtemp(prefix=f"rlflow-{os.getpid()}-")
+        self.placement = None  # flow/placement/local.py or flow/placement/ray_cluster.py: where the bus and the roles run
+        self.tracker = None
+        self.feeder = self.feeder_thread = None
+        self.epoch = 0  # rewinds so far, this run and the ones it resumed
+        self.closing = threading.Event()
+        self.stopped = threading.Event()  # every role is stopped: the control socket may close
+        self.timeline = self.sampler = self.receiver = None  # run_dir/timeline.jsonl and the bus's queue sampler (flow/observe/timeline.py)
+        self.busy: Counter = Counter()  # seconds each role spent working, from its reports
+        self.reward_errors: Counter = Counter()  # failed reward calls by kind (roles/sandbox.call), from reports
+        self.first_reward_error: dict[str, dict] = {}  # kind -> its first reward_error report (shown in full)
+        self.failed_reward_steps = 0  # steps in a row whose every sample's reward failed
+        self.work: Counter = Counter()  # samples each role replica processed, from its reports
+        self.ledger = Ledger(cfg.rollout.group_size)  # the exactly-once accounting (flow/ledger.py)
+        self.trainer: dict = {}  # from the actor's done report: replicas, identical_weights
+        self.sync_reports: list[dict] = []  # rollout weight applies since the last step's metrics line
+        self.sync_totals: dict[str, dict] = {}  # per rollout replica: bytes from the actor / from peers, applies
+        self.supervisor = Supervisor(cfg.supervision)
+        self.plans: dict[tuple[str, int], ReplicaPlan] = {}  # what each replica was started with (restarts reuse it)
+        self.bus = None  # the launcher's own bus client: hands a dead replica's leases back
+        self.lease_expiries = 0
+        self.interrupted = False  # Ctrl-C: stop at once (the report of what was logged is still written)
+
+    def __enter__(self) -> "Run":
+        try:
+            self._start()
+        except BaseException:
+            self._shutdown()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._shutdown()
+
+    # ------------------------------------------------------------------ start
+    def _start(self) -> None:
+        cfg, run_dir = self.cfg, self.cfg.run_dir
+        plan = plan_roles(cfg)
+        self.placement = make_placement(cfg, [(p.role, p.replica) for p in plan], self.sock_dir,
+                                        lambda m: say(self.console, m))
+        bus_address = self.placement.start_bus(ServerConfig(capacity_rows=cfg.flow.bus_capacity_rows,
+                                                            capacity_bytes=cfg.flow.bus_capacity_bytes),
+                                               functools.partial(self._exited, "bus", 0, None))
+        keys_dir = self.placement.keys_dir
+        self.bus = BusClient(bus_address, keys_dir=keys_dir)
+        say(self.console, f"bus {bus_address}  (`rlflow bus stats {run_dir}` shows what it holds)")
+        schema.declare(self.bus)
+        self.receiver = ControlReceiver(self.placement.control_address, keys_dir, self.events, self.stopped)
+        control = self.receiver.address
+        wiring = Wiring(bus=bus_address, control=control, endpoints=self.placement.endpoints_spec,
+                        keys=self.placement.keys, keys_parent=self.placement.keys_parent, model_path=self.model_path,
+                        run_dir=run_dir, seed=cfg.seed, wait_seconds=cfg.flow.wait_seconds,
+                        lease_seconds=cfg.flow.lease_seconds, heartbeat_s=cfg.supervision.heartbeat_s,
+                        launcher_pid=os.getpid())
+        self.plans = {(p.role, p.replica): p.replace(wiring=wiring) for p in plan}
+        self.tokenize = make_tokenize(self.tokenizer, cfg.data.chat_template)
+        self.tracker = Tracker(cfg.tracking, run_dir, dataclasses.asdict(cfg), cfg.flow.steps, self.console,
+                               keep_steps=self.start.version if self.start.path else None)
+        self.timeline = TimelineLog(run_dir)
+        self.sampler = BusSampler(bus_address, keys_dir, self.timeline)
+        self._continue_from(self.start, list(self.plans), rewind=False)
+        self.placement.wait_started()
+        self._write_processes()
+
+    def _continue_from(self, point: ResumePoint, replicas: list[tuple[str, int]], rewind: bool) -> None:
+        """Start ``replicas`` (the actor's resuming from ``point``) and a feeder that skips what ``point``
+        trained. The bus holds nothing the run still needs: it is fresh, or the rewind cleared it."""
+        if rewind or point.path is not None:  # rows issued from here on are told apart from earlier ones
+            self.epoch = max(self.epoch, point.epoch) + 1
+        for role, replica in replicas:
+            if role == "actor":
+                p = self.plans[(role, replica)]
+                self.plans[(role, replica)] = p.replace(args=dataclasses.replace(p.args, resume_from=point.path,
+                                                                                 epoch=self.epoch))
+            self._start_role(role, replica)
+        self.ledger.rewind(point.version)
+        self.failed_reward_steps = 0
+        # a kept step whose metrics report never arrived (or a resumed one)
+        self.ledger.adopt(point.trained_by_step(self.cfg.rollout.group_size), point.skipped())
+        cfg = self.cfg
+        self.feeder = Feeder(self.bus.address, self.placement.endpoints,
+                             prompt_records(cfg.data, self.prompts), self.tokenize,
+                             group_size=cfg.rollout.group_size, groups_per_step=cfg.actor.groups_per_step,
+                             staleness=cfg.flow.staleness, async_queue_steps=cfg.flow.async_queue_steps,
+                             steps=cfg.flow.steps, wait_seconds=cfg.flow.wait_seconds,
+                             keys_dir=self.placement.keys_dir, done=point.done_groups(), epoch=self.epoch)
+        self.feeder_thread = threading.Thread(target=self._feed, args=(self.feeder,), name="rlflow-feeder",
+                                              daemon=True)
+        self.feeder_thread.start()
+
+    def _start_role(self, role: str, replica: int) -> None:
+        """Start the next incarnation of a replica with the arguments it was first planned with."""
+        incarnation = self.supervisor.started(f"{role}-{replica}")
+        self.placement.start_role(self.plans[(role, replica)].replace(incarnation=incarnation),
+                                  functools.partial(self._exited, role, replica, incarnation))
+
+    def _write_processes(self) -> None:
+        """processes.json: every pid of the run as it is now (rewritten after each restart), and where its
+        bus listens (``rlflow bus stats RUN_DIR`` reads it)."""
+        (Path(self.cfg.run_dir) / "processes.json").write_text(json.dumps(
+            {"launcher": os.getpid(), "kind": self.placement.kind, "bus_address": self.bus.address,
+             "keys_dir": self.placement.keys_dir, **self.placement.processes()}, indent=1))
+
+    def _exited(self, role: str, replica: int, incarnation: int | None, what: str, detail: str | None) -> None:
+        self.events.put(("exit", {"role": role, "replica": replica, "incarnation": incarnation, "what": what,
+                                  "detail": detail}))
+
+    def _feed(self, feeder: Feeder) -> None:
+        try:
+            feeder.run()
+        except BaseException:
+            if feeder.stop.is_set():  # a rewind stopped it mid-put: nothing to report
+                return
+            self.events.put(("feeder_failed", traceback.format_exc()))
+
+    # ------------------------------------------------------------------ supervise
+    def supervise(self) -> int:
+        """Handle events until the run is done (0), failed (1) or interrupted (130)."""
+        t0 = time.monotonic()
+        try:
+            while True:
+                try:
+                    kind, ev = self.events.get(timeout=1.0)
+                except queue.Empty:
+                    kind, ev = None, None
+                verdict = None
+                if kind == "exit":
+                    verdict = self._on_exit(ev)
+                elif kind == "report":
+                    verdict = self._report(ev)
+                elif kind == "feeder_failed":
+                    verdict = self._failed("feeder", 0, ev, "failed")
+                elif kind == "bad_report":
+                    say(self.console, f"control socket: refused a report: {ev['why']} ({ev['head']!r})", "warning")
+                for name, silent in self.supervisor.hung():
+                    if verdict is None and not self.closing.is_set():
+                        role, replica = name.rsplit("-", 1)
+                        verdict = self._recover(role, int(replica), f"hung: no heartbeat for {silent:.0f}s "
+                                                f"(supervision.hang_s={self.cfg.supervision.hang_s:g})")
+                if verdict is not None:
+                    return verdict
+        except KeyboardInterrupt:
+            say(self.console, "interrupted: stopping every role", style="yellow")
+            self.interrupted = True
+            return 130
+        finally:
+            self._summary(time.monotonic() - t0)
+            if self.reward_errors:
+                kinds = ", ".join(f"{kind} ({n})" for kind, n in self.reward_errors.most_common())
+                say(self.console, f"reward.fn={self.reward_fn} failed on {sum(self.reward_errors.values())} samples, "
+                                  f"none of them trained: {kinds}", "warning")
+
+    def _on_exit(self, ev: dict) -> int | None:
+        if self.closing.is_set():
+            return None
+        role, replica = ev["role"], ev["replica"]
+        what = f"{ev['what']} before the run was done"
+        if role == "bus":
+            return self._failed("bus", 0, None, what, f"{ev['detail'] or ''}\nThe bus held the run's rows and "
+                                "leases, so the run cannot go on; continue it from its last checkpoint with "
+                                "resume=true.".strip())
+        if not self.supervisor.current(f"{role}-{replica}", ev["incarnation"]):
+            return None  # an incarnation already replaced (killed by the supervisor)
+        if ev["what"] == "exited with code 0" and not ev.get("graced"):  # look again once its reports are in
+            timer = threading.Timer(EXIT_GRACE_S, self.events.put, args=(("exit", {**ev, "graced": True}),))
+            timer.daemon = True
+            timer.start()
+            return None
+        return self._recover(role, replica, what, detail=ev["detail"])
+
+    def _recover(self, role: str, replica: int, what: str, tb: str | None = None, detail: str | None = None,
+                 failed: bool = False) -> int | None:
+        """Restart a replica that died, failed or hung, if the policy allows; else stop the run (returns 1)."""
+        name = f"{role}-{replica}"
+        incarnation = self.supervisor.incarnation(name)
+        why_not = self.supervisor.may_restart(name, role, failed)
+        if why_not is not None:
+            self.supervisor.record(name, incarnation, what, "stopped the run", why=why_not)
+            restarts = [h for h in self.supervisor.history if h["action"] == "restarted"]
+            detail = "\n".join(filter(None, [detail, f"not restarted: {why_not}"] +
+                                      [f"earlier: {h['replica']} {h['what']} (restarted)" for h in restarts]))
+            return self._failed(role, replica, tb, what, detail)
+        if role == "actor":
+            return self._rewind(name, incarnation, what, tb, detail)
+        t0 = time.monotonic()
+        self.placement.kill_role(role, replica, KILL_WAIT_S)  # for sure gone before its leases go back
+        returned = self.bus.release(holder_name(role, replica, incarnation))
+        self._start_role(role, replica)
+        rows = sum(returned.values())
+        self._restarted(name, incarnation, what, detail, tb, t0, f"restarted as incarnation {incarnation + 1}; "
+                        f"{rows} rows it held went back to the bus", rows_returned=rows)
+        return None
+
+    def _rewind(self, name: str, incarnation: int, what: str, tb: str | None, detail: str | None) -> int | None:
+        """The trainer died, failed or hung: continue from this run's newest checkpoint (or, before this
+        launcher wrote one, from where it started: a resumed run's checkpoint, or the start policy).
+
+        Every trainer replica and every rollout replica restarts (the rollouts hold weights of a lineage
+        that is being discarded); the bus is cleared, the ledger and metrics.jsonl drop the steps after the
+        checkpoint, and a new feeder reissues every group the kept steps did not consume, under new ids.
+        Reward and reference replicas go on: a result they put for a cleared row is skipped.
+        """
+        t0 = time.monotonic()
+        point = newest_point(self.cfg.run_dir)
+        if point.version < self.start.version or point.path is None:  # resumed into a new run_dir, no checkpoint yet
+            point = self.start
+        self.feeder.stop.set()
+        self.feeder_thread.join(FEEDER_STOP_S)
+        if self.feeder_thread.is_alive():
+            return self._failed("feeder", 0, None, "did not stop for a rewind",
+                                f"the feeder thread did not return within {FEEDER_STOP_S:.0f}s (blocked in a put "
+                                f"to a full bus?), so the trainer could not be restarted after: {name} {what}")
+        self.ledger.replaced_issued |= self.feeder.issued_groups()
+        restarted = [(r, i) for r, i in self.plans if r in ("actor", "rollout")]
+        for role, replica in restarted:
+            self.placement.kill_role(role, replica, KILL_WAIT_S)
+            self.bus.release(holder_name(role, replica, self.supervisor.incarnation(f"{role}-{replica}")))
+        cleared = self.bus.clear(everything=True)
+        for endpoint in self._trainer_endpoints():
+            self.placement.endpoints.withdraw(endpoint)
+        lost = self.ledger.last_step - point.version
+        self.tracker.rewind(point.version)
+        self._continue_from(point, restarted, rewind=True)
+        self._restarted(name, incarnation, what, detail, tb, t0,
+                        f"the trainer restarts from {point.path or 'the start policy'} (step {point.version}; {lost} "
+                        f"later steps are trained again), with every rollout replica",
+                        rewound_to=point.version, steps_lost=lost, rows_cleared=cleared)
+        return None
+
+    def _restarted(self, name: str, incarnation: int, what: str, detail: str | None, tb: str | None, t0: float,
+                   said: str, **facts) -> None:
+        """The end of every restart: wait for the new incarnations, write their pids, record it, say it."""
+        self.placement.wait_started()
+        self._write_processes()
+        took = time.monotonic() - t0
+        self.supervisor.record(name, incarnation, what, "restarted", restart_s=round(took, 3), **facts)
+        role, replica = name.rsplit("-", 1)
+        self.timeline.instant(role, int(replica), "rewind" if "rewound_to" in facts else "restart", ago_s=took,
+                              what=what, restart_s=round(took, 3), **facts)
+        say(self.console, f"{name} {what}" + (f" ({detail})" if detail else "") + f": {said}", style="yellow")
+        if tb:
+            say(self.console, tb)
+
+    def _trainer_endpoints(self) -> list[str]:
+        """Endpoints the trainer and rollout replicas advertise (withdrawn before they restart)."""
+        names = ["weights", "trainer", "trainer-broadcast"]
+        return names + [f"{p}-{i}" for p in ("weights", "sglang") for i in range(self.cfg.rollout.replicas)]
+
+    def _report(self, ev: dict) -> int | None:
+        kind, name = ev["kind"], f"{ev['role']}-{ev['replica']}"
+        if kind == reports.HEARTBEAT and self.timeline is not None:  # a gone incarnation's last spans are history too
+            self.timeline.heartbeat(ev)
+        if not self.supervisor.current(name, ev.get("incarnation")):
+            return None  # sent by an incarnation that is gone: its successor reports for itself
+        self.supervisor.heard(name, kind)
+        if kind == reports.HEARTBEAT:
+            return None
+        if kind == reports.METRICS:
+            self.ledger.record(ev["step"], ev.pop("uids"), ev.pop("skipped_uids"))
+            if "examples" in ev:
+                self.tracker.log_samples(ev["step"], self._decoded(ev.pop("examples"), ev["step"]))
+            self.tracker.log({**ev, **sync_summary(self.sync_reports),
+                              "supervision/restarts": len(self.supervisor.history)})
+            self.sync_reports.clear()
+            return self._reward_health(ev)
+        elif kind == reports.SYNC:
+            self.sync_reports.append(ev)
+            totals = self.sync_totals.setdefault(f"rollout-{ev['replica']}", {"applied": 0, "refused": 0})
+            totals["applied" if ev["bit_exact"] else "refused"] += 1
+            totals.update(from_actor_bytes=ev["from_actor_bytes"], from_peers_bytes=ev["from_peers_bytes"],
+                          version=ev.get("version", totals.get("version")))
+            if "error" in ev:
+                say(self.console, f"rollout-{ev['replica']} refused {ev['object']}: {ev['error']}; it resyncs from the "
+                                  f"keyframe", style="yellow")
+        elif kind == reports.WORK:
+            self.busy[ev["role"]] += ev["seconds"]
+            self.work[name] += ev["samples"]
+            self.reward_errors.update(ev.get("errors", {}))
+        elif kind == reports.REWARD_ERROR:
+            self._reward_error(ev)
+        elif kind == reports.LEASE_EXPIRED:
+            self.lease_expiries += 1
+        elif kind == reports.FAILED:
+            if self.closing.is_set():
+                return self._failed(ev["role"], ev["replica"], ev.get("traceback"), "failed")
+            return self._recover(ev["role"], ev["replica"], "failed", tb=ev.get("traceback"), failed=True)
+        elif kind == reports.DONE:
+            self.closing.set()
+            self.trainer = {"replicas": ev["replicas"], "identical_weights": ev["identical_weights"]}
+            if not ev["identical_weights"]:
+                say(self.console, "the trainer replicas ended with different weights", style="red")
+                return 1
+            return self._done(ev["version"])
+        return None
+
+    def _decoded(self, examples: list[dict], step: int) -> list[dict]:
+        """The actor's sample of a step (token ids) as text, for samples.jsonl and the W&B table."""
+        text = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        return [{"prompt": text(e["prompt_ids"]), "response": text(e["response_ids"]), "reward": e["reward"],
+                 "version": e["version_start"], "staleness": step - 1 - e["version_start"]} for e in examples]
+
+    def _done(self, version: int) -> int:
+        """The actor finished every step: 0, unless no step had anything to train (a run that trained nothing)."""
+        idle = self.ledger.steps - self.ledger.updated  # steps without an update
+        if idle and idle == self.ledger.steps:
+            say(self.console, f"the run trained nothing: none of its {version} steps had a sample to train (every "
+                              f"reward failed, or no group had two different rewards: see groups/skipped and "
+                              f"reward/errors in {self.cfg.run_dir}/metrics.jsonl)", "error")
+            return 1
+        say(self.console, f"{version} steps" + (f" ({version - idle} updated the policy; {idle} had no sample to "
+                                                f"train)" if idle else "")
+            + f"; checkpoint in {self.cfg.run_dir}/checkpoints/final", "done")
+        return 0
+
+    def _reward_error(self, ev: dict) -> None:
+        """A kind of reward failure seen for the first time (by this run): shown once, in full."""
+        if ev["failure"] in self.first_reward_error:
+            return  # another replica's first of a kind already shown
+        self.first_reward_error[ev["failure"]] = ev
+        say(self.console, f"reward.fn={self.reward_fn} on row {ev['uid']} (prompt {ev['prompt']!r}, response "
+                          f"{ev['response']!r}) {ev['error']}. The sample is not trained; later failures of this "
+                          f"kind are counted (reward/errors in metrics.jsonl, reward_errors in summary.json)", "warning")
+        if ev["traceback"]:
+            say(self.console, ev["traceback"].rstrip())
+
+    def _reward_health(self, m: dict) -> int | None:
+        """Stop the run once every sample of ``reward.max_failed_steps`` steps in a row failed its reward."""
+        failed = m["samples"] > 0 and m["reward/errors"] == m["samples"]
+        self.failed_reward_steps = self.failed_reward_steps + 1 if failed else 0
+        limit = self.cfg.reward.max_failed_steps
+        if not limit or self.failed_reward_steps < limit:
+            return None
+        kind, count = self.reward_errors.most_common(1)[0] if self.reward_errors else ("?", 0)
+        first = self.first_reward_error.get(kind, {})
+        example = f"row {first['uid']}: prompt {first['prompt']!r}, response {first['response']!r}" if first else "?"
+        detail = (f"reward.fn={self.reward_fn} failed on every sample of the last {limit} steps (steps "
+                  f"{m['step'] - limit + 1}-{m['step']}), so they trained nothing. Most often ({count} samples) it "
+                  f"{first.get('error', kind)}; e.g. {example}.\nFix the function (try it on a row of the data), "
+                  f"then start again. reward.max_failed_steps={limit} sets how many such steps stop a run (0: never).")
+        return self._failed("reward", 0, first.get("traceback", ""), "", detail,
+                            title=f"reward.fn failed on every sample of {limit} steps in a row")
+
+    def _failed(self, role: str, replica: int, tb: str | None, what: str, detail: str | None = None,
+                title: str | None = None) -> int:
+        self.closing.set()
+        body = tb if tb is not None else "(no traceback: the process died without reporting; see its output above)"
+        body = "\n".join(filter(None, [detail, body]))
+        self.console.print(Panel(plain(body), title=plain(title or f"role {role}-{replica} {what}"), border_style="red"))
+        return 1
+
+    def _summary(self, wall: float) -> None:
+        summary = {"wall_s": round(wall, 3), "model_path": self.model_path, "launcher": self.cfg.launcher,
+                   "busy_s": dict(self.busy), "samples_by_replica": dict(self.work),
+                   "reward_errors": sum(self.reward_errors.values()), "reward_errors_by_kind": dict(self.reward_errors),
+                   "steps": {"done": self.ledger.steps, "updated": self.ledger.updated},
+                   "samples": self.ledger.counts(self.feeder.issued_groups() if self.feeder is not None else set()), "trainer": self.trainer, "sync": self.sync_totals,
+                   "supervision": {"restarts": self.supervisor.history, "lease_expiries": self.lease_expiries},
+                   "cores": machine_cores(),
+                   "timeline": {"spans_dropped": self.timeline.spans_dropped if self.timeline else {}}}
+        (Path(self.cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    # ------------------------------------------------------------------ shut down
+    def _shutdown(self) -> None:
+        self.closing.set()
+        if self.feeder is not None:
+            self.feeder.stop.set()
+        if self.sampler is not None:
+            self.sampler.close()
+        if self.bus is not None:
+            self.bus.close()
+        if self.placement is not None:
+            self.placement.stop(self.cfg.flow.shutdown_seconds, lambda m: say(self.console, m, style="yellow"))
+        self.stopped.set()
+        if self.receiver is not None:
+            self.receiver.join(RECEIVER_STOP_S)
+        if self.timeline is not None:
+            self._drain_spans()
+            self.timeline.close()
+            self._final_report()
+        if self.tracker is not None:
+            self.tracker.close()
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
+
+
+    def _final_report(self) -> None:
+        """Write run_dir/report (tracking.report), print the capacity advice, send the figures to W&B.
+
+        An interrupted run gets the report of what it logged too; a second Ctrl-C skips it (every process
+        is already stopped by then, so nothing is left behind either way)."""
+        if not self.cfg.tracking.report or self.tracker is None or not self.ledger.steps:
+            return
+        from rlflow.flow.observe.report import report_at_end
+
+        if self.interrupted:
+            say(self.console, "writing the report of what the run logged (Ctrl-C again skips it)", style="yellow")
+        try:
+            report_at_end(self.cfg.run_dir, self.console, self.tracker, self.ledger.last_step)
+        except KeyboardInterrupt:
+            say(self.console, f"report skipped; `rlflow report {self.cfg.run_dir}` writes it", style="yellow")
+
+    def _drain_spans(self) -> None:
+        """Write the spans of the heartbeats that arrived after supervision ended (each role's last)."""
+        while True:
+            try:
+                kind, ev = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "report" and ev["kind"] == reports.HEARTBEAT:
+                self.timeline.heartbeat(ev)
+
+
+def sweep_socket_dirs() -> None:
+    """Remove the socket directories of launchers that were killed (a clean stop removes its own)."""
+    for d in Path(tempfile.gettempdir()).glob("rlflow-*-*"):
+        pid = d.name.split("-")[1]
+        if not pid.isdigit() or not d.is_dir() or d.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def make_placement(cfg: RunConfig, roles: list[tuple[str, int]], sock_dir: str, log):
+    """Where the bus and the roles run: processes of this machine, or Ray actors (``launcher=ray``)."""
+    if cfg.launcher == "ray":
+        from rlflow.flow.placement.ray_cluster import RayPlacement
+
+        return RayPlacement(cfg, roles, sock_dir, log)
+    from rlflow.flow.placement.local import LocalPlacement
+
+    return LocalPlacement(sock_dir)

@@ -1,0 +1,56 @@
+"""The launch contract: what the launcher hands each role replica, as typed records.
+
+A run is planned once (``flow/launcher.plan_roles``): one ``ReplicaPlan`` per replica, carrying the
+role's own config, its run-level arguments (the role's ``*Args`` dataclass, declared beside its
+``serve`` in ``roles/``) and the ``Wiring`` every replica of the run shares. A placement (``local.py``,
+``ray_cluster.py``) ships the plan to where the replica runs; ``worker.run_role`` turns it into a
+``RoleContext`` and calls the role's serve function from ``roles.SERVE``. A restart reuses the plan with
+the next incarnation, so a replica comes back exactly as it was first planned.
+
+These records cross a process boundary only between the launcher and the processes (or Ray actors) it
+started itself, by pickling; nothing a peer sends is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Where everything of one run is, as every replica needs it."""
+
+    bus: str  # the bus server's address
+    control: str  # the launcher's control socket (reports and heartbeats go there)
+    endpoints: dict  # how replicas find each other's sockets (``endpoints.make_endpoints``)
+    keys: dict[str, bytes] | None  # CURVE key files to write for sockets beyond loopback; None on one host
+    keys_parent: str | None  # where to write them (a private directory is made inside)
+    model_path: str  # the checkpoint every role starts from (version 0)
+    run_dir: str
+    seed: int  # the run's seed; a replica's is seed + its index
+    wait_seconds: float  # bound on any wait for data or weights that should arrive
+    lease_seconds: float  # lease on rows taken from the bus
+    heartbeat_s: float  # seconds between heartbeats
+    launcher_pid: int  # a local replica dies with this process
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """One replica of one role: everything ``worker.run_role`` needs to run it."""
+
+    role: str  # a key of ``roles.SERVE``
+    replica: int  # index among the role's replicas
+    config: Any  # the role's config dataclass (RolloutConfig, RewardConfig, ReferenceConfig, ActorConfig)
+    args: Any  # the role's run-level arguments (``ActorArgs``, ``RolloutArgs``, ``ReferenceArgs``) or None
+    threads: int  # torch threads of the process
+    wiring: Wiring | None = None  # set when the run's sockets exist (``Run._start``)
+    incarnation: int = 0  # restarts of this replica so far
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.replica}"
+
+    def replace(self, **changes) -> "ReplicaPlan":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,218 @@
+"""The entry point of every role replica: connect, build the RoleContext, run the role's loop.
+
+``run_role`` is the replica itself, whoever hosts it: ``role_main`` (a process of the local launcher)
+or a Ray actor (``flow/placement/ray_cluster.py``). CURVE keys, when the run listens beyond loopback, arrive as
+bytes in the run's ``Wiring`` (``plan.py``) and are written to a private directory (``write_keys``).
+
+Shutdown is a designed path: the launcher sends SIGTERM (Ray: ``stop``, then a kill) and the process
+exits at once, wherever its loop is (a blocking bus wait included), after the role's exit hooks
+(``rlflow.transfer.lifetime.at_exit``: e.g. a server it launched; the last heartbeat, with the last
+timeline spans) and removing its keys; a thread of its own waits for the signal (``_exit_on_sigterm``).
+Every other thread must block SIGTERM, or the kernel may hand it one that does not and the default
+action kills the process without its hooks: the local launcher forks every role from a forkserver
+that runs with SIGTERM blocked (a mask survives fork and exec), so even the threads made while its
+arguments are unpickled block it. Exiting on the spot is safe because a role owns
+nothing else that outlives it: rows it took and did not ack return to the bus (at once when the
+launcher releases its leases, else when they end), its unfinished shared-memory payloads are swept by
+the bus (their writer pid is dead), and its sockets die with it. SIGINT is ignored here: a Ctrl-C in
+the terminal reaches the whole process group, and the launcher alone decides the order things stop in.
+A local role also gets SIGTERM when the launcher dies (``lifetime.die_with``: its parent is the
+forkserver, not the launcher), so no role outlives its launcher.
+
+Any other exception is reported to the launcher with its traceback (kind ``failed``) and exits 1.
+
+Liveness: a thread of its own sends a ``heartbeat`` every ``heartbeat_s`` over a socket of its own. A
+process that is frozen (SIGSTOP, a debugger, a swapped-out host) or wedged with the GIL held sends
+none, and the launcher's supervisor (``flow/placement/supervisor.py``) kills and restarts it. Every report carries
+the replica's ``incarnation`` (restarts so far), so nothing a dead incarnation sent is mistaken for
+its successor's. Leases it takes carry the holder name ``<role>-<replica>.<incarnation>``, which the
+launcher hands back to the bus when the incarnation is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import traceback
+
+from rlflow.flow.placement.plan import ReplicaPlan
+from rlflow.transfer.lifetime import die_with
+
+def _exit_on_sigterm() -> None:
+    """A thread that waits for SIGTERM (blocked in every other thread) and exits the process at once.
+
+    A handler would run only when the main thread next executes Python code, which a blocking wait in C
+    (a socket poll, a join at interpreter exit) can delay indefinitely; a signal the kernel hands to
+    another thread does not even interrupt that wait. Waiting for it synchronously here has neither problem.
+    """
+    from rlflow.transfer.lifetime import run_exit_hooks
+
+    signal.sigwait({signal.SIGTERM})
+    run_exit_hooks()
+    remove_keys()
+    os._exit(0)
+
+
+def role_main(plan: ReplicaPlan) -> None:
+    """Process target of the local launcher: signals as the module docstring says, then ``run_role``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before any thread: all of them inherit it
+    threading.Thread(target=_exit_on_sigterm, name="rlflow-sigterm", daemon=True).start()
+    die_with(plan.wiring.launcher_pid)
+    sys.exit(run_role(plan))
+
+
+def run_role(plan: ReplicaPlan) -> int:
+    """Run one role replica to its end; returns 0 when its loop returned, 1 after reporting a failure.
+
+    The Ray launcher calls this inside a role actor; the local one inside ``role_main``.
+    """
+    import zmq
+
+    role, replica, incarnation, wiring = plan.role, plan.replica, plan.incarnation, plan.wiring
+    keys_dir = write_keys(wiring.keys, wiring.keys_parent)
+    push = _control_socket(wiring.control, keys_dir, linger_ms=2000)  # let a last traceback reach the launcher
+    stop_beating = threading.Event()
+    from rlflow.roles.context import Timeline
+    from rlflow.transfer.lifetime import at_exit
+
+    timeline = Timeline()
+    beats = threading.Thread(target=_heartbeat, args=(plan, keys_dir, timeline, stop_beating),
+                             name="rlflow-heartbeat", daemon=True)
+    beats.start()
+    at_exit(lambda: (stop_beating.set(), beats.join(HEARTBEAT_JOIN_S)))  # also when stopped by SIGTERM
+
+    def report(kind: str, **data) -> None:
+        try:
+            push.send_json({"role": role, "replica": replica, "kind": kind, "pid": os.getpid(),
+                            "incarnation": incarnation, **data}, zmq.NOBLOCK)
+        except zmq.Again:  # the launcher is not reading (gone): nothing to tell
+            pass
+
+    bus, code = None, 0
+    try:
+        import torch
+
+        from rlflow.flow.placement.endpoints import make_endpoints
+        from rlflow.roles import serve_function
+        from rlflow.roles.context import RoleContext
+        from rlflow.transfer import BusClient
+
+        torch.set_num_threads(plan.threads)
+        bus = BusClient(wiring.bus, keys_dir=keys_dir, holder=holder_name(role, replica, incarnation))
+        ctx = RoleContext(bus=bus, endpoints=make_endpoints(wiring.endpoints), keys_dir=keys_dir,
+                          model_path=wiring.model_path, report=report, run_dir=wiring.run_dir, replica=replica,
+                          seed=wiring.seed + replica, wait_seconds=wiring.wait_seconds,
+                          lease_seconds=wiring.lease_seconds, timeline=timeline)
+        _quiet_libraries()
+        serve_function(role)(plan.config, ctx, plan.args)
+    except BaseException:
+        report("failed", traceback=traceback.format_exc())
+        code = 1
+    finally:
+        from rlflow.transfer.lifetime import run_exit_hooks
+
+        run_exit_hooks()  # the first hook registered, so the last to run: the last heartbeat, with the last spans
+        if bus is not None:
+            bus.close()
+        push.close()
+    return code
+
+
+HEARTBEAT_JOIN_S = 5.0  # bound on the heartbeat thread's last send (non-blocking) at a role's end
+
+
+def holder_name(role: str, replica: int, incarnation: int) -> str:
+    """The name one incarnation of a replica's leases carry on the bus (see ``BusClient.release``)."""
+    return f"{role}-{replica}.{incarnation}"
+
+
+def _control_socket(address: str, keys_dir: str | None, linger_ms: int, context=None):
+    import zmq
+
+    sock = (context or zmq.Context.instance()).socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    if keys_dir is not None:
+        from rlflow.transfer.security import client_curve
+
+        client_curve(sock, keys_dir)
+    sock.connect(address)
+    return sock
+
+
+def _heartbeat(plan: ReplicaPlan, keys_dir: str | None, timeline, stop: threading.Event) -> None:
+    """Tell the launcher this process is alive every ``heartbeat_s`` (a thread; its own socket); each beat
+    carries the timeline spans the role recorded since the last one, and a last beat goes when ``stop`` is set."""
+    import zmq
+
+    # SIGTERM belongs to the thread that waits for it (_exit_on_sigterm), SIGINT to nobody here.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    # A context of its own: terminating it at the end waits (up to the linger) until the last beat is out,
+    # even when SIGTERM's thread exits the process with os._exit right after.
+    context = zmq.Context()
+    sock = _control_socket(plan.wiring.control, keys_dir, linger_ms=1000, context=context)
+    beat = {"role": plan.role, "replica": plan.replica, "kind": "heartbeat", "pid": os.getpid(),
+            "incarnation": plan.incarnation}
+    try:
+        while True:
+            stopping = stop.wait(plan.wiring.heartbeat_s)
+            try:
+                sock.send_json({**beat, "spans": timeline.take(last=stopping), "spans_dropped": timeline.dropped},
+                               zmq.NOBLOCK)
+            except zmq.Again:  # the launcher is not reading: it learns of us when it does (those spans are lost)
+                pass
+            if stopping:
+                return
+    finally:
+        sock.close()
+        context.term()
+
+
+KEYS_DIR_ENV = "RLFLOW_KEYS_DIR"  # where write_keys put this process's keys, for whoever removes them
+
+
+def write_keys(keys: dict[str, bytes] | None, parent: str | None = None) -> str | None:
+    """Materialise CURVE key files (relative path -> bytes) in a private directory; None when there are none.
+
+    Keys travel in the wiring, not as paths, because a role on another node cannot read the launcher's
+    files. The directory is 0700, inside ``parent`` (the run's socket directory, which the launcher
+    removes whatever happened to the role) when this process can see it, else in the temp dir; the
+    process removes it when stopped (``remove_keys``).
+    """
+    if not keys:
+        return None
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(prefix="rlflow-keys-", dir=parent if parent and os.path.isdir(parent) else None))
+    for rel, data in keys.items():
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_bytes(data)
+    os.environ[KEYS_DIR_ENV] = str(d)
+    return str(d)
+
+
+def remove_keys() -> None:
+    import shutil
+
+    d = os.environ.pop(KEYS_DIR_ENV, None)
+    if d:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def read_keys(keys_dir: str) -> dict[str, bytes]:
+    """The key files ``write_keys`` recreates elsewhere: the server and client pairs and the authorized list."""
+    from pathlib import Path
+
+    d = Path(keys_dir)
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*.key*")) if f.is_file()}
+
+
+def _quiet_libraries() -> None:
+    """Loading bars of transformers would repeat once per role process; the launcher shows progress."""
+    import transformers
+
+    transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()

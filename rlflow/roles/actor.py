@@ -1,0 +1,337 @@
+"""The actor role: whole groups in, one optimizer step per policy version, new weights out.
+
+Loop contract:
+- consumes: whole groups with every ``ACTOR_INPUT`` column ready (plus ``ref_logprobs`` with a KL
+  term); with a staleness bound only the groups scheduled for the current step (``target_step``)
+- produces: policy version v + 1 on the weight channel after each step; a ``metrics`` report per step
+  (with the uids it trained and those it consumed without training: the launcher's exactly-once
+  ledger); checkpoints every ``checkpoint_every`` steps and at the end (``train/checkpoint.py``: written
+  in the background, resumable)
+- waits for: groups (bounded by the run's wait_seconds, then an error saying which step it was filling)
+- unblocked by: the reward (and reference) role's puts, which complete a group's columns
+
+Streaming: a step does forward/backward on each delivery as it arrives (``StepAccumulator``) and steps
+the optimizer once the batch is complete. Losses are accumulated as un-normalised sums and the
+gradient is divided by the batch's normaliser at the end, so the step's gradient is the one the
+whole batch would give in one pass: with staleness 0 this is synchronous training, not an approximation.
+
+What trains: a sample whose reward failed (NaN) is skipped, and so is a whole group left with fewer
+than two scored samples (or, with ``drop_uniform_groups``, one whose rewards are all equal). A step whose
+every sample was skipped makes no update: the weights and the optimizer state stay as they are (AdamW
+would move weights on a zero gradient through its momentum and weight decay), only the version moves
+on, so admission control and the data position are unchanged; its metrics say ``step/updated: 0``.
+
+Exactly-once: a step's rows stay leased until its optimizer step is done and are acked then (leases
+held longer than half their term are renewed while the step fills, so none expires under it); the bus
+releases a row once the actor acked it, so no sample trains twice.
+
+Resume (``resume_from``): the engine is built from the checkpoint, restores its optimizer state and
+version, and the loop goes on from there; the checkpoint's ``groups_by_step`` carries on, so every later
+checkpoint still names every group the kept steps consumed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from rlflow.roles import schema
+from rlflow.train.checkpoint import Checkpointer, read_state, restore_rng
+from rlflow.roles import reports
+from rlflow.roles.context import RoleContext
+from rlflow.plugins import load_object
+from rlflow.train.data_parallel import TrainerGroup
+from rlflow.algo.step import StepAccumulator
+from rlflow.sync.codec import DTYPES
+from rlflow.sync.weights import SyncConfig, WeightPublisher
+from rlflow.transfer import BusTimeout
+
+
+@dataclass
+class ActorConfig:
+    """The algorithm and the optimizer."""
+
+    engine: str = "hf"
+    """'hf' (torch + transformers) or a dotted path to a TrainEngine class."""
+    replicas: int = 1
+    """Data-parallel trainer replicas: each trains on groups_per_step / replicas groups, gradients are summed."""
+    groups_per_step: int = 16
+    """Prompt groups per optimizer step (batch = groups_per_step x rollout.group_size samples)."""
+    lr: float = 3e-4
+    """AdamW learning rate."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    advantage: str = "grpo"
+    """grpo | rloo | drgrpo | opob (VCPO's off-policy optimal baseline: one extra backward per sample)."""
+    aggregation: str = "token_mean"
+    """token_mean (DAPO) | seq_mean | constant (Dr.GRPO: samples x max_new_tokens)."""
+    clip_low: float = 0.2
+    """PPO clip: r >= 1 - clip_low."""
+    clip_high: float = 0.28
+    """PPO clip: r <= 1 + clip_high (DAPO clip-higher when above clip_low)."""
+    old_logprobs: str = "rollout"
+    """rollout: ratio against the rollout's logprobs (the clip is the only off-policy control);
+    recompute: proximal ratio plus the importance weight chosen by ``correction`` (AReaL's decoupled PPO)."""
+    ratio_level: str = "token"
+    """token: PPO's per-token ratio; sequence: GSPO's exp(mean_t log ratio) (use clip_low/high ~ 3e-4/4e-4)."""
+    correction: str = "none"
+    """Importance weight of old_logprobs=recompute: tis (truncate at is_cap), mis (mask outside
+    [1/is_cap, is_cap]) or none (untruncated); must stay none with old_logprobs=rollout."""
+    correction_level: str = "token"
+    """token: each token's own π/μ; sequence: the product over the response, shared by its tokens."""
+    is_cap: float = 2.0
+    """C of the truncation or mask (about 2 per token, 8 per sequence)."""
+    vcpo: bool = False
+    """Scale each step's learning rate by the ESS of the batch's sequence importance weights (VCPO)."""
+    vcpo_rule: str = "sqrt"
+    """lr x sqrt(min(1, ρ/ρ_ref)) (sqrt) or lr x min(1, ρ/ρ_ref) (linear), ρ = ESS / samples."""
+    vcpo_ref: float = 1.0
+    """ρ_ref: the ESS ratio at and above which the full learning rate applies."""
+    kl_coef: float = 0.0
+    """β of the k3 KL to the reference; > 0 starts the reference role."""
+    drop_uniform_groups: bool = False
+    """Skip groups whose rewards are all equal (no signal) instead of counting them in the normaliser."""
+    micro_batch: int = 128
+    """Most samples per forward/backward pass (bounds activation memory)."""
+    temperature: float = 1.0
+    """Scoring temperature; the recipes tie it to rollout.temperature."""
+    max_new_tokens: int = 8
+    """Used by aggregation=constant; the recipes tie it to rollout.max_new_tokens."""
+    checkpoint_every: int = 10
+    """Save a resumable checkpoint every N steps (0: only the final one); written in the background."""
+    checkpoint_keep: int = 2
+    """Newest step-N checkpoints kept (older ones are deleted; `final` is always kept)."""
+    device: str = "cpu"
+    """torch device of the trained model."""
+    threads: int = 1
+    """torch intra-op threads."""
+    seed: int = 0
+    """torch seed."""
+
+
+def make_engine(cfg: ActorConfig, model_path: str):
+    if cfg.engine == "hf":
+        from rlflow.engines.hf import HFTrainEngine
+
+        return HFTrainEngine(model_path, cfg)
+    return load_object(cfg.engine, "actor.engine")(model_path, cfg)
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """sglang rollouts with update=distributed: the trainer installs every version on the servers itself
+    (``engines/sglang.WeightBroadcaster``); the weight channel still carries the versions the feeder's
+    admission control reads."""
+
+    servers: int  # rollout replicas, one sglang server each (endpoints ``sglang-<i>``)
+    tp: int  # tensor-parallel size of each server
+    backend: str  # torch.distributed backend of the group: nccl on CUDA, gloo otherwise
+    sglang: Any  # the rollout's SGLangConfig
+
+
+@dataclass(frozen=True)
+class ActorArgs:
+    """What the run tells the actor beyond its own config (``flow/launcher.plan_roles``)."""
+
+    steps: int  # optimizer steps of the run (flow.steps)
+    staleness: int | None  # flow.staleness: with a bound, take only the groups scheduled for the step
+    sync: SyncConfig  # resolved: ``sync.dtype`` is the rollout's (patches are diffed in what the rollout runs)
+    broadcast: Broadcast | None = None
+    resume_from: str | None = None  # a checkpoint directory to continue from
+    epoch: int = 0  # how many times the run was rewound (recorded in checkpoints)
+    samples_every: int = 0  # every that many steps the metrics report carries the step's first group (0: never)
+
+
+def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
+    """Train ``args.steps`` steps, publishing each version; see the module docstring for the contract.
+
+    With ``cfg.replicas`` > 1 this is one of several data-parallel replicas (``train/data_parallel.py``):
+    it trains on its share of each step's groups, and replica 0 alone publishes, saves and reports.
+    """
+    steps, staleness, sync, epoch = args.steps, args.staleness, args.sync, args.epoch
+    resume_from, samples_every = args.resume_from, args.samples_every
+    torch.manual_seed(cfg.seed)
+    engine = make_engine(cfg, resume_from or ctx.model_path)
+    # group ids each step consumed (the data position) and the uids it consumed without training them
+    groups_by_step, skipped_by_step = _resume(engine, resume_from) if resume_from else ([], [])
+    if cfg.replicas > 1 and not hasattr(engine, "gradients"):
+        raise TypeError(f"actor.replicas={cfg.replicas} sums gradients across replicas: {type(engine).__name__} "
+                        f"has no gradients() (see engines/base.py)")
+    group = TrainerGroup(ctx, cfg.replicas, cfg.device) if cfg.replicas > 1 else None
+    lead = group is None or group.rank == 0
+    publication = Publication(ctx, engine, sync, args.broadcast, cfg.device) if lead else None
+    checkpoints = Checkpointer(f"{ctx.run_dir}/checkpoints", cfg.checkpoint_keep) \
+        if lead and hasattr(engine, "snapshot") else None
+    columns = schema.ACTOR_INPUT + (["ref_logprobs"] if cfg.kl_coef > 0 else [])
+    share = cfg.groups_per_step // cfg.replicas  # validation makes it divide
+    ctx.report(reports.READY)
+    try:
+        while engine.version < steps:
+            step, t0 = engine.version, time.monotonic()
+            acc = StepAccumulator(engine, cfg)
+            deliveries, waited = _fill(ctx, acc, columns, share, step, staleness)
+            groups = list(dict.fromkeys(g for d in deliveries for g in d.table.column("group_id").to_pylist()))
+            if group is not None:
+                with ctx.timeline.span("all-reduce", step=step + 1):
+                    groups = group.merge(acc, groups)
+                    group.all_reduce_gradients(engine.gradients())
+            with ctx.timeline.span("train", step=step + 1, optimizer_step=True):
+                metrics = acc.finish()
+            for d in deliveries:
+                ctx.bus.ack(d)
+            if not lead:
+                continue
+            groups_by_step.append(groups)
+            skipped_by_step.append(acc.skipped_uids)
+            with ctx.timeline.span("sync", step=step + 1, version=engine.version) as span:
+                sync_metrics = publication.publish(engine)
+                span["bytes"] = sync_metrics.get("sync/bytes")
+            ckpt_metrics = {}
+            if cfg.checkpoint_every and engine.version % cfg.checkpoint_every == 0 and engine.version < steps:
+                with ctx.timeline.span("checkpoint", step=step + 1):
+                    ckpt_metrics = _checkpoint(checkpoints, f"step-{engine.version}", engine, epoch,
+                                               groups_by_step, skipped_by_step, ctx)
+            elapsed = time.monotonic() - t0
+            examples = {"examples": _examples(deliveries[0].table)} if samples_every and (step + 1) % samples_every == 0 else {}
+            ctx.report(reports.METRICS, step=step + 1, **metrics, **{
+                "actor/wait_s": waited, "actor/step_s": elapsed, "samples/s": metrics["samples"] / elapsed,
+                **sync_metrics, **ckpt_metrics}, uids=acc.trained_uids, skipped_uids=acc.skipped_uids, **examples)
+        identical = group.identical_weights(engine.weights()) if group is not None else True
+        if lead:
+            _checkpoint(checkpoints, "final", engine, epoch, groups_by_step, skipped_by_step, ctx)
+            if checkpoints is not None:
+                checkpoints.close(ctx.wait_seconds)
+            ctx.report(reports.DONE, version=engine.version, replicas=cfg.replicas, identical_weights=identical)
+        else:  # the run ends on replica 0's report; stay until the launcher stops this replica
+            time.sleep(ctx.wait_seconds)
+    finally:
+        if publication is not None:
+            publication.close()
+        if group is not None:
+            group.close()
+
+
+def _fill(ctx: RoleContext, acc: StepAccumulator, columns: list[str], share: int, step: int,
+          staleness: int | None) -> tuple[list, float]:
+    """Take whole groups until ``acc`` holds this replica's ``share`` of the step, training on each delivery
+    as it arrives; returns the deliveries (acked after the optimizer step) and the seconds spent waiting."""
+    deliveries, waited = [], 0.0
+    while acc.groups < share:
+        t = time.monotonic()
+        _renew_held(ctx, deliveries)
+        with ctx.timeline.span("wait", step=step + 1, groups=acc.groups):
+            deliveries.append(_take(ctx, columns, share - acc.groups, step, staleness, acc.groups, share))
+        waited += time.monotonic() - t
+        with ctx.timeline.span("train", step=step + 1, samples=len(deliveries[-1])):
+            acc.add(deliveries[-1].table)
+    return deliveries, waited
+
+
+def _examples(table: pa.Table) -> list[dict]:
+    """The first group of a delivery as token ids, rewards and versions: a sample of what the step trained."""
+    first = table.column("group_id")[0].as_py()
+    rows = [i for i, g in enumerate(table.column("group_id").to_pylist()) if g == first]
+    pick = table.take(rows).select(["prompt_ids", "response_ids", "reward", "version_start"]).to_pylist()
+    return [{**r, "reward": None if math.isnan(r["reward"]) else r["reward"]} for r in pick]
+
+
+def _resume(engine, path: str) -> tuple[list[list[str]], list[list[str]]]:
+    """Bring ``engine`` (built from checkpoint ``path``) to where it was; returns the checkpoint's data
+    position (group ids per step) and the uids each step consumed without training."""
+    if not hasattr(engine, "restore"):
+        raise TypeError(f"resuming needs {type(engine).__name__}.restore(path, version) (see engines/base.py)")
+    state = read_state(path)
+    engine.restore(path, state["version"])
+    restore_rng(path)
+    return state["groups_by_step"], state.get("skipped_by_step", [[] for _ in state["groups_by_step"]])
+
+
+def _checkpoint(checkpoints: Checkpointer | None, name: str, engine, epoch: int, groups_by_step: list[list[str]],
+                skipped_by_step: list[list[str]], ctx: RoleContext) -> dict[str, float]:
+    """Checkpoint ``name`` in the background; an engine without ``snapshot()`` saves its model only (not resumable)."""
+    if checkpoints is None:
+        engine.save(f"{ctx.run_dir}/checkpoints/{name}")
+        return {}
+    t0 = time.monotonic()
+    write = engine.snapshot()
+    snapshot_s = time.monotonic() - t0
+    state = {"version": engine.version, "epoch": epoch, "groups_by_step": list(groups_by_step),
+             "skipped_by_step": list(skipped_by_step), "time": time.time()}
+    return {**checkpoints.save(name, write, state, ctx.wait_seconds), "checkpoint/snapshot_s": snapshot_s}
+
+
+def _renew_held(ctx: RoleContext, deliveries: list) -> None:
+    """Renew the leases of this step's deliveries that are past half their term (a step may fill slowly)."""
+    for d in deliveries:
+        if time.monotonic() - d.leased_at > ctx.lease_seconds / 2:
+            ctx.bus.renew(d, lease=ctx.lease_seconds)
+
+
+class Publication:
+    """Where each new version goes (replica 0 only): the weight channel, and first, with sglang's
+    update=distributed, every rollout server (so a server holds a version before the feeder, which reads
+    versions off the channel, can admit groups for it)."""
+
+    def __init__(self, ctx: RoleContext, engine, sync: SyncConfig, broadcast: Broadcast | None, device: str):
+        self.sync, self.device = sync, device
+        self.servers = self.channel = None
+        try:
+            if broadcast is not None:
+                self.servers = _broadcaster(ctx, broadcast)
+                self.servers.push(self._rollout_dtype(engine), engine.version, device)
+            self.channel = WeightPublisher(ctx.endpoints.bind_address("weights"), sync, DTYPES[sync.dtype],
+                                           ctx.keys_dir)
+            ctx.endpoints.advertise("weights", self.channel.address)
+            self.channel.publish(engine.version, engine.weights())
+        except BaseException:
+            self.close()
+            raise
+
+    def publish(self, engine) -> dict:
+        """Publish the engine's current version; returns its ``sync/*`` metrics."""
+        extra = {}
+        if self.servers is not None:
+            extra["sync/broadcast_s"] = self.servers.push(self._rollout_dtype(engine), engine.version, self.device)
+        return {**self.channel.publish(engine.version, engine.weights()), **extra}
+
+    def _rollout_dtype(self, engine) -> dict[str, torch.Tensor]:
+        dtype = DTYPES[self.sync.dtype]
+        return {k: v.to(dtype) for k, v in engine.weights().items()}
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        if self.servers is not None:
+            self.servers.close()
+
+
+def _broadcaster(ctx: RoleContext, broadcast: Broadcast):
+    """Connect to every rollout replica's sglang server (endpoints ``sglang-<i>``) in one process group."""
+    from rlflow.engines.sglang import WeightBroadcaster
+
+    urls = [ctx.endpoints.lookup(f"sglang-{i}", ctx.wait_seconds) for i in range(broadcast.servers)]
+    address = ctx.endpoints.bind_address("trainer-broadcast")
+    host = address[len("tcp://"):].rpartition(":")[0] if address.startswith("tcp://") else "127.0.0.1"
+    return WeightBroadcaster(urls, [broadcast.tp] * len(urls), host, broadcast.backend, broadcast.sglang,
+                             ctx.wait_seconds)
+
+
+def _take(ctx: RoleContext, columns, n: int, step: int, staleness: int | None, have: int, want: int):
+    where = None if staleness is None else [("target_step", "==", step)]
+    try:
+        return ctx.bus.get("actor", columns, n=n, min_n=1, groups=True, where=where, timeout=ctx.wait_seconds,
+                           lease=ctx.lease_seconds)
+    except BusTimeout as e:
+        raise BusTimeout(f"the actor waited {ctx.wait_seconds:.0f}s for the groups of step {step} "
+                         f"({have} of {want} in hand): are the rollout and reward roles alive and keeping up? ({e})") from e

@@ -1,0 +1,65 @@
+"""The reference role: per-token logprobs of the frozen start policy, for the KL term.
+
+Loop contract (started only when ``actor.kl_coef > 0``):
+- consumes: rows with ``prompt_ids`` and ``response_ids``
+- produces: ``ref_logprobs`` ([T] float32, aligned with ``response_ids``)
+- waits for: responses (idle is normal)
+- unblocked by: the rollouts' puts
+
+The reference model is the run's version-0 checkpoint and never changes; it is scored with the same
+``sequence_logprobs`` and temperature as the actor, so the KL is zero at the start of a run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rlflow.roles import schema
+from rlflow.engines.hf import load_model, sequence_logprobs
+from rlflow.roles import reports
+from rlflow.roles.context import RoleContext, ack_work, next_rows
+
+
+@dataclass
+class ReferenceConfig:
+    """Where and how the reference model runs (the role exists only when actor.kl_coef > 0)."""
+
+    replicas: int = 1
+    """Reference processes."""
+    batch: int = 256
+    """Most samples scored per forward pass."""
+    device: str = "cpu"
+    """torch device."""
+    dtype: str = "float32"
+    """Weights dtype: float32 | bfloat16 | float16."""
+    threads: int = 1
+    """torch intra-op threads per replica."""
+
+
+@dataclass(frozen=True)
+class ReferenceArgs:
+    """What the run tells a reference replica beyond its own config."""
+
+    temperature: float  # the rollout's sampling temperature: logprobs are taken under the same distribution
+
+
+def serve(cfg: ReferenceConfig, ctx: RoleContext, args: ReferenceArgs) -> None:
+    """Score the reference logprobs of each response off the bus (the KL term's anchor)."""
+    model = load_model(ctx.model_path, cfg.dtype, cfg.device).eval()
+    ctx.report(reports.READY)
+    while True:
+        d = next_rows(ctx, "reference", schema.REFERENCE_INPUT, cfg.batch)
+        if d is None:
+            continue
+        t0 = time.monotonic()
+        responses = d.table.column("response_ids").to_pylist()
+        with torch.no_grad(), ctx.timeline.span("score", samples=len(responses)):
+            logp = sequence_logprobs(model, d.table.column("prompt_ids").to_pylist(), responses, args.temperature,
+                                     cfg.device).cpu()
+        ctx.bus.put({"uid": d.uids, "ref_logprobs": [logp[i, : len(r)].tolist() for i, r in enumerate(responses)]},
+                    missing="skip")
+        ack_work(ctx, d)
+        ctx.report(reports.WORK, samples=len(responses), seconds=time.monotonic() - t0)

@@ -1,0 +1,88 @@
+"""The reward role: responses in, one scalar reward per sample out.
+
+Loop contract:
+- consumes: rows with ``response_ids`` and ``fields`` (any rows, not whole groups: scoring is per sample)
+- produces: ``reward`` (float32; NaN when the reward function failed on the sample)
+- waits for: responses (idle is normal)
+- unblocked by: the rollouts' puts
+
+The reward function is user code and runs at a fault boundary: an exception, or a value that is not a
+finite number (``None``, ``"1.0"``, NaN), becomes a NaN reward, and the actor does not train that
+sample (the run's ledger counts it as skipped). Failures are told apart by kind (``sandbox.call``): the
+first of each kind in this replica goes to the launcher in full (``reward_error``: the row's uid,
+prompt and response, the message, the traceback), later ones only as counts in the ``reward`` report,
+so a function that fails on every sample costs a count, not a traceback per sample. The launcher stops
+the run when every sample of ``max_failed_steps`` steps in a row failed. Anything else that fails (the
+bus, a bad ``reward.fn`` path at start-up) fails the role, and the launcher stops the run with its
+traceback.
+
+Time limit: with ``timeout_s`` > 0 the function runs in a sandbox process (``roles/sandbox.py``); a
+call past the limit is killed and its sample scores NaN with a ``reward_error`` saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from rlflow.roles import schema
+from rlflow.roles import reports
+from rlflow.roles.context import RoleContext, ack_work, next_rows
+from rlflow.transfer.lifetime import at_exit
+from rlflow.plugins import load_object
+from rlflow.roles.sandbox import Sandbox, call
+
+
+@dataclass
+class RewardConfig:
+    """Which function scores a response, and how many to score per call."""
+
+    replicas: int = 1
+    """Reward processes."""
+    fn: str | None = None
+    """Dotted path to fn(response: str, **fields) -> float; null: the built-in task's own reward."""
+    batch: int = 512
+    """Most samples taken from the bus per call."""
+    timeout_s: float = 30.0
+    """Most seconds one call of `fn` may take; past it the call is killed and the sample scores NaN.
+    The function then runs in a sandbox process of its own (0: no limit, in the role's process)."""
+    max_failed_steps: int = 3
+    """Stop the run, naming the function and what it did, once it failed on every sample of this many
+    steps in a row (0: never): such steps train nothing."""
+
+
+def serve(cfg: RewardConfig, ctx: RoleContext, args: None = None) -> None:
+    from transformers import AutoTokenizer
+
+    assert cfg.fn is not None, "the launcher resolves reward.fn=null to the task's own reward"
+    fn = load_object(cfg.fn, "reward.fn")  # imported here too, so a bad path fails at start with its field
+    tokenizer = AutoTokenizer.from_pretrained(ctx.model_path)
+    sandbox = Sandbox(cfg.fn, cfg.timeout_s) if cfg.timeout_s > 0 else None
+    at_exit(lambda: sandbox and sandbox.close())
+    ctx.report(reports.READY)
+    seen: set[str] = set()  # kinds of failure already reported in full by this replica
+    while True:
+        d = next_rows(ctx, "reward", schema.REWARD_INPUT, cfg.batch)
+        if d is None:
+            continue
+        t0 = time.monotonic()
+        with ctx.timeline.span("score", samples=len(d)):
+            texts = tokenizer.batch_decode(d.table.column("response_ids").to_pylist(), skip_special_tokens=True)
+            fields = [json.loads(f) for f in d.table.column("fields").to_pylist()]
+            results = sandbox.score(texts, fields) if sandbox is not None else \
+                [call(fn, text, f) for text, f in zip(texts, fields)]
+        rewards, failures = [], Counter()
+        for result, text, f, uid in zip(results, texts, fields, d.uids):
+            rewards.append(result[1] if result[0] == "ok" else math.nan)
+            if result[0] == "error":
+                failures[result[1]] += 1
+                if result[1] not in seen:
+                    seen.add(result[1])
+                    ctx.report(reports.REWARD_ERROR, uid=uid, prompt=f.get("prompt"), response=text, failure=result[1],
+                               error=result[2], traceback=result[3])
+        ctx.bus.put({"uid": d.uids, "reward": rewards}, missing="skip")
+        ack_work(ctx, d)
+        ctx.report(reports.WORK, samples=len(rewards), seconds=time.monotonic() - t0, errors=dict(failures))

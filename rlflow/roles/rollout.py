@@ -1,0 +1,156 @@
+"""The rollout role: prompt rows in, sampled responses with per-token logprobs and policy versions out.
+
+Loop contract (one replica; several replicas share the work through the bus):
+- consumes: rows with ``prompt_ids`` and ``min_version`` (whole groups, up to ``groups_per_call``)
+- produces: ``response_ids``, ``rollout_logprobs``, ``version_start``, ``version_end``, ``finish_reason``
+- waits for: prompt rows (idle is normal: with staleness 0 the rollouts wait while the actor trains);
+  weights of at least ``min_version`` (bounded by the run's wait_seconds, then an error naming it)
+- unblocked by: the feeder's puts; the actor's weight publications
+
+Weights (``sync/weights.py``) are swapped between generate calls, never during one, so a group's
+samples share one version (``version_start == version_end``); the columns still carry both for engines
+that update mid-flight. Before every call the newest version is applied if its patch is already here
+(it is prefetched, and relayed to peer replicas, while the engine generates); the replica waits only
+when a delivery needs a newer version than it holds. A replica generates only at a verified version.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from rlflow.roles import schema
+from rlflow.roles import reports
+from rlflow.roles.context import RoleContext, ack_work, next_rows
+from rlflow.engines.base import SamplingParams
+from rlflow.plugins import load_object
+from rlflow.engines.sglang import SGLangConfig
+from rlflow.sync.weights import SyncConfig, WeightReceiver
+
+
+@dataclass
+class RolloutConfig:
+    """Generation: how many samples, how long, with which engine, on which device."""
+
+    replicas: int = 1
+    """Rollout processes; each takes whole groups from the bus."""
+    engine: str = "hf"
+    """'hf' (torch + transformers, CPU or GPU), 'sglang' (an sglang server per replica; see `sglang`) or a
+    dotted path to a RolloutEngine class."""
+    group_size: int = 8
+    """G: samples per prompt (one group)."""
+    max_new_tokens: int = 8
+    """Longest response in tokens; longer ones end with finish_reason 'length'."""
+    temperature: float = 1.0
+    """Sampling temperature; the actor scores with the same one."""
+    top_p: float = 1.0
+    """Nucleus cut (1.0: off). Below 1 the recorded logprobs are of the uncut distribution."""
+    top_k: int = 0
+    """Top-k cut (0: off)."""
+    groups_per_call: int = 16
+    """Most groups taken from the bus for one generate call (bigger batches, coarser streaming)."""
+    max_batch: int = 256
+    """Most sequences the engine decodes at once; bounds the KV cache's memory."""
+    device: str = "cpu"
+    """torch device of the engine."""
+    dtype: str = "float32"
+    """Weights dtype of the engine: float32 | bfloat16 | float16."""
+    threads: int = 1
+    """torch intra-op threads per replica (keep replicas x threads within the cores)."""
+    seed: int = 0
+    """Sampling seed (each replica adds its index)."""
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    """engine=sglang: the server each replica drives and how weights reach it."""
+
+
+def make_engine(cfg: RolloutConfig, model_path: str):
+    if cfg.engine == "hf":
+        from rlflow.engines.hf import HFRolloutEngine
+
+        return HFRolloutEngine(model_path, cfg)
+    if cfg.engine == "sglang":
+        from rlflow.engines.sglang import SGLangEngine
+
+        return SGLangEngine(model_path, cfg)
+    return load_object(cfg.engine, "rollout.engine")(model_path, cfg)
+
+
+@dataclass(frozen=True)
+class RolloutArgs:
+    """What the run tells a rollout replica beyond its own config (``flow/launcher.plan_roles``)."""
+
+    sync: SyncConfig  # resolved: ``sync.dtype`` is the rollout's
+    upstream: str | None = None  # the endpoint this replica pulls weight chunks from (None: the actor)
+    relay: str | None = None  # the endpoint it serves peers at (None: no peer pulls from it)
+
+
+def serve(cfg: RolloutConfig, ctx: RoleContext, args: RolloutArgs) -> None:
+    """Generate for prompts off the bus, always at a verified weight version.
+
+    An engine whose weights the trainer installs itself (``follows_trainer``: sglang with
+    update=distributed) takes no patches: the replica advertises its server as ``sglang-<replica>``,
+    waits for the server to reach the version a delivery needs, and records each sample's own version.
+    """
+    sync, upstream, relay = args.sync, args.upstream, args.relay
+    engine = make_engine(cfg, ctx.model_path)
+    ep, weights = ctx.endpoints, None
+    follows = getattr(engine, "follows_trainer", False)
+    if follows:
+        ep.advertise(f"sglang-{ctx.replica}", engine.client.url)
+    else:
+        weights = WeightReceiver(ep.lookup("weights", ctx.wait_seconds), sync,
+                                 ep.lookup(upstream, ctx.wait_seconds) if upstream else None,
+                                 ep.bind_address(relay) if relay else None, fetch_timeout=ctx.wait_seconds,
+                                 keys_dir=ctx.keys_dir)
+        if relay:
+            ep.advertise(relay, weights.address)
+    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    ctx.report(reports.READY)
+    try:
+        while True:
+            if weights is not None:
+                _synced(ctx, weights, engine)
+            d = next_rows(ctx, "rollout", schema.ROLLOUT_INPUT, cfg.groups_per_call, groups=True)
+            if d is None:
+                continue
+            need = max(d.table.column("min_version").to_pylist())
+            if follows:
+                with ctx.timeline.span("wait", weights=need):
+                    engine.wait_version(need, ctx.wait_seconds)
+            elif weights.version is None or weights.version < need:  # admitted for a version not applied yet
+                _synced(ctx, weights, engine, need)
+            start, t0 = engine.version, time.monotonic()
+            with ctx.timeline.span("generate", samples=len(d), version=start) as span:
+                gens = engine.generate(d.table.column("prompt_ids").to_pylist(), sampling)
+                span["tokens"] = sum(len(g.response_ids) for g in gens)
+            versions = [start if g.version is None else g.version for g in gens]
+            ctx.bus.put({"uid": d.uids, "response_ids": [g.response_ids for g in gens],
+                         "rollout_logprobs": [g.logprobs for g in gens], "version_start": versions,
+                         "version_end": [max(v, engine.version) for v in versions],
+                         "finish_reason": [g.finish_reason for g in gens]}, missing="skip")
+            ack_work(ctx, d)
+            ctx.report(reports.WORK, samples=len(gens), tokens=sum(len(g.response_ids) for g in gens),
+                       seconds=time.monotonic() - t0, version=start)
+    finally:
+        if weights is not None:
+            weights.close()
+
+
+def _synced(ctx: RoleContext, weights: WeightReceiver, engine, need: int | None = None) -> None:
+    """Apply the newest weights (waiting for version ``need`` when given); report and time what happened.
+
+    On the timeline the time until the last object was fetched is a ``wait`` when the replica had to
+    wait for a version, and the applying is a ``sync``; a call that found nothing new records nothing.
+    """
+    t0 = time.time()
+    applied = weights.update(engine, need, ctx.wait_seconds) if need is not None else weights.update(engine)
+    if not applied:
+        return
+    seconds = time.time() - t0
+    applying = min(seconds, sum(r.get("apply_s", 0.0) for r in applied))
+    if need is not None:
+        ctx.timeline.add("wait", t0, seconds - applying, weights=need)
+        t0, seconds = t0 + seconds - applying, applying
+    ctx.timeline.add("sync", t0, seconds, version=weights.version, bytes=sum(r["bytes"] for r in applied))
+    for r in applied:
+        ctx.report(reports.SYNC, **r)

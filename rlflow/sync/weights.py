@@ -1,0 +1,232 @@
+"""Weight sync: the actor publishes each policy version as a sparse patch; rollouts apply it bit for bit.
+
+    actor:    pub = WeightPublisher(address, SyncConfig(), torch.bfloat16)
+              stats = pub.publish(version, engine.weights())        # patch (base -> version), maybe a keyframe
+    rollout:  rx = WeightReceiver(address, SyncConfig(), upstream=None, serve="ipc://.../w-0")
+              reports = rx.update(engine, need=version, timeout=600) # scatter in place, verify, or resync
+
+What the channel holds (``transfer/channel.py``; only what the newest head lists is kept):
+- ``full-K``: a full snapshot (the keyframe) of version K; ``patch-v``: the patch v - 1 -> v for every
+  version since K (``meta.chain``). A new keyframe is cut once the patches since the last one add up to
+  ``keyframe_ratio`` of its size, so a replica that joins late, restarts or falls behind catches up with
+  at most about (1 + keyframe_ratio) snapshots of bytes, and the channel's memory stays bounded.
+- Patches are prefetched by every replica as soon as announced (and relayed down the chain/tree);
+  keyframes travel only to replicas that ask for them.
+
+A replica's state is ``version``: the version its tensors hold *and verified* (checksum equal to the
+actor's), or None. Anything else (first sync, a patch for another base, a corrupted object, a failed
+checksum) leads to the keyframe: ``version`` is None until a snapshot verifies, and a rollout only
+generates at a verified version, so a half-applied patch never serves generation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rlflow.sync import codec as sparse
+from rlflow.transfer.channel import Gone, Publisher
+from rlflow.transfer.relay import HEAD_POLL_S, Relay
+from rlflow.transfer.wire import BusTimeout
+
+MAX_RESYNCS = 3  # full snapshots that may fail in a row before the replica gives up with an error
+
+
+@dataclass
+class SyncConfig:
+    """SparseRL-Sync: how policy versions travel from the actor to the rollout replicas."""
+
+    dtype: str | None = None
+    """Dtype the weights are diffed and sent in (float32 | bfloat16 | float16); null: rollout.dtype."""
+    sparse: bool = True
+    """Send only the elements whose bits changed; false: a full snapshot every version."""
+    compress: bool = True
+    """Byte-shuffle and zstd each patch section where that saves at least 10%."""
+    values: str = "xor"
+    """xor: patches carry new XOR old bits (about 1.7x smaller compressed at RL learning rates; bit-exact, applies
+    only to the exact base it names, which every replica checks anyway); new: the new values (a pure scatter)."""
+    fanout: int = 1
+    """Relay topology of rollout replicas: 1 = chain, k = tree of k children per node, 0 = all pull from the actor."""
+    chunk_kb: int = 1024
+    """Chunk size: a chain of N replicas takes about (1 + (N - 1) / K) transfer times for an object of K chunks."""
+    window: int = 4
+    """Chunk requests in flight per hop (keeps each link busy while chunks are checked and forwarded)."""
+    hop_timeout: float = 10.0
+    """Seconds a peer may take to hand over a chunk before the replica asks the actor directly."""
+    keyframe_ratio: float = 1.0
+    """Cut a new full snapshot once the patches since the last one add up to this fraction of its size."""
+    uplink_mb_s: float = 0.0
+    """Pace what each node sends to this many MB/s (0: unpaced): a shared link's courtesy, or a network emulated on one host."""
+
+
+def relay_parent(replica: int, fanout: int) -> int | None:
+    """The replica that ``replica`` pulls from (None: the actor). fanout 1 is a chain, 0 the actor for all."""
+    if fanout <= 0:
+        return None
+    parent = replica // fanout - 1
+    return parent if parent >= 0 else None
+
+
+def relays_to_others(replica: int, replicas: int, fanout: int) -> bool:
+    return any(relay_parent(r, fanout) == replica for r in range(replicas))
+
+
+class WeightPublisher:
+    """The actor's side: a patch per version, a keyframe now and then, all on one channel."""
+
+    def __init__(self, address: str, cfg: SyncConfig, dtype: torch.dtype, keys_dir: str | None = None):
+        """``keys_dir``: CURVE keys, required when ``address`` is beyond loopback (transfer/security.py)."""
+        self.cfg = cfg
+        self.channel = Publisher(address, chunk_bytes=cfg.chunk_kb << 10, uplink_bytes_per_s=cfg.uplink_mb_s * 1e6,
+                                 keys_dir=keys_dir)
+        self.address = self.channel.address
+        self.encoder = sparse.PatchEncoder(dtype, cfg.compress, cfg.values)
+        self.keyframe: int | None = None
+        self.keyframe_bytes = 0
+        self.chain: list[int] = []  # versions since the keyframe with a patch on the channel
+        self.since_keyframe = 0  # bytes of those patches
+
+    def publish(self, version: int, weights: dict[str, torch.Tensor]) -> dict:
+        """Publish ``weights`` as ``version``; returns the ``sync/*`` metrics of this publication."""
+        t0 = time.perf_counter()
+        objects, stats = {}, {}
+        if self.keyframe is not None and self.cfg.sparse:
+            objects[f"patch-{version}"], stats = self.encoder.patch(version, weights)
+            self.chain.append(version)
+            self.since_keyframe += stats["bytes"]
+        if self.keyframe is None or not self.cfg.sparse or self.since_keyframe >= self.cfg.keyframe_ratio * self.keyframe_bytes:
+            full = self.encoder.snapshot(version, None if stats else weights)
+            objects[f"full-{version}"] = full
+            self.keyframe, self.keyframe_bytes, self.since_keyframe = version, len(full), 0
+            self.chain = [version] if stats else []
+        keep = [k for k in [f"full-{self.keyframe}", *(f"patch-{v}" for v in self.chain)] if k not in objects]
+        self.channel.publish(version, objects, keep=keep,
+                             meta={"keyframe": self.keyframe, "chain": self.chain, "time": time.time()},
+                             prefetch={f"full-{version}": not self.cfg.sparse})
+        dense = self.encoder.dense_bytes
+        sent = stats.get("bytes", len(objects.get(f"full-{version}", b"")))
+        return {"sync/bytes": sent, "sync/dense_bytes": dense, "sync/density": stats.get("density", 1.0),
+                "sync/int32_bytes": stats.get("int32_bytes", dense), "sync/keyframe": int(f"full-{version}" in objects),
+                "sync/encode_s": time.perf_counter() - t0}
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def patches_in_place(engine) -> bool:  # an engine, or its class
+    """Whether patches are scattered straight into ``engine.tensors()`` instead of going through its
+    ``load_weights``.
+
+    An engine with ``tensors()`` is patched in place, unless its ``load_weights`` comes from a class ahead
+    of the one its ``tensors()`` comes from in its MRO (a user's ``class MyEngine(HFRolloutEngine)``, or a
+    mixin, adding a hook to ``load_weights``): that override is what the user asked to run, so such an
+    engine gets every version through ``load_weights`` from a host copy. An engine that wants both
+    in-place patches and its own ``load_weights`` defines ``tensors()`` in the same class too.
+    """
+    cls = engine if isinstance(engine, type) else type(engine)
+    if not hasattr(cls, "tensors"):
+        return False
+    mro = cls.__mro__
+    owner = {name: next((i for i, c in enumerate(mro) if name in vars(c)), None) for name in ("tensors", "load_weights")}
+    loads, tensors = owner["load_weights"], owner["tensors"]
+    return loads is None or tensors is None or loads >= tensors  # load_weights more specific: call it
+
+
+class WeightReceiver:
+    """A rollout replica's side: a relay node (prefetching, serving peers) and the verified version."""
+
+    def __init__(self, address: str, cfg: SyncConfig, upstream: str | None = None, serve: str | None = None,
+                 fetch_timeout: float = 600.0, head_poll: float = HEAD_POLL_S, keys_dir: str | None = None):
+        """``fetch_timeout``: bound on getting one object's bytes once it is needed; ``head_poll``: see Relay;
+        ``keys_dir``: CURVE keys for addresses beyond loopback."""
+        self.fetch_timeout = fetch_timeout
+        self.relay = Relay(address, upstream, serve, window=cfg.window, hop_timeout=cfg.hop_timeout,
+                           uplink_bytes_per_s=cfg.uplink_mb_s * 1e6, head_poll=head_poll, keys_dir=keys_dir)
+        self.version: int | None = None
+        self.checksum: str | None = None  # of the weights at ``version``, as verified
+        self.shadow: dict[str, torch.Tensor] | None = None  # for engines without in-place tensors
+
+    def update(self, engine, need: int | None = None, timeout: float = 0.0) -> list[dict]:
+        """Bring ``engine`` to a version >= ``need``, waiting up to ``timeout`` for the actor to publish it.
+
+        With ``need`` None this never waits: it applies the newest version only if its objects are
+        already here (prefetched while the engine generated), so transfers overlap generation.
+        Returns one report per object applied (or refused). Raises BusTimeout naming what it waited for.
+        """
+        reports, resyncs, deadline = [], 0, time.monotonic() + timeout
+        while True:
+            short = need is not None and (self.version is None or self.version < need)
+            head = self.relay.head(-1 if self.version is None else self.version,
+                                   max(0.0, deadline - time.monotonic()) if short else 0.0)
+            if head is None:
+                if short:
+                    raise BusTimeout(f"waited {timeout:.0f}s for policy version {need} from the actor "
+                                     f"(this replica holds {self.version}): is the actor alive?")
+                return reports
+            before = len(reports)
+            try:
+                self._catch_up(engine, head, reports, blocking=short)
+            except Gone:  # superseded while fetching: plan again from the newer head
+                continue
+            if any("error" in r for r in reports[before:]):
+                resyncs += 1
+                if resyncs > MAX_RESYNCS:
+                    raise RuntimeError(f"weights failed to verify {resyncs} times in a row; last: {reports[-1]['error']}")
+            elif not short or self.version >= need:
+                return reports
+
+    def _catch_up(self, engine, head, reports: list, blocking: bool) -> None:
+        keyframe, chain = head.meta["keyframe"], head.meta["chain"]
+        if self.version is not None and all(v in chain for v in range(self.version + 1, head.version + 1)):
+            keys = [f"patch-{v}" for v in range(self.version + 1, head.version + 1)]
+        else:  # first sync, late joiner, or fell behind the keyframe: the snapshot, then the patches after it
+            keys = [f"full-{keyframe}"] + [f"patch-{v}" for v in chain if v > keyframe]
+        # A list, not a generator: ``ready`` also asks for every missing object, so all of them get fetched.
+        if not blocking and not all([self.relay.ready(k) for k in keys]):
+            return  # still on its way: generate with the current version, apply next time
+        for key in keys:
+            t0 = time.monotonic()
+            blob = self.relay.fetch(key, self.fetch_timeout)
+            t1 = time.monotonic()
+            report = {"object": key, "bytes": len(blob), "fetch_wait_s": t1 - t0,
+                      "from_actor_bytes": self.relay.stats["from_root"], "from_peers_bytes": self.relay.stats["from_upstream"]}
+            if key.endswith(f"-{head.version}"):  # from the actor's publication to the last chunk here
+                report["transfer_s"] = self.relay.store.done_at.get(key, time.time()) - head.meta["time"]
+            try:
+                header = sparse.apply(blob, self._tensors(engine, blob), self.version, self.checksum)
+            except sparse.PatchError as e:
+                self.version = self.checksum = None  # refused or dirty: only a verified snapshot is trusted now
+                reports.append({**report, "bit_exact": 0, "error": str(e)})
+                return
+            self.version, self.checksum = header["version"], header["checksum"]
+            reports.append({**report, "bit_exact": 1, "version": self.version, "apply_s": time.monotonic() - t1})
+        if self.shadow is not None:  # one whole load after the chain, not one per object
+            engine.load_weights(self.shadow, self.version)
+        else:
+            engine.version = self.version
+
+    def _tensors(self, engine, blob) -> dict[str, torch.Tensor]:
+        """The engine's own tensors when it takes patches in place (``patches_in_place``), else a host
+        shadow copy that ``load_weights`` then loads whole."""
+        if patches_in_place(engine):
+            return engine.tensors()
+        if self.shadow is None:
+            header, _ = sparse.read_header(blob)
+            dtype = sparse.DTYPES[header["dtype"]]
+            self.shadow = {name: torch.empty(shape, dtype=dtype) for name, shape, *_ in header["tensors"]}
+        return self.shadow
+
+    @property
+    def stats(self) -> dict:
+        return dict(self.relay.stats)
+
+    @property
+    def address(self) -> str | None:
+        """Where this replica serves its peers (None: it serves none)."""
+        return self.relay.address
+
+    def close(self) -> None:
+        self.relay.close()
+

@@ -1,0 +1,3 @@
+"""Trainer state outside the algorithm: checkpoints (``checkpoint``) and data-parallel gradient
+reduction among actor replicas (``data_parallel``).
+"""

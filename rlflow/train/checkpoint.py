@@ -1,0 +1,147 @@
+"""Trainer checkpoints: a snapshot in memory at the step, written to disk on a thread of its own.
+
+    checkpoints/step-N/            (written as step-N.tmp, then renamed: a step-N directory is always whole)
+        config.json, model.safetensors, tokenizer files    the policy: ``from_pretrained(path)`` loads it
+        optimizer.pt                                       optimizer state (the engine's ``snapshot``)
+        rng.pt                                             the trainer's torch RNG states
+        trainer_state.json                                 version, epoch, the groups each step consumed and
+                                                           the uids it skipped, the RNG file's name
+    checkpoints/final/             the same, when the run ends
+
+What a resume needs beyond the engine: the policy version N, and which prompt groups steps 1..N
+consumed (the data position: ``groups_by_step``). Nothing else on the bus is worth keeping: rows not
+yet trained are regenerated (those a discarded policy produced must be), so on resume the flow clears
+the bus and reissues every group no kept step consumed. ``epoch`` counts rewinds: rows issued after a
+rewind carry it in their uid (``flow/feeder.py``), so nothing produced before the rewind can land on them.
+
+Stall: the step waits only for the snapshot (copies of the weights and optimizer state in host memory)
+and, if the previous checkpoint is still being written, for that write: at most one write is in flight,
+so a slow disk costs steps time rather than unbounded memory. A write that fails is raised by the next
+``save`` or by ``close``; the directory it was writing is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+STATE = "trainer_state.json"
+FINAL = "final"
+
+
+def latest(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root``: the highest version, ``final`` first among equals, or None.
+
+    By version, not by name: a run resumed to train further writes ``step-N`` past its old ``final`` (the
+    new ``final`` comes at its end), and a rewind or a resume meanwhile must go to the newest of them."""
+    root = Path(root)
+    found = [p for p in [root / FINAL, *root.glob("step-*")]
+             if p.is_dir() and not p.name.endswith(".tmp") and (p / STATE).exists()]
+    return max(found, key=lambda p: (_version(p), p.name == FINAL), default=None)
+
+
+def _version(path: Path) -> int:
+    """A checkpoint's version, -1 when its state cannot be read (it is then never the newest)."""
+    try:
+        return int(read_state(path)["version"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return -1
+
+
+def read_state(path: str | Path) -> dict:
+    """``trainer_state.json`` of a checkpoint directory; a ValueError says what is missing."""
+    f = Path(path) / STATE
+    if not f.exists():
+        raise ValueError(f"{path} is not an rlflow checkpoint: it has no {STATE} (a model-only directory can be "
+                         f"a run's start policy, model.path=DIR, but not resumed)")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not readable JSON ({e}): the checkpoint is damaged; use another one") from None
+
+
+class Checkpointer:
+    """Writes checkpoints of one trainer under ``root``; keeps the newest ``keep`` step-N directories."""
+
+    def __init__(self, root: str | Path, keep: int):
+        self.root, self.keep = Path(root), keep
+        self.root.mkdir(parents=True, exist_ok=True)
+        # One write in flight and none queued: the bound that keeps a slow disk from piling up snapshots.
+        self.jobs: queue.Queue = queue.Queue(maxsize=1)
+        self.idle = threading.Event()
+        self.idle.set()
+        self.error: BaseException | None = None
+        self.last_write_s = 0.0
+        self.thread = threading.Thread(target=self._work, name="rlflow-checkpoint", daemon=True)
+        self.thread.start()
+
+    def save(self, name: str, write: Callable[[str], None], state: dict, timeout: float) -> dict[str, float]:
+        """Queue ``write`` (the engine's snapshot writer) plus ``state`` as checkpoint ``name``; returns
+        ``checkpoint/*`` metrics. Waits up to ``timeout`` for the previous write to finish first."""
+        t0 = time.monotonic()
+        if not self.idle.wait(timeout):
+            raise TimeoutError(f"the previous checkpoint was still being written after {timeout:.0f}s "
+                               f"(to {self.root}): is the disk full or stalled?")
+        self._raise()
+        waited = time.monotonic() - t0
+        self.idle.clear()
+        self.jobs.put((name, write, {**state, "rng": "rng.pt"}, _rng_states()))
+        return {"checkpoint/wait_s": waited, "checkpoint/last_write_s": self.last_write_s}
+
+    def close(self, timeout: float) -> None:
+        """Wait (bounded) for the write in flight; raise its error if it failed."""
+        if not self.idle.wait(timeout):
+            raise TimeoutError(f"a checkpoint was still being written to {self.root} after {timeout:.0f}s")
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise RuntimeError(f"writing a checkpoint under {self.root} failed: {error}") from error
+
+    def _work(self) -> None:
+        while True:
+            name, write, state, rng = self.jobs.get()
+            t0 = time.monotonic()
+            final, tmp = self.root / name, self.root / f"{name}.tmp"
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                write(str(tmp))
+                torch.save(rng, tmp / state["rng"])
+                (tmp / STATE).write_text(json.dumps(state))
+                shutil.rmtree(final, ignore_errors=True)
+                tmp.rename(final)
+                self._prune()
+            except BaseException as e:  # noqa: BLE001 - handed to the trainer's thread by _raise
+                shutil.rmtree(tmp, ignore_errors=True)
+                self.error = e
+            self.last_write_s = time.monotonic() - t0
+            self.idle.set()
+
+    def _prune(self) -> None:
+        steps = sorted((p for p in self.root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")),
+                       key=lambda p: int(p.name.split("-", 1)[1]))
+        for old in steps[:-self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _rng_states() -> dict:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng(path: str | Path) -> None:
+    states = torch.load(Path(path) / "rng.pt", weights_only=False)
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -1,0 +1,108 @@
+"""Data-parallel trainer replicas (``actor.replicas=N``): one optimizer step from N replicas' groups.
+
+Each replica takes its share of a step's groups from the bus (groups_per_step / N; the bus hands every
+group to one replica) and accumulates its un-normalised loss gradient as a single trainer would. Before
+the step the replicas sum their gradients (all-reduce) and merge their step statistics (normaliser,
+rewards, importance weights, uids), in rank order, so every replica steps the optimizer on exactly the
+gradient one trainer would have computed from the whole batch, with the same learning-rate factor.
+Same start, same summed gradient, same optimizer: the replicas' weights stay identical, which
+``identical_weights`` checks at the end.
+
+Replica 0 is the voice of the group: it alone publishes weights, writes checkpoints and reports metrics.
+
+Rendezvous uses the run's endpoints (``flow/placement/endpoints.py``): replica 0 names a torch.distributed init
+address as endpoint ``trainer`` (a file in the run's socket directory on one machine; tcp on its node's
+IP on a cluster) and the others look it up. Backend: gloo on CPU, nccl on GPU. Every collective is
+bounded by the run's wait_seconds (the process group's timeout).
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+
+import torch
+import torch.distributed as dist
+
+MERGED_LISTS = ("rewards", "staleness", "lengths", "trained_uids", "skipped_uids")
+MERGED_SUMS = ("groups", "normaliser", "loss_sum", "tokens", "skipped_groups", "reward_errors")
+
+
+def init_address(address: str) -> str:
+    """A torch.distributed init_method for an endpoint address: ipc://P -> file://P, tcp://host:0 -> a free port."""
+    if address.startswith("ipc://"):
+        return "file://" + address[len("ipc://"):]
+    if address.startswith("tcp://"):
+        host, _, port = address[len("tcp://"):].rpartition(":")
+        if port == "0":
+            with socket.socket() as s:  # free now; torch binds it a moment later (the usual rendezvous race)
+                s.bind((host, 0))
+                port = str(s.getsockname()[1])
+        return f"tcp://{host}:{port}"
+    return address
+
+
+class TrainerGroup:
+    """This replica's place among the trainer replicas, and the collectives of one step."""
+
+    def __init__(self, ctx, replicas: int, device: str):
+        self.rank, self.world = ctx.replica, replicas
+        if self.rank == 0:
+            method = init_address(ctx.endpoints.bind_address("trainer"))
+            ctx.endpoints.advertise("trainer", method)
+        else:
+            method = init_address(ctx.endpoints.lookup("trainer", ctx.wait_seconds))
+        self.device = device
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", init_method=method,
+                                rank=self.rank, world_size=replicas,
+                                timeout=datetime.timedelta(seconds=ctx.wait_seconds))
+
+    def merge(self, acc, groups: list[str]) -> list[str]:
+        """Give ``acc`` (a StepAccumulator) the whole step's statistics (uids trained and skipped included);
+        returns every replica's group ids, in rank order."""
+        state = {name: getattr(acc, name) for name in MERGED_LISTS + MERGED_SUMS}
+        state.update(sums=acc.sums, group_ids=groups,
+                     seq_log_w=torch.cat(acc.seq_log_w) if acc.seq_log_w else None,
+                     token_log_w=torch.cat(acc.token_log_w) if acc.token_log_w else None)
+        states: list = [None] * self.world
+        dist.all_gather_object(states, state)
+        for name in MERGED_LISTS:
+            setattr(acc, name, [x for s in states for x in s[name]])
+        for name in MERGED_SUMS:
+            setattr(acc, name, sum(s[name] for s in states))
+        acc.sums = {k: sum(s["sums"].get(k, 0.0) for s in states) for k in {k for s in states for k in s["sums"]}}
+        acc.seq_log_w = [s["seq_log_w"] for s in states if s["seq_log_w"] is not None]
+        acc.token_log_w = [s["token_log_w"] for s in states if s["token_log_w"] is not None]
+        return [g for s in states for g in s["group_ids"]]
+
+    def all_reduce_gradients(self, grads: list[torch.Tensor]) -> None:
+        """Sum ``grads`` over the replicas in place (one flat buffer per dtype and device)."""
+        by_kind: dict[tuple, list[torch.Tensor]] = {}
+        for g in grads:
+            by_kind.setdefault((g.dtype, g.device), []).append(g)
+        for group in by_kind.values():
+            flat = torch.cat([g.reshape(-1) for g in group])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for g in group:
+                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def identical_weights(self, weights: dict[str, torch.Tensor]) -> bool:
+        """True when every replica holds bit-identical weights (a digest of every tensor's bytes, compared)."""
+        import xxhash
+
+        h = xxhash.xxh3_64()
+        for name in sorted(weights):
+            h.update(name.encode())
+            h.update(weights[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digests: list = [None] * self.world
+        dist.all_gather_object(digests, h.hexdigest())
+        return len(set(digests)) == 1
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,13 @@
+"""transfer — a transfer-queue bus: Arrow record batches over ZeroMQ, knowing nothing about RL.
+
+Read in this order: ``wire.py`` (frames and errors), ``store.py`` (rows × columns, leases, capacity),
+``server.py`` (the ROUTER loop and parked waits), ``client.py`` (the API), ``shm.py`` (same-host payloads), ``security.py`` (CURVE).
+"""
+
+from rlflow.transfer.client import BusClient, Delivery
+from rlflow.transfer.server import BusServer, ServerConfig, ServerProcess, serve_in_thread, spawn_server
+from rlflow.transfer.wire import GROUP, UID, BusError, BusTimeout, CapacityError, LeaseExpired, ProtocolError, SchemaError
+
+__all__ = ["BusClient", "Delivery", "BusServer", "ServerConfig", "ServerProcess", "serve_in_thread",
+           "spawn_server", "GROUP", "UID", "BusError", "BusTimeout", "CapacityError", "LeaseExpired", "ProtocolError",
+           "SchemaError"]

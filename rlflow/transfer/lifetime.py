@@ -1,0 +1,94 @@
+"""Process lifetime: a child that must not outlive the process that started it (a bus server, a role,
+a reward sandbox, a launched inference server)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Callable
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int | None = None, sig: int = signal.SIGTERM) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent dies (even by SIGKILL).
+
+    ``parent``: the pid the caller expects as its parent; if it is already gone (it died before the
+    signal was armed), ``sig`` is raised at once. Returns False where the kernel offers no such thing
+    (not Linux, or no glibc): then only the parent's own shutdown stops this process.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+    except OSError:
+        return False
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def die_with(pid: int, sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to this process when process ``pid`` (not necessarily its parent) is gone.
+
+    For a process forked by a helper (a forkserver) rather than by the one it must not outlive. A daemon
+    thread waits on a pidfd (Linux 5.3+), or else looks every ``DIE_WITH_POLL_S``; if ``pid`` is gone
+    already, ``sig`` is raised at once. Block ``sig`` in the calling thread first if it must reach a
+    thread that waits for it: the new thread inherits the caller's signal mask.
+    """
+    import threading
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os.kill(os.getpid(), sig)
+        return
+    except (AttributeError, OSError):  # no pidfds here: poll
+        fd = None
+
+    def wait() -> None:
+        if fd is not None:
+            import select
+
+            select.select([fd], [], [])  # readable once the process has exited
+        else:
+            while _alive(pid):
+                time.sleep(DIE_WITH_POLL_S)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=wait, name=f"rlflow-die-with-{pid}", daemon=True).start()
+
+
+DIE_WITH_POLL_S = 1.0  # without pidfds: how late, at most, ``die_with`` notices
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_EXIT_HOOKS: list[Callable[[], None]] = []
+
+
+def at_exit(fn: Callable[[], None]) -> None:
+    """Run ``fn`` when this process stops, however it stops (its work ends, it fails, or whoever started it
+    stops it): for what would outlive it, such as a server it launched or files in /dev/shm."""
+    _EXIT_HOOKS.append(fn)
+
+
+def run_exit_hooks() -> None:
+    """Run the hooks of ``at_exit`` once, newest first; one failing does not stop the others."""
+    while _EXIT_HOOKS:
+        try:
+            _EXIT_HOOKS.pop()()
+        except Exception:  # noqa: BLE001 - a cleanup must not prevent the next one
+            pass

@@ -1,0 +1,30 @@
+"""The package layering (docs/design.md, "Layers and imports"): imports only point down, and the bus
+knows nothing of RL or torch."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "rlflow"
+LAYERS = ["transfer", "tasks", "algo", "sync", "engines", "train", "roles", "flow"]  # lowest first
+IMPORT = re.compile(r"^\s*(?:from|import) rlflow\.(\w+)", re.M)
+
+
+def test_every_import_between_packages_points_down_the_layers():
+    rank = {p: i for i, p in enumerate(LAYERS)}
+    assert sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()) == sorted(LAYERS + ["recipes"])
+    upward = [(str(f.relative_to(ROOT)), target) for f in ROOT.rglob("*.py") if f.parent != ROOT
+              for target in IMPORT.findall(f.read_text())
+              if target in rank and rank[target] > rank[f.relative_to(ROOT).parts[0]]]
+    assert upward == []
+
+
+def test_the_bus_imports_neither_the_rest_of_rlflow_nor_torch():
+    code = ("import sys, rlflow.transfer, rlflow.transfer.cli, rlflow.transfer.relay, rlflow.transfer.demo; "
+            "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('rlflow.') and m.count('.')}), "
+            "'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("]")
+    assert out[0] + "]" == "['transfer']" and out[1].strip() == "False"
