@@ -56,7 +56,7 @@ def die_with(pid: int, sig: int = signal.SIGTERM) -> None:
 
             select.select([fd], [], [])  # readable once the process has exited
         else:
-            while _alive(pid):
+            while alive(pid):
                 time.sleep(DIE_WITH_POLL_S)
         os.kill(os.getpid(), sig)
 
@@ -66,7 +66,8 @@ def die_with(pid: int, sig: int = signal.SIGTERM) -> None:
 DIE_WITH_POLL_S = 1.0  # without pidfds: how late, at most, ``die_with`` notices
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts: it is there)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from rlflow.transfer.lifetime import alive
 from rlflow.transfer.wire import ProtocolError, read_one_batch
 
 SHM_DIR = Path("/dev/shm")
@@ -139,17 +140,8 @@ def sweep_dead() -> int:
     removed = 0
     for path in SHM_DIR.glob("rlflow-*"):
         m = NAME.match(path.name)
-        if m and not _alive(int(m.group(1))):
+        if m and not alive(int(m.group(1))):
             unlink(path.name)
             removed += 1
     return removed
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
