@@ -3,7 +3,7 @@
     rlflow rollout.engine=examples.custom_engine.NoCacheEngine flow.steps=50
     python -m examples.custom_engine          # the same, 50 steps, no W&B
 
-An engine is a class built as ``Engine(model_path, cfg)`` (cfg: ``rlflow.roles.rollout.RolloutConfig``) with a
+An engine is a class built as ``Engine(model_path, cfg)`` (cfg: ``rlflow.roles.config.RolloutConfig``) with a
 ``version`` attribute, ``generate(prompts, sampling) -> list[Generation]`` and
 ``load_weights(weights, version)``; see ``engines/base.py``. This one samples without a KV cache:
 it re-runs the whole sequence for every new token. That is slower, but works for any model whose

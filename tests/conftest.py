@@ -8,6 +8,7 @@ import tempfile
 import pyarrow as pa
 import pytest
 
+from rlflow.engines.base import SamplingParams
 from rlflow.transfer import BusClient, ServerConfig, spawn_server
 
 TOKENS = pa.list_(pa.int32())
@@ -65,6 +66,7 @@ def tiny_model(model_cache):
 
 
 G, GROUPS = 4, 6  # reverse_samples: groups of G samples each
+SAMPLING = SamplingParams(max_new_tokens=8)  # the rollout's sampling of reverse_samples (what trainers score at)
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +77,6 @@ def _reverse_samples(tiny_model):
     from transformers import AutoTokenizer
 
     from rlflow.engines.hf import HFRolloutEngine
-    from rlflow.engines.base import SamplingParams
     from rlflow.tasks.rewards import positional_match
     from rlflow.tasks.builtin import get_task
 
@@ -83,7 +84,7 @@ def _reverse_samples(tiny_model):
     records = [get_task("reverse").make(rng, 3, 5) for _ in range(GROUPS)]
     prompts = [tok(r["prompt"])["input_ids"] for r in records for _ in range(G)]
     engine = HFRolloutEngine(tiny_model, SimpleNamespace(device="cpu", dtype="float32", max_batch=64, seed=3))
-    gens = engine.generate(prompts, SamplingParams(max_new_tokens=8))
+    gens = engine.generate(prompts, SAMPLING)
     rewards = [positional_match(tok.decode(g.response_ids, skip_special_tokens=True), records[i // G]["answer"])
                for i, g in enumerate(gens)]
     return {"uid": [f"s{i}" for i in range(len(gens))], "group_id": [f"g{i // G}" for i in range(len(gens))],

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from rlflow.train.checkpoint import Checkpointer, latest, read_state, restore_rng
 from rlflow.engines.hf import HFTrainEngine
+from conftest import SAMPLING
 from test_engines import ACTOR, _prompts
 
 
@@ -21,7 +22,7 @@ def _train_step(engine: HFTrainEngine, prompts) -> None:
 
 
 def test_a_checkpoint_holds_the_snapshot_not_the_weights_trained_while_it_was_written(tiny_model, tmp_path):
-    engine, prompts = HFTrainEngine(tiny_model, ACTOR), _prompts(tiny_model, 4)
+    engine, prompts = HFTrainEngine(tiny_model, ACTOR, SAMPLING), _prompts(tiny_model, 4)
     _train_step(engine, prompts)
     at_snapshot = {k: v.clone() for k, v in engine.model.state_dict().items()}
     release, writing = threading.Event(), threading.Event()
@@ -52,14 +53,14 @@ def test_a_checkpoint_holds_the_snapshot_not_the_weights_trained_while_it_was_wr
 def test_a_checkpoint_resumes_the_optimizer_and_the_version_bit_for_bit(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    engine, prompts = HFTrainEngine(tiny_model, ACTOR), _prompts(tiny_model, 4)
+    engine, prompts = HFTrainEngine(tiny_model, ACTOR, SAMPLING), _prompts(tiny_model, 4)
     for _ in range(2):
         _train_step(engine, prompts)
     ckpt = Checkpointer(tmp_path, keep=2)
     ckpt.save("step-2", engine.snapshot(), {"version": engine.version, "epoch": 0, "groups_by_step": []}, timeout=5)
     ckpt.close(timeout=60)
     AutoModelForCausalLM.from_pretrained(tmp_path / "step-2")  # a plain Hugging Face checkpoint
-    resumed = HFTrainEngine(str(tmp_path / "step-2"), ACTOR)
+    resumed = HFTrainEngine(str(tmp_path / "step-2"), ACTOR, SAMPLING)
     resumed.restore(str(tmp_path / "step-2"), read_state(tmp_path / "step-2")["version"])
     restore_rng(tmp_path / "step-2")
     assert resumed.version == 2

@@ -13,9 +13,11 @@ from rlflow.engines.hf import HFRolloutEngine, HFTrainEngine, sequence_logprobs
 from rlflow.engines.base import SamplingParams
 from rlflow.tasks.builtin import get_task
 from rlflow.sync.weights import SyncConfig, WeightPublisher, WeightReceiver
+from conftest import SAMPLING
+from helpers import REPO
 
 ROLLOUT = SimpleNamespace(device="cpu", dtype="float32", max_batch=64, seed=0)
-ACTOR = SimpleNamespace(device="cpu", temperature=1.0, lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, max_grad_norm=1.0)
+ACTOR = SimpleNamespace(device="cpu", lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, max_grad_norm=1.0)
 
 
 def _prompts(tiny_model, n: int) -> list[list[int]]:
@@ -28,7 +30,7 @@ def _prompts(tiny_model, n: int) -> list[list[int]]:
 def test_rollout_logprobs_equal_the_trainers_so_on_policy_ratios_are_one(tiny_model):
     prompts = _prompts(tiny_model, 24)  # different lengths: exercises left padding against right padding
     gens = HFRolloutEngine(tiny_model, ROLLOUT).generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.9))
-    trainer = HFTrainEngine(tiny_model, SimpleNamespace(**{**vars(ACTOR), "temperature": 0.9}))
+    trainer = HFTrainEngine(tiny_model, ACTOR, SamplingParams(max_new_tokens=8, temperature=0.9))
     with torch.no_grad():
         logp = trainer.token_logprobs(prompts, [g.response_ids for g in gens])
     for i, g in enumerate(gens):
@@ -61,7 +63,7 @@ def test_responses_end_at_the_stop_token_or_at_max_new_tokens_with_no_deprecated
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_weights_through_the_channel_are_bit_exact_and_carry_their_version(tiny_model, short_dir, dtype):
-    trainer = HFTrainEngine(tiny_model, ACTOR)
+    trainer = HFTrainEngine(tiny_model, ACTOR, SAMPLING)
     pub = WeightPublisher(f"ipc://{short_dir}/w", SyncConfig(), getattr(torch, dtype))
     rx = WeightReceiver(pub.address, SyncConfig())
     rollout = HFRolloutEngine(tiny_model, SimpleNamespace(**{**vars(ROLLOUT), "dtype": dtype}))
@@ -84,7 +86,7 @@ def test_weights_through_the_channel_are_bit_exact_and_carry_their_version(tiny_
 def test_sequence_logprobs_do_not_depend_on_batch_neighbours(tiny_model):
     prompts = _prompts(tiny_model, 4)
     responses = [[5, 6, 2], [7, 2], [8, 9, 10, 2], [2]]
-    model = HFTrainEngine(tiny_model, ACTOR).model
+    model = HFTrainEngine(tiny_model, ACTOR, SAMPLING).model
     with torch.no_grad():
         batch = sequence_logprobs(model, prompts, responses, 1.0, "cpu")
         for i in range(4):
@@ -103,3 +105,32 @@ def test_the_tiny_tokenizer_keeps_every_character_whichever_class_loads_it(tiny_
     assert ids == byte_tokenizer()(text)["input_ids"]
     assert loaded.unk_token_id not in ids and len(ids) == 1 + len(text.encode())  # <bos>, then one per byte
     assert loaded.decode(ids, skip_special_tokens=True) == text
+
+
+def test_the_launchers_reading_of_a_built_tokenizer_gives_the_ids_and_texts_autotokenizer_gives(tiny_model):
+    from transformers import AutoTokenizer
+
+    from rlflow.engines.tiny import ByteTokenizerFile
+
+    fast, hf = ByteTokenizerFile.of(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+    rng = random.Random(0)
+    texts = [get_task(t).make(rng, 3, 5)["prompt"] for t in ("reverse", "sort", "add") for _ in range(20)]
+    texts += ["", " leading space", "tab\tnew\nline", "naïve café", "e\u0301 (decomposed)", "日本語 🙂", "<bos><eos>",
+              "".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(200))]
+    for special in (True, False):
+        assert fast(texts, add_special_tokens=special)["input_ids"] == hf(texts, add_special_tokens=special)["input_ids"]
+        assert [fast(t, add_special_tokens=special)["input_ids"] for t in texts] == \
+            [hf(t, add_special_tokens=special)["input_ids"] for t in texts]
+    ids = hf(texts)["input_ids"]
+    for skip in (True, False):
+        assert [fast.decode(i + [2, 0], skip_special_tokens=skip) for i in ids] == \
+            [hf.decode(i + [2, 0], skip_special_tokens=skip) for i in ids]
+    assert ByteTokenizerFile.of(str(REPO)) is None  # not a model built here: the launcher uses AutoTokenizer
+
+
+def test_a_train_engine_without_the_sampling_argument_is_refused_naming_what_it_must_take(tiny_model):
+    from rlflow.roles.actor import ActorConfig, make_engine
+
+    with pytest.raises(TypeError, match=r"built as TrainerWithoutSampling\(model_path, cfg, sampling\).*"
+                                        r"TrainerWithoutSampling\(model_path.*, cfg\) does not take"):
+        make_engine(ActorConfig(engine="user_code.TrainerWithoutSampling"), tiny_model, SAMPLING)

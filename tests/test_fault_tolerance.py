@@ -212,7 +212,7 @@ def test_thousands_of_hostile_messages_leave_a_real_run_unaffected_and_within_it
     from fuzz import Peers, bus_message, channel_message
     from rlflow.transfer import BusClient
 
-    run_dir, steps = tmp_path / "run", 80  # long enough to be training all through the flood
+    run_dir, steps = tmp_path / "run", 200  # long enough to be training all through the flood and the probe after it
     log = open(tmp_path / "run.log", "w")  # a file, not a pipe nobody reads during the flood
     p = subprocess.Popen(command(run_dir, model_cache, [*BASE, f"flow.steps={steps}"]), cwd=REPO, env=env(),
                          stdout=log, stderr=subprocess.STDOUT, text=True)

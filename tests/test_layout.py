@@ -28,3 +28,13 @@ def test_the_bus_imports_neither_the_rest_of_rlflow_nor_torch():
             "'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("]")
     assert out[0] + "]" == "['transfer']" and out[1].strip() == "False"
+
+
+def test_the_launcher_and_every_config_import_no_torch():
+    # The launcher checks a run, plans it and feeds it without torch, so the roles' forkserver has a
+    # core to itself while it imports torch (the start-up path; benchmarks/startup.py measures it).
+    code = ("import sys, rlflow.flow.cli, rlflow.flow.launcher, rlflow.flow.doctor, rlflow.roles.config, "
+            "rlflow.sync.config, rlflow.engines.config, rlflow.engines.tiny, rlflow.algo.choices; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

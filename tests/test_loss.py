@@ -120,3 +120,32 @@ def test_the_rollout_kl_is_k3_of_mu_against_pi_per_token():
     x = (mu - logp.detach()) * mask
     assert torch.allclose(stats["rollout_kl"] * mask, (torch.exp(x) - x - 1) * mask)
     assert float(stats["rollout_kl"][0, 0]) == 0.0 and float(stats["rollout_kl"][1, 0]) > 0
+
+
+def test_every_name_a_config_may_choose_has_an_implementation_and_no_other_name_does():
+    from rlflow.algo import choices
+    from rlflow.algo.offpolicy import importance_weights, lr_factor
+
+    logp, mu, adv, mask = torch.zeros(2, 3), torch.full((2, 3), -0.1), torch.tensor([1.0, -1.0]), torch.ones(2, 3)
+    for kind in choices.ADVANTAGES:
+        if kind != "opob":  # OPOB needs gradient norms: algo/offpolicy.opob_advantages, tests/test_offpolicy.py
+            group_advantages(torch.tensor([1.0, 0.0]), kind)
+    for how in choices.AGGREGATIONS:
+        aggregate(torch.ones(2, 3), mask, how, 3)
+    for old in choices.OLD_LOGPROBS:
+        for level in choices.RATIO_LEVELS:
+            corrections = choices.CORRECTIONS if old == "recompute" else ("none",)
+            for correction in corrections:
+                for correction_level in choices.LEVELS:
+                    policy_loss(logp, mu, adv, mask, clip_low=0.2, clip_high=0.28, old_logprobs=old,
+                                ratio_level=level, correction=correction, correction_level=correction_level)
+    for rule in choices.LR_RULES:
+        assert 0 < lr_factor(0.5, rule, 1.0) < 1
+    with pytest.raises(ValueError, match="actor.advantage"):
+        group_advantages(torch.tensor([1.0, 0.0]), "ppo")
+    with pytest.raises(ValueError, match="actor.aggregation"):
+        aggregate(torch.ones(2, 3), mask, "sum", 3)
+    with pytest.raises(ValueError, match="actor.correction"):
+        importance_weights(logp - mu, mask, "clip", "token", 2.0)
+    with pytest.raises(ValueError, match="actor.vcpo_rule"):
+        lr_factor(0.5, "cubic", 1.0)

@@ -12,6 +12,7 @@ import torch
 from rlflow.algo.step import StepAccumulator
 from rlflow.roles.actor import ActorConfig
 from rlflow.engines.hf import HFTrainEngine
+from conftest import SAMPLING
 
 
 def _loss(engine: HFTrainEngine, s: dict) -> torch.Tensor:
@@ -22,7 +23,7 @@ def test_the_vcpo_factor_scales_only_its_step_and_the_base_lr_is_restored(tiny_m
     cfg = ActorConfig(lr=1e-3)
     deltas = {}
     for lr_scale in (1.0, 0.25):
-        engine = HFTrainEngine(tiny_model, cfg)
+        engine = HFTrainEngine(tiny_model, cfg, SAMPLING)
         before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
         _loss(engine, reverse_samples).backward()
         metrics = engine.step(1.0, lr_scale)
@@ -37,7 +38,7 @@ def test_the_vcpo_factor_scales_only_its_step_and_the_base_lr_is_restored(tiny_m
 
 
 def test_the_base_lr_is_restored_when_the_optimizer_step_fails(tiny_model, reverse_samples):
-    engine = HFTrainEngine(tiny_model, ActorConfig(lr=1e-3))
+    engine = HFTrainEngine(tiny_model, ActorConfig(lr=1e-3), SAMPLING)
     _loss(engine, reverse_samples).backward()
 
     def broken(*_, **__):
@@ -51,14 +52,14 @@ def test_the_base_lr_is_restored_when_the_optimizer_step_fails(tiny_model, rever
 
 def test_trajectory_grad_sq_is_each_samples_gradient_norm_and_leaves_accumulated_grads_alone(tiny_model,
                                                                                               reverse_samples):
-    engine = HFTrainEngine(tiny_model, ActorConfig())
+    engine = HFTrainEngine(tiny_model, ActorConfig(), SAMPLING)
     s = {k: v[:3] for k, v in reverse_samples.items()}
     _loss(engine, s).backward()  # a step in progress: its accumulated gradient must survive
     accumulated = {n: p.grad.clone() for n, p in engine.model.named_parameters()}
     grad_sq, seq_logp = engine.trajectory_grad_sq(s["prompt_ids"], s["response_ids"])
     for n, p in engine.model.named_parameters():
         assert torch.equal(p.grad, accumulated[n]), n
-    fresh = HFTrainEngine(tiny_model, ActorConfig())
+    fresh = HFTrainEngine(tiny_model, ActorConfig(), SAMPLING)
     for i in range(3):
         fresh.model.zero_grad(set_to_none=True)
         logp = fresh.token_logprobs(s["prompt_ids"][i: i + 1], s["response_ids"][i: i + 1]).sum()
@@ -70,9 +71,9 @@ def test_trajectory_grad_sq_is_each_samples_gradient_norm_and_leaves_accumulated
 
 def _stale_engine(tiny_model, samples: dict, steps: int, cfg: ActorConfig) -> HFTrainEngine:
     """A trainer that took ``steps`` real steps since the rollout's version 0 generated ``samples``."""
-    engine = HFTrainEngine(tiny_model, cfg)
+    engine = HFTrainEngine(tiny_model, cfg, SAMPLING)
     for _ in range(steps):
-        acc = StepAccumulator(engine, cfg)
+        acc = StepAccumulator(engine, cfg, SAMPLING.max_new_tokens)
         acc.add(pa.table(samples))
         acc.finish()
     return engine
@@ -92,7 +93,7 @@ def test_stale_samples_lower_the_ess_and_vcpo_scales_that_steps_lr_by_its_rule(t
                       correction_level="sequence", is_cap=8.0, vcpo=True, vcpo_rule=rule, vcpo_ref=1.0)
     engine = _stale_engine(tiny_model, reverse_samples, 4, base)  # version 4 trains on version-0 samples
     expected = _naive_ess_ratio(engine, reverse_samples)
-    acc = StepAccumulator(engine, cfg)
+    acc = StepAccumulator(engine, cfg, SAMPLING.max_new_tokens)
     acc.add(pa.table(reverse_samples))
     m = acc.finish()
     assert m["ess/ratio"] == pytest.approx(expected, rel=1e-4) and m["ess/ratio"] < 0.95
@@ -105,7 +106,7 @@ def test_stale_samples_lower_the_ess_and_vcpo_scales_that_steps_lr_by_its_rule(t
 
 def test_on_policy_samples_have_full_ess_and_vcpo_leaves_the_lr_alone(tiny_model, reverse_samples):
     cfg = ActorConfig(micro_batch=64, vcpo=True)
-    m = StepAccumulator(engine := HFTrainEngine(tiny_model, cfg), cfg)
+    m = StepAccumulator(engine := HFTrainEngine(tiny_model, cfg, SAMPLING), cfg, SAMPLING.max_new_tokens)
     m.add(pa.table(reverse_samples))
     out = m.finish()
     assert out["ess/ratio"] == pytest.approx(1.0, abs=1e-4) and out["lr/factor"] == pytest.approx(1.0, abs=1e-4)
@@ -118,7 +119,7 @@ def test_the_cut_fraction_counts_the_tokens_of_a_masked_sequence(tiny_model, rev
     s["rollout_logprobs"][0] = [lp - 5.0 for lp in s["rollout_logprobs"][0]]  # μ far below π: w >> C
     cfg = ActorConfig(micro_batch=64, old_logprobs="recompute", correction="mis", correction_level="sequence",
                       is_cap=4.0)
-    acc = StepAccumulator(HFTrainEngine(tiny_model, cfg), cfg)
+    acc = StepAccumulator(HFTrainEngine(tiny_model, cfg, SAMPLING), cfg, SAMPLING.max_new_tokens)
     acc.add(pa.table(s))
     m = acc.finish()
     tokens = sum(len(r) for r in s["response_ids"])
@@ -135,7 +136,7 @@ def test_opob_needs_an_engine_with_trajectory_gradients(tiny_model, reverse_samp
 
     cfg = ActorConfig(advantage="opob")
     with pytest.raises(TypeError, match="trajectory_grad_sq"):
-        StepAccumulator(NoNorms(), cfg).add(pa.table(reverse_samples))
+        StepAccumulator(NoNorms(), cfg, SAMPLING.max_new_tokens).add(pa.table(reverse_samples))
 
 
 def test_an_opob_step_trains_on_stale_samples(tiny_model, reverse_samples):
@@ -143,7 +144,7 @@ def test_an_opob_step_trains_on_stale_samples(tiny_model, reverse_samples):
                       correction_level="sequence", is_cap=8.0, vcpo=True)
     engine = _stale_engine(tiny_model, reverse_samples, 2, ActorConfig(lr=3e-3, micro_batch=64))
     before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
-    acc = StepAccumulator(engine, cfg)
+    acc = StepAccumulator(engine, cfg, SAMPLING.max_new_tokens)
     acc.add(pa.table(reverse_samples))
     m = acc.finish()
     assert math.isfinite(m["loss"]) and m["actor/grad_norm"] > 0 and m["ess/ratio"] < 1.0

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from rlflow.flow.config import ConfigError, register, validate
+from rlflow.flow.config import ConfigError, register
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,8 +26,8 @@ def _compose(name: str = "default", overrides: list[str] = ()):
 
 def test_the_default_recipe_composes_and_validates():
     cfg = OmegaConf.to_object(_compose(overrides=["run_dir=/tmp/x"]))
-    validate(cfg)
-    assert cfg.actor.temperature == cfg.rollout.temperature and cfg.model.path is None
+    cfg.check()
+    assert cfg.model.path is None
 
 
 def test_a_misspelled_key_fails_at_compose_time():
@@ -64,18 +64,32 @@ def test_a_wrong_type_fails_at_compose_time():
     ("rollout.engine=sglang rollout.sglang.url=http://h:1 rollout.replicas=2", "rollout.sglang.url"),
     ("rollout.engine=sglang rollout.sglang.url=http://h:1 rollout.sglang.update=nccl", "rollout.sglang.update"),
     ("rollout.engine=sglang rollout.device=cuda rollout.sglang.update=distributed", "actor.device"),
+    ("rollout.engine=sglang rollout.sglang.url=http://h:1 rollout.sglang.mem_fraction=1.5", "rollout.sglang.mem_fraction"),
+    ("rollout.top_k=-1", "rollout.top_k"),
+    ("reward.fn=my_reward", "reward.fn"),  # not a dotted path
+    ("reward.timeout_s=-1", "reward.timeout_s"),
+    ("reference.dtype=int8", "reference.dtype"),
+    ("actor.beta2=1", "actor.beta1/beta2"),
+    ("actor.checkpoint_keep=0", "actor.checkpoint_keep"),
+    ("model.tiny.num_heads=3", "model.tiny.num_heads"),  # 128 does not split into 3 heads
+    ("model.tiny.num_kv_heads=3 model.tiny.num_heads=4", "model.tiny.num_kv_heads"),
+    ("sync.window=0", "sync.window"),
+    ("sync.dtype=bfloat16", "sync.dtype"),  # the rollout runs float32
+    ("supervision.heartbeat_s=90", "supervision.heartbeat_s/hang_s"),
+    ("tracking.log_every=0", "tracking.log_every"),
+    ("flow.shutdown_seconds=0", "flow.shutdown_seconds"),
 ])
 def test_a_bad_value_fails_validation_naming_the_field(override, field):
     cfg = OmegaConf.to_object(_compose(overrides=override.split()))
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        validate(cfg)
+        cfg.check()
 
 
 def test_the_gpu_recipe_composes_and_validates_with_a_model_and_a_dataset(tiny_model, tmp_path):
     data = tmp_path / "gsm8k.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "answer": "1+1=2 #### 2"}) + "\n")
     cfg = OmegaConf.to_object(_compose("gsm8k_qwen", [f"model.path={tiny_model}", f"data.path={data}"]))
-    validate(cfg)
+    cfg.check()
     assert (cfg.rollout.device, cfg.reward.fn, cfg.data.prompt_key) == ("cuda", "rlflow.tasks.rewards.math_answer", "question")
 
 
@@ -84,7 +98,7 @@ def test_the_sglang_cluster_recipe_composes_and_validates(tiny_model, tmp_path):
     data = tmp_path / "gsm8k.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "answer": "1+1=2 #### 2"}) + "\n")
     cfg = OmegaConf.to_object(_compose("gsm8k_sglang", [f"model.path={tiny_model}", f"data.path={data}"]))
-    validate(cfg)
+    cfg.check()
     assert (cfg.launcher, cfg.rollout.engine, cfg.rollout.replicas, cfg.ray.rollout.gpus) == ("ray", "sglang", 2, 1)
     assert cfg.reward.fn == "rlflow.tasks.rewards.math_answer" and cfg.data.chat_template  # from gsm8k_qwen
 
@@ -97,6 +111,50 @@ def test_the_gpu_recipe_names_each_missing_path(tmp_path):
     result = _cli(["-cn", "gsm8k_qwen", f"data.path={data}", f"run_dir={tmp_path}/run"])
     out = " ".join(result.stdout.split())
     assert result.returncode == 2 and "model.path: data.chat_template=true needs a checkpoint" in out
+
+
+def test_every_component_checks_its_own_fields_beside_their_declaration():
+    # The rule of rlflow/errors.py: each config dataclass has a check() of its own, and RunConfig.check
+    # calls them all; what RunConfig checks itself is only what ties two components together.
+    from rlflow.engines.config import SGLangConfig, TinyModelConfig
+    from rlflow.flow.config import DataConfig, FlowConfig, ModelConfig, RayConfig, RunConfig, TrackingConfig
+    from rlflow.flow.placement.supervisor import SupervisionConfig
+    from rlflow.roles.config import ActorConfig, ReferenceConfig, RewardConfig, RolloutConfig
+    from rlflow.sync.config import SyncConfig
+
+    for cls in (SGLangConfig, TinyModelConfig, DataConfig, FlowConfig, ModelConfig, RayConfig, TrackingConfig,
+                SupervisionConfig, ActorConfig, ReferenceConfig, RewardConfig, RolloutConfig, SyncConfig):
+        assert "check" in vars(cls), cls.__name__
+        cls().check()  # the defaults pass
+    with pytest.raises(ConfigError, match=r"^actor\.lr: must be > 0"):
+        RunConfig(actor=ActorConfig(lr=0)).check()
+    with pytest.raises(ConfigError, match=r"^trainer\.lr:"):  # the key is named where the config sits
+        ActorConfig(lr=0).check("trainer")
+
+
+@pytest.mark.parametrize("key", ["actor.temperature", "actor.max_new_tokens"])
+def test_a_retired_key_is_refused_naming_the_key_that_replaced_it(key, tmp_path):
+    replacement = "rollout." + key.split(".")[1]
+    result = _cli([f"{key}=1", "tracking.wandb=false", f"run_dir={tmp_path}/run"])
+    assert result.returncode == 2 and f"{key}: no longer a setting" in result.stdout
+    assert f"set {replacement} instead" in result.stdout and not (tmp_path / "run").exists()
+    recipe = tmp_path / "mine.yaml"  # a user's recipe copied from one that tied the two by interpolation
+    recipe.write_text(f"defaults:\n  - rlflow_schema\n  - _self_\n{key.split('.')[0]}:\n  {key.split('.')[1]}: "
+                      f"${{{replacement}}}\n")
+    result = _cli(["-cd", str(tmp_path), "-cn", "mine", "tracking.wandb=false", f"run_dir={tmp_path}/run"])
+    assert result.returncode == 2 and f"{recipe}: {key}: no longer a setting" in " ".join(result.stdout.split())
+
+
+def test_a_resumed_runs_saved_retired_keys_are_dropped_when_tied_and_refused_when_not(tmp_path):
+    from rlflow.flow.overrides import retire
+
+    saved = OmegaConf.create({"rollout": {"temperature": 0.7, "max_new_tokens": 8},
+                              "actor": {"temperature": 0.7, "max_new_tokens": 8, "lr": 1e-3}})
+    retire(saved, "config.yaml")
+    assert OmegaConf.to_container(saved["actor"]) == {"lr": 1e-3}
+    saved = OmegaConf.create({"rollout": {"temperature": 1.0}, "actor": {"temperature": 0.7}})
+    with pytest.raises(ConfigError, match=r"actor\.temperature=0\.7 but rollout\.temperature=1\.0"):
+        retire(saved, "config.yaml")
 
 
 def test_the_cli_exits_2_and_names_a_bad_value(tmp_path):

@@ -7,7 +7,6 @@ import os
 import signal
 import time
 
-import pytest
 import xxhash
 
 from rlflow.transfer.channel import Publisher, Server, ChunkStore

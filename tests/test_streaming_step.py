@@ -12,13 +12,12 @@ from rlflow.algo.step import StepAccumulator
 from rlflow.roles.actor import ActorConfig
 from rlflow.engines.hf import HFTrainEngine
 from rlflow.algo.loss import aggregate, group_advantages, policy_loss
-from rlflow.transfer import BusClient
 
-from conftest import G, GROUPS
+from conftest import G, GROUPS, SAMPLING
 
 
 def _whole_batch_gradient(tiny_model, cfg: ActorConfig, s: dict) -> dict[str, torch.Tensor]:
-    engine = HFTrainEngine(tiny_model, cfg)
+    engine = HFTrainEngine(tiny_model, cfg, SAMPLING)
     rewards = torch.tensor(s["reward"]).view(GROUPS, G)
     adv = torch.cat([group_advantages(rewards[g], cfg.advantage) for g in range(GROUPS)])
     logp = engine.token_logprobs(s["prompt_ids"], s["response_ids"])
@@ -28,7 +27,7 @@ def _whole_batch_gradient(tiny_model, cfg: ActorConfig, s: dict) -> dict[str, to
     token_loss, _ = policy_loss(logp, mu, adv, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                                 old_logprobs=cfg.old_logprobs, ratio_level=cfg.ratio_level, correction=cfg.correction,
                                 correction_level=cfg.correction_level, is_cap=cfg.is_cap)
-    total, n = aggregate(token_loss, mask, cfg.aggregation, cfg.max_new_tokens)
+    total, n = aggregate(token_loss, mask, cfg.aggregation, SAMPLING.max_new_tokens)
     (total / n).backward()
     return {name: p.grad.clone() for name, p in engine.model.named_parameters()}
 
@@ -40,12 +39,12 @@ def _whole_batch_gradient(tiny_model, cfg: ActorConfig, s: dict) -> dict[str, to
     ("token_mean", "recompute", {"correction": "mis", "is_cap": 1.5})])
 def test_a_step_streamed_off_the_bus_has_the_whole_batch_gradient(tiny_model, reverse_samples, client, aggregation,
                                                                    old_logprobs, extra):
-    cfg = ActorConfig(aggregation=aggregation, old_logprobs=old_logprobs, micro_batch=3, max_new_tokens=8, **extra)
+    cfg = ActorConfig(aggregation=aggregation, old_logprobs=old_logprobs, micro_batch=3, **extra)
     s = reverse_samples
     client.declare(schema.COLUMNS, release_after=schema.RELEASE_AFTER)
     client.put(s)
-    engine = HFTrainEngine(tiny_model, cfg)
-    acc = StepAccumulator(engine, cfg)
+    engine = HFTrainEngine(tiny_model, cfg, SAMPLING)
+    acc = StepAccumulator(engine, cfg, SAMPLING.max_new_tokens)
     deliveries = 0
     while acc.groups < GROUPS:  # one group per delivery, as a slow rollout would stream them in
         acc.add(client.get("actor", schema.ACTOR_INPUT, n=1, groups=True, timeout=10).table)
@@ -64,7 +63,7 @@ def test_samples_whose_reward_failed_are_left_out_of_the_step(tiny_model, revers
     s["reward"][0] = float("nan")
     client.declare(schema.COLUMNS, release_after=schema.RELEASE_AFTER)
     client.put(s)
-    acc = StepAccumulator(HFTrainEngine(tiny_model, cfg), cfg)
+    acc = StepAccumulator(HFTrainEngine(tiny_model, cfg, SAMPLING), cfg, SAMPLING.max_new_tokens)
     acc.add(client.get("actor", schema.ACTOR_INPUT, n=GROUPS, groups=True, timeout=10).table)
     metrics = acc.finish()
     assert metrics["reward/errors"] == 1 and metrics["samples"] == G * GROUPS

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from rlflow.sync.codec import checksum
-from rlflow.sync.weights import SyncConfig, WeightPublisher, WeightReceiver, patches_in_place, relay_parent
+from rlflow.sync.config import relay_parent
+from rlflow.sync.weights import SyncConfig, WeightPublisher, WeightReceiver, patches_in_place
 
 
 class TensorEngine:

@@ -45,3 +45,10 @@ def reward_exiting_on_nines(response: str, **_) -> float:
 def reward_returning_none(response: str, **_):
     """A reward function with a forgotten ``return``: every call returns None."""
     hits = len(response)  # noqa: F841 - computed, never returned
+
+
+class TrainerWithoutSampling:
+    """A train engine written for the constructor before it took the rollout's sampling parameters."""
+
+    def __init__(self, model_path: str, cfg):
+        self.version = 0

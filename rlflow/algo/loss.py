@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import torch
 
+from rlflow.algo.choices import ADVANTAGES, AGGREGATIONS, OLD_LOGPROBS, RATIO_LEVELS
 from rlflow.algo.offpolicy import importance_weights
 
 EPS = 1e-6
-ADVANTAGES = ("grpo", "rloo", "drgrpo", "opob")
-AGGREGATIONS = ("token_mean", "seq_mean", "constant")
-OLD_LOGPROBS = ("rollout", "recompute")
-RATIO_LEVELS = ("token", "sequence")
 
 
 def group_advantages(rewards: torch.Tensor, kind: str) -> torch.Tensor:

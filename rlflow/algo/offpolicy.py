@@ -24,9 +24,7 @@ import math
 
 import torch
 
-CORRECTIONS = ("none", "tis", "mis")
-LEVELS = ("token", "sequence")
-LR_RULES = ("sqrt", "linear")
+from rlflow.algo.choices import CORRECTIONS, LEVELS, LR_RULES
 
 
 def sequence_log_weights(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ Losses are accumulated as un-normalised sums and the gradient is divided by the 
 the end (``finish``), so the step's gradient is the one the whole batch would give in one pass: with
 staleness 0 this is synchronous training, not an approximation (pinned by tests/test_streaming_step.py).
 
-``cfg`` is the actor's config (``roles/actor.py ActorConfig``); only its algorithm fields are read here.
+``cfg`` is the actor's config (``roles/config.py ActorConfig``); only its algorithm fields are read here.
 The engine is a ``TrainEngine`` (``engines/base.py``).
 """
 
@@ -29,8 +29,9 @@ class StepAccumulator:
     signal) carry no gradient and do not count in the ESS; with none trained the step makes no update.
     """
 
-    def __init__(self, engine, cfg):
-        self.engine, self.cfg = engine, cfg
+    def __init__(self, engine, cfg, max_new_tokens: int):
+        """``cfg``: the actor's ActorConfig; ``max_new_tokens``: the rollout's (aggregation=constant divides by it)."""
+        self.engine, self.cfg, self.max_new_tokens = engine, cfg, max_new_tokens
         self.groups = 0  # groups consumed (including skipped ones)
         self.normaliser = 0.0
         self.loss_sum = 0.0
@@ -109,7 +110,7 @@ class StepAccumulator:
                                         ratio_level=c.ratio_level, correction=c.correction,
                                         correction_level=c.correction_level, is_cap=c.is_cap,
                                         kl_coef=c.kl_coef, ref_logp=ref_logp)
-        total, count = aggregate(token_loss, mask, c.aggregation, c.max_new_tokens)
+        total, count = aggregate(token_loss, mask, c.aggregation, self.max_new_tokens)
         total.backward()
         self.loss_sum += total.item()
         self.normaliser += count

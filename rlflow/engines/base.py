@@ -3,7 +3,8 @@
 To plug your own, write a class with this shape and name it by dotted path in the recipe:
 
     rollout.engine=my_pkg.engines.MyEngine    # class: MyEngine(model_path: str, cfg: RolloutConfig)
-    actor.engine=my_pkg.engines.MyTrainer      # class: MyTrainer(model_path: str, cfg: ActorConfig)
+    actor.engine=my_pkg.engines.MyTrainer      # class: MyTrainer(model_path: str, cfg: ActorConfig,
+                                               #                  sampling: SamplingParams)  (the rollout's)
 
 ``examples/custom_engine.py`` is a runnable example; the built-in engines are ``engines/hf.py`` and
 ``engines/sglang.py``. Engines know nothing of the bus: the role loops (``roles/``) move data, engines
@@ -14,9 +15,10 @@ registers its cleanup with ``rlflow.transfer.lifetime.at_exit``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:  # annotations only: configs import SamplingParams without torch
+    import torch
 
 
 @dataclass
@@ -57,7 +59,10 @@ class RolloutEngine(Protocol):
 
 
 class TrainEngine(Protocol):
-    """Owns the trained model and its optimizer; the actor loop owns the algorithm (``algo/loss.py``)."""
+    """Owns the trained model and its optimizer; the actor loop owns the algorithm (``algo/loss.py``).
+
+    Built as ``cls(model_path, cfg, sampling)``: ``cfg`` the ActorConfig, ``sampling`` the rollout's
+    SamplingParams; logprobs are those of softmax(logits / sampling.temperature), as the rollout's are."""
 
     version: int  # optimizer steps taken since the start policy (version 0)
 

@@ -170,9 +170,10 @@ def load_parameters(model, weights: dict[str, torch.Tensor]) -> None:
 class HFTrainEngine:
     """fp32 master weights and AdamW. Gradients accumulate across ``token_logprobs`` backward passes."""
 
-    def __init__(self, model_path: str, cfg):
+    def __init__(self, model_path: str, cfg, sampling: SamplingParams):
+        """``cfg``: the ActorConfig; ``sampling``: the rollout's, whose temperature the logprobs are taken at."""
         self.device = cfg.device
-        self.temperature = cfg.temperature
+        self.temperature = sampling.temperature
         self.model_path = model_path
         self.model = load_model(model_path, "float32", cfg.device).train()
         self.tokenizer = None  # loaded at the first snapshot, and kept: model_path may be a pruned checkpoint by then

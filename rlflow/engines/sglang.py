@@ -41,57 +41,17 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from rlflow.engines.base import Generation, SamplingParams
+from rlflow.engines.config import SGLangConfig
 from rlflow.transfer.lifetime import at_exit
 from rlflow.transfer.lifetime import die_with_parent
 from rlflow.engines.sglang_api import (SGLangClient, SGLangError, generate_request, parse_generation, rids_for,
                               update_group)
 
-UPDATES = ("disk", "tensor", "distributed")
-
-
-@dataclass
-class SGLangConfig:
-    """rollout.engine=sglang: which server each replica drives and how new weights reach it."""
-
-    url: str | None = None
-    """A running sglang server (http://host:port); null: each replica launches its own on its GPU(s): under
-    launcher=ray the GPUs Ray gave it (ray.rollout.gpus), under the local launcher the visible ones from
-    rollout.device (cuda:N starts at GPU N), which replicas would share."""
-    host: str = "127.0.0.1"
-    """Launched servers: the interface they listen on."""
-    port: int = 0
-    """Launched servers: the port (0: a free one)."""
-    tp_size: int = 1
-    """Launched servers: tensor-parallel GPUs per server (give the replica as many: ray.rollout.gpus)."""
-    mem_fraction: float | None = None
-    """Launched servers: --mem-fraction-static (null: sglang's choice)."""
-    launch_args: list[str] = field(default_factory=list)
-    """Launched servers: more `python -m sglang.launch_server` arguments, e.g. [--context-length, '4096']."""
-    api_key: str | None = None
-    """Bearer key of a server started with --api-key."""
-    update: str = "disk"
-    """How new weights reach the server: disk (a safetensors snapshot in update_dir, read by the server:
-    same host or a shared filesystem), tensor (CUDA IPC handles: same host, needs the sglang extra here),
-    or distributed (the trainer broadcasts every tensor to every server through one process group:
-    NCCL from the trainer's GPU, no patches; `WeightBroadcaster`)."""
-    update_dir: str | None = None
-    """update=disk: where snapshots are written (null: a directory in /dev/shm, else the temp dir)."""
-    bucket_mb: int = 512
-    """update=tensor: most MB of tensors per update request (bounds the GPU copy)."""
-    startup_timeout: float = 900.0
-    """Bound on a server becoming ready (launch, or the first contact with `url`)."""
-    request_timeout: float = 1800.0
-    """Bound on one HTTP request (a whole batched generate)."""
-    flush_timeout: float = 60.0
-    """Bound on the cache flush succeeding after an update (the server refuses while not idle)."""
-    max_retries: int = 3
-    """Times a sequence the server aborted is sent again before the call fails."""
 
 # ---------------------------------------------------------------------------- weight updates
 def update_weights(client: SGLangClient, push, version: int, flush_timeout: float) -> None:

@@ -31,42 +31,14 @@ import random
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
-import torch
+from rlflow.engines.config import TinyModelConfig
 
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]  # ids 0..3; byte b is id 4 + b
 TOKENIZER = "bytes-v1"  # in the cache key: a model built for another vocabulary is another model
-
-
-@dataclass
-class TinyModelConfig:
-    """Shape and warm-start of the locally built model (used when ``model.path`` is not given)."""
-
-    hidden_size: int = 128
-    """Width of the residual stream."""
-    intermediate_size: int = 384
-    """Width of the MLP."""
-    num_layers: int = 2
-    """Transformer blocks."""
-    num_heads: int = 4
-    """Attention heads (head_dim = hidden_size / num_heads)."""
-    num_kv_heads: int = 2
-    """Key/value heads (grouped-query attention)."""
-    max_positions: int = 128
-    """Longest prompt + response the model is built for."""
-    warmup_steps: int = 30
-    """Supervised steps on the task's demonstrations before RL (0: pure random init)."""
-    warmup_lr: float = 1e-3
-    """AdamW learning rate of the warm-start."""
-    warmup_batch: int = 64
-    """Demonstrations per warm-start step."""
-    seed: int = 0
-    """Seed of the initial weights and of the demonstrations."""
-    answer_key: str = "answer"
-    """With data.path: the column whose text the warm-start teaches as the answer to each prompt (a data
-    file without it gets no warm-start)."""
 
 
 @dataclass
@@ -112,18 +84,56 @@ def byte_tokenizer():
                                    pad_token="<pad>", unk_token="<unk>")
 
 
+BUILD_MARK = "rlflow_build.json"  # written into a built model's directory: what it was built from
+
+
+class ByteTokenizerFile:
+    """The byte tokenizer of a model built here, read with the ``tokenizers`` library alone.
+
+    The launcher tokenizes prompts and decodes samples while the roles' forkserver imports torch and
+    transformers on another core; reading the tokenizer this way keeps the launcher from importing
+    them too (``AutoTokenizer`` imports torch: a second of CPU at start). It is the object the model was
+    warm-started with (``byte_tokenizer``), and ``AutoTokenizer`` gives the same ids and texts for
+    this checkpoint (``tests/test_engines.py`` pins that). The subset of the Hugging Face tokenizer
+    call the launcher uses: ``tok(text or texts, add_special_tokens)``, ``decode``, ``unk_token_id``."""
+
+    unk_token_id = None  # one token per byte: no text has a character without a token
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+
+    @staticmethod
+    def of(path: str) -> "ByteTokenizerFile | None":
+        """The tokenizer of ``path`` when it is a model built here with this byte tokenizer (else None)."""
+        try:
+            return ByteTokenizerFile(path) if json.loads((Path(path) / BUILD_MARK).read_text())["tokenizer"] == TOKENIZER \
+                else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True) -> dict:
+        if isinstance(text, str):
+            return {"input_ids": self._tok.encode(text, add_special_tokens=add_special_tokens).ids}
+        return {"input_ids": [e.ids for e in self._tok.encode_batch(text, add_special_tokens=add_special_tokens)]}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
 def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "rlflow" / "models"
 
 
 def build_tiny_model(cfg: TinyModelConfig, demos: Demos, cache_dir: str | None = None, log=print) -> str:
-    """Return the path of the tiny checkpoint for this config, building and caching it if needed."""
-    import transformers
+    """Return the path of the tiny checkpoint for this config, building and caching it if needed.
 
+    Finding it in the cache imports neither torch nor transformers (the launcher stays torch-free)."""
     model = {**asdict(cfg), "answer_key": None}  # where the answers came from is in ``demos.identity``
     key = json.dumps({"model": model, "demos": demos.identity, "tokenizer": TOKENIZER,
-                      "transformers": transformers.__version__}, sort_keys=True)
+                      "transformers": version("transformers")}, sort_keys=True)
     root = Path(cache_dir) if cache_dir else cache_root()
     path = root / f"tiny-{demos.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (path / "config.json").exists():
@@ -135,7 +145,7 @@ def build_tiny_model(cfg: TinyModelConfig, demos: Demos, cache_dir: str | None =
             else "no warm-start: the policy starts random"
         log(f"building the tiny model once ({cfg.num_layers} layers x {cfg.hidden_size}, {warm}) -> {path}")
         _build(cfg, demos, tmp)
-        (tmp / "rlflow_build.json").write_text(key)
+        (tmp / BUILD_MARK).write_text(key)
         try:
             os.rename(tmp, path)
         except OSError:  # a concurrent build finished first: theirs is identical, keep it
@@ -146,7 +156,11 @@ def build_tiny_model(cfg: TinyModelConfig, demos: Demos, cache_dir: str | None =
 
 
 def _build(cfg: TinyModelConfig, demos: Demos, out: Path) -> None:
+    import torch
+    import transformers
     from transformers import AutoModelForCausalLM, Qwen2Config
+
+    transformers.logging.disable_progress_bar()
 
     torch.manual_seed(cfg.seed)
     tokenizer = byte_tokenizer()

@@ -2,7 +2,7 @@
 
 Training is a Hydra app over the structured config in ``flow/config.py``. Before Hydra composes
 anything, every ``key=value`` is checked against the settings (``flow/overrides.py``: a typo is refused
-with the nearest key, also when added with ``+``) and ``-cn`` against the recipes; ``rlflow.flow.config.validate``
+with the nearest key, also when added with ``+``) and ``-cn`` against the recipes; ``RunConfig.check``
 then checks values. Heavy imports (torch, transformers, wandb) happen after composition, so ``--help``
 and a mistyped key answer at once.
 
@@ -88,15 +88,24 @@ def train(argv: list[str]) -> int:
     from omegaconf import DictConfig, OmegaConf
 
     from rlflow.flow.config import ConfigError, check_recipe, register
-    from rlflow.flow.overrides import check_keys, parse
+    from rlflow.flow.overrides import check_keys, check_recipe_file, parse
     from rlflow.flow.observe.tracking import make_console, say
 
     console = make_console()
     args = get_args_parser().parse_intermixed_args(argv)  # flags may come after overrides (`rlflow k=v -m`)
+    if not (args.help or args.hydra_help or args.cfg or args.info or args.shell_completion):
+        # The roles' forkserver imports torch and transformers (2-3 s of CPU): started first, that overlaps
+        # everything the launcher does before its first role starts. A run that turns out to be
+        # launcher=ray stops it (flow/launcher.run); any exit before that does (an exit hook).
+        from rlflow.flow.placement.local import start_forkserver
+
+        start_forkserver()
     overrides = parse(args.overrides)
     try:
         if args.config_name and not (args.config_path or args.config_dir):
             check_recipe(args.config_name)
+        elif args.config_name and args.config_dir:
+            check_recipe_file(os.path.join(args.config_dir, args.config_name.removesuffix(".yaml") + ".yaml"))
         check_keys(overrides)
     except ConfigError as e:
         say(console, str(e), "error")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 
 import zmq
 
@@ -20,6 +21,8 @@ from rlflow.transfer import security
 
 BIND_S = 30.0  # bound on the thread binding the socket
 POLL_MS = 200  # how soon the thread notices ``stopped``; not a bound on anything a role waits for
+QUIET_MS = 100  # once every role stopped: their last reports are in once the socket was quiet this long
+DRAIN_S = 2.0  # bound on taking in those last reports (a sender that never stops cannot hold shutdown)
 MAX_REPORT_BYTES = 64 << 20  # a report bigger than this (the actor's carries a step's uids) is refused unread
 
 
@@ -57,7 +60,10 @@ class ControlReceiver:
             while not self.stopped.is_set():  # roles report until they are stopped (their last spans)
                 if sock.poll(POLL_MS):
                     self._take(sock.recv())
-            while sock.poll(0):  # what the stopped roles sent last is queued already
+            # What the stopped roles sent last may still be on its way through the socket's I/O thread:
+            # take reports until it is quiet (a poll of 0 could end before the last of them arrived).
+            deadline = time.monotonic() + DRAIN_S
+            while time.monotonic() < deadline and sock.poll(QUIET_MS):
                 self._take(sock.recv())
         finally:
             sock.close(0)

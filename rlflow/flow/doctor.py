@@ -3,7 +3,7 @@
 Every check says what it found and, when something is wrong, what to do about it; nothing is started
 and nothing is trained. The exit code is 1 when any check failed (warnings do not fail), so a job
 script can run it first. Checks, in order: Python and packages (the extras the recipe needs), the
-recipe's values (``rlflow.flow.config.validate``), the model (config, tokenizer, weights), the data (file,
+recipe's values (``RunConfig.check``), the model (config, tokenizer, weights), the data (file,
 columns, the reward function's parameters), plug-in paths, devices, disk (checkpoints, /dev/shm for the
 bus), sockets (the socket directory, this node's IP, a Ray cluster's address) and a resume point.
 """
@@ -81,10 +81,10 @@ class Doctor:
                                                   "this machine cannot be authenticated (install pyzmq's wheel)"))
 
     def recipe(self) -> None:
-        from rlflow.flow.config import ConfigError, validate
+        from rlflow.flow.config import ConfigError
 
         try:
-            validate(self.cfg)
+            self.cfg.check()
             self.add("recipe", OK, f"valid: launcher={self.cfg.launcher}, {self.cfg.flow.steps} steps, "
                                    f"staleness {self.cfg.flow.staleness}")
         except ConfigError as e:

@@ -45,7 +45,7 @@ from rich.console import Console
 from rich.panel import Panel
 
 from rlflow.flow.observe.capacity import machine_cores
-from rlflow.flow.config import ConfigError, RunConfig, StartError, validate
+from rlflow.flow.config import ConfigError, RunConfig, StartError
 from rlflow.flow.data import Prompts, check_tokens, load_prompts, prompt_records
 from rlflow.flow.control import ControlReceiver
 from rlflow.flow.feeder import Feeder
@@ -57,11 +57,9 @@ from rlflow.flow.observe.timeline import BusSampler, TimelineLog
 from rlflow.flow.observe.tracking import Tracker, plain, say, sync_summary
 from rlflow.flow.placement.plan import ReplicaPlan, Wiring
 from rlflow.flow.placement.worker import holder_name
-from rlflow.roles.actor import ActorArgs, Broadcast
-from rlflow.roles.reference import ReferenceArgs
-from rlflow.roles.rollout import RolloutArgs
+from rlflow.roles.config import ActorArgs, Broadcast, ReferenceArgs, RolloutArgs
 from rlflow.roles import reports, schema
-from rlflow.sync.weights import relay_parent, relays_to_others
+from rlflow.sync.config import relay_parent, relays_to_others
 from rlflow.transfer import BusClient, ServerConfig
 
 KILL_WAIT_S = 30.0  # bound on a killed replica's process (or Ray actor) being reported gone
@@ -79,10 +77,12 @@ def run(dcfg: DictConfig, console: Console, overrides: list[str] = ()) -> int:
     leaves no run directory behind).
     """
     dcfg, cfg, resumed, start = settle(dcfg, overrides)
-    if cfg.launcher == "local":  # its imports overlap with preparing the data and the model
-        from rlflow.flow.placement.local import start_forkserver
+    from rlflow.flow.placement.local import start_forkserver, stop_forkserver
 
+    if cfg.launcher == "local":  # started by the command line already; its imports overlap preparing the run
         start_forkserver()
+    else:  # Ray places every role itself
+        stop_forkserver()
     prompts = load_prompts(cfg.data)
     model_path = prepare_model(cfg, prompts, console)
     if start.path is not None:
@@ -111,7 +111,7 @@ def settle(dcfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, RunConfi
     dcfg, resumed = resume_settings(dcfg, list(overrides))
     cfg: RunConfig = OmegaConf.to_object(dcfg)
     token_auth_for_joining(cfg)  # before anything imports ray
-    validate(cfg)
+    cfg.check()
     if cfg.launcher == "local":  # under Ray the GPUs are the cluster's, not necessarily this machine's
         check_devices(cfg)
     start = requested_point(cfg) or ResumePoint(None)
@@ -148,11 +148,14 @@ def token_auth_for_joining(cfg: RunConfig) -> None:
 
 
 def check_devices(cfg: RunConfig) -> None:
-    import torch
-
+    """A role on ``cuda`` needs a GPU torch sees (torch is imported only to ask that)."""
     for name, device in (("rollout.device", cfg.rollout.device), ("actor.device", cfg.actor.device),
                          ("reference.device", cfg.reference.device)):
-        if device.startswith("cuda") and not torch.cuda.is_available():
+        if not device.startswith("cuda"):
+            continue
+        import torch
+
+        if not torch.cuda.is_available():
             raise ConfigError(f"{name}={device!r} but torch sees no GPU here; use {name}=cpu")
 
 
@@ -160,16 +163,13 @@ def prepare_model(cfg: RunConfig, prompts: Prompts | None, console: Console) -> 
     """The start policy's checkpoint directory: ``model.path``, or the tiny model built (once) for the data."""
     if cfg.model.path is not None:
         return cfg.model.path
-    import transformers
-
     from rlflow.engines.tiny import build_tiny_model, data_demos, task_demos
 
-    transformers.logging.disable_progress_bar()
     if prompts is None:
         demos = task_demos(cfg.data.task, cfg.data.min_digits, cfg.data.max_digits)
     else:
         demos = data_demos(prompts.records, cfg.model.tiny.answer_key)
-        say(console, f"model: a tiny model built here for data.path (its byte tokenizer reads any text); warm-start: "
+        say(console, "model: a tiny model built here for data.path (its byte tokenizer reads any text); warm-start: "
                      + (f"on the data's {cfg.model.tiny.answer_key!r} column" if demos.sample else
                         f"none, the data has no {cfg.model.tiny.answer_key!r} column (model.tiny.answer_key), so the "
                         f"policy starts random") + ". For a real policy give model.path=CHECKPOINT_DIR.", "note")
@@ -177,7 +177,14 @@ def prepare_model(cfg: RunConfig, prompts: Prompts | None, console: Console) -> 
 
 
 def load_tokenizer(model_path: str):
-    """The start checkpoint's tokenizer; one that does not load is a ConfigError naming model.path."""
+    """The start checkpoint's tokenizer; one that does not load is a ConfigError naming model.path.
+
+    A model built here is read without transformers (``engines/tiny.ByteTokenizerFile``), so the launcher
+    of the default recipe never imports torch: the forkserver has a core to itself while it imports it."""
+    from rlflow.engines.tiny import ByteTokenizerFile
+
+    if (tokenizer := ByteTokenizerFile.of(model_path)) is not None:
+        return tokenizer
     from transformers import AutoTokenizer
 
     try:
@@ -209,8 +216,8 @@ def plan_roles(cfg: RunConfig) -> list[ReplicaPlan]:
     if cfg.rollout.engine == "sglang" and cfg.rollout.sglang.update == "distributed":
         broadcast = Broadcast(servers=cfg.rollout.replicas, tp=cfg.rollout.sglang.tp_size, sglang=cfg.rollout.sglang,
                               backend="nccl" if cfg.actor.device.startswith("cuda") else "gloo")
-    actor = ActorArgs(steps=cfg.flow.steps, staleness=cfg.flow.staleness, sync=sync, broadcast=broadcast,
-                      samples_every=cfg.tracking.samples_every)
+    actor = ActorArgs(steps=cfg.flow.steps, staleness=cfg.flow.staleness, sync=sync, sampling=cfg.rollout.sampling(),
+                      broadcast=broadcast, samples_every=cfg.tracking.samples_every)
     plans = [ReplicaPlan("actor", i, cfg.actor, actor, cfg.actor.threads) for i in range(cfg.actor.replicas)]
     plans += [ReplicaPlan("rollout", i, dataclasses.replace(cfg.rollout, seed=cfg.rollout.seed + i),
                           RolloutArgs(sync, *relay_endpoints(i, cfg.rollout.replicas, cfg.sync.fanout)),

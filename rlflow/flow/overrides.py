@@ -6,6 +6,10 @@ Two rules on the ``key=value`` arguments of ``rlflow`` and ``rlflow doctor``:
   anything, with the nearest setting's name: Hydra's own advice after a typo is to add it with ``+``
   (``+flow.stalenes=2``), which adds a key nothing reads and runs with the default. Keys under a field
   that is a free mapping (``ray.runtime_env``, ``ray.resources``, a role's ``custom``) are the user's.
+- **Retired keys are named.** A setting rlflow no longer has (``RETIRED``) is refused with what took
+  its place, on a command line, in a user's recipe file (``check_recipe_file``), and in a resumed run's
+  saved settings, where it is dropped when it held the value now read from its replacement
+  (``retire``).
 - **A resumed run keeps its experiment** (``flow/resume.py``): an override on a resume command line may
   change how long, how fast, where or how observably the run goes (``RESUMABLE``), never what it
   computes (task, data, model, reward, group sizes, the algorithm).
@@ -35,6 +39,55 @@ RESUMABLE = (
 how fast or where (replicas, threads, devices, batching of work, the weight transport, which is bit-exact
 whatever its settings), or how observably (tracking) the run goes, but not the samples' distribution or
 the update rule: a resumed run with them changed is still the experiment it was."""
+
+
+RETIRED = {  # a setting rlflow no longer has -> (the key now read in its place, why)
+    "actor.temperature": ("rollout.temperature", "the trainer scores logprobs at the rollout's sampling temperature"),
+    "actor.max_new_tokens": ("rollout.max_new_tokens", "aggregation=constant divides by the rollout's longest response"),
+}
+
+
+def retired(key: str) -> str | None:
+    """The message refusing ``key`` when it is a retired setting (None: it is not)."""
+    if key not in RETIRED:
+        return None
+    replacement, why = RETIRED[key]
+    return f"{key}: no longer a setting ({why}); set {replacement} instead, or drop the key"
+
+
+def check_recipe_file(path: str) -> None:
+    """Refuse a user's recipe file that sets a retired key (before Hydra, whose error would not say why)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    try:
+        recipe = OmegaConf.load(path)
+    except Exception:  # noqa: BLE001 - unreadable or not YAML: Hydra's own error says so
+        return
+    for key in RETIRED:
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(recipe, parent_key)  # the node: the key's own value may not resolve here
+        if isinstance(parent, DictConfig) and leaf in parent.keys():
+            raise ConfigError(f"{path}: {retired(key)}")
+
+
+def retire(saved, saved_path) -> None:
+    """Drop the retired keys from a run's saved settings (``saved``, a loaded config.yaml) when each held
+    the value its replacement holds (recipes tied them); refuse when it did not, since this version of
+    rlflow cannot compute what that run computed."""
+    from omegaconf import OmegaConf
+
+    from rlflow.flow.config import RunConfig
+
+    for key, (replacement, why) in RETIRED.items():
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(saved, parent_key)
+        if parent is None or leaf not in parent:
+            continue
+        now = OmegaConf.select(saved, replacement, default=OmegaConf.select(OmegaConf.structured(RunConfig), replacement))
+        if parent[leaf] != now:
+            raise ConfigError(f"resume: {saved_path} has {key}={parent[leaf]!r} but {replacement}={now!r}, and {why} "
+                              f"now; start a new run from the checkpoint's weights instead (model.path=...)")
+        del parent[leaf]
 
 
 @dataclass
@@ -78,6 +131,9 @@ def unknown(overrides: list[Override]) -> list[tuple[Override, str]]:
     out = []
     for o in overrides:
         if o.key.startswith(("hydra.", "hydra/")) or o.key in keys or any(o.key.startswith(p + ".") for p in free):
+            continue
+        if retired(o.key):
+            out.append((o, f"{retired(o.key)} ({o.text!r})"))
             continue
         near = nearest(o.key, keys)
         hint = f"did you mean {near}?" if near else "`rlflow --cfg job` prints every setting"

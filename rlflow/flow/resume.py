@@ -137,7 +137,7 @@ def resume_settings(dcfg, overrides: list[str]):
     from omegaconf.errors import OmegaConfBaseException
 
     from rlflow.flow.config import RunConfig
-    from rlflow.flow.overrides import parse, resumable
+    from rlflow.flow.overrides import parse, resumable, retire
 
     if not resuming(dcfg.resume):
         return dcfg, None
@@ -147,7 +147,9 @@ def resume_settings(dcfg, overrides: list[str]):
     if saved_path is None:  # a checkpoint copied out of its run: the command line is all there is
         return dcfg, Resumed(None, checkpoint, {})
     try:
-        saved = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(saved_path))
+        loaded = OmegaConf.load(saved_path)
+        retire(loaded, saved_path)
+        saved = OmegaConf.merge(OmegaConf.structured(RunConfig), loaded)
     except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise ConfigError(f"resume: {saved_path} does not fit this version of rlflow's settings ({e}); start a new "
                           f"run from the checkpoint's weights instead: model.path={checkpoint}") from None

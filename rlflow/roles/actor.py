@@ -32,10 +32,9 @@ checkpoint still names every group the kept steps consumed.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
-from dataclasses import dataclass
-from typing import Any
 
 import pyarrow as pa
 import torch
@@ -43,114 +42,36 @@ import torch
 from rlflow.roles import schema
 from rlflow.train.checkpoint import Checkpointer, read_state, restore_rng
 from rlflow.roles import reports
+from rlflow.roles.config import ActorArgs, ActorConfig, Broadcast
 from rlflow.roles.context import RoleContext
 from rlflow.plugins import load_object
 from rlflow.train.data_parallel import TrainerGroup
 from rlflow.algo.step import StepAccumulator
+from rlflow.engines.base import SamplingParams
 from rlflow.sync.codec import DTYPES
-from rlflow.sync.weights import SyncConfig, WeightPublisher
+from rlflow.sync.config import SyncConfig
+from rlflow.sync.weights import WeightPublisher
 from rlflow.transfer import BusTimeout
 
 
-@dataclass
-class ActorConfig:
-    """The algorithm and the optimizer."""
+def make_engine(cfg: ActorConfig, model_path: str, sampling: SamplingParams):
+    """The train engine, built as ``cls(model_path, cfg, sampling)``: Hugging Face's, or ``actor.engine``'s class.
 
-    engine: str = "hf"
-    """'hf' (torch + transformers) or a dotted path to a TrainEngine class."""
-    replicas: int = 1
-    """Data-parallel trainer replicas: each trains on groups_per_step / replicas groups, gradients are summed."""
-    groups_per_step: int = 16
-    """Prompt groups per optimizer step (batch = groups_per_step x rollout.group_size samples)."""
-    lr: float = 3e-4
-    """AdamW learning rate."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.999
-    """AdamW beta2."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay."""
-    max_grad_norm: float = 1.0
-    """Clip the global gradient norm to this (0: no clipping)."""
-    advantage: str = "grpo"
-    """grpo | rloo | drgrpo | opob (VCPO's off-policy optimal baseline: one extra backward per sample)."""
-    aggregation: str = "token_mean"
-    """token_mean (DAPO) | seq_mean | constant (Dr.GRPO: samples x max_new_tokens)."""
-    clip_low: float = 0.2
-    """PPO clip: r >= 1 - clip_low."""
-    clip_high: float = 0.28
-    """PPO clip: r <= 1 + clip_high (DAPO clip-higher when above clip_low)."""
-    old_logprobs: str = "rollout"
-    """rollout: ratio against the rollout's logprobs (the clip is the only off-policy control);
-    recompute: proximal ratio plus the importance weight chosen by ``correction`` (AReaL's decoupled PPO)."""
-    ratio_level: str = "token"
-    """token: PPO's per-token ratio; sequence: GSPO's exp(mean_t log ratio) (use clip_low/high ~ 3e-4/4e-4)."""
-    correction: str = "none"
-    """Importance weight of old_logprobs=recompute: tis (truncate at is_cap), mis (mask outside
-    [1/is_cap, is_cap]) or none (untruncated); must stay none with old_logprobs=rollout."""
-    correction_level: str = "token"
-    """token: each token's own π/μ; sequence: the product over the response, shared by its tokens."""
-    is_cap: float = 2.0
-    """C of the truncation or mask (about 2 per token, 8 per sequence)."""
-    vcpo: bool = False
-    """Scale each step's learning rate by the ESS of the batch's sequence importance weights (VCPO)."""
-    vcpo_rule: str = "sqrt"
-    """lr x sqrt(min(1, ρ/ρ_ref)) (sqrt) or lr x min(1, ρ/ρ_ref) (linear), ρ = ESS / samples."""
-    vcpo_ref: float = 1.0
-    """ρ_ref: the ESS ratio at and above which the full learning rate applies."""
-    kl_coef: float = 0.0
-    """β of the k3 KL to the reference; > 0 starts the reference role."""
-    drop_uniform_groups: bool = False
-    """Skip groups whose rewards are all equal (no signal) instead of counting them in the normaliser."""
-    micro_batch: int = 128
-    """Most samples per forward/backward pass (bounds activation memory)."""
-    temperature: float = 1.0
-    """Scoring temperature; the recipes tie it to rollout.temperature."""
-    max_new_tokens: int = 8
-    """Used by aggregation=constant; the recipes tie it to rollout.max_new_tokens."""
-    checkpoint_every: int = 10
-    """Save a resumable checkpoint every N steps (0: only the final one); written in the background."""
-    checkpoint_keep: int = 2
-    """Newest step-N checkpoints kept (older ones are deleted; `final` is always kept)."""
-    device: str = "cpu"
-    """torch device of the trained model."""
-    threads: int = 1
-    """torch intra-op threads."""
-    seed: int = 0
-    """torch seed."""
-
-
-def make_engine(cfg: ActorConfig, model_path: str):
+    ``sampling`` is the rollout's: an engine takes logprobs at its temperature (``engines/base.py``)."""
     if cfg.engine == "hf":
         from rlflow.engines.hf import HFTrainEngine
 
-        return HFTrainEngine(model_path, cfg)
-    return load_object(cfg.engine, "actor.engine")(model_path, cfg)
-
-
-@dataclass(frozen=True)
-class Broadcast:
-    """sglang rollouts with update=distributed: the trainer installs every version on the servers itself
-    (``engines/sglang.WeightBroadcaster``); the weight channel still carries the versions the feeder's
-    admission control reads."""
-
-    servers: int  # rollout replicas, one sglang server each (endpoints ``sglang-<i>``)
-    tp: int  # tensor-parallel size of each server
-    backend: str  # torch.distributed backend of the group: nccl on CUDA, gloo otherwise
-    sglang: Any  # the rollout's SGLangConfig
-
-
-@dataclass(frozen=True)
-class ActorArgs:
-    """What the run tells the actor beyond its own config (``flow/launcher.plan_roles``)."""
-
-    steps: int  # optimizer steps of the run (flow.steps)
-    staleness: int | None  # flow.staleness: with a bound, take only the groups scheduled for the step
-    sync: SyncConfig  # resolved: ``sync.dtype`` is the rollout's (patches are diffed in what the rollout runs)
-    broadcast: Broadcast | None = None
-    resume_from: str | None = None  # a checkpoint directory to continue from
-    epoch: int = 0  # how many times the run was rewound (recorded in checkpoints)
-    samples_every: int = 0  # every that many steps the metrics report carries the step's first group (0: never)
+        cls = HFTrainEngine
+    else:
+        cls = load_object(cfg.engine, "actor.engine")
+    try:
+        inspect.signature(cls).bind(model_path, cfg, sampling)
+    except TypeError:
+        raise TypeError(f"actor.engine={cfg.engine}: a train engine is built as {cls.__name__}(model_path, cfg, "
+                        f"sampling), sampling being the rollout's SamplingParams (score logprobs at "
+                        f"sampling.temperature; engines/base.py), but {cls.__name__}{inspect.signature(cls)} does "
+                        f"not take those arguments") from None
+    return cls(model_path, cfg, sampling)
 
 
 def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
@@ -162,7 +83,7 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
     steps, staleness, sync, epoch = args.steps, args.staleness, args.sync, args.epoch
     resume_from, samples_every = args.resume_from, args.samples_every
     torch.manual_seed(cfg.seed)
-    engine = make_engine(cfg, resume_from or ctx.model_path)
+    engine = make_engine(cfg, resume_from or ctx.model_path, args.sampling)
     # group ids each step consumed (the data position) and the uids it consumed without training them
     groups_by_step, skipped_by_step = _resume(engine, resume_from) if resume_from else ([], [])
     if cfg.replicas > 1 and not hasattr(engine, "gradients"):
@@ -179,7 +100,7 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
     try:
         while engine.version < steps:
             step, t0 = engine.version, time.monotonic()
-            acc = StepAccumulator(engine, cfg)
+            acc = StepAccumulator(engine, cfg, args.sampling.max_new_tokens)
             deliveries, waited = _fill(ctx, acc, columns, share, step, staleness)
             groups = list(dict.fromkeys(g for d in deliveries for g in d.table.column("group_id").to_pylist()))
             if group is not None:

@@ -13,37 +13,14 @@ The reference model is the run's version-0 checkpoint and never changes; it is s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
 from rlflow.roles import schema
 from rlflow.engines.hf import load_model, sequence_logprobs
 from rlflow.roles import reports
+from rlflow.roles.config import ReferenceArgs, ReferenceConfig
 from rlflow.roles.context import RoleContext, ack_work, next_rows
-
-
-@dataclass
-class ReferenceConfig:
-    """Where and how the reference model runs (the role exists only when actor.kl_coef > 0)."""
-
-    replicas: int = 1
-    """Reference processes."""
-    batch: int = 256
-    """Most samples scored per forward pass."""
-    device: str = "cpu"
-    """torch device."""
-    dtype: str = "float32"
-    """Weights dtype: float32 | bfloat16 | float16."""
-    threads: int = 1
-    """torch intra-op threads per replica."""
-
-
-@dataclass(frozen=True)
-class ReferenceArgs:
-    """What the run tells a reference replica beyond its own config."""
-
-    temperature: float  # the rollout's sampling temperature: logprobs are taken under the same distribution
 
 
 def serve(cfg: ReferenceConfig, ctx: RoleContext, args: ReferenceArgs) -> None:

@@ -26,32 +26,14 @@ import json
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 from rlflow.roles import schema
 from rlflow.roles import reports
 from rlflow.roles.context import RoleContext, ack_work, next_rows
 from rlflow.transfer.lifetime import at_exit
 from rlflow.plugins import load_object
+from rlflow.roles.config import RewardConfig
 from rlflow.roles.sandbox import Sandbox, call
-
-
-@dataclass
-class RewardConfig:
-    """Which function scores a response, and how many to score per call."""
-
-    replicas: int = 1
-    """Reward processes."""
-    fn: str | None = None
-    """Dotted path to fn(response: str, **fields) -> float; null: the built-in task's own reward."""
-    batch: int = 512
-    """Most samples taken from the bus per call."""
-    timeout_s: float = 30.0
-    """Most seconds one call of `fn` may take; past it the call is killed and the sample scores NaN.
-    The function then runs in a sandbox process of its own (0: no limit, in the role's process)."""
-    max_failed_steps: int = 3
-    """Stop the run, naming the function and what it did, once it failed on every sample of this many
-    steps in a row (0: never): such steps train nothing."""
 
 
 def serve(cfg: RewardConfig, ctx: RoleContext, args: None = None) -> None:
@@ -59,9 +41,11 @@ def serve(cfg: RewardConfig, ctx: RoleContext, args: None = None) -> None:
 
     assert cfg.fn is not None, "the launcher resolves reward.fn=null to the task's own reward"
     fn = load_object(cfg.fn, "reward.fn")  # imported here too, so a bad path fails at start with its field
-    tokenizer = AutoTokenizer.from_pretrained(ctx.model_path)
     sandbox = Sandbox(cfg.fn, cfg.timeout_s) if cfg.timeout_s > 0 else None
     at_exit(lambda: sandbox and sandbox.close())
+    if sandbox is not None:  # its interpreter starts while the tokenizer loads and the first rows come
+        sandbox.launch()
+    tokenizer = AutoTokenizer.from_pretrained(ctx.model_path)
     ctx.report(reports.READY)
     seen: set[str] = set()  # kinds of failure already reported in full by this replica
     while True:

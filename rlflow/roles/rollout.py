@@ -17,50 +17,13 @@ when a delivery needs a newer version than it holds. A replica generates only at
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from rlflow.roles import schema
 from rlflow.roles import reports
 from rlflow.roles.context import RoleContext, ack_work, next_rows
-from rlflow.engines.base import SamplingParams
 from rlflow.plugins import load_object
-from rlflow.engines.sglang import SGLangConfig
-from rlflow.sync.weights import SyncConfig, WeightReceiver
-
-
-@dataclass
-class RolloutConfig:
-    """Generation: how many samples, how long, with which engine, on which device."""
-
-    replicas: int = 1
-    """Rollout processes; each takes whole groups from the bus."""
-    engine: str = "hf"
-    """'hf' (torch + transformers, CPU or GPU), 'sglang' (an sglang server per replica; see `sglang`) or a
-    dotted path to a RolloutEngine class."""
-    group_size: int = 8
-    """G: samples per prompt (one group)."""
-    max_new_tokens: int = 8
-    """Longest response in tokens; longer ones end with finish_reason 'length'."""
-    temperature: float = 1.0
-    """Sampling temperature; the actor scores with the same one."""
-    top_p: float = 1.0
-    """Nucleus cut (1.0: off). Below 1 the recorded logprobs are of the uncut distribution."""
-    top_k: int = 0
-    """Top-k cut (0: off)."""
-    groups_per_call: int = 16
-    """Most groups taken from the bus for one generate call (bigger batches, coarser streaming)."""
-    max_batch: int = 256
-    """Most sequences the engine decodes at once; bounds the KV cache's memory."""
-    device: str = "cpu"
-    """torch device of the engine."""
-    dtype: str = "float32"
-    """Weights dtype of the engine: float32 | bfloat16 | float16."""
-    threads: int = 1
-    """torch intra-op threads per replica (keep replicas x threads within the cores)."""
-    seed: int = 0
-    """Sampling seed (each replica adds its index)."""
-    sglang: SGLangConfig = field(default_factory=SGLangConfig)
-    """engine=sglang: the server each replica drives and how weights reach it."""
+from rlflow.roles.config import RolloutArgs, RolloutConfig
+from rlflow.sync.weights import WeightReceiver
 
 
 def make_engine(cfg: RolloutConfig, model_path: str):
@@ -73,15 +36,6 @@ def make_engine(cfg: RolloutConfig, model_path: str):
 
         return SGLangEngine(model_path, cfg)
     return load_object(cfg.engine, "rollout.engine")(model_path, cfg)
-
-
-@dataclass(frozen=True)
-class RolloutArgs:
-    """What the run tells a rollout replica beyond its own config (``flow/launcher.plan_roles``)."""
-
-    sync: SyncConfig  # resolved: ``sync.dtype`` is the rollout's
-    upstream: str | None = None  # the endpoint this replica pulls weight chunks from (None: the actor)
-    relay: str | None = None  # the endpoint it serves peers at (None: no peer pulls from it)
 
 
 def serve(cfg: RolloutConfig, ctx: RoleContext, args: RolloutArgs) -> None:
@@ -104,7 +58,7 @@ def serve(cfg: RolloutConfig, ctx: RoleContext, args: RolloutArgs) -> None:
                                  keys_dir=ctx.keys_dir)
         if relay:
             ep.advertise(relay, weights.address)
-    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+    sampling = cfg.sampling()
     ctx.report(reports.READY)
     try:
         while True:

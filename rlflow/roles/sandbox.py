@@ -59,16 +59,25 @@ class Sandbox:
         self.fn_path, self.timeout_s = fn_path, timeout_s
         self._mp = mp.get_context("spawn")  # forking a process that holds ZeroMQ sockets can hang
         self.proc = self.conn = None
+        self.ready = False  # the process has imported ``fn`` and waits for batches
         self.restarts = 0
 
-    def _start(self) -> None:
-        """Start a sandbox and wait (bounded by START_S, not the per-call limit) until it has imported ``fn``."""
+    def launch(self) -> None:
+        """Start a sandbox process without waiting for it (the first ``score`` waits until it is ready): a
+        role launches it before its other start-up work, so the two overlap."""
         parent, child = self._mp.Pipe()
         self.proc = self._mp.Process(target=_sandbox_main, args=(self.fn_path, child, os.getpid()),
                                      name="rlflow-reward-sandbox", daemon=True)
         self.proc.start()
         child.close()
-        self.conn = parent
+        self.conn, self.ready = parent, False
+
+    def _start(self) -> None:
+        """Wait (bounded by START_S, not the per-call limit) until the sandbox has imported ``fn``, launching
+        it first if there is none."""
+        if self.proc is None:
+            self.launch()
+        parent = self.conn
         if not parent.poll(START_S):
             self.close()
             raise TimeoutError(f"the reward sandbox did not import reward.fn={self.fn_path!r} within {START_S:.0f}s")
@@ -79,12 +88,13 @@ class Sandbox:
         if status[0] != "ready":
             self.close()
             raise RuntimeError(f"the reward sandbox could not load reward.fn={self.fn_path!r}: {status[1]}")
+        self.ready = True
 
     def score(self, texts: list[str], fields: list[dict]) -> list[tuple]:
         """One result per sample, as ``call`` gives it; a call past the limit is an error result."""
         results: list[tuple] = []
         while len(results) < len(texts):
-            if self.proc is None:
+            if self.proc is None or not self.ready:
                 self._start()
             self.conn.send((texts[len(results):], fields[len(results):]))
             while len(results) < len(texts):
@@ -109,6 +119,7 @@ class Sandbox:
             self.proc.join(10)
             self.conn.close()
             self.proc = self.conn = None
+            self.ready = False
 
 
 def _sandbox_main(fn_path: str, conn, parent: int) -> None:

@@ -22,55 +22,16 @@ generates at a verified version, so a half-applied patch never serves generation
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
 from rlflow.sync import codec as sparse
+from rlflow.sync.config import SyncConfig
 from rlflow.transfer.channel import Gone, Publisher
 from rlflow.transfer.relay import HEAD_POLL_S, Relay
 from rlflow.transfer.wire import BusTimeout
 
 MAX_RESYNCS = 3  # full snapshots that may fail in a row before the replica gives up with an error
-
-
-@dataclass
-class SyncConfig:
-    """SparseRL-Sync: how policy versions travel from the actor to the rollout replicas."""
-
-    dtype: str | None = None
-    """Dtype the weights are diffed and sent in (float32 | bfloat16 | float16); null: rollout.dtype."""
-    sparse: bool = True
-    """Send only the elements whose bits changed; false: a full snapshot every version."""
-    compress: bool = True
-    """Byte-shuffle and zstd each patch section where that saves at least 10%."""
-    values: str = "xor"
-    """xor: patches carry new XOR old bits (about 1.7x smaller compressed at RL learning rates; bit-exact, applies
-    only to the exact base it names, which every replica checks anyway); new: the new values (a pure scatter)."""
-    fanout: int = 1
-    """Relay topology of rollout replicas: 1 = chain, k = tree of k children per node, 0 = all pull from the actor."""
-    chunk_kb: int = 1024
-    """Chunk size: a chain of N replicas takes about (1 + (N - 1) / K) transfer times for an object of K chunks."""
-    window: int = 4
-    """Chunk requests in flight per hop (keeps each link busy while chunks are checked and forwarded)."""
-    hop_timeout: float = 10.0
-    """Seconds a peer may take to hand over a chunk before the replica asks the actor directly."""
-    keyframe_ratio: float = 1.0
-    """Cut a new full snapshot once the patches since the last one add up to this fraction of its size."""
-    uplink_mb_s: float = 0.0
-    """Pace what each node sends to this many MB/s (0: unpaced): a shared link's courtesy, or a network emulated on one host."""
-
-
-def relay_parent(replica: int, fanout: int) -> int | None:
-    """The replica that ``replica`` pulls from (None: the actor). fanout 1 is a chain, 0 the actor for all."""
-    if fanout <= 0:
-        return None
-    parent = replica // fanout - 1
-    return parent if parent >= 0 else None
-
-
-def relays_to_others(replica: int, replicas: int, fanout: int) -> bool:
-    return any(relay_parent(r, fanout) == replica for r in range(replicas))
 
 
 class WeightPublisher:

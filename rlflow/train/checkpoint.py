@@ -18,6 +18,9 @@ Stall: the step waits only for the snapshot (copies of the weights and optimizer
 and, if the previous checkpoint is still being written, for that write: at most one write is in flight,
 so a slow disk costs steps time rather than unbounded memory. A write that fails is raised by the next
 ``save`` or by ``close``; the directory it was writing is removed.
+
+torch is imported only where tensors are saved or loaded, so reading where a run stands (``latest``,
+``read_state``: what the launcher does to resume) needs no torch.
 """
 
 from __future__ import annotations
@@ -29,8 +32,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable
-
-import torch
 
 STATE = "trainer_state.json"
 FINAL = "final"
@@ -115,6 +116,8 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
                 write(str(tmp))
+                import torch
+
                 torch.save(rng, tmp / state["rng"])
                 (tmp / STATE).write_text(json.dumps(state))
                 shutil.rmtree(final, ignore_errors=True)
@@ -134,6 +137,8 @@ class Checkpointer:
 
 
 def _rng_states() -> dict:
+    import torch
+
     states = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -141,6 +146,8 @@ def _rng_states() -> dict:
 
 
 def restore_rng(path: str | Path) -> None:
+    import torch
+
     states = torch.load(Path(path) / "rng.pt", weights_only=False)
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():

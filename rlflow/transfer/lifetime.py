@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -78,6 +79,8 @@ def alive(pid: int) -> bool:
 
 
 _EXIT_HOOKS: list[Callable[[], None]] = []
+_EXITING = threading.RLock()  # held while the hooks run: a second caller waits for the first to finish
+EXIT_HOOKS_WAIT_S = 30.0  # bound on that wait (each hook bounds its own work; this only backs them up)
 
 
 def at_exit(fn: Callable[[], None]) -> None:
@@ -87,9 +90,19 @@ def at_exit(fn: Callable[[], None]) -> None:
 
 
 def run_exit_hooks() -> None:
-    """Run the hooks of ``at_exit`` once, newest first; one failing does not stop the others."""
-    while _EXIT_HOOKS:
-        try:
-            _EXIT_HOOKS.pop()()
-        except Exception:  # noqa: BLE001 - a cleanup must not prevent the next one
-            pass
+    """Run the hooks of ``at_exit`` once, newest first; one failing does not stop the others.
+
+    Returns only once every hook has run, whoever runs them: a process whose work ends as it is told to
+    stop calls this from two threads (the main thread's ``finally`` and the SIGTERM thread, which then
+    exits the process), and the second must not exit while the first is still in a hook (a last
+    heartbeat half sent, a server half stopped)."""
+    acquired = _EXITING.acquire(timeout=EXIT_HOOKS_WAIT_S)
+    try:
+        while _EXIT_HOOKS:
+            try:
+                _EXIT_HOOKS.pop()()
+            except Exception:  # noqa: BLE001 - a cleanup must not prevent the next one
+                pass
+    finally:
+        if acquired:
+            _EXITING.release()

@@ -48,16 +48,17 @@ def start_forkserver() -> None:
     atexit.register(stop_forkserver)
 
 
-FORKSERVER_STOP_S = 10.0  # bound on the forkserver exiting once asked to (then it is killed)
+FORKSERVER_STOP_S = 10.0  # bound on reaping the killed forkserver
 
 
 def stop_forkserver() -> None:
     """Stop the forkserver and reap it, so that it does not outlive the launcher even as a zombie.
 
-    It exits once every holder of its "alive" pipe closed it: the launcher (here) and the roles it forked
-    (gone by now; one that is not is past ``flow.shutdown_seconds`` and killed already). multiprocessing
-    keeps no public handle on it, hence its private fields, read defensively: without them nothing is done
-    and the forkserver exits by itself when the launcher does."""
+    It is killed rather than asked to exit: it holds nothing worth a graceful exit (it writes nothing,
+    and the roles it forked are gone, or past ``flow.shutdown_seconds`` and killed already), while its
+    interpreter's teardown with torch loaded takes most of a second that every run would wait for.
+    multiprocessing keeps no public handle on it, hence its private fields, read defensively: without
+    them nothing is done and the forkserver exits by itself (its "alive" pipe closes) with the launcher."""
     from multiprocessing import forkserver
 
     server = forkserver._forkserver
@@ -66,11 +67,13 @@ def stop_forkserver() -> None:
         return
     server._forkserver_pid = server._forkserver_alive_fd = None
     os.close(alive)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone (not yet reaped: the wait below does it)
+        pass
     deadline = time.monotonic() + FORKSERVER_STOP_S
     while os.waitpid(pid, os.WNOHANG) == (0, 0):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        if time.monotonic() > deadline:  # stuck in the kernel (uninterruptible I/O): init reaps it later
             return
         time.sleep(0.01)
 

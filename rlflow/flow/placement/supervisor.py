@@ -25,6 +25,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from rlflow.errors import require
+
 START_GRACE_S = 120.0
 RESTARTABLE = ("rollout", "reward", "reference", "actor")
 
@@ -44,6 +46,13 @@ class SupervisionConfig:
     """Seconds between a replica's heartbeats."""
     hang_s: float = 60.0
     """A replica without a heartbeat for this long is hung (frozen, deadlocked): it is killed and restarted."""
+
+    def check(self, at: str = "supervision") -> None:
+        require(self.max_restarts >= 0, f"{at}.max_restarts", f"must be >= 0, got {self.max_restarts}")
+        require(self.restart_window_s > 0, f"{at}.restart_window_s", f"must be > 0 seconds, got {self.restart_window_s}")
+        require(0 < self.heartbeat_s < self.hang_s, f"{at}.heartbeat_s/hang_s",
+                f"need 0 < heartbeat_s < hang_s (a few heartbeats may be late before a replica counts as hung), "
+                f"got {self.heartbeat_s}, {self.hang_s}")
 
 
 @dataclass

@@ -1,0 +1,107 @@
+"""The engines' settings: the sglang server a rollout replica drives, and the tiny model built locally.
+
+Torch-free, like every config module (``rlflow/errors.py``): the launcher checks them without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlflow.errors import require
+
+DTYPES = ("float32", "bfloat16", "float16")
+"""Weights dtypes an engine may run in (``rollout.dtype``, ``reference.dtype``)."""
+UPDATES = ("disk", "tensor", "distributed")
+"""How new weights reach an sglang server (``rollout.sglang.update``)."""
+
+
+@dataclass
+class SGLangConfig:
+    """rollout.engine=sglang: which server each replica drives and how new weights reach it."""
+
+    url: str | None = None
+    """A running sglang server (http://host:port); null: each replica launches its own on its GPU(s): under
+    launcher=ray the GPUs Ray gave it (ray.rollout.gpus), under the local launcher the visible ones from
+    rollout.device (cuda:N starts at GPU N), which replicas would share."""
+    host: str = "127.0.0.1"
+    """Launched servers: the interface they listen on."""
+    port: int = 0
+    """Launched servers: the port (0: a free one)."""
+    tp_size: int = 1
+    """Launched servers: tensor-parallel GPUs per server (give the replica as many: ray.rollout.gpus)."""
+    mem_fraction: float | None = None
+    """Launched servers: --mem-fraction-static (null: sglang's choice)."""
+    launch_args: list[str] = field(default_factory=list)
+    """Launched servers: more `python -m sglang.launch_server` arguments, e.g. [--context-length, '4096']."""
+    api_key: str | None = None
+    """Bearer key of a server started with --api-key."""
+    update: str = "disk"
+    """How new weights reach the server: disk (a safetensors snapshot in update_dir, read by the server:
+    same host or a shared filesystem), tensor (CUDA IPC handles: same host, needs the sglang extra here),
+    or distributed (the trainer broadcasts every tensor to every server through one process group:
+    NCCL from the trainer's GPU, no patches; `WeightBroadcaster`)."""
+    update_dir: str | None = None
+    """update=disk: where snapshots are written (null: a directory in /dev/shm, else the temp dir)."""
+    bucket_mb: int = 512
+    """update=tensor: most MB of tensors per update request (bounds the GPU copy)."""
+    startup_timeout: float = 900.0
+    """Bound on a server becoming ready (launch, or the first contact with `url`)."""
+    request_timeout: float = 1800.0
+    """Bound on one HTTP request (a whole batched generate)."""
+    flush_timeout: float = 60.0
+    """Bound on the cache flush succeeding after an update (the server refuses while not idle)."""
+    max_retries: int = 3
+    """Times a sequence the server aborted is sent again before the call fails."""
+
+    def check(self, at: str = "rollout.sglang") -> None:
+        require(self.url is None or self.url.startswith(("http://", "https://")), f"{at}.url",
+                f"must be http://HOST:PORT, got {self.url!r}")
+        require(self.update in UPDATES, f"{at}.update", f"choose one of {UPDATES}, got {self.update!r}")
+        for name in ("tp_size", "bucket_mb"):
+            require(getattr(self, name) >= 1, f"{at}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        require(self.max_retries >= 0, f"{at}.max_retries", f"must be >= 0, got {self.max_retries}")
+        require(self.mem_fraction is None or 0 < self.mem_fraction < 1, f"{at}.mem_fraction",
+                f"must be in (0, 1) or null (sglang's choice), got {self.mem_fraction}")
+        for name in ("startup_timeout", "request_timeout", "flush_timeout"):
+            require(getattr(self, name) > 0, f"{at}.{name}", f"must be > 0 seconds, got {getattr(self, name)}")
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape and warm-start of the locally built model (used when ``model.path`` is not given)."""
+
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    intermediate_size: int = 384
+    """Width of the MLP."""
+    num_layers: int = 2
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads (head_dim = hidden_size / num_heads)."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
+    max_positions: int = 128
+    """Longest prompt + response the model is built for."""
+    warmup_steps: int = 30
+    """Supervised steps on the task's demonstrations before RL (0: pure random init)."""
+    warmup_lr: float = 1e-3
+    """AdamW learning rate of the warm-start."""
+    warmup_batch: int = 64
+    """Demonstrations per warm-start step."""
+    seed: int = 0
+    """Seed of the initial weights and of the demonstrations."""
+    answer_key: str = "answer"
+    """With data.path: the column whose text the warm-start teaches as the answer to each prompt (a data
+    file without it gets no warm-start)."""
+
+    def check(self, at: str = "model.tiny") -> None:
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_positions",
+                     "warmup_batch"):
+            require(getattr(self, name) >= 1, f"{at}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        require(self.hidden_size % self.num_heads == 0, f"{at}.num_heads",
+                f"must divide hidden_size ({self.hidden_size}) into whole heads, got {self.num_heads}")
+        require(self.num_heads % self.num_kv_heads == 0, f"{at}.num_kv_heads",
+                f"must divide num_heads ({self.num_heads}): each key/value head serves a whole group of "
+                f"attention heads, got {self.num_kv_heads}")
+        require(self.warmup_steps >= 0, f"{at}.warmup_steps", f"must be >= 0 (0: no warm-start), got {self.warmup_steps}")
+        require(self.warmup_lr > 0, f"{at}.warmup_lr", f"must be > 0, got {self.warmup_lr}")
