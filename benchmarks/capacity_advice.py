@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     args = parser.parse_args()
     steps = 60 if args.quick else 150
-    out = {"steps": steps, "scenarios": {}}
+    out = {"benchmark": "capacity_advice", "steps": steps, "scenarios": {}}
     with tempfile.TemporaryDirectory(prefix="rlflow-capacity-") as tmp:
         root = Path(tmp)
         for name in args.scenarios:

@@ -99,7 +99,7 @@ def main() -> None:
                 "wall_s": r["wall_s"], "wall_ratio": round(r["wall_s"] / base["wall_s"], 3),
                 "reward_after": round(mean, 4), "reward_diff_se": round((mean - b_mean) / se, 2) if se > 0 else 0.0}
             print(f"{case}: {json.dumps(results[case])}", file=sys.stderr, flush=True)
-    out = {"steps": steps, "failure_at_step": at, "results": results}
+    out = {"benchmark": "fault_tolerance", "steps": steps, "failure_at_step": at, "results": results}
     print(json.dumps(out))
 
 

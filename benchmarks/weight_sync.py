@@ -229,7 +229,7 @@ def main() -> None:
     steps = args.steps or (5 if args.quick else 20)
     lrs = args.lrs or ([1e-6] if args.quick else [1e-6, 1e-5, 1e-4])
     model = build_model(args.quick)
-    result = {"params": sum(p.numel() for p in model.parameters()), "quick": args.quick, "optimizer": "AdamW",
+    result = {"benchmark": "weight_sync", "params": sum(p.numel() for p in model.parameters()), "quick": args.quick, "optimizer": "AdamW",
               "loss": "grpo-shaped surrogate on random tokens", "patches": {}}
     del model
     for lr in lrs:

@@ -54,7 +54,8 @@ from rlflow.flow.resume import (ResumePoint, Resumed, newest_point, record_resum
                          resume_settings)
 from rlflow.flow.placement.supervisor import Supervisor
 from rlflow.flow.observe.timeline import BusSampler, TimelineLog
-from rlflow.flow.observe.tracking import Tracker, plain, say, sync_summary
+from rlflow.flow.observe.tracking import SyncTally, Tracker, plain, say
+from rlflow.flow.reward_health import RewardHealth
 from rlflow.flow.placement.plan import ReplicaPlan, Wiring
 from rlflow.flow.placement.worker import holder_name
 from rlflow.roles.config import ActorArgs, Broadcast, ReferenceArgs, RolloutArgs
@@ -258,14 +259,11 @@ class Run:
         self.stopped = threading.Event()  # every role is stopped: the control socket may close
         self.timeline = self.sampler = self.receiver = None  # run_dir/timeline.jsonl and the bus's queue sampler (flow/observe/timeline.py)
         self.busy: Counter = Counter()  # seconds each role spent working, from its reports
-        self.reward_errors: Counter = Counter()  # failed reward calls by kind (roles/sandbox.call), from reports
-        self.first_reward_error: dict[str, dict] = {}  # kind -> its first reward_error report (shown in full)
-        self.failed_reward_steps = 0  # steps in a row whose every sample's reward failed
+        self.reward_health = RewardHealth(self.reward_fn, cfg.reward.max_failed_steps)  # flow/reward_health.py
         self.work: Counter = Counter()  # samples each role replica processed, from its reports
         self.ledger = Ledger(cfg.rollout.group_size)  # the exactly-once accounting (flow/ledger.py)
         self.trainer: dict = {}  # from the actor's done report: replicas, identical_weights
-        self.sync_reports: list[dict] = []  # rollout weight applies since the last step's metrics line
-        self.sync_totals: dict[str, dict] = {}  # per rollout replica: bytes from the actor / from peers, applies
+        self.sync = SyncTally()  # the rollouts' weight applies: per step line and per replica (observe/tracking.py)
         self.supervisor = Supervisor(cfg.supervision)
         self.plans: dict[tuple[str, int], ReplicaPlan] = {}  # what each replica was started with (restarts reuse it)
         self.bus = None  # the launcher's own bus client: hands a dead replica's leases back
@@ -325,7 +323,7 @@ class Run:
                                                                                  epoch=self.epoch))
             self._start_role(role, replica)
         self.ledger.rewind(point.version)
-        self.failed_reward_steps = 0
+        self.reward_health.rewound()
         # a kept step whose metrics report never arrived (or a resumed one)
         self.ledger.adopt(point.trained_by_step(self.cfg.rollout.group_size), point.skipped())
         cfg = self.cfg
@@ -396,10 +394,8 @@ class Run:
             return 130
         finally:
             self._summary(time.monotonic() - t0)
-            if self.reward_errors:
-                kinds = ", ".join(f"{kind} ({n})" for kind, n in self.reward_errors.most_common())
-                say(self.console, f"reward.fn={self.reward_fn} failed on {sum(self.reward_errors.values())} samples, "
-                                  f"none of them trained: {kinds}", "warning")
+            if (words := self.reward_health.closing_words()) is not None:
+                say(self.console, words, "warning")
 
     def _on_exit(self, ev: dict) -> int | None:
         if self.closing.is_set():
@@ -510,25 +506,27 @@ class Run:
             self.ledger.record(ev["step"], ev.pop("uids"), ev.pop("skipped_uids"))
             if "examples" in ev:
                 self.tracker.log_samples(ev["step"], self._decoded(ev.pop("examples"), ev["step"]))
-            self.tracker.log({**ev, **sync_summary(self.sync_reports),
-                              "supervision/restarts": len(self.supervisor.history)})
-            self.sync_reports.clear()
-            return self._reward_health(ev)
+            self.tracker.log({**ev, **self.sync.take_step(), "supervision/restarts": len(self.supervisor.history)})
+            verdict = self.reward_health.after_step(ev)
+            if verdict is not None:
+                why, tb = verdict
+                return self._failed("reward", 0, tb, "", why,
+                                    title=f"reward.fn failed on every sample of {self.cfg.reward.max_failed_steps} "
+                                          f"steps in a row")
         elif kind == reports.SYNC:
-            self.sync_reports.append(ev)
-            totals = self.sync_totals.setdefault(f"rollout-{ev['replica']}", {"applied": 0, "refused": 0})
-            totals["applied" if ev["bit_exact"] else "refused"] += 1
-            totals.update(from_actor_bytes=ev["from_actor_bytes"], from_peers_bytes=ev["from_peers_bytes"],
-                          version=ev.get("version", totals.get("version")))
+            self.sync.add(ev)
             if "error" in ev:
                 say(self.console, f"rollout-{ev['replica']} refused {ev['object']}: {ev['error']}; it resyncs from the "
                                   f"keyframe", style="yellow")
         elif kind == reports.WORK:
             self.busy[ev["role"]] += ev["seconds"]
             self.work[name] += ev["samples"]
-            self.reward_errors.update(ev.get("errors", {}))
+            self.reward_health.count(ev.get("errors", {}))
         elif kind == reports.REWARD_ERROR:
-            self._reward_error(ev)
+            if (first := self.reward_health.first_of_its_kind(ev)) is not None:
+                say(self.console, first, "warning")
+                if ev["traceback"]:
+                    say(self.console, ev["traceback"].rstrip())
         elif kind == reports.LEASE_EXPIRED:
             self.lease_expiries += 1
         elif kind == reports.FAILED:
@@ -563,34 +561,6 @@ class Run:
             + f"; checkpoint in {self.cfg.run_dir}/checkpoints/final", "done")
         return 0
 
-    def _reward_error(self, ev: dict) -> None:
-        """A kind of reward failure seen for the first time (by this run): shown once, in full."""
-        if ev["failure"] in self.first_reward_error:
-            return  # another replica's first of a kind already shown
-        self.first_reward_error[ev["failure"]] = ev
-        say(self.console, f"reward.fn={self.reward_fn} on row {ev['uid']} (prompt {ev['prompt']!r}, response "
-                          f"{ev['response']!r}) {ev['error']}. The sample is not trained; later failures of this "
-                          f"kind are counted (reward/errors in metrics.jsonl, reward_errors in summary.json)", "warning")
-        if ev["traceback"]:
-            say(self.console, ev["traceback"].rstrip())
-
-    def _reward_health(self, m: dict) -> int | None:
-        """Stop the run once every sample of ``reward.max_failed_steps`` steps in a row failed its reward."""
-        failed = m["samples"] > 0 and m["reward/errors"] == m["samples"]
-        self.failed_reward_steps = self.failed_reward_steps + 1 if failed else 0
-        limit = self.cfg.reward.max_failed_steps
-        if not limit or self.failed_reward_steps < limit:
-            return None
-        kind, count = self.reward_errors.most_common(1)[0] if self.reward_errors else ("?", 0)
-        first = self.first_reward_error.get(kind, {})
-        example = f"row {first['uid']}: prompt {first['prompt']!r}, response {first['response']!r}" if first else "?"
-        detail = (f"reward.fn={self.reward_fn} failed on every sample of the last {limit} steps (steps "
-                  f"{m['step'] - limit + 1}-{m['step']}), so they trained nothing. Most often ({count} samples) it "
-                  f"{first.get('error', kind)}; e.g. {example}.\nFix the function (try it on a row of the data), "
-                  f"then start again. reward.max_failed_steps={limit} sets how many such steps stop a run (0: never).")
-        return self._failed("reward", 0, first.get("traceback", ""), "", detail,
-                            title=f"reward.fn failed on every sample of {limit} steps in a row")
-
     def _failed(self, role: str, replica: int, tb: str | None, what: str, detail: str | None = None,
                 title: str | None = None) -> int:
         self.closing.set()
@@ -602,9 +572,9 @@ class Run:
     def _summary(self, wall: float) -> None:
         summary = {"wall_s": round(wall, 3), "model_path": self.model_path, "launcher": self.cfg.launcher,
                    "busy_s": dict(self.busy), "samples_by_replica": dict(self.work),
-                   "reward_errors": sum(self.reward_errors.values()), "reward_errors_by_kind": dict(self.reward_errors),
+                   **self.reward_health.summary(),
                    "steps": {"done": self.ledger.steps, "updated": self.ledger.updated},
-                   "samples": self.ledger.counts(self.feeder.issued_groups() if self.feeder is not None else set()), "trainer": self.trainer, "sync": self.sync_totals,
+                   "samples": self.ledger.counts(self.feeder.issued_groups() if self.feeder is not None else set()), "trainer": self.trainer, "sync": self.sync.totals,
                    "supervision": {"restarts": self.supervisor.history, "lease_expiries": self.lease_expiries},
                    "cores": machine_cores(),
                    "timeline": {"spans_dropped": self.timeline.spans_dropped if self.timeline else {}}}

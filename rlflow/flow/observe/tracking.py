@@ -191,6 +191,28 @@ def report_pngs(run_dir: str) -> dict[str, Path]:
     return {p.stem: p for p in sorted((Path(run_dir) / "report").glob("*.png"))}
 
 
+class SyncTally:
+    """The rollouts' weight-apply reports: those since the last step's line (its ``sync/*`` keys:
+    ``take_step``) and, per replica, the totals summary.json keeps (``totals``)."""
+
+    def __init__(self):
+        self.since_step: list[dict] = []
+        self.totals: dict[str, dict] = {}  # rollout-<i> -> applied, refused, bytes from the actor / from peers
+
+    def add(self, ev: dict) -> None:
+        self.since_step.append(ev)
+        totals = self.totals.setdefault(f"rollout-{ev['replica']}", {"applied": 0, "refused": 0})
+        totals["applied" if ev["bit_exact"] else "refused"] += 1
+        totals.update(from_actor_bytes=ev["from_actor_bytes"], from_peers_bytes=ev["from_peers_bytes"],
+                      version=ev.get("version", totals.get("version")))
+
+    def take_step(self) -> dict:
+        """The ``sync/*`` keys of the step line being written; the reports start again for the next one."""
+        out = sync_summary(self.since_step)
+        self.since_step = []
+        return out
+
+
 def sync_summary(reports: list[dict]) -> dict:
     """The ``sync/*`` keys the rollouts add to a step's line, from their weight-apply reports since the last.
 

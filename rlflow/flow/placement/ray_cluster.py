@@ -43,6 +43,8 @@ from rlflow.transfer import ServerConfig
 from rlflow.transfer.security import keygen
 
 REGISTRY = "rlflow-registry"
+LOG_DRAIN_S = 1.0  # Ray forwards what actors print through its log monitor, a few hundred ms behind; the
+# last lines (a failing role's own prints, the user's best clue) would be lost to a shutdown right away
 
 
 class Registry:
@@ -99,6 +101,8 @@ class RoleActor:
 
         run_exit_hooks()
         remove_keys()
+        sys.stdout.flush()  # what the role printed reaches its log file, which Ray forwards to the driver
+        sys.stderr.flush()
 
 
 def _bundle(res) -> dict[str, float]:
@@ -279,6 +283,7 @@ class RayPlacement:
         actors["bus"] = self.bus
         stops = {name: a.stop.remote() for name, a in actors.items()}
         _, left = ray.wait(list(stops.values()), num_returns=len(stops), timeout=shutdown_seconds)
+        time.sleep(LOG_DRAIN_S)
         for name, actor in actors.items():
             if stops[name] in left and name in self.where:  # one never placed cannot answer: no news
                 warn(f"{name} did not answer stop in {shutdown_seconds}s (its key files may remain): killed")

@@ -118,6 +118,8 @@ def run_role(plan: ReplicaPlan) -> int:
         if bus is not None:
             bus.close()
         push.close()
+        sys.stdout.flush()  # what the role printed reaches its log (under Ray: the driver) before it is killed
+        sys.stderr.flush()
     return code
 
 
