@@ -108,13 +108,38 @@ def channel_message(rng: random.Random) -> list[bytes]:
     return [json.dumps({"op": "chunk", "key": "full-0", "i": 0, "timeout": 0}).encode()]
 
 
-class Peers:
-    """``n`` DEALER connections to one address; sends round robin and drains every reply."""
+def control_message(rng: random.Random) -> list[bytes]:
+    """One hostile frame for the launcher's control socket: malformed, mistyped, or a well-formed ``done``
+    in the name of the live actor long before the run's last step (no checkpoint, metrics missing)."""
+    beat = {"role": "rollout", "replica": 0, "incarnation": 0, "pid": 1, "kind": "heartbeat", "spans": [],
+            "spans_dropped": 0}
+    kind = rng.randrange(8)
+    if kind == 0:
+        return [rng.randbytes(rng.randrange(1, 500))]
+    if kind == 1:
+        return [b"[" * 100_000 + b"]" * 100_000]
+    if kind == 2:
+        return [json.dumps(rng.choice([[], 7, None, "done", {"kind": "done"}])).encode()]
+    if kind == 3:
+        return [json.dumps({**beat, "incarnation": rng.choice([None, "0", 1.5])}).encode()]
+    if kind == 4:
+        return [json.dumps({**beat, "kind": rng.choice(["shutdown", "metrics", "done", "ready!"])}).encode()]
+    if kind == 5:
+        return [json.dumps({**beat, "role": "actor", "kind": "failed", "traceback": 42}).encode()]
+    if kind == 6:
+        return [json.dumps({**beat, "replica": 99}).encode()]  # a replica the run does not have: ignored
+    return [json.dumps({**beat, "role": "actor", "kind": "done", "version": rng.choice([5, 200]), "replicas": 1,
+                        "identical_weights": True}).encode()]
 
-    def __init__(self, address: str, n: int):
+
+class Peers:
+    """``n`` connections of ``kind`` (DEALER, or PUSH for the control socket) to one address; sends round
+    robin and drains every reply."""
+
+    def __init__(self, address: str, n: int, kind: int = zmq.DEALER):
         self.socks = []
         for _ in range(n):
-            s = zmq.Context.instance().socket(zmq.DEALER)
+            s = zmq.Context.instance().socket(kind)
             s.setsockopt(zmq.LINGER, 0)
             s.connect(address)
             self.socks.append(s)

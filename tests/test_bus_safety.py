@@ -41,6 +41,7 @@ def assert_still_serves(client: BusClient) -> None:
 @pytest.mark.parametrize("frames, kind, message", [
     ([b"\x00\xffgarbage"], "ProtocolError", "not a JSON object"),
     ([b"[1, 2]"], "ProtocolError", "must be a JSON object"),
+    ([b"[" * 200_000 + b"]" * 200_000], "ProtocolError", "RecursionError"),  # nested past the parser's limit
     ([encode_header({"op": "fly", "id": 1})], "ProtocolError", "unknown request op 'fly'"),
     ([encode_header({"op": "get", "id": 1, "consumer": "a", "columns": ["prompt"], "n": "x"})],
      "ProtocolError", "field 'n' must be int"),
@@ -233,9 +234,105 @@ def test_a_forked_producer_names_its_payloads_apart_and_the_server_never_adopts_
     first, second = f"rlflow-1-{'a' * 16}-7", f"rlflow-2-{'a' * 16}-7"  # two producers' files, one adopted name
     for name in (first, second):
         shm.path_of(name).write_bytes(b"payload of " + name.encode())
-    adopted = shm.adopt(first, 99999)
+    adopted, size = shm.adopt(first, 99999)
+    assert size == len(f"payload of {first}")
     with pytest.raises(ProtocolError, match="already holds"):
         shm.adopt(second, 99999)
     assert shm.path_of(adopted).read_bytes() == f"payload of {first}".encode()
     for name in (adopted, second):
         shm.unlink(name)
+
+
+def test_a_payload_name_that_is_a_symlink_or_has_a_second_name_is_refused_and_never_followed(tmp_path):
+    from rlflow.transfer import shm
+    from rlflow.transfer.wire import ProtocolError
+
+    secret = tmp_path / "private"  # what a root-run bus must not serve: a file its producer could not read
+    secret.write_text("secret")
+    link, doubled, other = (f"rlflow-7-{c * 16}-1" for c in "bcd")
+    shm.path_of(link).symlink_to(secret)
+    shm.path_of(doubled).write_bytes(b"payload")
+    os.link(shm.path_of(doubled), shm.path_of(other))  # a writer kept a second name to change it later
+    try:
+        with pytest.raises(ProtocolError, match="cannot be opened as a plain file"):
+            shm.adopt(link, 99999)
+        with pytest.raises(ProtocolError, match="has 2 names"):
+            shm.adopt(doubled, 99999)
+        assert not shm.path_of(link.replace("-7-", "-99999-")).exists()  # nothing adopted, nothing left behind
+        assert not shm.path_of(doubled.replace("-7-", "-99999-")).exists() and secret.read_text() == "secret"
+    finally:
+        for name in (link, doubled, other):
+            shm.unlink(name)
+
+
+def test_the_start_up_sweep_skips_what_it_cannot_parse_or_remove_and_never_raises(short_dir):
+    from rlflow.transfer import shm
+
+    odd = [f"rlflow-{1 << 32}-{'0123456789abcdef'}-0", f"rlflow-{10 ** 40}-{'e' * 16}-0"]  # pids no process has
+    dead = f"rlflow-{(1 << 22) - 3}-{'f' * 16}-0"  # a pid of ours that is not running: swept
+    theirs = f"rlflow-{(1 << 22) - 4}-{'c' * 16}-0"  # another user's leftover, its process gone too
+    for name in odd + [dead, theirs]:
+        (shm.SHM_DIR / name).write_bytes(b"x")
+    if os.geteuid() == 0:  # as root the test can make a file another user's; otherwise it is ours: swept
+        os.chown(shm.SHM_DIR / theirs, 65534, 65534)
+    try:
+        shm.sweep_dead()
+        assert [(shm.SHM_DIR / n).exists() for n in odd + [dead, theirs]] == [True, True, False, os.geteuid() == 0]
+        bus = start_bus(short_dir)  # a bus starts whatever /dev/shm holds
+        bus.stop()
+    finally:
+        for name in odd + [dead, theirs]:
+            (shm.SHM_DIR / name).unlink(missing_ok=True)
+
+
+def test_a_bus_started_with_a_low_open_file_limit_serves_more_peers_than_that_limit(short_dir):
+    import resource
+
+    from rlflow.transfer.lifetime import raise_open_file_limit
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"this machine's hard limit on open files is {hard}: no room to show it")
+    raise_open_file_limit()  # this test process holds the peers
+    address = f"ipc://{short_dir}/many.sock"
+    low = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # noqa: E731 - the usual soft limit, smaller
+    bus = subprocess.Popen([sys.executable, "-m", "rlflow", "bus", "serve", "--address", address], preexec_fn=low,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peers = []
+    try:
+        with BusClient(address, connect_timeout=30):
+            pass  # it is up
+        for _ in range(600):  # each a connection, and a descriptor in the bus
+            s = zmq.Context.instance().socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(address)
+            s.send(encode_header({"op": "hello", "id": 1}))
+            peers.append(s)
+        deadline = time.monotonic() + 30  # one bound for all of them: a dead bus fails the test in 30 s
+        answered = sum(s.poll(max(0, int(1000 * (deadline - time.monotonic())))) > 0 for s in peers)
+        assert answered == 600 and bus.poll() is None, bus.stderr.read().decode()[-2000:] if bus.poll() else answered
+    finally:
+        for s in peers:
+            s.close(0)
+        bus.terminate()
+        bus.wait(30)
+
+
+def test_secret_key_files_are_their_owners_alone_whatever_the_umask(tmp_path):
+    from pathlib import Path
+
+    from rlflow.flow.placement.worker import read_keys, remove_keys, write_keys
+    from rlflow.transfer.security import keygen
+
+    old = os.umask(0o022)
+    try:
+        d = keygen(tmp_path / "keys")
+        copied = write_keys(read_keys(str(d)), str(tmp_path))
+    finally:
+        os.umask(old)
+    try:
+        for root in (d, copied):
+            secrets_ = list(Path(root).rglob("*.key_secret"))
+            assert secrets_ and all(p.stat().st_mode & 0o777 == 0o600 for p in secrets_), root
+    finally:
+        remove_keys()

@@ -73,7 +73,8 @@ def test_versions_must_increase(channel):
         pub.publish(2, {})
 
 
-@pytest.mark.parametrize("garbage", [b"not json", b'{"op": "chunk", "key": 5}', b'{"op": "head", "than": 0, "timeout": "x"}'])
+@pytest.mark.parametrize("garbage", [b"not json", b'{"op": "chunk", "key": 5}', b'{"op": "head", "than": 0, "timeout": "x"}',
+                                     b"\xff\xfe{", b"[" * 20_000 + b"]" * 20_000])  # not UTF-8; nested too deep
 def test_a_malformed_request_gets_an_error_and_the_publisher_keeps_serving(channel, garbage):
     pub, client = channel
     raw = zmq.Context.instance().socket(zmq.DEALER)
@@ -81,6 +82,19 @@ def test_a_malformed_request_gets_an_error_and_the_publisher_keeps_serving(chann
     raw.send(garbage)
     assert raw.poll(5000)
     assert b"ProtocolError" in raw.recv()
+    raw.close(0)
+    pub.publish(0, {"ok": b"ok"})
+    assert client.head(-1, timeout=1).version == 0
+
+
+def test_an_oversized_request_is_dropped_unread_and_the_publisher_keeps_serving(channel):
+    from rlflow.transfer.channel import MAX_REQUEST_BYTES
+
+    pub, client = channel
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.connect(pub.address)
+    raw.send(b'{"op": "head", "than": 0, "pad": "' + b"x" * MAX_REQUEST_BYTES + b'"}')
+    assert not raw.poll(500)  # no answer: the connection was closed before the message was read
     raw.close(0)
     pub.publish(0, {"ok": b"ok"})
     assert client.head(-1, timeout=1).version == 0

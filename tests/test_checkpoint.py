@@ -131,3 +131,29 @@ def test_a_resume_continues_a_run_only_from_its_newest_checkpoint_and_never_into
     with pytest.raises(ConfigError, match="holds another run"):
         requested_point(cfg(run / "checkpoints" / "step-2", other))
     assert requested_point(cfg(run / "checkpoints" / "step-2", tmp_path / "branch")).version == 2  # a new directory
+
+
+class _Payload:
+    """What a crafted checkpoint file unpickles into when it is loaded with a full unpickler: a command."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_rng_or_optimizer_file_is_refused_and_runs_no_code(tiny_model, tmp_path):
+    from rlflow.train.checkpoint import restore_rng
+
+    marker = tmp_path / "pwned"
+    torch.save({"torch": _Payload(str(marker))}, tmp_path / "rng.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        restore_rng(tmp_path)
+    engine = HFTrainEngine(tiny_model, ACTOR, SAMPLING)
+    torch.save(_Payload(str(marker)), tmp_path / "optimizer.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        engine.restore(str(tmp_path), 3)
+    assert not marker.exists()

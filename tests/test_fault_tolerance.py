@@ -209,7 +209,8 @@ def test_thousands_of_hostile_messages_leave_a_real_run_unaffected_and_within_it
         tmp_path, model_cache, undisturbed):
     import random
 
-    from fuzz import Peers, bus_message, channel_message
+    import zmq
+    from fuzz import Peers, bus_message, channel_message, control_message
     from rlflow.transfer import BusClient
 
     run_dir, steps = tmp_path / "run", 200  # long enough to be training all through the flood and the probe after it
@@ -227,16 +228,20 @@ def test_thousands_of_hostile_messages_leave_a_real_run_unaffected_and_within_it
         with BusClient(bus_address) as probe:
             errors_before = probe.stats()["errors"]
         rng, bus, channel = random.Random(7), Peers(bus_address, 4), Peers(channel_address, 4)
+        control = Peers(f"ipc://{sock_dir}/control", 2, zmq.PUSH)
         peak = dict(before)
         for i in range(4000):
             bus.send(bus_message(rng))
             if i % 2 == 0:
                 channel.send(channel_message(rng))
+            if i % 4 == 0:
+                control.send(control_message(rng))
             if i % 500 == 0:
                 peak = {name: max(peak[name], rss_mb(pid)) for name, pid in watched.items()}
                 time.sleep(0.05)  # spread the flood over the run
         bus.close()
         channel.close()
+        control.close()
         assert p.poll() is None, "the run ended before the flood did: make it longer"
         with BusClient(bus_address) as probe:
             errors = probe.stats()["errors"] - errors_before
@@ -248,7 +253,10 @@ def test_thousands_of_hostile_messages_leave_a_real_run_unaffected_and_within_it
         log.close()
     out = (tmp_path / "run.log").read_text()
     assert p.returncode == 0, out[-3000:]
-    assert bus.sent == 4000 and channel.sent == 2000
+    assert bus.sent == 4000 and channel.sent == 2000 and control.sent == 1000
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["control_refused"] >= 700, summary["control_refused"]  # all but the heartbeats of replica 99
+    assert (run_dir / "checkpoints" / "final" / "trainer_state.json").is_file()  # the forged 'done's ended nothing
     assert errors >= 2500, errors  # most of them were refused, each with an error reply
     assert bus.replies >= 3500 and channel.replies >= 1500, (bus.replies, channel.replies)
     assert_each_step_once_and_every_sample_trained_once(run_dir, steps)

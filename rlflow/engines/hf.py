@@ -253,7 +253,7 @@ class HFTrainEngine:
     def restore(self, path: str, version: int) -> None:
         """Continue from checkpoint ``path`` (this engine was built from it, so the weights are already
         loaded): the optimizer state, and ``version``."""
-        state = torch.load(f"{path}/optimizer.pt", map_location=self.device, weights_only=False)
+        state = torch.load(f"{path}/optimizer.pt", map_location=self.device, weights_only=True)  # tensors only: no code runs
         self.optimizer.load_state_dict(state)
         self.version = version
 

@@ -9,7 +9,6 @@ taking in what the stopped roles sent last.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -18,6 +17,7 @@ import zmq
 
 from rlflow.roles import reports
 from rlflow.transfer import security
+from rlflow.transfer.wire import decode_header
 
 BIND_S = 30.0  # bound on the thread binding the socket
 POLL_MS = 200  # how soon the thread notices ``stopped``; not a bound on anything a role waits for
@@ -69,13 +69,14 @@ class ControlReceiver:
             sock.close(0)
 
     def _take(self, frame: bytes) -> None:
+        """One frame into the event queue: a report ``problem`` finds nothing wrong with, else a
+        ``bad_report`` naming what is wrong. Nothing a sender puts in a frame can stop this thread."""
         try:
-            report = json.loads(frame)
-        except ValueError as e:
-            self.events.put(("bad_report", {"why": f"not JSON ({e})", "head": frame[:80]}))
-            return
-        why = reports.problem(report)
+            report = decode_header(frame)  # not UTF-8, not JSON, nested too deep: ProtocolError
+            why = reports.problem(report)
+        except Exception as e:  # noqa: BLE001 - a frame is data: whatever is wrong with it is reported, not raised
+            why = str(e)[:300]
         if why is not None:
-            self.events.put(("bad_report", {"why": why, "head": frame[:80]}))
+            self.events.put(("bad_report", {"why": why, "head": bytes(frame[:80])}))
             return
         self.events.put(("report", report))

@@ -62,10 +62,12 @@ from rlflow.roles.config import ActorArgs, Broadcast, ReferenceArgs, RolloutArgs
 from rlflow.roles import reports, schema
 from rlflow.sync.config import relay_parent, relays_to_others
 from rlflow.transfer import BusClient, ServerConfig
+from rlflow.transfer.lifetime import raise_open_file_limit
 
 KILL_WAIT_S = 30.0  # bound on a killed replica's process (or Ray actor) being reported gone
 FEEDER_STOP_S = 30.0  # bound on the feeder thread returning once asked to (its waits are 1 s long-polls)
 RECEIVER_STOP_S = 5.0  # bound on the control thread taking in the reports already queued once every role stopped
+SHOWN_REFUSALS = 5  # refused control reports shown in full; the rest are counted (a flood must not flood the console)
 EXIT_GRACE_S = 5.0  # a replica that exits cleanly may have its last report (the actor's ``done``) still in flight
 
 
@@ -78,6 +80,7 @@ def run(dcfg: DictConfig, console: Console, overrides: list[str] = ()) -> int:
     leaves no run directory behind).
     """
     dcfg, cfg, resumed, start = settle(dcfg, overrides)
+    raise_open_file_limit()  # the launcher's sockets (control, its bus client, every role's feeds) need descriptors
     from rlflow.flow.placement.local import start_forkserver, stop_forkserver
 
     if cfg.launcher == "local":  # started by the command line already; its imports overlap preparing the run
@@ -268,6 +271,7 @@ class Run:
         self.plans: dict[tuple[str, int], ReplicaPlan] = {}  # what each replica was started with (restarts reuse it)
         self.bus = None  # the launcher's own bus client: hands a dead replica's leases back
         self.lease_expiries = 0
+        self.refused_reports = 0  # reports the control socket refused (a confused or hostile sender)
         self.interrupted = False  # Ctrl-C: stop at once (the report of what was logged is still written)
 
     def __enter__(self) -> "Run":
@@ -380,7 +384,7 @@ class Run:
                 elif kind == "feeder_failed":
                     verdict = self._failed("feeder", 0, ev, "failed")
                 elif kind == "bad_report":
-                    say(self.console, f"control socket: refused a report: {ev['why']} ({ev['head']!r})", "warning")
+                    self._bad_report(f"refused a report: {ev['why']}", ev["head"])
                 for name, silent in self.supervisor.hung():
                     if verdict is None and not self.closing.is_set():
                         role, replica = name.rsplit("-", 1)
@@ -534,6 +538,9 @@ class Run:
                 return self._failed(ev["role"], ev["replica"], ev.get("traceback"), "failed")
             return self._recover(ev["role"], ev["replica"], "failed", tb=ev.get("traceback"), failed=True)
         elif kind == reports.DONE:
+            if (why := self._not_done(ev)) is not None:  # forged, or a confused actor: the run goes on
+                self._bad_report(f"a 'done' report refused: {why}", ev)
+                return None
             self.closing.set()
             self.trainer = {"replicas": ev["replicas"], "identical_weights": ev["identical_weights"]}
             if not ev["identical_weights"]:
@@ -541,6 +548,25 @@ class Run:
                 return 1
             return self._done(ev["version"])
         return None
+
+    def _not_done(self, ev: dict) -> str | None:
+        """Why a ``done`` report cannot be true (None: it can): it must come after every step's metrics, for
+        the run's last version, with the final checkpoint written (the actor reports only after that)."""
+        steps = self.cfg.flow.steps
+        if ev["version"] != steps or self.ledger.last_step != steps:
+            return f"it says version {ev['version']}, the run has {steps} steps and metrics up to step " \
+                   f"{self.ledger.last_step}"
+        if not (Path(self.cfg.run_dir) / "checkpoints" / "final" / "config.json").is_file():
+            return f"{self.cfg.run_dir}/checkpoints/final holds no model"
+        return None
+
+    def _bad_report(self, why: str, head) -> None:
+        """A report refused (by the control socket, or here): the first few shown, every one counted."""
+        self.refused_reports += 1
+        if self.refused_reports <= SHOWN_REFUSALS:
+            say(self.console, f"control socket: {why} ({str(head)[:80]})" + (
+                "; later refusals are only counted (summary.json: control_refused)"
+                if self.refused_reports == SHOWN_REFUSALS else ""), "warning")
 
     def _decoded(self, examples: list[dict], step: int) -> list[dict]:
         """The actor's sample of a step (token ids) as text, for samples.jsonl and the W&B table."""
@@ -576,6 +602,7 @@ class Run:
                    "steps": {"done": self.ledger.steps, "updated": self.ledger.updated},
                    "samples": self.ledger.counts(self.feeder.issued_groups() if self.feeder is not None else set()), "trainer": self.trainer, "sync": self.sync.totals,
                    "supervision": {"restarts": self.supervisor.history, "lease_expiries": self.lease_expiries},
+                   "control_refused": self.refused_reports,
                    "cores": machine_cores(),
                    "timeline": {"spans_dropped": self.timeline.spans_dropped if self.timeline else {}}}
         (Path(self.cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -20,30 +20,47 @@ REWARD_ERROR = "reward_error"  # the first failure of a kind of the reward funct
 LEASE_EXPIRED = "lease_expired"  # a delivery's lease ran out before its ack (the rows were redone)
 
 ROLES = ("rollout", "reward", "reference", "actor")
-FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # kind -> (roles that send it, required fields)
-    READY: (ROLES, ()),
-    HEARTBEAT: (ROLES, ("spans", "spans_dropped")),
-    WORK: (("rollout", "reward", "reference"), ("samples", "seconds")),
-    SYNC: (("rollout",), ("bit_exact", "from_actor_bytes", "from_peers_bytes")),
-    METRICS: (("actor",), ("step", "samples", "reward/errors", "uids", "skipped_uids")),
-    DONE: (("actor",), ("version", "replicas", "identical_weights")),
-    FAILED: (ROLES, ("traceback",)),
-    REWARD_ERROR: (("reward",), ("uid", "prompt", "response", "failure", "error", "traceback")),
-    LEASE_EXPIRED: (ROLES, ("rows",)),
+NUMBER = (int, float)
+TEXT_OR_NONE = (str, type(None))
+FIELDS: dict[str, tuple[tuple[str, ...], dict[str, type | tuple[type, ...]]]] = {
+    # kind -> (roles that send it, each required field's type)
+    READY: (ROLES, {}),
+    HEARTBEAT: (ROLES, {"spans": list, "spans_dropped": int}),
+    WORK: (("rollout", "reward", "reference"), {"samples": int, "seconds": NUMBER}),
+    SYNC: (("rollout",), {"bit_exact": (bool, int), "from_actor_bytes": int, "from_peers_bytes": int}),
+    METRICS: (("actor",), {"step": int, "samples": int, "reward/errors": int, "uids": list, "skipped_uids": list}),
+    DONE: (("actor",), {"version": int, "replicas": int, "identical_weights": bool}),
+    FAILED: (ROLES, {"traceback": str}),
+    REWARD_ERROR: (("reward",), {"uid": str, "prompt": TEXT_OR_NONE, "response": str, "failure": str, "error": str,
+                                 "traceback": str}),
+    LEASE_EXPIRED: (ROLES, {"rows": int}),
 }
+ENVELOPE = {"replica": int, "incarnation": int, "pid": int}  # what the worker adds to every report
 
 
 def problem(report: object) -> str | None:
-    """Why ``report`` is not a report the launcher can act on, or None when it is."""
+    """Why ``report`` is not a report the launcher can act on, or None when it is: an object of a known
+    kind, from a role that sends it, with the envelope and every field its kind carries, each of its
+    type (a list of uids is checked to hold strings too: the ledger keys on them)."""
     if not isinstance(report, dict):
         return f"not a JSON object but {type(report).__name__}"
     kind, role = report.get("kind"), report.get("role")
     if kind not in FIELDS:
-        return f"unknown kind {kind!r} (the kinds are {', '.join(FIELDS)})"
+        return f"unknown kind {str(kind)[:40]!r} (the kinds are {', '.join(FIELDS)})"
     senders, fields = FIELDS[kind]
     if role not in senders:
-        return f"a {kind!r} report from role {role!r}, which does not send it"
-    if not isinstance(report.get("replica"), int):
-        return f"a {kind!r} report without an integer replica"
-    missing = [f for f in fields if f not in report]
-    return f"a {kind!r} report from {role}-{report['replica']} without {', '.join(missing)}" if missing else None
+        return f"a {kind!r} report from role {str(role)[:40]!r}, which does not send it"
+    for name, kind_of in {**ENVELOPE, **fields}.items():
+        value = report.get(name, ...)
+        if value is ...:
+            return f"a {kind!r} report from {role} without {name!r}"
+        if not isinstance(value, kind_of) or (kind_of is int and isinstance(value, bool)):
+            return f"a {kind!r} report from {role} whose {name!r} is {type(value).__name__}, not {_names(kind_of)}"
+    for name in ("uids", "skipped_uids"):
+        if name in fields and not all(isinstance(u, str) for u in report[name]):
+            return f"a {kind!r} report from {role} whose {name!r} are not all strings"
+    return None
+
+
+def _names(kind_of: type | tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in (kind_of if isinstance(kind_of, tuple) else (kind_of,)))

@@ -148,7 +148,7 @@ def _rng_states() -> dict:
 def restore_rng(path: str | Path) -> None:
     import torch
 
-    states = torch.load(Path(path) / "rng.pt", weights_only=False)
+    states = torch.load(Path(path) / "rng.pt", weights_only=True)  # tensors only: a crafted file runs no code
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

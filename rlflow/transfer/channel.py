@@ -38,12 +38,13 @@ import xxhash
 import zmq
 
 from rlflow.transfer import security
-from rlflow.transfer.wire import BusTimeout, ProtocolError
+from rlflow.transfer.wire import BusTimeout, ProtocolError, decode_header
 
 CHUNK_BYTES = 1 << 20
 MAX_PARKED = 1024  # waiting requests a node holds: legit peers park about window + 1 each; a flood gets "Busy"
 MAX_PARKED_PER_PEER = 64  # so that one connection's flood leaves room for everyone else
 MAX_WAIT_S = 3600.0
+MAX_REQUEST_BYTES = 64 << 10  # a head or chunk request is a small JSON object; a bigger message is refused unread
 
 
 def chunk_sum(data) -> str:
@@ -227,6 +228,7 @@ class Server:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)  # a bigger one disconnects its sender unread
         if not security.is_local(address):
             if keys_dir is not None:
                 self._auth = security.serve_curve(self.ctx, self.sock, keys_dir)
@@ -261,7 +263,12 @@ class Server:
                     return
                 if self.sock in events:
                     while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                        parked += self._request(self.sock.recv_multipart(copy=False), parked)
+                        msg = self.sock.recv_multipart(copy=False)
+                        try:
+                            parked += self._request(msg, parked)
+                        except Exception as e:  # noqa: BLE001 - one request must never take the channel down
+                            self._send(msg[0].bytes, {"ok": False, "kind": "InternalError",
+                                                      "error": f"{type(e).__name__}: {str(e)[:300]}"})
                 parked = [p for p in parked if not self._answer(p)]
         finally:
             self.sock.close(0)
@@ -272,7 +279,7 @@ class Server:
         try:
             if len(msg) != 2:
                 raise ProtocolError(f"expected one header frame, got {len(msg) - 1} frames")
-            req = json.loads(msg[1].bytes)
+            req = decode_header(msg[1].bytes)
             ok = isinstance(req, dict) and (
                 (req.get("op") == "head" and isinstance(req.get("than"), int)) or
                 (req.get("op") == "chunk" and isinstance(req.get("key"), str) and isinstance(req.get("i"), int)
@@ -289,7 +296,7 @@ class Server:
                                       f"retry later"})
                 return []
             deadline = time.monotonic() + timeout
-        except (ValueError, TypeError, ProtocolError) as e:
+        except (ValueError, TypeError, ProtocolError) as e:  # decode_header: bad UTF-8, JSON or nesting too
             self._send(identity, {"ok": False, "kind": "ProtocolError", "error": str(e)[:500]})
             return []
         p = _Parked(identity, req, deadline)
@@ -401,7 +408,7 @@ class Client:
             raise BusTimeout(f"no answer from the channel at {self.address} within "
                              f"{req['timeout'] + self.reply_grace:.1f}s (is the publishing process alive?)")
         msg = self.sock.recv_multipart(copy=False)
-        return json.loads(msg[0].bytes), msg[1:]
+        return decode_header(msg[0].bytes), msg[1:]
 
     def head(self, than: int, timeout: float = 0.0) -> Head | None:
         """The newest head if its version is above ``than``, waiting up to ``timeout``; None if none came."""

@@ -11,20 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from rlflow.transfer.server import BusServer, ServerConfig
+    from rlflow.transfer.server import BusServer, ServerConfig, serve_until_sigterm
 
     config = ServerConfig(address=args.address, capacity_rows=args.capacity_rows,
                           capacity_bytes=args.capacity_bytes, keys_dir=args.keys_dir, insecure=args.insecure)
     server = BusServer(config)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    print(f"bus listening on {server.address}" + (" (CURVE)" if args.keys_dir else ""), flush=True)
     try:
-        server.serve_forever()
+        serve_until_sigterm(server, lambda: print(f"bus listening on {server.address}" +
+                                                  (" (CURVE)" if args.keys_dir else ""), flush=True))
     except KeyboardInterrupt:
         pass
     return 0

@@ -83,6 +83,25 @@ _EXITING = threading.RLock()  # held while the hooks run: a second caller waits 
 EXIT_HOOKS_WAIT_S = 30.0  # bound on that wait (each hook bounds its own work; this only backs them up)
 
 
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; returns the new soft limit.
+
+    A server holds a descriptor per connection: at the usual soft limit of 1024, about a thousand peers
+    made libzmq abort the bus ("Too many open files"). The hard limit is usually far higher, and raising
+    the soft one up to it needs no privilege."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        except (ValueError, OSError):  # e.g. a hard limit above the kernel's nr_open: keep what there is
+            pass
+    return soft
+
+
 def at_exit(fn: Callable[[], None]) -> None:
     """Run ``fn`` when this process stops, however it stops (its work ends, it fails, or whoever started it
     stops it): for what would outlive it, such as a server it launched or files in /dev/shm."""

@@ -31,7 +31,7 @@ from collections import deque
 import zmq
 
 from rlflow.transfer.channel import Gone, Head, Inbox, Server, ChunkStore, assemble, chunk_sum, connect_dealer
-from rlflow.transfer.wire import BusTimeout
+from rlflow.transfer.wire import BusTimeout, ProtocolError, decode_header
 
 HEAD_POLL_S = 5.0  # one parked head request's bound: also how soon a restarted publisher is found again
 REPLY_GRACE_S = 2.0  # beyond a request's own timeout, how long a silent peer gets before it is left
@@ -147,7 +147,10 @@ class Relay:
         answered = False
         while sock.poll(0):
             msg = sock.recv_multipart(copy=False)
-            reply = json.loads(msg[0].bytes)
+            try:
+                reply = decode_header(msg[0].bytes)
+            except ProtocolError:  # a broken upstream: its job times out and goes to the publisher (hop_timeout)
+                continue
             if reply.get("op") == "head":
                 answered = True
                 if reply.get("head"):

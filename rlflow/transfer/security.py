@@ -43,6 +43,7 @@ def keygen(keys_dir: str | Path) -> Path:
     for name in ("server", "client"):
         if not (d / f"{name}.key_secret").exists():
             zmq.auth.create_certificates(d, name)
+        (d / f"{name}.key_secret").chmod(0o600)  # a secret key is its owner's alone, whatever the umask
     if not (d / "authorized" / "client.key").exists():
         shutil.copy(d / "client.key", d / "authorized" / "client.key")
     return d

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import zmq
 
 from rlflow.transfer import security, shm
-from rlflow.transfer.lifetime import die_with_parent
+from rlflow.transfer.lifetime import die_with_parent, raise_open_file_limit
 from rlflow.transfer.store import Store
 from rlflow.transfer.wire import (PROTOCOL_VERSION, BusError, BusTimeout, ProtocolError, decode_batch, decode_header,
                            decode_schema, encode_batch, encode_schema, encode_header, error_reply)
@@ -139,6 +139,7 @@ def _field(header: dict, name: str, kind: type | tuple, default: Any = ...) -> A
 class BusServer:
     def __init__(self, config: ServerConfig, context: zmq.Context | None = None):
         config.validate()
+        raise_open_file_limit()  # a descriptor per connection: a thousand peers must not abort the bus
         self.config = config
         self.store = Store(config.capacity_rows, config.capacity_bytes)
         self.ctx = context or zmq.Context.instance()
@@ -346,9 +347,9 @@ class BusServer:
 
     def _put_shared(self, header: dict) -> dict:
         """Adopt and store a shared-memory put that fits now."""
-        name = shm.adopt(header["shm"], os.getpid())
+        name, nbytes = shm.adopt(header["shm"], os.getpid())
         try:
-            batch, nbytes = shm.read(name), shm.path_of(name).stat().st_size
+            batch = shm.read(name)
             if batch.num_rows > header["rows"] or nbytes > header["bytes"]:
                 raise BusError(f"put of {batch.num_rows} rows / {nbytes} bytes exceeds the {header['rows']} rows / "
                                f"{header['bytes']} bytes it announced")
@@ -536,12 +537,19 @@ def _server_main(config: ServerConfig, conn, parent: int) -> None:
     except Exception as e:  # reported to the parent, which raises it with the address it tried
         conn.send(("error", f"{e.__class__.__name__}: {e}"))
         return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole process group; the parent decides
+    serve_until_sigterm(server, lambda: conn.send(("ok", server.address)))
+
+
+def serve_until_sigterm(server: BusServer, ready=lambda: None) -> None:
+    """Serve on this (main) thread until SIGTERM, then return with the sockets closed; ``ready()`` once the
+    handler is in place. The signal also writes to a socket the loop polls, so one that lands just before
+    the loop blocks is seen at once (without it, a bus with no deadline pending could sleep through it)."""
     signal_r, signal_w = socket.socketpair()
     signal_w.setblocking(False)
     signal.set_wakeup_fd(signal_w.fileno())
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole process group; the parent decides
-    conn.send(("ok", server.address))
+    ready()
     server.serve_forever(signal_socket=signal_r)
 
 

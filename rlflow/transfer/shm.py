@@ -22,6 +22,7 @@ import itertools
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,6 +31,7 @@ from rlflow.transfer.lifetime import alive
 from rlflow.transfer.wire import ProtocolError, read_one_batch
 
 SHM_DIR = Path("/dev/shm")
+PID_MAX = 1 << 22  # Linux's largest pid (pid_max's ceiling): a name with a larger one is no process's
 NAME = re.compile(r"^rlflow-(\d+)-[0-9a-f]{16}-\d+$")
 _counter = itertools.count()
 _token = secrets.token_hex(8)  # this process's: names stay unique when the server renames them (``adopt``)
@@ -98,18 +100,46 @@ def read(name: str) -> pa.RecordBatch:
     return read_one_batch(mm, f"shared-memory payload {name}")
 
 
-def adopt(name: str, owner_pid: int) -> str:
-    """Rename a producer's payload file as the server's own; returns the new name."""
+def adopt(name: str, owner_pid: int) -> tuple[str, int]:
+    """Rename a producer's payload file as the server's own; returns the new name and the file's size.
+
+    Only a plain file of this process's user with no other name is adopted: the name is linked as it is
+    (a symlink is never followed: a bus run as root must not serve a file its producer could not read),
+    then opened without following links and checked with fstat. A file that fails is refused and left
+    to its producer."""
     old = path_of(name)
     new = re.sub(r"^rlflow-\d+-", f"rlflow-{owner_pid}-", name)
-    try:
-        os.link(old, path_of(new))  # unlike a rename, never replaces a payload already adopted under that name
+    try:  # unlike a rename, a link never replaces a payload already adopted under that name
+        os.link(old, path_of(new), follow_symlinks=False)
     except FileNotFoundError:
         raise ProtocolError(f"shared-memory payload {name} does not exist") from None
     except FileExistsError:
         raise ProtocolError(f"shared-memory payload {name}: the server already holds one named {new}") from None
+    try:
+        why, size = _not_ours(path_of(new), links=2)  # its producer's name and ours
+    except OSError as e:  # a symlink (ELOOP under O_NOFOLLOW), a fifo (O_NONBLOCK: no hang), gone
+        why, size = f"cannot be opened as a plain file ({e.strerror})", 0
+    if why is not None:
+        os.unlink(path_of(new))
+        raise ProtocolError(f"shared-memory payload {name} {why}: refused")
     os.unlink(old)
-    return new
+    return new, size
+
+
+def _not_ours(path: Path, links: int) -> tuple[str | None, int]:
+    """(why the file at ``path`` is not a payload this process may adopt, or None; its size)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a plain file", 0
+    if st.st_uid != os.geteuid():
+        return f"belongs to user {st.st_uid}, not to this process's {os.geteuid()}", 0
+    if st.st_nlink != links:
+        return f"has {st.st_nlink - links + 1} names (a payload has one)", 0
+    return None, st.st_size
 
 
 def unlink(name: str) -> None:
@@ -134,14 +164,23 @@ def can_read_probe(name: str, secret: str) -> bool:
 
 
 def sweep_dead() -> int:
-    """Unlink payload files whose owning process no longer exists; returns how many."""
+    """Unlink this user's payload files whose owning process no longer exists; returns how many.
+
+    Never raises on one file: another user's leftovers (on a shared host), a name whose pid no process
+    can have, a file that vanished meanwhile are all skipped, so no file in /dev/shm, made by accident or
+    on purpose, keeps a bus from starting."""
     if not available():
         return 0
     removed = 0
     for path in SHM_DIR.glob("rlflow-*"):
         m = NAME.match(path.name)
-        if m and not alive(int(m.group(1))):
-            unlink(path.name)
+        try:
+            pid = int(m.group(1)) if m else 0
+            if not m or pid > PID_MAX or path.lstat().st_uid != os.geteuid() or alive(pid):
+                continue
+            path.unlink()
             removed += 1
+        except (OSError, ValueError, OverflowError):  # gone meanwhile, not ours to remove, a pid out of range
+            continue
     return removed
 

@@ -75,11 +75,13 @@ def encode_header(header: dict[str, Any]) -> bytes:
 
 
 def decode_header(frame: bytes | memoryview) -> dict[str, Any]:
-    """Parse a header frame; raises ProtocolError naming what is wrong with it."""
+    """Parse a header frame (of the bus, the channel, a relay or the control socket); raises ProtocolError
+    naming what is wrong with it, whatever is wrong: not UTF-8, not JSON, nested past the parser's
+    recursion limit (``[[[...]]]`` 200,000 deep), or not an object."""
     try:
         header = json.loads(bytes(frame))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"header frame is not a JSON object ({e.__class__.__name__}: {e})") from None
+    except (ValueError, RecursionError) as e:  # ValueError: UnicodeDecodeError and JSONDecodeError among them
+        raise ProtocolError(f"header frame is not a JSON object ({e.__class__.__name__}: {str(e)[:200]})") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header frame must be a JSON object, got {type(header).__name__}")
     return header

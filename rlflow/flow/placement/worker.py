@@ -191,7 +191,9 @@ def write_keys(keys: dict[str, bytes] | None, parent: str | None = None) -> str 
     d = Path(tempfile.mkdtemp(prefix="rlflow-keys-", dir=parent if parent and os.path.isdir(parent) else None))
     for rel, data in keys.items():
         (d / rel).parent.mkdir(parents=True, exist_ok=True)
-        (d / rel).write_bytes(data)
+        fd = os.open(d / rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # secret keys among them: owner only
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
     os.environ[KEYS_DIR_ENV] = str(d)
     return str(d)
 
