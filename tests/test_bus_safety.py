@@ -336,3 +336,43 @@ def test_secret_key_files_are_their_owners_alone_whatever_the_umask(tmp_path):
             assert secrets_ and all(p.stat().st_mode & 0o777 == 0o600 for p in secrets_), root
     finally:
         remove_keys()
+
+
+def test_each_connection_may_do_only_what_its_token_grants(short_dir):
+    from rlflow.transfer import Grant, Unauthorized
+
+    grants = {"a" * 32: Grant("admin", admin=True), "p" * 32: Grant("producer", write=("prompt",), create=True),
+              "s" * 32: Grant("scorer", consumers=("scorer",), read=("prompt",), write=("score",))}
+    server = start_bus(short_dir, grants=grants)
+    try:
+        with BusClient(server.address, token="a" * 32) as admin:
+            admin.declare({**COLUMNS, "score": pa.float32()}, release_after=["scorer"])
+        with BusClient(server.address, token="a" * 32) as admin, \
+                BusClient(server.address, token="p" * 32) as producer, \
+                BusClient(server.address, token="s" * 32) as scorer, BusClient(server.address) as stranger:
+            producer.put(new_rows(4))  # creates rows: granted
+            d = scorer.get("scorer", ["prompt"], n=4, timeout=5)
+            scorer.put({"uid": d.uids, "score": [1.0] * len(d)})
+            scorer.ack(d)
+            assert stranger.stats()["rows"] == 0  # hello and stats need no token
+            refused = {
+                "a stranger's put": lambda: stranger.put(new_rows(1, prefix="x")),
+                "a stranger's get": lambda: stranger.get("scorer", ["prompt"], n=1, timeout=0),
+                "a stranger's clear": lambda: stranger.clear(everything=True),
+                "the scorer creating rows": lambda: scorer.put(new_rows(1, prefix="y")),
+                "the scorer writing another's column": lambda: scorer.put({"uid": ["r0"], "prompt": [[1]]}),
+                "the scorer as another consumer": lambda: scorer.get("actor", ["prompt"], n=1, timeout=0),
+                "the scorer reading what it may not": lambda: scorer.get("scorer", ["score"], n=1, timeout=0),
+                "the scorer handing back leases": lambda: scorer.release("actor-0.0"),
+                "the producer declaring": lambda: producer.declare({"x": pa.int8()}, release_after=["ghost"]),
+                "the producer getting": lambda: producer.get("scorer", ["prompt"], n=1, timeout=0),
+            }
+            for what, call in refused.items():
+                with pytest.raises(Unauthorized, match="may not|no credential"):
+                    call()
+                    pytest.fail(f"{what} was allowed")
+            with pytest.raises(Unauthorized, match="grants nothing to that token"):
+                BusClient(server.address, token="z" * 32)
+            assert admin.stats()["rows"] == 0  # the scorer's ack freed every row; nothing refused changed any
+    finally:
+        server.stop()

@@ -211,7 +211,7 @@ def test_thousands_of_hostile_messages_leave_a_real_run_unaffected_and_within_it
 
     import zmq
     from fuzz import Peers, bus_message, channel_message, control_message
-    from rlflow.transfer import BusClient
+    from rlflow.transfer import BusClient, Unauthorized
 
     run_dir, steps = tmp_path / "run", 200  # long enough to be training all through the flood and the probe after it
     log = open(tmp_path / "run.log", "w")  # a file, not a pipe nobody reads during the flood
@@ -243,8 +243,13 @@ def test_thousands_of_hostile_messages_leave_a_real_run_unaffected_and_within_it
         channel.close()
         control.close()
         assert p.poll() is None, "the run ended before the flood did: make it longer"
-        with BusClient(bus_address) as probe:
-            errors = probe.stats()["errors"] - errors_before
+        with BusClient(bus_address) as intruder:  # a peer of the run's bus without the run's credentials
+            for poison in (lambda: intruder.get("reward", ["response_ids", "fields"], n=8, timeout=0),
+                           lambda: intruder.put({"uid": ["g3-0"], "reward": [1.0]}),
+                           lambda: intruder.release("actor-0.0"), lambda: intruder.clear(everything=True)):
+                with pytest.raises(Unauthorized):
+                    poison()
+            errors = intruder.stats()["errors"] - errors_before
         peak = {name: max(peak[name], rss_mb(pid)) for name, pid in watched.items()}
         p.wait(timeout=240)
     finally:

@@ -32,6 +32,7 @@ import functools
 import json
 import os
 import queue
+import secrets
 import shutil
 import tempfile
 import threading
@@ -272,6 +273,7 @@ class Run:
         self.bus = None  # the launcher's own bus client: hands a dead replica's leases back
         self.lease_expiries = 0
         self.refused_reports = 0  # reports the control socket refused (a confused or hostile sender)
+        self.tokens: dict[str, str] = {}  # who -> its bus credential (roles/schema.grants), made at start
         self.interrupted = False  # Ctrl-C: stop at once (the report of what was logged is still written)
 
     def __enter__(self) -> "Run":
@@ -291,11 +293,14 @@ class Run:
         plan = plan_roles(cfg)
         self.placement = make_placement(cfg, [(p.role, p.replica) for p in plan], self.sock_dir,
                                         lambda m: say(self.console, m))
-        bus_address = self.placement.start_bus(ServerConfig(capacity_rows=cfg.flow.bus_capacity_rows,
-                                                            capacity_bytes=cfg.flow.bus_capacity_bytes),
-                                               functools.partial(self._exited, "bus", 0, None))
+        # A credential per part of the run: what each may do on the bus is roles/schema.grants.
+        self.tokens = {who: secrets.token_hex(16) for who in schema.grants()}
+        bus_address = self.placement.start_bus(
+            ServerConfig(capacity_rows=cfg.flow.bus_capacity_rows, capacity_bytes=cfg.flow.bus_capacity_bytes,
+                         grants={self.tokens[who]: grant for who, grant in schema.grants().items()}),
+            functools.partial(self._exited, "bus", 0, None))
         keys_dir = self.placement.keys_dir
-        self.bus = BusClient(bus_address, keys_dir=keys_dir)
+        self.bus = BusClient(bus_address, keys_dir=keys_dir, token=self.tokens["launcher"])
         say(self.console, f"bus {bus_address}  (`rlflow bus stats {run_dir}` shows what it holds)")
         schema.declare(self.bus)
         self.receiver = ControlReceiver(self.placement.control_address, keys_dir, self.events, self.stopped)
@@ -305,7 +310,7 @@ class Run:
                         run_dir=run_dir, seed=cfg.seed, wait_seconds=cfg.flow.wait_seconds,
                         lease_seconds=cfg.flow.lease_seconds, heartbeat_s=cfg.supervision.heartbeat_s,
                         launcher_pid=os.getpid())
-        self.plans = {(p.role, p.replica): p.replace(wiring=wiring) for p in plan}
+        self.plans = {(p.role, p.replica): p.replace(wiring=wiring, bus_token=self.tokens[p.role]) for p in plan}
         self.tokenize = make_tokenize(self.tokenizer, cfg.data.chat_template)
         self.tracker = Tracker(cfg.tracking, run_dir, dataclasses.asdict(cfg), cfg.flow.steps, self.console,
                                keep_steps=self.start.version if self.start.path else None)
@@ -336,7 +341,8 @@ class Run:
                              group_size=cfg.rollout.group_size, groups_per_step=cfg.actor.groups_per_step,
                              staleness=cfg.flow.staleness, async_queue_steps=cfg.flow.async_queue_steps,
                              steps=cfg.flow.steps, wait_seconds=cfg.flow.wait_seconds,
-                             keys_dir=self.placement.keys_dir, done=point.done_groups(), epoch=self.epoch)
+                             keys_dir=self.placement.keys_dir, done=point.done_groups(), epoch=self.epoch,
+                             token=self.tokens["feeder"])
         self.feeder_thread = threading.Thread(target=self._feed, args=(self.feeder,), name="rlflow-feeder",
                                               daemon=True)
         self.feeder_thread.start()

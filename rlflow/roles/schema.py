@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from rlflow.transfer.access import Grant
+
 TOKENS = pa.list_(pa.int32())
 LOGPROBS = pa.list_(pa.float32())
 
@@ -48,6 +50,28 @@ ACTOR_INPUT = ["prompt_ids", "response_ids", "rollout_logprobs", "version_start"
 
 # Rows leave the bus when the actor has acked them: the actor is the one consumer every sample reaches.
 RELEASE_AFTER = ["actor"]
+
+WRITES = {  # who writes which columns (the table above)
+    "feeder": ["prompt_ids", "fields", "target_step", "min_version"],
+    "rollout": ["response_ids", "rollout_logprobs", "version_start", "version_end", "finish_reason"],
+    "reward": ["reward"],
+    "reference": ["ref_logprobs"],
+}
+
+
+def grants() -> dict[str, Grant]:
+    """What each part of a run may do on its bus (``transfer/access.py``): a role gets and acks only as
+    itself, reads only its input columns and writes only its own; only the feeder creates rows; only
+    the launcher declares, clears and hands back a dead replica's rows. A peer holding no token can
+    only say hello and read stats."""
+    def role(name: str, reads: list[str]) -> Grant:
+        return Grant(name, consumers=(name,), read=tuple(reads), write=tuple(WRITES.get(name, ())))
+
+    return {"launcher": Grant("launcher", admin=True),
+            "feeder": Grant("feeder", write=tuple(WRITES["feeder"]), create=True),
+            "rollout": role("rollout", ROLLOUT_INPUT), "reward": role("reward", REWARD_INPUT),
+            "reference": role("reference", REFERENCE_INPUT),
+            "actor": role("actor", ACTOR_INPUT + ["ref_logprobs", "target_step"])}
 
 
 def declare(bus) -> None:

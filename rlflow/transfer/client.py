@@ -47,13 +47,15 @@ class Delivery:
 
 class BusClient:
     def __init__(self, address: str, keys_dir: str | None = None, connect_timeout: float = 10.0,
-                 shared_memory: bool = True, context: zmq.Context | None = None, holder: str | None = None):
+                 shared_memory: bool = True, context: zmq.Context | None = None, holder: str | None = None,
+                 token: str | None = None):
         """Connect and greet the server; raises BusTimeout if no bus answers within ``connect_timeout``.
 
         ``shared_memory``: put payloads through /dev/shm when the server proves to be on this host
         (see ``transfer/shm.py``); False forces every payload through the socket.
         ``holder``: a name for this process that its leases carry, so that whoever supervises it can
         hand them back at once when it dies (``release``) instead of after their deadline.
+        ``token``: this client's credential on a bus that grants per client (``transfer/access.py``).
         """
         self.address, self.holder = address, holder
         self.ctx = context or zmq.Context.instance()
@@ -64,7 +66,7 @@ class BusClient:
         self.sock.connect(address)
         self._ids = itertools.count(1)
         self._pending: tuple[int, dict, float] | None = None  # the put in flight: (request id, header, timeout)
-        hello, frames = self._call({"op": "hello"}, timeout=connect_timeout,
+        hello, frames = self._call({"op": "hello", **({"token": token} if token else {})}, timeout=connect_timeout,
                                    what="a greeting (is the bus running there, and are the CURVE keys right?)")
         self.max_message_bytes: int = hello["max_message_bytes"]
         self.columns: dict[str, pa.DataType] = decode_schema(frames[0])  # declared types, to build dict puts

@@ -40,10 +40,11 @@ from typing import Any, Callable
 import zmq
 
 from rlflow.transfer import security, shm
+from rlflow.transfer.access import OPEN_OPS, Grant
 from rlflow.transfer.lifetime import die_with_parent, raise_open_file_limit
 from rlflow.transfer.store import Store
 from rlflow.transfer.wire import (PROTOCOL_VERSION, BusError, BusTimeout, ProtocolError, decode_batch, decode_header,
-                           decode_schema, encode_batch, encode_schema, encode_header, error_reply)
+                           decode_schema, encode_batch, encode_schema, encode_header, error_reply, Unauthorized)
 
 log = logging.getLogger("rlflow.bus")
 
@@ -77,6 +78,8 @@ class ServerConfig:
     listen beyond loopback; clients then need the server's public key and an authorized client key."""
     insecure: bool = False
     """Allow listening beyond loopback without CURVE. Only for isolated networks."""
+    grants: dict[str, Grant] | None = None
+    """Token -> what its holder may do (``transfer/access.py``); None: every connection may do everything."""
 
     def validate(self) -> None:
         for name in ("capacity_rows", "capacity_bytes", "max_message_bytes"):
@@ -84,6 +87,9 @@ class ServerConfig:
                 raise ValueError(f"ServerConfig.{name} must be positive, got {getattr(self, name)}")
         if not self.address.startswith(("tcp://", "ipc://", "inproc://")):
             raise ValueError(f"ServerConfig.address {self.address!r} must start with tcp://, ipc:// or inproc://")
+        if self.grants is not None and not all(isinstance(t, str) and len(t) >= 16 and isinstance(g, Grant)
+                                               for t, g in self.grants.items()):
+            raise ValueError("ServerConfig.grants maps tokens of at least 16 characters to Grants")
         if not security.is_local(self.address) and self.keys_dir is None and not self.insecure:
             raise ValueError(f"refusing to listen on {self.address} without CURVE keys: set keys_dir (create "
                              "keys with `rlflow bus keygen DIR`) or insecure=True on an isolated network")
@@ -166,6 +172,7 @@ class BusServer:
         self._wake.bind(self._wake_addr)
         self._stopping = False
         self._served = -1  # store.changes when parked calls were last tried
+        self.peers: dict[bytes, Grant] = {}  # routing id -> the grant its hello named (with config.grants)
         self.handlers: dict[str, Callable] = {
             "hello": self._hello, "declare": self._declare, "reserve": self._reserve, "put": self._put,
             "get": self._get, "ack": self._ack, "nack": self._nack, "renew": self._renew, "release": self._release,
@@ -254,6 +261,7 @@ class BusServer:
             handler = self.handlers.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise ProtocolError(f"unknown request op {op!r}; known: {sorted(self.handlers)}")
+            self._authorize(identity, op, header)
             result = handler(identity, header, msg[2:])
         except BusError as e:
             self.errors += 1
@@ -281,7 +289,27 @@ class BusServer:
             self._log(logging.WARNING, "bus: reply to a client dropped (%s)", e)
             return False
 
+    def _authorize(self, identity: bytes, op: str, header: dict) -> None:
+        """Raise Unauthorized unless this connection's grant allows the request (see ``transfer/access.py``)."""
+        if self.config.grants is None or op in OPEN_OPS:
+            return
+        grant = self.peers.get(identity)
+        if grant is None:
+            raise Unauthorized(f"{op}: this connection has no credential: say hello with a token this bus "
+                               f"grants (only {', '.join(OPEN_OPS)} need none)")
+        grant.check(op, header)
+
+    def _check_put(self, identity: bytes, batch) -> None:
+        if self.config.grants is not None:
+            self.peers[identity].check_put(batch.schema.names)
+
     def _hello(self, identity, header, frames):
+        token = _field(header, "token", str, None)
+        if self.config.grants is not None and token is not None:
+            grant = self.config.grants.get(token)
+            if grant is None:
+                raise Unauthorized("hello: this bus grants nothing to that token")
+            self.peers[identity] = grant
         c = self.config
         reply = {"protocol": PROTOCOL_VERSION, "max_message_bytes": c.max_message_bytes,
                  "max_wait_seconds": c.max_wait_seconds}
@@ -333,7 +361,9 @@ class BusServer:
         if name is None:
             if len(frames) != 1:
                 raise ProtocolError(f"put carries exactly one payload frame, got {len(frames)}")
-            return self._store_put(header, decode_batch(frames[0]), frames[0], len(frames[0]), None), ()
+            batch = decode_batch(frames[0])
+            self._check_put(identity, batch)
+            return self._store_put(header, batch, frames[0], len(frames[0]), None), ()
         shm.path_of(name)  # a name of our form, before we unlink anything by it
         try:  # the file is the server's from here: every failure unlinks it
             if frames or self.shm_probe is None:
@@ -345,11 +375,12 @@ class BusServer:
             raise
         return None
 
-    def _put_shared(self, header: dict) -> dict:
+    def _put_shared(self, identity: bytes, header: dict) -> dict:
         """Adopt and store a shared-memory put that fits now."""
         name, nbytes = shm.adopt(header["shm"], os.getpid())
         try:
             batch = shm.read(name)
+            self._check_put(identity, batch)
             if batch.num_rows > header["rows"] or nbytes > header["bytes"]:
                 raise BusError(f"put of {batch.num_rows} rows / {nbytes} bytes exceeds the {header['rows']} rows / "
                                f"{header['bytes']} bytes it announced")
@@ -414,7 +445,7 @@ class BusServer:
             if not self.store.fits(h["rows"], h["bytes"]):
                 return False
             try:
-                self._send(p.identity, {"id": h.get("id"), "ok": True, **self._put_shared(h)})
+                self._send(p.identity, {"id": h.get("id"), "ok": True, **self._put_shared(p.identity, h)})
             except BusError as e:
                 self._send(p.identity, error_reply(h.get("id"), e))
             return True

@@ -63,7 +63,15 @@ class BusTimeout(BusError, TimeoutError):
     kind = "BusTimeout"
 
 
-ERRORS = {cls.kind: cls for cls in (BusError, SchemaError, ProtocolError, CapacityError, LeaseExpired, BusTimeout)}
+class Unauthorized(BusError):
+    """A request its connection's credential does not allow (``transfer/access.py``); the message names
+    what was asked and what is allowed."""
+
+    kind = "Unauthorized"
+
+
+ERRORS = {cls.kind: cls for cls in (BusError, SchemaError, ProtocolError, CapacityError, LeaseExpired, BusTimeout,
+                                     Unauthorized)}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ started itself, by pickling; nothing a peer sends is ever unpickled.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -47,6 +47,7 @@ class ReplicaPlan:
     threads: int  # torch threads of the process
     wiring: Wiring | None = None  # set when the run's sockets exist (``Run._start``)
     incarnation: int = 0  # restarts of this replica so far
+    bus_token: str | None = field(default=None, repr=False)  # its role's bus credential (roles/schema.grants)
 
     @property
     def name(self) -> str:

@@ -101,7 +101,8 @@ def run_role(plan: ReplicaPlan) -> int:
         from rlflow.transfer import BusClient
 
         torch.set_num_threads(plan.threads)
-        bus = BusClient(wiring.bus, keys_dir=keys_dir, holder=holder_name(role, replica, incarnation))
+        bus = BusClient(wiring.bus, keys_dir=keys_dir, holder=holder_name(role, replica, incarnation),
+                        token=plan.bus_token)
         ctx = RoleContext(bus=bus, endpoints=make_endpoints(wiring.endpoints), keys_dir=keys_dir,
                           model_path=wiring.model_path, report=report, run_dir=wiring.run_dir, replica=replica,
                           seed=wiring.seed + replica, wait_seconds=wiring.wait_seconds,
