@@ -16,6 +16,9 @@ list<int32>, `logprobs` list<float32>) from a producer process to a consumer pro
                 socket twice (producer -> server -> consumer), as between machines.
     bus_tcp     bus_socket over tcp://127.0.0.1, the transport used across machines.
 
+Every bus case runs as a run's bus does: with a credential per client (``transfer/access.py``), so
+each request is checked against what the producer's and the consumer's tokens grant.
+
 Two shapes: `large` (256 rows x 1024..4096 tokens, ~5 MiB per batch) and `small` (4096 rows x
 16 tokens). Throughput = sum(batch.nbytes) / wall time, GB = 1e9 bytes.
 
@@ -454,11 +457,22 @@ def run_ray(session: RaySession, shape: Shape, num_batches: int) -> dict:
 # Cases bus / bus_tcp: the project's transfer bus
 
 
+PRODUCER_TOKEN, CONSUMER_TOKEN, ADMIN_TOKEN = "p" * 32, "c" * 32, "a" * 32  # a benchmark's own bus
+
+
+def bus_grants() -> dict:
+    from rlflow.transfer import Grant
+
+    return {PRODUCER_TOKEN: Grant("producer", write=tuple(PAYLOAD_COLUMNS), create=True),
+            CONSUMER_TOKEN: Grant("consumer", consumers=(CONSUMER,), read=tuple(PAYLOAD_COLUMNS)),
+            ADMIN_TOKEN: Grant("admin", admin=True)}
+
+
 def bus_producer(warm, done, address: str, shape: Shape, num_batches: int, shared_memory: bool) -> dict:
     from rlflow.transfer import BusClient
 
     batches = make_batches(shape, num_batches)
-    client = BusClient(address, shared_memory=shared_memory)
+    client = BusClient(address, shared_memory=shared_memory, token=PRODUCER_TOKEN)
     try:
         client.put(batches[0], timeout=CHILD_TIMEOUT_S)
         _wait(warm, "the consumer to get the warm-up batch")
@@ -476,7 +490,7 @@ def bus_producer(warm, done, address: str, shape: Shape, num_batches: int, share
 def bus_consumer(warm, done, address: str, shape: Shape, num_batches: int, shared_memory: bool) -> dict:
     from rlflow.transfer import BusClient
 
-    client = BusClient(address, shared_memory=shared_memory)
+    client = BusClient(address, shared_memory=shared_memory, token=CONSUMER_TOKEN)
     try:
         previous = _bus_take(client, shape.num_rows, "warm-up batch", None)
         warm.set()
@@ -501,11 +515,11 @@ def _bus_take(client, num_rows: int, what: str, previous):
 def run_bus(case: str, address: str, shape: Shape, num_batches: int, shared_memory: bool) -> dict:
     from rlflow.transfer import BusClient, ServerConfig, spawn_server
 
-    config = ServerConfig(address=address, capacity_bytes=2 * 1024**3, capacity_rows=1 << 20)
+    config = ServerConfig(address=address, capacity_bytes=2 * 1024**3, capacity_rows=1 << 20, grants=bus_grants())
     server = spawn_server(config)
     try:
         # Declared here, before either child starts, so the consumer's first get never races it.
-        admin = BusClient(server.address)
+        admin = BusClient(server.address, token=ADMIN_TOKEN)
         try:
             admin.declare(PAYLOAD_COLUMNS, release_after=[CONSUMER])
         finally:
