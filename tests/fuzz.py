@@ -109,11 +109,12 @@ def channel_message(rng: random.Random) -> list[bytes]:
 
 
 def control_message(rng: random.Random) -> list[bytes]:
-    """One hostile frame for the launcher's control socket: malformed, mistyped, or a well-formed ``done``
-    in the name of the live actor long before the run's last step (no checkpoint, metrics missing)."""
+    """One hostile frame for the launcher's control socket: malformed, mistyped, or well-formed reports in
+    the name of the live actor (a ``done`` long before the last step, a step's ``metrics``) without its
+    credential."""
     beat = {"role": "rollout", "replica": 0, "incarnation": 0, "pid": 1, "kind": "heartbeat", "spans": [],
             "spans_dropped": 0}
-    kind = rng.randrange(8)
+    kind = rng.randrange(9)
     if kind == 0:
         return [rng.randbytes(rng.randrange(1, 500))]
     if kind == 1:
@@ -128,6 +129,9 @@ def control_message(rng: random.Random) -> list[bytes]:
         return [json.dumps({**beat, "role": "actor", "kind": "failed", "traceback": 42}).encode()]
     if kind == 6:
         return [json.dumps({**beat, "replica": 99}).encode()]  # a replica the run does not have: ignored
+    if kind == 7:  # a well-formed step report that would corrupt the exactly-once ledger if believed
+        return [json.dumps({**beat, "role": "actor", "kind": "metrics", "step": rng.randrange(1, 200), "samples": 1,
+                            "reward/errors": 0, "uids": [f"g{rng.randrange(99)}-0"], "skipped_uids": []}).encode()]
     return [json.dumps({**beat, "role": "actor", "kind": "done", "version": rng.choice([5, 200]), "replicas": 1,
                         "identical_weights": True}).encode()]
 

@@ -52,3 +52,23 @@ def test_every_malformed_report_is_refused_by_name_and_the_next_good_one_still_a
     push.send(json.dumps(GOOD).encode())
     assert events.get(timeout=10) == ("report", GOOD)
     assert r.thread.is_alive()
+
+
+def test_a_report_is_believed_only_with_its_roles_credential_which_is_never_passed_on(short_dir):
+    events, stopped = queue.Queue(), threading.Event()
+    tokens = {"rollout": "r" * 32, "actor": "a" * 32}
+    r = ControlReceiver(f"ipc://{short_dir}/control", None, events, stopped, tokens=tokens)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(r.address)
+    try:
+        for token in (None, "wrong", "a" * 32):  # none, a guess, another role's
+            push.send(json.dumps({**GOOD, **({"token": token} if token else {})}).encode())
+            kind, ev = events.get(timeout=10)
+            assert kind == "bad_report" and "without that role's credential" in ev["why"]
+        push.send(json.dumps({**GOOD, "token": "r" * 32}).encode())
+        assert events.get(timeout=10) == ("report", GOOD)  # believed, and its token not passed on
+    finally:
+        push.close(0)
+        stopped.set()
+        r.join(5)

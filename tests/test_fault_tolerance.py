@@ -260,7 +260,7 @@ def test_thousands_of_hostile_messages_leave_a_real_run_unaffected_and_within_it
     assert p.returncode == 0, out[-3000:]
     assert bus.sent == 4000 and channel.sent == 2000 and control.sent == 1000
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["control_refused"] >= 700, summary["control_refused"]  # all but the heartbeats of replica 99
+    assert summary["control_refused"] >= 800, summary["control_refused"]  # all but the heartbeats of replica 99
     assert (run_dir / "checkpoints" / "final" / "trainer_state.json").is_file()  # the forged 'done's ended nothing
     assert errors >= 2500, errors  # most of them were refused, each with an error reply
     assert bus.replies >= 3500 and channel.replies >= 1500, (bus.replies, channel.replies)

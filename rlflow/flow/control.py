@@ -2,13 +2,17 @@
 
 One PULL socket on a thread of its own; every report is checked where it is read (``reports.problem``):
 one that is not a report the launcher can act on becomes a ``bad_report`` event naming what is wrong,
-so a confused or hostile sender can neither crash the launcher nor be half-handled. With CURVE keys
-(a cluster) only holders of the run's keys can connect. The thread stops when ``stopped`` is set, after
+so a confused or hostile sender can neither crash the launcher nor be half-handled. A report is
+believed only when it carries its role's credential (the run's per-role token, ``roles/schema.grants``),
+so no other process can speak for a role: a forged ``metrics`` would corrupt the exactly-once ledger.
+The token is dropped as the report is read. With CURVE keys (a cluster) only holders of the run's keys
+can connect at all. The thread stops when ``stopped`` is set, after
 taking in what the stopped roles sent last.
 """
 
 from __future__ import annotations
 
+import hmac
 import queue
 import threading
 import time
@@ -27,8 +31,11 @@ MAX_REPORT_BYTES = 64 << 20  # a report bigger than this (the actor's carries a 
 
 
 class ControlReceiver:
-    def __init__(self, address: str, keys_dir: str | None, events: queue.Queue, stopped: threading.Event):
-        self.events, self.stopped = events, stopped
+    def __init__(self, address: str, keys_dir: str | None, events: queue.Queue, stopped: threading.Event,
+                 tokens: dict[str, str] | None = None):
+        """``tokens``: role -> its credential (the run's bus tokens); a report is believed only with its
+        role's (None: any well-formed report is, for a receiver of one's own)."""
+        self.events, self.stopped, self.tokens = events, stopped, tokens
         bound: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._receive, args=(address, keys_dir, bound), name="rlflow-control",
                                        daemon=True)
@@ -74,9 +81,14 @@ class ControlReceiver:
         try:
             report = decode_header(frame)  # not UTF-8, not JSON, nested too deep: ProtocolError
             why = reports.problem(report)
+            if why is None and self.tokens is not None and \
+                    not hmac.compare_digest(str(report.pop("token", "")), self.tokens.get(report["role"], "")):
+                why = f"a {report['kind']!r} report in the name of {report['role']}-{report['replica']} without " \
+                      f"that role's credential"
+            report.pop("token", None)  # never kept, logged or shown
         except Exception as e:  # noqa: BLE001 - a frame is data: whatever is wrong with it is reported, not raised
             why = str(e)[:300]
         if why is not None:
-            self.events.put(("bad_report", {"why": why, "head": bytes(frame[:80])}))
+            self.events.put(("bad_report", {"why": why, "head": bytes(frame[:60])}))  # (a token comes last)
             return
         self.events.put(("report", report))

@@ -303,7 +303,8 @@ class Run:
         self.bus = BusClient(bus_address, keys_dir=keys_dir, token=self.tokens["launcher"])
         say(self.console, f"bus {bus_address}  (`rlflow bus stats {run_dir}` shows what it holds)")
         schema.declare(self.bus)
-        self.receiver = ControlReceiver(self.placement.control_address, keys_dir, self.events, self.stopped)
+        self.receiver = ControlReceiver(self.placement.control_address, keys_dir, self.events, self.stopped,
+                                        tokens=self.tokens)
         control = self.receiver.address
         wiring = Wiring(bus=bus_address, control=control, endpoints=self.placement.endpoints_spec,
                         keys=self.placement.keys, keys_parent=self.placement.keys_parent, model_path=self.model_path,

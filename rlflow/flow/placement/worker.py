@@ -84,10 +84,12 @@ def run_role(plan: ReplicaPlan) -> int:
     beats.start()
     at_exit(lambda: (stop_beating.set(), beats.join(HEARTBEAT_JOIN_S)))  # also when stopped by SIGTERM
 
+    credential = {"token": plan.bus_token} if plan.bus_token else {}  # the launcher believes only its role's
+
     def report(kind: str, **data) -> None:
         try:
             push.send_json({"role": role, "replica": replica, "kind": kind, "pid": os.getpid(),
-                            "incarnation": incarnation, **data}, zmq.NOBLOCK)
+                            "incarnation": incarnation, **data, **credential}, zmq.NOBLOCK)
         except zmq.Again:  # the launcher is not reading (gone): nothing to tell
             pass
 
@@ -158,6 +160,8 @@ def _heartbeat(plan: ReplicaPlan, keys_dir: str | None, timeline, stop: threadin
     sock = _control_socket(plan.wiring.control, keys_dir, linger_ms=1000, context=context)
     beat = {"role": plan.role, "replica": plan.replica, "kind": "heartbeat", "pid": os.getpid(),
             "incarnation": plan.incarnation}
+    if plan.bus_token:
+        beat["token"] = plan.bus_token
     try:
         while True:
             stopping = stop.wait(plan.wiring.heartbeat_s)
