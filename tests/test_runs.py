@@ -162,23 +162,28 @@ def test_a_bad_plug_in_path_fails_at_start_naming_the_field(tmp_path, tiny_model
 
 
 @pytest.mark.timeout(300)  # room for its own bounds (first step, then 60s to EOF) and the diagnostic
-def test_ctrl_c_stops_every_process_and_leaves_the_report_of_what_was_logged(tmp_path, tiny_model, model_cache):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_every_process_and_leaves_the_report_of_what_was_logged(tmp_path, tiny_model,
+                                                                                       model_cache, stop):
     run_dir = tmp_path / "run"
+    # As from a terminal: a shell's background job (this test suite run with `&`) would start it with
+    # SIGINT ignored, and Python keeps ignoring it then, as a background job of a script should.
     proc = subprocess.Popen(command(run_dir, model_cache, ["flow.steps=10000", "tracking.report=true"]), cwd=REPO,
-                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_step(run_dir, proc, 1, timeout=120)
     stats = subprocess.run([sys.executable, "-m", "rlflow.flow.cli", "bus", "stats", str(run_dir), "--json"], cwd=REPO,
                            env=env(), capture_output=True, text=True, timeout=60)  # the run's bus, by its directory
     assert stats.returncode == 0, stats.stdout + stats.stderr
     assert {"rollout", "reward", "actor"} <= json.loads(stats.stdout)["consumers"].keys()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     try:
         out, _ = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         exited = proc.poll()  # None: the launcher itself hangs; a code: something else holds its stdout open
         proc.kill()
         out, _ = proc.communicate()
-        pytest.fail(f"no EOF 60s after Ctrl-C (launcher exit code {exited}); processes "
+        pytest.fail(f"no EOF 60s after {stop.name} (launcher exit code {exited}); processes "
                     f"{(run_dir / 'processes.json').read_text() if (run_dir / 'processes.json').exists() else '?'}; "
                     f"output:\n{out[-4000:]}")
     assert proc.returncode == 130, out

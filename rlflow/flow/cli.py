@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -54,11 +55,19 @@ HYDRA_SETTINGS = ["hydra/job_logging=none", "hydra.output_subdir=null", "hydra.j
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _dispatch(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt:  # Ctrl-C before anything was started (importing, composing): no traceback
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM (what a scheduler, `kill` or a container stop sends) stops a run as Ctrl-C does: every role
+    stopped, the report of what was logged written, exit code 130. Without it the launcher would die at
+    once and leave its roles to notice its death, with nothing written."""
+    raise KeyboardInterrupt
 
 
 def _dispatch(argv: list[str]) -> int:

@@ -73,7 +73,10 @@ def run_role(plan: ReplicaPlan) -> int:
 
     role, replica, incarnation, wiring = plan.role, plan.replica, plan.incarnation, plan.wiring
     keys_dir = write_keys(wiring.keys, wiring.keys_parent)
-    push = _control_socket(wiring.control, keys_dir, linger_ms=2000)  # let a last traceback reach the launcher
+    # A context of its own, terminated at the end: that waits (up to the linger) until the last report, a
+    # traceback, is out. A forked process ends in os._exit, which would drop what is still queued.
+    reports_ctx = zmq.Context()
+    push = _control_socket(wiring.control, keys_dir, linger_ms=2000, context=reports_ctx)
     stop_beating = threading.Event()
     from rlflow.roles.context import Timeline
     from rlflow.transfer.lifetime import at_exit
@@ -121,6 +124,7 @@ def run_role(plan: ReplicaPlan) -> int:
         if bus is not None:
             bus.close()
         push.close()
+        reports_ctx.term()
         sys.stdout.flush()  # what the role printed reaches its log (under Ray: the driver) before it is killed
         sys.stderr.flush()
     return code
