@@ -19,3 +19,15 @@ def require(ok: bool, key: str, message: str) -> None:
     """Raise ``ConfigError("key: message")`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+def require_counts(cfg, at: str, *names: str) -> None:
+    """Each field ``names`` of ``cfg`` is a count: at least 1."""
+    for name in names:
+        require(getattr(cfg, name) >= 1, f"{at}.{name}", f"must be >= 1, got {getattr(cfg, name)}")
+
+
+def require_seconds(cfg, at: str, *names: str) -> None:
+    """Each field ``names`` of ``cfg`` is a duration: more than 0 seconds."""
+    for name in names:
+        require(getattr(cfg, name) > 0, f"{at}.{name}", f"must be > 0 seconds, got {getattr(cfg, name)}")

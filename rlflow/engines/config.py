@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlflow.errors import require
+from rlflow.errors import require, require_counts, require_seconds
 
 DTYPES = ("float32", "bfloat16", "float16")
 """Weights dtypes an engine may run in (``rollout.dtype``, ``reference.dtype``)."""
@@ -57,13 +57,11 @@ class SGLangConfig:
         require(self.url is None or self.url.startswith(("http://", "https://")), f"{at}.url",
                 f"must be http://HOST:PORT, got {self.url!r}")
         require(self.update in UPDATES, f"{at}.update", f"choose one of {UPDATES}, got {self.update!r}")
-        for name in ("tp_size", "bucket_mb"):
-            require(getattr(self, name) >= 1, f"{at}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        require_counts(self, at, "tp_size", "bucket_mb")
         require(self.max_retries >= 0, f"{at}.max_retries", f"must be >= 0, got {self.max_retries}")
         require(self.mem_fraction is None or 0 < self.mem_fraction < 1, f"{at}.mem_fraction",
                 f"must be in (0, 1) or null (sglang's choice), got {self.mem_fraction}")
-        for name in ("startup_timeout", "request_timeout", "flush_timeout"):
-            require(getattr(self, name) > 0, f"{at}.{name}", f"must be > 0 seconds, got {getattr(self, name)}")
+        require_seconds(self, at, "startup_timeout", "request_timeout", "flush_timeout")
 
 
 @dataclass
@@ -95,9 +93,8 @@ class TinyModelConfig:
     file without it gets no warm-start)."""
 
     def check(self, at: str = "model.tiny") -> None:
-        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_positions",
-                     "warmup_batch"):
-            require(getattr(self, name) >= 1, f"{at}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        require_counts(self, at, "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                       "max_positions", "warmup_batch")
         require(self.hidden_size % self.num_heads == 0, f"{at}.num_heads",
                 f"must divide hidden_size ({self.hidden_size}) into whole heads, got {self.num_heads}")
         require(self.num_heads % self.num_kv_heads == 0, f"{at}.num_kv_heads",

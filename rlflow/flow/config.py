@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 from rlflow.engines.config import TinyModelConfig
-from rlflow.errors import ConfigError, require
+from rlflow.errors import ConfigError, require, require_counts, require_seconds
 from rlflow.flow.placement.supervisor import SupervisionConfig
 from rlflow.roles.config import ActorConfig, ReferenceConfig, RewardConfig, RolloutConfig
 from rlflow.sync.config import SyncConfig
@@ -127,10 +127,8 @@ class FlowConfig:
         require(self.steps >= 1, f"{at}.steps", f"must be >= 1, got {self.steps}")
         require(self.staleness is None or self.staleness >= 0, f"{at}.staleness",
                 f"must be >= 0 (0: on-policy) or null (fully async), got {self.staleness}")
-        for name in ("async_queue_steps", "bus_capacity_rows", "bus_capacity_bytes"):
-            require(getattr(self, name) >= 1, f"{at}.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("wait_seconds", "lease_seconds", "shutdown_seconds"):
-            require(getattr(self, name) > 0, f"{at}.{name}", f"must be > 0 seconds, got {getattr(self, name)}")
+        require_counts(self, at, "async_queue_steps", "bus_capacity_rows", "bus_capacity_bytes")
+        require_seconds(self, at, "wait_seconds", "lease_seconds", "shutdown_seconds")
 
 
 @dataclass

@@ -81,11 +81,11 @@ class ControlReceiver:
         try:
             report = decode_header(frame)  # not UTF-8, not JSON, nested too deep: ProtocolError
             why = reports.problem(report)
-            if why is None and self.tokens is not None and \
-                    not hmac.compare_digest(str(report.pop("token", "")), self.tokens.get(report["role"], "")):
-                why = f"a {report['kind']!r} report in the name of {report['role']}-{report['replica']} without " \
-                      f"that role's credential"
-            report.pop("token", None)  # never kept, logged or shown
+            if why is None:
+                token = str(report.pop("token", ""))  # never kept, logged or shown
+                if self.tokens is not None and not hmac.compare_digest(token, self.tokens.get(report["role"], "")):
+                    why = f"a {report['kind']!r} report in the name of {report['role']}-{report['replica']} " \
+                          f"without that role's credential"
         except Exception as e:  # noqa: BLE001 - a frame is data: whatever is wrong with it is reported, not raised
             why = str(e)[:300]
         if why is not None:

@@ -294,10 +294,11 @@ class Run:
         self.placement = make_placement(cfg, [(p.role, p.replica) for p in plan], self.sock_dir,
                                         lambda m: say(self.console, m))
         # A credential per part of the run: what each may do on the bus is roles/schema.grants.
-        self.tokens = {who: secrets.token_hex(16) for who in schema.grants()}
+        grants = schema.grants()
+        self.tokens = {who: secrets.token_hex(16) for who in grants}
         bus_address = self.placement.start_bus(
             ServerConfig(capacity_rows=cfg.flow.bus_capacity_rows, capacity_bytes=cfg.flow.bus_capacity_bytes,
-                         grants={self.tokens[who]: grant for who, grant in schema.grants().items()}),
+                         grants={self.tokens[who]: grant for who, grant in grants.items()}),
             functools.partial(self._exited, "bus", 0, None))
         keys_dir = self.placement.keys_dir
         self.bus = BusClient(bus_address, keys_dir=keys_dir, token=self.tokens["launcher"])

@@ -17,7 +17,7 @@ from rlflow.algo.choices import (ADVANTAGES, AGGREGATIONS, CORRECTIONS, LEVELS, 
                                  RATIO_LEVELS)
 from rlflow.engines.base import SamplingParams
 from rlflow.engines.config import DTYPES, SGLangConfig
-from rlflow.errors import require
+from rlflow.errors import require, require_counts
 from rlflow.sync.config import SyncConfig
 
 
@@ -63,8 +63,7 @@ class RolloutConfig:
     def check(self, at: str = "rollout") -> None:
         require(self.group_size >= 2, f"{at}.group_size",
                 f"group advantages need >= 2 samples per prompt, got {self.group_size}")
-        for name in ("replicas", "max_new_tokens", "groups_per_call", "max_batch", "threads"):
-            require(getattr(self, name) >= 1, f"{at}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        require_counts(self, at, "replicas", "max_new_tokens", "groups_per_call", "max_batch", "threads")
         require(self.temperature > 0, f"{at}.temperature",
                 f"must be > 0 (logprobs of a greedy policy are degenerate), got {self.temperature}")
         require(0 < self.top_p <= 1, f"{at}.top_p", f"must be in (0, 1], got {self.top_p}")
@@ -109,8 +108,7 @@ class RewardConfig:
     steps in a row (0: never): such steps train nothing."""
 
     def check(self, at: str = "reward") -> None:
-        for name in ("replicas", "batch"):
-            require(getattr(self, name) >= 1, f"{at}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        require_counts(self, at, "replicas", "batch")
         require(self.timeout_s >= 0, f"{at}.timeout_s", f"must be >= 0 seconds (0: no limit), got {self.timeout_s}")
         require(self.max_failed_steps >= 0, f"{at}.max_failed_steps",
                 f"must be >= 0 (0: never stop for failing rewards), got {self.max_failed_steps}")
@@ -135,8 +133,7 @@ class ReferenceConfig:
     """torch intra-op threads per replica."""
 
     def check(self, at: str = "reference") -> None:
-        for name in ("replicas", "batch", "threads"):
-            require(getattr(self, name) >= 1, f"{at}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        require_counts(self, at, "replicas", "batch", "threads")
         require(self.dtype in DTYPES, f"{at}.dtype", f"choose one of {DTYPES}, got {self.dtype!r}")
 
 
@@ -212,8 +209,7 @@ class ActorConfig:
     """torch seed."""
 
     def check(self, at: str = "actor") -> None:
-        for name in ("replicas", "groups_per_step", "micro_batch", "threads", "checkpoint_keep"):
-            require(getattr(self, name) >= 1, f"{at}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        require_counts(self, at, "replicas", "groups_per_step", "micro_batch", "threads", "checkpoint_keep")
         require(self.groups_per_step % self.replicas == 0, f"{at}.replicas",
                 f"each trainer replica takes groups_per_step / replicas groups: {self.groups_per_step} groups do "
                 f"not split over {self.replicas} replicas; make {at}.groups_per_step a multiple of {at}.replicas")

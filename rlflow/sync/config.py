@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlflow.errors import require
+from rlflow.errors import require, require_counts
 
 
 @dataclass
@@ -42,8 +42,7 @@ class SyncConfig:
         require(self.values in ("new", "xor"), f"{at}.values", f"choose 'new' or 'xor', got {self.values!r}")
         require(self.fanout >= 0, f"{at}.fanout",
                 f"must be >= 0 (0: every replica pulls from the actor, 1: a chain), got {self.fanout}")
-        for name in ("chunk_kb", "window"):
-            require(getattr(self, name) >= 1, f"{at}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        require_counts(self, at, "chunk_kb", "window")
         require(self.keyframe_ratio > 0, f"{at}.keyframe_ratio", f"must be > 0, got {self.keyframe_ratio}")
         require(self.hop_timeout > 0, f"{at}.hop_timeout", f"must be > 0 seconds, got {self.hop_timeout}")
         require(self.uplink_mb_s >= 0, f"{at}.uplink_mb_s", f"must be >= 0 (0: unpaced), got {self.uplink_mb_s}")
