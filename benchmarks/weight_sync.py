@@ -158,10 +158,12 @@ def summarise(rows: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------- part 2: dissemination
-def _replica(root: str, upstream: str | None, serve: str | None, key: str, rate: float, ready, done) -> None:
+def _replica(root: str, upstream: str | None, serve: str | None, key: str, rate: float, ready, done,
+             secret: bytes) -> None:
+    from rlflow.transfer.channel import ChannelKey
     from rlflow.transfer.relay import Relay
 
-    relay = Relay(root, upstream, serve, uplink_bytes_per_s=rate, hop_timeout=60)
+    relay = Relay(root, upstream, serve, uplink_bytes_per_s=rate, hop_timeout=60, key=ChannelKey(secret))
     ready.put(os.getpid())
     relay.head(-1, timeout=120)
     relay.fetch(key, timeout=300)
@@ -170,17 +172,18 @@ def _replica(root: str, upstream: str | None, serve: str | None, key: str, rate:
 
 
 def disseminate(num: int, chain: bool, size: int, chunk: int, rate: float, sock_dir: str, tag: str) -> float:
-    from rlflow.transfer.channel import Publisher
+    from rlflow.transfer.channel import ChannelKey, Publisher
 
     ctx = mp.get_context("spawn")
     ready, done = ctx.Queue(), ctx.Queue()
-    pub = Publisher(f"ipc://{sock_dir}/{tag}-root", chunk_bytes=chunk, uplink_bytes_per_s=rate)
+    secret = os.urandom(32)  # keyed, signed heads, as in a run
+    pub = Publisher(f"ipc://{sock_dir}/{tag}-root", chunk_bytes=chunk, uplink_bytes_per_s=rate, key=ChannelKey(secret))
     procs = []
     try:
         for i in range(num):
             upstream = f"ipc://{sock_dir}/{tag}-{i - 1}" if chain and i > 0 else None
             serve = f"ipc://{sock_dir}/{tag}-{i}" if chain and i < num - 1 else None
-            procs.append(ctx.Process(target=_replica, args=(pub.address, upstream, serve, "blob", rate, ready, done),
+            procs.append(ctx.Process(target=_replica, args=(pub.address, upstream, serve, "blob", rate, ready, done, secret),
                                      daemon=True))
             procs[-1].start()
         for _ in procs:

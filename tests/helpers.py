@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+CHANNEL_SECRET = b"rlflow-tests-weight-channel-key!"  # the same in a spawned test process (a run makes a random one)
 SMALL = ["actor.groups_per_step=4", "rollout.group_size=4", "rollout.groups_per_call=4", "tracking.wandb=false",
          "tracking.report=false"]  # the report's few seconds are tested once, in test_report.py
 

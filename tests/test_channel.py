@@ -105,3 +105,48 @@ def test_a_wait_without_a_publisher_fails_naming_the_address(short_dir):
     with pytest.raises(TimeoutError, match="nobody"):
         client.head(-1, timeout=0.1)
     client.close()
+
+
+def test_a_keyed_channel_serves_only_its_key_holders_and_signs_every_head(short_dir):
+    from rlflow.transfer.channel import ChannelKey
+    from rlflow.transfer.wire import Unauthorized
+
+    secret = os.urandom(32)
+    key = ChannelKey(secret)
+    pub = Publisher(f"ipc://{short_dir}/keyed", chunk_bytes=1000, key=key)
+    holder, stranger, forger = (Client(pub.address), Client(pub.address, key=ChannelKey(os.urandom(32))),
+                                Client(pub.address, key=key))
+    try:
+        pub.publish(0, {"blob": b"w" * 2500}, meta={"checksum": "abc"})
+        for outsider in (holder, stranger):  # no token, then a token of another key
+            with pytest.raises(Unauthorized, match="valid token"):
+                outsider.head(-1)
+        assert pub.server.refused == 2
+        head = forger.head(-1)
+        assert head.sig is not None and key.verify(head.to_json())
+        assert forger.fetch(head, "blob") == b"w" * 2500
+        tampered = {**head.to_json(), "meta": {"checksum": "attacker"}}
+        assert not key.verify(tampered) and not key.verify({**head.to_json(), "sig": None})
+        assert secret.hex() not in repr(key) and str(secret) not in repr(key) and key.token not in repr(key)
+        with pytest.raises(ValueError, match="at least 16"):
+            ChannelKey(b"short")
+    finally:
+        for c in (holder, stranger, forger):
+            c.close()
+        pub.close()
+
+
+def test_a_reader_with_the_key_refuses_a_head_the_key_did_not_sign(short_dir):
+    from rlflow.transfer.channel import ChannelKey
+    from rlflow.transfer.wire import Unauthorized
+
+    key = ChannelKey(os.urandom(32))
+    impostor = Publisher(f"ipc://{short_dir}/impostor", chunk_bytes=1000)  # answers anyone, signs nothing
+    client = Client(impostor.address, key=key)
+    try:
+        impostor.publish(7, {"patch-7": b"attacker weights"})
+        with pytest.raises(Unauthorized, match="not signed"):
+            client.head(-1)
+    finally:
+        client.close()
+        impostor.close()

@@ -13,8 +13,11 @@ from rlflow.engines.hf import HFRolloutEngine, HFTrainEngine, sequence_logprobs
 from rlflow.engines.base import SamplingParams
 from rlflow.tasks.builtin import get_task
 from rlflow.sync.weights import SyncConfig, WeightPublisher, WeightReceiver
+from rlflow.transfer.channel import ChannelKey
 from conftest import SAMPLING
-from helpers import REPO
+from helpers import CHANNEL_SECRET, REPO
+
+KEY = ChannelKey(CHANNEL_SECRET)
 
 ROLLOUT = SimpleNamespace(device="cpu", dtype="float32", max_batch=64, seed=0)
 ACTOR = SimpleNamespace(device="cpu", lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, max_grad_norm=1.0)
@@ -64,8 +67,8 @@ def test_responses_end_at_the_stop_token_or_at_max_new_tokens_with_no_deprecated
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_weights_through_the_channel_are_bit_exact_and_carry_their_version(tiny_model, short_dir, dtype):
     trainer = HFTrainEngine(tiny_model, ACTOR, SAMPLING)
-    pub = WeightPublisher(f"ipc://{short_dir}/w", SyncConfig(), getattr(torch, dtype))
-    rx = WeightReceiver(pub.address, SyncConfig())
+    pub = WeightPublisher(f"ipc://{short_dir}/w", SyncConfig(), getattr(torch, dtype), key=KEY)
+    rx = WeightReceiver(pub.address, SyncConfig(), key=KEY)
     rollout = HFRolloutEngine(tiny_model, SimpleNamespace(**{**vars(ROLLOUT), "dtype": dtype}))
     try:
         for version in range(3):  # a snapshot, then two patches

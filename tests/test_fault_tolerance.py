@@ -212,6 +212,7 @@ def test_thousands_of_hostile_messages_leave_a_real_run_unaffected_and_within_it
     import zmq
     from fuzz import Peers, bus_message, channel_message, control_message
     from rlflow.transfer import BusClient, Unauthorized
+    from rlflow.transfer.channel import Client, Head, ObjectInfo
 
     run_dir, steps = tmp_path / "run", 200  # long enough to be training all through the flood and the probe after it
     log = open(tmp_path / "run.log", "w")  # a file, not a pipe nobody reads during the flood
@@ -250,6 +251,14 @@ def test_thousands_of_hostile_messages_leave_a_real_run_unaffected_and_within_it
                 with pytest.raises(Unauthorized):
                     poison()
             errors = intruder.stats()["errors"] - errors_before
+        reader = Client(channel_address, reply_grace=5.0)  # and of its weight channel, without the run's key
+        try:
+            with pytest.raises(Unauthorized, match="valid token"):
+                reader.head(-1)
+            with pytest.raises(Unauthorized, match="valid token"):
+                reader.fetch(Head(0, {}, {"full-0": ObjectInfo(1, ["0"])}), "full-0", timeout=1)
+        finally:
+            reader.close()
         peak = {name: max(peak[name], rss_mb(pid)) for name, pid in watched.items()}
         p.wait(timeout=240)
     finally:

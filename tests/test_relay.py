@@ -117,3 +117,57 @@ def test_a_relay_killed_mid_transfer_leaves_its_peer_to_the_publisher_and_catche
             if p is not None and p.is_alive():
                 p.kill()
         pub.close()
+
+
+def _pushing_heads(address: str, head: dict, stop) -> None:
+    """A peer that answers every request with ``head`` (and a chunk request with attacker bytes too)."""
+    import json
+
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.bind(address)
+    while not stop.is_set():
+        if sock.poll(50):
+            identity, frame = sock.recv_multipart()
+            req = json.loads(frame)
+            sock.send_multipart([identity, json.dumps({"ok": True, "op": "head", "head": head}).encode()])
+            if req.get("op") == "chunk":
+                sock.send_multipart([identity, json.dumps({"ok": True, "op": "chunk", "key": req["key"],
+                                                           "i": req["i"]}).encode(), b"attacker bytes"])
+    sock.close(0)
+
+
+def test_a_relay_takes_heads_only_from_the_publisher_and_only_signed_with_the_run_key(short_dir):
+    import threading
+
+    from rlflow.transfer.channel import ChannelKey, Head, ObjectInfo
+
+    key = ChannelKey(os.urandom(32))
+    pub = Publisher(f"ipc://{short_dir}/root", chunk_bytes=1 << 10, key=key)
+    forged = Head(2, {"checksum": "attacker"}, {"patch-2": ObjectInfo(14, [xxhash.xxh3_64_hexdigest(b"attacker bytes")])})
+    forged.sig = ChannelKey(os.urandom(32)).sign(forged.to_json())  # signed, but not with the run's key
+    stop = threading.Event()
+    evil = threading.Thread(target=_pushing_heads, args=(f"ipc://{short_dir}/evil", forged.to_json(), stop), daemon=True)
+    evil.start()
+    relay = Relay(pub.address, f"ipc://{short_dir}/evil", hop_timeout=2, key=key)
+    impostor = Publisher(f"ipc://{short_dir}/impostor", chunk_bytes=1 << 10)  # a root that signs nothing
+    fooled = Relay(impostor.address, key=key, head_poll=0.5)
+    try:
+        data = os.urandom(4 << 10)
+        pub.publish(0, {"blob-0": data})
+        assert relay.head(-1, timeout=10).version == 0
+        assert relay.fetch("blob-0", timeout=20) == data  # the peer's chunks failed their checksums: the root's
+        pub.publish(1, {"blob-1": data[:100]})
+        assert relay.head(0, timeout=10).version == 1
+        assert relay.head(1, timeout=1.0) is None  # the peer's head 2 was never adopted
+        assert relay.stats["corrupt_chunks"] >= 1
+        impostor.publish(5, {"patch-5": b"attacker weights"})
+        assert fooled.head(-1, timeout=2.0) is None
+        assert fooled.stats["refused_heads"] >= 1 and "not signed" in fooled.refused
+    finally:
+        stop.set()
+        for r in (relay, fooled):
+            r.close()
+        impostor.close()
+        pub.close()

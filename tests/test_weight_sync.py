@@ -14,6 +14,10 @@ import torch
 from rlflow.sync.codec import checksum
 from rlflow.sync.config import relay_parent
 from rlflow.sync.weights import SyncConfig, WeightPublisher, WeightReceiver, patches_in_place
+from rlflow.transfer.channel import ChannelKey
+from helpers import CHANNEL_SECRET
+
+KEY = ChannelKey(CHANNEL_SECRET)
 
 
 class TensorEngine:
@@ -49,11 +53,11 @@ def address(short_dir):
 
 def test_a_late_joiner_gets_the_keyframe_and_then_the_patches_after_it(address):
     w = trainer_weights(0)
-    pub = WeightPublisher(address, SyncConfig(keyframe_ratio=100.0), torch.bfloat16)
+    pub = WeightPublisher(address, SyncConfig(keyframe_ratio=100.0), torch.bfloat16, key=KEY)
     for v in range(4):
         step(w, v)
         pub.publish(v, w)
-    rx, engine = WeightReceiver(address, SyncConfig()), TensorEngine(shapes(w), torch.bfloat16)
+    rx, engine = WeightReceiver(address, SyncConfig(), key=KEY), TensorEngine(shapes(w), torch.bfloat16)
     try:
         reports = rx.update(engine, need=3, timeout=10)
         assert [r["object"] for r in reports] == ["full-0", "patch-1", "patch-2", "patch-3"]
@@ -65,7 +69,7 @@ def test_a_late_joiner_gets_the_keyframe_and_then_the_patches_after_it(address):
 
 def test_a_new_keyframe_is_cut_once_patches_add_up_to_one_and_old_objects_are_dropped(address):
     w = trainer_weights(0)
-    pub = WeightPublisher(address, SyncConfig(keyframe_ratio=1.0), torch.float32)
+    pub = WeightPublisher(address, SyncConfig(keyframe_ratio=1.0), torch.float32, key=KEY)
     try:
         pub.publish(0, w)
         cuts = []
@@ -80,16 +84,16 @@ def test_a_new_keyframe_is_cut_once_patches_add_up_to_one_and_old_objects_are_dr
 
 
 def test_a_patch_from_another_lineage_is_refused_and_the_replica_resyncs_from_the_keyframe(address):
-    first = WeightPublisher(address, SyncConfig(), torch.float32)
+    first = WeightPublisher(address, SyncConfig(), torch.float32, key=KEY)
     w = trainer_weights(0)
     first.publish(0, w)
     step(w, 1)
     first.publish(1, w)
-    rx, engine = WeightReceiver(address, SyncConfig(), head_poll=0.5), TensorEngine(shapes(w))
+    rx, engine = WeightReceiver(address, SyncConfig(), head_poll=0.5, key=KEY), TensorEngine(shapes(w))
     try:
         rx.update(engine, need=1, timeout=10)
         first.close()  # the trainer restarts from other weights and republishes the same version numbers
-        second = WeightPublisher(address, SyncConfig(), torch.float32)
+        second = WeightPublisher(address, SyncConfig(), torch.float32, key=KEY)
         w2 = trainer_weights(7)
         for v in range(3):
             step(w2, 10 + v)
@@ -105,8 +109,8 @@ def test_a_patch_from_another_lineage_is_refused_and_the_replica_resyncs_from_th
 
 def test_weights_corrupted_in_a_replica_fail_the_checksum_and_are_replaced_from_the_keyframe(address):
     w = trainer_weights(0)
-    pub = WeightPublisher(address, SyncConfig(), torch.float32)
-    rx, engine = WeightReceiver(address, SyncConfig()), TensorEngine(shapes(w))
+    pub = WeightPublisher(address, SyncConfig(), torch.float32, key=KEY)
+    rx, engine = WeightReceiver(address, SyncConfig(), key=KEY), TensorEngine(shapes(w))
     try:
         pub.publish(0, w)
         rx.update(engine, need=0, timeout=10)
@@ -131,14 +135,84 @@ def test_without_in_place_tensors_the_engine_gets_whole_verified_weights(address
             self.loaded, self.version = {k: v.clone() for k, v in weights.items()}, version
 
     w = trainer_weights(0)
-    pub = WeightPublisher(address, SyncConfig(), torch.bfloat16)
-    rx, engine = WeightReceiver(address, SyncConfig()), LoadOnly()
+    pub = WeightPublisher(address, SyncConfig(), torch.bfloat16, key=KEY)
+    rx, engine = WeightReceiver(address, SyncConfig(), key=KEY), LoadOnly()
     try:
         for v in range(3):
             step(w, v)
             pub.publish(v, w)
             rx.update(engine, need=v, timeout=10)
             assert engine.version == v and checksum(engine.loaded) == pub.encoder.checksum
+    finally:
+        rx.close()
+        pub.close()
+
+
+def test_attacker_weights_pushed_by_a_fake_upstream_never_reach_the_engine(address, short_dir):
+    """The attack a relay once fell to: its upstream peer answered with a head of its own (version 2,
+    listing attacker bytes) and the replica applied it. Heads now come only from the actor, signed."""
+    import json
+
+    import xxhash
+    import zmq
+
+    from rlflow.sync.codec import PatchEncoder
+    from rlflow.transfer.channel import Head, ObjectInfo
+
+    attacker = PatchEncoder(torch.float32).snapshot(2, {k: torch.full_like(v, 6.66) for k, v in trainer_weights(0).items()})
+    forged = Head(2, {"keyframe": 2, "chain": [], "time": time.time(), "checksum": "attacker"},
+                  {"full-2": ObjectInfo(len(attacker), [xxhash.xxh3_64_hexdigest(attacker)])})
+    forged.sig = ChannelKey(os.urandom(32)).sign(forged.to_json())
+    evil = zmq.Context.instance().socket(zmq.ROUTER)
+    evil.bind(f"ipc://{short_dir}/evil")
+    stop = threading.Event()
+
+    def serve_attack():
+        while not stop.is_set():
+            if evil.poll(50):
+                identity, frame = evil.recv_multipart()
+                req = json.loads(frame)
+                evil.send_multipart([identity, json.dumps({"ok": True, "op": "head", "head": forged.to_json()}).encode()])
+                if req.get("op") == "chunk":  # whatever it is asked for, the attacker's snapshot
+                    evil.send_multipart([identity, json.dumps({"ok": True, "op": "chunk", "key": req["key"],
+                                                               "i": req["i"]}).encode(), attacker])
+    attack = threading.Thread(target=serve_attack, daemon=True)
+    attack.start()
+    w = trainer_weights(0)
+    pub = WeightPublisher(address, SyncConfig(), torch.float32, key=KEY)
+    rx, engine = WeightReceiver(address, SyncConfig(hop_timeout=1.0), upstream=f"ipc://{short_dir}/evil", key=KEY), TensorEngine(shapes(w))
+    try:
+        for v in range(2):
+            step(w, v)
+            pub.publish(v, w)
+            reports = rx.update(engine, need=v, timeout=30)
+            assert all(r["bit_exact"] for r in reports)
+        assert rx.version == engine.version == 1 and checksum(engine.weights) == pub.encoder.checksum
+        assert rx.update(engine) == [] and rx.relay.store.head.version == 1  # head 2 was never adopted
+        assert rx.stats["from_upstream"] == 0 and rx.stats["corrupt_chunks"] >= 1  # every byte came from the actor
+    finally:
+        stop.set()
+        attack.join(5)
+        evil.close(0)
+        rx.close()
+        pub.close()
+
+
+def test_weights_that_verify_against_their_blob_but_not_the_signed_head_are_refused(address):
+    """A blob checks itself; the head the actor signed names the weights it published: both must agree."""
+    from rlflow.sync.codec import PatchEncoder
+    from rlflow.transfer.channel import Publisher
+
+    w = trainer_weights(0)
+    blob = PatchEncoder(torch.float32).snapshot(0, w)
+    pub = Publisher(address, key=KEY)
+    rx, engine = WeightReceiver(address, SyncConfig(), key=KEY), TensorEngine(shapes(w))
+    try:
+        pub.publish(0, {"full-0": blob}, meta={"keyframe": 0, "chain": [], "time": time.time(),
+                                              "checksum": checksum({k: v + 1 for k, v in w.items()})})
+        with pytest.raises(RuntimeError, match="failed to verify"):
+            rx.update(engine, need=0, timeout=10)
+        assert rx.version is None  # never generates with them
     finally:
         rx.close()
         pub.close()
@@ -155,7 +229,7 @@ SLOW = SyncConfig(chunk_kb=64, uplink_mb_s=2.0, hop_timeout=1.0)  # a 2 MB snaps
 
 
 def _replica_process(address: str, serve: str, shapes_: dict, out) -> None:
-    rx, engine = WeightReceiver(address, SLOW, None, serve), TensorEngine(shapes_)
+    rx, engine = WeightReceiver(address, SLOW, None, serve, key=KEY), TensorEngine(shapes_)
     while True:
         rx.update(engine, need=-1 if rx.version is None else rx.version + 1, timeout=120)
         out.put((rx.version, checksum(engine.weights)))
@@ -165,11 +239,11 @@ def test_a_replica_killed_mid_transfer_and_restarted_catches_up_while_its_peer_i
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     w = trainer_weights(0, n=500_000)  # 2 MB of float32
-    pub = WeightPublisher(address, SLOW, torch.float32)
+    pub = WeightPublisher(address, SLOW, torch.float32, key=KEY)
     serve = f"ipc://{short_dir}/w-0"
     first = ctx.Process(target=_replica_process, args=(address, serve, shapes(w), out), daemon=True)
     first.start()
-    peer, engine = WeightReceiver(address, SLOW, upstream=serve), TensorEngine(shapes(w))
+    peer, engine = WeightReceiver(address, SLOW, upstream=serve, key=KEY), TensorEngine(shapes(w))
     restarted = None
     try:
         pub.publish(0, w)
@@ -225,8 +299,8 @@ def test_a_subclass_overriding_load_weights_gets_every_version_through_it(addres
     assert not patches_in_place(HookedEngine)
     assert not patches_in_place(type("MyHF", (HFRolloutEngine,), {"load_weights": lambda self, w, v: None}))
     w = trainer_weights(0)
-    pub = WeightPublisher(address, SyncConfig(), torch.float32)
-    rx, engine = WeightReceiver(address, SyncConfig()), HookedEngine(shapes(w))
+    pub = WeightPublisher(address, SyncConfig(), torch.float32, key=KEY)
+    rx, engine = WeightReceiver(address, SyncConfig(), key=KEY), HookedEngine(shapes(w))
     try:
         pub.publish(0, w)
         rx.update(engine, need=0, timeout=10)

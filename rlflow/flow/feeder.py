@@ -41,11 +41,14 @@ class Feeder:
     def __init__(self, bus_address: str, endpoints, records: Iterator[dict],
                  tokenize: Callable[[str], list[int]], *, group_size: int, groups_per_step: int,
                  staleness: int | None, async_queue_steps: int, steps: int, wait_seconds: float,
-                 keys_dir: str | None = None, done: set[int] = frozenset(), epoch: int = 0, token: str | None = None):
+                 keys_dir: str | None = None, done: set[int] = frozenset(), epoch: int = 0, token: str | None = None,
+                 channel_key=None):
         """``endpoints`` (flow/placement/endpoints.py) finds the actor's weight channel; ``keys_dir``: CURVE keys;
         ``done``: indices of groups already trained (a resumed run's kept steps); ``epoch``: rewinds so far;
-        ``token``: the feeder's bus credential (it alone may create rows: ``roles/schema.grants``)."""
+        ``token``: the feeder's bus credential (it alone may create rows: ``roles/schema.grants``);
+        ``channel_key``: the weight channel's (it reads the actor's versions there)."""
         self.bus_address, self.endpoints, self.keys_dir, self.token = bus_address, endpoints, keys_dir, token
+        self.channel_key = channel_key
         self.records, self.tokenize = records, tokenize
         self.group_size, self.groups_per_step = group_size, groups_per_step
         self.staleness, self.queue_steps = staleness, async_queue_steps
@@ -68,7 +71,7 @@ class Feeder:
         weights_address = self.endpoints.lookup("weights", self.wait_seconds)
         # A short reply grace: a trainer that stops answering (dead, restarting) must not hold up ``stop``.
         bus = BusClient(self.bus_address, keys_dir=self.keys_dir, token=self.token)
-        weights = Client(weights_address, keys_dir=self.keys_dir, reply_grace=2.0)
+        weights = Client(weights_address, keys_dir=self.keys_dir, reply_grace=2.0, key=self.channel_key)
         try:
             version = weights.wait_head(-1, self.wait_seconds, what="the actor's first weights").version
             since = time.monotonic()

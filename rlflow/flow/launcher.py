@@ -63,6 +63,7 @@ from rlflow.roles.config import ActorArgs, Broadcast, ReferenceArgs, RolloutArgs
 from rlflow.roles import reports, schema
 from rlflow.sync.config import relay_parent, relays_to_others
 from rlflow.transfer import BusClient, ServerConfig
+from rlflow.transfer.channel import ChannelKey
 from rlflow.transfer.lifetime import raise_open_file_limit
 
 KILL_WAIT_S = 30.0  # bound on a killed replica's process (or Ray actor) being reported gone
@@ -274,6 +275,7 @@ class Run:
         self.lease_expiries = 0
         self.refused_reports = 0  # reports the control socket refused (a confused or hostile sender)
         self.tokens: dict[str, str] = {}  # who -> its bus credential (roles/schema.grants), made at start
+        self.channel_secret = secrets.token_bytes(32)  # the weight channel's key: actor, rollouts and feeder only
         self.interrupted = False  # Ctrl-C: stop at once (the report of what was logged is still written)
 
     def __enter__(self) -> "Run":
@@ -312,7 +314,9 @@ class Run:
                         run_dir=run_dir, seed=cfg.seed, wait_seconds=cfg.flow.wait_seconds,
                         lease_seconds=cfg.flow.lease_seconds, heartbeat_s=cfg.supervision.heartbeat_s,
                         launcher_pid=os.getpid())
-        self.plans = {(p.role, p.replica): p.replace(wiring=wiring, bus_token=self.tokens[p.role]) for p in plan}
+        self.plans = {(p.role, p.replica): p.replace(wiring=wiring, bus_token=self.tokens[p.role],
+                                                     channel_secret=self.channel_secret if p.role in schema.CHANNEL_ROLES else None)
+                      for p in plan}
         self.tokenize = make_tokenize(self.tokenizer, cfg.data.chat_template)
         self.tracker = Tracker(cfg.tracking, run_dir, dataclasses.asdict(cfg), cfg.flow.steps, self.console,
                                keep_steps=self.start.version if self.start.path else None)
@@ -344,7 +348,7 @@ class Run:
                              staleness=cfg.flow.staleness, async_queue_steps=cfg.flow.async_queue_steps,
                              steps=cfg.flow.steps, wait_seconds=cfg.flow.wait_seconds,
                              keys_dir=self.placement.keys_dir, done=point.done_groups(), epoch=self.epoch,
-                             token=self.tokens["feeder"])
+                             token=self.tokens["feeder"], channel_key=ChannelKey(self.channel_secret))
         self.feeder_thread = threading.Thread(target=self._feed, args=(self.feeder,), name="rlflow-feeder",
                                               daemon=True)
         self.feeder_thread.start()

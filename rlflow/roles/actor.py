@@ -212,7 +212,7 @@ class Publication:
                 self.servers = _broadcaster(ctx, broadcast)
                 self.servers.push(self._rollout_dtype(engine), engine.version, device)
             self.channel = WeightPublisher(ctx.endpoints.bind_address("weights"), sync, DTYPES[sync.dtype],
-                                           ctx.keys_dir)
+                                           ctx.keys_dir, key=ctx.channel_key)
             ctx.endpoints.advertise("weights", self.channel.address)
             self.channel.publish(engine.version, engine.weights())
         except BaseException:

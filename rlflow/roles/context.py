@@ -92,6 +92,7 @@ class RoleContext:
     wait_seconds: float  # bound on any wait for data or weights that should arrive
     lease_seconds: float  # lease on rows taken from the bus
     timeline: Timeline = field(default_factory=Timeline)  # spans of this replica's activities, for the trace
+    channel_key: Any = None  # transfer.channel.ChannelKey of the weight channel: the actor and rollouts only
 
 
 IDLE_WAIT_S = 30.0  # one idle get's bound; a role loop then re-checks its own state and waits again

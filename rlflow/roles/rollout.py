@@ -55,7 +55,7 @@ def serve(cfg: RolloutConfig, ctx: RoleContext, args: RolloutArgs) -> None:
         weights = WeightReceiver(ep.lookup("weights", ctx.wait_seconds), sync,
                                  ep.lookup(upstream, ctx.wait_seconds) if upstream else None,
                                  ep.bind_address(relay) if relay else None, fetch_timeout=ctx.wait_seconds,
-                                 keys_dir=ctx.keys_dir)
+                                 keys_dir=ctx.keys_dir, key=ctx.channel_key)
         if relay:
             ep.advertise(relay, weights.address)
     sampling = cfg.sampling()

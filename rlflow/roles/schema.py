@@ -59,6 +59,10 @@ WRITES = {  # who writes which columns (the table above)
 }
 
 
+CHANNEL_ROLES = ("actor", "rollout")  # hold the weight channel's key: the actor publishes and signs, rollouts
+# read and relay (the launcher's feeder reads versions with it too); reward and reference never see weights
+
+
 def grants() -> dict[str, Grant]:
     """What each part of a run may do on its bus (``transfer/access.py``): a role gets and acks only as
     itself, reads only its input columns and writes only its own; only the feeder creates rows; only

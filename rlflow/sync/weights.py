@@ -1,8 +1,9 @@
 """Weight sync: the actor publishes each policy version as a sparse patch; rollouts apply it bit for bit.
 
-    actor:    pub = WeightPublisher(address, SyncConfig(), torch.bfloat16)
+    key = ChannelKey(secret)                                          # the run's, shared by actor and rollouts
+    actor:    pub = WeightPublisher(address, SyncConfig(), torch.bfloat16, key=key)
               stats = pub.publish(version, engine.weights())        # patch (base -> version), maybe a keyframe
-    rollout:  rx = WeightReceiver(address, SyncConfig(), upstream=None, serve="ipc://.../w-0")
+    rollout:  rx = WeightReceiver(address, SyncConfig(), upstream=None, serve="ipc://.../w-0", key=key)
               reports = rx.update(engine, need=version, timeout=600) # scatter in place, verify, or resync
 
 What the channel holds (``transfer/channel.py``; only what the newest head lists is kept):
@@ -17,6 +18,13 @@ A replica's state is ``version``: the version its tensors hold *and verified* (c
 actor's), or None. Anything else (first sync, a patch for another base, a corrupted object, a failed
 checksum) leads to the keyframe: ``version`` is None until a snapshot verifies, and a rollout only
 generates at a verified version, so a half-applied patch never serves generation.
+
+Authenticity: the channel is keyed (``transfer/channel.ChannelKey``, one per run). Every head is signed
+by the actor and lists each chunk's checksum; its ``meta.checksum`` is the checksum of the weights at
+the head's version. A replica believes only signed heads, checks every chunk against them whichever
+peer relayed it, and after applying a head's objects compares its tensors' checksum with
+``meta.checksum``: weights no key holder published never serve generation, even when a peer forges a
+whole blob with a consistent checksum inside.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import torch
 
 from rlflow.sync import codec as sparse
 from rlflow.sync.config import SyncConfig
-from rlflow.transfer.channel import Gone, Publisher
+from rlflow.transfer.channel import ChannelKey, Gone, Publisher
 from rlflow.transfer.relay import HEAD_POLL_S, Relay
 from rlflow.transfer.wire import BusTimeout
 
@@ -37,11 +45,13 @@ MAX_RESYNCS = 3  # full snapshots that may fail in a row before the replica give
 class WeightPublisher:
     """The actor's side: a patch per version, a keyframe now and then, all on one channel."""
 
-    def __init__(self, address: str, cfg: SyncConfig, dtype: torch.dtype, keys_dir: str | None = None):
-        """``keys_dir``: CURVE keys, required when ``address`` is beyond loopback (transfer/security.py)."""
+    def __init__(self, address: str, cfg: SyncConfig, dtype: torch.dtype, keys_dir: str | None = None, *,
+                 key: ChannelKey):
+        """``keys_dir``: CURVE keys, required when ``address`` is beyond loopback (transfer/security.py);
+        ``key``: the run's channel key (only its holders read; every head is signed with it)."""
         self.cfg = cfg
         self.channel = Publisher(address, chunk_bytes=cfg.chunk_kb << 10, uplink_bytes_per_s=cfg.uplink_mb_s * 1e6,
-                                 keys_dir=keys_dir)
+                                 keys_dir=keys_dir, key=_required(key))
         self.address = self.channel.address
         self.encoder = sparse.PatchEncoder(dtype, cfg.compress, cfg.values)
         self.keyframe: int | None = None
@@ -64,7 +74,8 @@ class WeightPublisher:
             self.chain = [version] if stats else []
         keep = [k for k in [f"full-{self.keyframe}", *(f"patch-{v}" for v in self.chain)] if k not in objects]
         self.channel.publish(version, objects, keep=keep,
-                             meta={"keyframe": self.keyframe, "chain": self.chain, "time": time.time()},
+                             meta={"keyframe": self.keyframe, "chain": self.chain, "time": time.time(),
+                                   "checksum": self.encoder.checksum},
                              prefetch={f"full-{version}": not self.cfg.sparse})
         dense = self.encoder.dense_bytes
         sent = stats.get("bytes", len(objects.get(f"full-{version}", b"")))
@@ -74,6 +85,13 @@ class WeightPublisher:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def _required(key) -> ChannelKey:
+    if not isinstance(key, ChannelKey):
+        raise TypeError(f"weight sync needs the run's ChannelKey (key=ChannelKey(secrets.token_bytes(32))), "
+                        f"got {type(key).__name__}")
+    return key
 
 
 def patches_in_place(engine) -> bool:  # an engine, or its class
@@ -99,12 +117,14 @@ class WeightReceiver:
     """A rollout replica's side: a relay node (prefetching, serving peers) and the verified version."""
 
     def __init__(self, address: str, cfg: SyncConfig, upstream: str | None = None, serve: str | None = None,
-                 fetch_timeout: float = 600.0, head_poll: float = HEAD_POLL_S, keys_dir: str | None = None):
+                 fetch_timeout: float = 600.0, head_poll: float = HEAD_POLL_S, keys_dir: str | None = None, *,
+                 key: ChannelKey):
         """``fetch_timeout``: bound on getting one object's bytes once it is needed; ``head_poll``: see Relay;
-        ``keys_dir``: CURVE keys for addresses beyond loopback."""
+        ``keys_dir``: CURVE keys for addresses beyond loopback; ``key``: the run's channel key."""
         self.fetch_timeout = fetch_timeout
         self.relay = Relay(address, upstream, serve, window=cfg.window, hop_timeout=cfg.hop_timeout,
-                           uplink_bytes_per_s=cfg.uplink_mb_s * 1e6, head_poll=head_poll, keys_dir=keys_dir)
+                           uplink_bytes_per_s=cfg.uplink_mb_s * 1e6, head_poll=head_poll, keys_dir=keys_dir,
+                           key=_required(key))
         self.version: int | None = None
         self.checksum: str | None = None  # of the weights at ``version``, as verified
         self.shadow: dict[str, torch.Tensor] | None = None  # for engines without in-place tensors
@@ -123,8 +143,9 @@ class WeightReceiver:
                                    max(0.0, deadline - time.monotonic()) if short else 0.0)
             if head is None:
                 if short:
+                    refused = f"; heads refused meanwhile: {self.relay.refused}" if self.relay.refused else ""
                     raise BusTimeout(f"waited {timeout:.0f}s for policy version {need} from the actor "
-                                     f"(this replica holds {self.version}): is the actor alive?")
+                                     f"(this replica holds {self.version}): is the actor alive?{refused}")
                 return reports
             before = len(reports)
             try:
@@ -163,6 +184,14 @@ class WeightReceiver:
                 return
             self.version, self.checksum = header["version"], header["checksum"]
             reports.append({**report, "bit_exact": 1, "version": self.version, "apply_s": time.monotonic() - t1})
+        if self.version == head.version and self.checksum != head.meta.get("checksum"):
+            # Every blob checked itself; the signed head says which weights the actor published.
+            reports.append({"object": keys[-1], "bytes": 0, "fetch_wait_s": 0.0, "bit_exact": 0, "from_actor_bytes": self.relay.stats["from_root"],
+                            "from_peers_bytes": self.relay.stats["from_upstream"],
+                            "error": f"version {head.version} applied to checksum {self.checksum}, but the actor "
+                                     f"published {head.meta.get('checksum')}: refused, resyncing"})
+            self.version = self.checksum = None
+            return
         if self.shadow is not None:  # one whole load after the chain, not one per object
             engine.load_weights(self.shadow, self.version)
         else:

@@ -20,15 +20,24 @@ Design decisions:
   and answered when it arrives or at its deadline (then with ``kind: Timeout``). Nothing polls.
 - ``uplink_bytes_per_s`` paces what a server sends, as a NIC of that bandwidth would. It exists to keep
   a shared link usable and to emulate a network on one host (benchmarks/weight_sync.py).
+- A channel given a ``ChannelKey`` (a secret the publisher shares with its readers) is closed to
+  everyone else: every request carries a token derived from the key (never the key itself), and every
+  head is signed with it (HMAC-SHA256 of its canonical JSON). A reader with the key believes only a
+  head whose signature verifies, so the chunk checksums it lists, and whatever the publisher puts in
+  ``meta``, come from the publisher even when the bytes come through peers. A relay takes heads only
+  from the publisher's socket, never from its upstream peer. Without a key (a channel of one's own, its
+  own tests) anyone who can connect may read, as on a private socket.
 
 Protocol (DEALER -> ROUTER), one JSON frame per request, replies ``[json, *frames]``:
-  ``{"op": "head", "than": int, "timeout": s}``  -> ``{"ok": true, "op": "head", "head": {...} | null}``
-  ``{"op": "chunk", "key": str, "i": int, "timeout": s}`` -> ``{"ok": true, "op": "chunk", "key", "i"}`` + chunk
-  failures: ``{"ok": false, "op", "key", "i", "kind": "Gone" | "Timeout" | "ProtocolError", "error": str}``
+  ``{"op": "head", "than": int, "timeout": s, "token"?: str}``  -> ``{"ok": true, "op": "head", "head": {..., "sig"?} | null}``
+  ``{"op": "chunk", "key": str, "i": int, "timeout": s, "token"?: str}`` -> ``{"ok": true, "op": "chunk", "key", "i"}`` + chunk
+  failures: ``{"ok": false, "op", "key", "i", "kind": "Gone" | "Timeout" | "ProtocolError" | "Unauthorized" | "Busy", "error": str}``
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import threading
 import time
@@ -38,7 +47,7 @@ import xxhash
 import zmq
 
 from rlflow.transfer import security
-from rlflow.transfer.wire import BusTimeout, ProtocolError, decode_header
+from rlflow.transfer.wire import BusTimeout, ProtocolError, Unauthorized, decode_header
 
 CHUNK_BYTES = 1 << 20
 MAX_PARKED = 1024  # waiting requests a node holds: legit peers park about window + 1 each; a flood gets "Busy"
@@ -49,6 +58,41 @@ MAX_REQUEST_BYTES = 64 << 10  # a head or chunk request is a small JSON object; 
 
 def chunk_sum(data) -> str:
     return xxhash.xxh3_64_hexdigest(data)
+
+
+class ChannelKey:
+    """The secret a publisher shares with its readers: it admits their requests and signs its heads.
+
+    The key itself never travels on the channel: requests carry ``token``, an HMAC of a fixed label, and
+    heads carry ``sig``, an HMAC of their canonical JSON (sorted keys, no spaces: what the publisher
+    signs is what a reader re-serialises from the parsed reply). Comparisons are constant-time.
+    Whoever holds the key may read and could sign; the key is for the processes of one run.
+    """
+
+    MIN_BYTES = 16
+
+    def __init__(self, secret: bytes):
+        if not isinstance(secret, bytes) or len(secret) < self.MIN_BYTES:
+            raise ValueError(f"a channel key is at least {self.MIN_BYTES} random bytes (secrets.token_bytes(32))")
+        self._secret = secret
+        self.token = self._mac(b"rlflow-channel-read")
+
+    def __repr__(self) -> str:
+        return "ChannelKey(<secret>)"
+
+    def _mac(self, data: bytes) -> str:
+        return hmac.new(self._secret, data, hashlib.sha256).hexdigest()
+
+    def admits(self, token) -> bool:
+        return isinstance(token, str) and hmac.compare_digest(token, self.token)
+
+    def sign(self, head: dict) -> str:
+        """The signature of a head's JSON (``Head.to_json`` without ``sig``)."""
+        body = {k: v for k, v in head.items() if k != "sig"}
+        return self._mac(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+    def verify(self, head) -> bool:
+        return isinstance(head, dict) and isinstance(head.get("sig"), str) and hmac.compare_digest(head["sig"], self.sign(head))
 
 
 @dataclass
@@ -67,15 +111,35 @@ class Head:
     version: int
     meta: dict
     objects: dict[str, ObjectInfo] = field(default_factory=dict)
+    sig: str | None = None  # the publisher's signature (``ChannelKey.sign``), None on a channel without a key
 
     def to_json(self) -> dict:
-        return {"version": self.version, "meta": self.meta, "objects": {k: asdict(v) for k, v in self.objects.items()}}
+        d = {"version": self.version, "meta": self.meta, "objects": {k: asdict(v) for k, v in self.objects.items()}}
+        return d if self.sig is None else {**d, "sig": self.sig}
 
     @staticmethod
     def from_json(d: dict | None) -> "Head | None":
         if d is None:
             return None
-        return Head(d["version"], d["meta"], {k: ObjectInfo(**v) for k, v in d["objects"].items()})
+        return Head(d["version"], d["meta"], {k: ObjectInfo(**v) for k, v in d["objects"].items()}, d.get("sig"))
+
+
+def read_head(d, key: "ChannelKey | None", where: str) -> "Head | None":
+    """The head in a reply, checked: signed with ``key`` (when given) and well formed. Raises Unauthorized
+    for a head the key did not sign (or an unsigned one) and ProtocolError for a malformed one."""
+    if d is None:
+        return None
+    if key is not None and not key.verify(d):
+        raise Unauthorized(f"{where} sent a head not signed with this channel's key: refused")
+    try:
+        head = Head.from_json(d)
+        ok = (isinstance(head.version, int) and isinstance(head.meta, dict)
+              and all(isinstance(k, str) and isinstance(i.size, int) and isinstance(i.sums, list) for k, i in head.objects.items()))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ProtocolError(f"{where} sent a malformed head: {type(e).__name__}: {str(e)[:200]}") from None
+    if not ok:
+        raise ProtocolError(f"{where} sent a malformed head (version, meta or objects of the wrong type)")
+    return head
 
 
 class Gone(KeyError):
@@ -188,6 +252,13 @@ class Inbox:
         self._out.close(0)
 
 
+def request(channel_key: "ChannelKey | None", req: dict) -> bytes:
+    """One request frame, carrying the key's token when the channel has one."""
+    if channel_key is not None:
+        req = {**req, "token": channel_key.token}
+    return json.dumps(req).encode()
+
+
 def connect_dealer(address: str, keys_dir: str | None = None) -> zmq.Socket:
     """A DEALER to a channel node (CURVE client keys when ``keys_dir`` is given)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -219,11 +290,13 @@ class Server:
 
     ``on_wait(key)`` is called (from the serving thread) for a chunk request of an object the store does
     not hold; a relay uses it to start fetching that object. The publisher has none: unknown is Gone.
+    With ``key``, only requests carrying its token are served (the rest get ``Unauthorized``).
     """
 
     def __init__(self, address: str, store: ChunkStore, on_wait=None, uplink_bytes_per_s: float = 0.0,
-                 keys_dir: str | None = None, insecure: bool = False):
-        self.store, self.on_wait = store, on_wait
+                 keys_dir: str | None = None, insecure: bool = False, key: ChannelKey | None = None):
+        self.store, self.on_wait, self.key = store, on_wait, key
+        self.refused = 0  # requests refused for want of the key's token
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -286,6 +359,12 @@ class Server:
                  and req["i"] >= 0))
             if not ok:
                 raise ProtocolError(f"expected a head or chunk request, got {str(req)[:200]}")
+            if self.key is not None and not self.key.admits(req.get("token")):
+                self.refused += 1
+                self._send(identity, {"ok": False, "op": req["op"], "kind": "Unauthorized",
+                                      "error": "this channel serves only its run's readers: the request carries no "
+                                               "valid token"})
+                return []
             timeout = req.get("timeout", 0)
             if not isinstance(timeout, (int, float)) or not 0 <= timeout <= MAX_WAIT_S:  # NaN fails too
                 raise ProtocolError(f"timeout must be a number of seconds in [0, {MAX_WAIT_S:.0f}], got {timeout!r}")
@@ -349,10 +428,11 @@ class Publisher:
     """The root of the channel: publishes heads and serves every chunk they list."""
 
     def __init__(self, address: str, chunk_bytes: int = CHUNK_BYTES, uplink_bytes_per_s: float = 0.0,
-                 keys_dir: str | None = None, insecure: bool = False):
-        self.chunk_bytes = chunk_bytes
+                 keys_dir: str | None = None, insecure: bool = False, key: ChannelKey | None = None):
+        """``key``: serve only its holders and sign every head with it (see ``ChannelKey``)."""
+        self.chunk_bytes, self.key = chunk_bytes, key
         self.store = ChunkStore()
-        self.server = Server(address, self.store, None, uplink_bytes_per_s, keys_dir, insecure)
+        self.server = Server(address, self.store, None, uplink_bytes_per_s, keys_dir, insecure, key)
         self.address = self.server.address
 
     def publish(self, version: int, objects: dict[str, bytes], meta: dict | None = None, keep=(),
@@ -375,6 +455,8 @@ class Publisher:
             listed[key] = ObjectInfo(len(view), [chunk_sum(p) for p in parts], (prefetch or {}).get(key, True))
             chunks[key] = parts
         head = Head(version, dict(meta or {}), listed)
+        if self.key is not None:
+            head.sig = self.key.sign(head.to_json())
         with self.store.cond:  # chunks first, then the head that announces them
             for key, parts in chunks.items():
                 self.store.hold(key, parts)
@@ -394,13 +476,15 @@ class Publisher:
 class Client:
     """A synchronous reader of one node (no relaying): one call in flight; use one per thread."""
 
-    def __init__(self, address: str, keys_dir: str | None = None, reply_grace: float = 10.0):
-        """``reply_grace``: how much longer than a wait's own timeout to wait for the node's reply."""
-        self.address, self.keys_dir, self.reply_grace = address, keys_dir, reply_grace
+    def __init__(self, address: str, keys_dir: str | None = None, reply_grace: float = 10.0,
+                 key: ChannelKey | None = None):
+        """``reply_grace``: how much longer than a wait's own timeout to wait for the node's reply;
+        ``key``: the channel's key (requests carry its token; only heads it signed are believed)."""
+        self.address, self.keys_dir, self.reply_grace, self.key = address, keys_dir, reply_grace, key
         self.sock = connect_dealer(address, keys_dir)
 
     def _call(self, req: dict) -> tuple[dict, list]:
-        self.sock.send(json.dumps(req).encode())
+        self.sock.send(request(self.key, req))
         if not self.sock.poll(int(1000 * (req["timeout"] + self.reply_grace))):
             # A late reply to an abandoned request would be mistaken for the next one's: start afresh.
             self.sock.close(0)
@@ -414,8 +498,8 @@ class Client:
         """The newest head if its version is above ``than``, waiting up to ``timeout``; None if none came."""
         reply, _ = self._call({"op": "head", "than": than, "timeout": timeout})
         if not reply.get("ok"):
-            raise ProtocolError(reply.get("error", "channel error"))
-        return Head.from_json(reply["head"])
+            raise (Unauthorized if reply.get("kind") == "Unauthorized" else ProtocolError)(reply.get("error", "channel error"))
+        return read_head(reply.get("head"), self.key, f"the channel at {self.address}")
 
     def wait_head(self, than: int, timeout: float, what: str = "a newer version") -> Head:
         head = self.head(than, timeout)
@@ -431,7 +515,9 @@ class Client:
         for i in range(info.num_chunks):
             reply, frames = self._call({"op": "chunk", "key": key, "i": i, "timeout": timeout})
             if not reply.get("ok"):
-                raise (Gone(key) if reply.get("kind") == "Gone" else BusTimeout(reply.get("error")))
+                kind = reply.get("kind")
+                raise (Gone(key) if kind == "Gone" else Unauthorized(reply.get("error")) if kind == "Unauthorized"
+                       else BusTimeout(reply.get("error")))
             if chunk_sum(frames[0].buffer) != info.sums[i]:
                 raise ValueError(f"chunk {i} of {key!r} from {self.address} fails its checksum")
             parts.append(frames[0].buffer)

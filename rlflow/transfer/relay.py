@@ -17,21 +17,26 @@ Failure handling (the publisher is the source of truth, relays are an optimisati
   publisher (``corrupt_chunks`` counts them); the publisher's own bad chunk fails the object;
 - an object the newest head no longer lists is dropped; ``fetch`` of it raises ``Gone`` (re-plan).
 
+Trust: heads come only from the publisher's socket (a head in a reply from the upstream peer is
+ignored), and with a ``ChannelKey`` only heads the key signed are adopted (``refused_heads`` counts the
+rest); a head is adopted only if newer than the one held. Chunks may come from anyone: each is checked
+against the checksum the (authenticated) head lists.
+
 Threads: the fetcher owns its DEALER sockets; the server thread owns its ROUTER; the caller's thread
 only waits on the shared ``ChunkStore`` condition and hands wants to the fetcher through a locked PUSH.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import deque
 
 import zmq
 
-from rlflow.transfer.channel import Gone, Head, Inbox, Server, ChunkStore, assemble, chunk_sum, connect_dealer
-from rlflow.transfer.wire import BusTimeout, ProtocolError, decode_header
+from rlflow.transfer.channel import (ChannelKey, ChunkStore, Gone, Head, Inbox, Server, assemble, chunk_sum,
+                                     connect_dealer, read_head, request)
+from rlflow.transfer.wire import BusError, BusTimeout, ProtocolError, decode_header
 
 HEAD_POLL_S = 5.0  # one parked head request's bound: also how soon a restarted publisher is found again
 REPLY_GRACE_S = 2.0  # beyond a request's own timeout, how long a silent peer gets before it is left
@@ -40,14 +45,18 @@ REPLY_GRACE_S = 2.0  # beyond a request's own timeout, how long a silent peer ge
 class Relay:
     def __init__(self, root: str, upstream: str | None = None, serve: str | None = None, *, window: int = 4,
                  hop_timeout: float = 10.0, uplink_bytes_per_s: float = 0.0, keys_dir: str | None = None,
-                 head_poll: float = HEAD_POLL_S):
-        self.root, self.upstream = root, upstream
+                 head_poll: float = HEAD_POLL_S, key: ChannelKey | None = None):
+        """``key``: the channel's key: requests carry its token, only heads it signed are adopted, and
+        this relay's own server serves only its holders."""
+        self.root, self.upstream, self.key = root, upstream, key
         self.window, self.hop_timeout, self.keys_dir, self.head_poll = window, hop_timeout, keys_dir, head_poll
         self.store = ChunkStore()
-        self.stats = {"from_upstream": 0, "from_root": 0, "corrupt_chunks": 0, "upstream_failures": 0}
+        self.stats = {"from_upstream": 0, "from_root": 0, "corrupt_chunks": 0, "upstream_failures": 0,
+                      "refused_heads": 0}
+        self.refused: str | None = None  # why the last refused head was refused, for the caller's error
         self.ctx = zmq.Context.instance()
         self._wants = Inbox(self.ctx, "relay")  # keys of objects to fetch, from the server's thread and callers
-        self.server = Server(serve, self.store, self._want, uplink_bytes_per_s, keys_dir) if serve else None
+        self.server = Server(serve, self.store, self._want, uplink_bytes_per_s, keys_dir, key=key) if serve else None
         self.address = self.server.address if self.server else None
         self._thread = threading.Thread(target=self._run, name="rlflow-relay", daemon=True)
         self._thread.start()
@@ -114,7 +123,7 @@ class Relay:
                 now = time.monotonic()
                 if now >= head_deadline:  # (re-)park a head request at the publisher
                     known = -1 if self.store.head is None else self.store.head.version
-                    root.send(json.dumps({"op": "head", "than": known, "timeout": self.head_poll}).encode())
+                    root.send(request(self.key, {"op": "head", "than": known, "timeout": self.head_poll}))
                     head_deadline = now + self.head_poll + REPLY_GRACE_S
                 if job is None and queue:
                     job = self._start(queue.popleft(), up)
@@ -151,16 +160,32 @@ class Relay:
                 reply = decode_header(msg[0].bytes)
             except ProtocolError:  # a broken upstream: its job times out and goes to the publisher (hop_timeout)
                 continue
+            if not isinstance(reply, dict):
+                continue
             if reply.get("op") == "head":
+                if not from_root:
+                    continue  # heads come from the publisher only, whatever a peer sends
+                if not reply.get("ok"):  # refused (no valid token): asked again at the next head poll, not now
+                    self.stats["refused_heads"] += 1
+                    self.refused = f"the publisher at {self.root} refused: {str(reply.get('error'))[:300]}"
+                    continue
                 answered = True
-                if reply.get("head"):
-                    self._adopt(Head.from_json(reply["head"]), queue)
+                try:
+                    head = read_head(reply.get("head"), self.key, f"the publisher at {self.root}")
+                except BusError as e:  # not signed with the run's key, or malformed: counted, never adopted
+                    self.stats["refused_heads"] += 1
+                    self.refused = str(e)
+                    continue
+                if head is not None:
+                    self._adopt(head, queue)
             elif job is not None and reply.get("key") == job.key:
                 job.reply(reply, msg[1:], from_root)
         return answered
 
     def _adopt(self, head: Head, queue: deque) -> None:
-        """Make ``head`` the store's; queue what it marks for prefetch and is not here yet."""
+        """Make ``head`` the store's if it is newer; queue what it marks for prefetch and is not here yet."""
+        if self.store.head is not None and head.version <= self.store.head.version:
+            return
         self.store.set_head(head)
         if self.server:
             self.server.wake()
@@ -196,7 +221,7 @@ class _Job:
         self.root_attempts: dict[int, int] = {}
 
     def _request(self, sock, i: int, timeout: float) -> None:
-        sock.send(json.dumps({"op": "chunk", "key": self.key, "i": i, "timeout": timeout}).encode())
+        sock.send(request(self.relay.key, {"op": "chunk", "key": self.key, "i": i, "timeout": timeout}))
         self.inflight[i] = time.monotonic() + timeout + REPLY_GRACE_S
 
     def fill(self, root, up) -> None:
@@ -222,9 +247,9 @@ class _Job:
         return min(self.inflight.values(), default=time.monotonic() + self.relay.head_poll)
 
     def reply(self, reply: dict, frames: list, from_root: bool) -> None:
-        i, store, stats = reply["i"], self.relay.store, self.relay.stats
-        if i not in self.inflight:
-            return  # a late reply to a request already re-asked elsewhere
+        i, store, stats = reply.get("i"), self.relay.store, self.relay.stats
+        if not isinstance(i, int) or i not in self.inflight:
+            return  # a late reply to a request already re-asked elsewhere (or nonsense from a broken peer)
         del self.inflight[i]
         if not reply.get("ok"):
             if reply.get("kind") == "Gone" and from_root:
@@ -237,7 +262,7 @@ class _Job:
                 self.use_root = True
                 self.retry.append(i)
             return
-        if chunk_sum(frames[0].buffer) != self.info.sums[i]:
+        if len(frames) != 1 or chunk_sum(frames[0].buffer) != self.info.sums[i]:
             stats["corrupt_chunks"] += 1
             if from_root and self.root_attempts.get(i, 0) >= 3:
                 store.fail(self.key, f"chunk {i} from the publisher fails its checksum")

@@ -223,9 +223,9 @@ def sync_summary(reports: list[dict]) -> dict:
         return {}
     applied = [r for r in reports if r["bit_exact"]]
     out = {"sync/bit_exact": len(applied) / len(reports), "sync/rejected": len(reports) - len(applied),
-           "sync/fetch_wait_s": sum(r["fetch_wait_s"] for r in reports)}
+           "sync/fetch_wait_s": sum(r.get("fetch_wait_s", 0.0) for r in reports)}
     if applied:
-        out["sync/apply_s"] = sum(r["apply_s"] for r in applied) / len(applied)
+        out["sync/apply_s"] = sum(r.get("apply_s", 0.0) for r in applied) / len(applied)
     transfers = [r["transfer_s"] for r in reports if "transfer_s" in r]
     if transfers:
         out["sync/transfer_s"] = max(transfers)

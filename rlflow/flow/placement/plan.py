@@ -48,6 +48,7 @@ class ReplicaPlan:
     wiring: Wiring | None = None  # set when the run's sockets exist (``Run._start``)
     incarnation: int = 0  # restarts of this replica so far
     bus_token: str | None = field(default=None, repr=False)  # its role's bus credential (roles/schema.grants)
+    channel_secret: bytes | None = field(default=None, repr=False)  # the weight channel's key (schema.CHANNEL_ROLES)
 
     @property
     def name(self) -> str:

@@ -108,10 +108,13 @@ def run_role(plan: ReplicaPlan) -> int:
         torch.set_num_threads(plan.threads)
         bus = BusClient(wiring.bus, keys_dir=keys_dir, holder=holder_name(role, replica, incarnation),
                         token=plan.bus_token)
+        from rlflow.transfer.channel import ChannelKey
+
         ctx = RoleContext(bus=bus, endpoints=make_endpoints(wiring.endpoints), keys_dir=keys_dir,
                           model_path=wiring.model_path, report=report, run_dir=wiring.run_dir, replica=replica,
                           seed=wiring.seed + replica, wait_seconds=wiring.wait_seconds,
-                          lease_seconds=wiring.lease_seconds, timeline=timeline)
+                          lease_seconds=wiring.lease_seconds, timeline=timeline,
+                          channel_key=ChannelKey(plan.channel_secret) if plan.channel_secret else None)
         _quiet_libraries()
         serve_function(role)(plan.config, ctx, plan.args)
     except BaseException:
