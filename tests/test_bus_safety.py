@@ -376,3 +376,60 @@ def test_each_connection_may_do_only_what_its_token_grants(short_dir):
             assert admin.stats()["rows"] == 0  # the scorer's ack freed every row; nothing refused changed any
     finally:
         server.stop()
+
+
+def _rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _deaf_peer(address: str) -> zmq.Socket:
+    """A connection that never reads what it is sent (a receive queue of one message, a tiny kernel buffer)."""
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVHWM, 1)
+    s.setsockopt(zmq.RCVBUF, 4096)
+    s.connect(address)
+    return s
+
+
+def test_a_peer_that_never_reads_its_replies_holds_a_bounded_share_of_the_bus_memory(short_dir):
+    """Replies queued for one peer are bounded (at most REPLY_QUEUE of them, each bounded): a peer that sends
+    requests and never reads the answers once grew a bus by hundreds of MiB. The bus keeps serving others."""
+    address = f"ipc://{short_dir}/deaf.sock"
+    bus = subprocess.Popen([sys.executable, "-m", "rlflow", "bus", "serve", "--address", address],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    waiters, deaf = [], None
+    try:
+        with BusClient(address, connect_timeout=30) as c:
+            c.declare(COLUMNS)
+            for i in range(48):  # 768 parked gets: each stats reply lists the waiting calls
+                w = zmq.Context.instance().socket(zmq.DEALER)
+                w.setsockopt(zmq.LINGER, 0)
+                w.connect(address)
+                for j in range(16):
+                    w.send(encode_header({"op": "get", "id": j, "consumer": f"waiter-{i}", "columns": ["prompt"],
+                                          "n": 1, "timeout": 600, "lease": 60}))
+                waiters.append(w)
+            deadline = time.monotonic() + 30
+            while c.stats()["waiting_gets_total"] < 768:
+                assert time.monotonic() < deadline, "the waiting gets were never parked"
+            before = _rss_mb(bus.pid)
+            deaf = _deaf_peer(address)
+            for i in range(3000):
+                deaf.send(encode_header({"op": "stats", "id": i}))
+            deadline = time.monotonic() + 60  # the flood is handled at the bus's pace, interleaved with others
+            while (stats := c.stats())["dropped_replies"] < 2900:
+                assert time.monotonic() < deadline, f"only {stats['dropped_replies']} replies dropped"
+                time.sleep(0.05)
+            grown = _rss_mb(bus.pid) - before
+        assert grown < 40, f"the bus grew by {grown:.0f} MiB holding replies for a peer that never reads them"
+        assert len(stats["waiting_gets"]) <= 50 and stats["waiting_gets_total"] == 768
+    finally:
+        for s in [*waiters, deaf]:
+            if s is not None:
+                s.close(0)
+        bus.terminate()
+        bus.wait(30)

@@ -150,3 +150,26 @@ def test_a_reader_with_the_key_refuses_a_head_the_key_did_not_sign(short_dir):
     finally:
         client.close()
         impostor.close()
+
+
+def test_a_peer_that_never_reads_its_replies_cannot_stall_the_channel(short_dir):
+    """A reply that cannot be queued for its peer is dropped, never waited for: the serving thread once
+    blocked on a full queue, and every reader of the weights with it."""
+    pub = Publisher(f"ipc://{short_dir}/deaf", chunk_bytes=1000)
+    client = Client(pub.address, reply_grace=5.0)
+    deaf = zmq.Context.instance().socket(zmq.DEALER)
+    deaf.setsockopt(zmq.LINGER, 0)
+    deaf.setsockopt(zmq.RCVHWM, 1)
+    deaf.setsockopt(zmq.RCVBUF, 4096)
+    deaf.connect(pub.address)
+    try:
+        pub.publish(0, {f"object-{i}": b"x" for i in range(200)})  # a head of about 20 KB
+        for _ in range(3000):
+            deaf.send(b'{"op": "head", "than": -1, "timeout": 0}')
+        time.sleep(0.5)  # let the flood reach the channel's thread
+        assert client.head(-1, timeout=0).version == 0  # answered within the reply grace: nothing waits on the deaf peer
+        assert pub.server.dropped > 0
+    finally:
+        deaf.close(0)
+        client.close()
+        pub.close()

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from rlflow.errors import require, require_counts
 
 
+MAX_WINDOW = 64  # transfer/channel.MAX_PARKED_PER_PEER: a window that large would be refused as a flood
+
 @dataclass
 class SyncConfig:
     """SparseRL-Sync: how policy versions travel from the actor to the rollout replicas."""
@@ -43,6 +45,8 @@ class SyncConfig:
         require(self.fanout >= 0, f"{at}.fanout",
                 f"must be >= 0 (0: every replica pulls from the actor, 1: a chain), got {self.fanout}")
         require_counts(self, at, "chunk_kb", "window")
+        require(self.window < MAX_WINDOW, f"{at}.window", f"must be below {MAX_WINDOW} (a node parks at most "
+                f"{MAX_WINDOW} requests of one peer and queues at most that many replies to it), got {self.window}")
         require(self.keyframe_ratio > 0, f"{at}.keyframe_ratio", f"must be > 0, got {self.keyframe_ratio}")
         require(self.hop_timeout > 0, f"{at}.hop_timeout", f"must be > 0 seconds, got {self.hop_timeout}")
         require(self.uplink_mb_s >= 0, f"{at}.uplink_mb_s", f"must be >= 0 (0: unpaced), got {self.uplink_mb_s}")

@@ -54,6 +54,10 @@ MAX_PARKED = 1024  # waiting requests a node holds: legit peers park about windo
 MAX_PARKED_PER_PEER = 64  # so that one connection's flood leaves room for everyone else
 MAX_WAIT_S = 3600.0
 MAX_REQUEST_BYTES = 64 << 10  # a head or chunk request is a small JSON object; a bigger message is refused unread
+# Replies queued for one peer and not yet read: a reader has at most ``window`` + 1 requests in flight, so
+# a peer past this is not reading. Further replies to it are dropped, never waited for (a blocked send
+# would stop the serving thread, and every reader with it); it holds at most this many chunks.
+REPLY_QUEUE = MAX_PARKED_PER_PEER
 
 
 def chunk_sum(data) -> str:
@@ -297,11 +301,13 @@ class Server:
                  keys_dir: str | None = None, insecure: bool = False, key: ChannelKey | None = None):
         self.store, self.on_wait, self.key = store, on_wait, key
         self.refused = 0  # requests refused for want of the key's token
+        self.dropped = 0  # replies to peers gone or not reading (REPLY_QUEUE)
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)  # a bigger one disconnects its sender unread
+        self.sock.setsockopt(zmq.SNDHWM, REPLY_QUEUE)
         if not security.is_local(address):
             if keys_dir is not None:
                 self._auth = security.serve_curve(self.ctx, self.sock, keys_dir)
@@ -418,9 +424,9 @@ class Server:
 
     def _send(self, identity: bytes, header: dict, frames: list = ()) -> bool:
         try:
-            self.sock.send_multipart([identity, json.dumps(header).encode(), *frames], copy=False)
-        except zmq.ZMQError:  # the requester went away (ROUTER_MANDATORY): nobody to answer
-            pass
+            self.sock.send_multipart([identity, json.dumps(header).encode(), *frames], zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:  # gone (ROUTER_MANDATORY) or not reading (zmq.Again at REPLY_QUEUE): dropped
+            self.dropped += 1
         return True
 
 

@@ -60,6 +60,11 @@ def print_stats(s: dict) -> None:
         console.print(f"waiting: get {w['n']} rows of {w['columns']} for {w['consumer']!r} for {w['waited_s']}s")
     for w in s["waiting_reserves"]:
         console.print(f"waiting: producer reserving {w['rows']} rows / {w['bytes']:,} bytes for {w['waited_s']}s")
+    unlisted = s["waiting_gets_total"] + s["waiting_reserves_total"] - len(s["waiting_gets"]) - len(s["waiting_reserves"])
+    if unlisted:
+        console.print(f"waiting: {unlisted} more calls")
+    if s["dropped_replies"]:
+        console.print(f"dropped replies (peers gone or not reading): {s['dropped_replies']}")
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -56,6 +56,11 @@ RESERVATION_TTL_S = 60.0
 # A well-behaved client has one call in flight.
 MAX_PARKED_PER_PEER = 16
 MAX_PARKED = 4096
+# Replies queued for one peer and not yet read by it. A client has one call in flight, so a peer with
+# more unread replies than this is not reading: further replies to it are dropped (and counted), never
+# waited for, so what it can make the bus hold is this many replies, each bounded by what it may ask for.
+REPLY_QUEUE = 64
+STATS_LISTED = 50  # waiting calls a stats reply lists (oldest first; the totals count them all)
 
 
 @dataclass
@@ -152,12 +157,13 @@ class BusServer:
         self.gets: list[Parked] = []
         self.reserves: list[Parked] = []
         self.errors = 0
+        self.dropped_replies = 0  # replies to peers that vanished or do not read (REPLY_QUEUE)
         self._log = _LogBudget()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown/vanished peer raises instead of a silent drop
         self.sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + 65536)
-        self.sock.setsockopt(zmq.SNDHWM, 10000)  # clients keep one call in flight; replies never pile up
+        self.sock.setsockopt(zmq.SNDHWM, REPLY_QUEUE)
         self.auth = security.serve_curve(self.ctx, self.sock, config.keys_dir) if config.keys_dir else None
         self.sock.bind(config.address)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -286,6 +292,7 @@ class BusServer:
             self.sock.send_multipart([identity, encode_header(reply), *frames], zmq.NOBLOCK, copy=False)
             return True
         except (zmq.Again, zmq.ZMQError) as e:
+            self.dropped_replies += 1
             self._log(logging.WARNING, "bus: reply to a client dropped (%s)", e)
             return False
 
@@ -534,11 +541,13 @@ class BusServer:
     def _stats(self, identity, header, frames):
         now = time.monotonic()
         waiting = [{"consumer": p.header["consumer"], "n": p.header["n"], "columns": p.header["columns"],
-                    "waited_s": round(now - p.since, 3)} for p in self.gets]
+                    "waited_s": round(now - p.since, 3)} for p in self.gets[:STATS_LISTED]]
         reserving = [{"rows": p.header["rows"], "bytes": p.header["bytes"], "waited_s": round(now - p.since, 3)}
-                     for p in self.reserves]
+                     for p in self.reserves[:STATS_LISTED]]
         return {"stats": {**self.store.stats(), "address": self.address, "errors": self.errors,
-                          "waiting_gets": waiting, "waiting_reserves": reserving}}, ()
+                          "dropped_replies": self.dropped_replies, "waiting_gets": waiting,
+                          "waiting_gets_total": len(self.gets), "waiting_reserves": reserving,
+                          "waiting_reserves_total": len(self.reserves)}}, ()
 
 
 # -------------------------------------------------------------------------------------------------
