@@ -43,6 +43,8 @@ class StandIn:
         self.abort_next = 0  # the next generate aborts its first N sequences
         self.fail_update = False  # the next disk update answers success false
         self.generated_versions: list[str] = []
+        self.api_key: str | None = None  # as sglang's --api-key: every call needs "Authorization: Bearer <key>"
+        self.unauthorized = 0  # calls refused for want of it
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -181,7 +183,11 @@ def _handler(standin: StandIn):
         def _serve(self, method: str) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = json.loads(self.rfile.read(length)) if length else None
-            status, payload = standin.handle(method, self.path, body if body is not None else {})
+            if standin.api_key is not None and self.headers.get("Authorization") != f"Bearer {standin.api_key}":
+                standin.unauthorized += 1
+                status, payload = 401, {"error": "Unauthorized"}
+            else:
+                status, payload = standin.handle(method, self.path, body if body is not None else {})
             raw = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
             self.send_response(status)
             self.send_header("Content-Type", "text/plain" if isinstance(payload, str) else "application/json")

@@ -31,7 +31,7 @@ def standin(tiny_model):
 
 
 def engine_for(standin: StandIn, tiny_model: str, **sglang) -> SGLangEngine:
-    cfg = RolloutConfig(engine="sglang", sglang=SGLangConfig(url=standin.url, startup_timeout=10, **sglang))
+    cfg = RolloutConfig(engine="sglang", sglang=SGLangConfig(**{"url": standin.url, "startup_timeout": 10, **sglang}))
     return SGLangEngine(tiny_model, cfg)
 
 
@@ -187,6 +187,54 @@ def test_no_server_at_the_url_fails_within_its_bound_naming_the_field(tiny_model
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine may launch a real server")
+def test_a_server_with_an_api_key_serves_only_callers_that_present_it(standin, tiny_model):
+    standin.api_key = "s3cret-" * 5
+    with pytest.raises(SGLangError, match="401"):
+        engine_for(standin, tiny_model, startup_timeout=1)
+    engine = engine_for(standin, tiny_model, api_key=standin.api_key)
+    try:
+        assert len(engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3))) == 1
+        assert standin.api_key not in repr(engine.cfg)
+    finally:
+        engine.close()
+
+
+def test_a_launched_servers_key_is_handed_over_in_a_private_file_not_on_its_command_line(tmp_path, capsys):
+    from rlflow.engines.sglang import server_key_args
+
+    key_dir = tmp_path / "private"
+    key_dir.mkdir(mode=0o700)
+    args = server_key_args("the-run-key", str(key_dir))
+    assert args == ["--config", str(key_dir / "server.yaml")] and "the-run-key" not in " ".join(args)
+    assert (key_dir / "server.yaml").stat().st_mode & 0o777 == 0o600
+    import yaml
+
+    assert yaml.safe_load((key_dir / "server.yaml").read_text()) == {"api-key": "the-run-key"}
+    assert server_key_args("the-run-key", None) == ["--api-key", "the-run-key"]  # an sglang without --config
+    assert "other local users can read it" in capsys.readouterr().err
+
+
+def test_launched_servers_get_one_random_key_per_run_kept_out_of_the_saved_config():
+    from rlflow.flow.config import RunConfig
+    from rlflow.flow.launcher import plan_roles
+
+    def keys(cfg):
+        plans = plan_roles(cfg)
+        rollouts = {p.config.sglang.api_key for p in plans if p.role == "rollout"}
+        [actor] = [p for p in plans if p.role == "actor"]
+        return rollouts, actor.args.broadcast.sglang.api_key
+
+    cfg = RunConfig()
+    cfg.rollout.engine, cfg.rollout.replicas, cfg.rollout.sglang.update = "sglang", 2, "distributed"
+    (first,), broadcast = keys(cfg)
+    assert len(first) >= 32 and broadcast == first and cfg.rollout.sglang.api_key is None
+    assert keys(cfg)[0] != {first}  # another run, another key
+    cfg.rollout.sglang.api_key = "the-users-key"
+    assert keys(cfg) == ({"the-users-key"}, "the-users-key")
+    cfg.rollout.sglang.api_key, cfg.rollout.sglang.url = None, "http://127.0.0.1:1"  # a server of the user's
+    assert keys(cfg) == ({None}, None)
+
+
 def test_launching_without_sglang_installed_names_the_extra_and_the_url_alternative(tiny_model):
     pytest.importorskip("torch")
     try:
@@ -241,9 +289,12 @@ def test_a_run_where_the_trainer_broadcasts_to_the_server_trains_at_the_trainers
     from test_runs import metrics, rlflow
 
     run_dir = tmp_path / "run"
+    standin.api_key = "k" * 32  # the rollout's client and the trainer's broadcaster both present it
     r = rlflow(run_dir, model_cache, "rollout.engine=sglang", f"rollout.sglang.url={standin.url}",
-               "rollout.sglang.update=distributed", "flow.steps=4", "flow.staleness=0", "actor.checkpoint_every=1")
+               f"rollout.sglang.api_key={standin.api_key}", "rollout.sglang.update=distributed", "flow.steps=4",
+               "flow.staleness=0", "actor.checkpoint_every=1")
     assert r.returncode == 0, r.stdout + r.stderr
+    assert standin.unauthorized == 0
     rows = metrics(run_dir)
     assert len(rows) == 4 and all(m["staleness/max"] == 0 and m["sync/broadcast_s"] > 0 for m in rows)
     assert standin.generated_versions == ["0", "1", "2", "3"]

@@ -33,8 +33,9 @@ class SGLangConfig:
     """Launched servers: --mem-fraction-static (null: sglang's choice)."""
     launch_args: list[str] = field(default_factory=list)
     """Launched servers: more `python -m sglang.launch_server` arguments, e.g. [--context-length, '4096']."""
-    api_key: str | None = None
-    """Bearer key of a server started with --api-key."""
+    api_key: str | None = field(default=None, repr=False)
+    """Bearer key of the server(s): a server at `url` started with --api-key, or the key launched servers
+    take (null: launched servers get a random one per run)."""
     update: str = "disk"
     """How new weights reach the server: disk (a safetensors snapshot in update_dir, read by the server:
     same host or a shared filesystem), tensor (CUDA IPC handles: same host, needs the sglang extra here),

@@ -28,10 +28,17 @@ version from the response. Only ``abort`` pauses: sglang flushes its cache only
 when the scheduler is idle, which neither ``retract`` nor ``in_place`` guarantees, and a failed flush
 after an update has crashed sglang's scheduler (<= 0.5.15). A failed step raises, naming the endpoint
 and the server's answer, and generation is not resumed on half-updated weights.
+
+Credentials. A launched server takes the run's API key (``rollout.sglang.api_key``; the launcher makes
+a random one per run when it is unset): on a GPU host any local user could otherwise generate with it
+or push weights into it. The key goes to the server in a 0600 config file (``--config``), not on its
+command line, which every local user can read in the process list; an sglang without config files
+gets ``--api-key``, with a warning that says so.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -105,9 +112,13 @@ class SGLangEngine:
         self.stop_ids = stop_token_ids(model_path)
         self.server: subprocess.Popen | None = None
         self.log_path: str | None = None
+        self.key_dir: str | None = None  # the launched server's private config file (its API key), until it is up
         url = self.cfg.url or self._launch()
         self.client = SGLangClient(url, self.cfg.api_key, self.cfg.request_timeout)
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        finally:
+            self._forget_key_file()
         self.version = 0
         self.installed: str | None = None  # the weight_version tag this engine set (None: the server's own)
         self.prefix = f"rlf{uuid.uuid4().hex[:8]}"
@@ -191,6 +202,13 @@ class SGLangEngine:
             shutil.rmtree(self._snapshot, ignore_errors=True)
         if self.cfg.update_dir is None:
             shutil.rmtree(self.update_root, ignore_errors=True)
+        self._forget_key_file()
+
+    def _forget_key_file(self) -> None:
+        """The server read its config file at start: the key need not stay on disk."""
+        if self.key_dir is not None:
+            shutil.rmtree(self.key_dir, ignore_errors=True)
+            self.key_dir = None
 
     # -------------------------------------------------------------- the server
     def _launch(self) -> str:
@@ -209,7 +227,10 @@ class SGLangEngine:
         if self.cfg.mem_fraction is not None:
             cmd += ["--mem-fraction-static", str(self.cfg.mem_fraction)]
         if self.cfg.api_key:
-            cmd += ["--api-key", self.cfg.api_key]
+            launch_args = [str(a) for a in self.cfg.launch_args]
+            self.key_dir = None if "--config" in launch_args or not reads_config_files() else tempfile.mkdtemp(
+                prefix="rlflow-sglang-key-")
+            cmd += server_key_args(self.cfg.api_key, self.key_dir)
         cmd += [str(a) for a in self.cfg.launch_args]
         env = {k: v for k, v in os.environ.items() if k not in ("SGLANG_RETURN_ORIGINAL_LOGPROB", "RETURN_ORIGINAL_LOGPROB")}
         log = tempfile.NamedTemporaryFile(prefix="rlflow-sglang-", suffix=".log", delete=False)
@@ -240,6 +261,31 @@ class SGLangEngine:
                           f"{self.cfg.startup_timeout:.0f}s)", flush=True)
                     next_note += 30.0
                 time.sleep(2.0)
+
+
+def reads_config_files() -> bool:
+    """Whether the installed sglang reads server arguments from a file (``--config``)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("sglang.srt.server_args_config_parser") is not None
+    except ImportError:
+        return False
+
+
+def server_key_args(api_key: str, key_dir: str | None) -> list[str]:
+    """The arguments that give a launched server ``api_key``: a ``0600`` config file in ``key_dir`` (a
+    private directory) when there is one, else the command line, which every local user can read."""
+    if key_dir is None:
+        print("warning: the sglang server gets its API key on its command line (this sglang reads no --config "
+              "file, or rollout.sglang.launch_args has its own), where other local users can read it",
+              file=sys.stderr, flush=True)
+        return ["--api-key", api_key]
+    path = os.path.join(key_dir, "server.yaml")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"api-key: {json.dumps(api_key)}\n")  # a JSON string is a YAML string
+    return ["--config", path]
 
 
 def _free_port(host: str) -> int:

@@ -214,20 +214,30 @@ def reward_fn(cfg: RunConfig) -> str:
     return cfg.reward.fn or get_task(cfg.data.task).reward
 
 
+def with_server_key(rollout):
+    """The rollout config the replicas get: launched sglang servers take a random API key per run unless
+    ``rollout.sglang.api_key`` gives one (on a GPU host any local user could otherwise push weights into
+    them). It lives in the plans only, never in the run's saved config."""
+    if rollout.engine != "sglang" or rollout.sglang.url is not None or rollout.sglang.api_key is not None:
+        return rollout
+    return dataclasses.replace(rollout, sglang=dataclasses.replace(rollout.sglang, api_key=secrets.token_urlsafe(32)))
+
+
 def plan_roles(cfg: RunConfig) -> list[ReplicaPlan]:
     """Every role replica of the run, with its config and run-level arguments (wiring comes at start)."""
     reward = dataclasses.replace(cfg.reward, fn=reward_fn(cfg))
     sync = dataclasses.replace(cfg.sync, dtype=cfg.sync.dtype or cfg.rollout.dtype)
+    rollout = with_server_key(cfg.rollout)
     broadcast = None
-    if cfg.rollout.engine == "sglang" and cfg.rollout.sglang.update == "distributed":
-        broadcast = Broadcast(servers=cfg.rollout.replicas, tp=cfg.rollout.sglang.tp_size, sglang=cfg.rollout.sglang,
+    if rollout.engine == "sglang" and rollout.sglang.update == "distributed":
+        broadcast = Broadcast(servers=rollout.replicas, tp=rollout.sglang.tp_size, sglang=rollout.sglang,
                               backend="nccl" if cfg.actor.device.startswith("cuda") else "gloo")
     actor = ActorArgs(steps=cfg.flow.steps, staleness=cfg.flow.staleness, sync=sync, sampling=cfg.rollout.sampling(),
                       broadcast=broadcast, samples_every=cfg.tracking.samples_every)
     plans = [ReplicaPlan("actor", i, cfg.actor, actor, cfg.actor.threads) for i in range(cfg.actor.replicas)]
-    plans += [ReplicaPlan("rollout", i, dataclasses.replace(cfg.rollout, seed=cfg.rollout.seed + i),
-                          RolloutArgs(sync, *relay_endpoints(i, cfg.rollout.replicas, cfg.sync.fanout)),
-                          cfg.rollout.threads) for i in range(cfg.rollout.replicas)]
+    plans += [ReplicaPlan("rollout", i, dataclasses.replace(rollout, seed=rollout.seed + i),
+                          RolloutArgs(sync, *relay_endpoints(i, rollout.replicas, cfg.sync.fanout)),
+                          rollout.threads) for i in range(rollout.replicas)]
     plans += [ReplicaPlan("reward", i, reward, None, 1) for i in range(cfg.reward.replicas)]
     if cfg.actor.kl_coef > 0:
         plans += [ReplicaPlan("reference", i, cfg.reference, ReferenceArgs(cfg.rollout.temperature),
