@@ -322,7 +322,8 @@ class Run:
         wiring = Wiring(bus=bus_address, control=control, endpoints=self.placement.endpoints_spec,
                         keys=self.placement.keys, keys_parent=self.placement.keys_parent, model_path=self.model_path,
                         run_dir=run_dir, seed=cfg.seed, wait_seconds=cfg.flow.wait_seconds,
-                        lease_seconds=cfg.flow.lease_seconds, heartbeat_s=cfg.supervision.heartbeat_s,
+                        lease_seconds=cfg.flow.lease_seconds, steps=cfg.flow.steps,
+                        heartbeat_s=cfg.supervision.heartbeat_s,
                         launcher_pid=os.getpid())
         self.plans = {(p.role, p.replica): p.replace(wiring=wiring, bus_token=self.tokens[p.role],
                                                      channel_secret=self.channel_secret if p.role in schema.CHANNEL_ROLES else None)

@@ -251,8 +251,10 @@ def _broadcaster(ctx: RoleContext, broadcast: Broadcast):
 def _take(ctx: RoleContext, columns, n: int, step: int, staleness: int | None, have: int, want: int):
     where = None if staleness is None else [("target_step", "==", step)]
     try:
-        return ctx.bus.get("actor", columns, n=n, min_n=1, groups=True, where=where, timeout=ctx.wait_seconds,
-                           lease=ctx.lease_seconds)
+        d = ctx.bus.get("actor", columns, n=n, min_n=1, groups=True, where=where, timeout=ctx.wait_seconds,
+                        lease=ctx.lease_seconds)
+        schema.refuse_out_of_range(d, ctx.bounds)
+        return d
     except BusTimeout as e:
         raise BusTimeout(f"the actor waited {ctx.wait_seconds:.0f}s for the groups of step {step} "
                          f"({have} of {want} in hand): are the rollout and reward roles alive and keeping up? ({e})") from e

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
-from rlflow.roles import reports
+from rlflow.roles import reports, schema
 
 class Endpoints(Protocol):
     """Where a role listens and how it finds others' sockets (the launcher's concern: ``flow/placement/endpoints.py``)."""
@@ -93,6 +93,7 @@ class RoleContext:
     lease_seconds: float  # lease on rows taken from the bus
     timeline: Timeline = field(default_factory=Timeline)  # spans of this replica's activities, for the trace
     channel_key: Any = None  # transfer.channel.ChannelKey of the weight channel: the actor and rollouts only
+    bounds: dict = field(default_factory=dict)  # column -> (lo, hi) every delivered value lies in (schema.limits)
 
 
 IDLE_WAIT_S = 30.0  # one idle get's bound; a role loop then re-checks its own state and waits again
@@ -114,6 +115,7 @@ def next_rows(ctx: RoleContext, consumer: str, columns: list[str], n: int, group
         except BusTimeout:
             return None
         span["rows"] = len(d)
+    schema.refuse_out_of_range(d, ctx.bounds)
     return d
 
 

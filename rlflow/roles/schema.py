@@ -22,6 +22,7 @@ groups. ``uid`` and ``group_id`` are the bus's own identity columns (see ``trans
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from rlflow.transfer.access import Grant
 
@@ -81,3 +82,42 @@ def grants() -> dict[str, Grant]:
 def declare(bus) -> None:
     """Declare the sample columns on a bus (idempotent for the same types)."""
     bus.declare(COLUMNS, release_after=RELEASE_AFTER)
+
+
+class RowRefused(ValueError):
+    """A delivered row holds a value no part of this run could have written (only the feeder and the roles
+    may write, each its own columns): the role stops on it, naming the row, instead of acting on it."""
+
+
+def limits(steps: int, vocab: int | None) -> dict[str, tuple[int | None, int | None]]:
+    """The range of each integer column in a run of ``steps`` optimizer steps and a model of ``vocab``
+    token ids (None: unknown). ``min_version`` has no lower bound (s - k is below 0 early on)."""
+    out = {"min_version": (None, steps), "target_step": (0, steps - 1), "version_start": (0, steps),
+           "version_end": (0, steps)}
+    if vocab:
+        out.update(prompt_ids=(0, vocab - 1), response_ids=(0, vocab - 1))
+    return out
+
+
+def refuse_out_of_range(delivery, bounds: dict[str, tuple[int | None, int | None]]) -> None:
+    """Raise RowRefused if a column of ``delivery`` holds a value outside ``bounds``, naming the first such
+    row (checked per column with Arrow kernels: a few array passes, never a Python loop over rows)."""
+    table = delivery.table
+    for column, (lo, hi) in bounds.items():
+        if column not in table.column_names or not len(table):
+            continue
+        values = table.column(column).combine_chunks()
+        flat = pc.list_flatten(values) if pa.types.is_list(values.type) else values
+        low, high = pc.min_max(flat).values()
+        low, high = low.as_py(), high.as_py()
+        if low is None or ((lo is None or low >= lo) and (hi is None or high <= hi)):
+            continue
+        out = pc.invert(pc.and_(pc.greater_equal(flat, lo if lo is not None else low),
+                                pc.less_equal(flat, hi if hi is not None else high)))
+        at = pc.index(out, True).as_py()
+        row = pc.list_parent_indices(values)[at].as_py() if flat is not values else at
+        writer = next((who for who, cols in WRITES.items() if column in cols), "?")
+        raise RowRefused(f"row {table.column('uid')[row].as_py()!r} holds {column} = {flat[at].as_py()}, outside "
+                         f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}], which this "
+                         f"run's {writer} never writes: refused (a bug, or a write the bus should have refused: "
+                         f"only the {writer} may write {column})")

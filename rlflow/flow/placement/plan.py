@@ -32,6 +32,7 @@ class Wiring:
     seed: int  # the run's seed; a replica's is seed + its index
     wait_seconds: float  # bound on any wait for data or weights that should arrive
     lease_seconds: float  # lease on rows taken from the bus
+    steps: int  # flow.steps: the run's last policy version (a delivered row naming a later one is refused)
     heartbeat_s: float  # seconds between heartbeats
     launcher_pid: int  # a local replica dies with this process
 

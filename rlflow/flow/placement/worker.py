@@ -31,6 +31,7 @@ launcher hands back to the bus when the incarnation is gone.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -108,13 +109,15 @@ def run_role(plan: ReplicaPlan) -> int:
         torch.set_num_threads(plan.threads)
         bus = BusClient(wiring.bus, keys_dir=keys_dir, holder=holder_name(role, replica, incarnation),
                         token=plan.bus_token)
+        from rlflow.roles import schema
         from rlflow.transfer.channel import ChannelKey
 
         ctx = RoleContext(bus=bus, endpoints=make_endpoints(wiring.endpoints), keys_dir=keys_dir,
                           model_path=wiring.model_path, report=report, run_dir=wiring.run_dir, replica=replica,
                           seed=wiring.seed + replica, wait_seconds=wiring.wait_seconds,
                           lease_seconds=wiring.lease_seconds, timeline=timeline,
-                          channel_key=ChannelKey(plan.channel_secret) if plan.channel_secret else None)
+                          channel_key=ChannelKey(plan.channel_secret) if plan.channel_secret else None,
+                          bounds=schema.limits(wiring.steps, vocab_size(wiring.model_path)))
         _quiet_libraries()
         serve_function(role)(plan.config, ctx, plan.args)
     except BaseException:
@@ -134,6 +137,17 @@ def run_role(plan: ReplicaPlan) -> int:
 
 
 HEARTBEAT_JOIN_S = 5.0  # bound on the heartbeat thread's last send (non-blocking) at a role's end
+
+
+def vocab_size(model_path: str) -> int | None:
+    """The model's number of token ids, from its config.json (None when it does not say)."""
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def holder_name(role: str, replica: int, incarnation: int) -> str:
