@@ -154,16 +154,20 @@ def test_capacity_bytes_bound_the_payload_held(short_dir, shared_memory):
         server.stop()
 
 
-def test_an_unauthenticated_client_can_neither_read_nor_write(short_dir):
+@pytest.mark.parametrize("in_memory", [False, True], ids=["key-files", "keys-in-memory"])
+def test_an_unauthenticated_client_can_neither_read_nor_write(short_dir, in_memory):
     import socket
+
+    from rlflow.transfer.security import load_keys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     keys = keygen(f"{short_dir}/keys")
-    server = spawn_server(ServerConfig(address=f"tcp://127.0.0.1:{port}", keys_dir=str(keys)))
+    held = load_keys(keys) if in_memory else str(keys)  # how a run's replicas hold them: in memory
+    server = spawn_server(ServerConfig(address=f"tcp://127.0.0.1:{port}", keys_dir=held))
     try:
-        with BusClient(server.address, keys_dir=str(keys)) as good:
+        with BusClient(server.address, keys_dir=held) as good:
             good.declare(COLUMNS)
             good.put(new_rows(2))
             with pytest.raises(BusTimeout, match="CURVE keys"):
@@ -318,24 +322,21 @@ def test_a_bus_started_with_a_low_open_file_limit_serves_more_peers_than_that_li
         bus.wait(30)
 
 
-def test_secret_key_files_are_their_owners_alone_whatever_the_umask(tmp_path):
+def test_secret_key_files_are_their_owners_alone_whatever_the_umask_and_keys_travel_without_files(tmp_path):
     from pathlib import Path
 
-    from rlflow.flow.placement.worker import read_keys, remove_keys, write_keys
-    from rlflow.transfer.security import keygen
+    from rlflow.transfer.security import load_keys
 
     old = os.umask(0o022)
     try:
         d = keygen(tmp_path / "keys")
-        copied = write_keys(read_keys(str(d)), str(tmp_path))
     finally:
         os.umask(old)
-    try:
-        for root in (d, copied):
-            secrets_ = list(Path(root).rglob("*.key_secret"))
-            assert secrets_ and all(p.stat().st_mode & 0o777 == 0o600 for p in secrets_), root
-    finally:
-        remove_keys()
+    secrets_ = list(Path(d).rglob("*.key_secret"))
+    assert len(secrets_) == 2 and all(p.stat().st_mode & 0o777 == 0o600 for p in secrets_)
+    keys = load_keys(d)  # what a replica gets in its wiring and keeps in memory: no key file where it runs
+    assert keys.secret.decode() not in repr(keys) and keys.server_secret.decode() not in repr(keys)
+    assert keys.public in keys.authorized
 
 
 def test_each_connection_may_do_only_what_its_token_grants(short_dir):

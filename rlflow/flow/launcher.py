@@ -320,7 +320,7 @@ class Run:
                                         tokens=self.tokens)
         control = self.receiver.address
         wiring = Wiring(bus=bus_address, control=control, endpoints=self.placement.endpoints_spec,
-                        keys=self.placement.keys, keys_parent=self.placement.keys_parent, model_path=self.model_path,
+                        keys=self.placement.keys, model_path=self.model_path,
                         run_dir=run_dir, seed=cfg.seed, wait_seconds=cfg.flow.wait_seconds,
                         lease_seconds=cfg.flow.lease_seconds, steps=cfg.flow.steps,
                         heartbeat_s=cfg.supervision.heartbeat_s,

@@ -8,12 +8,17 @@ Key directory layout (made by ``rlflow bus keygen DIR``, or on first use by a se
 
 A client whose public key is not in ``authorized/`` fails the CURVE handshake: ZeroMQ delivers none of
 its messages, so it can neither read nor write (it sees its calls time out).
+
+Wherever a ``keys_dir`` is taken, the keys themselves may be given instead (``CurveKeys``, read once
+with ``load_keys``): a process that got its keys from whoever started it holds them in memory and
+writes nothing where it runs, so nothing is left behind when it is killed.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -49,25 +54,55 @@ def keygen(keys_dir: str | Path) -> Path:
     return d
 
 
-def serve_curve(ctx: zmq.Context, sock: zmq.Socket, keys_dir: str | Path) -> ThreadAuthenticator:
-    """Make ``sock`` (not yet bound) a CURVE server accepting only the authorized client keys."""
-    d = keygen(keys_dir)
-    auth = ThreadAuthenticator(ctx)
-    auth.start()
-    auth.configure_curve(domain="*", location=str(d / "authorized"))
-    public, secret = zmq.auth.load_certificate(d / "server.key_secret")
-    sock.curve_publickey, sock.curve_secretkey = public, secret
-    sock.curve_server = True
-    return auth
+@dataclass(frozen=True)
+class CurveKeys:
+    """A deployment's CURVE keys, in memory (z85 bytes, as ``zmq.auth.load_certificate`` gives them)."""
+
+    server_public: bytes  # what a client checks the server against
+    public: bytes  # this process's client key pair
+    secret: bytes = field(repr=False)
+    server_secret: bytes | None = field(default=None, repr=False)  # for the processes that serve
+    authorized: tuple[bytes, ...] = ()  # client public keys a server accepts
 
 
-def client_curve(sock: zmq.Socket, keys_dir: str | Path, client_name: str = "client") -> None:
-    """Configure ``sock`` (not yet connected) as a CURVE client of the server whose keys are in ``keys_dir``."""
+def load_keys(keys_dir: str | Path, client_name: str = "client") -> CurveKeys:
+    """The keys of ``keys_dir`` (see the module docstring), read once."""
     d = Path(keys_dir)
     for f in ("server.key", f"{client_name}.key_secret"):
         if not (d / f).exists():
             raise FileNotFoundError(f"CURVE key {d / f} is missing; create keys with `rlflow bus keygen {d}`")
-    server_public, _ = zmq.auth.load_certificate(d / "server.key")
+    server_public, server_secret = zmq.auth.load_certificate(d / ("server.key_secret" if (d / "server.key_secret").exists()
+                                                                  else "server.key"))
     public, secret = zmq.auth.load_certificate(d / f"{client_name}.key_secret")
-    sock.curve_serverkey = server_public
-    sock.curve_publickey, sock.curve_secretkey = public, secret
+    authorized = tuple(zmq.auth.load_certificate(f)[0] for f in sorted((d / "authorized").glob("*.key")))
+    return CurveKeys(server_public, public, secret, server_secret, authorized)
+
+
+class _Authorized:
+    """The ZAP credentials check of a server holding ``CurveKeys``: its authorized public keys."""
+
+    def __init__(self, keys: tuple[bytes, ...]):
+        self.keys = frozenset(keys)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.keys
+
+
+def serve_curve(ctx: zmq.Context, sock: zmq.Socket, keys: str | Path | CurveKeys) -> ThreadAuthenticator:
+    """Make ``sock`` (not yet bound) a CURVE server accepting only the authorized client keys."""
+    keys = keys if isinstance(keys, CurveKeys) else load_keys(keygen(keys))
+    if keys.server_secret is None:
+        raise ValueError("these CURVE keys have no server secret key: they can connect, not serve")
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve_callback(domain="*", credentials_provider=_Authorized(keys.authorized))
+    sock.curve_publickey, sock.curve_secretkey = keys.server_public, keys.server_secret
+    sock.curve_server = True
+    return auth
+
+
+def client_curve(sock: zmq.Socket, keys: str | Path | CurveKeys, client_name: str = "client") -> None:
+    """Configure ``sock`` (not yet connected) as a CURVE client of the server these keys name."""
+    keys = keys if isinstance(keys, CurveKeys) else load_keys(keys, client_name)
+    sock.curve_serverkey = keys.server_public
+    sock.curve_publickey, sock.curve_secretkey = keys.public, keys.secret

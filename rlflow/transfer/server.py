@@ -78,9 +78,10 @@ class ServerConfig:
     """Largest payload frame accepted; a put above it is refused, a raw frame above it disconnects."""
     max_wait_seconds: float = 3600.0
     """Upper bound on any wait a client asks for (get/reserve timeouts, lease length)."""
-    keys_dir: str | None = None
-    """CURVE key directory (``rlflow bus keygen DIR``; created on first use if missing). Required to
-    listen beyond loopback; clients then need the server's public key and an authorized client key."""
+    keys_dir: Any = None
+    """CURVE key directory (``rlflow bus keygen DIR``; created on first use if missing), or the keys
+    themselves (``security.CurveKeys``, held in memory). Required to listen beyond loopback; clients then
+    need the server's public key and an authorized client key."""
     insecure: bool = False
     """Allow listening beyond loopback without CURVE. Only for isolated networks."""
     grants: dict[str, Grant] | None = None

@@ -25,8 +25,7 @@ class Wiring:
     bus: str  # the bus server's address
     control: str  # the launcher's control socket (reports and heartbeats go there)
     endpoints: dict  # how replicas find each other's sockets (``endpoints.make_endpoints``)
-    keys: dict[str, bytes] | None  # CURVE key files to write for sockets beyond loopback; None on one host
-    keys_parent: str | None  # where to write them (a private directory is made inside)
+    keys: Any  # transfer.security.CurveKeys for sockets beyond loopback, held in memory; None on one host
     model_path: str  # the checkpoint every role starts from (version 0)
     run_dir: str
     seed: int  # the run's seed; a replica's is seed + its index

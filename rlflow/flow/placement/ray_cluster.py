@@ -5,8 +5,9 @@
                           └─ role actors      one per replica: run_role (flow/placement/worker.py), as a local process would
 
 Ray places and supervises; it does not carry data. Rows travel over our bus and weights over our channel,
-both tcp on each node's IP with CURVE keys that the launcher makes for the run and hands to every actor
-(``flow/placement/worker.write_keys``). Ray's object store holds nothing but the actors' arguments.
+both tcp on each node's IP with CURVE keys that the launcher makes for the run and hands to every actor,
+which holds them in memory (nothing is written on its node). Ray's object store holds nothing but the
+actors' arguments.
 
 Invariants:
 - ``ray.address`` null starts a private cluster on this machine (``address="local"``: never someone
@@ -17,7 +18,7 @@ Invariants:
   private cluster a request its one node cannot meet fails at once (no autoscaler will add a node).
 - A role actor that dies (killed, OOM, node lost) is reported like a local process that exits: the run
   stops with that role's name. A role that fails reports its traceback over the control socket first.
-- Stopping: every actor gets ``stop`` (it removes its key files), bounded by ``shutdown_seconds``, and is
+- Stopping: every actor gets ``stop`` (its exit hooks), bounded by ``shutdown_seconds``, and is
   then killed: a role owns nothing that outlives it (flow/placement/worker.py), so killing it is its designed exit.
 """
 
@@ -38,9 +39,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rlflow.flow.config import StartError
 from rlflow.flow.placement.endpoints import RayEndpoints
 from rlflow.flow.placement.plan import ReplicaPlan
-from rlflow.flow.placement.worker import read_keys, remove_keys, run_role, write_keys
+from rlflow.flow.placement.worker import run_role
 from rlflow.transfer import ServerConfig
-from rlflow.transfer.security import keygen
+from rlflow.transfer.security import CurveKeys, keygen, load_keys
 
 REGISTRY = "rlflow-registry"
 LOG_DRAIN_S = 1.0  # Ray forwards what actors print through its log monitor, a few hundred ms behind; the
@@ -66,11 +67,11 @@ class Registry:
 class BusActor:
     """Hosts the bus server on a thread, bound on this node's IP (CURVE: it listens beyond loopback)."""
 
-    def start(self, config: ServerConfig, keys: dict[str, bytes], keys_parent: str) -> str:
+    def start(self, config: ServerConfig, keys: CurveKeys) -> str:
         from rlflow.transfer.server import serve_in_thread
 
         config = dataclasses.replace(config, address=f"tcp://{ray.util.get_node_ip_address()}:0",
-                                     keys_dir=write_keys(keys, keys_parent))
+                                     keys_dir=keys)
         self.server, self.thread = serve_in_thread(config)
         return self.server.address
 
@@ -82,7 +83,7 @@ class BusActor:
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
 
     def stop(self) -> None:
-        remove_keys()
+        """Nothing to clean up: the keys are in memory; the launcher then kills this actor."""
 
 
 class RoleActor:
@@ -95,12 +96,10 @@ class RoleActor:
         return run_role(plan)
 
     def stop(self) -> None:
-        """Run the role's exit hooks and remove its key files (its sockets hold the keys in memory); the
-        launcher then kills it."""
+        """Run the role's exit hooks; the launcher then kills it."""
         from rlflow.transfer.lifetime import run_exit_hooks
 
         run_exit_hooks()
-        remove_keys()
         sys.stdout.flush()  # what the role printed reaches its log file, which Ray forwards to the driver
         sys.stderr.flush()
 
@@ -120,8 +119,7 @@ class RayPlacement:
         self.private = self.cfg.address is None
         self.temp_dir = os.path.join(sock_dir, "ray") if self.private else None  # the private cluster's files
         self.keys_dir = str(keygen(os.path.join(sock_dir, "keys")))
-        self.keys = read_keys(self.keys_dir)
-        self.keys_parent = sock_dir  # where actors on this node write their copy (see flow/placement/worker.write_keys)
+        self.keys = load_keys(self.keys_dir)  # what every actor gets (in memory); the files stay on this node
         t0 = time.monotonic()
         self._init(roles)
         try:
@@ -212,7 +210,7 @@ class RayPlacement:
     # ------------------------------------------------------------------ the bus and the roles
     def start_bus(self, config: ServerConfig, on_exit: Callable[[str, str | None], None]) -> str:
         """Start the bus in its actor; ``on_exit(what, detail)`` if the actor dies or the bus stops."""
-        ref = self.bus.start.remote(config, self.keys, self.keys_parent)
+        ref = self.bus.start.remote(config, self.keys)
         ready, _ = ray.wait([ref], timeout=self.cfg.start_timeout)
         if not ready:
             raise StartError(self._pending_message(["bus"]))

@@ -1,13 +1,14 @@
 """The entry point of every role replica: connect, build the RoleContext, run the role's loop.
 
 ``run_role`` is the replica itself, whoever hosts it: ``role_main`` (a process of the local launcher)
-or a Ray actor (``flow/placement/ray_cluster.py``). CURVE keys, when the run listens beyond loopback, arrive as
-bytes in the run's ``Wiring`` (``plan.py``) and are written to a private directory (``write_keys``).
+or a Ray actor (``flow/placement/ray_cluster.py``). CURVE keys, when the run listens beyond loopback, arrive in
+the run's ``Wiring`` (``plan.py``) and stay in memory: nothing is written where the role runs, so a
+replica killed outright leaves no key behind.
 
 Shutdown is a designed path: the launcher sends SIGTERM (Ray: ``stop``, then a kill) and the process
 exits at once, wherever its loop is (a blocking bus wait included), after the role's exit hooks
 (``rlflow.transfer.lifetime.at_exit``: e.g. a server it launched; the last heartbeat, with the last
-timeline spans) and removing its keys; a thread of its own waits for the signal (``_exit_on_sigterm``).
+timeline spans); a thread of its own waits for the signal (``_exit_on_sigterm``).
 Every other thread must block SIGTERM, or the kernel may hand it one that does not and the default
 action kills the process without its hooks: the local launcher forks every role from a forkserver
 that runs with SIGTERM blocked (a mask survives fork and exec), so even the threads made while its
@@ -52,7 +53,6 @@ def _exit_on_sigterm() -> None:
 
     signal.sigwait({signal.SIGTERM})
     run_exit_hooks()
-    remove_keys()
     os._exit(0)
 
 
@@ -73,7 +73,7 @@ def run_role(plan: ReplicaPlan) -> int:
     import zmq
 
     role, replica, incarnation, wiring = plan.role, plan.replica, plan.incarnation, plan.wiring
-    keys_dir = write_keys(wiring.keys, wiring.keys_parent)
+    keys_dir = wiring.keys  # CurveKeys in memory (or None on one host): nothing written where the role runs
     # A context of its own, terminated at the end: that waits (up to the linger) until the last report, a
     # traceback, is out. A forked process ends in os._exit, which would drop what is still queued.
     reports_ctx = zmq.Context()
@@ -196,48 +196,6 @@ def _heartbeat(plan: ReplicaPlan, keys_dir: str | None, timeline, stop: threadin
     finally:
         sock.close()
         context.term()
-
-
-KEYS_DIR_ENV = "RLFLOW_KEYS_DIR"  # where write_keys put this process's keys, for whoever removes them
-
-
-def write_keys(keys: dict[str, bytes] | None, parent: str | None = None) -> str | None:
-    """Materialise CURVE key files (relative path -> bytes) in a private directory; None when there are none.
-
-    Keys travel in the wiring, not as paths, because a role on another node cannot read the launcher's
-    files. The directory is 0700, inside ``parent`` (the run's socket directory, which the launcher
-    removes whatever happened to the role) when this process can see it, else in the temp dir; the
-    process removes it when stopped (``remove_keys``).
-    """
-    if not keys:
-        return None
-    import tempfile
-    from pathlib import Path
-
-    d = Path(tempfile.mkdtemp(prefix="rlflow-keys-", dir=parent if parent and os.path.isdir(parent) else None))
-    for rel, data in keys.items():
-        (d / rel).parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(d / rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # secret keys among them: owner only
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-    os.environ[KEYS_DIR_ENV] = str(d)
-    return str(d)
-
-
-def remove_keys() -> None:
-    import shutil
-
-    d = os.environ.pop(KEYS_DIR_ENV, None)
-    if d:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def read_keys(keys_dir: str) -> dict[str, bytes]:
-    """The key files ``write_keys`` recreates elsewhere: the server and client pairs and the authorized list."""
-    from pathlib import Path
-
-    d = Path(keys_dir)
-    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*.key*")) if f.is_file()}
 
 
 def _quiet_libraries() -> None:
