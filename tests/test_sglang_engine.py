@@ -214,7 +214,10 @@ def test_a_launched_servers_key_is_handed_over_in_a_private_file_not_on_its_comm
     assert "other local users can read it" in capsys.readouterr().err
 
 
-def test_launched_servers_get_one_random_key_per_run_kept_out_of_the_saved_config():
+def test_launched_servers_always_take_a_key_shipped_only_when_the_trainer_needs_it():
+    """update=distributed: one random key per run in the plans (the trainer pushes weights into the
+    servers), never in the saved config; otherwise each replica makes its own and nothing is shipped."""
+    from rlflow.engines.sglang import server_key
     from rlflow.flow.config import RunConfig
     from rlflow.flow.launcher import plan_roles
 
@@ -232,7 +235,11 @@ def test_launched_servers_get_one_random_key_per_run_kept_out_of_the_saved_confi
     cfg.rollout.sglang.api_key = "the-users-key"
     assert keys(cfg) == ({"the-users-key"}, "the-users-key")
     cfg.rollout.sglang.api_key, cfg.rollout.sglang.url = None, "http://127.0.0.1:1"  # a server of the user's
-    assert keys(cfg) == ({None}, None)
+    assert keys(cfg) == ({None}, None) and server_key(cfg.rollout.sglang) is None
+    cfg.rollout.sglang.url, cfg.rollout.sglang.update = None, "disk"
+    assert {p.config.sglang.api_key for p in plan_roles(cfg) if p.role == "rollout"} == {None}  # nothing shipped
+    mine, other = server_key(cfg.rollout.sglang), server_key(cfg.rollout.sglang)
+    assert len(mine) >= 32 and mine != other  # each replica's launched server: a key of its own
 
 
 def test_launching_without_sglang_installed_names_the_extra_and_the_url_alternative(tiny_model):

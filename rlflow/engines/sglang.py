@@ -29,9 +29,10 @@ when the scheduler is idle, which neither ``retract`` nor ``in_place`` guarantee
 after an update has crashed sglang's scheduler (<= 0.5.15). A failed step raises, naming the endpoint
 and the server's answer, and generation is not resumed on half-updated weights.
 
-Credentials. A launched server takes the run's API key (``rollout.sglang.api_key``; the launcher makes
-a random one per run when it is unset): on a GPU host any local user could otherwise generate with it
-or push weights into it. The key goes to the server in a 0600 config file (``--config``), not on its
+Credentials. A launched server always takes an API key (``server_key``): ``rollout.sglang.api_key``,
+else one the launcher made for the run (update=distributed: the trainer presents it too), else one
+this replica makes for itself, so it travels nowhere. On a GPU host any local user could otherwise
+generate with the server or push weights into it. The key goes to the server in a 0600 config file (``--config``), not on its
 command line, which every local user can read in the process list; an sglang without config files
 gets ``--api-key``, with a warning that says so.
 """
@@ -113,8 +114,9 @@ class SGLangEngine:
         self.server: subprocess.Popen | None = None
         self.log_path: str | None = None
         self.key_dir: str | None = None  # the launched server's private config file (its API key), until it is up
+        self.api_key = server_key(self.cfg)
         url = self.cfg.url or self._launch()
-        self.client = SGLangClient(url, self.cfg.api_key, self.cfg.request_timeout)
+        self.client = SGLangClient(url, self.api_key, self.cfg.request_timeout)
         try:
             self._wait_ready()
         finally:
@@ -226,11 +228,10 @@ class SGLangEngine:
             cmd += ["--base-gpu-id", self.device.split(":", 1)[1]]
         if self.cfg.mem_fraction is not None:
             cmd += ["--mem-fraction-static", str(self.cfg.mem_fraction)]
-        if self.cfg.api_key:
-            launch_args = [str(a) for a in self.cfg.launch_args]
-            self.key_dir = None if "--config" in launch_args or not reads_config_files() else tempfile.mkdtemp(
-                prefix="rlflow-sglang-key-")
-            cmd += server_key_args(self.cfg.api_key, self.key_dir)
+        launch_args = [str(a) for a in self.cfg.launch_args]
+        self.key_dir = None if "--config" in launch_args or not reads_config_files() else tempfile.mkdtemp(
+            prefix="rlflow-sglang-key-")
+        cmd += server_key_args(self.api_key, self.key_dir)
         cmd += [str(a) for a in self.cfg.launch_args]
         env = {k: v for k, v in os.environ.items() if k not in ("SGLANG_RETURN_ORIGINAL_LOGPROB", "RETURN_ORIGINAL_LOGPROB")}
         log = tempfile.NamedTemporaryFile(prefix="rlflow-sglang-", suffix=".log", delete=False)
@@ -261,6 +262,16 @@ class SGLangEngine:
                           f"{self.cfg.startup_timeout:.0f}s)", flush=True)
                     next_note += 30.0
                 time.sleep(2.0)
+
+
+def server_key(cfg: SGLangConfig) -> str | None:
+    """The API key of the engine's server: the configured one; for a server it launches without one, a
+    random key of its own (nobody else needs it); None for a server at ``url`` that takes none."""
+    if cfg.api_key is not None or cfg.url is not None:
+        return cfg.api_key
+    import secrets
+
+    return secrets.token_urlsafe(32)
 
 
 def reads_config_files() -> bool:

@@ -215,10 +215,12 @@ def reward_fn(cfg: RunConfig) -> str:
 
 
 def with_server_key(rollout):
-    """The rollout config the replicas get: launched sglang servers take a random API key per run unless
-    ``rollout.sglang.api_key`` gives one (on a GPU host any local user could otherwise push weights into
-    them). It lives in the plans only, never in the run's saved config."""
-    if rollout.engine != "sglang" or rollout.sglang.url is not None or rollout.sglang.api_key is not None:
+    """The rollout config the replicas get. With update=distributed the trainer pushes weights into the
+    servers the replicas launch, so it needs their API key: the launcher makes one per run (unless
+    ``rollout.sglang.api_key`` gives one). It lives in the plans only, never in the run's saved config.
+    Otherwise a replica makes its server's key itself (``engines/sglang.server_key``) and none is shipped."""
+    s = rollout.sglang
+    if rollout.engine != "sglang" or s.update != "distributed" or s.url is not None or s.api_key is not None:
         return rollout
     return dataclasses.replace(rollout, sglang=dataclasses.replace(rollout.sglang, api_key=secrets.token_urlsafe(32)))
 
