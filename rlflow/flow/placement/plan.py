@@ -34,6 +34,8 @@ class Wiring:
     steps: int  # flow.steps: the run's last policy version (a delivered row naming a later one is refused)
     heartbeat_s: float  # seconds between heartbeats
     launcher_pid: int  # a local replica dies with this process
+    credentials: tuple[str, str] | None = None  # Ray: the launcher's credential service (address, public key),
+    # where a replica fetches what ``credentials.split`` kept out of its plan
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,10 @@
                           └─ role actors      one per replica: run_role (flow/placement/worker.py), as a local process would
 
 Ray places and supervises; it does not carry data. Rows travel over our bus and weights over our channel,
-both tcp on each node's IP with CURVE keys that the launcher makes for the run and hands to every actor,
-which holds them in memory (nothing is written on its node). Ray's object store holds nothing but the
-actors' arguments.
+both tcp on each node's IP with CURVE keys that the launcher makes for the run. Ray carries no secret
+either: an actor's arguments are its plan without them, and it fetches them from the launcher's
+credential service, authenticated by a keypair it made itself and whose public half alone went through
+Ray (``flow/placement/credentials.py``). Actors hold their secrets in memory; nothing is written on their node.
 
 Invariants:
 - ``ray.address`` null starts a private cluster on this machine (``address="local"``: never someone
@@ -37,11 +38,12 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlflow.flow.config import StartError
+from rlflow.flow.placement import credentials
 from rlflow.flow.placement.endpoints import RayEndpoints
 from rlflow.flow.placement.plan import ReplicaPlan
 from rlflow.flow.placement.worker import run_role
 from rlflow.transfer import ServerConfig
-from rlflow.transfer.security import CurveKeys, keygen, load_keys
+from rlflow.transfer.security import keygen, load_keys
 
 REGISTRY = "rlflow-registry"
 LOG_DRAIN_S = 1.0  # Ray forwards what actors print through its log monitor, a few hundred ms behind; the
@@ -64,14 +66,27 @@ class Registry:
         self.addresses.pop(name, None)
 
 
-class BusActor:
+class _Keyed:
+    """An actor's own CURVE keypair, made where it runs; only the public half leaves (``public_key``)."""
+
+    def __init__(self):
+        import zmq
+
+        self.keypair = zmq.curve_keypair()
+
+    def public_key(self) -> str:
+        return self.keypair[0].decode()
+
+
+class BusActor(_Keyed):
     """Hosts the bus server on a thread, bound on this node's IP (CURVE: it listens beyond loopback)."""
 
-    def start(self, config: ServerConfig, keys: CurveKeys) -> str:
+    def start(self, config: ServerConfig, service: tuple[str, str], timeout: float) -> str:
+        """Serve ``config`` completed with the secrets fetched from the launcher's ``service``."""
         from rlflow.transfer.server import serve_in_thread
 
-        config = dataclasses.replace(config, address=f"tcp://{ray.util.get_node_ip_address()}:0",
-                                     keys_dir=keys)
+        config = credentials.join_server(config, credentials.fetch(service, self.keypair, timeout))
+        config = dataclasses.replace(config, address=f"tcp://{ray.util.get_node_ip_address()}:0")
         self.server, self.thread = serve_in_thread(config)
         return self.server.address
 
@@ -86,14 +101,16 @@ class BusActor:
         """Nothing to clean up: the keys are in memory; the launcher then kills this actor."""
 
 
-class RoleActor:
-    """One role replica. Threaded (two calls at once) so that ``stop`` runs while ``run`` is busy."""
+class RoleActor(_Keyed):
+    """One role replica. Threaded so that ``stop`` and ``public_key`` run while ``run`` is busy."""
 
     def where(self) -> dict:
         return {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
 
     def run(self, plan: ReplicaPlan) -> int:
-        return run_role(plan)
+        """``plan`` comes without its secrets: fetched first, from the service the plan names."""
+        secrets = credentials.fetch(plan.wiring.credentials, self.keypair, plan.wiring.wait_seconds)
+        return run_role(credentials.join(plan, secrets))
 
     def stop(self) -> None:
         """Run the role's exit hooks; the launcher then kills it."""
@@ -120,6 +137,7 @@ class RayPlacement:
         self.temp_dir = os.path.join(sock_dir, "ray") if self.private else None  # the private cluster's files
         self.keys_dir = str(keygen(os.path.join(sock_dir, "keys")))
         self.keys = load_keys(self.keys_dir)  # what every actor gets (in memory); the files stay on this node
+        self.credentials = None  # the credential service's (address, public key), once it listens
         t0 = time.monotonic()
         self._init(roles)
         try:
@@ -134,6 +152,8 @@ class RayPlacement:
         """The registry, the feasibility check, the placement group and every actor (created, not started)."""
         self.host = ray.util.get_node_ip_address()
         self.control_address = f"tcp://{self.host}:0"
+        self.service = credentials.CredentialService(self.host)
+        self.credentials = self.service.where
         self.registry = ray.remote(Registry).options(name=REGISTRY, num_cpus=0).remote()
         self.endpoints = RayEndpoints(REGISTRY, self.namespace)
         self.endpoints_spec = {"kind": "ray", "registry": REGISTRY, "namespace": self.namespace}
@@ -144,7 +164,7 @@ class RayPlacement:
         if self.cfg.placement is not None:
             self._place_group(roles)
         # Every actor is created now, so that Ray starts their worker processes in parallel with the bus.
-        self.bus = ray.remote(BusActor).options(max_concurrency=2,
+        self.bus = ray.remote(BusActor).options(max_concurrency=3,
                                                 **self._options(self.cfg.bus, None, "rlflow-bus")).remote()
         self.handles = {(r, i): self._role_actor(r, i, f"rlflow-{r}-{i}") for r, i in roles}
         self.runs: dict[tuple[str, int], object] = {}  # the ref of each replica's run() call
@@ -196,7 +216,7 @@ class RayPlacement:
         self._bundles = {key: i + 1 for i, key in enumerate(roles)}
 
     def _role_actor(self, role: str, replica: int, name: str):
-        return ray.remote(RoleActor).options(max_concurrency=2, **self._options(getattr(self.cfg, role), (role, replica),
+        return ray.remote(RoleActor).options(max_concurrency=3, **self._options(getattr(self.cfg, role), (role, replica),
                                                                                 name)).remote()
 
     def _options(self, res, key: tuple[str, int] | None, name: str) -> dict:
@@ -210,7 +230,9 @@ class RayPlacement:
     # ------------------------------------------------------------------ the bus and the roles
     def start_bus(self, config: ServerConfig, on_exit: Callable[[str, str | None], None]) -> str:
         """Start the bus in its actor; ``on_exit(what, detail)`` if the actor dies or the bus stops."""
-        ref = self.bus.start.remote(config, self.keys)
+        public, secrets = credentials.split_server(dataclasses.replace(config, keys_dir=self.keys))
+        self._admit(self.bus, secrets, "the bus")
+        ref = self.bus.start.remote(public, self.credentials, self.cfg.start_timeout)
         ready, _ = ray.wait([ref], timeout=self.cfg.start_timeout)
         if not ready:
             raise StartError(self._pending_message(["bus"]))
@@ -231,9 +253,22 @@ class RayPlacement:
         if key not in self.handles:
             self.handles[key] = self._role_actor(plan.role, plan.replica, f"rlflow-{name}.{plan.incarnation}")
         actor = self.handles[key]
-        self.runs[key] = run_ref = actor.run.remote(plan)
+        public, secrets = credentials.split(plan.replace(wiring=dataclasses.replace(plan.wiring,
+                                                                                   credentials=self.credentials)))
+        self.runs[key] = run_ref = actor.run.remote(public)
+        threading.Thread(target=self._admit, args=(actor, secrets, name), name=f"rlflow-admit-{name}",
+                         daemon=True).start()  # the run waits for it (bounded by flow.wait_seconds)
         self.started[name] = actor.where.remote()
         _watch(run_ref, name, on_exit)
+
+    def _admit(self, actor, secrets: dict, name: str) -> None:
+        """Let the actor's own key (its public half, from Ray) fetch ``secrets`` once. An actor that never
+        answers is the placement's concern (``wait_started``); its run then fails on its own bound."""
+        try:
+            public_key = ray.get(actor.public_key.remote(), timeout=self.cfg.start_timeout)
+        except (ray.exceptions.RayError, TimeoutError):
+            return
+        self.service.admit(public_key, secrets)
 
     def kill_role(self, role: str, replica: int, timeout: float) -> None:
         """Kill the replica's actor (its process, frozen or not) and wait, bounded, until Ray reports it gone."""
@@ -284,11 +319,12 @@ class RayPlacement:
         time.sleep(LOG_DRAIN_S)
         for name, actor in actors.items():
             if stops[name] in left and name in self.where:  # one never placed cannot answer: no news
-                warn(f"{name} did not answer stop in {shutdown_seconds}s (its key files may remain): killed")
+                warn(f"{name} did not answer stop in {shutdown_seconds}s: killed")
             ray.kill(actor)
         if self.pg is not None:
             remove_placement_group(self.pg)
         ray.kill(self.registry)
+        self.service.close()
         ray.shutdown()  # a private cluster stops with it; a joined one only loses this driver
 
 

@@ -1,0 +1,85 @@
+"""Under Ray, no secret rides in an actor's arguments: plans ship without them, and each actor fetches
+its own from the launcher's credential service with a keypair it made itself (flow/placement/credentials.py)."""
+
+from __future__ import annotations
+
+import pickle
+import secrets as random_bytes
+
+import pytest
+import zmq
+
+from rlflow.flow.config import RunConfig
+from rlflow.flow.launcher import plan_roles
+from rlflow.flow.placement import credentials
+from rlflow.flow.placement.plan import Wiring
+from rlflow.roles import schema
+from rlflow.transfer import ServerConfig
+from rlflow.transfer.security import keygen, load_keys
+
+
+def _plans(tmp_path):
+    cfg = RunConfig()
+    cfg.rollout.engine, cfg.rollout.sglang.update = "sglang", "distributed"  # the case with a shipped server key
+    keys = load_keys(keygen(tmp_path / "keys"))
+    wiring = Wiring(bus="tcp://10.0.0.1:1", control="tcp://10.0.0.1:2", endpoints={}, keys=keys, model_path="m",
+                    run_dir="r", seed=0, wait_seconds=5, lease_seconds=5, steps=3, heartbeat_s=1, launcher_pid=1)
+    channel = random_bytes.token_bytes(32)
+    return [p.replace(wiring=wiring, bus_token=random_bytes.token_hex(16),
+                      channel_secret=channel if p.role in schema.CHANNEL_ROLES else None) for p in plan_roles(cfg)]
+
+
+def _secret_strings(plan) -> list[bytes]:
+    k = plan.wiring.keys
+    found = [plan.bus_token.encode(), k.secret, k.server_secret]
+    if plan.channel_secret:
+        found.append(plan.channel_secret)
+    sglang = getattr(plan.config, "sglang", None) or getattr(getattr(plan.args, "broadcast", None), "sglang", None)
+    if sglang is not None and sglang.api_key:
+        found.append(sglang.api_key.encode())
+    return found
+
+
+def test_a_plan_split_for_ray_carries_no_secret_and_joins_back_whole(tmp_path):
+    for plan in _plans(tmp_path):
+        public, secrets = credentials.split(plan)
+        shipped = pickle.dumps(public)
+        assert not [s for s in _secret_strings(plan) if s in shipped], plan.name
+        assert credentials.join(public, secrets) == plan
+
+
+def test_the_bus_config_split_for_ray_carries_no_token_and_no_secret_key(tmp_path):
+    keys = load_keys(keygen(tmp_path / "keys"))
+    grants = {random_bytes.token_hex(16): g for g in schema.grants().values()}
+    config = ServerConfig(address="tcp://10.0.0.1:0", keys_dir=keys, grants=grants)
+    public, secrets = credentials.split_server(config)
+    shipped = pickle.dumps(public)
+    assert not [t for t in [*grants, keys.server_secret.decode(), keys.secret.decode()] if t.encode() in shipped]
+    assert credentials.join_server(public, secrets) == config
+
+
+def test_only_the_admitted_key_fetches_its_secrets_and_only_once():
+    service = credentials.CredentialService("127.0.0.1")
+    try:
+        mine, stranger = zmq.curve_keypair(), zmq.curve_keypair()
+        service.admit(mine[0].decode(), {"bus_token": "t" * 32})
+        with pytest.raises(TimeoutError, match="credentials from the launcher"):
+            credentials.fetch(service.where, stranger, timeout=1.5)  # its handshake is refused: it reads nothing
+        assert credentials.fetch(service.where, mine, timeout=10) == {"bus_token": "t" * 32}
+        with pytest.raises(TimeoutError):  # fetched once: the key is no longer admitted
+            credentials.fetch(service.where, mine, timeout=1.5)
+        assert service.served == 1 and not service.pending
+    finally:
+        service.close()
+
+
+def test_a_key_admitted_after_its_replica_started_asking_still_gets_its_secrets():
+    import threading
+
+    service = credentials.CredentialService("127.0.0.1")
+    try:
+        mine = zmq.curve_keypair()
+        threading.Timer(2.0, service.admit, args=(mine[0].decode(), {"x": 1})).start()  # Ray hands the key over late
+        assert credentials.fetch(service.where, mine, timeout=20) == {"x": 1}
+    finally:
+        service.close()
