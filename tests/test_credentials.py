@@ -3,6 +3,7 @@ its own from the launcher's credential service with a keypair it made itself (fl
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import secrets as random_bytes
 
@@ -83,3 +84,45 @@ def test_a_key_admitted_after_its_replica_started_asking_still_gets_its_secrets(
         assert credentials.fetch(service.where, mine, timeout=20) == {"x": 1}
     finally:
         service.close()
+
+
+def test_under_ray_each_process_connects_with_its_own_key_and_only_registered_keys_get_in(tmp_path):
+    """The run's servers accept a client key only while the launcher has it registered for a process of
+    the run (``RunKeys``, looked up in the run's registry at each handshake); a killed replica's key is
+    deleted with it. The keys sent to actors hold no client key: each uses its own."""
+    import socket
+    import uuid
+
+    import ray
+
+    from rlflow.flow.placement.ray_cluster import REGISTRY, Registry, own_keys
+    from rlflow.transfer import BusClient, BusTimeout
+    from rlflow.transfer.server import serve_in_thread
+
+    namespace = f"rlflow-test-{uuid.uuid4().hex[:8]}"
+    ray.init(address="local", namespace=namespace, num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    server = None
+    try:
+        registry = ray.remote(Registry).options(name=REGISTRY).remote()
+        run_keys = load_keys(keygen(tmp_path / "keys"))
+        sent = dataclasses.replace(run_keys, public=b"", secret=b"", authorized=())  # what an actor is sent
+        mine, stranger = zmq.curve_keypair(), zmq.curve_keypair()
+        ray.get(registry.put.remote(f"curve/{mine[0].decode()}", "rollout-0"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        # The bus as the bus actor runs it: the run's server keys, the registry deciding who gets in.
+        bus, _ = serve_in_thread(ServerConfig(address=f"tcp://127.0.0.1:{port}",
+                                              keys_dir=own_keys(sent, zmq.curve_keypair(), namespace)))
+        server = bus
+        with BusClient(bus.address, keys_dir=own_keys(sent, mine, namespace), connect_timeout=10) as c:
+            assert c.stats()["rows"] == 0
+        with pytest.raises(BusTimeout):
+            BusClient(bus.address, keys_dir=own_keys(sent, stranger, namespace), connect_timeout=1.5)
+        ray.get(registry.delete.remote(f"curve/{mine[0].decode()}"))
+        fresh = own_keys(sent, mine, namespace)
+        assert fresh.authorized.callback("*", mine[0]) is False  # a new lookup: the key is gone
+    finally:
+        if server is not None:
+            server.stop()
+        ray.shutdown()

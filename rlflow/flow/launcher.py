@@ -314,7 +314,7 @@ class Run:
             ServerConfig(capacity_rows=cfg.flow.bus_capacity_rows, capacity_bytes=cfg.flow.bus_capacity_bytes,
                          grants={self.tokens[who]: grant for who, grant in grants.items()}),
             functools.partial(self._exited, "bus", 0, None))
-        keys_dir = self.placement.keys_dir
+        keys_dir = self.placement.launcher_keys  # in memory; the placement's key directory is for `rlflow bus stats`
         self.bus = BusClient(bus_address, keys_dir=keys_dir, token=self.tokens["launcher"])
         say(self.console, f"bus {bus_address}  (`rlflow bus stats {run_dir}` shows what it holds)")
         schema.declare(self.bus)
@@ -360,7 +360,7 @@ class Run:
                              group_size=cfg.rollout.group_size, groups_per_step=cfg.actor.groups_per_step,
                              staleness=cfg.flow.staleness, async_queue_steps=cfg.flow.async_queue_steps,
                              steps=cfg.flow.steps, wait_seconds=cfg.flow.wait_seconds,
-                             keys_dir=self.placement.keys_dir, done=point.done_groups(), epoch=self.epoch,
+                             keys_dir=self.placement.launcher_keys, done=point.done_groups(), epoch=self.epoch,
                              token=self.tokens["feeder"], channel_key=ChannelKey(self.channel_secret))
         self.feeder_thread = threading.Thread(target=self._feed, args=(self.feeder,), name="rlflow-feeder",
                                               daemon=True)

@@ -20,6 +20,7 @@ import ipaddress
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import zmq
@@ -62,7 +63,8 @@ class CurveKeys:
     public: bytes  # this process's client key pair
     secret: bytes = field(repr=False)
     server_secret: bytes | None = field(default=None, repr=False)  # for the processes that serve
-    authorized: tuple[bytes, ...] = ()  # client public keys a server accepts
+    authorized: Any = ()  # client public keys a server accepts: a tuple, or an object whose
+    # ``callback(domain, key)`` says (keys that change during a run: a registry of the run's processes)
 
 
 def load_keys(keys_dir: str | Path, client_name: str = "client") -> CurveKeys:
@@ -95,7 +97,8 @@ def serve_curve(ctx: zmq.Context, sock: zmq.Socket, keys: str | Path | CurveKeys
         raise ValueError("these CURVE keys have no server secret key: they can connect, not serve")
     auth = ThreadAuthenticator(ctx)
     auth.start()
-    auth.configure_curve_callback(domain="*", credentials_provider=_Authorized(keys.authorized))
+    provider = keys.authorized if hasattr(keys.authorized, "callback") else _Authorized(keys.authorized)
+    auth.configure_curve_callback(domain="*", credentials_provider=provider)
     sock.curve_publickey, sock.curve_secretkey = keys.server_public, keys.server_secret
     sock.curve_server = True
     return auth

@@ -66,8 +66,36 @@ class Registry:
         self.addresses.pop(name, None)
 
 
+class RunKeys:
+    """The ZAP check of every server of a Ray run: a client key is one the launcher registered for a
+    process of this run (``curve/<key>`` in the registry), looked up at each handshake; a yes is kept."""
+
+    def __init__(self, namespace: str):
+        self.namespace, self.known, self._registry = namespace, set(), None
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key in self.known:
+            return True
+        try:
+            if self._registry is None:
+                self._registry = ray.get_actor(REGISTRY, namespace=self.namespace)
+            ok = ray.get(self._registry.get.remote(f"curve/{key.decode()}"), timeout=10) is not None
+        except Exception:  # noqa: BLE001 - the registry is gone (the run is stopping): refuse
+            return False
+        if ok:
+            self.known.add(key)
+        return ok
+
+
+def own_keys(keys, keypair: tuple[bytes, bytes], namespace: str):
+    """The run's server keys with this process's own client keypair, and the run's registry as the list
+    of client keys its servers accept."""
+    return dataclasses.replace(keys, public=keypair[0], secret=keypair[1], authorized=RunKeys(namespace))
+
+
 class _Keyed:
-    """An actor's own CURVE keypair, made where it runs; only the public half leaves (``public_key``)."""
+    """An actor's own CURVE keypair, made where it runs; only the public half leaves (``public_key``).
+    It authenticates the actor to the credential service and is its client key on every socket."""
 
     def __init__(self):
         import zmq
@@ -86,7 +114,8 @@ class BusActor(_Keyed):
         from rlflow.transfer.server import serve_in_thread
 
         config = credentials.join_server(config, credentials.fetch(service, self.keypair, timeout))
-        config = dataclasses.replace(config, address=f"tcp://{ray.util.get_node_ip_address()}:0")
+        config = dataclasses.replace(config, address=f"tcp://{ray.util.get_node_ip_address()}:0",
+                                     keys_dir=own_keys(config.keys_dir, self.keypair, ray.get_runtime_context().namespace))
         self.server, self.thread = serve_in_thread(config)
         return self.server.address
 
@@ -109,8 +138,9 @@ class RoleActor(_Keyed):
 
     def run(self, plan: ReplicaPlan) -> int:
         """``plan`` comes without its secrets: fetched first, from the service the plan names."""
-        secrets = credentials.fetch(plan.wiring.credentials, self.keypair, plan.wiring.wait_seconds)
-        return run_role(credentials.join(plan, secrets))
+        plan = credentials.join(plan, credentials.fetch(plan.wiring.credentials, self.keypair, plan.wiring.wait_seconds))
+        keys = own_keys(plan.wiring.keys, self.keypair, plan.wiring.endpoints["namespace"])
+        return run_role(plan.replace(wiring=dataclasses.replace(plan.wiring, keys=keys)))
 
     def stop(self) -> None:
         """Run the role's exit hooks; the launcher then kills it."""
@@ -136,8 +166,12 @@ class RayPlacement:
         self.private = self.cfg.address is None
         self.temp_dir = os.path.join(sock_dir, "ray") if self.private else None  # the private cluster's files
         self.keys_dir = str(keygen(os.path.join(sock_dir, "keys")))
-        self.keys = load_keys(self.keys_dir)  # what every actor gets (in memory); the files stay on this node
+        self.keys = load_keys(self.keys_dir)  # the files stay on this node
+        # What actors get (through the credential service): the run's server keys, no client key; each
+        # actor's client key is its own (``own_keys``).
+        self.actor_keys = dataclasses.replace(self.keys, public=b"", secret=b"", authorized=())
         self.credentials = None  # the credential service's (address, public key), once it listens
+        self.client_keys: dict[tuple[str, int], str] = {}  # replica -> its registered public key
         t0 = time.monotonic()
         self._init(roles)
         try:
@@ -156,6 +190,9 @@ class RayPlacement:
         self.credentials = self.service.where
         self.registry = ray.remote(Registry).options(name=REGISTRY, num_cpus=0).remote()
         self.endpoints = RayEndpoints(REGISTRY, self.namespace)
+        # The launcher's client key (the key directory's, which ``rlflow bus stats RUN_DIR`` also uses).
+        ray.get(self.registry.put.remote(f"curve/{self.keys.public.decode()}", "launcher"), timeout=60)
+        self.launcher_keys = dataclasses.replace(self.keys, authorized=RunKeys(self.namespace))
         self.endpoints_spec = {"kind": "ray", "registry": REGISTRY, "namespace": self.namespace}
         if self.private:  # no autoscaler can add a node: a request no node meets now never will
             self._check_feasible(roles)
@@ -230,8 +267,8 @@ class RayPlacement:
     # ------------------------------------------------------------------ the bus and the roles
     def start_bus(self, config: ServerConfig, on_exit: Callable[[str, str | None], None]) -> str:
         """Start the bus in its actor; ``on_exit(what, detail)`` if the actor dies or the bus stops."""
-        public, secrets = credentials.split_server(dataclasses.replace(config, keys_dir=self.keys))
-        self._admit(self.bus, secrets, "the bus")
+        public, secrets = credentials.split_server(dataclasses.replace(config, keys_dir=self.actor_keys))
+        self._admit(self.bus, secrets, "bus")
         ref = self.bus.start.remote(public, self.credentials, self.cfg.start_timeout)
         ready, _ = ray.wait([ref], timeout=self.cfg.start_timeout)
         if not ready:
@@ -253,21 +290,25 @@ class RayPlacement:
         if key not in self.handles:
             self.handles[key] = self._role_actor(plan.role, plan.replica, f"rlflow-{name}.{plan.incarnation}")
         actor = self.handles[key]
-        public, secrets = credentials.split(plan.replace(wiring=dataclasses.replace(plan.wiring,
-                                                                                   credentials=self.credentials)))
+        public, secrets = credentials.split(plan.replace(wiring=dataclasses.replace(
+            plan.wiring, credentials=self.credentials, keys=self.actor_keys)))
         self.runs[key] = run_ref = actor.run.remote(public)
-        threading.Thread(target=self._admit, args=(actor, secrets, name), name=f"rlflow-admit-{name}",
+        threading.Thread(target=self._admit, args=(actor, secrets, name, key), name=f"rlflow-admit-{name}",
                          daemon=True).start()  # the run waits for it (bounded by flow.wait_seconds)
         self.started[name] = actor.where.remote()
         _watch(run_ref, name, on_exit)
 
-    def _admit(self, actor, secrets: dict, name: str) -> None:
-        """Let the actor's own key (its public half, from Ray) fetch ``secrets`` once. An actor that never
-        answers is the placement's concern (``wait_started``); its run then fails on its own bound."""
+    def _admit(self, actor, secrets: dict, name: str, key: tuple[str, int] | None = None) -> None:
+        """Register the actor's own key (its public half, from Ray) as a client of the run's servers, then
+        let it fetch ``secrets`` once. An actor that never answers is the placement's concern
+        (``wait_started``); its run then fails on its own bound."""
         try:
             public_key = ray.get(actor.public_key.remote(), timeout=self.cfg.start_timeout)
+            ray.get(self.registry.put.remote(f"curve/{public_key}", name), timeout=60)
         except (ray.exceptions.RayError, TimeoutError):
             return
+        if key is not None:
+            self.client_keys[key] = public_key
         self.service.admit(public_key, secrets)
 
     def kill_role(self, role: str, replica: int, timeout: float) -> None:
@@ -276,6 +317,8 @@ class RayPlacement:
         if actor is None:
             return
         ray.kill(actor, no_restart=True)
+        if (public_key := self.client_keys.pop((role, replica), None)) is not None:  # its key dies with it
+            ray.get(self.registry.delete.remote(f"curve/{public_key}"), timeout=60)
         done, _ = ray.wait([self.runs[(role, replica)]], timeout=timeout)
         if not done:
             raise RuntimeError(f"Ray did not report {role}-{replica} gone within {timeout:.0f}s of killing it")
