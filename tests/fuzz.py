@@ -171,3 +171,21 @@ class Peers:
             time.sleep(0.05)
         for s in self.socks:
             s.close(0)
+
+
+def pushing_heads(address: str, head: dict, chunk: bytes, stop) -> None:
+    """A weight-channel peer that answers every request with ``head`` and every chunk request with
+    ``chunk`` too (runs until ``stop`` is set): an upstream that tries to make its relay adopt its head."""
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.bind(address)
+    try:
+        while not stop.is_set():
+            if sock.poll(50):
+                identity, frame = sock.recv_multipart()
+                req = json.loads(frame)
+                sock.send_multipart([identity, json.dumps({"ok": True, "op": "head", "head": head}).encode()])
+                if req.get("op") == "chunk":
+                    sock.send_multipart([identity, json.dumps({"ok": True, "op": "chunk", "key": req["key"],
+                                                               "i": req["i"]}).encode(), chunk])
+    finally:
+        sock.close(0)

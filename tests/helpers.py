@@ -80,3 +80,14 @@ def wait_parked(client, gets: int, timeout: float = 10.0) -> None:
     while len(client.stats()["waiting_gets"]) != gets:
         assert time.monotonic() < deadline, f"the bus never held {gets} parked gets: {client.stats()['waiting_gets']}"
         time.sleep(0.01)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` in MiB (0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        pass
+    return 0.0

@@ -15,6 +15,7 @@ import pytest
 import zmq
 
 from conftest import COLUMNS, new_rows, start_bus
+from helpers import rss_mb
 from rlflow.transfer import BusClient, BusError, BusTimeout, SchemaError, ServerConfig, spawn_server
 from rlflow.transfer.security import keygen
 from rlflow.transfer.wire import encode_batch, encode_header
@@ -379,13 +380,6 @@ def test_each_connection_may_do_only_what_its_token_grants(short_dir):
         server.stop()
 
 
-def _rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def _deaf_peer(address: str) -> zmq.Socket:
     """A connection that never reads what it is sent (a receive queue of one message, a tiny kernel buffer)."""
     s = zmq.Context.instance().socket(zmq.DEALER)
@@ -417,7 +411,7 @@ def test_a_peer_that_never_reads_its_replies_holds_a_bounded_share_of_the_bus_me
             deadline = time.monotonic() + 30
             while c.stats()["waiting_gets_total"] < 768:
                 assert time.monotonic() < deadline, "the waiting gets were never parked"
-            before = _rss_mb(bus.pid)
+            before = rss_mb(bus.pid)
             deaf = _deaf_peer(address)
             for i in range(3000):
                 deaf.send(encode_header({"op": "stats", "id": i}))
@@ -425,7 +419,7 @@ def test_a_peer_that_never_reads_its_replies_holds_a_bounded_share_of_the_bus_me
             while (stats := c.stats())["dropped_replies"] < 2900:
                 assert time.monotonic() < deadline, f"only {stats['dropped_replies']} replies dropped"
                 time.sleep(0.05)
-            grown = _rss_mb(bus.pid) - before
+            grown = rss_mb(bus.pid) - before
         assert grown < 40, f"the bus grew by {grown:.0f} MiB holding replies for a peer that never reads them"
         assert len(stats["waiting_gets"]) <= 50 and stats["waiting_gets_total"] == 768
     finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, assert_all_processes_gone, command, env, metrics, wait_for_step
+from helpers import REPO, assert_all_processes_gone, command, env, metrics, rss_mb, wait_for_step
 
 STEPS, KILL_AT = 16, 5
 SAMPLES = STEPS * 4 * 4  # steps x groups_per_step x group_size (test_runs.SMALL)
@@ -195,13 +195,6 @@ def test_resume_refuses_a_run_dir_without_checkpoints_and_a_fresh_run_refuses_an
                        timeout=120)
     said = " ".join(r.stdout.split())
     assert r.returncode == 2 and "already holds a run" in said and "resume=true" in said
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 @pytest.mark.timeout(300)

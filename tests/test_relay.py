@@ -9,6 +9,7 @@ import time
 
 import xxhash
 
+from fuzz import pushing_heads
 from rlflow.transfer.channel import Publisher, Server, ChunkStore
 from rlflow.transfer.relay import Relay
 
@@ -119,25 +120,6 @@ def test_a_relay_killed_mid_transfer_leaves_its_peer_to_the_publisher_and_catche
         pub.close()
 
 
-def _pushing_heads(address: str, head: dict, stop) -> None:
-    """A peer that answers every request with ``head`` (and a chunk request with attacker bytes too)."""
-    import json
-
-    import zmq
-
-    sock = zmq.Context.instance().socket(zmq.ROUTER)
-    sock.bind(address)
-    while not stop.is_set():
-        if sock.poll(50):
-            identity, frame = sock.recv_multipart()
-            req = json.loads(frame)
-            sock.send_multipart([identity, json.dumps({"ok": True, "op": "head", "head": head}).encode()])
-            if req.get("op") == "chunk":
-                sock.send_multipart([identity, json.dumps({"ok": True, "op": "chunk", "key": req["key"],
-                                                           "i": req["i"]}).encode(), b"attacker bytes"])
-    sock.close(0)
-
-
 def test_a_relay_takes_heads_only_from_the_publisher_and_only_signed_with_the_run_key(short_dir):
     import threading
 
@@ -148,7 +130,8 @@ def test_a_relay_takes_heads_only_from_the_publisher_and_only_signed_with_the_ru
     forged = Head(2, {"checksum": "attacker"}, {"patch-2": ObjectInfo(14, [xxhash.xxh3_64_hexdigest(b"attacker bytes")])})
     forged.sig = ChannelKey(os.urandom(32)).sign(forged.to_json())  # signed, but not with the run's key
     stop = threading.Event()
-    evil = threading.Thread(target=_pushing_heads, args=(f"ipc://{short_dir}/evil", forged.to_json(), stop), daemon=True)
+    evil = threading.Thread(target=pushing_heads, args=(f"ipc://{short_dir}/evil", forged.to_json(), b"attacker bytes",
+                                                        stop), daemon=True)
     evil.start()
     relay = Relay(pub.address, f"ipc://{short_dir}/evil", hop_timeout=2, key=key)
     impostor = Publisher(f"ipc://{short_dir}/impostor", chunk_bytes=1 << 10)  # a root that signs nothing

@@ -151,11 +151,9 @@ def test_without_in_place_tensors_the_engine_gets_whole_verified_weights(address
 def test_attacker_weights_pushed_by_a_fake_upstream_never_reach_the_engine(address, short_dir):
     """The attack a relay once fell to: its upstream peer answered with a head of its own (version 2,
     listing attacker bytes) and the replica applied it. Heads now come only from the actor, signed."""
-    import json
-
     import xxhash
-    import zmq
 
+    from fuzz import pushing_heads
     from rlflow.sync.codec import PatchEncoder
     from rlflow.transfer.channel import Head, ObjectInfo
 
@@ -163,20 +161,9 @@ def test_attacker_weights_pushed_by_a_fake_upstream_never_reach_the_engine(addre
     forged = Head(2, {"keyframe": 2, "chain": [], "time": time.time(), "checksum": "attacker"},
                   {"full-2": ObjectInfo(len(attacker), [xxhash.xxh3_64_hexdigest(attacker)])})
     forged.sig = ChannelKey(os.urandom(32)).sign(forged.to_json())
-    evil = zmq.Context.instance().socket(zmq.ROUTER)
-    evil.bind(f"ipc://{short_dir}/evil")
-    stop = threading.Event()
-
-    def serve_attack():
-        while not stop.is_set():
-            if evil.poll(50):
-                identity, frame = evil.recv_multipart()
-                req = json.loads(frame)
-                evil.send_multipart([identity, json.dumps({"ok": True, "op": "head", "head": forged.to_json()}).encode()])
-                if req.get("op") == "chunk":  # whatever it is asked for, the attacker's snapshot
-                    evil.send_multipart([identity, json.dumps({"ok": True, "op": "chunk", "key": req["key"],
-                                                               "i": req["i"]}).encode(), attacker])
-    attack = threading.Thread(target=serve_attack, daemon=True)
+    stop = threading.Event()  # whatever the replica asks the peer for, it answers with the attacker's snapshot
+    attack = threading.Thread(target=pushing_heads, args=(f"ipc://{short_dir}/evil", forged.to_json(), attacker, stop),
+                              daemon=True)
     attack.start()
     w = trainer_weights(0)
     pub = WeightPublisher(address, SyncConfig(), torch.float32, key=KEY)
@@ -193,7 +180,6 @@ def test_attacker_weights_pushed_by_a_fake_upstream_never_reach_the_engine(addre
     finally:
         stop.set()
         attack.join(5)
-        evil.close(0)
         rx.close()
         pub.close()
 

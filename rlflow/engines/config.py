@@ -35,7 +35,7 @@ class SGLangConfig:
     """Launched servers: more `python -m sglang.launch_server` arguments, e.g. [--context-length, '4096']."""
     api_key: str | None = field(default=None, repr=False)
     """Bearer key of the server(s): a server at `url` started with --api-key, or the key launched servers
-    take (null: launched servers get a random one per run)."""
+    take (null: each launched server gets a random one; with update=distributed, one per run)."""
     update: str = "disk"
     """How new weights reach the server: disk (a safetensors snapshot in update_dir, read by the server:
     same host or a shared filesystem), tensor (CUDA IPC handles: same host, needs the sglang extra here),

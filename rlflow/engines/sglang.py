@@ -231,8 +231,7 @@ class SGLangEngine:
         launch_args = [str(a) for a in self.cfg.launch_args]
         self.key_dir = None if "--config" in launch_args or not reads_config_files() else tempfile.mkdtemp(
             prefix="rlflow-sglang-key-")
-        cmd += server_key_args(self.api_key, self.key_dir)
-        cmd += [str(a) for a in self.cfg.launch_args]
+        cmd += server_key_args(self.api_key, self.key_dir) + launch_args
         env = {k: v for k, v in os.environ.items() if k not in ("SGLANG_RETURN_ORIGINAL_LOGPROB", "RETURN_ORIGINAL_LOGPROB")}
         log = tempfile.NamedTemporaryFile(prefix="rlflow-sglang-", suffix=".log", delete=False)
         self.log_path = log.name

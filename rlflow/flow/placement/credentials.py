@@ -18,8 +18,8 @@ Invariants:
 - Every wait is bounded: ``fetch`` by the caller's timeout, with an error naming the service; the
   service's thread polls in steps and stops on ``close``.
 
-What counts as a secret is ``SECRET_FIELDS``: bus tokens, the weight channel key, the run's CURVE keys
-and sglang API keys. Everything else in a plan is public.
+What counts as a secret is what ``split`` takes out: bus tokens, the weight channel key, the run's CURVE
+keys and sglang API keys. Everything else in a plan is public.
 """
 
 from __future__ import annotations

@@ -170,7 +170,6 @@ class RayPlacement:
         # What actors get (through the credential service): the run's server keys, no client key; each
         # actor's client key is its own (``own_keys``).
         self.actor_keys = dataclasses.replace(self.keys, public=b"", secret=b"", authorized=())
-        self.credentials = None  # the credential service's (address, public key), once it listens
         self.client_keys: dict[tuple[str, int], str] = {}  # replica -> its registered public key
         t0 = time.monotonic()
         self._init(roles)
@@ -187,7 +186,6 @@ class RayPlacement:
         self.host = ray.util.get_node_ip_address()
         self.control_address = f"tcp://{self.host}:0"
         self.service = credentials.CredentialService(self.host)
-        self.credentials = self.service.where
         self.registry = ray.remote(Registry).options(name=REGISTRY, num_cpus=0).remote()
         self.endpoints = RayEndpoints(REGISTRY, self.namespace)
         # The launcher's client key (the key directory's, which ``rlflow bus stats RUN_DIR`` also uses).
@@ -269,7 +267,7 @@ class RayPlacement:
         """Start the bus in its actor; ``on_exit(what, detail)`` if the actor dies or the bus stops."""
         public, secrets = credentials.split_server(dataclasses.replace(config, keys_dir=self.actor_keys))
         self._admit(self.bus, secrets, "bus")
-        ref = self.bus.start.remote(public, self.credentials, self.cfg.start_timeout)
+        ref = self.bus.start.remote(public, self.service.where, self.cfg.start_timeout)
         ready, _ = ray.wait([ref], timeout=self.cfg.start_timeout)
         if not ready:
             raise StartError(self._pending_message(["bus"]))
@@ -291,7 +289,7 @@ class RayPlacement:
             self.handles[key] = self._role_actor(plan.role, plan.replica, f"rlflow-{name}.{plan.incarnation}")
         actor = self.handles[key]
         public, secrets = credentials.split(plan.replace(wiring=dataclasses.replace(
-            plan.wiring, credentials=self.credentials, keys=self.actor_keys)))
+            plan.wiring, credentials=self.service.where, keys=self.actor_keys)))
         self.runs[key] = run_ref = actor.run.remote(public)
         threading.Thread(target=self._admit, args=(actor, secrets, name, key), name=f"rlflow-admit-{name}",
                          daemon=True).start()  # the run waits for it (bounded by flow.wait_seconds)
