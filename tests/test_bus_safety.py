@@ -17,7 +17,7 @@ import zmq
 from conftest import COLUMNS, new_rows, start_bus
 from helpers import rss_mb
 from rlflow.transfer import BusClient, BusError, BusTimeout, SchemaError, ServerConfig, spawn_server
-from rlflow.transfer.security import keygen
+from rlflow.transfer.security import CurveKeys, keygen, pinned, unpin
 from rlflow.transfer.wire import encode_batch, encode_header
 
 
@@ -183,7 +183,7 @@ def test_an_unauthenticated_client_can_neither_read_nor_write(short_dir, in_memo
             # Once the server refuses the handshake, zmq drops the pipe and a send would block for ever
             # with no peer: bound it. Either outcome (queued and dropped, or never sent) must store nothing.
             raw.setsockopt(zmq.SNDTIMEO, 2000)
-            raw.connect(server.address)
+            raw.connect(unpin(server.address)[0])
             try:
                 raw.send_multipart([encode_header({"op": "put", "id": 1}),
                                     encode_batch(pa.record_batch(new_rows(1, prefix="evil")))])
@@ -195,6 +195,38 @@ def test_an_unauthenticated_client_can_neither_read_nor_write(short_dir, in_memo
             assert stats["rows"] == 2 and stats["rows_in"] == 2
     finally:
         server.stop()
+
+
+def test_a_client_talks_only_to_the_server_whose_key_its_address_names(short_dir):
+    """Each server of a run may hold a keypair of its own: its address names the public key, and a client
+    checks the server against it. A process that knows one server's address (and so its public key) but
+    listens at another's with a keypair of its own is refused by every client of that address."""
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    client = zmq.curve_keypair()
+    real_pair, impostor_pair = zmq.curve_keypair(), zmq.curve_keypair()
+    real = spawn_server(ServerConfig(address=f"tcp://127.0.0.1:{ports[0]}",
+                                     keys_dir=CurveKeys(*real_pair, authorized=(client[0],))))
+    impostor = spawn_server(ServerConfig(address=f"tcp://127.0.0.1:{ports[1]}",
+                                         keys_dir=CurveKeys(*impostor_pair, authorized=(client[0],))))
+    mine = CurveKeys(*client)  # a client key and no run-wide server key: every address must name one
+    try:
+        assert real.address == pinned(f"tcp://127.0.0.1:{ports[0]}", real_pair[0])
+        with BusClient(real.address, keys_dir=mine, connect_timeout=10) as c:
+            assert c.stats()["rows"] == 0
+        posing = pinned(f"tcp://127.0.0.1:{ports[1]}", real_pair[0])  # the real key, the impostor's socket
+        with pytest.raises(BusTimeout, match="CURVE keys"):
+            BusClient(posing, keys_dir=mine, connect_timeout=1.5)
+        with pytest.raises(ValueError, match="64 hex digits"):
+            BusClient(real.address[:-2], keys_dir=mine, connect_timeout=1.5)
+    finally:
+        real.stop()
+        impostor.stop()
 
 
 def test_listening_beyond_loopback_without_keys_is_refused():

@@ -16,14 +16,13 @@ from rlflow.flow.placement import credentials
 from rlflow.flow.placement.plan import Wiring
 from rlflow.roles import schema
 from rlflow.transfer import ServerConfig
-from rlflow.transfer.security import keygen, load_keys
+from rlflow.transfer.security import keygen, load_keys, unpin
 
 
 def _plans(tmp_path):
     cfg = RunConfig()
     cfg.rollout.engine, cfg.rollout.sglang.update = "sglang", "distributed"  # the case with a shipped server key
-    keys = load_keys(keygen(tmp_path / "keys"))
-    wiring = Wiring(bus="tcp://10.0.0.1:1", control="tcp://10.0.0.1:2", endpoints={}, keys=keys, model_path="m",
+    wiring = Wiring(bus="tcp://10.0.0.1:1", control="tcp://10.0.0.1:2", endpoints={}, keys=None, model_path="m",
                     run_dir="r", seed=0, wait_seconds=5, lease_seconds=5, steps=3, heartbeat_s=1, launcher_pid=1)
     channel = random_bytes.token_bytes(32)
     return [p.replace(wiring=wiring, bus_token=random_bytes.token_hex(16),
@@ -31,8 +30,7 @@ def _plans(tmp_path):
 
 
 def _secret_strings(plan) -> list[bytes]:
-    k = plan.wiring.keys
-    found = [plan.bus_token.encode(), k.secret, k.server_secret]
+    found = [plan.bus_token.encode()]
     if plan.channel_secret:
         found.append(plan.channel_secret)
     sglang = getattr(plan.config, "sglang", None) or getattr(getattr(plan.args, "broadcast", None), "sglang", None)
@@ -49,13 +47,23 @@ def test_a_plan_split_for_ray_carries_no_secret_and_joins_back_whole(tmp_path):
         assert credentials.join(public, secrets) == plan
 
 
-def test_the_bus_config_split_for_ray_carries_no_token_and_no_secret_key(tmp_path):
+def test_no_curve_secret_is_ever_shipped_to_a_ray_actor(tmp_path):
+    """An actor serves and connects with the keypair it made: a plan or bus config carrying CURVE keys
+    (the launcher's, whose server key guards the control socket) is refused rather than shipped."""
     keys = load_keys(keygen(tmp_path / "keys"))
+    plan = _plans(tmp_path)[0]
+    with pytest.raises(ValueError, match="carries no CURVE keys"):
+        credentials.split(plan.replace(wiring=dataclasses.replace(plan.wiring, keys=keys)))
+    with pytest.raises(ValueError, match="carries no CURVE keys"):
+        credentials.split_server(ServerConfig(address="tcp://10.0.0.1:0", keys_dir=keys))
+
+
+def test_the_bus_config_split_for_ray_carries_no_token(tmp_path):
     grants = {random_bytes.token_hex(16): g for g in schema.grants().values()}
-    config = ServerConfig(address="tcp://10.0.0.1:0", keys_dir=keys, grants=grants)
+    config = ServerConfig(address="tcp://10.0.0.1:0", grants=grants)
     public, secrets = credentials.split_server(config)
     shipped = pickle.dumps(public)
-    assert not [t for t in [*grants, keys.server_secret.decode(), keys.secret.decode()] if t.encode() in shipped]
+    assert not [t for t in grants if t.encode() in shipped]
     assert credentials.join_server(public, secrets) == config
 
 
@@ -86,10 +94,11 @@ def test_a_key_admitted_after_its_replica_started_asking_still_gets_its_secrets(
         service.close()
 
 
-def test_under_ray_each_process_connects_with_its_own_key_and_only_registered_keys_get_in(tmp_path):
+def test_under_ray_each_process_connects_with_its_own_key_and_only_registered_keys_get_in():
     """The run's servers accept a client key only while the launcher has it registered for a process of
     the run (``RunKeys``, looked up in the run's registry at each handshake); a killed replica's key is
-    deleted with it. The keys sent to actors hold no client key: each uses its own."""
+    deleted with it. Each process's keypair is its own, as a client and as a server: the bus serves with
+    its actor's, and its address names that key."""
     import socket
     import uuid
 
@@ -104,23 +113,23 @@ def test_under_ray_each_process_connects_with_its_own_key_and_only_registered_ke
     server = None
     try:
         registry = ray.remote(Registry).options(name=REGISTRY).remote()
-        run_keys = load_keys(keygen(tmp_path / "keys"))
-        sent = dataclasses.replace(run_keys, public=b"", secret=b"", authorized=())  # what an actor is sent
-        mine, stranger = zmq.curve_keypair(), zmq.curve_keypair()
+        mine, stranger, bus_pair = zmq.curve_keypair(), zmq.curve_keypair(), zmq.curve_keypair()
         ray.get(registry.put.remote(f"curve/{mine[0].decode()}", "rollout-0"))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        # The bus as the bus actor runs it: the run's server keys, the registry deciding who gets in.
-        bus, _ = serve_in_thread(ServerConfig(address=f"tcp://127.0.0.1:{port}",
-                                              keys_dir=own_keys(sent, zmq.curve_keypair(), namespace)))
+        # The bus as the bus actor runs it: its own keypair, the registry deciding who gets in.
+        bus, _ = serve_in_thread(ServerConfig(address=f"tcp://127.0.0.1:{port}", keys_dir=own_keys(bus_pair, namespace)))
         server = bus
-        with BusClient(bus.address, keys_dir=own_keys(sent, mine, namespace), connect_timeout=10) as c:
+        assert unpin(bus.address)[1] == bus_pair[0]
+        with BusClient(bus.address, keys_dir=own_keys(mine, namespace), connect_timeout=10) as c:
             assert c.stats()["rows"] == 0
         with pytest.raises(BusTimeout):
-            BusClient(bus.address, keys_dir=own_keys(sent, stranger, namespace), connect_timeout=1.5)
+            BusClient(bus.address, keys_dir=own_keys(stranger, namespace), connect_timeout=1.5)
+        with pytest.raises(ValueError, match="names no CURVE server key"):  # an actor knows no run-wide server key
+            BusClient(unpin(bus.address)[0], keys_dir=own_keys(mine, namespace), connect_timeout=1.5)
         ray.get(registry.delete.remote(f"curve/{mine[0].decode()}"))
-        fresh = own_keys(sent, mine, namespace)
+        fresh = own_keys(mine, namespace)
         assert fresh.authorized.callback("*", mine[0]) is False  # a new lookup: the key is gone
     finally:
         if server is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers import assert_all_processes_gone, command, env, metrics, rlflow, wait_for_step
+from rlflow.flow.feeder import group_index
 
 pytest.importorskip("ray", reason="launcher=ray needs the ray extra: pip install -e '.[ray]'")
 
@@ -44,7 +45,17 @@ def local_run(tmp_path_factory, tiny_model, model_cache) -> list[dict]:
     run_dir = tmp_path_factory.mktemp("local") / "run"
     r = rlflow(run_dir, model_cache, "launcher=local", *ON_POLICY)
     assert r.returncode == 0, r.stdout + r.stderr
+    local_run_dir.append(run_dir)
     return metrics(run_dir)
+
+
+local_run_dir: list[Path] = []  # where ``local_run`` ran (its value stays the metrics the comparisons use)
+
+
+def trained_groups(run_dir: Path) -> list[list[str]]:
+    from rlflow.train.checkpoint import read_state
+
+    return read_state(run_dir / "checkpoints" / "final")["groups_by_step"]
 
 
 def test_the_ray_launcher_trains_bit_for_bit_like_the_local_one(tmp_path, local_run, model_cache):
@@ -55,6 +66,11 @@ def test_the_ray_launcher_trains_bit_for_bit_like_the_local_one(tmp_path, local_
     rows = metrics(run_dir)
     for key in ("reward/mean", "loss", "samples", "staleness/max"):
         assert [m[key] for m in rows] == [m[key] for m in local_run], key
+    # The same groups trained, under ids no one could know before each run issued them (a random part per run)
+    ours, theirs = trained_groups(run_dir), trained_groups(local_run_dir[0])
+    assert [[group_index(g) for g in s] for s in ours] == [[group_index(g) for g in s] for s in theirs]
+    nonces = {g.partition(".")[2] for s in ours for g in s} | {g.partition(".")[2] for s in theirs for g in s}
+    assert len(nonces) == 2 and all(len(n) == 8 for n in nonces), nonces
     pids = json.loads((run_dir / "processes.json").read_text())
     assert pids["kind"] == "ray" and set(pids["roles"]) == {"actor-0", "rollout-0", "reward-0"}
     assert_all_processes_gone(run_dir)

@@ -5,9 +5,9 @@ one that is not a report the launcher can act on becomes a ``bad_report`` event 
 so a confused or hostile sender can neither crash the launcher nor be half-handled. A report is
 believed only when it carries its role's credential (the run's per-role token, ``roles/schema.grants``),
 so no other process can speak for a role: a forged ``metrics`` would corrupt the exactly-once ledger.
-The token is dropped as the report is read. With CURVE keys (a cluster) only holders of the run's keys
-can connect at all. The thread stops when ``stopped`` is set, after
-taking in what the stopped roles sent last.
+The token is dropped as the report is read. With CURVE keys (a cluster) only the run's registered client
+keys can connect at all, and the address roles are given names this socket's own server key. The thread
+stops when ``stopped`` is set, after taking in what the stopped roles sent last.
 """
 
 from __future__ import annotations
@@ -56,10 +56,12 @@ class ControlReceiver:
             sock = zmq.Context.instance().socket(zmq.PULL)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPORT_BYTES)
+            served_key = None
             if keys_dir is not None:
-                security.serve_curve(zmq.Context.instance(), sock, keys_dir)
+                _, served_key = security.serve_curve(zmq.Context.instance(), sock, keys_dir)
             sock.bind(address)
-            bound.put(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+            where = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            bound.put(security.pinned(where, served_key) if served_key is not None else where)
         except BaseException as e:
             bound.put(e)
             return

@@ -42,11 +42,12 @@ class Feeder:
                  tokenize: Callable[[str], list[int]], *, group_size: int, groups_per_step: int,
                  staleness: int | None, async_queue_steps: int, steps: int, wait_seconds: float,
                  keys_dir: str | None = None, done: set[int] = frozenset(), epoch: int = 0, token: str | None = None,
-                 channel_key=None):
+                 channel_key=None, nonce: str = ""):
         """``endpoints`` (flow/placement/endpoints.py) finds the actor's weight channel; ``keys_dir``: CURVE keys;
         ``done``: indices of groups already trained (a resumed run's kept steps); ``epoch``: rewinds so far;
         ``token``: the feeder's bus credential (it alone may create rows: ``roles/schema.grants``);
-        ``channel_key``: the weight channel's (it reads the actor's versions there)."""
+        ``channel_key``: the weight channel's (it reads the actor's versions there); ``nonce``: the run's
+        random part of every row id (``uid``)."""
         self.bus_address, self.endpoints, self.keys_dir, self.token = bus_address, endpoints, keys_dir, token
         self.channel_key = channel_key
         self.records, self.tokenize = records, tokenize
@@ -54,7 +55,7 @@ class Feeder:
         self.staleness, self.queue_steps = staleness, async_queue_steps
         self.total_groups = steps * groups_per_step
         self.wait_seconds = wait_seconds
-        self.done, self.epoch = set(done), epoch
+        self.done, self.epoch, self.nonce = set(done), epoch, nonce
         self.issued = 0  # groups 0..issued-1 are issued (or were done before)
         self.stop = threading.Event()
 
@@ -105,8 +106,8 @@ class Feeder:
             step = i // self.groups_per_step
             min_version = 0 if self.staleness is None else max(0, step - self.staleness)
             for j in range(self.group_size):
-                rows["uid"].append(uid(i, j, self.epoch))
-                rows["group_id"].append(group_id(i, self.epoch))
+                rows["uid"].append(uid(i, j, self.epoch, self.nonce))
+                rows["group_id"].append(group_id(i, self.epoch, self.nonce))
                 rows["prompt_ids"].append(ids)
                 rows["fields"].append(json.dumps(record, default=str))
                 rows["target_step"].append(step)
@@ -116,21 +117,30 @@ class Feeder:
         self.issued = target
 
 
-def group_id(group: int, epoch: int = 0) -> str:
-    """The id of the ``group``-th group of the run, as issued after the ``epoch``-th rewind."""
-    return f"g{group}" if epoch == 0 else f"g{group}@{epoch}"
+def _issue_tag(epoch: int, nonce: str) -> str:
+    """What tells rows of one issue apart from the same samples issued by another (an earlier epoch, another
+    run): ``@<epoch>``, and ``.<nonce>`` (the run's random part) when there is one."""
+    if not nonce:
+        return f"@{epoch}" if epoch else ""
+    return f"@{epoch}.{nonce}"
 
 
-def uid(group: int, sample: int, epoch: int = 0) -> str:
-    """The uid of sample ``sample`` of the ``group``-th group of the run, issued after the ``epoch``-th rewind."""
-    return f"{group_id(group)}-{sample}" if epoch == 0 else f"{group_id(group)}-{sample}@{epoch}"
+def group_id(group: int, epoch: int = 0, nonce: str = "") -> str:
+    """The id of the ``group``-th group of the run, as issued after the ``epoch``-th rewind:
+    ``g<i>@<epoch>.<nonce>``; a run's ids carry its random ``nonce``, so none is known before it is issued."""
+    return f"g{group}{_issue_tag(epoch, nonce)}"
+
+
+def uid(group: int, sample: int, epoch: int = 0, nonce: str = "") -> str:
+    """The uid of sample ``sample`` of the ``group``-th group: ``g<i>-<j>@<epoch>.<nonce>``."""
+    return f"g{group}-{sample}{_issue_tag(epoch, nonce)}"
 
 
 def logical_uid(uid_: str) -> str:
-    """The sample a uid stands for, whichever epoch issued it (the ledger counts samples, not rows)."""
+    """The sample a uid stands for, whichever epoch or run issued it (the ledger counts samples, not rows)."""
     return uid_.partition("@")[0]
 
 
 def group_index(group_id_: str) -> int:
-    """The index ``i`` of a group id ``g<i>`` or ``g<i>@<epoch>``."""
+    """The index ``i`` of a group id ``g<i>``, ``g<i>@<epoch>`` or ``g<i>@<epoch>.<nonce>``."""
     return int(group_id_.partition("@")[0][1:])

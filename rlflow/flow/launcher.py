@@ -288,6 +288,7 @@ class Run:
         self.refused_reports = 0  # reports the control socket refused (a confused or hostile sender)
         self.tokens: dict[str, str] = {}  # who -> its bus credential (roles/schema.grants), made at start
         self.channel_secret = secrets.token_bytes(32)  # the weight channel's key: actor, rollouts and feeder only
+        self.id_nonce = secrets.token_hex(4)  # every row id of this run carries it: no id is known ahead of the feeder
         self.interrupted = False  # Ctrl-C: stop at once (the report of what was logged is still written)
 
     def __enter__(self) -> "Run":
@@ -322,7 +323,7 @@ class Run:
                                         tokens=self.tokens)
         control = self.receiver.address
         wiring = Wiring(bus=bus_address, control=control, endpoints=self.placement.endpoints_spec,
-                        keys=self.placement.keys, model_path=self.model_path,
+                        keys=None, model_path=self.model_path,  # under Ray each actor makes its own
                         run_dir=run_dir, seed=cfg.seed, wait_seconds=cfg.flow.wait_seconds,
                         lease_seconds=cfg.flow.lease_seconds, steps=cfg.flow.steps,
                         heartbeat_s=cfg.supervision.heartbeat_s,
@@ -361,7 +362,8 @@ class Run:
                              staleness=cfg.flow.staleness, async_queue_steps=cfg.flow.async_queue_steps,
                              steps=cfg.flow.steps, wait_seconds=cfg.flow.wait_seconds,
                              keys_dir=self.placement.launcher_keys, done=point.done_groups(), epoch=self.epoch,
-                             token=self.tokens["feeder"], channel_key=ChannelKey(self.channel_secret))
+                             token=self.tokens["feeder"], channel_key=ChannelKey(self.channel_secret),
+                             nonce=self.id_nonce)
         self.feeder_thread = threading.Thread(target=self._feed, args=(self.feeder,), name="rlflow-feeder",
                                               daemon=True)
         self.feeder_thread.start()

@@ -267,9 +267,7 @@ def connect_dealer(address: str, keys_dir: str | None = None) -> zmq.Socket:
     """A DEALER to a channel node (CURVE client keys when ``keys_dir`` is given)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    if keys_dir is not None:
-        security.client_curve(sock, keys_dir)
-    sock.connect(address)
+    security.connect(sock, address, keys_dir)
     return sock
 
 
@@ -308,14 +306,17 @@ class Server:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)  # a bigger one disconnects its sender unread
         self.sock.setsockopt(zmq.SNDHWM, REPLY_QUEUE)
+        served_key = None
         if not security.is_local(address):
             if keys_dir is not None:
-                self._auth = security.serve_curve(self.ctx, self.sock, keys_dir)
+                self._auth, served_key = security.serve_curve(self.ctx, self.sock, keys_dir)
             elif not insecure:
                 raise ValueError(f"channel address {address!r} is beyond loopback: give keys_dir (CURVE) "
                                  f"or insecure=True")
         self.sock.bind(address)
         self.address = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if served_key is not None:  # what the node advertises: its peers check it against this key
+            self.address = security.pinned(self.address, served_key)
         self.rate = uplink_bytes_per_s
         self._next_free = 0.0  # when the paced uplink is free again
         self.sent_bytes = 0

@@ -61,9 +61,7 @@ class BusClient:
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        if keys_dir is not None:
-            security.client_curve(self.sock, keys_dir)
-        self.sock.connect(address)
+        security.connect(self.sock, address, keys_dir)
         self._ids = itertools.count(1)
         self._pending: tuple[int, dict, float] | None = None  # the put in flight: (request id, header, timeout)
         hello, frames = self._call({"op": "hello", **({"token": token} if token else {})}, timeout=connect_timeout,

@@ -12,6 +12,13 @@ its messages, so it can neither read nor write (it sees its calls time out).
 Wherever a ``keys_dir`` is taken, the keys themselves may be given instead (``CurveKeys``, read once
 with ``load_keys``): a process that got its keys from whoever started it holds them in memory and
 writes nothing where it runs, so nothing is left behind when it is killed.
+
+**An address names its server's key.** A CURVE server advertises where it listens as
+``tcp://host:port?curve=<its public key in hex>`` (``pinned``), and a client checks the server against
+the key its address names (``connect``); only an address that names none falls back to the keys'
+``server_public`` (one server keypair per key directory, as ``rlflow bus serve`` uses). So every server
+of a run can hold a keypair of its own: a process that learns another server's address learns that
+server's public key, never a secret that would let it pose as that server.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from urllib.parse import urlsplit
 
 import zmq
 import zmq.auth
+from zmq.utils import z85
 from zmq.auth.thread import ThreadAuthenticator
 
 
@@ -57,12 +65,14 @@ def keygen(keys_dir: str | Path) -> Path:
 
 @dataclass(frozen=True)
 class CurveKeys:
-    """A deployment's CURVE keys, in memory (z85 bytes, as ``zmq.auth.load_certificate`` gives them)."""
+    """A process's CURVE keys, in memory (z85 bytes, as ``zmq.auth.load_certificate`` gives them)."""
 
-    server_public: bytes  # what a client checks the server against
-    public: bytes  # this process's client key pair
+    public: bytes  # this process's keypair: its client key, and its server key unless server_secret is set
     secret: bytes = field(repr=False)
-    server_secret: bytes | None = field(default=None, repr=False)  # for the processes that serve
+    server_public: bytes | None = None  # the server a client checks when the address names no key (a key
+    # directory's server); None: every address this process connects to must name its server's key
+    server_secret: bytes | None = field(default=None, repr=False)  # serve as ``server_public`` (a key
+    # directory's bus) instead of with this process's own keypair
     authorized: Any = ()  # client public keys a server accepts: a tuple, or an object whose
     # ``callback(domain, key)`` says (keys that change during a run: a registry of the run's processes)
 
@@ -77,7 +87,7 @@ def load_keys(keys_dir: str | Path, client_name: str = "client") -> CurveKeys:
                                                                   else "server.key"))
     public, secret = zmq.auth.load_certificate(d / f"{client_name}.key_secret")
     authorized = tuple(zmq.auth.load_certificate(f)[0] for f in sorted((d / "authorized").glob("*.key")))
-    return CurveKeys(server_public, public, secret, server_secret, authorized)
+    return CurveKeys(public, secret, server_public, server_secret, authorized)
 
 
 class _Authorized:
@@ -90,22 +100,54 @@ class _Authorized:
         return key in self.keys
 
 
-def serve_curve(ctx: zmq.Context, sock: zmq.Socket, keys: str | Path | CurveKeys) -> ThreadAuthenticator:
-    """Make ``sock`` (not yet bound) a CURVE server accepting only the authorized client keys."""
+def serve_curve(ctx: zmq.Context, sock: zmq.Socket, keys: str | Path | CurveKeys) -> tuple[ThreadAuthenticator, bytes]:
+    """Make ``sock`` (not yet bound) a CURVE server accepting only the authorized client keys; returns
+    the authenticator and the public key it serves with (``pinned`` puts it in the bound address)."""
     keys = keys if isinstance(keys, CurveKeys) else load_keys(keygen(keys))
-    if keys.server_secret is None:
-        raise ValueError("these CURVE keys have no server secret key: they can connect, not serve")
+    public, secret = (keys.server_public, keys.server_secret) if keys.server_secret else (keys.public, keys.secret)
     auth = ThreadAuthenticator(ctx)
     auth.start()
     provider = keys.authorized if hasattr(keys.authorized, "callback") else _Authorized(keys.authorized)
     auth.configure_curve_callback(domain="*", credentials_provider=provider)
-    sock.curve_publickey, sock.curve_secretkey = keys.server_public, keys.server_secret
+    sock.curve_publickey, sock.curve_secretkey = public, secret
     sock.curve_server = True
-    return auth
+    return auth, public
 
 
-def client_curve(sock: zmq.Socket, keys: str | Path | CurveKeys, client_name: str = "client") -> None:
-    """Configure ``sock`` (not yet connected) as a CURVE client of the server these keys name."""
-    keys = keys if isinstance(keys, CurveKeys) else load_keys(keys, client_name)
-    sock.curve_serverkey = keys.server_public
-    sock.curve_publickey, sock.curve_secretkey = keys.public, keys.secret
+PIN = "?curve="
+
+
+def pinned(address: str, server_public: bytes) -> str:
+    """``address`` naming the public key of the CURVE server listening there."""
+    return f"{address}{PIN}{z85.decode(server_public).hex()}"
+
+
+def unpin(address: str) -> tuple[str, bytes | None]:
+    """``(the address to connect to, the server key it names or None)``."""
+    bare, sep, key = address.partition(PIN)
+    if not sep:
+        return address, None
+    try:
+        raw = bytes.fromhex(key)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError(f"address {address!r}: after {PIN!r} comes the server's CURVE public key as 64 hex "
+                         f"digits; got {key!r}")
+    return bare, z85.encode(raw)
+
+
+def connect(sock: zmq.Socket, address: str, keys: str | Path | CurveKeys | None = None,
+            client_name: str = "client") -> None:
+    """Connect ``sock`` to ``address``: a CURVE client when ``keys`` are given, checking the server against
+    the key the address names (else the keys' ``server_public``)."""
+    bare, server_public = unpin(address)
+    if keys is not None:
+        keys = keys if isinstance(keys, CurveKeys) else load_keys(keys, client_name)
+        server_public = server_public or keys.server_public
+        if server_public is None:
+            raise ValueError(f"address {address!r} names no CURVE server key and these keys hold none: connect "
+                             f"to the address the server advertised (it ends in {PIN}<key>)")
+        sock.curve_serverkey = server_public
+        sock.curve_publickey, sock.curve_secretkey = keys.public, keys.secret
+    sock.connect(bare)

@@ -81,7 +81,7 @@ class ServerConfig:
     keys_dir: Any = None
     """CURVE key directory (``rlflow bus keygen DIR``; created on first use if missing), or the keys
     themselves (``security.CurveKeys``, held in memory). Required to listen beyond loopback; clients then
-    need the server's public key and an authorized client key."""
+    need an authorized client key, and check the server against the key its address names (``Server.address``)."""
     insecure: bool = False
     """Allow listening beyond loopback without CURVE. Only for isolated networks."""
     grants: dict[str, Grant] | None = None
@@ -165,11 +165,13 @@ class BusServer:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown/vanished peer raises instead of a silent drop
         self.sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + 65536)
         self.sock.setsockopt(zmq.SNDHWM, REPLY_QUEUE)
-        self.auth = security.serve_curve(self.ctx, self.sock, config.keys_dir) if config.keys_dir else None
+        self.auth, served_key = security.serve_curve(self.ctx, self.sock, config.keys_dir) if config.keys_dir else (None, None)
         self.sock.bind(config.address)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if config.address.startswith("tcp://") and not security.is_local(config.address):
             self.address = config.address.rsplit(":", 1)[0] + ":" + self.address.rsplit(":", 1)[1]
+        if served_key is not None:  # clients check this server against the key its address names
+            self.address = security.pinned(self.address, served_key)
         self.shm_probe = None
         if shm.available():
             shm.sweep_dead()

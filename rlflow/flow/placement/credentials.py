@@ -18,8 +18,10 @@ Invariants:
 - Every wait is bounded: ``fetch`` by the caller's timeout, with an error naming the service; the
   service's thread polls in steps and stops on ``close``.
 
-What counts as a secret is what ``split`` takes out: bus tokens, the weight channel key, the run's CURVE
-keys and sglang API keys. Everything else in a plan is public.
+What counts as a secret is what ``split`` takes out: bus tokens, the weight channel key and sglang API
+keys. No CURVE secret is shipped at all: an actor serves and connects with the keypair it made, and the
+addresses it is given name the public key of the server listening there (``transfer/security.pinned``).
+Everything else in a plan is public.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from rlflow.transfer.access import Grant
-from rlflow.transfer.security import CurveKeys
 
 POLL_MS = 200  # the service's thread checks for ``close`` this often
 RESEND_S = 1.0  # a fetch tries a fresh connection this often until answered (its key may be admitted late)
@@ -44,22 +45,6 @@ MAX_PENDING = 4096  # admitted keys not yet fetched: one per replica start; a bo
 # ------------------------------------------------------------------------------------------ the secrets
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def _keys_out(keys: CurveKeys | None) -> dict | None:
-    if keys is None:
-        return None
-    return {"server_public": keys.server_public.decode(), "public": keys.public.decode(), "secret": keys.secret.decode(),
-            "server_secret": keys.server_secret.decode() if keys.server_secret else None,
-            "authorized": [k.decode() for k in keys.authorized]}
-
-
-def _keys_in(d: dict | None) -> CurveKeys | None:
-    if d is None:
-        return None
-    return CurveKeys(d["server_public"].encode(), d["public"].encode(), d["secret"].encode(),
-                     d["server_secret"].encode() if d["server_secret"] else None,
-                     tuple(k.encode() for k in d["authorized"]))
 
 
 def _sglang_key(config) -> str | None:
@@ -75,15 +60,16 @@ def _with_sglang_key(config, key: str | None):
 
 def split(plan):
     """``(public plan, secrets)``: the plan with every secret taken out, and those secrets as JSON-able data."""
+    if plan.wiring.keys is not None:
+        raise ValueError(f"{plan.name}: a plan for a Ray actor carries no CURVE keys (the actor makes its own)")
     args, broadcast = plan.args, getattr(plan.args, "broadcast", None)
     secrets = {"bus_token": plan.bus_token,
                "channel_secret": _b64(plan.channel_secret) if plan.channel_secret else None,
-               "keys": _keys_out(plan.wiring.keys), "sglang_key": _sglang_key(plan.config),
+               "sglang_key": _sglang_key(plan.config),
                "broadcast_key": _sglang_key(broadcast) if broadcast is not None else None}
     if broadcast is not None:
         args = dataclasses.replace(args, broadcast=_with_sglang_key(broadcast, None))
-    public = plan.replace(bus_token=None, channel_secret=None, wiring=dataclasses.replace(plan.wiring, keys=None),
-                          config=_with_sglang_key(plan.config, None), args=args)
+    public = plan.replace(bus_token=None, channel_secret=None, config=_with_sglang_key(plan.config, None), args=args)
     return public, secrets
 
 
@@ -94,21 +80,22 @@ def join(plan, secrets: dict):
         args = dataclasses.replace(args, broadcast=_with_sglang_key(args.broadcast, secrets["broadcast_key"]))
     return plan.replace(bus_token=secrets["bus_token"],
                         channel_secret=base64.b64decode(secrets["channel_secret"]) if secrets["channel_secret"] else None,
-                        wiring=dataclasses.replace(plan.wiring, keys=_keys_in(secrets["keys"])),
                         config=_with_sglang_key(plan.config, secrets["sglang_key"]), args=args)
 
 
 def split_server(config):
-    """``(public ServerConfig, secrets)`` for the bus actor: its grants' tokens and its CURVE keys."""
+    """``(public ServerConfig, secrets)`` for the bus actor: its grants' tokens (its CURVE keypair is its own)."""
+    if config.keys_dir is not None:
+        raise ValueError("a bus config for a Ray actor carries no CURVE keys (the actor makes its own)")
     secrets = {"grants": {t: dataclasses.asdict(g) for t, g in (config.grants or {}).items()},
-               "has_grants": config.grants is not None, "keys": _keys_out(config.keys_dir)}
-    return dataclasses.replace(config, grants=None, keys_dir=None), secrets
+               "has_grants": config.grants is not None}
+    return dataclasses.replace(config, grants=None), secrets
 
 
 def join_server(config, secrets: dict):
     grants = ({t: Grant(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()})
                for t, g in secrets["grants"].items()} if secrets["has_grants"] else None)
-    return dataclasses.replace(config, grants=grants, keys_dir=_keys_in(secrets["keys"]))
+    return dataclasses.replace(config, grants=grants)
 
 
 # ------------------------------------------------------------------------------------------ the service

@@ -91,7 +91,7 @@ class LocalPlacement:
         self.sock_dir = sock_dir
         self.endpoints = LocalEndpoints(sock_dir)
         self.endpoints_spec = {"kind": "local", "sock_dir": sock_dir}
-        self.keys_dir = self.keys = self.launcher_keys = None  # nothing listens beyond this machine: no CURVE keys
+        self.keys_dir = self.launcher_keys = None  # nothing listens beyond this machine: no CURVE keys
         self.control_address = f"ipc://{sock_dir}/control"
         self.server = None
         self.procs: dict[tuple[str, int], mp.process.BaseProcess] = {}  # the live incarnation of each replica

@@ -25,7 +25,8 @@ class Wiring:
     bus: str  # the bus server's address
     control: str  # the launcher's control socket (reports and heartbeats go there)
     endpoints: dict  # how replicas find each other's sockets (``endpoints.make_endpoints``)
-    keys: Any  # transfer.security.CurveKeys for sockets beyond loopback, held in memory; None on one host
+    keys: Any  # transfer.security.CurveKeys for sockets beyond loopback, held in memory: the launcher sends
+    # None, and a Ray actor sets its own (``ray_cluster.own_keys``); None on one host
     model_path: str  # the checkpoint every role starts from (version 0)
     run_dir: str
     seed: int  # the run's seed; a replica's is seed + its index

@@ -5,8 +5,10 @@
                           └─ role actors      one per replica: run_role (flow/placement/worker.py), as a local process would
 
 Ray places and supervises; it does not carry data. Rows travel over our bus and weights over our channel,
-both tcp on each node's IP with CURVE keys that the launcher makes for the run. Ray carries no secret
-either: an actor's arguments are its plan without them, and it fetches them from the launcher's
+both tcp on each node's IP under CURVE: every process has a keypair of its own, which is its client key
+and the server key of whatever it serves; each server's advertised address names its public key, and
+every server admits only the client keys the launcher registered for this run (``RunKeys``). Ray carries
+no secret either: an actor's arguments are its plan without them, and it fetches them from the launcher's
 credential service, authenticated by a keypair it made itself and whose public half alone went through
 Ray (``flow/placement/credentials.py``). Actors hold their secrets in memory; nothing is written on their node.
 
@@ -43,7 +45,7 @@ from rlflow.flow.placement.endpoints import RayEndpoints
 from rlflow.flow.placement.plan import ReplicaPlan
 from rlflow.flow.placement.worker import run_role
 from rlflow.transfer import ServerConfig
-from rlflow.transfer.security import keygen, load_keys
+from rlflow.transfer.security import CurveKeys, keygen, load_keys
 
 REGISTRY = "rlflow-registry"
 LOG_DRAIN_S = 1.0  # Ray forwards what actors print through its log monitor, a few hundred ms behind; the
@@ -87,15 +89,16 @@ class RunKeys:
         return ok
 
 
-def own_keys(keys, keypair: tuple[bytes, bytes], namespace: str):
-    """The run's server keys with this process's own client keypair, and the run's registry as the list
-    of client keys its servers accept."""
-    return dataclasses.replace(keys, public=keypair[0], secret=keypair[1], authorized=RunKeys(namespace))
+def own_keys(keypair: tuple[bytes, bytes], namespace: str) -> CurveKeys:
+    """An actor's CURVE keys: its own keypair, as a client and as a server (each server of the run has its
+    own, named in the address it advertises), and the run's registry as the client keys it accepts."""
+    return CurveKeys(public=keypair[0], secret=keypair[1], authorized=RunKeys(namespace))
 
 
 class _Keyed:
     """An actor's own CURVE keypair, made where it runs; only the public half leaves (``public_key``).
-    It authenticates the actor to the credential service and is its client key on every socket."""
+    It authenticates the actor to the credential service, is its client key on every socket and the
+    server key of every socket it serves (``own_keys``)."""
 
     def __init__(self):
         import zmq
@@ -115,7 +118,7 @@ class BusActor(_Keyed):
 
         config = credentials.join_server(config, credentials.fetch(service, self.keypair, timeout))
         config = dataclasses.replace(config, address=f"tcp://{ray.util.get_node_ip_address()}:0",
-                                     keys_dir=own_keys(config.keys_dir, self.keypair, ray.get_runtime_context().namespace))
+                                     keys_dir=own_keys(self.keypair, ray.get_runtime_context().namespace))
         self.server, self.thread = serve_in_thread(config)
         return self.server.address
 
@@ -139,7 +142,7 @@ class RoleActor(_Keyed):
     def run(self, plan: ReplicaPlan) -> int:
         """``plan`` comes without its secrets: fetched first, from the service the plan names."""
         plan = credentials.join(plan, credentials.fetch(plan.wiring.credentials, self.keypair, plan.wiring.wait_seconds))
-        keys = own_keys(plan.wiring.keys, self.keypair, plan.wiring.endpoints["namespace"])
+        keys = own_keys(self.keypair, plan.wiring.endpoints["namespace"])
         return run_role(plan.replace(wiring=dataclasses.replace(plan.wiring, keys=keys)))
 
     def stop(self) -> None:
@@ -165,11 +168,9 @@ class RayPlacement:
         self.namespace = f"rlflow-{uuid.uuid4().hex[:12]}"
         self.private = self.cfg.address is None
         self.temp_dir = os.path.join(sock_dir, "ray") if self.private else None  # the private cluster's files
+        # The launcher's keys: its client key and the control socket's server key. The files stay on this
+        # node (``rlflow bus stats RUN_DIR`` reads them); actors make their own (``own_keys``).
         self.keys_dir = str(keygen(os.path.join(sock_dir, "keys")))
-        self.keys = load_keys(self.keys_dir)  # the files stay on this node
-        # What actors get (through the credential service): the run's server keys, no client key; each
-        # actor's client key is its own (``own_keys``).
-        self.actor_keys = dataclasses.replace(self.keys, public=b"", secret=b"", authorized=())
         self.client_keys: dict[tuple[str, int], str] = {}  # replica -> its registered public key
         t0 = time.monotonic()
         self._init(roles)
@@ -189,8 +190,9 @@ class RayPlacement:
         self.registry = ray.remote(Registry).options(name=REGISTRY, num_cpus=0).remote()
         self.endpoints = RayEndpoints(REGISTRY, self.namespace)
         # The launcher's client key (the key directory's, which ``rlflow bus stats RUN_DIR`` also uses).
-        ray.get(self.registry.put.remote(f"curve/{self.keys.public.decode()}", "launcher"), timeout=60)
-        self.launcher_keys = dataclasses.replace(self.keys, authorized=RunKeys(self.namespace))
+        keys = load_keys(self.keys_dir)
+        ray.get(self.registry.put.remote(f"curve/{keys.public.decode()}", "launcher"), timeout=60)
+        self.launcher_keys = dataclasses.replace(keys, authorized=RunKeys(self.namespace))
         self.endpoints_spec = {"kind": "ray", "registry": REGISTRY, "namespace": self.namespace}
         if self.private:  # no autoscaler can add a node: a request no node meets now never will
             self._check_feasible(roles)
@@ -265,7 +267,7 @@ class RayPlacement:
     # ------------------------------------------------------------------ the bus and the roles
     def start_bus(self, config: ServerConfig, on_exit: Callable[[str, str | None], None]) -> str:
         """Start the bus in its actor; ``on_exit(what, detail)`` if the actor dies or the bus stops."""
-        public, secrets = credentials.split_server(dataclasses.replace(config, keys_dir=self.actor_keys))
+        public, secrets = credentials.split_server(config)
         self._admit(self.bus, secrets, "bus")
         ref = self.bus.start.remote(public, self.service.where, self.cfg.start_timeout)
         ready, _ = ray.wait([ref], timeout=self.cfg.start_timeout)
@@ -288,8 +290,8 @@ class RayPlacement:
         if key not in self.handles:
             self.handles[key] = self._role_actor(plan.role, plan.replica, f"rlflow-{name}.{plan.incarnation}")
         actor = self.handles[key]
-        public, secrets = credentials.split(plan.replace(wiring=dataclasses.replace(
-            plan.wiring, credentials=self.service.where, keys=self.actor_keys)))
+        public, secrets = credentials.split(plan.replace(wiring=dataclasses.replace(plan.wiring,
+                                                                                  credentials=self.service.where)))
         self.runs[key] = run_ref = actor.run.remote(public)
         threading.Thread(target=self._admit, args=(actor, secrets, name, key), name=f"rlflow-admit-{name}",
                          daemon=True).start()  # the run waits for it (bounded by flow.wait_seconds)

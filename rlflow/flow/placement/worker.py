@@ -160,11 +160,9 @@ def _control_socket(address: str, keys_dir: str | None, linger_ms: int, context=
 
     sock = (context or zmq.Context.instance()).socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, linger_ms)
-    if keys_dir is not None:
-        from rlflow.transfer.security import client_curve
+    from rlflow.transfer.security import connect
 
-        client_curve(sock, keys_dir)
-    sock.connect(address)
+    connect(sock, address, keys_dir)
     return sock
 
 
