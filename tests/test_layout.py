@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "rlflow"
-LAYERS = ["transfer", "tasks", "algo", "sync", "engines", "train", "roles", "flow"]  # lowest first
+LAYERS = ["transfer", "envs", "tasks", "algo", "sync", "engines", "train", "roles", "flow"]  # lowest first
 IMPORT = re.compile(r"^\s*(?:from|import) rlflow\.(\w+)", re.M)
 
 

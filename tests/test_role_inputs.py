@@ -56,4 +56,4 @@ def test_the_vocabulary_bound_comes_from_the_checkpoints_config(tmp_path, tiny_m
     assert vocab_size(str(tmp_path)) == 151936
     (tmp_path / "config.json").write_text("not json")
     assert vocab_size(str(tmp_path)) is None and schema.limits(5, None).keys() == {
-        "min_version", "target_step", "version_start", "version_end"}
+        "min_version", "target_step", "version_start", "version_end", "token_versions", "loss_mask"}

@@ -10,7 +10,9 @@ The engine is a ``TrainEngine`` (``engines/base.py``).
 
 from __future__ import annotations
 
+import json
 import math
+from collections import Counter
 
 import pyarrow as pa
 import torch
@@ -46,9 +48,12 @@ class StepAccumulator:
         self.skipped_uids: list[str] = []  # consumed without training (failed reward, group without signal)
         self.seq_log_w: list[torch.Tensor] = []  # [B] per forward: log π_θ/μ of each trained sample
         self.token_log_w: list[torch.Tensor] = []  # flat log π_θ/μ of each trained token
+        self.episodes: Counter = Counter()  # multi-turn rows consumed: turns, tokens, environment counters
 
     def add(self, table: pa.Table) -> None:
         cols = {name: table.column(name).to_pylist() for name in table.column_names}
+        if "loss_mask" in cols:
+            self._count_episodes(cols)
         by_group: dict[str, list[int]] = {}
         for i, g in enumerate(cols["group_id"]):
             by_group.setdefault(g, []).append(i)
@@ -72,6 +77,25 @@ class StepAccumulator:
         for lo in range(0, len(rows), self.cfg.micro_batch):
             self._backward(cols, rows[lo: lo + self.cfg.micro_batch], advantages[lo: lo + self.cfg.micro_batch])
 
+    def _count_episodes(self, cols: dict) -> None:
+        """What the step's metrics say of its episodes (every consumed row, trained or not)."""
+        e = self.episodes
+        for mask, starts, why, info, versions in zip(cols["loss_mask"], cols["turn_starts"], cols["finish_reason"],
+                                                     cols["env_info"], cols["token_versions"]):
+            info = json.loads(info)
+            e["episodes"] += 1
+            e["turns"] += len(starts)
+            e["tokens"] += len(mask)
+            e["policy_tokens"] += sum(mask)
+            e[f"finish:{why}"] += 1
+            e["env_seconds"] += info["env_seconds"]
+            e["seconds"] += info["seconds"]
+            spanned = len({v for v, m in zip(versions, mask) if m})
+            e["versions_spanned"] += spanned
+            e["multi_version"] += spanned > 1
+            for name, value in info["counters"].items():
+                e[f"count:{name}"] += value
+
     def _advantages(self, cols: dict, groups: list, rows: list[int]) -> list[float]:
         """Advantages of ``rows`` (the training rows of ``groups``, in order)."""
         if self.cfg.advantage != "opob":
@@ -81,8 +105,9 @@ class StepAccumulator:
                             f"{type(self.engine).__name__} has no trajectory_grad_sq (see engines/base.py)")
         if not rows:
             return []
+        masks = {"masks": [cols["loss_mask"][i] for i in rows]} if "loss_mask" in cols else {}
         grad_sq, seq_logp = self.engine.trajectory_grad_sq([cols["prompt_ids"][i] for i in rows],
-                                                           [cols["response_ids"][i] for i in rows])
+                                                           [cols["response_ids"][i] for i in rows], **masks)
         log_w = seq_logp - torch.tensor([sum(cols["rollout_logprobs"][i]) for i in rows], dtype=seq_logp.dtype)
         out, k = [], 0
         for valid, r in groups:
@@ -100,7 +125,8 @@ class StepAccumulator:
         ref_logp = torch.zeros_like(logp) if self.cfg.kl_coef > 0 else None
         for j, i in enumerate(rows):
             t = len(responses[j])
-            mask[j, :t] = 1.0
+            # Episodes train only on what the policy sampled (loss_mask 1); observations weigh exactly 0
+            mask[j, :t] = torch.tensor(cols["loss_mask"][i], dtype=mask.dtype) if "loss_mask" in cols else 1.0
             rollout_logp[j, :t] = torch.tensor(cols["rollout_logprobs"][i])
             if ref_logp is not None:
                 ref_logp[j, :t] = torch.tensor(cols["ref_logprobs"][i])
@@ -155,7 +181,25 @@ class StepAccumulator:
         })
         for name, total in self.sums.items():
             out[STAT_NAMES.get(name, f"actor/{name}")] = total / self.tokens if self.tokens else 0.0
+        if self.episodes:
+            out.update(episode_metrics(self.episodes))
         return out
+
+
+def episode_metrics(e: Counter) -> dict[str, float]:
+    """Per-step metrics of multi-turn episodes: turns, the masked-out share of tokens, how episodes ended,
+    and each environment counter per episode (``env/tool_call`` is tool calls per episode)."""
+    n = e["episodes"]
+    out = {"episode/turns_mean": e["turns"] / n, "episode/masked_out_frac": 1.0 - e["policy_tokens"] / max(e["tokens"], 1),
+           "episode/policy_tokens_mean": e["policy_tokens"] / n, "episode/seconds_mean": e["seconds"] / n,
+           "episode/max_turns_frac": e["finish:max_turns"] / n,
+           "episode/versions_spanned_mean": e["versions_spanned"] / n, "episode/multi_version_frac": e["multi_version"] / n,
+           "env/seconds_mean": e["env_seconds"] / n,
+           "env/failures": sum(v for k, v in e.items() if k.startswith("finish:env_"))}
+    for key, value in e.items():
+        if key.startswith("count:"):
+            out[f"env/{key[6:]}"] = value / n
+    return out
 
 
 STAT_NAMES = {"is_weight": "is/weight_mean", "is_cut": "is/cut_frac", "rollout_kl": "kl/rollout_k3"}

@@ -203,16 +203,21 @@ class HFTrainEngine:
         self.version += 1
         return {"actor/grad_norm": float(norm), "lr/effective": base[0] * lr_scale}
 
-    def trajectory_grad_sq(self, prompts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """([B] ‖∇_θ log π_θ(response_i)‖², [B] log π_θ(response_i)), one forward and backward per sample.
+    def trajectory_grad_sq(self, prompts: list[list[int]], responses: list[list[int]],
+                           masks: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B] ‖∇_θ log π_θ(response_i)‖², [B] log π_θ(response_i)), one forward and backward per sample;
+        with ``masks`` (multi-turn episodes) only the tokens marked 1 count.
 
         Uses ``torch.autograd.grad``, so the gradients the step is accumulating are untouched. The cost is
         one extra single-sample pass per trajectory (OPOB's price); memory stays that of one sample.
         """
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_sq, seq_logp = [], []
-        for p, r in zip(prompts, responses):
-            logp = sequence_logprobs(self.model, [p], [r], self.temperature, self.device).sum()
+        for k, (p, r) in enumerate(zip(prompts, responses)):
+            logp = sequence_logprobs(self.model, [p], [r], self.temperature, self.device)
+            if masks is not None:
+                logp = logp * torch.tensor(masks[k], dtype=logp.dtype, device=logp.device)[None, :]
+            logp = logp.sum()
             grads = torch.autograd.grad(logp, params, allow_unused=True)
             grad_sq.append(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
             seq_logp.append(float(logp.detach()))

@@ -47,15 +47,23 @@ class Demos:
 
     name: str  # part of the cache directory's name: tiny-<name>-<hash>
     identity: str  # everything about the demonstrations that shapes the weights (in the cache key)
-    sample: Callable[[random.Random], dict] | None  # rng -> {"prompt": str, "answer": str}; None: no warm-start
+    sample: Callable[[random.Random], dict] | None  # rng -> {"prompt": str, "answer": str} or, multi-turn,
+    # {"prompt": str, "turns": [(who, text), ...]} (``tasks/builtin.Task.demo``); None: no warm-start
 
 
 def task_demos(task: str, min_digits: int, max_digits: int) -> Demos:
     """A built-in task's endless demonstrations."""
     from rlflow.tasks.builtin import get_task
 
-    make = get_task(task).make
-    return Demos(task, json.dumps([task, min_digits, max_digits]), lambda rng: make(rng, min_digits, max_digits))
+    spec = get_task(task)
+    if spec.demo is None:
+        return Demos(task, json.dumps([task, min_digits, max_digits]), lambda rng: spec.make(rng, min_digits, max_digits))
+
+    def sample(rng: random.Random) -> dict:
+        record = spec.make(rng, min_digits, max_digits)
+        return {"prompt": record["prompt"], "turns": spec.demo(rng, record)}
+
+    return Demos(task, json.dumps([task, min_digits, max_digits, "turns"]), sample)
 
 
 def data_demos(records: list[dict], answer_key: str) -> Demos:
@@ -176,13 +184,20 @@ def _build(cfg: TinyModelConfig, demos: Demos, out: Path) -> None:
     for _ in range(cfg.warmup_steps if demos.sample else 0):
         records = [demos.sample(rng) for _ in range(cfg.warmup_batch)]
         prompts = [tokenizer(r["prompt"])["input_ids"] for r in records]
-        answers = [tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [2] for r in records]
-        width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+        # (ids, trained) pieces after the prompt: the answer and its <eos>, or each turn of a demonstration
+        pieces = [[(tokenizer(text, add_special_tokens=False)["input_ids"] + ([2] if who == "model" else []), who == "model")
+                   for who, text in r.get("turns", [("model", r.get("answer"))])] for r in records]
+        width = max(len(p) + sum(len(ids) for ids, _ in ps) for p, ps in zip(prompts, pieces))
         ids = torch.zeros(len(records), width, dtype=torch.long)
-        labels = torch.full_like(ids, -100)  # loss on the answer and its <eos> only
-        for i, (p, a) in enumerate(zip(prompts, answers)):
-            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-            labels[i, len(p): len(p) + len(a)] = torch.tensor(a)
+        labels = torch.full_like(ids, -100)  # loss on the model's turns and their <eos> only
+        for i, (p, ps) in enumerate(zip(prompts, pieces)):
+            ids[i, : len(p)] = torch.tensor(p)
+            at = len(p)
+            for piece, trained in ps:
+                ids[i, at: at + len(piece)] = torch.tensor(piece)
+                if trained:
+                    labels[i, at: at + len(piece)] = torch.tensor(piece)
+                at += len(piece)
         model(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels).loss.backward()
         opt.step()
         opt.zero_grad()

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 from rlflow.engines.config import TinyModelConfig
+from rlflow.envs.config import EnvConfig
 from rlflow.errors import ConfigError, require, require_counts, require_seconds
 from rlflow.flow.placement.supervisor import SupervisionConfig
 from rlflow.roles.config import ActorConfig, ReferenceConfig, RewardConfig, RolloutConfig
@@ -244,6 +245,8 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Multi-turn episodes against an environment (null cls: single-turn)."""
     flow: FlowConfig = field(default_factory=FlowConfig)
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
@@ -251,8 +254,8 @@ class RunConfig:
 
     def check(self) -> None:
         """Every component's own fields, then the rules between components; a ConfigError names the key."""
-        for name in ("model", "data", "rollout", "reward", "reference", "actor", "flow", "supervision", "sync",
-                     "tracking"):
+        for name in ("model", "data", "rollout", "reward", "reference", "actor", "env", "flow", "supervision",
+                     "sync", "tracking"):
             getattr(self, name).check(name)
         require(self.launcher in LAUNCHERS, "launcher", f"choose one of {LAUNCHERS}, got {self.launcher!r}")
         if self.launcher == "ray":
@@ -270,9 +273,12 @@ class RunConfig:
                 or a.device.startswith("cuda"), "actor.device",
                 "rollout.sglang.update=distributed broadcasts from the trainer's GPU to the servers' GPUs over "
                 "NCCL: set actor.device=cuda (or update=disk)")
-        require(d.path is None or self.reward.fn is not None, "reward.fn",
+        require(d.path is None or self.reward.fn is not None or self.env.enabled, "reward.fn",
                 "a dataset from data.path needs a reward: reward.fn=my_pkg.my_reward (or "
                 "rlflow.tasks.rewards.math_answer, rlflow.tasks.rewards.exact_match)")
+        require(not (self.env.enabled and d.chat_template), "env.cls",
+                "multi-turn episodes with data.chat_template=true are not supported yet: the rollout appends "
+                "observations as plain text; set data.chat_template=false")
         require(self.model.path is not None or not d.chat_template, "model.path",
                 "data.chat_template=true needs a checkpoint whose tokenizer has a chat template, and the tiny "
                 "model built here has none: give model.path=CHECKPOINT_DIR (or set data.chat_template=false)")

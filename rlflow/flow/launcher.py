@@ -59,7 +59,7 @@ from rlflow.flow.observe.tracking import SyncTally, Tracker, plain, say
 from rlflow.flow.reward_health import RewardHealth
 from rlflow.flow.placement.plan import ReplicaPlan, Wiring
 from rlflow.flow.placement.worker import holder_name
-from rlflow.roles.config import ActorArgs, Broadcast, ReferenceArgs, RolloutArgs
+from rlflow.roles.config import ActorArgs, Broadcast, ReferenceArgs, RewardArgs, RolloutArgs
 from rlflow.roles import reports, schema
 from rlflow.sync.config import relay_parent, relays_to_others
 from rlflow.transfer import BusClient, ServerConfig
@@ -211,7 +211,11 @@ def reward_fn(cfg: RunConfig) -> str:
     """The dotted path of the run's reward function: ``reward.fn``, or the built-in task's own."""
     from rlflow.tasks.builtin import get_task
 
-    return cfg.reward.fn or get_task(cfg.data.task).reward
+    if cfg.reward.fn:
+        return cfg.reward.fn
+    if cfg.data.path is None:
+        return get_task(cfg.data.task).reward
+    return "rlflow.tasks.rewards.env_reward"  # episodes of a user's data: the environment's own reward
 
 
 def with_server_key(rollout):
@@ -234,13 +238,15 @@ def plan_roles(cfg: RunConfig) -> list[ReplicaPlan]:
     if rollout.engine == "sglang" and rollout.sglang.update == "distributed":
         broadcast = Broadcast(servers=rollout.replicas, tp=rollout.sglang.tp_size, sglang=rollout.sglang,
                               backend="nccl" if cfg.actor.device.startswith("cuda") else "gloo")
+    episodes = cfg.env.enabled
     actor = ActorArgs(steps=cfg.flow.steps, staleness=cfg.flow.staleness, sync=sync, sampling=cfg.rollout.sampling(),
-                      broadcast=broadcast, samples_every=cfg.tracking.samples_every)
+                      broadcast=broadcast, samples_every=cfg.tracking.samples_every, episodes=episodes)
     plans = [ReplicaPlan("actor", i, cfg.actor, actor, cfg.actor.threads) for i in range(cfg.actor.replicas)]
     plans += [ReplicaPlan("rollout", i, dataclasses.replace(rollout, seed=rollout.seed + i),
-                          RolloutArgs(sync, *relay_endpoints(i, rollout.replicas, cfg.sync.fanout)),
+                          RolloutArgs(sync, *relay_endpoints(i, rollout.replicas, cfg.sync.fanout),
+                                      env=cfg.env if episodes else None),
                           rollout.threads) for i in range(rollout.replicas)]
-    plans += [ReplicaPlan("reward", i, reward, None, 1) for i in range(cfg.reward.replicas)]
+    plans += [ReplicaPlan("reward", i, reward, RewardArgs(episodes), 1) for i in range(cfg.reward.replicas)]
     if cfg.actor.kl_coef > 0:
         plans += [ReplicaPlan("reference", i, cfg.reference, ReferenceArgs(cfg.rollout.temperature),
                               cfg.reference.threads) for i in range(cfg.reference.replicas)]
@@ -285,6 +291,7 @@ class Run:
         self.plans: dict[tuple[str, int], ReplicaPlan] = {}  # what each replica was started with (restarts reuse it)
         self.bus = None  # the launcher's own bus client: hands a dead replica's leases back
         self.lease_expiries = 0
+        self.env_failures: Counter = Counter()  # episodes whose environment failed, by kind (env_error, ...)
         self.refused_reports = 0  # reports the control socket refused (a confused or hostile sender)
         self.tokens: dict[str, str] = {}  # who -> its bus credential (roles/schema.grants), made at start
         self.channel_secret = secrets.token_bytes(32)  # the weight channel's key: actor, rollouts and feeder only
@@ -560,6 +567,12 @@ class Run:
                     say(self.console, ev["traceback"].rstrip())
         elif kind == reports.LEASE_EXPIRED:
             self.lease_expiries += 1
+        elif kind == reports.ENV_ERROR:  # one episode failed (roles/episodes.py); the first of each kind in full
+            self.env_failures[ev["failure"]] += 1
+            if self.env_failures[ev["failure"]] == 1:
+                say(self.console, f"an environment failed ({ev['failure']}) in episode {ev['uid']}: {ev['error']}; "
+                                  f"that episode is {'not trained' if self.cfg.env.failure_reward is None else 'scored env.failure_reward'}, "
+                                  f"the run goes on (later ones are counted in env/failures)", "warning")
         elif kind == reports.FAILED:
             if self.closing.is_set():
                 return self._failed(ev["role"], ev["replica"], ev.get("traceback"), "failed")

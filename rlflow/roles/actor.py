@@ -94,7 +94,8 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
     publication = Publication(ctx, engine, sync, args.broadcast, cfg.device) if lead else None
     checkpoints = Checkpointer(f"{ctx.run_dir}/checkpoints", cfg.checkpoint_keep) \
         if lead and hasattr(engine, "snapshot") else None
-    columns = schema.ACTOR_INPUT + (["ref_logprobs"] if cfg.kl_coef > 0 else [])
+    columns = (schema.EPISODE_ACTOR_INPUT if args.episodes else schema.ACTOR_INPUT) + \
+        (["ref_logprobs"] if cfg.kl_coef > 0 else [])
     share = cfg.groups_per_step // cfg.replicas  # validation makes it divide
     ctx.report(reports.READY)
     try:

@@ -17,6 +17,7 @@ from rlflow.algo.choices import (ADVANTAGES, AGGREGATIONS, CORRECTIONS, LEVELS, 
                                  RATIO_LEVELS)
 from rlflow.engines.base import SamplingParams
 from rlflow.engines.config import DTYPES, SGLangConfig
+from rlflow.envs.config import EnvConfig
 from rlflow.errors import require, require_counts
 from rlflow.sync.config import SyncConfig
 
@@ -87,6 +88,14 @@ class RolloutArgs:
     sync: SyncConfig  # resolved: ``sync.dtype`` is the rollout's
     upstream: str | None = None  # the endpoint this replica pulls weight chunks from (None: the actor)
     relay: str | None = None  # the endpoint it serves peers at (None: no peer pulls from it)
+    env: EnvConfig | None = None  # the environment of multi-turn episodes (None or cls null: single-turn)
+
+
+@dataclass(frozen=True)
+class RewardArgs:
+    """What the run tells a reward replica beyond its own config."""
+
+    episodes: bool = False  # rows are episodes (env.cls): score the last turn, pass env_reward to the function
 
 
 # ---------------------------------------------------------------------------- reward
@@ -260,3 +269,4 @@ class ActorArgs:
     resume_from: str | None = None  # a checkpoint directory to continue from
     epoch: int = 0  # how many times the run was rewound (recorded in checkpoints)
     samples_every: int = 0  # every that many steps the metrics report carries the step's first group (0: never)
+    episodes: bool = False  # rows are multi-turn episodes (env.cls): train only where loss_mask is 1

@@ -1,7 +1,10 @@
 """The reward role: responses in, one scalar reward per sample out.
 
 Loop contract:
-- consumes: rows with ``response_ids`` and ``fields`` (any rows, not whole groups: scoring is per sample)
+- consumes: rows with ``response_ids`` and ``fields`` (any rows, not whole groups: scoring is per sample);
+  multi-turn episodes also ``turn_starts``, ``env_reward`` and ``finish_reason``: the function scores the
+  last model turn and gets ``env_reward`` with the fields; an episode whose environment failed is not
+  scored: its reward is ``env.failure_reward``, or NaN (not trained)
 - produces: ``reward`` (float32; NaN when the reward function failed on the sample)
 - waits for: responses (idle is normal)
 - unblocked by: the rollouts' puts
@@ -32,11 +35,12 @@ from rlflow.roles import reports
 from rlflow.roles.context import RoleContext, ack_work, next_rows
 from rlflow.transfer.lifetime import at_exit
 from rlflow.plugins import load_object
-from rlflow.roles.config import RewardConfig
+from rlflow.roles.config import RewardArgs, RewardConfig
 from rlflow.roles.sandbox import Sandbox, call
+from rlflow.roles.schema import ENV_FAILURES
 
 
-def serve(cfg: RewardConfig, ctx: RoleContext, args: None = None) -> None:
+def serve(cfg: RewardConfig, ctx: RoleContext, args: RewardArgs | None = None) -> None:
     from transformers import AutoTokenizer
 
     assert cfg.fn is not None, "the launcher resolves reward.fn=null to the task's own reward"
@@ -48,16 +52,30 @@ def serve(cfg: RewardConfig, ctx: RoleContext, args: None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(ctx.model_path)
     ctx.report(reports.READY)
     seen: set[str] = set()  # kinds of failure already reported in full by this replica
+    episodes = args is not None and args.episodes
     while True:
-        d = next_rows(ctx, "reward", schema.REWARD_INPUT, cfg.batch)
+        d = next_rows(ctx, "reward", schema.EPISODE_REWARD_INPUT if episodes else schema.REWARD_INPUT, cfg.batch)
         if d is None:
             continue
         t0 = time.monotonic()
         with ctx.timeline.span("score", samples=len(d)):
-            texts = tokenizer.batch_decode(d.table.column("response_ids").to_pylist(), skip_special_tokens=True)
+            responses = d.table.column("response_ids").to_pylist()
             fields = [json.loads(f) for f in d.table.column("fields").to_pylist()]
-            results = sandbox.score(texts, fields) if sandbox is not None else \
-                [call(fn, text, f) for text, f in zip(texts, fields)]
+            if episodes:  # the function scores the last turn, and gets the environment's reward too
+                starts = d.table.column("turn_starts").to_pylist()
+                responses = [r[s[-1]:] if s else [] for r, s in zip(responses, starts)]
+                for f, r in zip(fields, d.table.column("env_reward").to_pylist()):
+                    f["env_reward"] = r
+            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            # An episode whose environment failed has its reward already: env.failure_reward, or NaN (not trained)
+            failed = set() if not episodes else {i for i, why in enumerate(d.table.column("finish_reason").to_pylist())
+                                                 if why in ENV_FAILURES or math.isnan(fields[i]["env_reward"])}
+            scored = [i for i in range(len(texts)) if i not in failed]
+            results = [("ok", fields[i]["env_reward"]) if i in failed else None for i in range(len(texts))]
+            got = [] if not scored else sandbox.score([texts[i] for i in scored], [fields[i] for i in scored]) \
+                if sandbox is not None else [call(fn, texts[i], fields[i]) for i in scored]
+            for i, result in zip(scored, got):
+                results[i] = result
         rewards, failures = [], Counter()
         for result, text, f, uid in zip(results, texts, fields, d.uids):
             rewards.append(result[1] if result[0] == "ok" else math.nan)

@@ -1,7 +1,8 @@
 """The rollout role: prompt rows in, sampled responses with per-token logprobs and policy versions out.
 
 Loop contract (one replica; several replicas share the work through the bus):
-- consumes: rows with ``prompt_ids`` and ``min_version`` (whole groups, up to ``groups_per_call``)
+- consumes: rows with ``prompt_ids`` and ``min_version`` (whole groups, up to ``groups_per_call``); with an
+  environment (``env.cls``) each row is a multi-turn episode instead: ``roles/episodes.py``
 - produces: ``response_ids``, ``rollout_logprobs``, ``version_start``, ``version_end``, ``finish_reason``
 - waits for: prompt rows (idle is normal: with staleness 0 the rollouts wait while the actor trains);
   weights of at least ``min_version`` (bounded by the run's wait_seconds, then an error naming it)
@@ -58,6 +59,20 @@ def serve(cfg: RolloutConfig, ctx: RoleContext, args: RolloutArgs) -> None:
                                  keys_dir=ctx.keys_dir, key=ctx.channel_key)
         if relay:
             ep.advertise(relay, weights.address)
+    if args.env is not None and args.env.enabled:  # multi-turn episodes: roles/episodes.py
+        from rlflow.roles.episodes import serve_episodes
+
+        def synced(need: int | None = None) -> None:
+            if follows and need is not None:
+                engine.wait_version(need, ctx.wait_seconds)
+            elif weights is not None and (need is None or weights.version is None or weights.version < need):
+                _synced(ctx, weights, engine, need)
+
+        try:
+            return serve_episodes(cfg, args.env, ctx, engine, synced)
+        finally:
+            if weights is not None:
+                weights.close()
     sampling = cfg.sampling()
     ctx.report(reports.READY)
     try:

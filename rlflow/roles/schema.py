@@ -12,11 +12,23 @@ groups. ``uid`` and ``group_id`` are the bus's own identity columns (see ``trans
 | min_version        | feeder     | int64            | lowest policy version allowed to generate it (staleness)  |
 | response_ids       | rollout    | list<int32> [T]  | generated token ids, the stop token included              |
 | rollout_logprobs   | rollout    | list<float32> [T]| log μ(y_t): the sampling policy's logprob of each token    |
-| version_start      | rollout    | int64            | policy version when generation started                    |
-| version_end        | rollout    | int64            | policy version when it ended (> start if weights changed) |
-| finish_reason      | rollout    | string           | "stop" (stop token) or "length" (max_new_tokens)          |
+| version_start      | rollout    | int64            | policy version of the oldest sampled token                |
+| version_end        | rollout    | int64            | policy version of the newest (> start if weights changed) |
+| finish_reason      | rollout    | string           | "stop" (stop token) or "length" (max_new_tokens); episodes: |
+|                    |            |                  | "done", "max_turns", "env_error", "env_timeout", "env_died" |
 | reward             | reward     | float32          | scalar reward; NaN when the reward function failed        |
 | ref_logprobs       | reference  | list<float32> [T]| log π_ref(y_t), only when the recipe has a KL term        |
+
+Episodes (``env.cls`` set: ``roles/episodes.py``) add, all written by the rollout: ``response_ids`` then
+holds the whole trajectory after the prompt, model turns and observations interleaved.
+
+| column             | type             | meaning                                                            |
+| ------------------ | ---------------- | ------------------------------------------------------------------ |
+| loss_mask          | list<int8> [T]   | 1 on tokens the policy sampled, 0 on observations: only 1s train    |
+| token_versions     | list<int32> [T]  | policy version of each token (an observation: its turn's)          |
+| turn_starts        | list<int32>      | index in response_ids where each model turn starts                 |
+| env_reward         | float32          | the sum of the environment's step rewards (NaN: failed, untrained) |
+| env_info           | string (JSON)    | {"counters": the environment's, summed; "env_seconds"; "seconds"}   |
 """
 
 from __future__ import annotations
@@ -41,6 +53,11 @@ COLUMNS: dict[str, pa.DataType] = {
     "finish_reason": pa.string(),
     "reward": pa.float32(),
     "ref_logprobs": LOGPROBS,
+    "loss_mask": pa.list_(pa.int8()),
+    "token_versions": pa.list_(pa.int32()),
+    "turn_starts": pa.list_(pa.int32()),
+    "env_reward": pa.float32(),
+    "env_info": pa.string(),
 }
 
 # What each role reads. The actor's list grows by ref_logprobs when a KL term is on.
@@ -48,13 +65,21 @@ ROLLOUT_INPUT = ["prompt_ids", "min_version"]
 REWARD_INPUT = ["response_ids", "fields"]
 REFERENCE_INPUT = ["prompt_ids", "response_ids"]
 ACTOR_INPUT = ["prompt_ids", "response_ids", "rollout_logprobs", "version_start", "version_end", "reward"]
+# With an environment: the rollout also reads the record (for the environment's reset), the reward role
+# the last turn and the environment's reward, the actor the mask and what its metrics count.
+EPISODE_ROLLOUT_INPUT = ROLLOUT_INPUT + ["fields"]
+EPISODE_REWARD_INPUT = REWARD_INPUT + ["turn_starts", "env_reward", "finish_reason"]
+EPISODE_ACTOR_INPUT = ACTOR_INPUT + ["loss_mask", "turn_starts", "finish_reason", "env_info", "token_versions"]
+EPISODE_COLUMNS = ["loss_mask", "token_versions", "turn_starts", "env_reward", "env_info"]
+ENV_FAILURES = ("env_error", "env_timeout", "env_died")  # an episode's finish_reason when its environment failed
 
 # Rows leave the bus when the actor has acked them: the actor is the one consumer every sample reaches.
 RELEASE_AFTER = ["actor"]
 
 WRITES = {  # who writes which columns (the table above)
     "feeder": ["prompt_ids", "fields", "target_step", "min_version"],
-    "rollout": ["response_ids", "rollout_logprobs", "version_start", "version_end", "finish_reason"],
+    "rollout": ["response_ids", "rollout_logprobs", "version_start", "version_end", "finish_reason",
+                *EPISODE_COLUMNS],
     "reward": ["reward"],
     "reference": ["ref_logprobs"],
 }
@@ -74,9 +99,9 @@ def grants() -> dict[str, Grant]:
 
     return {"launcher": Grant("launcher", admin=True),
             "feeder": Grant("feeder", write=tuple(WRITES["feeder"]), create=True),
-            "rollout": role("rollout", ROLLOUT_INPUT), "reward": role("reward", REWARD_INPUT),
+            "rollout": role("rollout", EPISODE_ROLLOUT_INPUT), "reward": role("reward", EPISODE_REWARD_INPUT),
             "reference": role("reference", REFERENCE_INPUT),
-            "actor": role("actor", ACTOR_INPUT + ["ref_logprobs", "target_step"])}
+            "actor": role("actor", EPISODE_ACTOR_INPUT + ["ref_logprobs", "target_step"])}
 
 
 def declare(bus) -> None:
@@ -93,7 +118,7 @@ def limits(steps: int, vocab: int | None) -> dict[str, tuple[int | None, int | N
     """The range of each integer column in a run of ``steps`` optimizer steps and a model of ``vocab``
     token ids (None: unknown). ``min_version`` has no lower bound (s - k is below 0 early on)."""
     out = {"min_version": (None, steps), "target_step": (0, steps - 1), "version_start": (0, steps),
-           "version_end": (0, steps)}
+           "version_end": (0, steps), "token_versions": (0, steps), "loss_mask": (0, 1)}
     if vocab:
         out.update(prompt_ids=(0, vocab - 1), response_ids=(0, vocab - 1))
     return out

@@ -8,6 +8,12 @@ model's byte tokenizer) and solvable by a 2-layer model.
 - reverse: "40713=" -> "31704". Positional partial credit: a dense signal a tiny policy can climb.
 - sort:    "40713=" -> "01347". Positional partial credit.
 - add:     "27+58=" -> "85". Exact match.
+- calc:    "37*48=" -> "1776", with a calculator tool (multi-turn: ``rlflow -cn tool_calc``). A tiny model
+           cannot multiply, but it can call ``calc(37*48)`` and copy the result: only using the tool pays.
+           Exact match on the last turn.
+
+A task may also give ``demo(rng, record) -> [(who, text), ...]``: a multi-turn demonstration for the
+warm-start, ``who`` being ``model`` (a turn, trained, ended by <eos>) or ``env`` (an observation, not trained).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Callable
 class Task:
     make: Callable[[random.Random, int, int], dict]  # (rng, min_digits, max_digits) -> record
     reward: str  # dotted path of the reward function
+    demo: Callable[[random.Random, dict], list[tuple[str, str]]] | None = None  # multi-turn warm-start demonstration
 
 
 def _digits(rng: random.Random, lo: int, hi: int) -> str:
@@ -42,10 +49,29 @@ def _add(rng: random.Random, lo: int, hi: int) -> dict:
     return {"prompt": f"{a}+{b}=", "answer": str(a + b)}
 
 
+def _calc(rng: random.Random, lo: int, hi: int) -> dict:
+    a, b = (rng.randint(10 ** (d - 1), 10 ** d - 1) for d in (rng.randint(lo, hi), rng.randint(lo, hi)))
+    return {"prompt": f"{a}*{b}=", "answer": str(a * b)}
+
+
+CALC_TOOL_SHARE = 0.5  # of warm-start demonstrations that call the tool; the rest answer directly (and
+# cannot be right): the policy starts using the tool about this often, and RL has to learn that it pays
+
+
+def _calc_demo(rng: random.Random, record: dict) -> list[tuple[str, str]]:
+    from rlflow.envs.tools import RESULTS
+
+    if rng.random() >= CALC_TOOL_SHARE:
+        return [("model", record["answer"])]
+    return [("model", f"calc({record['prompt'].rstrip('=')})"), ("env", RESULTS["call"].format(result=record["answer"])),
+            ("model", record["answer"])]
+
+
 TASKS: dict[str, Task] = {
     "reverse": Task(_reverse, "rlflow.tasks.rewards.positional_match"),
     "sort": Task(_sort, "rlflow.tasks.rewards.positional_match"),
     "add": Task(_add, "rlflow.tasks.rewards.exact_match"),
+    "calc": Task(_calc, "rlflow.tasks.rewards.exact_match", demo=_calc_demo),
 }
 
 

@@ -24,6 +24,11 @@ def positional_match(response: str, answer: str, **_) -> float:
     return hits / max(len(answer), len(response))
 
 
+def env_reward(response: str, env_reward: float, **_) -> float:
+    """Multi-turn episodes: the environment's own reward, the sum of its step rewards (``envs/base.py``)."""
+    return env_reward
+
+
 def exact_match(response: str, answer: str, **_) -> float:
     """1.0 when the stripped response equals the answer, else 0.0."""
     return float(response.strip() == str(answer).strip())

@@ -1,0 +1,224 @@
+"""The rollout role with an environment: multi-turn episodes, exact tokens, trajectory-level asynchrony.
+
+One row is one episode. The replica keeps up to ``env.workers`` episodes going at once (more queue for a
+worker, ``envs/pool.py``), each in one of three states:
+
+    reset -> generate -> env -> generate -> env ... -> finished (put on the bus)
+
+Each pass of the loop (1) applies the newest weights, (2) takes rows while there is room, (3) generates
+the next turn of *every* episode that waits for the model, in one batched call, and hands each turn to
+its environment, then (4) takes the environments' answers that came in meanwhile. Environments run in
+their own processes, so while one episode waits on a slow tool the engine generates for the others:
+turns are batched across episodes, and no episode waits for another's environment.
+
+Invariants:
+- Exact tokens: the row's ``response_ids`` are the tokens the model was given and produced, in order.
+  Model tokens are appended as sampled; an observation is tokenized once, by this role, and appended as
+  it will be read (``observation_ids``). ``loss_mask`` is 1 exactly on sampled tokens, and only those
+  carry ``rollout_logprobs`` (0 elsewhere) and train.
+- Per-token versions: weights are applied between turns, never during one; ``token_versions`` records
+  each token's policy version (an observation carries its turn's). ``version_start`` is the oldest
+  sampled token's: a sample's staleness is measured from it, and since the feeder admitted the row for
+  versions >= its ``min_version`` and the first turn ran at one, the staleness bound holds for every token.
+- One episode's failure costs that episode: an environment that raises, hangs past
+  ``env.step_timeout_s`` or dies ends its episode with finish_reason ``env_error``/``env_timeout``/
+  ``env_died`` and reward ``env.failure_reward`` (null: not trained). The episode is still put, so the
+  actor consumes it and the ledger accounts for it.
+- Nothing is lost: a delivery is acked once every episode of it is on the bus; a replica that dies
+  leaves its rows leased, and the launcher hands them to another replica.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from rlflow.envs.config import EnvConfig
+from rlflow.envs.pool import EnvPool
+from rlflow.roles import reports, schema
+from rlflow.roles.schema import ENV_FAILURES
+from rlflow.roles.context import RoleContext, ack_work, next_rows
+from rlflow.transfer.lifetime import at_exit
+
+POLL_IDLE_S = 0.05  # how long the loop waits for environments when no episode waits for the model
+
+
+@dataclass
+class Episode:
+    """One episode in flight: its row on the bus, and the token stream so far."""
+
+    uid: str
+    delivery: int  # the delivery it came in (acked once all of its episodes are put)
+    prompt: list[int]
+    record: dict
+    state: str = "reset"  # reset | generate | env | finished
+    tokens: list[int] = field(default_factory=list)  # after the prompt: model and observation tokens
+    mask: list[int] = field(default_factory=list)  # 1: sampled by the policy
+    logprobs: list[float] = field(default_factory=list)  # the sampling policy's, 0 on observation tokens
+    versions: list[int] = field(default_factory=list)  # policy version of each token
+    turn_starts: list[int] = field(default_factory=list)  # where each model turn starts in ``tokens``
+    env_reward: float = 0.0
+    info: Counter = field(default_factory=Counter)  # the environment's counters, summed over steps
+    env_seconds: float = 0.0
+    finish: str = ""
+    error: str = ""  # what failed, when the environment did
+    started: float = field(default_factory=time.monotonic)
+
+    def append(self, ids: list[int], logprobs: list[float] | None, version: int) -> None:
+        self.tokens += ids
+        self.mask += [1 if logprobs is not None else 0] * len(ids)
+        self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+        self.versions += [version] * len(ids)
+
+    def row(self, failure_reward: float | None) -> dict:
+        sampled = [v for v, m in zip(self.versions, self.mask) if m]
+        reward = self.env_reward
+        if self.finish in ENV_FAILURES:
+            reward = math.nan if failure_reward is None else failure_reward
+        if not sampled:  # nothing the policy produced: nothing to train
+            reward = math.nan
+        return {"uid": self.uid, "response_ids": self.tokens, "rollout_logprobs": self.logprobs,
+                "version_start": min(sampled, default=0), "version_end": max(sampled, default=0),
+                "finish_reason": self.finish, "loss_mask": self.mask, "token_versions": self.versions,
+                "turn_starts": self.turn_starts, "env_reward": reward,
+                "env_info": json.dumps({"counters": dict(self.info), "env_seconds": round(self.env_seconds, 4),
+                                        "seconds": round(time.monotonic() - self.started, 4)})}
+
+
+class Tokens:
+    """The rollout's side of text: the model's turns decoded for the environment, observations encoded."""
+
+    def __init__(self, model_path: str, stop_ids: list[int], max_observation_tokens: int):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.stop_ids, self.max_observation = set(stop_ids), max_observation_tokens
+
+    def action(self, ids: list[int]) -> str:
+        """The text the environment gets for a turn: its tokens without the stop token."""
+        return self.tok.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)
+
+    def observation_ids(self, text: str) -> list[int]:
+        """An observation's tokens as the model reads them, cut to ``env.max_observation_tokens``."""
+        return self.tok(text, add_special_tokens=False)["input_ids"][: self.max_observation]
+
+
+def serve_episodes(cfg, env_cfg: EnvConfig, ctx: RoleContext, engine, synced) -> None:
+    """The multi-turn loop (see the module docstring). ``synced(need=None)`` applies the newest weights
+    (waiting for version ``need`` when given); ``cfg`` is the RolloutConfig."""
+    from rlflow.engines.hf import stop_token_ids
+
+    pool = EnvPool(env_cfg)
+    at_exit(pool.shutdown)
+    text = Tokens(ctx.model_path, stop_token_ids(ctx.model_path), env_cfg.max_observation_tokens)
+    sampling = cfg.sampling()
+    live: dict[str, Episode] = {}
+    deliveries: dict[int, tuple[object, int]] = {}  # id -> (delivery, episodes not yet put)
+    next_id, busy = 0, 0.0  # busy: seconds generating since the last report
+    ctx.report(reports.READY)
+    try:
+        while True:
+            synced()
+            # Room for more: take whole groups while no episode waits for a worker.
+            if pool.queued == 0 and len(live) < env_cfg.workers:
+                groups = max(1, (env_cfg.workers - len(live)) // cfg.group_size)
+                d = _take(ctx, groups, idle=not live)
+                if d is not None:
+                    need = max(d.table.column("min_version").to_pylist())
+                    synced(need)
+                    deliveries[next_id] = (d, len(d))
+                    for uid, prompt, fields in zip(d.uids, d.table.column("prompt_ids").to_pylist(),
+                                                   d.table.column("fields").to_pylist()):
+                        record = json.loads(fields)
+                        live[uid] = Episode(uid, next_id, prompt, record)
+                        pool.reset(uid, record)
+                    next_id += 1
+            ready = [e for e in live.values() if e.state == "generate"]
+            if ready:
+                busy += _turn(ctx, engine, ready, sampling, pool, text)
+            for out in pool.poll(0.0 if ready else POLL_IDLE_S):
+                e = live.get(out.episode)
+                if e is not None:
+                    _answered(e, out, env_cfg, text, engine.version)
+            done = [e for e in live.values() if e.state == "finished"]
+            if done:
+                _put(ctx, done, env_cfg, pool, live, deliveries, busy)
+                busy = 0.0
+    finally:
+        pool.shutdown()
+
+
+def _take(ctx: RoleContext, groups: int, idle: bool):
+    """The next delivery of up to ``groups`` groups: waiting as an idle role does when no episode is in
+    flight, else only a moment (the loop must go back to its episodes)."""
+    from rlflow.transfer import BusTimeout
+
+    if idle:
+        return next_rows(ctx, "rollout", schema.EPISODE_ROLLOUT_INPUT, groups, groups=True)
+    try:
+        d = ctx.bus.get("rollout", schema.EPISODE_ROLLOUT_INPUT, n=groups, min_n=1, groups=True, timeout=0,
+                        lease=ctx.lease_seconds)
+    except BusTimeout:
+        return None
+    schema.refuse_out_of_range(d, ctx.bounds)
+    return d
+
+
+def _turn(ctx: RoleContext, engine, ready: list[Episode], sampling, pool: EnvPool, text: Tokens) -> float:
+    """One model turn of every episode in ``ready``, in one batched call; each turn goes to its
+    environment. Returns the seconds it took."""
+    version, t0 = engine.version, time.monotonic()
+    with ctx.timeline.span("generate", samples=len(ready), version=version, turns=True) as span:
+        gens = engine.generate([e.prompt + e.tokens for e in ready], sampling)
+        span["tokens"] = sum(len(g.response_ids) for g in gens)
+    for e, g in zip(ready, gens):
+        e.turn_starts.append(len(e.tokens))
+        e.append(g.response_ids, g.logprobs, version if g.version is None else g.version)
+        e.state = "env"
+        pool.step(e.uid, text.action(g.response_ids))
+    return time.monotonic() - t0
+
+
+def _answered(e: Episode, out, env_cfg: EnvConfig, text: Tokens, version: int) -> None:
+    """An environment's answer to ``e``: the next state, and the observation appended."""
+    e.env_seconds += out.seconds
+    if out.failure is not None:
+        e.state, e.finish, e.error = "finished", out.failure, out.error
+        return
+    if out.op == "step":
+        e.env_reward += out.step.reward
+        e.info.update(out.step.info)
+        if out.step.done:
+            e.state, e.finish = "finished", "done"
+            return
+        if len(e.turn_starts) >= env_cfg.max_turns:
+            e.state, e.finish = "finished", "max_turns"
+            return
+    if out.observation:
+        e.append(text.observation_ids(out.observation), None, e.versions[-1] if e.versions else version)
+    e.state = "generate"
+
+
+def _put(ctx: RoleContext, done: list[Episode], env_cfg: EnvConfig, pool: EnvPool, live: dict,
+         deliveries: dict, busy: float) -> None:
+    """Put finished episodes on the bus, free their workers, ack each delivery whose episodes are all put."""
+    rows = [e.row(env_cfg.failure_reward) for e in done]
+    ctx.bus.put({k: [r[k] for r in rows] for k in rows[0]}, missing="skip")
+    for e in done:
+        pool.close(e.uid)
+        del live[e.uid]
+        d, left = deliveries[e.delivery]
+        deliveries[e.delivery] = (d, left - 1)
+        if left == 1:
+            del deliveries[e.delivery]
+            ack_work(ctx, d)
+    failures = Counter(e.finish for e in done if e.finish in ENV_FAILURES)
+    ctx.report(reports.WORK, samples=len(done), tokens=sum(sum(e.mask) for e in done),
+               seconds=busy, turns=sum(len(e.turn_starts) for e in done), env_seconds=sum(e.env_seconds for e in done),
+               env_failures=dict(failures))
+    for e in done:
+        if e.finish in ENV_FAILURES:
+            ctx.report(reports.ENV_ERROR, uid=e.uid, failure=e.finish, error=e.error)
