@@ -52,12 +52,15 @@ def policy_loss(logp: torch.Tensor, rollout_logp: torch.Tensor, advantages: torc
     Diagnostics: clip_frac, ratio, is_weight, is_cut (weight truncated or masked), rollout_kl (k3 of μ
     against π_θ), kl (k3 to the reference, with a KL term).
     """
-    behaviour = logp.detach() - rollout_logp  # log π_θ/μ per token
+    # Log-ratios are zeroed where the mask is 0 before anything is exponentiated: a masked-out token
+    # (padding, an episode's observation) then has ratio 1 and weight 1 whatever it carries, so it adds
+    # exactly 0 to the loss and the gradient (0 x inf would be NaN).
+    behaviour = (logp.detach() - rollout_logp) * mask  # log π_θ/μ per token
     if old_logprobs == "rollout":
         if correction != "none":
             raise ValueError(f"actor.correction={correction!r} needs actor.old_logprobs=recompute: with "
                              f"'rollout' the ratio π/μ is already the importance weight")
-        log_ratio = logp - rollout_logp
+        log_ratio = (logp - rollout_logp) * mask
         weight, cut = torch.ones_like(logp), torch.zeros_like(logp)
     elif old_logprobs == "recompute":
         log_ratio = logp - logp.detach()
@@ -77,7 +80,7 @@ def policy_loss(logp: torch.Tensor, rollout_logp: torch.Tensor, advantages: torc
              "is_cut": cut, "rollout_kl": torch.exp(x) - x - 1.0}
     if kl_coef > 0.0:
         assert ref_logp is not None, "a KL term needs ref_logprobs"
-        log_r = ref_logp - logp
+        log_r = (ref_logp - logp) * mask
         k3 = torch.exp(log_r) - log_r - 1.0
         loss = loss + kl_coef * k3
         stats["kl"] = k3.detach()

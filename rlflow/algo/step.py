@@ -144,7 +144,7 @@ class StepAccumulator:
         for name, value in stats.items():
             self.sums[name] = self.sums.get(name, 0.0) + float((value * mask).sum())
         self.seq_log_w.append(sequence_log_weights(logp, rollout_logp, mask))
-        self.token_log_w.append((logp.detach() - rollout_logp)[mask.bool()])
+        self.token_log_w.append((logp.detach() - rollout_logp)[mask.bool()])  # masked-in tokens only
 
     def finish(self) -> dict[str, float]:
         """Step the optimizer on the accumulated gradient divided by the batch's normaliser, at this

@@ -21,6 +21,10 @@ Either method may be ``async def``. The episode's reward is the sum of its step 
 recipe names a final reward function (``reward.fn``): that gets the last turn's text, the record's
 fields and ``env_reward`` (the sum), and its value is what the trainer sees.
 
+Keys of the recipe's ``env`` section: ``cls``, ``kwargs`` (the class's keyword arguments; on the
+command line ``+env.kwargs.NAME=VALUE``), ``max_turns``, ``max_observation_tokens``, ``workers``,
+``step_timeout_s``, ``failure_reward`` (``envs/config.py``).
+
 Design decisions:
 - One instance per episode, in a process of its own (``envs/worker.py``): an environment may keep any
   state, block, leak or crash; the cost is that episode, never the run.

@@ -208,14 +208,15 @@ def make_tokenize(tokenizer, chat_template: bool):
 
 
 def reward_fn(cfg: RunConfig) -> str:
-    """The dotted path of the run's reward function: ``reward.fn``, or the built-in task's own."""
+    """The dotted path of the run's reward function: ``reward.fn``; else with an environment the sum of its
+    step rewards (``env_reward``), else the built-in task's own."""
     from rlflow.tasks.builtin import get_task
 
     if cfg.reward.fn:
         return cfg.reward.fn
-    if cfg.data.path is None:
-        return get_task(cfg.data.task).reward
-    return "rlflow.tasks.rewards.env_reward"  # episodes of a user's data: the environment's own reward
+    if cfg.env.enabled:
+        return "rlflow.tasks.rewards.env_reward"
+    return get_task(cfg.data.task).reward
 
 
 def with_server_key(rollout):

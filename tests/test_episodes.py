@@ -1,0 +1,177 @@
+"""Multi-turn episodes (roles/episodes.py, envs/): exact masking, failure isolation, tools, per-token versions."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+from conftest import SAMPLING
+from rlflow.algo.step import StepAccumulator
+from rlflow.engines.hf import HFTrainEngine
+from rlflow.envs.config import EnvConfig
+from rlflow.envs.pool import EnvPool
+from rlflow.envs.tools import ToolEnv, calc, tool
+from rlflow.roles.config import ActorConfig
+from rlflow.roles import schema
+
+TESTS = str(Path(__file__).resolve().parent)
+
+
+def _episode_table(observation_logprob: float, ref_logprob: float) -> pa.Table:
+    """One group of 4 two-turn episodes: model tokens (mask 1) around an observation (mask 0) whose
+    rollout and reference logprobs are ``observation_logprob`` / ``ref_logprob``."""
+    rows = []
+    for i in range(4):
+        turn1, obs, turn2 = [20 + i, 21, 2], [40, 41, 42, 43], [22, 23 + i, 2]
+        mask = [1] * 3 + [0] * 4 + [1] * 3
+        rollout = [-1.5, -0.7, -0.2] + [observation_logprob] * 4 + [-0.9, -1.1, -0.3]
+        rows.append({"uid": f"u{i}", "group_id": "g0", "prompt_ids": [1, 10 + i, 11], "response_ids": turn1 + obs + turn2,
+                     "rollout_logprobs": rollout, "ref_logprobs": [r if m else ref_logprob for r, m in zip(rollout, mask)],
+                     "version_start": 0, "version_end": 0, "reward": float(i % 2), "loss_mask": mask,
+                     "turn_starts": [0, 7], "finish_reason": "done", "token_versions": [0] * 10,
+                     "env_info": json.dumps({"counters": {"tool_call": 1}, "env_seconds": 0.1, "seconds": 0.2})})
+    return pa.Table.from_pylist(rows)
+
+
+@pytest.mark.parametrize("extra", [{}, {"old_logprobs": "recompute", "correction": "tis", "kl_coef": 0.1}],
+                         ids=["rollout-ratio", "recompute-tis-kl"])
+def test_masked_out_tokens_contribute_exactly_nothing_to_the_loss_or_the_gradient(tiny_model, extra):
+    """Observation tokens are context, never trained: whatever logprobs they carry (here absurd ones,
+    which would overflow any ratio), the step's loss, gradient, token count and ESS are those of sane ones."""
+    cfg = ActorConfig(micro_batch=4, **extra)
+    results = []
+    for observation_logprob, ref_logprob in ((0.0, 0.0), (-1e4, 1e4)):
+        torch.manual_seed(0)
+        engine = HFTrainEngine(tiny_model, cfg, SAMPLING)
+        acc = StepAccumulator(engine, cfg, SAMPLING.max_new_tokens)
+        acc.add(_episode_table(observation_logprob, ref_logprob))
+        grads = {n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None}
+        results.append((acc.loss_sum, acc.tokens, grads, torch.cat(acc.seq_log_w)))
+    (loss0, tokens0, grads0, w0), (loss1, tokens1, grads1, w1) = results
+    assert tokens0 == tokens1 == 4 * 6  # only the sampled tokens count
+    assert loss0 == loss1 and torch.equal(w0, w1) and math.isfinite(loss0)
+    assert grads0.keys() == grads1.keys() and all(torch.equal(grads0[n], grads1[n]) for n in grads0)
+    assert sum(float(g.abs().sum()) for g in grads0.values()) > 0
+
+
+def test_episode_metrics_count_turns_tools_and_the_masked_out_share(tiny_model):
+    engine = HFTrainEngine(tiny_model, ActorConfig(), SAMPLING)
+    acc = StepAccumulator(engine, ActorConfig(), SAMPLING.max_new_tokens)
+    acc.add(_episode_table(0.0, 0.0))
+    out = acc.finish()
+    assert out["episode/turns_mean"] == 2 and out["env/tool_call"] == 1
+    assert out["episode/masked_out_frac"] == pytest.approx(0.4) and out["env/failures"] == 0
+
+
+@pytest.fixture
+def importable_tests(monkeypatch):
+    """Environment workers import the test's environments as a user's run imports theirs: from the path."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")])))
+
+
+def _run_episode(pool: EnvPool, episode: str, record: dict, actions: list[str], timeout: float = 30) -> list:
+    outcomes, pending = [], [("reset", None)] + [("step", a) for a in actions]
+    pool.reset(episode, record)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for out in pool.poll(0.2):
+            outcomes.append(out)
+            pending.pop(0)
+            if out.failure or (out.step and out.step.done) or not pending:
+                pool.close(episode)
+                return outcomes
+            pool.step(episode, pending[0][1])
+    raise AssertionError(f"episode {episode} got no outcome within {timeout}s: {outcomes}")
+
+
+def test_a_raising_hanging_or_dying_environment_costs_its_episode_only(importable_tests):
+    """Each failure ends its own episode with its kind; the pool replaces the worker and the next
+    episodes run normally on the same pool."""
+    pool = EnvPool(EnvConfig(cls="user_envs.FlakyEnv", workers=2, step_timeout_s=2.0))
+    try:
+        ends = {}
+        for i, behaviour in enumerate(["ok", "raise", "hang", "die", "bad", "ok", "ok"]):
+            outs = _run_episode(pool, f"e{i}", {"behaviour": behaviour}, ["a", "b", "c"])
+            ends[f"{i}:{behaviour}"] = outs[-1].failure or ("done" if outs[-1].step.done else "open")
+            if behaviour == "raise":
+                assert "RuntimeError: the environment broke" in outs[-1].error
+            if behaviour == "bad":
+                assert "FlakyEnv.step returned reward 'not a number'" in outs[-1].error
+        assert ends == {"0:ok": "done", "1:raise": "env_error", "2:hang": "env_timeout", "3:die": "env_died",
+                        "4:bad": "env_error", "5:ok": "done", "6:ok": "done"}
+        assert pool.stats["restarts"] == 2 and pool.stats["bad_messages"] == 0
+    finally:
+        pool.shutdown()
+    assert not os.path.exists(pool.dir)
+
+
+def test_an_environment_class_that_cannot_load_fails_the_replica_naming_it(importable_tests):
+    pool = EnvPool(EnvConfig(cls="user_envs.NoSuchEnv", workers=1))
+    try:
+        with pytest.raises(RuntimeError, match="env.cls=user_envs.NoSuchEnv.*has no attribute 'NoSuchEnv'"):
+            for _ in range(100):
+                pool.poll(0.1)
+    finally:
+        pool.shutdown()
+
+
+def test_a_malformed_or_unknown_tool_call_gets_an_observation_never_a_crash():
+    @tool(name="echo")
+    def say(text: str) -> str:
+        return text
+
+    env = ToolEnv([calc, say])
+    assert env.step("calc(37*48)") == (" -> 1776\n", 0.0, False, {"tool_call": 1})
+    for action, shown in [("calc(37*", "closing parenthesis"), ("calk(1+1)", "unknown tool 'calk'; the tools are calc, echo"),
+                          ("calc(2**99999)", "only numbers"), ("calc(1/0)", "ZeroDivisionError"),
+                          ("calc(__import__('os'))", "only numbers")]:
+        observation, reward, done, info = env.step(action)
+        assert shown in observation and not done and reward == 0.0, (action, observation)
+        assert set(info) <= {"malformed_call", "tool_error"} and sum(info.values()) == 1
+    assert env.step("1776") == (None, 0.0, True, {})  # no call: the answer, the episode ends
+    hermes = ToolEnv(["rlflow.envs.tools.calc"], format="hermes")
+    assert hermes.step('<tool_call>{"name": "calc", "arguments": {"expression": "6*7"}}</tool_call>')[0] == \
+        "<tool_response>\n42\n</tool_response>\n"
+    for action, shown in [('<tool_call>{"name": "calc"', "not closed"), ("<tool_call>{oops}</tool_call>", "not valid JSON"),
+                          ('<tool_call>{"name": "calc", "arguments": {"x": 1}}</tool_call>', "unexpected keyword")]:
+        assert shown in hermes.step(action)[0], action
+
+
+from helpers import metrics, rlflow, said  # noqa: E402
+
+EPISODES = ["data.task=reverse", "rollout.group_size=4", "actor.groups_per_step=4", "rollout.max_new_tokens=4",
+            "env.cls=user_envs.FlakyEnv", "env.max_turns=3", "env.workers=8", "reward.fn=rlflow.tasks.rewards.env_reward"]
+
+
+def test_a_run_whose_environments_raise_hang_and_die_finishes_with_every_sample_accounted_for(tmp_path, model_cache):
+    """About 3 episodes in 8 fail (FlakyEnv by prompt): each costs its episode, reported and not trained;
+    the run trains every step and its ledger balances."""
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, *EPISODES, "env.step_timeout_s=2", "flow.steps=4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = metrics(run_dir)
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]
+    assert sum(m["env/failures"] for m in rows) > 0 and "an environment failed" in said(r)
+    samples = json.loads((run_dir / "summary.json").read_text())["samples"]
+    assert samples["consumed_more_than_once"] == samples["issued_not_consumed"] == samples["consumed_not_issued"] == 0
+
+
+def test_weights_change_between_turns_and_no_token_is_staler_than_k(tmp_path, model_cache):
+    """With a slow environment the actor publishes while episodes are between turns: later turns run at a
+    newer version (per-token versions record it), and staleness, measured from a sample's oldest token,
+    never exceeds flow.staleness."""
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, *EPISODES, "+env.kwargs.behaviour=ok", "+env.kwargs.sleep=0.1", "flow.staleness=1",
+               "flow.steps=6")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = metrics(run_dir)
+    assert max(m["episode/multi_version_frac"] for m in rows) > 0, [m["episode/multi_version_frac"] for m in rows]
+    assert max(m["staleness/max"] for m in rows) <= 1
+    assert all(m["episode/turns_mean"] == 3 and m["env/turn"] == 3 for m in rows)
