@@ -175,3 +175,89 @@ def test_weights_change_between_turns_and_no_token_is_staler_than_k(tmp_path, mo
     assert max(m["episode/multi_version_frac"] for m in rows) > 0, [m["episode/multi_version_frac"] for m in rows]
     assert max(m["staleness/max"] for m in rows) <= 1
     assert all(m["episode/turns_mean"] == 3 and m["env/turn"] == 3 for m in rows)
+
+
+# ---------------------------------------------------------------------------------------- chat templates
+CHAT = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}\n"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+# Like reasoning models' templates: an assistant turn's <think>...</think> is dropped once it is history.
+THINKING = CHAT.replace("{{ m.content }}", "{{ m.content.split('</think>')[-1] if m.role == 'assistant' else m.content }}")
+
+
+def _chat_tokenizer(template: str):
+    from rlflow.engines.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.chat_template = template
+    return tok
+
+
+def _play(turns, tok, record: dict, model_turns: list[str], observations: list[str]):
+    """An episode as roles/episodes.py grows it: (every token after the prompt, segment starts, conversation)."""
+    conversation = turns.start(record)
+    prompt = turns.render(conversation)  # what the feeder put on the bus
+    tokens, segments = [], []
+    for turn, observation in zip(model_turns, observations):
+        tokens += tok(turn, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # sampled, with its end
+        context = tokens[segments[-1]:] if segments else prompt + tokens
+        ids, new = turns.observation(conversation, context, turn, observation)
+        if new:
+            segments.append(len(tokens))
+        tokens += ids
+    return prompt, tokens, segments, conversation
+
+
+def test_an_episode_token_stream_is_what_the_chat_template_renders_for_its_conversation():
+    """Where the exact-prefix rule holds, only what the template adds for each observation is appended:
+    prompt + stream is token for token the template's rendering of the whole conversation."""
+    from rlflow.roles.turns import ChatTurns
+
+    tok = _chat_tokenizer(CHAT)
+    turns = ChatTurns(tok, max_observation_tokens=64, role="tool")
+    prompt, tokens, segments, conversation = _play(turns, tok, {"prompt": "12*34="}, ["calc(12*34)", "408"],
+                                                   [" -> 408", " wrong? try again"])
+    assert segments == []
+    assert prompt + tokens == turns.render(conversation)
+    assert conversation[-1] == {"role": "tool", "content": " wrong? try again"}
+    long = ChatTurns(tok, max_observation_tokens=5, role="user")  # observations are cut before they are rendered
+    _, _, _, conversation = _play(long, tok, {"prompt": "x"}, ["a"], ["0123456789"])
+    assert conversation[-1]["content"] == "01234"
+
+
+def test_where_the_template_rewrites_history_a_new_segment_starts_instead():
+    """A reasoning template drops earlier <think> blocks: the stream is not a prefix of the rendering any
+    more, so the rendering starts a new segment (the model's next turn sees exactly it), and the tokens
+    before it stay as sampled."""
+    from rlflow.roles.turns import ChatTurns
+
+    tok = _chat_tokenizer(THINKING)
+    turns = ChatTurns(tok, max_observation_tokens=64)
+    prompt, tokens, segments, conversation = _play(turns, tok, {"prompt": "12*34="},
+                                                   ["<think>12*34 is 408</think>calc(12*34)", "408"], [" -> 408", " ok"])
+    first_turn = tok("<think>12*34 is 408</think>calc(12*34)", add_special_tokens=False)["input_ids"]
+    assert tokens[: len(first_turn)] == first_turn  # what was sampled is kept as sampled
+    # The first observation re-renders history without the thought: a new segment. From there on the
+    # stream is again a prefix of each rendering, so the second observation is appended in place.
+    assert len(segments) == 1 and tokens[segments[0]:] == turns.render(conversation)
+    assert "12*34 is 408" not in tok.decode(tokens[segments[0]:])
+
+
+def test_each_segment_is_scored_against_its_own_context(tiny_model):
+    from rlflow.algo import segments
+    from rlflow.engines.hf import load_model, sequence_logprobs
+
+    model = load_model(tiny_model, "float32", "cpu")
+
+    def fn(p, r):
+        return sequence_logprobs(model, p, r, 1.0, "cpu")
+
+    prompt, response = [1, 20, 21], [30, 31, 2, 40, 41, 42, 50, 51, 2]  # a new context starts at 3: [40, 41, 42]
+    with torch.no_grad():
+        got = segments.score(fn, [prompt, prompt], [response, response[:5]], [[3], []])
+        first = fn([prompt], [response[:3]])[0]
+        second = fn([response[3:4]], [response[4:]])[0]
+        plain = fn([prompt], [response[:5]])[0]
+    assert torch.allclose(got[0, :3], first, atol=1e-6) and got[0, 3] == 0
+    assert torch.allclose(got[0, 4:], second, atol=1e-6)
+    assert torch.allclose(got[1, :5], plain, atol=1e-6) and torch.all(got[1, 5:] == 0)
+    assert segments.split(prompt, response, [0]) == [(response[:1], response[1:], 1)]  # a segment at the very start

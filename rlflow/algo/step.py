@@ -19,6 +19,7 @@ import torch
 
 from rlflow.algo.loss import aggregate, group_advantages, policy_loss
 from rlflow.algo.offpolicy import ess, lr_factor, opob_advantages, sequence_log_weights
+from rlflow.algo import segments
 
 
 class StepAccumulator:
@@ -105,7 +106,8 @@ class StepAccumulator:
                             f"{type(self.engine).__name__} has no trajectory_grad_sq (see engines/base.py)")
         if not rows:
             return []
-        masks = {"masks": [cols["loss_mask"][i] for i in rows]} if "loss_mask" in cols else {}
+        masks = {"masks": [cols["loss_mask"][i] for i in rows], "segment_starts": [cols["segment_starts"][i] for i in rows]} \
+            if "loss_mask" in cols else {}
         grad_sq, seq_logp = self.engine.trajectory_grad_sq([cols["prompt_ids"][i] for i in rows],
                                                            [cols["response_ids"][i] for i in rows], **masks)
         log_w = seq_logp - torch.tensor([sum(cols["rollout_logprobs"][i]) for i in rows], dtype=seq_logp.dtype)
@@ -119,7 +121,8 @@ class StepAccumulator:
         prompts = [cols["prompt_ids"][i] for i in rows]
         responses = [cols["response_ids"][i] for i in rows]
         self.lengths += [len(r) for r in responses]
-        logp = self.engine.token_logprobs(prompts, responses)  # [B, T]
+        starts = [cols["segment_starts"][i] for i in rows] if "segment_starts" in cols else None
+        logp = segments.score(self.engine.token_logprobs, prompts, responses, starts)  # [B, T]
         mask = torch.zeros_like(logp)
         rollout_logp = torch.zeros_like(logp)
         ref_logp = torch.zeros_like(logp) if self.cfg.kl_coef > 0 else None

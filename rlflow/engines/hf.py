@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from rlflow.algo import segments
 from rlflow.engines.base import Generation, SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -204,9 +205,11 @@ class HFTrainEngine:
         return {"actor/grad_norm": float(norm), "lr/effective": base[0] * lr_scale}
 
     def trajectory_grad_sq(self, prompts: list[list[int]], responses: list[list[int]],
-                           masks: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           masks: list[list[int]] | None = None,
+                           segment_starts: list[list[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """([B] ‖∇_θ log π_θ(response_i)‖², [B] log π_θ(response_i)), one forward and backward per sample;
-        with ``masks`` (multi-turn episodes) only the tokens marked 1 count.
+        with ``masks`` (multi-turn episodes) only the tokens marked 1 count, each segment scored against
+        its own context (``algo/segments.py``).
 
         Uses ``torch.autograd.grad``, so the gradients the step is accumulating are untouched. The cost is
         one extra single-sample pass per trajectory (OPOB's price); memory stays that of one sample.
@@ -214,7 +217,7 @@ class HFTrainEngine:
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_sq, seq_logp = [], []
         for k, (p, r) in enumerate(zip(prompts, responses)):
-            logp = sequence_logprobs(self.model, [p], [r], self.temperature, self.device)
+            logp = segments.score(self.token_logprobs, [p], [r], [segment_starts[k]] if segment_starts else None)
             if masks is not None:
                 logp = logp * torch.tensor(masks[k], dtype=logp.dtype, device=logp.device)[None, :]
             logp = logp.sum()

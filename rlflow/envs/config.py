@@ -30,6 +30,8 @@ class EnvConfig:
     ('env_timeout')."""
     start_timeout_s: float = 120.0
     """Bound on a worker process starting (importing the environment's module)."""
+    observation_role: str = "user"
+    """With data.chat_template=true: the chat role observations are rendered as (user or tool)."""
     failure_reward: float | None = None
     """Reward of an episode whose environment failed (timeout, exception, dead worker); null: the
     episode is not trained (counted as a failed sample)."""
@@ -43,5 +45,7 @@ class EnvConfig:
                 f"must be a dotted path like my_pkg.envs.MyEnv, got {self.cls!r}")
         require_counts(self, at, "max_turns", "max_observation_tokens", "workers")
         require_seconds(self, at, "step_timeout_s", "start_timeout_s")
+        require(self.observation_role in ("user", "tool"), f"{at}.observation_role",
+                f"choose user or tool, got {self.observation_role!r}")
         require(self.failure_reward is None or math.isfinite(self.failure_reward), f"{at}.failure_reward",
                 f"must be a finite number or null (not trained), got {self.failure_reward}")

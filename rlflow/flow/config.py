@@ -276,9 +276,7 @@ class RunConfig:
         require(d.path is None or self.reward.fn is not None or self.env.enabled, "reward.fn",
                 "a dataset from data.path needs a reward: reward.fn=my_pkg.my_reward (or "
                 "rlflow.tasks.rewards.math_answer, rlflow.tasks.rewards.exact_match)")
-        require(not (self.env.enabled and d.chat_template), "env.cls",
-                "multi-turn episodes with data.chat_template=true are not supported yet: the rollout appends "
-                "observations as plain text; set data.chat_template=false")
+
         require(self.model.path is not None or not d.chat_template, "model.path",
                 "data.chat_template=true needs a checkpoint whose tokenizer has a chat template, and the tiny "
                 "model built here has none: give model.path=CHECKPOINT_DIR (or set data.chat_template=false)")

@@ -202,8 +202,9 @@ def load_tokenizer(model_path: str):
 
 def make_tokenize(tokenizer, chat_template: bool):
     if chat_template:
-        return lambda text: tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                          add_generation_prompt=True, tokenize=True)
+        from rlflow.roles.turns import chat_ids
+
+        return lambda text: chat_ids(tokenizer, [{"role": "user", "content": text}])
     return lambda text: tokenizer(text)["input_ids"]
 
 
@@ -245,11 +246,11 @@ def plan_roles(cfg: RunConfig) -> list[ReplicaPlan]:
     plans = [ReplicaPlan("actor", i, cfg.actor, actor, cfg.actor.threads) for i in range(cfg.actor.replicas)]
     plans += [ReplicaPlan("rollout", i, dataclasses.replace(rollout, seed=rollout.seed + i),
                           RolloutArgs(sync, *relay_endpoints(i, rollout.replicas, cfg.sync.fanout),
-                                      env=cfg.env if episodes else None),
+                                      env=cfg.env if episodes else None, chat_template=cfg.data.chat_template),
                           rollout.threads) for i in range(rollout.replicas)]
     plans += [ReplicaPlan("reward", i, reward, RewardArgs(episodes), 1) for i in range(cfg.reward.replicas)]
     if cfg.actor.kl_coef > 0:
-        plans += [ReplicaPlan("reference", i, cfg.reference, ReferenceArgs(cfg.rollout.temperature),
+        plans += [ReplicaPlan("reference", i, cfg.reference, ReferenceArgs(cfg.rollout.temperature, episodes),
                               cfg.reference.threads) for i in range(cfg.reference.replicas)]
     return plans
 

@@ -89,6 +89,7 @@ class RolloutArgs:
     upstream: str | None = None  # the endpoint this replica pulls weight chunks from (None: the actor)
     relay: str | None = None  # the endpoint it serves peers at (None: no peer pulls from it)
     env: EnvConfig | None = None  # the environment of multi-turn episodes (None or cls null: single-turn)
+    chat_template: bool = False  # data.chat_template: prompts, and so an episode's observations, are rendered with it
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ class ReferenceArgs:
     """What the run tells a reference replica beyond its own config."""
 
     temperature: float  # the rollout's sampling temperature: logprobs are taken under the same distribution
+    episodes: bool = False  # rows are multi-turn episodes (env.cls): responses may hold several segments
 
 
 # ---------------------------------------------------------------------------- actor

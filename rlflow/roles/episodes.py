@@ -14,8 +14,9 @@ turns are batched across episodes, and no episode waits for another's environmen
 Invariants:
 - Exact tokens: the row's ``response_ids`` are the tokens the model was given and produced, in order.
   Model tokens are appended as sampled; an observation is tokenized once, by this role, and appended as
-  it will be read (``observation_ids``). ``loss_mask`` is 1 exactly on sampled tokens, and only those
-  carry ``rollout_logprobs`` (0 elsewhere) and train.
+  it will be read (``roles/turns.py``: plain text, or the chat template under the exact-prefix rule,
+  with a new segment where the template would rewrite history). ``loss_mask`` is 1 exactly on sampled
+  tokens, and only those carry ``rollout_logprobs`` (0 elsewhere) and train.
 - Per-token versions: weights are applied between turns, never during one; ``token_versions`` records
   each token's policy version (an observation carries its turn's). ``version_start`` is the oldest
   sampled token's: a sample's staleness is measured from it, and since the feeder admitted the row for
@@ -40,6 +41,7 @@ from rlflow.envs.config import EnvConfig
 from rlflow.envs.pool import EnvPool
 from rlflow.roles import reports, schema
 from rlflow.roles.schema import ENV_FAILURES
+from rlflow.roles.turns import ChatTurns, PlainTurns
 from rlflow.roles.context import RoleContext, ack_work, next_rows
 from rlflow.transfer.lifetime import at_exit
 
@@ -60,12 +62,20 @@ class Episode:
     logprobs: list[float] = field(default_factory=list)  # the sampling policy's, 0 on observation tokens
     versions: list[int] = field(default_factory=list)  # policy version of each token
     turn_starts: list[int] = field(default_factory=list)  # where each model turn starts in ``tokens``
+    segment_starts: list[int] = field(default_factory=list)  # where a new context starts (roles/turns.py)
+    conversation: object = None  # the messages so far, with a chat template (roles/turns.ChatTurns)
+    last_turn: str | None = None  # the text of the model's last turn
     env_reward: float = 0.0
     info: Counter = field(default_factory=Counter)  # the environment's counters, summed over steps
     env_seconds: float = 0.0
     finish: str = ""
     error: str = ""  # what failed, when the environment did
     started: float = field(default_factory=time.monotonic)
+
+    def context(self) -> list[int]:
+        """What the model is given for its next turn: the prompt and everything since, or from the
+        start of the current segment."""
+        return self.tokens[self.segment_starts[-1]:] if self.segment_starts else self.prompt + self.tokens
 
     def append(self, ids: list[int], logprobs: list[float] | None, version: int) -> None:
         self.tokens += ids
@@ -83,37 +93,36 @@ class Episode:
         return {"uid": self.uid, "response_ids": self.tokens, "rollout_logprobs": self.logprobs,
                 "version_start": min(sampled, default=0), "version_end": max(sampled, default=0),
                 "finish_reason": self.finish, "loss_mask": self.mask, "token_versions": self.versions,
-                "turn_starts": self.turn_starts, "env_reward": reward,
+                "turn_starts": self.turn_starts, "segment_starts": self.segment_starts, "env_reward": reward,
                 "env_info": json.dumps({"counters": dict(self.info), "env_seconds": round(self.env_seconds, 4),
                                         "seconds": round(time.monotonic() - self.started, 4)})}
 
 
-class Tokens:
-    """The rollout's side of text: the model's turns decoded for the environment, observations encoded."""
+class Text:
+    """The model's turns as text for the environment, and the stream's growth rule (``roles/turns.py``)."""
 
-    def __init__(self, model_path: str, stop_ids: list[int], max_observation_tokens: int):
+    def __init__(self, model_path: str, env_cfg: EnvConfig, chat_template: bool):
         from transformers import AutoTokenizer
 
+        from rlflow.engines.hf import stop_token_ids
+
         self.tok = AutoTokenizer.from_pretrained(model_path)
-        self.stop_ids, self.max_observation = set(stop_ids), max_observation_tokens
+        self.stop_ids = set(stop_token_ids(model_path))
+        self.turns = ChatTurns(self.tok, env_cfg.max_observation_tokens, env_cfg.observation_role) if chat_template \
+            else PlainTurns(self.tok, env_cfg.max_observation_tokens)
 
     def action(self, ids: list[int]) -> str:
-        """The text the environment gets for a turn: its tokens without the stop token."""
+        """The text the environment gets for a turn: its tokens without the stop token or special tokens."""
         return self.tok.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)
 
-    def observation_ids(self, text: str) -> list[int]:
-        """An observation's tokens as the model reads them, cut to ``env.max_observation_tokens``."""
-        return self.tok(text, add_special_tokens=False)["input_ids"][: self.max_observation]
 
-
-def serve_episodes(cfg, env_cfg: EnvConfig, ctx: RoleContext, engine, synced) -> None:
+def serve_episodes(cfg, env_cfg: EnvConfig, ctx: RoleContext, engine, synced, chat_template: bool = False) -> None:
     """The multi-turn loop (see the module docstring). ``synced(need=None)`` applies the newest weights
-    (waiting for version ``need`` when given); ``cfg`` is the RolloutConfig."""
-    from rlflow.engines.hf import stop_token_ids
-
+    (waiting for version ``need`` when given); ``cfg`` is the RolloutConfig; ``chat_template``: the
+    prompts were rendered with the tokenizer's chat template, and so are observations."""
     pool = EnvPool(env_cfg)
     at_exit(pool.shutdown)
-    text = Tokens(ctx.model_path, stop_token_ids(ctx.model_path), env_cfg.max_observation_tokens)
+    text = Text(ctx.model_path, env_cfg, chat_template)
     sampling = cfg.sampling()
     live: dict[str, Episode] = {}
     deliveries: dict[int, tuple[object, int]] = {}  # id -> (delivery, episodes not yet put)
@@ -133,7 +142,7 @@ def serve_episodes(cfg, env_cfg: EnvConfig, ctx: RoleContext, engine, synced) ->
                     for uid, prompt, fields in zip(d.uids, d.table.column("prompt_ids").to_pylist(),
                                                    d.table.column("fields").to_pylist()):
                         record = json.loads(fields)
-                        live[uid] = Episode(uid, next_id, prompt, record)
+                        live[uid] = Episode(uid, next_id, prompt, record, conversation=text.turns.start(record))
                         pool.reset(uid, record)
                     next_id += 1
             ready = [e for e in live.values() if e.state == "generate"]
@@ -167,22 +176,22 @@ def _take(ctx: RoleContext, groups: int, idle: bool):
     return d
 
 
-def _turn(ctx: RoleContext, engine, ready: list[Episode], sampling, pool: EnvPool, text: Tokens) -> float:
+def _turn(ctx: RoleContext, engine, ready: list[Episode], sampling, pool: EnvPool, text: Text) -> float:
     """One model turn of every episode in ``ready``, in one batched call; each turn goes to its
     environment. Returns the seconds it took."""
     version, t0 = engine.version, time.monotonic()
     with ctx.timeline.span("generate", samples=len(ready), version=version, turns=True) as span:
-        gens = engine.generate([e.prompt + e.tokens for e in ready], sampling)
+        gens = engine.generate([e.context() for e in ready], sampling)
         span["tokens"] = sum(len(g.response_ids) for g in gens)
     for e, g in zip(ready, gens):
         e.turn_starts.append(len(e.tokens))
         e.append(g.response_ids, g.logprobs, version if g.version is None else g.version)
-        e.state = "env"
-        pool.step(e.uid, text.action(g.response_ids))
+        e.state, e.last_turn = "env", text.action(g.response_ids)
+        pool.step(e.uid, e.last_turn)
     return time.monotonic() - t0
 
 
-def _answered(e: Episode, out, env_cfg: EnvConfig, text: Tokens, version: int) -> None:
+def _answered(e: Episode, out, env_cfg: EnvConfig, text: Text, version: int) -> None:
     """An environment's answer to ``e``: the next state, and the observation appended."""
     e.env_seconds += out.seconds
     if out.failure is not None:
@@ -198,7 +207,11 @@ def _answered(e: Episode, out, env_cfg: EnvConfig, text: Tokens, version: int) -
             e.state, e.finish = "finished", "max_turns"
             return
     if out.observation:
-        e.append(text.observation_ids(out.observation), None, e.versions[-1] if e.versions else version)
+        ids, new_segment = text.turns.observation(e.conversation, e.context(), e.last_turn if out.op == "step" else None,
+                                                  out.observation)
+        if new_segment:
+            e.segment_starts.append(len(e.tokens))
+        e.append(ids, None, e.versions[-1] if e.versions else version)
     e.state = "generate"
 
 

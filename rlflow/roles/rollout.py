@@ -69,7 +69,7 @@ def serve(cfg: RolloutConfig, ctx: RoleContext, args: RolloutArgs) -> None:
                 _synced(ctx, weights, engine, need)
 
         try:
-            return serve_episodes(cfg, args.env, ctx, engine, synced)
+            return serve_episodes(cfg, args.env, ctx, engine, synced, args.chat_template)
         finally:
             if weights is not None:
                 weights.close()

@@ -27,6 +27,8 @@ holds the whole trajectory after the prompt, model turns and observations interl
 | loss_mask          | list<int8> [T]   | 1 on tokens the policy sampled, 0 on observations: only 1s train    |
 | token_versions     | list<int32> [T]  | policy version of each token (an observation: its turn's)          |
 | turn_starts        | list<int32>      | index in response_ids where each model turn starts                 |
+| segment_starts     | list<int32>      | where a new context starts (a chat template rewrote history; most  |
+|                    |                  | episodes have none): roles/turns.py, algo/segments.py           |
 | env_reward         | float32          | the sum of the environment's step rewards (NaN: failed, untrained) |
 | env_info           | string (JSON)    | {"counters": the environment's, summed; "env_seconds"; "seconds"}   |
 """
@@ -56,6 +58,7 @@ COLUMNS: dict[str, pa.DataType] = {
     "loss_mask": pa.list_(pa.int8()),
     "token_versions": pa.list_(pa.int32()),
     "turn_starts": pa.list_(pa.int32()),
+    "segment_starts": pa.list_(pa.int32()),
     "env_reward": pa.float32(),
     "env_info": pa.string(),
 }
@@ -69,8 +72,10 @@ ACTOR_INPUT = ["prompt_ids", "response_ids", "rollout_logprobs", "version_start"
 # the last turn and the environment's reward, the actor the mask and what its metrics count.
 EPISODE_ROLLOUT_INPUT = ROLLOUT_INPUT + ["fields"]
 EPISODE_REWARD_INPUT = REWARD_INPUT + ["turn_starts", "env_reward", "finish_reason"]
-EPISODE_ACTOR_INPUT = ACTOR_INPUT + ["loss_mask", "turn_starts", "finish_reason", "env_info", "token_versions"]
-EPISODE_COLUMNS = ["loss_mask", "token_versions", "turn_starts", "env_reward", "env_info"]
+EPISODE_ACTOR_INPUT = ACTOR_INPUT + ["loss_mask", "turn_starts", "segment_starts", "finish_reason", "env_info",
+                                     "token_versions"]
+EPISODE_REFERENCE_INPUT = REFERENCE_INPUT + ["segment_starts"]
+EPISODE_COLUMNS = ["loss_mask", "token_versions", "turn_starts", "segment_starts", "env_reward", "env_info"]
 ENV_FAILURES = ("env_error", "env_timeout", "env_died")  # an episode's finish_reason when its environment failed
 
 # Rows leave the bus when the actor has acked them: the actor is the one consumer every sample reaches.
@@ -100,7 +105,7 @@ def grants() -> dict[str, Grant]:
     return {"launcher": Grant("launcher", admin=True),
             "feeder": Grant("feeder", write=tuple(WRITES["feeder"]), create=True),
             "rollout": role("rollout", EPISODE_ROLLOUT_INPUT), "reward": role("reward", EPISODE_REWARD_INPUT),
-            "reference": role("reference", REFERENCE_INPUT),
+            "reference": role("reference", EPISODE_REFERENCE_INPUT),
             "actor": role("actor", EPISODE_ACTOR_INPUT + ["ref_logprobs", "target_step"])}
 
 

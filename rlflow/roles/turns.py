@@ -22,6 +22,13 @@ Both return, per observation, ``(ids to append, starts a new segment)``; the obs
 from __future__ import annotations
 
 
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids of ``messages`` rendered with the tokenizer's chat template, the assistant's turn
+    opened (the prompt of the next turn). transformers 5 returns an encoding, earlier versions a list."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 class PlainTurns:
     def __init__(self, tokenizer, max_observation_tokens: int):
         self.tok, self.max_observation = tokenizer, max_observation_tokens
@@ -32,7 +39,9 @@ class PlainTurns:
     def cut(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"][: self.max_observation]
 
-    def observation(self, conversation, stream: list[int], turn: str, text: str) -> tuple[list[int], bool]:
+    def observation(self, conversation, stream: list[int], turn: str | None, text: str) -> tuple[list[int], bool]:
+        """The ids to append for observation ``text`` after the model's ``turn`` (None: before the first
+        turn), and whether they start a new segment."""
         return self.cut(text), False
 
 
@@ -46,12 +55,12 @@ class ChatTurns(PlainTurns):
         return [{"role": "user", "content": record["prompt"]}]
 
     def render(self, messages: list[dict]) -> list[int]:
-        ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return chat_ids(self.tok, messages)
 
-    def observation(self, conversation: list[dict], stream: list[int], turn: str, text: str) -> tuple[list[int], bool]:
+    def observation(self, conversation: list[dict], stream: list[int], turn: str | None, text: str) -> tuple[list[int], bool]:
         """``stream``: the tokens the model has seen in this segment (its context and its turns)."""
-        conversation.append({"role": "assistant", "content": turn})
+        if turn is not None:
+            conversation.append({"role": "assistant", "content": turn})
         conversation.append({"role": self.role, "content": self.tok.decode(self.cut(text))})
         full = self.render(conversation)
         if full[: len(stream)] == stream:

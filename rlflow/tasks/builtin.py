@@ -11,6 +11,8 @@ model's byte tokenizer) and solvable by a 2-layer model.
 - calc:    "37*48=" -> "1776", with a calculator tool (multi-turn: ``rlflow -cn tool_calc``). A tiny model
            cannot multiply, but it can call ``calc(37*48)`` and copy the result: only using the tool pays.
            Exact match on the last turn.
+- guess:   "guess 2:" -> a hidden number, found by guessing with per-digit hints from the environment
+           (multi-turn: ``rlflow -cn guess``; ``tasks/guess.py``). The environment's reward.
 
 A task may also give ``demo(rng, record) -> [(who, text), ...]``: a multi-turn demonstration for the
 warm-start, ``who`` being ``model`` (a turn, trained, ended by <eos>) or ``env`` (an observation, not trained).
@@ -21,6 +23,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from typing import Callable
+
+from rlflow.tasks import guess
 
 
 @dataclass
@@ -72,6 +76,7 @@ TASKS: dict[str, Task] = {
     "sort": Task(_sort, "rlflow.tasks.rewards.positional_match"),
     "add": Task(_add, "rlflow.tasks.rewards.exact_match"),
     "calc": Task(_calc, "rlflow.tasks.rewards.exact_match", demo=_calc_demo),
+    "guess": Task(guess.make, "rlflow.tasks.rewards.env_reward", demo=guess.demo),
 }
 
 
