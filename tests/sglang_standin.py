@@ -43,6 +43,7 @@ class StandIn:
         self.abort_next = 0  # the next generate aborts its first N sequences
         self.fail_update = False  # the next disk update answers success false
         self.generated_versions: list[str] = []
+        self.inputs: list[list[int]] = []  # every sequence generate was given, in order
         self.api_key: str | None = None  # as sglang's --api-key: every call needs "Authorization: Bearer <key>"
         self.unauthorized = 0  # calls refused for want of it
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -117,6 +118,7 @@ class StandIn:
             gens = self.engine.generate(ids, sampling)
             version = self.weight_version
         self.generated_versions.append(version)
+        self.inputs += ids
         out = []
         for i, (prompt, g) in enumerate(zip(ids, gens)):
             rid = rids[i] if isinstance(rids, list) else f"r{i}"

@@ -93,6 +93,19 @@ def test_the_gpu_recipe_composes_and_validates_with_a_model_and_a_dataset(tiny_m
     assert (cfg.rollout.device, cfg.reward.fn, cfg.data.prompt_key) == ("cuda", "rlflow.tasks.rewards.math_answer", "question")
 
 
+def test_the_tool_recipe_for_an_instruct_checkpoint_composes_and_validates(tiny_model, tmp_path):
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "1+1=2 #### 2"}) + "\n")
+    cfg = OmegaConf.to_object(_compose("tool_qwen_sglang", [f"model.path={tiny_model}", f"data.path={data}"]))
+    cfg.check()
+    assert (cfg.rollout.engine, cfg.rollout.device, cfg.data.chat_template, cfg.env.observation_role) == \
+        ("sglang", "cuda", True, "tool")
+    assert cfg.env.kwargs == {"tools": ["rlflow.envs.tools.calc"], "format": "hermes"}
+    from rlflow.envs.tools import ToolEnv
+
+    ToolEnv(**cfg.env.kwargs)  # the kwargs build the environment
+
+
 def test_the_sglang_cluster_recipe_composes_and_validates(tiny_model, tmp_path):
     pytest.importorskip("ray")
     data = tmp_path / "gsm8k.jsonl"

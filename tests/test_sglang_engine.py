@@ -272,6 +272,23 @@ def test_a_run_with_the_sglang_engine_trains_and_the_server_holds_the_trainers_w
     assert all(torch.equal(served[k], trained[k]) for k in served)
 
 
+def test_multi_turn_episodes_run_through_the_sglang_engine_on_exact_input_ids(tmp_path, model_cache, standin):
+    """Each turn of an episode is a /generate request on input ids: the context of a later turn is an
+    earlier request's ids, the tokens sampled for it and the observation's, in that order."""
+    from test_runs import metrics, rlflow
+
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, "rollout.engine=sglang", f"rollout.sglang.url={standin.url}", "flow.steps=2",
+               "env.cls=user_envs.FlakyEnv", "+env.kwargs.behaviour=ok", "env.max_turns=3", "rollout.max_new_tokens=4",
+               "reward.fn=rlflow.tasks.rewards.env_reward")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [m["episode/turns_mean"] for m in metrics(run_dir)] == [3, 3]
+    inputs = [tuple(i) for i in standin.inputs]
+    firsts = {i for i in inputs if not any(len(j) < len(i) and i[: len(j)] == j for j in inputs)}
+    later = [i for i in inputs if i not in firsts]
+    assert later and all(any(i[: len(f)] == f for f in firsts) for i in later)  # every later turn extends a first
+
+
 @pytest.mark.skipif(os.environ.get("RLFLOW_SGLANG_MODEL") is None,
                     reason="live sglang test: needs sglang, a GPU and RLFLOW_SGLANG_MODEL=<checkpoint dir>")
 def test_live_sglang_server_generates_and_takes_a_weight_update():  # pragma: no cover - GPU hosts only

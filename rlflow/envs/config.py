@@ -8,6 +8,8 @@ from typing import Any
 
 from rlflow.errors import require, require_counts, require_seconds
 
+SCHEDULING = ("turn", "batch")
+
 
 @dataclass
 class EnvConfig:
@@ -32,6 +34,10 @@ class EnvConfig:
     """Bound on a worker process starting (importing the environment's module)."""
     observation_role: str = "user"
     """With data.chat_template=true: the chat role observations are rendered as (user or tool)."""
+    scheduling: str = "turn"
+    """turn: episodes advance independently (a turn is generated as soon as its environment answered);
+    batch: the baseline of simple loops, every episode of a batch waits for the slowest environment at
+    each turn, and a new batch starts when the last episode ends (for comparison: benchmarks/agentic.py)."""
     failure_reward: float | None = None
     """Reward of an episode whose environment failed (timeout, exception, dead worker); null: the
     episode is not trained (counted as a failed sample)."""
@@ -45,6 +51,7 @@ class EnvConfig:
                 f"must be a dotted path like my_pkg.envs.MyEnv, got {self.cls!r}")
         require_counts(self, at, "max_turns", "max_observation_tokens", "workers")
         require_seconds(self, at, "step_timeout_s", "start_timeout_s")
+        require(self.scheduling in SCHEDULING, f"{at}.scheduling", f"choose one of {SCHEDULING}, got {self.scheduling!r}")
         require(self.observation_role in ("user", "tool"), f"{at}.observation_role",
                 f"choose user or tool, got {self.observation_role!r}")
         require(self.failure_reward is None or math.isfinite(self.failure_reward), f"{at}.failure_reward",

@@ -131,8 +131,9 @@ def serve_episodes(cfg, env_cfg: EnvConfig, ctx: RoleContext, engine, synced, ch
     try:
         while True:
             synced()
-            # Room for more: take whole groups while no episode waits for a worker.
-            if pool.queued == 0 and len(live) < env_cfg.workers:
+            # Room for more: take whole groups while no episode waits for a worker (batch: none is live).
+            batch = env_cfg.scheduling == "batch"
+            if (not live) if batch else (pool.queued == 0 and len(live) < env_cfg.workers):
                 groups = max(1, (env_cfg.workers - len(live)) // cfg.group_size)
                 d = _take(ctx, groups, idle=not live)
                 if d is not None:
@@ -146,6 +147,8 @@ def serve_episodes(cfg, env_cfg: EnvConfig, ctx: RoleContext, engine, synced, ch
                         pool.reset(uid, record)
                     next_id += 1
             ready = [e for e in live.values() if e.state == "generate"]
+            if batch and any(e.state in ("reset", "env") for e in live.values()):
+                ready = []  # the batch baseline: every episode waits for the slowest environment
             if ready:
                 busy += _turn(ctx, engine, ready, sampling, pool, text)
             for out in pool.poll(0.0 if ready else POLL_IDLE_S):
