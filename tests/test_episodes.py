@@ -261,3 +261,15 @@ def test_each_segment_is_scored_against_its_own_context(tiny_model):
     assert torch.allclose(got[0, 4:], second, atol=1e-6)
     assert torch.allclose(got[1, :5], plain, atol=1e-6) and torch.all(got[1, 5:] == 0)
     assert segments.split(prompt, response, [0]) == [(response[:1], response[1:], 1)]  # a segment at the very start
+
+
+def test_an_episode_longer_than_its_lease_keeps_its_rows(tmp_path, model_cache):
+    """Episodes of 3 slow turns (over 6 s) under a 5 s lease: the rollout renews its deliveries' leases
+    while their episodes run, so none expires and no row is handed to another replica."""
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, *EPISODES, "+env.kwargs.behaviour=ok", "+env.kwargs.sleep=2.0",
+               "flow.lease_seconds=5", "actor.groups_per_step=2", "flow.steps=1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert min(m["episode/seconds_mean"] for m in metrics(run_dir)) > 5
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["supervision"]["lease_expiries"] == 0 and summary["samples"]["consumed_more_than_once"] == 0

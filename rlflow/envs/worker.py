@@ -34,7 +34,10 @@ def main() -> int:
     from rlflow.plugins import load_object
     from rlflow.transfer.lifetime import die_with_parent
 
-    spec = json.loads(sys.stdin.readline())
+    line = sys.stdin.readline()
+    if not line.strip():  # the pool that started this worker is gone before it said what to run
+        return 0
+    spec = json.loads(line)
     die_with_parent(spec["parent"])
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 1000)

@@ -25,8 +25,9 @@ Invariants:
   ``env.step_timeout_s`` or dies ends its episode with finish_reason ``env_error``/``env_timeout``/
   ``env_died`` and reward ``env.failure_reward`` (null: not trained). The episode is still put, so the
   actor consumes it and the ledger accounts for it.
-- Nothing is lost: a delivery is acked once every episode of it is on the bus; a replica that dies
-  leaves its rows leased, and the launcher hands them to another replica.
+- Nothing is lost: a delivery is acked once every episode of it is on the bus, and its lease is renewed
+  while its episodes run (``_renew``); a replica that dies leaves its rows leased, and the launcher hands
+  them to another replica.
 """
 
 from __future__ import annotations
@@ -139,12 +140,19 @@ def serve_episodes(cfg, env_cfg: EnvConfig, ctx: RoleContext, engine, synced, ch
                 if d is not None:
                     need = max(d.table.column("min_version").to_pylist())
                     synced(need)
-                    deliveries[next_id] = (d, len(d))
+                    started = 0
                     for uid, prompt, fields in zip(d.uids, d.table.column("prompt_ids").to_pylist(),
                                                    d.table.column("fields").to_pylist()):
+                        if uid in live:  # redelivered after a lease ran out: its episode is still going here
+                            continue
                         record = json.loads(fields)
                         live[uid] = Episode(uid, next_id, prompt, record, conversation=text.turns.start(record))
                         pool.reset(uid, record)
+                        started += 1
+                    if started:
+                        deliveries[next_id] = (d, started)
+                    else:
+                        ack_work(ctx, d)
                     next_id += 1
             ready = [e for e in live.values() if e.state == "generate"]
             if batch and any(e.state in ("reset", "env") for e in live.values()):
@@ -159,6 +167,7 @@ def serve_episodes(cfg, env_cfg: EnvConfig, ctx: RoleContext, engine, synced, ch
             if done:
                 _put(ctx, done, env_cfg, pool, live, deliveries, busy)
                 busy = 0.0
+            _renew(ctx, deliveries)
     finally:
         pool.shutdown()
 
@@ -177,6 +186,21 @@ def _take(ctx: RoleContext, groups: int, idle: bool):
         return None
     schema.refuse_out_of_range(d, ctx.bounds)
     return d
+
+
+def _renew(ctx: RoleContext, deliveries: dict) -> None:
+    """Keep the leases of deliveries whose episodes are still going: renewed once a third of the lease
+    is gone, so a long episode never loses its rows to another replica while it runs."""
+    from rlflow.transfer import LeaseExpired
+
+    now = time.monotonic()
+    for key, (d, left) in list(deliveries.items()):
+        if now - d.leased_at > ctx.lease_seconds / 3:
+            try:
+                ctx.bus.renew(d, lease=ctx.lease_seconds)
+            except LeaseExpired:  # gone already: another replica redoes its rows; ours are dropped on put
+                ctx.report(reports.LEASE_EXPIRED, rows=len(d))
+                d.leased_at = math.inf  # not renewed again
 
 
 def _turn(ctx: RoleContext, engine, ready: list[Episode], sampling, pool: EnvPool, text: Text) -> float:
