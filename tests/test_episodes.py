@@ -19,7 +19,6 @@ from rlflow.envs.config import EnvConfig
 from rlflow.envs.pool import EnvPool
 from rlflow.envs.tools import ToolEnv, calc, tool
 from rlflow.roles.config import ActorConfig
-from rlflow.roles import schema
 
 TESTS = str(Path(__file__).resolve().parent)
 
