@@ -21,6 +21,14 @@ def test_the_default_recipe_passes_every_check(capsys):
             "socket dir"} <= checks.keys()
 
 
+def test_an_environment_is_built_with_its_kwargs_and_a_bad_one_is_named(capsys):
+    code, checks = _checks(capsys, "-cn", "tool_calc")
+    assert code == 0 and checks["env.cls"]["status"] == "ok", checks
+    code, checks = _checks(capsys, "-cn", "tool_calc", "env.kwargs.format=xml")
+    assert code == 1 and checks["env.cls"]["status"] == "FAIL"
+    assert "env.kwargs.format='xml': choose one of ['call', 'hermes']" in checks["env.cls"]["detail"]
+
+
 def test_each_problem_fails_its_check_naming_the_field_and_the_fix(capsys, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "solution": "2"}) + "\n")

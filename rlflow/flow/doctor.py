@@ -168,6 +168,13 @@ class Doctor:
                 self.add(field, OK, f"{value} imports")
             except ValueError as e:
                 self.add(field, FAIL, str(e))
+        env = self.cfg.env
+        if env.enabled:  # built once here with its kwargs, as each episode builds it in an environment worker
+            try:
+                load_object(env.cls, "env.cls")(**env.kwargs)
+                self.add("env.cls", OK, f"{env.cls}(**env.kwargs) builds")
+            except Exception as e:  # noqa: BLE001 - user code: whatever it raises is the finding
+                self.add("env.cls", FAIL, f"{env.cls}(**env.kwargs) does not build: {type(e).__name__}: {e}")
 
     def devices(self) -> None:
         import torch
