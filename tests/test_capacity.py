@@ -44,6 +44,24 @@ def test_slow_rollout_is_named_with_the_replicas_that_keep_up():
     assert "reward.replicas" not in " ".join(a.overrides)  # reward keeps up (5000/s)
 
 
+def test_episodes_bound_by_their_environments_are_told_the_workers_that_keep_up():
+    # 64 episodes per step, the trainer consumes them at 64 / 0.2s = 320/s; each episode holds its worker for
+    # 0.5s and there are 4 workers x 2 rollout replicas: 16 episodes/s, so 320 x 0.5 / 2 = 80 workers per replica
+    metrics, records = timeline(40, train_s=0.2, wait_s=3.8, gen_rate=1000.0, score_rate=8000.0, rollouts=2)
+    for r in records:
+        if r.get("name") == "generate":  # turns, not samples: the rollout stage is left out
+            r["args"]["turns"] = True
+    for step in range(1, 41):
+        t = 100.0 + (step - 1) * 4.0
+        records += [_span("env", i % 2, "episode", t + i * 0.01, 0.5, samples=1, turns=2) for i in range(64)]
+    config = {**CONFIG, "rollout": {"replicas": 2, "threads": 1}, "env": {"workers": 4}}
+    a = advise(metrics, records, config)
+    assert "rollout" not in a.stages and a.stages["env"].replicas == 8
+    assert math.isclose(a.stages["env"].per_replica, 2.0, rel_tol=1e-6)
+    assert a.bottleneck == "env" and "env.workers=80" in a.overrides
+    assert any("Add environment workers: env.workers=80" in line for line in a.lines)
+
+
 def test_staleness_bound_too_small_to_hide_generation_is_raised():
     # generation takes 64/400 = 0.16s and sync 0.03s of a 0.1s step: k >= ceil(0.206/0.1) = 3
     metrics, records = timeline(40, train_s=0.1, wait_s=0.05, gen_rate=1000.0, score_rate=4000.0)

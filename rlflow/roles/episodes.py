@@ -72,6 +72,7 @@ class Episode:
     finish: str = ""
     error: str = ""  # what failed, when the environment did
     started: float = field(default_factory=time.monotonic)
+    wall_start: float = field(default_factory=time.time)  # when its worker took it: its span on the timeline
 
     def context(self) -> list[int]:
         """What the model is given for its next turn: the prompt and everything since, or from the
@@ -221,6 +222,8 @@ def _turn(ctx: RoleContext, engine, ready: list[Episode], sampling, pool: EnvPoo
 def _answered(e: Episode, out, env_cfg: EnvConfig, text: Text, version: int) -> None:
     """An environment's answer to ``e``: the next state, and the observation appended."""
     e.env_seconds += out.seconds
+    if out.op == "reset":  # a worker holds the episode from here (before, it queued for one)
+        e.wall_start = time.time() - out.seconds
     if out.failure is not None:
         e.state, e.finish, e.error = "finished", out.failure, out.error
         return
@@ -247,7 +250,12 @@ def _put(ctx: RoleContext, done: list[Episode], env_cfg: EnvConfig, pool: EnvPoo
     """Put finished episodes on the bus, free their workers, ack each delivery whose episodes are all put."""
     rows = [e.row(env_cfg.failure_reward) for e in done]
     ctx.bus.put({k: [r[k] for r in rows] for k in rows[0]}, missing="skip")
+    now = time.time()
     for e in done:
+        # One span per episode, on the environment pool's track (observe/timeline.OWN_TRACK): how long an
+        # episode holds its worker is what capacity advice needs (observe/capacity.py, stage ``env``).
+        ctx.timeline.add("episode", e.wall_start, now - e.wall_start, samples=1, turns=len(e.turn_starts),
+                         env_s=round(e.env_seconds, 4))
         pool.close(e.uid)
         del live[e.uid]
         d, left = deliveries[e.delivery]

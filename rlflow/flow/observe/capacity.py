@@ -28,7 +28,11 @@ from dataclasses import asdict, dataclass, field
 
 from rlflow.flow.observe.timeline import spans_by_replica, steady, steady_window
 
-PRODUCERS = {"rollout": "generate", "reward": "score", "reference": "score"}  # role -> the span of its work
+PRODUCERS = {"rollout": "generate", "env": "episode", "reward": "score", "reference": "score"}  # role -> the span
+# of its work. With an environment (env.cls) a sample is an episode: its producer is the pool of environment
+# workers, each holding one episode at a time, so its rate per worker is 1 / the mean episode time and its
+# capacity workers x rollout replicas / that (Little's law); the rollout's generate spans count turns then,
+# not samples, and are left out.
 WAIT_OK = 0.05  # a trainer waiting less than this fraction of its steps is the bottleneck itself
 
 
@@ -104,12 +108,12 @@ def _stage(role: str, spans: dict[str, list[dict]], window: tuple[float, float],
     """A role's rate from its work spans that started within ``window`` (the steady steps); None: it did no work there."""
     lo, hi = window
     work = [s for name, ss in spans.items() if name.startswith(f"{role}-") for s in ss
-            if s["name"] == PRODUCERS[role] and lo <= s["t"] < hi]
+            if s["name"] == PRODUCERS[role] and lo <= s["t"] < hi and s["args"].get("turns") is not True]
     samples = sum(s["args"].get("samples", 0) for s in work)
     busy = sum(s["d"] for s in work)
     if not samples or busy <= 0:
         return None
-    replicas = int(config[role]["replicas"])
+    replicas = int(config["env"]["workers"] * config["rollout"]["replicas"] if role == "env" else config[role]["replicas"])
     per_replica = samples / busy
     return Stage(role=role, replicas=replicas, samples=samples, busy_s=busy, per_replica=per_replica,
                  capacity=replicas * per_replica, busy_frac=busy / (replicas * (hi - lo)) if hi > lo else 0.0,
@@ -119,7 +123,7 @@ def _stage(role: str, spans: dict[str, list[dict]], window: tuple[float, float],
 def _batch_time(stages: dict[str, Stage], batch: int) -> float:
     """Seconds for one batch to pass the producing roles: generated, then scored (reward and reference in parallel)."""
     t = lambda role: batch / stages[role].capacity if role in stages and stages[role].capacity > 0 else 0.0  # noqa: E731
-    return t("rollout") + max(t("reward"), t("reference"))
+    return t("env" if "env" in stages else "rollout") + max(t("reward"), t("reference"))
 
 
 def _decide(a: Advice, config: dict, cores: int | None) -> None:
@@ -135,6 +139,14 @@ def _decide(a: Advice, config: dict, cores: int | None) -> None:
                    f"and producing a batch ({a.generate_s:.3f}s) behind a {a.train_s:.3f}s step: "
                    f"k >= {a.staleness_min} (the run has flow.staleness={_k(a.staleness)}).")
     for s in short:
+        if s.role == "env":  # its replicas are worker slots: env.workers per rollout replica
+            rollouts = int(config["rollout"]["replicas"])
+            workers = math.ceil(s.needed / rollouts)
+            a.overrides.append(f"env.workers={workers}")
+            a.lines.append(f"Add environment workers: env.workers={workers} (x {rollouts} rollout replica(s)) keeps "
+                           f"{workers * rollouts} episodes going, {workers * rollouts * s.per_replica:.0f} samples/s "
+                           f">= {a.demand:.0f} at the measured {1 / s.per_replica:.2f}s per episode.")
+            continue
         a.overrides.append(f"{s.role}.replicas={s.needed}")
         a.lines.append(f"Add {s.role} replicas: {s.role}.replicas={s.needed} brings {s.role} to "
                        f"{s.needed * s.per_replica:.0f} samples/s >= {a.demand:.0f}.")

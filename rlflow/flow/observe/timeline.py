@@ -27,8 +27,10 @@ import threading
 import time
 from pathlib import Path
 
-ROLES = ("launcher", "actor", "rollout", "reward", "reference")  # the trace's process order
-ACTIVITIES = ("generate", "score", "train", "all-reduce", "sync", "checkpoint", "wait")  # what spans are named
+ROLES = ("launcher", "actor", "rollout", "env", "reward", "reference")  # the trace's process order
+ACTIVITIES = ("generate", "score", "train", "all-reduce", "sync", "checkpoint", "wait", "episode")  # what spans are named
+OWN_TRACK = {"episode": "env"}  # span name -> the role whose track it goes on: a rollout replica's episodes
+# overlap each other and its ``generate`` spans, so they are the environment pool's track ``env-<replica>``
 STEP_COUNTERS = {"reward": ("reward/mean", "reward/std"), "staleness": ("staleness/mean", "staleness/max"),
                  "ess": ("ess/ratio",), "samples/s": ("samples/s",)}  # counter track -> metrics keys
 
@@ -47,7 +49,7 @@ class TimelineLog:
         """The spans a replica's heartbeat carried."""
         who = {"role": ev["role"], "replica": ev["replica"], "incarnation": ev.get("incarnation", 0)}
         for span in ev.get("spans", ()):
-            self._write({"kind": "span", **who, **span})
+            self._write({"kind": "span", **who, "role": OWN_TRACK.get(span.get("name"), ev["role"]), **span})
         if ev.get("spans_dropped"):
             self.spans_dropped[f"{ev['role']}-{ev['replica']}"] = ev["spans_dropped"]
 
