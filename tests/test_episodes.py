@@ -272,3 +272,29 @@ def test_an_episode_longer_than_its_lease_keeps_its_rows(tmp_path, model_cache):
     assert min(m["episode/seconds_mean"] for m in metrics(run_dir)) > 5
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["supervision"]["lease_expiries"] == 0 and summary["samples"]["consumed_more_than_once"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,counter,rises", [("tool_calc", "env/tool_call", True), ("guess", "env/invalid", False)])
+def test_the_built_in_agentic_recipes_learn(tmp_path, model_cache, recipe, counter, rises):
+    """The tool task learns to call its tool and the guessing game to use its hints: reward over the last
+    10 of 60 steps clearly above the first 10, and the behaviour that pays moves the right way."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, env
+
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "rlflow", "-cn", recipe, f"run_dir={run_dir}", "flow.steps=60",
+                        f"model.cache_dir={model_cache}",
+                        "tracking.wandb=false", "tracking.report=false"], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = metrics(run_dir)
+
+    def mean(key, part):
+        return sum(m.get(key, 0.0) for m in part) / len(part)
+
+    first, last = rows[:10], rows[-10:]
+    assert mean("reward/mean", last) > mean("reward/mean", first) + 0.08, (mean("reward/mean", first), mean("reward/mean", last))
+    assert (mean(counter, last) > mean(counter, first)) == rises, (mean(counter, first), mean(counter, last))

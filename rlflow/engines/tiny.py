@@ -56,14 +56,16 @@ def task_demos(task: str, min_digits: int, max_digits: int) -> Demos:
     from rlflow.tasks.builtin import get_task
 
     spec = get_task(task)
-    if spec.demo is None:
-        return Demos(task, json.dumps([task, min_digits, max_digits]), lambda rng: spec.make(rng, min_digits, max_digits))
 
     def sample(rng: random.Random) -> dict:
         record = spec.make(rng, min_digits, max_digits)
-        return {"prompt": record["prompt"], "turns": spec.demo(rng, record)}
+        return record if spec.demo is None else {"prompt": record["prompt"], "turns": spec.demo(rng, record)}
 
-    return Demos(task, json.dumps([task, min_digits, max_digits, "turns"]), sample)
+    # What the demonstrations are, not only their name: a change to a task's generator or demonstrations
+    # (or a constant they read) changes these samples, and so the cache key, and the model is rebuilt.
+    rng = random.Random(0)
+    fingerprint = hashlib.sha256(json.dumps([sample(rng) for _ in range(64)]).encode()).hexdigest()[:16]
+    return Demos(task, json.dumps([task, min_digits, max_digits, fingerprint]), sample)
 
 
 def data_demos(records: list[dict], answer_key: str) -> Demos:

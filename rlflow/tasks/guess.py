@@ -8,8 +8,8 @@ digits in the last guess, halved.
 
     "guess 2:"  ->  "44" " +-\n"  "76" " -+\n"  "58" " ==\n"  (found: reward 1)
 
-The warm-start shows the protocol, and the halving strategy in half of its demonstrations (the other half
-guess at random): RL has to find that using the hints pays.
+The warm-start shows the protocol, and the halving strategy in 3 of 4 demonstrations (the others guess at
+random): the policy starts out using the hints imperfectly, and RL has to find that using them pays.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def hints(guess: str, answer: str) -> str:
     return "".join("=" if g == a else ("+" if a > g else "-") for g, a in zip(guess, answer))
 
 
-IGNORE_SHARE = 0.5  # of warm-start demonstrations that guess at random, ignoring the hints: the policy
+IGNORE_SHARE = 0.25  # of warm-start demonstrations that guess at random, ignoring the hints: the policy
 # starts out using the feedback only part of the time, and RL has to learn that using it pays
 
 
