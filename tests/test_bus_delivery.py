@@ -284,15 +284,17 @@ def test_a_put_in_flight_is_stored_before_the_next_call_and_its_error_is_raised_
 def test_shared_memory_files_are_unlinked_once_rows_are_freed_and_leases_end(bus_server):
     import glob
 
-    before = set(glob.glob("/dev/shm/rlflow-*"))
+    # payloads this bus holds: it adopts a producer's file under its own pid (other runs on the host hold theirs)
+    mine = f"/dev/shm/rlflow-{bus_server.process.pid}-*"
+    before = set(glob.glob(mine))
     with BusClient(bus_server.address) as c:
         c.declare(COLUMNS, release_after=["actor"])
         c.put(new_rows(4))
-        held = set(glob.glob("/dev/shm/rlflow-*")) - before
+        held = set(glob.glob(mine)) - before
         assert c.shared_memory and len(held) == 1
         logger = c.get("logger", ["prompt"], n=4, timeout=5)  # holds the file's name under its lease
         c.ack(c.get("actor", ["prompt"], n=4, timeout=5))  # frees the rows
-        assert held <= set(glob.glob("/dev/shm/rlflow-*"))  # pinned by the logger's lease
+        assert held <= set(glob.glob(mine))  # pinned by the logger's lease
         assert logger.table.column("prompt").to_pylist()[3] == [3, 4]
         c.ack(logger)
-        assert not held & set(glob.glob("/dev/shm/rlflow-*"))
+        assert not held & set(glob.glob(mine))
