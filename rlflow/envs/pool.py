@@ -167,7 +167,7 @@ class EnvPool:
         proc.stdin.close()
         self.workers[identity], self.tokens[identity] = _Worker(index, identity, proc, time.monotonic()), token
 
-    def _replace(self, w: _Worker, why: str) -> None:
+    def _replace(self, w: _Worker) -> None:
         """Kill ``w`` (if still running) and start a fresh worker in its place."""
         if w.proc.poll() is None:
             w.proc.kill()
@@ -194,7 +194,7 @@ class EnvPool:
                         raise RuntimeError(f"{MAX_START_FAILURES} environment workers in a row did not start "
                                            f"(env.cls={self.cfg.cls}): the last "
                                            f"{'exited with code ' + str(w.proc.returncode) if dead else 'did not say hello within env.start_timeout_s=' + str(self.cfg.start_timeout_s)}")
-                    self._replace(w, "start")
+                    self._replace(w)
                 continue
             if w.call is not None and (dead or now > w.deadline):
                 kind = "env_died" if dead else "env_timeout"
@@ -202,13 +202,13 @@ class EnvPool:
                 error = (f"the environment worker died (exit code {w.proc.returncode}) during {w.call}" if dead else
                          f"{w.call} took more than env.step_timeout_s={self.cfg.step_timeout_s:g}s: the worker was killed")
                 out.append(Outcome(w.episode or "", w.call, kind, error, seconds=now - w.sent))
-                self._replace(w, kind)
+                self._replace(w)
             elif dead:
                 self.stats["deaths"] += 1
                 if w.episode is not None:  # died between calls, holding an episode
                     out.append(Outcome(w.episode, "step", "env_died",
                                        f"the environment worker died (exit code {w.proc.returncode}) between turns"))
-                self._replace(w, "died")
+                self._replace(w)
         return out
 
     def _next_deadline(self) -> float:

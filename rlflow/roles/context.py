@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
@@ -99,18 +99,20 @@ class RoleContext:
 IDLE_WAIT_S = 30.0  # one idle get's bound; a role loop then re-checks its own state and waits again
 
 
-def next_rows(ctx: RoleContext, consumer: str, columns: list[str], n: int, groups: bool = False):
+def next_rows(ctx: RoleContext, consumer: str, columns: list[str], n: int, groups: bool = False,
+              timeout: float = IDLE_WAIT_S):
     """The next delivery of up to ``n`` ready rows (or groups) for a role that may idle for a long time.
 
     Idling is normal for rollout, reward and reference (with staleness 0 they wait while the actor
     trains), so an idle bound passing is not an error; the run's progress is bounded by the actor's wait.
     Returns None after an idle bound so the caller can do between-deliveries work (load weights).
+    ``timeout=0``: only what is ready now, recording no wait (a loop with other work polls this way).
     """
     from rlflow.transfer import BusTimeout
 
-    with ctx.timeline.span("wait", rows=0) as span:
+    with ctx.timeline.span("wait", rows=0) if timeout else nullcontext({}) as span:
         try:
-            d = ctx.bus.get(consumer, columns, n=n, min_n=1, groups=groups, timeout=IDLE_WAIT_S,
+            d = ctx.bus.get(consumer, columns, n=n, min_n=1, groups=groups, timeout=timeout,
                             lease=ctx.lease_seconds)
         except BusTimeout:
             return None

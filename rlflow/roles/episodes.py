@@ -43,7 +43,7 @@ from rlflow.envs.pool import EnvPool
 from rlflow.roles import reports, schema
 from rlflow.roles.schema import ENV_FAILURES
 from rlflow.roles.turns import ChatTurns, PlainTurns
-from rlflow.roles.context import RoleContext, ack_work, next_rows
+from rlflow.roles.context import IDLE_WAIT_S, RoleContext, ack_work, next_rows
 from rlflow.transfer.lifetime import at_exit
 
 POLL_IDLE_S = 0.05  # how long the loop waits for environments when no episode waits for the model
@@ -129,15 +129,17 @@ def serve_episodes(cfg, env_cfg: EnvConfig, ctx: RoleContext, engine, synced, ch
     live: dict[str, Episode] = {}
     deliveries: dict[int, tuple[object, int]] = {}  # id -> (delivery, episodes not yet put)
     next_id, busy = 0, 0.0  # busy: seconds generating since the last report
+    batch = env_cfg.scheduling == "batch"
     ctx.report(reports.READY)
     try:
         while True:
             synced()
             # Room for more: take whole groups while no episode waits for a worker (batch: none is live).
-            batch = env_cfg.scheduling == "batch"
             if (not live) if batch else (pool.queued == 0 and len(live) < env_cfg.workers):
                 groups = max(1, (env_cfg.workers - len(live)) // cfg.group_size)
-                d = _take(ctx, groups, idle=not live)
+                # idle, wait as every role does; with episodes going, take only what is ready now
+                d = next_rows(ctx, "rollout", schema.EPISODE_ROLLOUT_INPUT, groups, groups=True,
+                              timeout=IDLE_WAIT_S if not live else 0)
                 if d is not None:
                     need = max(d.table.column("min_version").to_pylist())
                     synced(need)
@@ -171,22 +173,6 @@ def serve_episodes(cfg, env_cfg: EnvConfig, ctx: RoleContext, engine, synced, ch
             _renew(ctx, deliveries)
     finally:
         pool.shutdown()
-
-
-def _take(ctx: RoleContext, groups: int, idle: bool):
-    """The next delivery of up to ``groups`` groups: waiting as an idle role does when no episode is in
-    flight, else only a moment (the loop must go back to its episodes)."""
-    from rlflow.transfer import BusTimeout
-
-    if idle:
-        return next_rows(ctx, "rollout", schema.EPISODE_ROLLOUT_INPUT, groups, groups=True)
-    try:
-        d = ctx.bus.get("rollout", schema.EPISODE_ROLLOUT_INPUT, n=groups, min_n=1, groups=True, timeout=0,
-                        lease=ctx.lease_seconds)
-    except BusTimeout:
-        return None
-    schema.refuse_out_of_range(d, ctx.bounds)
-    return d
 
 
 def _renew(ctx: RoleContext, deliveries: dict) -> None:
