@@ -29,6 +29,14 @@ def test_an_environment_is_built_with_its_kwargs_and_a_bad_one_is_named(capsys):
     assert "env.kwargs.format='xml': choose one of ['call', 'hermes']" in checks["env.cls"]["detail"]
 
 
+def test_an_agent_is_checked_against_what_each_episode_passes_it(capsys):
+    code, checks = _checks(capsys, "-cn", "agent_calc")
+    assert code == 0 and checks["env.agent"]["status"] == "ok", checks
+    code, checks = _checks(capsys, "-cn", "agent_calc", "+env.kwargs.retries=3")  # run_agent takes no retries
+    assert code == 1 and checks["env.agent"]["status"] == "FAIL"
+    assert "unexpected keyword argument 'retries'" in checks["env.agent"]["detail"]
+
+
 def test_each_problem_fails_its_check_naming_the_field_and_the_fix(capsys, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "solution": "2"}) + "\n")

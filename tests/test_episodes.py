@@ -111,6 +111,32 @@ def test_a_raising_hanging_or_dying_environment_costs_its_episode_only(importabl
     assert not os.path.exists(pool.dir)
 
 
+def test_environment_workers_die_with_a_replica_that_was_killed(importable_tests):
+    """A replica blocks SIGTERM (its own handler thread waits for it) and its workers inherit the mask:
+    they must unblock it, or the signal their dying parent sends them waits for ever (and an orphaned
+    worker keeps the run's output pipes open)."""
+    import subprocess
+    import sys
+
+    script = ("import signal, sys, time\n"
+              "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # as a role process does\n"
+              "from rlflow.envs.config import EnvConfig\nfrom rlflow.envs.pool import EnvPool\n"
+              "pool = EnvPool(EnvConfig(cls='user_envs.FlakyEnv', workers=2))\n"
+              "while not all(w.ready for w in pool.workers.values()):\n    pool.poll(0.1)\n"
+              "print(*[w.proc.pid for w in pool.workers.values()], flush=True)\ntime.sleep(600)\n")
+    replica = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in replica.stdout.readline().split()]
+        assert len(pids) == 2
+    finally:
+        replica.kill()
+        replica.wait(10)
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") and "State:\tZ" not in Path(f"/proc/{pid}/status").read_text() for pid in pids):
+        assert time.monotonic() < deadline, f"environment workers {pids} outlived their killed replica"
+        time.sleep(0.1)
+
+
 def test_an_environment_class_that_cannot_load_fails_the_replica_naming_it(importable_tests):
     pool = EnvPool(EnvConfig(cls="user_envs.NoSuchEnv", workers=1))
     try:
@@ -275,10 +301,12 @@ def test_an_episode_longer_than_its_lease_keeps_its_rows(tmp_path, model_cache):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe,counter,rises", [("tool_calc", "env/tool_call", True), ("guess", "env/invalid", False)])
+@pytest.mark.parametrize("recipe,counter,rises", [("tool_calc", "env/tool_call", True), ("guess", "env/invalid", False),
+                                                  ("agent_calc", "env/tool_call", True)])
 def test_the_built_in_agentic_recipes_learn(tmp_path, model_cache, recipe, counter, rises):
-    """The tool task learns to call its tool and the guessing game to use its hints: reward over the last
-    10 of 60 steps clearly above the first 10, and the behaviour that pays moves the right way."""
+    """The tool task learns to call its tool (also when an OpenAI-client agent plays it: agent_calc) and the
+    guessing game to use its hints: reward over the last 10 of 60 steps clearly above the first 10, and
+    the behaviour that pays moves the right way."""
     import subprocess
     import sys
 

@@ -78,6 +78,8 @@ def test_a_wrong_type_fails_at_compose_time():
     ("supervision.heartbeat_s=90", "supervision.heartbeat_s/hang_s"),
     ("tracking.log_every=0", "tracking.log_every"),
     ("flow.shutdown_seconds=0", "flow.shutdown_seconds"),
+    ("env.agent=run_agent", "env.agent"),  # not a dotted path
+    ("env.cls=rlflow.envs.tools.ToolEnv env.agent=my.run_agent", "env.agent"),  # one or the other
 ])
 def test_a_bad_value_fails_validation_naming_the_field(override, field):
     cfg = OmegaConf.to_object(_compose(overrides=override.split()))

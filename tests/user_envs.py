@@ -34,3 +34,47 @@ class FlakyEnv:
         if self.behaviour == "bad":
             return "observation", "not a number", False
         return (None, 1.0, True, {"turn": 1}) if self.turns >= 3 else (f" t{self.turns}:", 0.0, False, {"turn": 1})
+
+
+async def scripted_agent(record: dict, base_url: str, log: str | None = None, script: str | None = None):
+    """An agent as a user writes one, with the openai client; what it does is its record's ``script``:
+    "chat" (``turns`` calls, each answered with a tool message), "raise", "hang" (never calls, never
+    returns), "garbage" (returns no number), "silent" (returns without calling), "linger" (keeps
+    running after its episode is over); ``script`` gives one for every episode. With ``log`` (a
+    directory) it writes what it got there."""
+    import asyncio
+    import json
+    import os
+    import uuid
+
+    import openai
+
+    script = script or record.get("script", "chat")
+    if script == "raise":
+        raise RuntimeError("the agent broke")
+    if script == "hang":
+        await asyncio.sleep(3600)
+    if script == "garbage":
+        return "not a reward"
+    if script == "silent":
+        return 0.5
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0) as client:
+        messages = [{"role": "user", "content": record["prompt"]}]
+        got = []
+        for turn in range(record.get("turns", 2)):
+            try:
+                reply = await client.chat.completions.create(model="policy", messages=messages, logprobs=True)
+            except openai.APIStatusError:
+                if script == "linger":
+                    await asyncio.sleep(3600)
+                raise
+            choice = reply.choices[0]
+            messages.append(choice.message)  # the client's own object, as agents commonly do
+            got.append({"token_ids": choice.model_extra["token_ids"], "version": reply.system_fingerprint,
+                        "logprobs": [t.logprob for t in choice.logprobs.content], "content": choice.message.content})
+            messages.append({"role": "tool", "content": f" -> {turn}\n"})
+    if log:
+        with open(os.path.join(log, f"{uuid.uuid4().hex}.json"), "w") as f:
+            json.dump({"prompt": record["prompt"], "calls": got, "observations": [m["content"] for m in messages
+                                                                                  if isinstance(m, dict) and m["role"] == "tool"]}, f)
+    return float(sum(len(c["token_ids"]) for c in got)), {"calls": len(got)}  # a reward that varies: tokens sampled

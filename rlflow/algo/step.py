@@ -195,7 +195,7 @@ def episode_metrics(e: Counter) -> dict[str, float]:
     n = e["episodes"]
     out = {"episode/turns_mean": e["turns"] / n, "episode/masked_out_frac": 1.0 - e["policy_tokens"] / max(e["tokens"], 1),
            "episode/policy_tokens_mean": e["policy_tokens"] / n, "episode/seconds_mean": e["seconds"] / n,
-           "episode/max_turns_frac": e["finish:max_turns"] / n,
+           "episode/max_turns_frac": e["finish:max_turns"] / n, "episode/max_context_frac": e["finish:max_context"] / n,
            "episode/versions_spanned_mean": e["versions_spanned"] / n, "episode/multi_version_frac": e["multi_version"] / n,
            "env/seconds_mean": e["env_seconds"] / n,
            "env/failures": sum(v for k, v in e.items() if k.startswith("finish:env_"))}

@@ -6,6 +6,8 @@
 - ``config.py``: ``EnvConfig`` (the recipe's ``env`` section)
 - ``worker.py``: an environment worker process (one episode at a time)
 - ``pool.py``: a rollout replica's workers: routing, bounds on every call, replacement of failed workers
+- ``agent.py``: ``env.agent``: a user's agent function in a worker, behind an OpenAI-compatible chat
+  endpoint whose every completion the rollout generates
 
 The rollout's multi-turn loop that drives them is ``roles/episodes.py``. Torch-free.
 """

@@ -82,13 +82,30 @@ def check_step(value: Any, cls: str) -> Step:
     observation, reward, done, *rest = value
     if observation is not None and not isinstance(observation, str):
         raise TypeError(f"{cls}.step returned an observation of type {type(observation).__name__}: a str or None")
-    if isinstance(reward, bool) or not isinstance(reward, numbers.Real) or not math.isfinite(float(reward)):
-        raise TypeError(f"{cls}.step returned reward {reward!r}: a finite number")
+    reward = _reward(reward, f"{cls}.step")
     if not isinstance(done, (bool, int)) or done not in (0, 1):
         raise TypeError(f"{cls}.step returned done={done!r}: True or False")
-    info = rest[0] if rest else {}
+    return Step(observation, reward, bool(done), _counters(rest[0] if rest else {}, f"{cls}.step"))
+
+
+def check_agent_result(value: Any, fn: str) -> Step:
+    """An agent function's return value (``envs/agent.py``), checked: its episode's reward, a number, or
+    (reward, counters)."""
+    reward, info = value if isinstance(value, tuple) and len(value) == 2 else (value, {})
+    if value is None:
+        raise TypeError(f"{fn} returned None: it must return the episode's reward (a number), or (reward, counters)")
+    return Step(None, _reward(reward, fn), True, _counters(info, fn))
+
+
+def _reward(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise TypeError(f"{what} returned reward {value!r}: a finite number")
+    return float(value)
+
+
+def _counters(info: Any, what: str) -> dict[str, float]:
     if not isinstance(info, dict) or not all(isinstance(k, str) and isinstance(v, numbers.Real)
                                              and not isinstance(v, bool) and math.isfinite(float(v))
                                              for k, v in info.items()):
-        raise TypeError(f"{cls}.step returned info {info!r:.80}: a dict of names to finite numbers")
-    return Step(observation, float(reward), bool(done), {k: float(v) for k, v in info.items()})
+        raise TypeError(f"{what} returned info {info!r:.80}: a dict of names to finite numbers")
+    return {k: float(v) for k, v in info.items()}

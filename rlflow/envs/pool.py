@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from rlflow.envs.agent import BadRequest, chat_request
 from rlflow.envs.base import Step
 from rlflow.envs.config import EnvConfig
-from rlflow.envs.worker import MAX_MESSAGE_BYTES
+from rlflow.envs.worker import MAX_MESSAGE_BYTES, RECYCLE_EXIT
 
 MAX_START_FAILURES = 3  # workers dying before their hello, in a row, before the replica gives up
 KILL_WAIT_S = 5.0  # bound on reaping a killed worker
@@ -56,7 +57,8 @@ class Outcome:
     failure: str | None = None  # None: it returned; else "env_error" | "env_timeout" | "env_died"
     error: str = ""  # what failed, for the report
     observation: str | None = None
-    step: Step | None = None  # a step's checked result
+    step: Step | None = None  # a step's checked result (an agent's end: done, with its reward)
+    request: dict | None = None  # an agent's chat call, checked (envs/agent.chat_request)
     seconds: float = 0.0  # time in the environment (the call's round trip)
 
 
@@ -68,6 +70,7 @@ class _Worker:
     started: float
     ready: bool = False
     episode: str | None = None  # the episode it holds, from reset to close
+    record: dict | None = None  # that episode's record (a reset is re-queued if the worker recycles itself)
     call: str | None = None  # the op in flight, if any
     deadline: float = math.inf
     sent: float = 0.0
@@ -78,7 +81,7 @@ class _Worker:
 class EnvPool:
     cfg: EnvConfig
     stats: dict = field(default_factory=lambda: {"calls": 0, "timeouts": 0, "deaths": 0, "errors": 0,
-                                                 "restarts": 0, "bad_messages": 0})
+                                                 "restarts": 0, "recycled": 0, "bad_messages": 0})
 
     def __post_init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="rlflow-env-")  # 0700: only this user reaches the socket
@@ -110,6 +113,14 @@ class EnvPool:
         if w is None:
             raise KeyError(f"episode {episode!r} holds no worker (it was never reset, or it failed)")
         self._send(w, {"op": "step", "episode": episode, "action": action})
+
+    def answer(self, episode: str, completion: dict) -> None:
+        """Send the episode's agent the completion of its chat call (``envs/agent.py``); its next call or
+        its end comes from ``poll``."""
+        w = self.by_episode.get(episode)
+        if w is None:
+            raise KeyError(f"episode {episode!r} holds no worker (it was never reset, or it failed)")
+        self._send(w, {"op": "step", "episode": episode, "completion": completion})
 
     def close(self, episode: str) -> None:
         """The episode is over: close its environment and free its worker."""
@@ -163,7 +174,8 @@ class EnvPool:
         token = secrets.token_hex(16)
         proc = subprocess.Popen([sys.executable, "-m", "rlflow.envs.worker"], stdin=subprocess.PIPE, text=True)
         proc.stdin.write(json.dumps({"address": self.address, "token": token, "identity": identity.decode(),
-                                     "cls": self.cfg.cls, "kwargs": self.cfg.kwargs, "parent": os.getpid()}) + "\n")
+                                     "cls": self.cfg.cls, "agent": self.cfg.agent, "kwargs": self.cfg.kwargs,
+                                     "parent": os.getpid()}) + "\n")
         proc.stdin.close()
         self.workers[identity], self.tokens[identity] = _Worker(index, identity, proc, time.monotonic()), token
 
@@ -192,15 +204,26 @@ class EnvPool:
                     self.failed_starts += 1
                     if self.failed_starts >= MAX_START_FAILURES:
                         raise RuntimeError(f"{MAX_START_FAILURES} environment workers in a row did not start "
-                                           f"(env.cls={self.cfg.cls}): the last "
+                                           f"({self.cfg.what}): the last "
                                            f"{'exited with code ' + str(w.proc.returncode) if dead else 'did not say hello within env.start_timeout_s=' + str(self.cfg.start_timeout_s)}")
                     self._replace(w)
+                continue
+            if dead and w.proc.returncode == RECYCLE_EXIT:  # its closed episode's agent did not return
+                self.stats["recycled"] += 1
+                if w.call == "reset":  # the next episode had gone to it: it never started, so it goes first again
+                    self.waiting.appendleft((w.episode, w.record))
+                    self.by_episode.pop(w.episode, None)
+                    w.episode = None
+                self._replace(w)
                 continue
             if w.call is not None and (dead or now > w.deadline):
                 kind = "env_died" if dead else "env_timeout"
                 self.stats["deaths" if dead else "timeouts"] += 1
+                waited = (f"the agent neither called the model nor returned within env.step_timeout_s="
+                          f"{self.cfg.step_timeout_s:g}s" if self.cfg.agent else
+                          f"{w.call} took more than env.step_timeout_s={self.cfg.step_timeout_s:g}s")
                 error = (f"the environment worker died (exit code {w.proc.returncode}) during {w.call}" if dead else
-                         f"{w.call} took more than env.step_timeout_s={self.cfg.step_timeout_s:g}s: the worker was killed")
+                         f"{waited}: the worker was killed")
                 out.append(Outcome(w.episode or "", w.call, kind, error, seconds=now - w.sent))
                 self._replace(w)
             elif dead:
@@ -221,7 +244,7 @@ class EnvPool:
             if free is None:
                 return
             episode, record = self.waiting.popleft()
-            free.episode = episode
+            free.episode, free.record = episode, record
             self.by_episode[episode] = free
             self._send(free, {"op": "reset", "episode": episode, "record": record})
 
@@ -252,7 +275,7 @@ class EnvPool:
                 self.stats["bad_messages"] += 1
                 return []
             if "error" in msg:
-                raise RuntimeError(f"env.cls={self.cfg.cls}: the environment worker could not load it: {msg['error']}")
+                raise RuntimeError(f"{self.cfg.what}: the environment worker could not load it: {msg['error']}")
             w.ready, self.failed_starts = True, 0
             return []
         if w.call is None or msg.get("op") != w.call or msg.get("episode") != w.episode:
@@ -267,7 +290,7 @@ class EnvPool:
             return []
         try:
             return [_outcome(op, episode, msg, seconds)]
-        except (TypeError, ValueError, KeyError) as e:
+        except (TypeError, ValueError, KeyError, BadRequest) as e:
             self.stats["bad_messages"] += 1
             return [Outcome(episode, op, "env_error", f"the environment worker sent a malformed reply: {e}", seconds=seconds)]
         finally:
@@ -282,7 +305,9 @@ def _outcome(op: str, episode: str, msg: dict, seconds: float) -> Outcome:
     observation = msg.get("observation")
     if observation is not None and not isinstance(observation, str):
         raise TypeError("observation is not text")
-    if op == "reset":
+    if "request" in msg:  # an agent's chat call, checked again on this side of the socket
+        return Outcome(episode, op, request=chat_request(msg["request"]), seconds=seconds)
+    if op == "reset" and "reward" not in msg:
         return Outcome(episode, op, observation=observation, seconds=seconds)
     reward, done, info = msg["reward"], msg["done"], msg.get("info", {})
     if not isinstance(reward, (int, float)) or not math.isfinite(reward) or not isinstance(done, bool) \

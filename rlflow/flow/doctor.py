@@ -169,7 +169,14 @@ class Doctor:
             except ValueError as e:
                 self.add(field, FAIL, str(e))
         env = self.cfg.env
-        if env.enabled:  # built once here with its kwargs, as each episode builds it in an environment worker
+        if env.agent:  # loaded, and its signature bound to what each episode passes it
+            try:
+                fn = load_object(env.agent, "env.agent")
+                inspect.signature(fn).bind({}, "http://127.0.0.1:1/v1", **env.kwargs)
+                self.add("env.agent", OK, f"{env.agent}(record, base_url, **env.kwargs) can be called")
+            except (ValueError, TypeError) as e:
+                self.add("env.agent", FAIL, f"{env.agent}(record, base_url, **env.kwargs) cannot be called: {e}")
+        elif env.enabled:  # built once here with its kwargs, as each episode builds it in an environment worker
             try:
                 load_object(env.cls, "env.cls")(**env.kwargs)
                 self.add("env.cls", OK, f"{env.cls}(**env.kwargs) builds")

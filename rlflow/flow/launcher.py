@@ -284,7 +284,8 @@ class Run:
         self.stopped = threading.Event()  # every role is stopped: the control socket may close
         self.timeline = self.sampler = self.receiver = None  # run_dir/timeline.jsonl and the bus's queue sampler (flow/observe/timeline.py)
         self.busy: Counter = Counter()  # seconds each role spent working, from its reports
-        self.reward_health = RewardHealth(self.reward_fn, cfg.reward.max_failed_steps)  # flow/reward_health.py
+        self.reward_health = RewardHealth(self.reward_fn, cfg.reward.max_failed_steps,
+                                          cfg.env.what if cfg.env.enabled else None)  # flow/reward_health.py
         self.work: Counter = Counter()  # samples each role replica processed, from its reports
         self.ledger = Ledger(cfg.rollout.group_size)  # the exactly-once accounting (flow/ledger.py)
         self.trainer: dict = {}  # from the actor's done report: replicas, identical_weights
@@ -293,7 +294,6 @@ class Run:
         self.plans: dict[tuple[str, int], ReplicaPlan] = {}  # what each replica was started with (restarts reuse it)
         self.bus = None  # the launcher's own bus client: hands a dead replica's leases back
         self.lease_expiries = 0
-        self.env_failures: Counter = Counter()  # episodes whose environment failed, by kind (env_error, ...)
         self.refused_reports = 0  # reports the control socket refused (a confused or hostile sender)
         self.tokens: dict[str, str] = {}  # who -> its bus credential (roles/schema.grants), made at start
         self.channel_secret = secrets.token_bytes(32)  # the weight channel's key: actor, rollouts and feeder only
@@ -549,10 +549,8 @@ class Run:
             self.tracker.log({**ev, **self.sync.take_step(), "supervision/restarts": len(self.supervisor.history)})
             verdict = self.reward_health.after_step(ev)
             if verdict is not None:
-                why, tb = verdict
-                return self._failed("reward", 0, tb, "", why,
-                                    title=f"reward.fn failed on every sample of {self.cfg.reward.max_failed_steps} "
-                                          f"steps in a row")
+                title, why, tb = verdict
+                return self._failed("reward", 0, tb, "", why, title=title)
         elif kind == reports.SYNC:
             self.sync.add(ev)
             if "error" in ev:
@@ -570,8 +568,7 @@ class Run:
         elif kind == reports.LEASE_EXPIRED:
             self.lease_expiries += 1
         elif kind == reports.ENV_ERROR:  # one episode failed (roles/episodes.py); the first of each kind in full
-            self.env_failures[ev["failure"]] += 1
-            if self.env_failures[ev["failure"]] == 1:
+            if self.reward_health.env_failed(ev):
                 say(self.console, f"an environment failed ({ev['failure']}) in episode {ev['uid']}: {ev['error']}; "
                                   f"that episode is {'not trained' if self.cfg.env.failure_reward is None else 'scored env.failure_reward'}, "
                                   f"the run goes on (later ones are counted in env/failures)", "warning")

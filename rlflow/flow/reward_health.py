@@ -12,8 +12,11 @@ from collections import Counter
 
 
 class RewardHealth:
-    def __init__(self, fn: str, max_failed_steps: int):
-        self.fn, self.limit = fn, max_failed_steps
+    def __init__(self, fn: str, max_failed_steps: int, env: str | None = None):
+        """``env``: what runs the episodes (``env.cls=...``/``env.agent=...``), when there is an environment."""
+        self.fn, self.limit, self.env = fn, max_failed_steps, env
+        self.env_first: dict[str, dict] = {}  # kind -> the first env_error report of it (roles/episodes.py)
+        self.env_errors: Counter = Counter()
         self.errors: Counter = Counter()  # failed reward calls by kind (roles/sandbox.call), from work reports
         self.first: dict[str, dict] = {}  # kind -> its first reward_error report
         self.failed_steps = 0  # steps in a row whose every sample's reward failed
@@ -32,13 +35,27 @@ class RewardHealth:
                 f"{ev['error']}. The sample is not trained; later failures of this kind are counted (reward/errors "
                 f"in metrics.jsonl, reward_errors in summary.json)")
 
-    def after_step(self, m: dict) -> tuple[str, str] | None:
-        """``(why, traceback)`` when this step was the ``max_failed_steps``-th in a row to train nothing because
-        every reward failed (the run must stop); None otherwise. ``m``: the step's metrics."""
+    def env_failed(self, ev: dict) -> bool:
+        """An episode's environment failed (an ``env_error`` report); True for the first of its kind."""
+        self.env_errors[ev["failure"]] += 1
+        return self.env_first.setdefault(ev["failure"], ev) is ev
+
+    def after_step(self, m: dict) -> tuple[str, str, str] | None:
+        """``(title, why, traceback)`` when this step was the ``max_failed_steps``-th in a row to train
+        nothing because every sample's reward failed, or every episode's environment did (the run must
+        stop); None otherwise. ``m``: the step's metrics."""
         failed = m["samples"] > 0 and m["reward/errors"] == m["samples"]
         self.failed_steps = self.failed_steps + 1 if failed else 0
         if not self.limit or self.failed_steps < self.limit:
             return None
+        if self.env and self.env_errors and m.get("env/failures", 0) >= m["samples"]:
+            kind, count = self.env_errors.most_common(1)[0]
+            first = self.env_first[kind]
+            why = (f"every episode of the last {self.limit} steps failed in its environment ({self.env}), so they "
+                   f"trained nothing. Most often ({count} episodes, {kind}): {first['error']} (e.g. episode "
+                   f"{first['uid']}).\nFix it (`rlflow doctor` with the same overrides checks that it loads), then start "
+                   f"again. reward.max_failed_steps={self.limit} sets how many such steps stop a run (0: never).")
+            return f"every episode failed in its environment for {self.limit} steps in a row", why, ""
         kind, count = self.errors.most_common(1)[0] if self.errors else ("?", 0)
         first = self.first.get(kind, {})
         example = f"row {first['uid']}: prompt {first['prompt']!r}, response {first['response']!r}" if first else "?"
@@ -46,7 +63,7 @@ class RewardHealth:
                f"{m['step'] - self.limit + 1}-{m['step']}), so they trained nothing. Most often ({count} samples) it "
                f"{first.get('error', kind)}; e.g. {example}.\nFix the function (try it on a row of the data), then "
                f"start again. reward.max_failed_steps={self.limit} sets how many such steps stop a run (0: never).")
-        return why, first.get("traceback", "")
+        return f"reward.fn failed on every sample of {self.limit} steps in a row", why, first.get("traceback", "")
 
     def rewound(self) -> None:
         """The trainer restarted from a checkpoint: the steps in a row start again."""

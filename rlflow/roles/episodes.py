@@ -11,6 +11,10 @@ its environment, then (4) takes the environments' answers that came in meanwhile
 their own processes, so while one episode waits on a slow tool the engine generates for the others:
 turns are batched across episodes, and no episode waits for another's environment.
 
+With ``env.agent`` the same loop runs a user's agent function instead (``envs/agent.py``): its chat calls
+arrive where observations would (their new messages appended by ``roles/turns.py``), and each
+generated turn goes back to it as the call's completion.
+
 Invariants:
 - Exact tokens: the row's ``response_ids`` are the tokens the model was given and produced, in order.
   Model tokens are appended as sampled; an observation is tokenized once, by this role, and appended as
@@ -32,6 +36,7 @@ Invariants:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -64,7 +69,9 @@ class Episode:
     versions: list[int] = field(default_factory=list)  # policy version of each token
     turn_starts: list[int] = field(default_factory=list)  # where each model turn starts in ``tokens``
     segment_starts: list[int] = field(default_factory=list)  # where a new context starts (roles/turns.py)
-    conversation: object = None  # the messages so far, with a chat template (roles/turns.ChatTurns)
+    conversation: object = None  # the messages so far: with a chat template a list, with an agent an AgentChat
+    request: dict | None = None  # an agent's chat call being answered (envs/agent.chat_request)
+    capped: str = ""  # why an agent's call was refused ('max_turns', 'max_context'): how its episode ends
     last_turn: str | None = None  # the text of the model's last turn
     env_reward: float = 0.0
     info: Counter = field(default_factory=Counter)  # the environment's counters, summed over steps
@@ -110,12 +117,27 @@ class Text:
 
         self.tok = AutoTokenizer.from_pretrained(model_path)
         self.stop_ids = set(stop_token_ids(model_path))
+        self.agent = env_cfg.agent is not None
         self.turns = ChatTurns(self.tok, env_cfg.max_observation_tokens, env_cfg.observation_role) if chat_template \
             else PlainTurns(self.tok, env_cfg.max_observation_tokens)
 
     def action(self, ids: list[int]) -> str:
         """The text the environment gets for a turn: its tokens without the stop token or special tokens."""
         return self.tok.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)
+
+    def completion(self, e: Episode, g, version: int, prompt_tokens: int) -> dict:
+        """An agent's call answered (``envs/agent.completion_body`` makes the chat.completion of it): the
+        assistant message, and the tokens' logprobs when the call asked for them."""
+        message = self.turns.reply(e.conversation, e.last_turn)
+        logprobs = None
+        if e.request["logprobs"]:
+            logprobs = []
+            for t, lp in zip(g.response_ids, g.logprobs):
+                token = self.tok.decode([t])
+                logprobs.append({"token": token, "logprob": lp, "bytes": list(token.encode()), "top_logprobs": []})
+        return {"message": message, "finish_reason": "tool_calls" if message.get("tool_calls") else g.finish_reason,
+                "prompt_tokens": prompt_tokens, "completion_tokens": len(g.response_ids), "version": version,
+                "logprobs": logprobs, "token_ids": list(g.response_ids)}
 
 
 def serve_episodes(cfg, env_cfg: EnvConfig, ctx: RoleContext, engine, synced, chat_template: bool = False) -> None:
@@ -149,7 +171,8 @@ def serve_episodes(cfg, env_cfg: EnvConfig, ctx: RoleContext, engine, synced, ch
                         if uid in live:  # redelivered after a lease ran out: its episode is still going here
                             continue
                         record = json.loads(fields)
-                        live[uid] = Episode(uid, next_id, prompt, record, conversation=text.turns.start(record))
+                        live[uid] = Episode(uid, next_id, prompt, record,
+                                            conversation=None if text.agent else text.turns.start(record))
                         pool.reset(uid, record)
                         started += 1
                     if started:
@@ -161,11 +184,11 @@ def serve_episodes(cfg, env_cfg: EnvConfig, ctx: RoleContext, engine, synced, ch
             if batch and any(e.state in ("reset", "env") for e in live.values()):
                 ready = []  # the batch baseline: every episode waits for the slowest environment
             if ready:
-                busy += _turn(ctx, engine, ready, sampling, pool, text)
+                busy += _turn(ctx.timeline, engine, ready, sampling, pool, text)
             for out in pool.poll(0.0 if ready else POLL_IDLE_S):
                 e = live.get(out.episode)
                 if e is not None:
-                    _answered(e, out, env_cfg, text, engine.version)
+                    _answered(e, out, env_cfg, text, engine.version, pool)
             done = [e for e in live.values() if e.state == "finished"]
             if done:
                 _put(ctx, done, env_cfg, pool, live, deliveries, busy)
@@ -190,34 +213,43 @@ def _renew(ctx: RoleContext, deliveries: dict) -> None:
                 d.leased_at = math.inf  # not renewed again
 
 
-def _turn(ctx: RoleContext, engine, ready: list[Episode], sampling, pool: EnvPool, text: Text) -> float:
+def _turn(timeline, engine, ready: list[Episode], sampling, pool: EnvPool, text: Text) -> float:
     """One model turn of every episode in ``ready``, in one batched call; each turn goes to its
     environment. Returns the seconds it took."""
     version, t0 = engine.version, time.monotonic()
-    with ctx.timeline.span("generate", samples=len(ready), version=version, turns=True) as span:
-        gens = engine.generate([e.context() for e in ready], sampling)
+    contexts = [e.context() for e in ready]
+    with timeline.span("generate", samples=len(ready), version=version, turns=True) as span:
+        gens = engine.generate(contexts, sampling)
         span["tokens"] = sum(len(g.response_ids) for g in gens)
-    for e, g in zip(ready, gens):
+    for e, g, context in zip(ready, gens, contexts):
+        made_by = version if g.version is None else g.version
         e.turn_starts.append(len(e.tokens))
-        e.append(g.response_ids, g.logprobs, version if g.version is None else g.version)
+        e.append(g.response_ids, g.logprobs, made_by)
         e.state, e.last_turn = "env", text.action(g.response_ids)
-        pool.step(e.uid, e.last_turn)
+        if text.agent:
+            pool.answer(e.uid, text.completion(e, g, made_by, len(context)))
+        else:
+            pool.step(e.uid, e.last_turn)
     return time.monotonic() - t0
 
 
-def _answered(e: Episode, out, env_cfg: EnvConfig, text: Text, version: int) -> None:
-    """An environment's answer to ``e``: the next state, and the observation appended."""
+def _answered(e: Episode, out, env_cfg: EnvConfig, text: Text, version: int, pool: EnvPool) -> None:
+    """An environment's answer to ``e`` (or its agent's next call): the next state, and the observation
+    (or the call's new messages) appended."""
     e.env_seconds += out.seconds
     if out.op == "reset":  # a worker holds the episode from here (before, it queued for one)
         e.wall_start = time.time() - out.seconds
     if out.failure is not None:
         e.state, e.finish, e.error = "finished", out.failure, out.error
         return
-    if out.op == "step":
+    if out.request is not None:
+        _called(e, out.request, env_cfg, text, version, pool)
+        return
+    if out.step is not None:
         e.env_reward += out.step.reward
         e.info.update(out.step.info)
         if out.step.done:
-            e.state, e.finish = "finished", "done"
+            e.state, e.finish = "finished", e.capped or "done"
             return
         if len(e.turn_starts) >= env_cfg.max_turns:
             e.state, e.finish = "finished", "max_turns"
@@ -229,6 +261,32 @@ def _answered(e: Episode, out, env_cfg: EnvConfig, text: Text, version: int) -> 
             e.segment_starts.append(len(e.tokens))
         e.append(ids, None, e.versions[-1] if e.versions else version)
     e.state = "generate"
+
+
+def _called(e: Episode, request: dict, env_cfg: EnvConfig, text: Text, version: int, pool: EnvPool) -> None:
+    """An agent's chat call: its new messages appended (``roles/turns.py``), and the episode waits for the
+    model. A call past ``env.max_turns`` or longer than ``env.max_context_tokens`` is refused, and the
+    episode waits for the agent to return (a call after a refusal ends it)."""
+    if e.capped:
+        e.state, e.finish = "finished", e.capped
+        return
+    if len(e.turn_starts) >= env_cfg.max_turns:
+        e.capped = "max_turns"
+        pool.answer(e.uid, {"refused": f"this episode's calls are used up (env.max_turns={env_cfg.max_turns}): "
+                                       f"return its reward", "code": "max_turns"})
+        return
+    stream = e.context() if e.tokens else []
+    chat, ids, new_segment = text.turns.request(copy.deepcopy(e.conversation), stream, request)
+    if (length := len(ids) if new_segment else len(stream) + len(ids)) > env_cfg.max_context_tokens:
+        e.capped = "max_context"
+        pool.answer(e.uid, {"refused": f"this call's conversation is {length} tokens, more than "
+                                       f"env.max_context_tokens={env_cfg.max_context_tokens}", "code": "context_length_exceeded"})
+        return
+    e.conversation = chat
+    if new_segment:
+        e.segment_starts.append(len(e.tokens))
+    e.append(ids, None, e.versions[-1] if e.versions else version)
+    e.request, e.state = request, "generate"
 
 
 def _put(ctx: RoleContext, done: list[Episode], env_cfg: EnvConfig, pool: EnvPool, live: dict,

@@ -16,6 +16,7 @@ groups. ``uid`` and ``group_id`` are the bus's own identity columns (see ``trans
 | version_end        | rollout    | int64            | policy version of the newest (> start if weights changed) |
 | finish_reason      | rollout    | string           | "stop" (stop token) or "length" (max_new_tokens); episodes: |
 |                    |            |                  | "done", "max_turns", "env_error", "env_timeout", "env_died" |
+|                    |            |                  | (an agent's also "max_context")                          |
 | reward             | reward     | float32          | scalar reward; NaN when the reward function failed        |
 | ref_logprobs       | reference  | list<float32> [T]| log π_ref(y_t), only when the recipe has a KL term        |
 
