@@ -108,7 +108,7 @@ def test_a_raising_hanging_or_dying_environment_costs_its_episode_only(importabl
         assert pool.stats["restarts"] == 2 and pool.stats["bad_messages"] == 0
     finally:
         pool.shutdown()
-    assert not os.path.exists(pool.dir)
+    assert not os.path.exists(pool.spawner.dir)  # the private socket directory goes with the pool
 
 
 def test_environment_workers_die_with_a_replica_that_was_killed(importable_tests):

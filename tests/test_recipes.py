@@ -79,6 +79,7 @@ def test_a_wrong_type_fails_at_compose_time():
     ("tracking.log_every=0", "tracking.log_every"),
     ("flow.shutdown_seconds=0", "flow.shutdown_seconds"),
     ("env.agent=run_agent", "env.agent"),  # not a dotted path
+    ("launcher=ray ray.env.actors=true", "ray.env.actors"),  # no environment to run
     ("env.cls=rlflow.envs.tools.ToolEnv env.agent=my.run_agent", "env.agent"),  # one or the other
 ])
 def test_a_bad_value_fails_validation_naming_the_field(override, field):

@@ -33,7 +33,10 @@ class FlakyEnv:
             os._exit(3)
         if self.behaviour == "bad":
             return "observation", "not a number", False
-        return (None, 1.0, True, {"turn": 1}) if self.turns >= 3 else (f" t{self.turns}:", 0.0, False, {"turn": 1})
+        import sys
+
+        info = {"turn": 1, "ray": float("ray" in sys.modules)}  # ray: run in a Ray actor (ray.env.actors=true)
+        return (None, 1.0, True, info) if self.turns >= 3 else (f" t{self.turns}:", 0.0, False, info)
 
 
 async def scripted_agent(record: dict, base_url: str, log: str | None = None, script: str | None = None):

@@ -15,9 +15,13 @@ Invariants:
 - A worker that cannot start (the class does not import) fails the replica at once, naming ``env.cls``:
   every worker would fail alike. Workers that keep dying before their hello stop the replica after
   ``MAX_START_FAILURES`` in a row rather than respawning for ever.
-- Only the workers this pool started can talk to it: they connect to an ipc socket in a private 0700
-  directory and must say hello with the token the pool gave each on its stdin. A message that is not
-  a reply the pool is waiting for is dropped and counted (``stats["bad_messages"]``).
+- Only the workers this pool started can talk to it. Local workers (``LocalWorkers``, the default)
+  connect to an ipc socket in a private 0700 directory and must say hello with the token the pool gave
+  each on its stdin. Workers elsewhere (Ray actors: ``flow/placement/ray_env.py``) connect over tcp
+  under CURVE, and every message must carry the key of the worker it claims to come from. A message
+  that is not a reply the pool is waiting for is dropped and counted (``stats["bad_messages"]``).
+- Where workers run is the spawner's business (``Spawner``): the pool binds, starts, polls and kills
+  workers only through it, so the protocol, the bounds and the replacement are the same everywhere.
 - The queue of episodes waiting for a worker is bounded by the caller (the episode loop takes rows
   only while the queue is empty), so it holds at most one delivery's episodes.
 """
@@ -36,6 +40,7 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import zmq
 
@@ -77,21 +82,59 @@ class _Worker:
     closing: bool = False  # its episode was closed while a call was in flight: close once it answers
 
 
+class Spawner(Protocol):
+    """Where a pool's workers run: ``LocalWorkers`` (processes beside the replica) or Ray actors
+    (``flow/placement/ray_env.RayEnvWorkers``)."""
+
+    authenticates: bool  # True: workers are known by the CURVE key of their messages, not by a stdin token
+    where: str  # for errors: what the workers are, e.g. "local processes"
+
+    def bind(self, sock: zmq.Socket) -> str: ...  # bind the pool's socket; returns the address workers connect to
+    def start(self, spec: dict) -> Any: ...  # a worker for ``spec``: a handle with poll(), kill(), wait(t), returncode
+    def sender(self, frame: zmq.Frame) -> bytes | None: ...  # the worker key a message came with (authenticates)
+    def close(self) -> None: ...
+
+
+class LocalWorkers:
+    """Workers as child processes of the replica, on an ipc socket in a private 0700 directory; each
+    gets its settings, with its token, as one line on stdin (never on a command line)."""
+
+    authenticates = False
+    where = "local processes"
+
+    def bind(self, sock: zmq.Socket) -> str:
+        self.dir = tempfile.mkdtemp(prefix="rlflow-env-")  # 0700: only this user reaches the socket
+        sock.bind(f"ipc://{self.dir}/pool")
+        return f"ipc://{self.dir}/pool"
+
+    def start(self, spec: dict) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "rlflow.envs.worker"], stdin=subprocess.PIPE, text=True)
+        proc.stdin.write(json.dumps({**spec, "parent": os.getpid()}) + "\n")
+        proc.stdin.close()
+        return proc
+
+    def sender(self, frame: zmq.Frame) -> bytes | None:
+        return None
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 @dataclass
 class EnvPool:
     cfg: EnvConfig
+    spawner: Any = None  # a Spawner; None: LocalWorkers
     stats: dict = field(default_factory=lambda: {"calls": 0, "timeouts": 0, "deaths": 0, "errors": 0,
                                                  "restarts": 0, "recycled": 0, "bad_messages": 0})
 
     def __post_init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="rlflow-env-")  # 0700: only this user reaches the socket
-        self.address = f"ipc://{self.dir}/pool"
-        self.ctx = zmq.Context.instance()
+        self.spawner = self.spawner or LocalWorkers()
+        self.ctx = zmq.Context()  # its own: a CURVE server's ZAP handler is one per context
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.bind(self.address)
+        self.address = self.spawner.bind(self.sock)
         self.workers: dict[bytes, _Worker] = {}
         self.tokens: dict[bytes, str] = {}
         self.by_episode: dict[str, _Worker] = {}
@@ -165,18 +208,16 @@ class EnvPool:
                 w.proc.kill()
                 w.proc.wait(KILL_WAIT_S)
         self.sock.close(0)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.spawner.close()
+        self.ctx.term()
 
     # ------------------------------------------------------------------ workers
     def _spawn(self, index: int) -> None:
         self._generation += 1
         identity = f"w{index}.{self._generation}".encode()
-        token = secrets.token_hex(16)
-        proc = subprocess.Popen([sys.executable, "-m", "rlflow.envs.worker"], stdin=subprocess.PIPE, text=True)
-        proc.stdin.write(json.dumps({"address": self.address, "token": token, "identity": identity.decode(),
-                                     "cls": self.cfg.cls, "agent": self.cfg.agent, "kwargs": self.cfg.kwargs,
-                                     "parent": os.getpid()}) + "\n")
-        proc.stdin.close()
+        token = "" if self.spawner.authenticates else secrets.token_hex(16)
+        proc = self.spawner.start({"address": self.address, "token": token, "identity": identity.decode(),
+                                   "cls": self.cfg.cls, "agent": self.cfg.agent, "kwargs": self.cfg.kwargs})
         self.workers[identity], self.tokens[identity] = _Worker(index, identity, proc, time.monotonic()), token
 
     def _replace(self, w: _Worker) -> None:
@@ -203,8 +244,8 @@ class EnvPool:
                 if dead or now - w.started > self.cfg.start_timeout_s:
                     self.failed_starts += 1
                     if self.failed_starts >= MAX_START_FAILURES:
-                        raise RuntimeError(f"{MAX_START_FAILURES} environment workers in a row did not start "
-                                           f"({self.cfg.what}): the last "
+                        raise RuntimeError(f"{MAX_START_FAILURES} environment workers ({self.spawner.where}) in a "
+                                           f"row did not start ({self.cfg.what}): the last "
                                            f"{'exited with code ' + str(w.proc.returncode) if dead else 'did not say hello within env.start_timeout_s=' + str(self.cfg.start_timeout_s)}")
                     self._replace(w)
                 continue
@@ -222,7 +263,7 @@ class EnvPool:
                 waited = (f"the agent neither called the model nor returned within env.step_timeout_s="
                           f"{self.cfg.step_timeout_s:g}s" if self.cfg.agent else
                           f"{w.call} took more than env.step_timeout_s={self.cfg.step_timeout_s:g}s")
-                error = (f"the environment worker died (exit code {w.proc.returncode}) during {w.call}" if dead else
+                error = (f"the environment worker died ({_how(w.proc)}) during {w.call}" if dead else
                          f"{waited}: the worker was killed")
                 out.append(Outcome(w.episode or "", w.call, kind, error, seconds=now - w.sent))
                 self._replace(w)
@@ -230,7 +271,7 @@ class EnvPool:
                 self.stats["deaths"] += 1
                 if w.episode is not None:  # died between calls, holding an episode
                     out.append(Outcome(w.episode, "step", "env_died",
-                                       f"the environment worker died (exit code {w.proc.returncode}) between turns"))
+                                       f"the environment worker died ({_how(w.proc)}) between turns"))
                 self._replace(w)
         return out
 
@@ -261,10 +302,12 @@ class EnvPool:
             pass
 
     def _receive(self) -> list[Outcome]:
-        frames = self.sock.recv_multipart()
-        w = self.workers.get(frames[0])
+        frames = self.sock.recv_multipart(copy=False)
+        w = self.workers.get(frames[0].bytes)
+        if w is not None and self.spawner.authenticates and self.spawner.sender(frames[-1]) != getattr(w.proc, "key", None):
+            w = None  # a worker's identity, sent with another worker's key
         try:
-            msg = json.loads(frames[-1]) if len(frames) == 2 and w is not None else None
+            msg = json.loads(frames[-1].bytes) if len(frames) == 2 and w is not None else None
         except (ValueError, UnicodeDecodeError):
             msg = None
         if not isinstance(msg, dict):
@@ -296,6 +339,11 @@ class EnvPool:
         finally:
             if not msg.get("ok"):
                 self.stats["errors"] += 1
+
+
+def _how(proc) -> str:
+    """How a worker ended, for its episode's error: a process's exit code, or what its spawner knows."""
+    return getattr(proc, "death", None) or f"exit code {proc.returncode}"
 
 
 def _outcome(op: str, episode: str, msg: dict, seconds: float) -> Outcome:

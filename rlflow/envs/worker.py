@@ -36,27 +36,34 @@ RECYCLE_EXIT = 75  # exits with this after a closed episode's agent would not re
 
 
 def main() -> int:
+    line = sys.stdin.readline()
+    if not line.strip():  # the pool that started this worker is gone before it said what to run
+        return 0
+    return serve(json.loads(line))
+
+
+def serve(spec: dict, keys=None) -> int:
+    """The worker loop for ``spec``; returns the exit code. ``keys``: this worker's CURVE keys when it
+    connects over tcp (a Ray actor: ``flow/placement/ray_env.py``), its pool's key named in the address."""
     import zmq
 
     from rlflow.envs import base
     from rlflow.envs.agent import AgentEndpoint
     from rlflow.plugins import load_object
     from rlflow.transfer.lifetime import die_with_parent
+    from rlflow.transfer.security import connect
 
-    line = sys.stdin.readline()
-    if not line.strip():  # the pool that started this worker is gone before it said what to run
-        return 0
-    spec = json.loads(line)
     # The replica blocks SIGTERM for the thread that waits for it, and a signal mask survives exec: unblocked
     # here, or the signal that ends this worker with its replica would wait for ever.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    die_with_parent(spec["parent"])
+    if "parent" in spec:  # a local process; an actor dies with the replica that owns it (Ray)
+        die_with_parent(spec["parent"])
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 1000)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     sock.setsockopt(zmq.ROUTING_ID, spec["identity"].encode())
-    sock.connect(spec["address"])
-    hello = {"op": "hello", "token": spec["token"], "pid": os.getpid()}
+    connect(sock, spec["address"], keys)
+    hello = {"op": "hello", "token": spec.get("token", ""), "pid": os.getpid()}
     try:
         if spec.get("agent"):  # an agent function behind a chat endpoint (envs/agent.py)
             for key in ("NO_PROXY", "no_proxy"):  # its client must reach 127.0.0.1 directly, whatever proxy is set

@@ -182,6 +182,15 @@ class RoleResources:
 
 
 @dataclass
+class EnvWorkerResources(RoleResources):
+    """A rollout replica's environment workers (env.workers) under launcher=ray."""
+
+    actors: bool = False
+    """true: each environment worker is a Ray actor with the request below, placed apart from its rollout
+    replica (e.g. custom: {cpu_node: 1} keeps environments on CPU nodes); false: a process beside it."""
+
+
+@dataclass
 class RayConfig:
     """launcher=ray: where the cluster is and what each role replica asks of it."""
 
@@ -211,6 +220,9 @@ class RayConfig:
     """Each reward replica's request."""
     reference: RoleResources = field(default_factory=RoleResources)
     """Each reference replica's request."""
+    env: EnvWorkerResources = field(default_factory=EnvWorkerResources)
+    """Environment workers: processes beside their rollout replica, or Ray actors (env.actors=true) each
+    with this request."""
 
     def check(self, at: str = "ray") -> None:
         require(self.placement is None or self.placement in PLACEMENTS, f"{at}.placement",
@@ -222,6 +234,7 @@ class RayConfig:
             res.check(f"{at}.{role}")
             require(self.placement is None or not res.empty(), f"{at}.{role}",
                     "a placement group bundle cannot be empty: give it cpus > 0 (or gpus/custom)")
+        self.env.check(f"{at}.env")
 
 
 @dataclass
@@ -288,6 +301,9 @@ class RunConfig:
         except ImportError:
             raise ConfigError("launcher: launcher=ray needs Ray installed: pip install 'rlflow[ray]' "
                               "(or run with launcher=local)") from None
+        require(not self.ray.env.actors or self.env.enabled, "ray.env.actors",
+                "environment workers as Ray actors need an environment: set env.cls or env.agent (or "
+                "ray.env.actors=false)")
         for role in ("actor", "rollout", "reference") if self.actor.kl_coef > 0 else ("actor", "rollout"):
             device = getattr(self, role).device
             require(not device.startswith("cuda") or getattr(self.ray, role).gpus > 0, f"ray.{role}.gpus",

@@ -94,6 +94,7 @@ class RoleContext:
     timeline: Timeline = field(default_factory=Timeline)  # spans of this replica's activities, for the trace
     channel_key: Any = None  # transfer.channel.ChannelKey of the weight channel: the actor and rollouts only
     bounds: dict = field(default_factory=dict)  # column -> (lo, hi) every delivered value lies in (schema.limits)
+    env_workers: Any = None  # where a rollout's environment workers run (envs/pool.Spawner); None: processes beside it
 
 
 IDLE_WAIT_S = 30.0  # one idle get's bound; a role loop then re-checks its own state and waits again

@@ -144,7 +144,7 @@ def serve_episodes(cfg, env_cfg: EnvConfig, ctx: RoleContext, engine, synced, ch
     """The multi-turn loop (see the module docstring). ``synced(need=None)`` applies the newest weights
     (waiting for version ``need`` when given); ``cfg`` is the RolloutConfig; ``chat_template``: the
     prompts were rendered with the tokenizer's chat template, and so are observations."""
-    pool = EnvPool(env_cfg)
+    pool = EnvPool(env_cfg, ctx.env_workers)
     at_exit(pool.shutdown)
     text = Text(ctx.model_path, env_cfg, chat_template)
     sampling = cfg.sampling()

@@ -37,6 +37,8 @@ class Wiring:
     launcher_pid: int  # a local replica dies with this process
     credentials: tuple[str, str] | None = None  # Ray: the launcher's credential service (address, public key),
     # where a replica fetches what ``credentials.split`` kept out of its plan
+    env_actors: dict | None = None  # Ray: each environment worker is an actor with these options (ray.env.actors);
+    # None: a rollout's environment workers are processes beside it
 
 
 @dataclass(frozen=True)

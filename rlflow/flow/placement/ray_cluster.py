@@ -165,6 +165,7 @@ class RayPlacement:
     def __init__(self, cfg, roles: list[tuple[str, int]], sock_dir: str, log: Callable[[str], None]):
         """``roles``: (role, replica) of every actor to come, so a placement group can hold them all."""
         self.cfg, self.log = cfg.ray, log
+        self.env_workers = cfg.env.workers if cfg.env.enabled else 0
         self.namespace = f"rlflow-{uuid.uuid4().hex[:12]}"
         self.private = self.cfg.address is None
         self.temp_dir = os.path.join(sock_dir, "ray") if self.private else None  # the private cluster's files
@@ -216,6 +217,8 @@ class RayPlacement:
             path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
             runtime_env.setdefault("env_vars", {}).setdefault("PYTHONPATH", path)
             asked = self.cfg.bus.cpus + sum(getattr(self.cfg, r).cpus for r, _ in roles)
+            if self.cfg.env.actors:  # each rollout replica's environment workers (flow/placement/ray_env.py)
+                asked += self.cfg.env.cpus * self.env_workers * sum(r == "rollout" for r, _ in roles)
             ray.init(address="local", namespace=self.namespace, include_dashboard=False,
                      num_cpus=self.cfg.num_cpus or max(os.cpu_count() or 1, int(asked + 0.999)),
                      num_gpus=self.cfg.num_gpus, resources=dict(self.cfg.resources) or None,
@@ -235,6 +238,8 @@ class RayPlacement:
     def _check_feasible(self, roles) -> None:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         asks = {"bus": _bundle(self.cfg.bus), **{f"{r}-{i}": _bundle(getattr(self.cfg, r)) for r, i in roles}}
+        if self.cfg.env.actors and self.env_workers:
+            asks["env"] = _bundle(self.cfg.env)  # each environment worker actor's
         for name, ask in asks.items():
             if not any(all(node.get(k, 0.0) >= v for k, v in ask.items()) for node in nodes):
                 raise StartError(f"no node of the private Ray cluster can meet {name}'s request {ask}: its node has "

@@ -56,6 +56,15 @@ def _exit_on_sigterm() -> None:
     os._exit(0)
 
 
+def _env_workers(role: str, wiring):
+    """A rollout's environment workers as Ray actors when the run asks for them (flow/placement/ray_env.py)."""
+    if role != "rollout" or wiring.env_actors is None:
+        return None
+    from rlflow.flow.placement.ray_env import RayEnvWorkers
+
+    return RayEnvWorkers(wiring.env_actors, wiring.keys)
+
+
 def role_main(plan: ReplicaPlan) -> None:
     """Process target of the local launcher: signals as the module docstring says, then ``run_role``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -117,7 +126,8 @@ def run_role(plan: ReplicaPlan) -> int:
                           seed=wiring.seed + replica, wait_seconds=wiring.wait_seconds,
                           lease_seconds=wiring.lease_seconds, timeline=timeline,
                           channel_key=ChannelKey(plan.channel_secret) if plan.channel_secret else None,
-                          bounds=schema.limits(wiring.steps, vocab_size(wiring.model_path)))
+                          bounds=schema.limits(wiring.steps, vocab_size(wiring.model_path)),
+                          env_workers=_env_workers(role, wiring))
         _quiet_libraries()
         serve_function(role)(plan.config, ctx, plan.args)
     except BaseException:
