@@ -84,8 +84,8 @@ def test_under_ray_a_run_s_environment_workers_are_actors_and_every_sample_is_ac
     run_dir = tmp_path / "run"
     r = rlflow(run_dir, model_cache, "launcher=ray", "ray.env.actors=true", "ray.env.cpus=0.5", "data.task=reverse",
                "rollout.group_size=4", "actor.groups_per_step=4", "rollout.max_new_tokens=4",
-               "env.cls=user_envs.FlakyEnv", "env.max_turns=3", "env.workers=4", "env.step_timeout_s=3",
-               "flow.steps=3")
+               "env.cls=user_envs.FlakyEnv", "+env.kwargs.behaviour=ok", "env.max_turns=3", "env.workers=4",
+               "flow.steps=3")  # failures under Ray: the test above
     assert r.returncode == 0, r.stdout + r.stderr
     rows = metrics(run_dir)
     assert [m["step"] for m in rows] == [1, 2, 3]

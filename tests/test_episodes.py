@@ -301,6 +301,7 @@ def test_an_episode_longer_than_its_lease_keeps_its_rows(tmp_path, model_cache):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # agent_calc's 60 steps take about 2 minutes on 2 cores
 @pytest.mark.parametrize("recipe,counter,rises", [("tool_calc", "env/tool_call", True), ("guess", "env/invalid", False),
                                                   ("agent_calc", "env/tool_call", True)])
 def test_the_built_in_agentic_recipes_learn(tmp_path, model_cache, recipe, counter, rises):

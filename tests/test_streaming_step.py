@@ -68,3 +68,36 @@ def test_samples_whose_reward_failed_are_left_out_of_the_step(tiny_model, revers
     metrics = acc.finish()
     assert metrics["reward/errors"] == 1 and metrics["samples"] == G * GROUPS
     assert acc.lengths and len(acc.lengths) == G * GROUPS - 1
+
+
+def test_micro_batches_by_token_budget_give_the_whole_batch_gradient(tiny_model, reverse_samples, client):
+    """actor.max_tokens_per_microbatch packs samples longest first under a token budget (padding counted):
+    several small passes, the same step gradient as one pass over the whole batch."""
+    cfg = ActorConfig(max_tokens_per_microbatch=40)
+    s = reverse_samples
+    client.declare(schema.COLUMNS, release_after=schema.RELEASE_AFTER)
+    client.put(s)
+    engine = HFTrainEngine(tiny_model, cfg, SAMPLING)
+    acc = StepAccumulator(engine, cfg, SAMPLING.max_new_tokens)
+    passes = []
+    engine.token_logprobs = lambda p, r, f=engine.token_logprobs: passes.append(max(map(len, p)) + max(map(len, r))) or f(p, r)
+    acc.add(client.get("actor", schema.ACTOR_INPUT, n=GROUPS, groups=True, timeout=10).table)
+    assert acc.groups == GROUPS and len(passes) > 3
+    streamed = {name: p.grad / acc.normaliser for name, p in engine.model.named_parameters()}
+    for name, g in _whole_batch_gradient(tiny_model, cfg, s).items():
+        assert torch.allclose(streamed[name], g, rtol=1e-4, atol=1e-7), name
+
+
+def test_token_budget_passes_hold_every_sample_once_and_stay_under_the_budget():
+    import random
+
+    from rlflow.algo.step import micro_batches
+
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 300) for _ in range(500)] + [900]  # one sample longer than the budget
+    passes = micro_batches(lengths, max_rows=16, max_tokens=1024)
+    assert sorted(k for p in passes for k in p) == list(range(len(lengths)))
+    for p in passes:
+        assert len(p) <= 16 and (len(p) == 1 or max(lengths[k] for k in p) * len(p) <= 1024)
+    assert passes[0] == [500]  # longest first: the memory peak comes at once
+    assert micro_batches([5, 3, 9], max_rows=2) == [[0, 1], [2]]  # no budget: in order, max_rows at a time

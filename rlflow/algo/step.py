@@ -22,6 +22,28 @@ from rlflow.algo.offpolicy import ess, lr_factor, opob_advantages, sequence_log_
 from rlflow.algo import segments
 
 
+def micro_batches(lengths: list[int], max_rows: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices of ``lengths`` (tokens per sample) in forward/backward passes of at most ``max_rows`` samples
+    and, with ``max_tokens``, at most that many tokens counting padding to the pass's longest sample.
+
+    With a token budget the samples are taken longest first, so each pass pads little and the first pass
+    is the largest (memory peaks at once, not late in a step); a sample over the budget gets a pass of its
+    own. Without one the samples keep their order, ``max_rows`` at a time. Every index appears once: the
+    passes' gradients sum to the whole batch's, since losses are accumulated as un-normalised sums.
+    """
+    if max_tokens is None:
+        return [list(range(lo, min(lo + max_rows, len(lengths)))) for lo in range(0, len(lengths), max_rows)]
+    out: list[list[int]] = []
+    for k in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        batch = out[-1] if out else None
+        # sorted longest first: a pass's padded size is its first (longest) sample's length x its size
+        if batch is None or len(batch) >= max_rows or lengths[batch[0]] * (len(batch) + 1) > max_tokens:
+            out.append([k])
+        else:
+            batch.append(k)
+    return out
+
+
 class StepAccumulator:
     """One optimizer step's gradient, accumulated over deliveries of whole groups as they arrive.
 
@@ -74,9 +96,11 @@ class StepAccumulator:
             self.trained_uids += [cols["uid"][i] for i in valid]
             groups.append((valid, r))
         rows = [i for valid, _ in groups for i in valid]
-        advantages = self._advantages(cols, groups, rows)
-        for lo in range(0, len(rows), self.cfg.micro_batch):
-            self._backward(cols, rows[lo: lo + self.cfg.micro_batch], advantages[lo: lo + self.cfg.micro_batch])
+        advantages = dict(zip(rows, self._advantages(cols, groups, rows)))
+        lengths = [len(cols["prompt_ids"][i]) + len(cols["response_ids"][i]) for i in rows]
+        for batch in micro_batches(lengths, self.cfg.micro_batch, self.cfg.max_tokens_per_microbatch):
+            picked = [rows[k] for k in batch]
+            self._backward(cols, picked, [advantages[i] for i in picked])
 
     def _count_episodes(self, cols: dict) -> None:
         """What the step's metrics say of its episodes (every consumed row, trained or not)."""

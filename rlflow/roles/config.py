@@ -208,6 +208,10 @@ class ActorConfig:
     """Skip groups whose rewards are all equal (no signal) instead of counting them in the normaliser."""
     micro_batch: int = 128
     """Most samples per forward/backward pass (bounds activation memory)."""
+    max_tokens_per_microbatch: int | None = None
+    """Most tokens per forward/backward pass, padding included: samples are sorted by length and packed
+    under this budget (memory bounded by tokens, not by the longest sample x micro_batch); a sample longer
+    than it gets a pass of its own. null: micro_batch alone. The step's gradient is the same either way."""
     checkpoint_every: int = 10
     """Save a resumable checkpoint every N steps (0: only the final one); written in the background."""
     checkpoint_keep: int = 2
@@ -221,6 +225,9 @@ class ActorConfig:
 
     def check(self, at: str = "actor") -> None:
         require_counts(self, at, "replicas", "groups_per_step", "micro_batch", "threads", "checkpoint_keep")
+        require(self.max_tokens_per_microbatch is None or self.max_tokens_per_microbatch > 0,
+                f"{at}.max_tokens_per_microbatch", f"must be > 0 tokens, or null (micro_batch alone), got "
+                f"{self.max_tokens_per_microbatch}")
         require(self.groups_per_step % self.replicas == 0, f"{at}.replicas",
                 f"each trainer replica takes groups_per_step / replicas groups: {self.groups_per_step} groups do "
                 f"not split over {self.replicas} replicas; make {at}.groups_per_step a multiple of {at}.replicas")
