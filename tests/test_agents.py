@@ -51,7 +51,8 @@ def test_an_agent_calls_through_the_openai_client_and_gets_back_exactly_the_comp
         pool.reset("e1", {"prompt": "37*48=", "turns": 2})
         (first,) = _until(pool)
         assert first.op == "reset" and first.request == {"messages": [{"role": "user", "content": "37*48="}],
-                                                         "tools": None, "logprobs": True}
+                                                         "tools": None, "logprobs": True, "stop": None,
+                                                         "max_tokens": None}
         call = {"id": "call_1_0", "type": "function", "function": {"name": "calc", "arguments": '{"expression": "37*48"}'}}
         pool.answer("e1", _completion("", version=7, tool_calls=[call]))
         (second,) = _until(pool)
@@ -125,7 +126,8 @@ def test_the_endpoint_refuses_what_it_cannot_honour_naming_the_field_and_serves_
         ok = [{"role": "user", "content": "hi"}]
         for name, body in [("stream", {"messages": ok, "stream": True}), ("n", {"messages": ok, "n": 2}),
                            ("image", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
-                           ("role", {"messages": [{"role": "robot", "content": "hi"}]}), ("empty", {"messages": []})]:
+                           ("role", {"messages": [{"role": "robot", "content": "hi"}]}), ("empty", {"messages": []}),
+                           ("stop", {"messages": ok, "stop": ["", "x"]}), ("max_tokens", {"messages": ok, "max_tokens": 0})]:
             seen[name] = post(base_url, body)
         seen["stranger"] = post(base_url.replace(base_url.split("/")[3], "x" * 32), {"messages": ok})
         with urllib.request.urlopen(base_url + "/models", timeout=10) as r:
@@ -138,7 +140,8 @@ def test_the_endpoint_refuses_what_it_cannot_honour_naming_the_field_and_serves_
     assert endpoint.close()
     assert {k: (v[0], v[1]["error"]["param"]) for k, v in seen.items() if k not in ("models", "url", "stranger")} == {
         "stream": (400, "stream"), "n": (400, "n"), "image": (400, "messages[0].content[0]"),
-        "role": (400, "messages[0].role"), "empty": (400, "messages")}
+        "role": (400, "messages[0].role"), "empty": (400, "messages"), "stop": (400, "stop"),
+        "max_tokens": (400, "max_tokens")}
     assert seen["stranger"][0] == 404 and seen["models"][1]["data"][0]["id"] == "policy"
     try:  # the episode is over: its URL serves nothing any more
         urllib.request.urlopen(seen["url"] + "/models", timeout=10)
@@ -205,11 +208,12 @@ def test_an_agent_episode_trains_on_exactly_the_tokens_its_calls_returned(tiny_m
     from rlflow.roles.context import Timeline
     from rlflow.roles.episodes import Episode, Text, _answered, _turn
 
-    env_cfg = EnvConfig(agent="user_envs.scripted_agent", kwargs={"log": str(tmp_path)}, workers=3, max_turns=3,
+    env_cfg = EnvConfig(agent="user_envs.scripted_agent", kwargs={"log": str(tmp_path)}, workers=4, max_turns=3,
                         max_context_tokens=100)
     engine = HFRolloutEngine(tiny_model, SimpleNamespace(device="cpu", dtype="float32", max_batch=64, seed=3))
     text, pool = Text(tiny_model, env_cfg, chat_template=False), EnvPool(env_cfg)
-    records = {"ok": {"prompt": "123=", "turns": 2}, "long": {"prompt": "456=", "turns": 5}, "huge": {"prompt": "7" * 200}}
+    records = {"ok": {"prompt": "123=", "turns": 2}, "long": {"prompt": "456=", "turns": 5}, "huge": {"prompt": "7" * 200},
+               "short": {"prompt": "89=", "turns": 2, "max_tokens": 2}}
     live = {uid: Episode(uid, 0, [], record) for uid, record in records.items()}
     try:
         for uid, record in records.items():
@@ -223,25 +227,46 @@ def test_an_agent_episode_trains_on_exactly_the_tokens_its_calls_returned(tiny_m
                 _answered(live[out.episode], out, env_cfg, text, engine.version, pool)
     finally:
         pool.shutdown()
-    (log,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    logs = {log["prompt"]: log for log in (json.loads(p.read_text()) for p in tmp_path.glob("*.json"))}
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    ids, mask = tok("123=")["input_ids"], None
-    mask = [0] * len(ids)
-    for k, call in enumerate(log["calls"]):
-        ids, mask = ids + call["token_ids"], mask + [1] * len(call["token_ids"])
-        if k + 1 < len(log["calls"]):
-            observation = tok(log["observations"][k], add_special_tokens=False)["input_ids"]
-            ids, mask = ids + observation, mask + [0] * len(observation)
-    row = live["ok"].row(None)
-    assert row["response_ids"] == ids and row["loss_mask"] == mask and row["segment_starts"] == [0]
-    sampled = [i for i, m in enumerate(mask) if m]
-    assert [row["rollout_logprobs"][i] for i in sampled] == [lp for c in log["calls"] for lp in c["logprobs"]]
-    assert [f"rlflow-v{row['token_versions'][i]}" for i in sampled] == [c["version"] for c in log["calls"] for _ in c["token_ids"]]
-    assert row["finish_reason"] == "done" and row["env_reward"] == len(sampled) and len(row["turn_starts"]) == 2
+    for uid in ("ok", "short"):
+        log = logs[records[uid]["prompt"]]
+        ids = tok(records[uid]["prompt"])["input_ids"]
+        mask = [0] * len(ids)
+        for k, call in enumerate(log["calls"]):
+            ids, mask = ids + call["token_ids"], mask + [1] * len(call["token_ids"])
+            if k + 1 < len(log["calls"]):
+                observation = tok(log["observations"][k], add_special_tokens=False)["input_ids"]
+                ids, mask = ids + observation, mask + [0] * len(observation)
+        row = live[uid].row(None)
+        assert row["response_ids"] == ids and row["loss_mask"] == mask and row["segment_starts"] == [0]
+        sampled = [i for i, m in enumerate(mask) if m]
+        assert [row["rollout_logprobs"][i] for i in sampled] == [lp for c in log["calls"] for lp in c["logprobs"]]
+        assert [f"rlflow-v{row['token_versions'][i]}" for i in sampled] == [c["version"] for c in log["calls"] for _ in c["token_ids"]]
+        assert row["finish_reason"] == "done" and row["env_reward"] == len(sampled) and len(row["turn_starts"]) == 2
+    assert all(len(c["token_ids"]) <= 2 for c in logs["89="]["calls"])  # max_tokens=2: each turn cut there
     long = live["long"].row(None)
     assert long["finish_reason"] == "max_turns" and long["env_reward"] == 0.0 and len(long["turn_starts"]) == 3
     huge = live["huge"].row(None)
     assert huge["finish_reason"] == "max_context" and huge["response_ids"] == [] and math.isnan(huge["env_reward"])
+
+
+def test_a_stop_string_or_max_tokens_cuts_an_agent_turn_to_a_prefix_of_what_was_sampled(tiny_model):
+    """The turn keeps the fewest sampled tokens whose text holds the stop string (the content ends before
+    it), or the first max_tokens; what is kept is a prefix of what was sampled, logprobs with it."""
+    from rlflow.engines.base import Generation
+    from rlflow.roles.episodes import Text
+
+    text = Text(tiny_model, EnvConfig(agent="user_envs.scripted_agent"), chat_template=False)
+    ids = text.tok("12+34 Observation: 46", add_special_tokens=False)["input_ids"]
+    g = Generation(ids, [-0.1 * k for k in range(len(ids))], "length")
+    kept, logprobs, finish, content = text.cut(g, chat_request({"messages": [{"role": "user", "content": "q"}],
+                                                                "stop": ["Observation:", "46"]}))
+    assert content == "12+34 " and finish == "stop" and kept == ids[: len(kept)] and logprobs == g.logprobs[: len(kept)]
+    assert len(text.action(kept)) > len(content) >= len(text.action(kept[:-1]))  # the fewest tokens reaching it
+    kept, logprobs, finish, content = text.cut(g, chat_request({"messages": [{"role": "user", "content": "q"}],
+                                                                "max_tokens": 3}))
+    assert (kept, finish, content) == (ids[:3], "length", None)
 
 
 from helpers import metrics, rlflow, said  # noqa: E402

@@ -66,7 +66,8 @@ async def scripted_agent(record: dict, base_url: str, log: str | None = None, sc
         got = []
         for turn in range(record.get("turns", 2)):
             try:
-                reply = await client.chat.completions.create(model="policy", messages=messages, logprobs=True)
+                cut = {k: record[k] for k in ("stop", "max_tokens") if k in record}
+                reply = await client.chat.completions.create(model="policy", messages=messages, logprobs=True, **cut)
             except openai.APIStatusError:
                 if script == "linger":
                     await asyncio.sleep(3600)

@@ -26,9 +26,12 @@ Design decisions:
   replica is reached only through the pool's authenticated socket, as for any environment.
 - Calls are served one at a time, in arrival order: each is one turn of the one trajectory.
 - The sampling is the recipe's (``rollout.temperature``, ``top_p``, ``max_new_tokens``): the policy that
-  trains must be the one that sampled, so ``temperature``, ``top_p``, ``max_tokens``, ``stop`` and
-  ``seed`` in a request are ignored. What cannot be honoured is refused with a 400 that names the
-  field: ``stream``, ``n`` > 1, ``top_logprobs``, non-text content.
+  trains must be the one that sampled, so ``temperature``, ``top_p`` and ``seed`` in a request are
+  ignored. ``max_tokens`` and ``stop`` are honoured by cutting the turn: after that many tokens, or
+  after the first tokens whose text holds a stop string (the content ends before it). The tokens kept
+  are a prefix of what was sampled, so training on them is exact, as if the engine had stopped there.
+  What cannot be honoured is refused with a 400 that names the field: ``stream``, ``n`` > 1,
+  ``top_logprobs``, non-text content.
 - Each choice carries ``token_ids`` (an extension field: the ids sampled, as they are trained) and the
   completion's ``system_fingerprint`` names the policy version that sampled it (``rlflow-v<version>``).
 - With ``tools`` in a request (and a chat template), the tools go to the template and
@@ -90,8 +93,15 @@ def chat_request(body) -> dict:
     tools = body.get("tools")
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
         raise BadRequest("tools must be a list of tool objects ({type: function, function: {...}})", "tools")
+    stop = [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop")
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop)):
+        raise BadRequest("stop must be a string or a list of up to 4 non-empty strings", "stop")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(key)
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise BadRequest(f"{key} must be a positive integer, got {max_tokens!r}", key)
     return {"messages": [_message(m, f"messages[{i}]") for i, m in enumerate(messages)], "tools": tools or None,
-            "logprobs": bool(body.get("logprobs"))}
+            "logprobs": bool(body.get("logprobs")), "stop": stop or None, "max_tokens": max_tokens}
 
 
 def _message(m, at: str) -> dict:

@@ -125,19 +125,40 @@ class Text:
         """The text the environment gets for a turn: its tokens without the stop token or special tokens."""
         return self.tok.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)
 
-    def completion(self, e: Episode, g, version: int, prompt_tokens: int) -> dict:
+    def cut(self, g, request: dict) -> tuple[list[int], list[float], str, str | None]:
+        """An agent's turn as its call asked: ``(ids, logprobs, finish_reason, content)``. Cut after
+        ``max_tokens`` tokens, then after the fewest tokens whose text holds the first ``stop`` string
+        (``content``: the text before it; None when no stop string cut). The ids kept are a prefix of
+        those sampled, so training on them is training on what the engine would have made had it
+        stopped there; the rest are dropped."""
+        ids, logprobs, finish = list(g.response_ids), list(g.logprobs), g.finish_reason
+        if request["max_tokens"] is not None and len(ids) > request["max_tokens"]:
+            ids, logprobs, finish = ids[: request["max_tokens"]], logprobs[: request["max_tokens"]], "length"
+        text = self.action(ids)
+        hits = [text.find(s) for s in request["stop"] or () if s in text]
+        if not hits:
+            return ids, logprobs, finish, None
+        at = min(hits)
+        lo, hi = 1, len(ids)  # the fewest tokens whose text reaches past the stop string's start
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if len(self.action(ids[:mid])) > at else (mid + 1, hi)
+        return ids[:lo], logprobs[:lo], "stop", text[:at]
+
+    def completion(self, e: Episode, ids: list[int], logprobs: list[float], finish: str, content: str | None,
+                   version: int, prompt_tokens: int) -> dict:
         """An agent's call answered (``envs/agent.completion_body`` makes the chat.completion of it): the
         assistant message, and the tokens' logprobs when the call asked for them."""
-        message = self.turns.reply(e.conversation, e.last_turn)
-        logprobs = None
+        message = self.turns.reply(e.conversation, e.last_turn, content)
+        shown = None
         if e.request["logprobs"]:
-            logprobs = []
-            for t, lp in zip(g.response_ids, g.logprobs):
+            shown = []
+            for t, lp in zip(ids, logprobs):
                 token = self.tok.decode([t])
-                logprobs.append({"token": token, "logprob": lp, "bytes": list(token.encode()), "top_logprobs": []})
-        return {"message": message, "finish_reason": "tool_calls" if message.get("tool_calls") else g.finish_reason,
-                "prompt_tokens": prompt_tokens, "completion_tokens": len(g.response_ids), "version": version,
-                "logprobs": logprobs, "token_ids": list(g.response_ids)}
+                shown.append({"token": token, "logprob": lp, "bytes": list(token.encode()), "top_logprobs": []})
+        return {"message": message, "finish_reason": "tool_calls" if message.get("tool_calls") else finish,
+                "prompt_tokens": prompt_tokens, "completion_tokens": len(ids), "version": version,
+                "logprobs": shown, "token_ids": list(ids)}
 
 
 def serve_episodes(cfg, env_cfg: EnvConfig, ctx: RoleContext, engine, synced, chat_template: bool = False) -> None:
@@ -223,11 +244,12 @@ def _turn(timeline, engine, ready: list[Episode], sampling, pool: EnvPool, text:
         span["tokens"] = sum(len(g.response_ids) for g in gens)
     for e, g, context in zip(ready, gens, contexts):
         made_by = version if g.version is None else g.version
+        ids, logprobs, finish, content = text.cut(g, e.request) if text.agent else (g.response_ids, g.logprobs, None, None)
         e.turn_starts.append(len(e.tokens))
-        e.append(g.response_ids, g.logprobs, made_by)
-        e.state, e.last_turn = "env", text.action(g.response_ids)
+        e.append(ids, logprobs, made_by)
+        e.state, e.last_turn = "env", text.action(ids)
         if text.agent:
-            pool.answer(e.uid, text.completion(e, g, made_by, len(context)))
+            pool.answer(e.uid, text.completion(e, ids, logprobs, finish, content, made_by, len(context)))
         else:
             pool.step(e.uid, e.last_turn)
     return time.monotonic() - t0

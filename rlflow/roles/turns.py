@@ -86,11 +86,12 @@ class PlainTurns:
         chat = AgentChat(list(messages), [dict(m) for m in messages], tools)
         return chat, self.render(chat.seen, tools), True
 
-    def reply(self, chat: AgentChat, text: str) -> dict:
-        """The model's turn ``text`` as the assistant message the agent gets; both views of the
-        conversation grow by it."""
+    def reply(self, chat: AgentChat, text: str, content: str | None = None) -> dict:
+        """The model's turn ``text`` as the assistant message the agent gets (its ``content``, when a stop
+        string cut it short of ``text``); both views of the conversation grow by it."""
         chat.calls += 1
-        message = assistant_message(text, self.parses_tools and chat.tools is not None, f"call_{chat.calls}_")
+        message = assistant_message(text if content is None else content, self.parses_tools and chat.tools is not None,
+                                    f"call_{chat.calls}_")
         chat.sent.append(message)
         chat.seen.append({"role": "assistant", "content": text})
         return message
