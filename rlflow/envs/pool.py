@@ -152,18 +152,18 @@ class EnvPool:
 
     def step(self, episode: str, action: str) -> None:
         """Send the model's turn to the episode's environment (its answer comes from ``poll``)."""
-        w = self.by_episode.get(episode)
-        if w is None:
-            raise KeyError(f"episode {episode!r} holds no worker (it was never reset, or it failed)")
-        self._send(w, {"op": "step", "episode": episode, "action": action})
+        self._step(episode, {"action": action})
 
     def answer(self, episode: str, completion: dict) -> None:
         """Send the episode's agent the completion of its chat call (``envs/agent.py``); its next call or
         its end comes from ``poll``."""
+        self._step(episode, {"completion": completion})
+
+    def _step(self, episode: str, payload: dict) -> None:
         w = self.by_episode.get(episode)
         if w is None:
             raise KeyError(f"episode {episode!r} holds no worker (it was never reset, or it failed)")
-        self._send(w, {"op": "step", "episode": episode, "completion": completion})
+        self._send(w, {"op": "step", "episode": episode, **payload})
 
     def close(self, episode: str) -> None:
         """The episode is over: close its environment and free its worker."""

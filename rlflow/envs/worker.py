@@ -36,10 +36,18 @@ RECYCLE_EXIT = 75  # exits with this after a closed episode's agent would not re
 
 
 def main() -> int:
+    """A local worker process: its settings on stdin, and it dies with the replica that started it."""
+    from rlflow.transfer.lifetime import die_with_parent
+
     line = sys.stdin.readline()
     if not line.strip():  # the pool that started this worker is gone before it said what to run
         return 0
-    return serve(json.loads(line))
+    spec = json.loads(line)
+    # The replica blocks SIGTERM for the thread that waits for it, and a signal mask survives exec: unblocked
+    # here, or the signal that ends this worker with its replica would wait for ever.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    die_with_parent(spec["parent"])
+    return serve(spec)
 
 
 def serve(spec: dict, keys=None) -> int:
@@ -50,14 +58,8 @@ def serve(spec: dict, keys=None) -> int:
     from rlflow.envs import base
     from rlflow.envs.agent import AgentEndpoint
     from rlflow.plugins import load_object
-    from rlflow.transfer.lifetime import die_with_parent
     from rlflow.transfer.security import connect
 
-    # The replica blocks SIGTERM for the thread that waits for it, and a signal mask survives exec: unblocked
-    # here, or the signal that ends this worker with its replica would wait for ever.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    if "parent" in spec:  # a local process; an actor dies with the replica that owns it (Ray)
-        die_with_parent(spec["parent"])
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 1000)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)

@@ -336,7 +336,7 @@ class Run:
                         run_dir=run_dir, seed=cfg.seed, wait_seconds=cfg.flow.wait_seconds,
                         lease_seconds=cfg.flow.lease_seconds, steps=cfg.flow.steps,
                         heartbeat_s=cfg.supervision.heartbeat_s,
-                        launcher_pid=os.getpid(), env_actors=self._env_actors())
+                        launcher_pid=os.getpid(), env_actors=self.placement.env_actors)
         self.plans = {(p.role, p.replica): p.replace(wiring=wiring, bus_token=self.tokens[p.role],
                                                      channel_secret=self.channel_secret if p.role in schema.CHANNEL_ROLES else None)
                       for p in plan}
@@ -527,13 +527,6 @@ class Run:
         say(self.console, f"{name} {what}" + (f" ({detail})" if detail else "") + f": {said}", style="yellow")
         if tb:
             say(self.console, tb)
-
-    def _env_actors(self) -> dict | None:
-        """Ray options of each environment worker actor (ray.env.actors=true), else None: local processes."""
-        if self.cfg.launcher != "ray" or not self.cfg.ray.env.actors:
-            return None
-        res = self.cfg.ray.env
-        return {"num_cpus": res.cpus, "num_gpus": res.gpus, "resources": dict(res.custom) or None}
 
     def _trainer_endpoints(self) -> list[str]:
         """Endpoints the trainer and rollout replicas advertise (withdrawn before they restart)."""

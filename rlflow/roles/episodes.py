@@ -36,7 +36,6 @@ Invariants:
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -298,7 +297,7 @@ def _called(e: Episode, request: dict, env_cfg: EnvConfig, text: Text, version: 
                                        f"return its reward", "code": "max_turns"})
         return
     stream = e.context() if e.tokens else []
-    chat, ids, new_segment = text.turns.request(copy.deepcopy(e.conversation), stream, request)
+    chat, ids, new_segment = text.turns.request(e.conversation, stream, request)
     if (length := len(ids) if new_segment else len(stream) + len(ids)) > env_cfg.max_context_tokens:
         e.capped = "max_context"
         pool.answer(e.uid, {"refused": f"this call's conversation is {length} tokens, more than "

@@ -69,18 +69,18 @@ class PlainTurns:
         return self.tok("".join(m["content"] for m in messages))["input_ids"]
 
     def extend(self, chat: AgentChat, stream: list[int], new: list[dict]) -> tuple[list[int], bool]:
-        """The ids for messages ``new`` (already added to ``chat``) after ``stream``: their texts, each cut."""
+        """The ids for messages ``new`` (already the tail of ``chat``) after ``stream``: their texts, each cut."""
         return [t for m in new for t in self.cut(m["content"])], False
 
     def request(self, chat: AgentChat | None, stream: list[int], request: dict) -> tuple[AgentChat, list[int], bool]:
-        """An agent's chat call (``envs/agent.chat_request``): the conversation after it, the ids to append
-        and whether they start a new segment. ``stream``: the tokens of the current segment."""
+        """An agent's chat call (``envs/agent.chat_request``): the conversation after it (a new AgentChat:
+        ``chat`` is left as it was, so a call that is refused changes nothing), the ids to append and
+        whether they start a new segment. ``stream``: the tokens of the current segment."""
         messages, tools = request["messages"], request["tools"]
         known = len(chat.sent) if chat is not None else 0
         if known and len(messages) > known and messages[:known] == chat.sent and tools == chat.tools:
             new = [dict(m) for m in messages[known:]]
-            chat.sent += messages[known:]
-            chat.seen += new
+            chat = AgentChat(chat.sent + messages[known:], chat.seen + new, tools, chat.calls)
             ids, new_segment = self.extend(chat, stream, new)
             return chat, ids, new_segment
         chat = AgentChat(list(messages), [dict(m) for m in messages], tools)

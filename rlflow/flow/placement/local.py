@@ -86,6 +86,7 @@ def forkserver_pid() -> int | None:
 
 class LocalPlacement:
     kind = "local"
+    env_actors = None  # environment workers are processes beside their rollout replica
 
     def __init__(self, sock_dir: str):
         self.sock_dir = sock_dir

@@ -154,6 +154,11 @@ class RoleActor(_Keyed):
         sys.stderr.flush()
 
 
+def _resources(res) -> dict:
+    """A RoleResources as Ray actor options."""
+    return {"num_cpus": res.cpus, "num_gpus": res.gpus, "resources": dict(res.custom) or None}
+
+
 def _bundle(res) -> dict[str, float]:
     bundle = {"CPU": res.cpus, "GPU": res.gpus, **res.custom}
     return {k: float(v) for k, v in bundle.items() if v > 0}
@@ -166,6 +171,8 @@ class RayPlacement:
         """``roles``: (role, replica) of every actor to come, so a placement group can hold them all."""
         self.cfg, self.log = cfg.ray, log
         self.env_workers = cfg.env.workers if cfg.env.enabled else 0
+        # each environment worker's actor options (flow/placement/ray_env.py), or None: processes beside the rollout
+        self.env_actors = _resources(self.cfg.env) if self.cfg.env.actors and self.env_workers else None
         self.namespace = f"rlflow-{uuid.uuid4().hex[:12]}"
         self.private = self.cfg.address is None
         self.temp_dir = os.path.join(sock_dir, "ray") if self.private else None  # the private cluster's files
@@ -262,8 +269,7 @@ class RayPlacement:
                                                                                 name)).remote()
 
     def _options(self, res, key: tuple[str, int] | None, name: str) -> dict:
-        opts = {"num_cpus": res.cpus, "num_gpus": res.gpus, "resources": dict(res.custom) or None,
-                "name": name, "max_restarts": 0}
+        opts = {**_resources(res), "name": name, "max_restarts": 0}
         if self.pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 self.pg, placement_group_bundle_index=0 if key is None else self._bundles[key])
