@@ -114,14 +114,20 @@ def assert_each_step_once_and_every_sample_trained_once(run_dir: Path, steps: in
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("victim_rank, trainer", [
+    pytest.param("actor-0", [], id="one-trainer"),
+    # a sharded rank: the other rank is stuck in a collective with the dead one; the whole group rewinds
+    pytest.param("actor-1", ["actor.replicas=2", "actor.parallel=fsdp"], id="fsdp-rank-1"),
+])
 def test_a_trainer_killed_mid_run_restarts_from_its_checkpoint_and_no_sample_trains_twice(
-        tmp_path, model_cache, undisturbed):
+        tmp_path, model_cache, undisturbed, victim_rank, trainer):
     run_dir = tmp_path / "run"
-    r, victim = run_and_signal(run_dir, model_cache, "actor-0", signal.SIGKILL, 8, "actor.checkpoint_every=5")
+    r, victim = run_and_signal(run_dir, model_cache, victim_rank, signal.SIGKILL, 8, "actor.checkpoint_every=5",
+                               *trainer)
     assert r.returncode == 0, r.stdout + r.stderr
     assert_each_step_once_and_every_sample_trained_once(run_dir)
     [restart] = json.loads((run_dir / "summary.json").read_text())["supervision"]["restarts"]
-    assert restart["replica"] == "actor-0" and restart["rewound_to"] in (5, 10) and "ready_s" in restart
+    assert restart["replica"] == victim_rank and restart["rewound_to"] in (5, 10) and "ready_s" in restart
     assert "the trainer restarts from" in r.stdout and not pid_alive(victim)
     assert_within_noise(metrics(run_dir), undisturbed, 10)
     assert_all_processes_gone(run_dir)

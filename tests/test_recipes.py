@@ -55,6 +55,9 @@ def test_a_wrong_type_fails_at_compose_time():
     ("actor.ratio_level=group", "actor.ratio_level"),
     ("launcher=slurm", "launcher"),
     ("actor.replicas=3", "actor.replicas"),  # 16 groups per step do not split over 3 trainers
+    ("actor.parallel=tensor", "actor.parallel"),
+    ("actor.param_dtype=bfloat16", "actor.param_dtype"),  # FSDP's mixed precision: needs parallel=fsdp
+    ("actor.parallel=fsdp actor.advantage=opob", "actor.advantage"),  # no per-trajectory gradients when sharded
     ("launcher=ray ray.placement=CLUSTERED", "ray.placement"),
     ("launcher=ray ray.rollout.cpus=-1", "ray.rollout"),
     ("launcher=ray ray.placement=PACK ray.reward.cpus=0", "ray.reward"),  # an empty bundle
@@ -117,6 +120,18 @@ def test_the_sglang_cluster_recipe_composes_and_validates(tiny_model, tmp_path):
     cfg.check()
     assert (cfg.launcher, cfg.rollout.engine, cfg.rollout.replicas, cfg.ray.rollout.gpus) == ("ray", "sglang", 2, 1)
     assert cfg.reward.fn == "rlflow.tasks.rewards.math_answer" and cfg.data.chat_template  # from gsm8k_qwen
+
+
+def test_the_sharded_trainer_recipe_composes_and_validates(tiny_model, tmp_path):
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "1+1=2 #### 2"}) + "\n")
+    cfg = OmegaConf.to_object(_compose("gsm8k_fsdp", [f"model.path={tiny_model}", f"data.path={data}"]))
+    cfg.check()
+    a = cfg.actor
+    assert (a.replicas, a.parallel, a.param_dtype, a.activation_checkpointing, a.device) == \
+        (4, "fsdp", "bfloat16", True, "cuda")
+    assert (cfg.rollout.engine, cfg.rollout.device, cfg.rollout.sglang.tp_size) == ("sglang", "cuda:4", 4)
+    assert cfg.actor.groups_per_step % cfg.actor.replicas == 0
 
 
 def test_the_gpu_recipe_names_each_missing_path(tmp_path):

@@ -52,11 +52,19 @@ class StepAccumulator:
     effective sample size. With ``vcpo`` the step's learning rate is scaled by lr_factor(ESS / samples)
     for this step only (the engine restores it). Skipped samples (a failed reward, a group without
     signal) carry no gradient and do not count in the ESS; with none trained the step makes no update.
+
+    Lockstep (a sharded trainer, where every pass is a collective of all ranks): ``add`` queues its
+    passes instead of running them, and ``run_queued(n)`` runs them once the ranks agreed on ``n``, the
+    most any rank queued; the rest of the ``n`` are idle passes whose loss is multiplied by 0, so they
+    add exactly nothing. The step's gradient is the same; only streaming within the step is given up.
     """
 
-    def __init__(self, engine, cfg, max_new_tokens: int):
-        """``cfg``: the actor's ActorConfig; ``max_new_tokens``: the rollout's (aggregation=constant divides by it)."""
+    def __init__(self, engine, cfg, max_new_tokens: int, lockstep: bool = False):
+        """``cfg``: the actor's ActorConfig; ``max_new_tokens``: the rollout's (aggregation=constant divides
+        by it); ``lockstep``: queue passes for ``run_queued`` (see the class docstring)."""
         self.engine, self.cfg, self.max_new_tokens = engine, cfg, max_new_tokens
+        self.lockstep = lockstep
+        self.queued: list[tuple] = []  # (cols, rows, advantages) of each pass not run yet (lockstep)
         self.groups = 0  # groups consumed (including skipped ones)
         self.normaliser = 0.0
         self.loss_sum = 0.0
@@ -100,7 +108,21 @@ class StepAccumulator:
         lengths = [len(cols["prompt_ids"][i]) + len(cols["response_ids"][i]) for i in rows]
         for batch in micro_batches(lengths, self.cfg.micro_batch, self.cfg.max_tokens_per_microbatch):
             picked = [rows[k] for k in batch]
-            self._backward(cols, picked, [advantages[i] for i in picked])
+            work = (cols, picked, [advantages[i] for i in picked])
+            if self.lockstep:
+                self.queued.append(work)
+            else:
+                self._backward(*work)
+
+    def run_queued(self, passes: int) -> None:
+        """Run the queued passes, then idle ones up to ``passes`` (every rank of a lockstep step runs as many)."""
+        if passes < len(self.queued):
+            raise ValueError(f"{len(self.queued)} passes are queued but the ranks agreed on {passes}")
+        for work in self.queued:
+            self._backward(*work)
+        for _ in range(passes - len(self.queued)):
+            (self.engine.token_logprobs([[0]], [[0]]).sum() * 0.0).backward()  # its gradient is exactly 0
+        self.queued = []
 
     def _count_episodes(self, cols: dict) -> None:
         """What the step's metrics say of its episodes (every consumed row, trained or not)."""

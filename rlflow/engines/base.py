@@ -78,6 +78,12 @@ class TrainEngine(Protocol):
     # def gradients(self) -> list[Tensor]:
     #     """Every trainable parameter's accumulated gradient (zeros where none flowed), summed in place."""
 
+    # For actor.parallel=fsdp (a sharded trainer, like HFTrainEngine with engines/fsdp.py): ``sharded = True``;
+    # built after the ranks' process group; ``token_logprobs``, ``step``, ``weights`` (whole on rank 0,
+    # empty elsewhere), ``snapshot`` and ``restore`` are collectives every rank calls; and
+    # def gathered_views(self) -> Iterable[tuple[str, Tensor]]:
+    #     """(name, whole parameter) in name order, gathered on every rank (the end-of-run identity check)."""
+
     # Optional, for actor.advantage=opob:
     # def trajectory_grad_sq(self, prompts, responses) -> tuple[Tensor, Tensor]:
     #     """([B] squared norm of each response's ∇_θ log π_θ, [B] its log π_θ), leaving .grad untouched."""

@@ -3,7 +3,9 @@
 - ``HFRolloutEngine``: batched sampling with a KV cache (left-padded prompts, one forward per new
   token for the whole batch), per-token logprobs of the sampling distribution, weights swapped in place.
 - ``HFTrainEngine``: fp32 master weights and AdamW; the actor loop accumulates gradients through
-  ``token_logprobs`` and calls ``step`` once per policy version.
+  ``token_logprobs`` and calls ``step`` once per policy version. With ``actor.parallel=fsdp`` the model
+  is sharded over the trainer ranks (``engines/fsdp.py``); the methods below then are collectives
+  every rank calls, and what is gathered whole lands on rank 0.
 - ``sequence_logprobs``: the one function that scores responses, shared by trainer and reference, so
   the two can never disagree on alignment or temperature.
 
@@ -21,6 +23,7 @@ from typing import Callable
 import torch
 
 from rlflow.algo import segments
+from rlflow.engines import fsdp
 from rlflow.engines.base import Generation, SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -169,14 +172,23 @@ def load_parameters(model, weights: dict[str, torch.Tensor]) -> None:
 
 
 class HFTrainEngine:
-    """fp32 master weights and AdamW. Gradients accumulate across ``token_logprobs`` backward passes."""
+    """fp32 master weights and AdamW. Gradients accumulate across ``token_logprobs`` backward passes.
+
+    Sharded (``cfg.parallel == "fsdp"``): built after the trainer ranks' process group; ``step``,
+    ``weights``, ``snapshot``, ``restore`` and ``gathered_views`` are collectives."""
 
     def __init__(self, model_path: str, cfg, sampling: SamplingParams):
         """``cfg``: the ActorConfig; ``sampling``: the rollout's, whose temperature the logprobs are taken at."""
         self.device = cfg.device
         self.temperature = sampling.temperature
         self.model_path = model_path
-        self.model = load_model(model_path, "float32", cfg.device).train()
+        self.sharded = getattr(cfg, "parallel", "replicate") == "fsdp"
+        # sharded: loaded on the host and sharded there, so only this rank's shard reaches the device
+        self.model = load_model(model_path, "float32", "cpu" if self.sharded else cfg.device).train()
+        if getattr(cfg, "activation_checkpointing", False):
+            # recompute each layer's activations in backward: memory of one layer's, not every layer's
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.world = fsdp.shard(self.model, cfg.device, cfg.param_dtype) if self.sharded else 1
         self.tokenizer = None  # loaded at the first snapshot, and kept: model_path may be a pruned checkpoint by then
         self.max_grad_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -189,9 +201,9 @@ class HFTrainEngine:
     def step(self, grad_scale: float, lr_scale: float = 1.0) -> dict[str, float]:
         """One AdamW step at lr x ``lr_scale``; the base learning rates are restored whatever happens."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        for p in params:
-            p.grad.mul_(grad_scale)
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        for p in params:  # sharded: FSDP averaged the ranks' sums; x world makes them the sum again
+            p.grad.mul_(grad_scale * self.world)
+        norm = fsdp.scalar(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
         base = [g["lr"] for g in self.optimizer.param_groups]
         try:
             for g, lr in zip(self.optimizer.param_groups, base):
@@ -202,7 +214,7 @@ class HFTrainEngine:
                 g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
-        return {"actor/grad_norm": float(norm), "lr/effective": base[0] * lr_scale}
+        return {"actor/grad_norm": norm, "lr/effective": base[0] * lr_scale}
 
     def trajectory_grad_sq(self, prompts: list[list[int]], responses: list[list[int]],
                            masks: list[list[int]] | None = None,
@@ -234,7 +246,17 @@ class HFTrainEngine:
         return [p.grad for p in self.model.parameters() if p.requires_grad]
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.model.named_parameters()}
+        """name -> parameter (tied ones once). Sharded: the whole model in rank 0's host memory, gathered
+        one tensor at a time, and an empty dict on the other ranks."""
+        if not self.sharded:
+            return {name: p.detach() for name, p in self.model.named_parameters()}
+        names = [name for name, _ in self.model.named_parameters()]
+        state, _ = fsdp.full_state(self.model)
+        return {name: state[name] for name in names} if state else {}
+
+    def gathered_views(self):
+        """(name, whole parameter) in name order, gathered on every rank one at a time (for checks)."""
+        return fsdp.full_views(self.model)
 
     def save(self, path: str) -> None:
         """A self-contained checkpoint: the model and the start checkpoint's tokenizer (``from_pretrained``)."""
@@ -242,14 +264,18 @@ class HFTrainEngine:
 
     def snapshot(self) -> Callable[[str], None]:
         """Copy the weights and the optimizer state to host memory now; return a function that writes them
-        (model + tokenizer as ``from_pretrained`` reads them, and ``optimizer.pt``) to a directory later."""
+        (model + tokenizer as ``from_pretrained`` reads them, and ``optimizer.pt``) to a directory later.
+
+        The optimizer state is keyed by parameter name and whole (``engines/fsdp.full_state``), so a
+        checkpoint resumes on any number of ranks, sharded or not. Sharded, only rank 0's writer writes."""
         from transformers import AutoTokenizer
 
         if self.tokenizer is None:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        optimizer = _host_copy(self.optimizer.state_dict())
+        weights, optimizer = fsdp.full_state(self.model, self.optimizer)
         model, tokenizer = self.model, self.tokenizer
+        if not weights:  # a sharded rank other than 0: rank 0 holds and writes the whole state
+            return lambda path: None
 
         def write(path: str) -> None:
             model.save_pretrained(path, state_dict=weights)
@@ -260,18 +286,24 @@ class HFTrainEngine:
 
     def restore(self, path: str, version: int) -> None:
         """Continue from checkpoint ``path`` (this engine was built from it, so the weights are already
-        loaded): the optimizer state, and ``version``."""
-        state = torch.load(f"{path}/optimizer.pt", map_location=self.device, weights_only=True)  # tensors only: no code runs
-        self.optimizer.load_state_dict(state)
+        loaded): the optimizer state, and ``version``. Sharded, rank 0 reads the file and sends each rank
+        its rows."""
+        state = None
+        if not self.sharded or dist_rank() == 0:
+            # tensors only: no code runs
+            state = torch.load(f"{path}/optimizer.pt", map_location="cpu", weights_only=True)
+            if state.get("state") and all(isinstance(k, int) for k in state["state"]):
+                if self.sharded:  # keyed by position (checkpoints of earlier rlflow): loads unsharded only
+                    raise ValueError(f"{path}/optimizer.pt keys its state by parameter position (written by an "
+                                     f"earlier rlflow): resume it with actor.parallel=replicate")
+                self.optimizer.load_state_dict(state)
+                self.version = version
+                return
+        fsdp.load_optimizer(self.model, self.optimizer, state)
         self.version = version
 
 
-def _host_copy(obj):
-    """``obj`` with every tensor in it copied to host memory (an optimizer state_dict, nested)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _host_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_host_copy(v) for v in obj)
-    return obj
+def dist_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0

@@ -31,8 +31,7 @@ RESUMABLE = (
     "reward.replicas", "reward.batch", "reward.timeout_s", "reward.max_failed_steps",
     "reference.replicas", "reference.threads", "reference.device",
     "actor.replicas", "actor.threads", "actor.device", "actor.micro_batch", "actor.max_tokens_per_microbatch",
-    "actor.checkpoint_every",
-    "actor.checkpoint_keep",
+    "actor.parallel", "actor.activation_checkpointing", "actor.checkpoint_every", "actor.checkpoint_keep",
     "sync.sparse", "sync.compress", "sync.values", "sync.fanout", "sync.chunk_kb", "sync.window", "sync.hop_timeout",
     "sync.keyframe_ratio", "sync.uplink_mb_s",
 )

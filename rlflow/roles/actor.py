@@ -11,7 +11,8 @@ Loop contract:
 - unblocked by: the reward (and reference) role's puts, which complete a group's columns
 
 Streaming: a step does forward/backward on each delivery as it arrives (``StepAccumulator``) and steps
-the optimizer once the batch is complete. Losses are accumulated as un-normalised sums and the
+the optimizer once the batch is complete (a sharded trainer, ``actor.parallel=fsdp``, runs the passes once
+its share is in, every rank as many: lockstep, see ``algo/step.py``). Losses are accumulated as un-normalised sums and the
 gradient is divided by the batch's normaliser at the end, so the step's gradient is the one the
 whole batch would give in one pass: with staleness 0 this is synchronous training, not an approximation.
 
@@ -32,6 +33,7 @@ checkpoint still names every group the kept steps consumed.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import time
@@ -77,21 +79,32 @@ def make_engine(cfg: ActorConfig, model_path: str, sampling: SamplingParams):
 def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
     """Train ``args.steps`` steps, publishing each version; see the module docstring for the contract.
 
-    With ``cfg.replicas`` > 1 this is one of several data-parallel replicas (``train/data_parallel.py``):
-    it trains on its share of each step's groups, and replica 0 alone publishes, saves and reports.
+    With ``cfg.replicas`` > 1 (or ``parallel=fsdp``) this is one of the trainer ranks
+    (``train/data_parallel.py``): it trains on its share of each step's groups, and rank 0 alone
+    publishes, saves and reports. Sharded (fsdp), every pass and every gathering of the model is a
+    collective, so all ranks run them: the step's passes once its groups are in (lockstep), and the
+    gathering of weights to publish and of state to checkpoint (to rank 0).
     """
     steps, staleness, sync, epoch = args.steps, args.staleness, args.sync, args.epoch
     resume_from, samples_every = args.resume_from, args.samples_every
     torch.manual_seed(cfg.seed)
+    sharded = cfg.parallel == "fsdp"
+    group = TrainerGroup(ctx, cfg.replicas, cfg.device) if cfg.replicas > 1 or sharded else None
+    if group is not None:
+        cfg = dataclasses.replace(cfg, device=group.device)  # this rank's own GPU
     engine = make_engine(cfg, resume_from or ctx.model_path, args.sampling)
+    if sharded and not getattr(engine, "sharded", False):
+        raise TypeError(f"actor.parallel=fsdp: {type(engine).__name__} does not shard its model (no sharded=True; "
+                        f"HFTrainEngine does, engines/fsdp.py): use actor.parallel=replicate")
     # group ids each step consumed (the data position) and the uids it consumed without training them
     groups_by_step, skipped_by_step = _resume(engine, resume_from) if resume_from else ([], [])
-    if cfg.replicas > 1 and not hasattr(engine, "gradients"):
+    if cfg.replicas > 1 and not sharded and not hasattr(engine, "gradients"):
         raise TypeError(f"actor.replicas={cfg.replicas} sums gradients across replicas: {type(engine).__name__} "
                         f"has no gradients() (see engines/base.py)")
-    group = TrainerGroup(ctx, cfg.replicas, cfg.device) if cfg.replicas > 1 else None
     lead = group is None or group.rank == 0
-    publication = Publication(ctx, engine, sync, args.broadcast, cfg.device) if lead else None
+    gather = lead or sharded  # who calls what gathers the model (a collective when sharded)
+    first = engine.weights() if gather else None  # the start version (sharded: gathered to rank 0)
+    publication = Publication(ctx, sync, args.broadcast, cfg.device, engine.version, first) if lead else None
     checkpoints = Checkpointer(f"{ctx.run_dir}/checkpoints", cfg.checkpoint_keep) \
         if lead and hasattr(engine, "snapshot") else None
     columns = (schema.EPISODE_ACTOR_INPUT if args.episodes else schema.ACTOR_INPUT) + \
@@ -101,41 +114,51 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
     try:
         while engine.version < steps:
             step, t0 = engine.version, time.monotonic()
-            acc = StepAccumulator(engine, cfg, args.sampling.max_new_tokens)
+            acc = StepAccumulator(engine, cfg, args.sampling.max_new_tokens, lockstep=sharded)
             deliveries, waited = _fill(ctx, acc, columns, share, step, staleness)
             groups = list(dict.fromkeys(g for d in deliveries for g in d.table.column("group_id").to_pylist()))
+            if sharded:
+                with ctx.timeline.span("train", step=step + 1, passes=len(acc.queued)):
+                    acc.run_queued(group.most(len(acc.queued)))
             if group is not None:
                 with ctx.timeline.span("all-reduce", step=step + 1):
                     groups = group.merge(acc, groups)
-                    group.all_reduce_gradients(engine.gradients())
+                    if not sharded:
+                        group.all_reduce_gradients(engine.gradients())
             with ctx.timeline.span("train", step=step + 1, optimizer_step=True):
                 metrics = acc.finish()
             for d in deliveries:
                 ctx.bus.ack(d)
-            if not lead:
-                continue
             groups_by_step.append(groups)
             skipped_by_step.append(acc.skipped_uids)
-            with ctx.timeline.span("sync", step=step + 1, version=engine.version) as span:
-                sync_metrics = publication.publish(engine)
-                span["bytes"] = sync_metrics.get("sync/bytes")
-            ckpt_metrics = {}
-            if cfg.checkpoint_every and engine.version % cfg.checkpoint_every == 0 and engine.version < steps:
+            weights = engine.weights() if gather else None
+            sync_metrics, ckpt_metrics = {}, {}
+            if lead:
+                with ctx.timeline.span("sync", step=step + 1, version=engine.version) as span:
+                    sync_metrics = publication.publish(engine.version, weights)
+                    span["bytes"] = sync_metrics.get("sync/bytes")
+            if gather and cfg.checkpoint_every and engine.version % cfg.checkpoint_every == 0 and engine.version < steps:
                 with ctx.timeline.span("checkpoint", step=step + 1):
                     ckpt_metrics = _checkpoint(checkpoints, f"step-{engine.version}", engine, epoch,
                                                groups_by_step, skipped_by_step, ctx)
+            if not lead:
+                continue
             elapsed = time.monotonic() - t0
             examples = {"examples": _examples(deliveries[0].table)} if samples_every and (step + 1) % samples_every == 0 else {}
             ctx.report(reports.METRICS, step=step + 1, **metrics, **{
                 "actor/wait_s": waited, "actor/step_s": elapsed, "samples/s": metrics["samples"] / elapsed,
                 **sync_metrics, **ckpt_metrics}, uids=acc.trained_uids, skipped_uids=acc.skipped_uids, **examples)
-        identical = group.identical_weights(engine.weights()) if group is not None else True
-        if lead:
+        identical = True
+        if group is not None:
+            views = engine.gathered_views() if sharded else sorted(engine.weights().items())
+            identical = group.identical_weights(views)
+        if gather:
             _checkpoint(checkpoints, "final", engine, epoch, groups_by_step, skipped_by_step, ctx)
+        if lead:
             if checkpoints is not None:
                 checkpoints.close(ctx.wait_seconds)
             ctx.report(reports.DONE, version=engine.version, replicas=cfg.replicas, identical_weights=identical)
-        else:  # the run ends on replica 0's report; stay until the launcher stops this replica
+        else:  # the run ends on rank 0's report; stay until the launcher stops this rank
             time.sleep(ctx.wait_seconds)
     finally:
         if publication is not None:
@@ -181,13 +204,16 @@ def _resume(engine, path: str) -> tuple[list[list[str]], list[list[str]]]:
 
 def _checkpoint(checkpoints: Checkpointer | None, name: str, engine, epoch: int, groups_by_step: list[list[str]],
                 skipped_by_step: list[list[str]], ctx: RoleContext) -> dict[str, float]:
-    """Checkpoint ``name`` in the background; an engine without ``snapshot()`` saves its model only (not resumable)."""
-    if checkpoints is None:
+    """Checkpoint ``name`` in the background; an engine without ``snapshot()`` saves its model only (not resumable).
+    Sharded, every rank calls this: the snapshot gathers the state to rank 0 (``checkpoints`` there, None elsewhere)."""
+    if not hasattr(engine, "snapshot"):
         engine.save(f"{ctx.run_dir}/checkpoints/{name}")
         return {}
     t0 = time.monotonic()
     write = engine.snapshot()
     snapshot_s = time.monotonic() - t0
+    if checkpoints is None:  # a sharded rank other than 0
+        return {}
     state = {"version": engine.version, "epoch": epoch, "groups_by_step": list(groups_by_step),
              "skipped_by_step": list(skipped_by_step), "time": time.time()}
     return {**checkpoints.save(name, write, state, ctx.wait_seconds), "checkpoint/snapshot_s": snapshot_s}
@@ -205,31 +231,33 @@ class Publication:
     update=distributed, every rollout server (so a server holds a version before the feeder, which reads
     versions off the channel, can admit groups for it)."""
 
-    def __init__(self, ctx: RoleContext, engine, sync: SyncConfig, broadcast: Broadcast | None, device: str):
+    def __init__(self, ctx: RoleContext, sync: SyncConfig, broadcast: Broadcast | None, device: str,
+                 version: int, weights: dict[str, torch.Tensor]):
+        """Open the channel and publish the start ``version``'s ``weights``."""
         self.sync, self.device = sync, device
         self.servers = self.channel = None
         try:
             if broadcast is not None:
                 self.servers = _broadcaster(ctx, broadcast)
-                self.servers.push(self._rollout_dtype(engine), engine.version, device)
+                self.servers.push(self._rollout_dtype(weights), version, device)
             self.channel = WeightPublisher(ctx.endpoints.bind_address("weights"), sync, DTYPES[sync.dtype],
                                            ctx.keys_dir, key=ctx.channel_key)
             ctx.endpoints.advertise("weights", self.channel.address)
-            self.channel.publish(engine.version, engine.weights())
+            self.channel.publish(version, weights)
         except BaseException:
             self.close()
             raise
 
-    def publish(self, engine) -> dict:
-        """Publish the engine's current version; returns its ``sync/*`` metrics."""
+    def publish(self, version: int, weights: dict[str, torch.Tensor]) -> dict:
+        """Publish ``version``; returns its ``sync/*`` metrics."""
         extra = {}
         if self.servers is not None:
-            extra["sync/broadcast_s"] = self.servers.push(self._rollout_dtype(engine), engine.version, self.device)
-        return {**self.channel.publish(engine.version, engine.weights()), **extra}
+            extra["sync/broadcast_s"] = self.servers.push(self._rollout_dtype(weights), version, self.device)
+        return {**self.channel.publish(version, weights), **extra}
 
-    def _rollout_dtype(self, engine) -> dict[str, torch.Tensor]:
+    def _rollout_dtype(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dtype = DTYPES[self.sync.dtype]
-        return {k: v.to(dtype) for k, v in engine.weights().items()}
+        return {k: v.to(dtype) for k, v in weights.items()}
 
     def close(self) -> None:
         if self.channel is not None:

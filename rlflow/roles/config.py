@@ -21,6 +21,7 @@ from rlflow.envs.config import EnvConfig
 from rlflow.errors import require, require_counts
 from rlflow.sync.config import SyncConfig
 
+PARALLEL = ("replicate", "fsdp")  # actor.parallel: how the trainer ranks hold the model
 
 # ---------------------------------------------------------------------------- rollout
 @dataclass
@@ -163,7 +164,15 @@ class ActorConfig:
     engine: str = "hf"
     """'hf' (torch + transformers) or a dotted path to a TrainEngine class."""
     replicas: int = 1
-    """Data-parallel trainer replicas: each trains on groups_per_step / replicas groups, gradients are summed."""
+    """Trainer processes (ranks): each trains on groups_per_step / replicas groups, gradients are summed."""
+    parallel: str = "replicate"
+    """How the ranks hold the model: replicate (each a whole copy, gradients all-reduced: data parallel) or
+    fsdp (PyTorch FSDP2: parameters, gradients and AdamW state sharded per decoder layer, ~1/replicas each;
+    a step's passes run once its groups are in, not as they arrive; engines/fsdp.py)."""
+    param_dtype: str = "float32"
+    """fsdp: dtype layers compute in (bfloat16 on GPU); gradients reduce and master weights stay in float32."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in backward (memory of one layer's activations, ~1/3 more compute)."""
     groups_per_step: int = 16
     """Prompt groups per optimizer step (batch = groups_per_step x rollout.group_size samples)."""
     lr: float = 3e-4
@@ -231,6 +240,14 @@ class ActorConfig:
         require(self.groups_per_step % self.replicas == 0, f"{at}.replicas",
                 f"each trainer replica takes groups_per_step / replicas groups: {self.groups_per_step} groups do "
                 f"not split over {self.replicas} replicas; make {at}.groups_per_step a multiple of {at}.replicas")
+        require(self.parallel in PARALLEL, f"{at}.parallel", f"choose one of {PARALLEL}, got {self.parallel!r}")
+        require(self.param_dtype in DTYPES, f"{at}.param_dtype",
+                f"choose one of {DTYPES}, got {self.param_dtype!r}")
+        require(self.param_dtype == "float32" or self.parallel == "fsdp", f"{at}.param_dtype",
+                f"{self.param_dtype} compute is FSDP's mixed precision: set {at}.parallel=fsdp, or keep float32")
+        require(self.advantage != "opob" or self.parallel != "fsdp", f"{at}.advantage",
+                f"opob takes one gradient per trajectory, which a sharded trainer does not compute: use "
+                f"{at}.parallel=replicate with opob, or another advantage")
         for name, names in (("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS), ("old_logprobs", OLD_LOGPROBS),
                             ("ratio_level", RATIO_LEVELS), ("correction", CORRECTIONS), ("correction_level", LEVELS),
                             ("vcpo_rule", LR_RULES)):

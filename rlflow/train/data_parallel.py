@@ -1,4 +1,9 @@
-"""Data-parallel trainer replicas (``actor.replicas=N``): one optimizer step from N replicas' groups.
+"""Trainer ranks (``actor.replicas=N``): one optimizer step from N ranks' groups.
+
+Two ways to hold the model (``actor.parallel``): ``replicate`` (below: each rank a whole copy, gradients
+all-reduced) and ``fsdp`` (``engines/fsdp.py``: FSDP2 shards parameters, gradients and optimizer state;
+its reduce-scatter takes the place of ``all_reduce_gradients``). Either way the ranks merge their step
+statistics here, and with fsdp they first agree how many passes each runs (``most``).
 
 Each replica takes its share of a step's groups from the bus (groups_per_step / N; the bus hands every
 group to one replica) and accumulates its un-normalised loss gradient as a single trainer would. Before
@@ -42,6 +47,15 @@ def init_address(address: str) -> str:
     return address
 
 
+def rank_device(device: str, rank: int) -> str:
+    """Rank r's device: ``cuda`` is GPU r among those the process sees (one GPU per rank on a machine;
+    under Ray each sees only its own), any other device as given."""
+    if device != "cuda":
+        return device
+    count = torch.cuda.device_count()
+    return f"cuda:{rank % count}" if count > 1 else device
+
+
 class TrainerGroup:
     """This replica's place among the trainer replicas, and the collectives of one step."""
 
@@ -52,7 +66,7 @@ class TrainerGroup:
             ctx.endpoints.advertise("trainer", method)
         else:
             method = init_address(ctx.endpoints.lookup("trainer", ctx.wait_seconds))
-        self.device = device
+        self.device = rank_device(device, self.rank)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", init_method=method,
                                 rank=self.rank, world_size=replicas,
                                 timeout=datetime.timedelta(seconds=ctx.wait_seconds))
@@ -75,6 +89,12 @@ class TrainerGroup:
         acc.token_log_w = [s["token_log_w"] for s in states if s["token_log_w"] is not None]
         return [g for s in states for g in s["group_ids"]]
 
+    def most(self, n: int) -> int:
+        """The largest ``n`` of any rank (how many lockstep passes every rank runs this step)."""
+        t = torch.tensor([n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def all_reduce_gradients(self, grads: list[torch.Tensor]) -> None:
         """Sum ``grads`` over the replicas in place (one flat buffer per dtype and device)."""
         by_kind: dict[tuple, list[torch.Tensor]] = {}
@@ -88,14 +108,15 @@ class TrainerGroup:
                 g.copy_(flat[offset: offset + g.numel()].view_as(g))
                 offset += g.numel()
 
-    def identical_weights(self, weights: dict[str, torch.Tensor]) -> bool:
-        """True when every replica holds bit-identical weights (a digest of every tensor's bytes, compared)."""
+    def identical_weights(self, weights) -> bool:
+        """True when every rank holds bit-identical weights: a digest of every tensor's bytes, compared.
+        ``weights``: (name, tensor) pairs in name order (a sharded engine's gathered views, one at a time)."""
         import xxhash
 
         h = xxhash.xxh3_64()
-        for name in sorted(weights):
+        for name, tensor in weights:
             h.update(name.encode())
-            h.update(weights[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         digests: list = [None] * self.world
         dist.all_gather_object(digests, h.hexdigest())
         return len(set(digests)) == 1

@@ -1,0 +1,131 @@
+"""FSDP2 sharding of the trained model (``actor.parallel=fsdp``): parameters, gradients and AdamW state
+split over the trainer ranks, so each holds about 1/N of them.
+
+Design decisions:
+- Units: ``fully_shard`` on every decoder layer (the classes a Hugging Face model names in
+  ``_no_split_modules``, e.g. ``Qwen2DecoderLayer``), then on the root, which keeps what is left
+  (embeddings, final norm, the tied or untied lm head) as one more unit. A layer's parameters are
+  all-gathered just before its forward and freed after it, so a rank's peak is its shard plus one layer.
+- Parameters become DTensors sharded on dim 0 (uneven rows allowed); the optimizer is built over them,
+  so its state is sharded the same way and ``optimizer.step`` touches only local rows.
+- Gradients: FSDP reduce-scatters the *mean* over ranks. The actor accumulates un-normalised sums and
+  divides by the whole step's normaliser (``algo/step.py``), so the engine multiplies by the world size
+  (``SUM_FACTOR``): gloo cannot run the pre-multiplied sum that would make FSDP sum instead.
+- Mixed precision: with ``param_dtype`` bfloat16 (GPU) layers compute in bf16 and gradients are reduced in
+  float32 onto float32 master shards; the optimizer never sees bf16.
+- Where the model lives: each rank loads it on the host, shards it, and only its shard moves to the
+  device (the mesh's device type), so device memory is 1/N from the start.
+- Lockstep: every forward and backward is a collective, so every rank must run the same number of passes
+  per step. The actor defers a step's passes until its share of the groups is in and the ranks agree on
+  the count (``TrainerGroup.most``); a rank with fewer runs idle passes that add exactly zero.
+
+Gathered views: ``full_state`` brings the whole model (or optimizer state) to rank 0's host memory one
+tensor at a time; ``full_views`` gives every rank one gathered tensor at a time (for checks).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+SUM_FACTOR_ATTR = "_rlflow_world"  # on the model: the world size its reduce-scattered gradients are averaged over
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: modules of the classes in ``_no_split_modules`` (Hugging Face's list
+    of what must stay whole), else the children of its largest ``ModuleList``."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    found = [m for m in model.modules() if type(m).__name__ in names]
+    if found:
+        return found
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"actor.parallel=fsdp shards a model per decoder layer, but {type(model).__name__} names "
+                         f"no _no_split_modules and has no ModuleList of layers")
+    return list(max(lists, key=len))
+
+
+def shard(model: torch.nn.Module, device: str, param_dtype: str = "float32") -> int:
+    """Apply FSDP2 to ``model`` (on the host) over every rank of the default process group, moving each
+    rank's shard to ``device``; returns the world size. The process group must be initialised."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():
+        raise RuntimeError("actor.parallel=fsdp needs the trainer ranks' process group (roles/actor.py starts it)")
+    world = dist.get_world_size()
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.set_device(torch.device(device))
+    mesh = init_device_mesh(kind, (world,))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[param_dtype]
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 \
+        else MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    setattr(model, SUM_FACTOR_ATTR, world)
+    return world
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return hasattr(model, SUM_FACTOR_ATTR)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a sharded tensor (the tensor itself when it is not sharded)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def scalar(t) -> float:
+    """A float of a (possibly replicated DTensor) scalar, e.g. ``clip_grad_norm_``'s total norm."""
+    from torch.distributed.tensor import DTensor
+
+    return float(t.full_tensor() if isinstance(t, DTensor) else t)
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict | None]:
+    """(model state dict, optimizer state dict keyed by parameter name), whole, in host memory: on rank 0
+    of a sharded model (empty on the others: a collective every rank must call), or copied from a plain one.
+    Names, not positions, key the optimizer state, so it loads into a model sharded over any number of ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    if not is_sharded(model):  # the plain model's tensors can be the live ones: copy them now
+        weights, optim = host_copy(weights), host_copy(optim)
+    return weights, optim
+
+
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict | None) -> None:
+    """Load a state ``full_state`` wrote into ``optimizer`` (over a model sharded any way); with a sharded
+    model only rank 0 passes ``state``, and it is broadcast to the others' shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    sharded = is_sharded(model)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state if state is not None else {}, options=options)
+
+
+def full_views(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole parameter) in name order, gathered on every rank one at a time (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    for name, p in sorted(model.named_parameters()):
+        yield name, (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+
+
+def host_copy(obj):
+    """``obj`` with every tensor in it copied to host memory (a state dict, nested)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj

@@ -1,0 +1,116 @@
+"""The sharded trainer (``actor.parallel=fsdp``, engines/fsdp.py): FSDP2 over real processes and gloo.
+
+What they pin: N ranks holding 1/N of the model each take the step one trainer takes on the same batch
+(same samples and losses, weights after the steps within float tolerance, and every rank's gathered
+view bit-identical); a checkpoint written by 2 ranks resumes on 1 and on 4 with the same next steps;
+the idle passes that keep ranks in lockstep add exactly nothing. A killed rank rewinding the group is
+in test_fault_tolerance.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import assert_all_processes_gone, metrics, rlflow
+from rlflow.algo.step import StepAccumulator
+from rlflow.engines.hf import HFTrainEngine
+from rlflow.roles import schema
+from rlflow.roles.actor import ActorConfig
+
+from conftest import GROUPS, SAMPLING
+
+ON_POLICY = ["flow.staleness=0", "flow.steps=5"]  # deterministic: one rollout replica, synchronous steps
+
+
+@pytest.fixture(scope="module")
+def one_trainer(tmp_path_factory, tiny_model, model_cache) -> Path:
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    r = rlflow(run_dir, model_cache, *ON_POLICY)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, tiny_model, model_cache) -> Path:
+    run_dir = tmp_path_factory.mktemp("fsdp2") / "run"
+    r = rlflow(run_dir, model_cache, "actor.replicas=2", "actor.parallel=fsdp", *ON_POLICY)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return run_dir
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "checkpoints" / "final" / "model.safetensors")
+
+
+def assert_same_steps(run_dir: Path, reference: Path, first: int = 1) -> None:
+    """Same samples and losses step by step (float summation order aside), weights within float tolerance."""
+    ours, theirs = [m for m in metrics(run_dir) if m["step"] >= first], [m for m in metrics(reference) if m["step"] >= first]
+    assert [m["step"] for m in ours] == [m["step"] for m in theirs] and ours
+    assert [m["reward/mean"] for m in ours] == [m["reward/mean"] for m in theirs]
+    assert [m["loss"] for m in ours] == pytest.approx([m["loss"] for m in theirs], rel=1e-5, abs=1e-7)
+    assert [m["actor/grad_norm"] for m in ours] == pytest.approx([m["actor/grad_norm"] for m in theirs], rel=1e-5)
+    a, b = final_weights(run_dir), final_weights(reference)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-5), (name, float((a[name] - b[name]).abs().max()))
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_an_fsdp_step_over_n_ranks_is_the_step_one_trainer_takes(tmp_path, one_trainer, two_ranks, model_cache, ranks):
+    run_dir = two_ranks
+    if ranks != 2:
+        run_dir = tmp_path / "run"
+        r = rlflow(run_dir, model_cache, f"actor.replicas={ranks}", "actor.parallel=fsdp", *ON_POLICY)
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert_same_steps(run_dir, one_trainer)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["trainer"] == {"replicas": ranks, "identical_weights": True}  # every rank's gathered view
+    assert summary["samples"]["trained"] == summary["samples"]["issued"] == 80
+    assert_all_processes_gone(run_dir)
+
+
+@pytest.mark.parametrize("trainer", [["actor.replicas=1", "actor.parallel=replicate"],
+                                     ["actor.replicas=4", "actor.parallel=fsdp"]], ids=["one-trainer", "fsdp-4"])
+def test_a_checkpoint_written_by_two_ranks_resumes_on_one_and_on_four_with_the_same_next_steps(
+        tmp_path, two_ranks, model_cache, trainer):
+    """The optimizer state is saved whole and keyed by parameter name, so any number of ranks loads it."""
+    reference = tmp_path / "two"
+    shutil.copytree(two_ranks, reference)
+    r = rlflow(reference, model_cache, "resume=true", "flow.steps=7", *ON_POLICY[:1])
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_ranks, run_dir)
+    r = rlflow(run_dir, model_cache, "resume=true", "flow.steps=7", *ON_POLICY[:1], *trainer)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_same_steps(run_dir, reference, first=6)
+    assert json.loads((run_dir / "summary.json").read_text())["samples"]["consumed_more_than_once"] == 0
+
+
+def test_idle_lockstep_passes_add_exactly_nothing_to_the_gradient(tiny_model, reverse_samples, client):
+    """A rank short of passes runs idle ones (loss x 0): its gradient is bit-identical to running none."""
+    cfg = ActorConfig(micro_batch=4)
+    client.declare(schema.COLUMNS, release_after=schema.RELEASE_AFTER)
+    client.put(reverse_samples)
+    table = client.get("actor", schema.ACTOR_INPUT, n=GROUPS, groups=True, timeout=10).table
+    grads = []
+    for idle in (0, 3):
+        torch.manual_seed(0)
+        engine = HFTrainEngine(tiny_model, cfg, SAMPLING)
+        acc = StepAccumulator(engine, cfg, SAMPLING.max_new_tokens, lockstep=True)
+        acc.add(table)
+        queued = len(acc.queued)
+        assert queued > 1 and not any(p.grad is not None for p in engine.model.parameters())  # nothing ran yet
+        with pytest.raises(ValueError, match="agreed on"):
+            acc.run_queued(queued - 1)
+        acc.run_queued(queued + idle)
+        assert acc.queued == []
+        grads.append({name: p.grad.clone() for name, p in engine.model.named_parameters()})
+    assert all(torch.equal(grads[0][name], grads[1][name]) for name in grads[0])
+    assert sum(float(g.abs().sum()) for g in grads[0].values()) > 0
