@@ -114,3 +114,19 @@ def test_idle_lockstep_passes_add_exactly_nothing_to_the_gradient(tiny_model, re
         grads.append({name: p.grad.clone() for name, p in engine.model.named_parameters()})
     assert all(torch.equal(grads[0][name], grads[1][name]) for name in grads[0])
     assert sum(float(g.abs().sum()) for g in grads[0].values()) > 0
+
+
+def test_an_optimizer_state_saved_by_position_still_resumes_an_unsharded_trainer(tiny_model, tmp_path):
+    """Checkpoints of earlier rlflow keyed the optimizer state by parameter position; they still load."""
+    from rlflow.engines.base import SamplingParams
+
+    sampling = SamplingParams(max_new_tokens=8)
+    engine = HFTrainEngine(tiny_model, ActorConfig(), sampling)
+    engine.model(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
+    engine.step(1.0)
+    torch.save(engine.optimizer.state_dict(), tmp_path / "optimizer.pt")  # the positional format
+    resumed = HFTrainEngine(tiny_model, ActorConfig(), sampling)
+    resumed.restore(str(tmp_path), 1)
+    a, b = engine.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert resumed.version == 1 and a.keys() == b.keys()
+    assert all(torch.equal(a[k]["exp_avg_sq"], b[k]["exp_avg_sq"]) for k in a)

@@ -290,9 +290,10 @@ class HFTrainEngine:
         its rows."""
         state = None
         if not self.sharded or dist_rank() == 0:
-            # tensors only: no code runs
-            state = torch.load(f"{path}/optimizer.pt", map_location="cpu", weights_only=True)
-            if state.get("state") and all(isinstance(k, int) for k in state["state"]):
+            # tensors only: no code runs; sharded, rank 0 holds the whole state on the host and sends the rows
+            state = torch.load(f"{path}/optimizer.pt", map_location="cpu" if self.sharded else self.device,
+                               weights_only=True)
+            if any(isinstance(k, int) for g in state.get("param_groups", []) for k in g.get("params", [])):
                 if self.sharded:  # keyed by position (checkpoints of earlier rlflow): loads unsharded only
                     raise ValueError(f"{path}/optimizer.pt keys its state by parameter position (written by an "
                                      f"earlier rlflow): resume it with actor.parallel=replicate")
