@@ -6,7 +6,7 @@
 The model is built locally (``engines/tiny.py`` with no warm-start), wide and deep enough to be a real
 load. One rank is the single trainer (``actor.parallel=replicate``, one process); 2 and 4 ranks are FSDP2
 (``actor.parallel=fsdp``) over gloo, each rank a process of its own with the same step's batch split
-between them, exactly as the actor loop runs it (``StepAccumulator`` in lockstep, then ``engine.step``).
+between them, exactly as the actor loop runs it (``StepAccumulator`` in lockstep, ``TrainerGroup.merge``, ``finish``).
 
 Reported per rank count (rank 0's figures unless said):
 - ``state_mb``: parameters + AdamW state this rank holds (its shards), exactly, after a step; the goal
@@ -53,7 +53,6 @@ def worker(args) -> None:
     """One rank: build the engine (sharded when world > 1), time steps, gather, encode; write JSON."""
     import pyarrow as pa
     import torch
-    import torch.distributed as dist
 
     from rlflow.algo.step import StepAccumulator
     from rlflow.engines import fsdp
@@ -61,11 +60,11 @@ def worker(args) -> None:
     from rlflow.engines.hf import HFTrainEngine
     from rlflow.roles.config import ActorConfig
     from rlflow.sync.codec import PatchEncoder
+    from rlflow.train.data_parallel import TrainerGroup
 
     torch.set_num_threads(args.threads)
     sharded = args.world > 1
-    if sharded:
-        dist.init_process_group("gloo", init_method=f"file://{args.init}", rank=args.rank, world_size=args.world)
+    group = TrainerGroup(args.rank, args.world, f"file://{args.init}", "cpu", args.timeout) if sharded else None
     cfg = ActorConfig(parallel="fsdp" if sharded else "replicate", micro_batch=args.micro_batch,
                       replicas=args.world, groups_per_step=args.world)
     sampling = SamplingParams(max_new_tokens=args.response)
@@ -92,19 +91,14 @@ def worker(args) -> None:
     train_peak, publish_peak = 0.0, 0.0
     for _ in range(args.steps):
         if sharded:
-            dist.barrier()
+            group.barrier()
         _reset_peak()
         t = time.perf_counter()
-        acc = StepAccumulator(engine, cfg, args.response, lockstep=sharded)
+        acc = StepAccumulator(engine, cfg, args.response, lockstep=sharded, ranks=group)
         acc.add(table)
-        if sharded:
-            n = torch.tensor([len(acc.queued)])
-            dist.all_reduce(n, op=dist.ReduceOp.MAX)
-            acc.run_queued(int(n))
-            norm = torch.tensor([acc.normaliser])
-            dist.all_reduce(norm)
-            acc.normaliser = float(norm)
-        engine.step(1.0 / acc.normaliser)
+        if group is not None:
+            group.merge(acc)
+        acc.finish()
         times.append(time.perf_counter() - t)
         train_peak = max(train_peak, _status("VmHWM"))
         _reset_peak()
@@ -126,8 +120,8 @@ def worker(args) -> None:
            "snapshot_mb": snapshot_mb, "params": sum(p.numel() for p in engine.model.parameters()), **patch}
     with open(args.out, "w") as f:
         json.dump(out, f)
-    if sharded:
-        dist.destroy_process_group()
+    if group is not None:
+        group.close()
 
 
 def build_model(args) -> str:

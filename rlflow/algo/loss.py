@@ -9,9 +9,10 @@ importance weights, their ESS and OPOB live in ``algo/offpolicy.py``.
 - token loss: max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)) (PPO-clip; DAPO clip-higher is
   eps_high > eps_low), times an importance weight, plus beta * k3 KL to the reference.
   ``old_logprobs="rollout"``: r = π_θ / μ against the rollout's logprobs; the clip bounds how far an
-  off-policy sample can push, and there is no separate weight. ``"recompute"``: r = π_θ / sg(π_θ) (the
-  proximal policy: AReaL's decoupled form, with one optimizer step per batch π_prox = π_θ) and the
-  off-policy gap is carried by the weight sg(π_θ / μ): truncated (``tis``), masked (``mis``) or plain
+  off-policy sample can push, and there is no separate weight. ``"recompute"``: r = π_θ / π_prox (the
+  proximal policy: AReaL's decoupled form; with one optimizer step per batch π_prox = sg(π_θ), with
+  several it is the policy at the version's start, scored once) and the off-policy gap is carried by
+  the weight π_prox / μ: truncated (``tis``), masked (``mis``) or plain
   (``none``), per token or per sequence (``correction_level``).
 - ``ratio_level="sequence"`` is GSPO: r_i = exp(mean_t log(π_θ / π_old)) for every token of sample i
   (pair it with a clip range of a few 1e-4).
@@ -45,12 +46,16 @@ def group_advantages(rewards: torch.Tensor, kind: str) -> torch.Tensor:
 def policy_loss(logp: torch.Tensor, rollout_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 *, clip_low: float, clip_high: float, old_logprobs: str, ratio_level: str = "token",
                 correction: str = "none", correction_level: str = "token", is_cap: float = 2.0,
-                kl_coef: float = 0.0, ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                kl_coef: float = 0.0, ref_logp: torch.Tensor | None = None,
+                prox_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token loss [B, T] (zero where ``mask`` is 0) and per-token diagnostics [B, T].
 
-    logp: [B, T] log π_θ (differentiable); rollout_logp: [B, T] log μ; advantages: [B]; mask: [B, T] 0/1.
-    Diagnostics: clip_frac, ratio, is_weight, is_cut (weight truncated or masked), rollout_kl (k3 of μ
-    against π_θ), kl (k3 to the reference, with a KL term).
+    logp: [B, T] log π_θ (differentiable); rollout_logp: [B, T] log μ; advantages: [B]; mask: [B, T] 0/1;
+    prox_logp: [B, T] log π_prox, the policy at the version's start, for ``recompute`` when a version
+    takes several optimizer steps (None: π_θ itself, exact with one step per version).
+    Diagnostics: clip_frac, ratio, approx_kl (k3 of the old policy against π_θ: how far the update
+    moved), is_weight, is_cut (weight truncated or masked), rollout_kl (k3 of μ against π_θ), kl (k3 to
+    the reference, with a KL term).
     """
     # Log-ratios are zeroed where the mask is 0 before anything is exponentiated: a masked-out token
     # (padding, an episode's observation) then has ratio 1 and weight 1 whatever it carries, so it adds
@@ -63,8 +68,9 @@ def policy_loss(logp: torch.Tensor, rollout_logp: torch.Tensor, advantages: torc
         log_ratio = (logp - rollout_logp) * mask
         weight, cut = torch.ones_like(logp), torch.zeros_like(logp)
     elif old_logprobs == "recompute":
-        log_ratio = logp - logp.detach()
-        weight, cut = importance_weights(behaviour, mask, correction, correction_level, is_cap)
+        prox = logp.detach() if prox_logp is None else prox_logp
+        log_ratio = (logp - prox) * mask
+        weight, cut = importance_weights((prox - rollout_logp) * mask, mask, correction, correction_level, is_cap)
     else:
         raise ValueError(f"actor.old_logprobs={old_logprobs!r}: choose one of {OLD_LOGPROBS}")
     if ratio_level == "sequence":
@@ -76,7 +82,8 @@ def policy_loss(logp: torch.Tensor, rollout_logp: torch.Tensor, advantages: torc
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     loss = torch.maximum(-a * ratio, -a * clipped) * weight
     x = (-behaviour).clamp(max=50.0)  # log μ/π; the clamp keeps a degenerate token's diagnostic finite
-    stats = {"clip_frac": ((ratio - clipped).abs() > 0).float(), "ratio": ratio.detach(), "is_weight": weight,
+    stats = {"clip_frac": ((ratio - clipped).abs() > 0).float(), "ratio": ratio.detach(),
+             "approx_kl": (ratio - 1.0 - log_ratio).detach(), "is_weight": weight,
              "is_cut": cut, "rollout_kl": torch.exp(x) - x - 1.0}
     if kl_coef > 0.0:
         assert ref_logp is not None, "a KL term needs ref_logprobs"

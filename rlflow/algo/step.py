@@ -44,8 +44,31 @@ def micro_batches(lengths: list[int], max_rows: int, max_tokens: int | None = No
     return out
 
 
+class Chunk:
+    """What passes over some samples added up: the un-normalised loss and its normaliser, the trained
+    tokens, each diagnostic's token sum, and the importance log weights (a chunk merges across ranks)."""
+
+    def __init__(self):
+        self.loss_sum, self.normaliser, self.tokens = 0.0, 0.0, 0.0
+        self.sums: dict[str, float] = {}
+        self.seq_log_w: list[torch.Tensor] = []  # [B] per pass: log π_θ/μ of each trained sample
+        self.token_log_w: list[torch.Tensor] = []  # flat log π_θ/μ of each trained token
+
+    def log_w(self) -> torch.Tensor:
+        return torch.cat(self.seq_log_w) if self.seq_log_w else torch.zeros(0)
+
+    def add(self, other: "Chunk") -> None:
+        self.loss_sum += other.loss_sum
+        self.normaliser += other.normaliser
+        self.tokens += other.tokens
+        for name, value in other.sums.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.seq_log_w += other.seq_log_w
+        self.token_log_w += other.token_log_w
+
+
 class StepAccumulator:
-    """One optimizer step's gradient, accumulated over deliveries of whole groups as they arrive.
+    """One policy version's training, accumulated over deliveries of whole groups as they arrive.
 
     Off-policy bookkeeping: θ does not change until the step, so the sequence log weights log π_θ/μ of
     every trained sample, whichever delivery brought it, are comparable and together give the step's
@@ -53,19 +76,29 @@ class StepAccumulator:
     for this step only (the engine restores it). Skipped samples (a failed reward, a group without
     signal) carry no gradient and do not count in the ESS; with none trained the step makes no update.
 
-    Lockstep (a sharded trainer, where every pass is a collective of all ranks): ``add`` queues its
-    passes instead of running them, and ``run_queued(n)`` runs them once the ranks agreed on ``n``, the
-    most any rank queued; the rest of the ``n`` are idle passes whose loss is multiplied by 0, so they
-    add exactly nothing. The step's gradient is the same; only streaming within the step is given up.
+    Streaming (one optimizer step per version, ``minibatches = epochs = 1``, not sharded): each delivery's
+    passes run as it arrives and ``finish`` steps once. Held (sharded, or several optimizer steps per
+    version): ``add`` keeps the trained groups and ``finish`` trains them, ``epochs`` times over, in
+    ``minibatches`` of whole groups, one optimizer step each; only the last moves the version on. The
+    proximal logprobs (old_logprobs=recompute) are scored once, before the first update; the
+    normaliser, the ESS and VCPO's factor are each minibatch's own (across ranks).
+
+    Ranks (``ranks``: a ``train/data_parallel.TrainerGroup``, or None for one trainer): held updates
+    sum gradients per minibatch (replicate) or run in lockstep (sharded: every pass is a collective, so
+    the ranks agree on how many each runs and a rank with fewer runs ``idle_pass``es, which add exactly
+    nothing). The step's statistics are merged by the actor (``TrainerGroup.merge``) before ``finish``.
     """
 
-    def __init__(self, engine, cfg, max_new_tokens: int, lockstep: bool = False):
+    def __init__(self, engine, cfg, max_new_tokens: int, lockstep: bool = False, ranks=None):
         """``cfg``: the actor's ActorConfig; ``max_new_tokens``: the rollout's (aggregation=constant divides
-        by it); ``lockstep``: queue passes for ``run_queued`` (see the class docstring)."""
+        by it); ``lockstep``: a sharded trainer's ranks run every pass together; ``ranks``: see above."""
         self.engine, self.cfg, self.max_new_tokens = engine, cfg, max_new_tokens
-        self.lockstep = lockstep
-        self.queued: list[tuple] = []  # (cols, rows, advantages) of each pass not run yet (lockstep)
+        self.lockstep, self.ranks = lockstep, ranks
+        self.updates = cfg.minibatches * cfg.epochs  # optimizer steps per version
+        self.held: dict[str, list[tuple]] | None = {} if lockstep or self.updates > 1 else None  # group id ->
+        # its trained samples (cols, row, advantage), until ``finish`` (None: streaming)
         self.groups = 0  # groups consumed (including skipped ones)
+        self.group_ids: list[str] = []  # their ids (every rank's, once merged: minibatches are cut from them)
         self.normaliser = 0.0
         self.loss_sum = 0.0
         self.sums: dict[str, float] = {}
@@ -89,8 +122,9 @@ class StepAccumulator:
         for i, g in enumerate(cols["group_id"]):
             by_group.setdefault(g, []).append(i)
         groups = []  # (rows, rewards) of the groups that train
-        for idx in by_group.values():
+        for gid, idx in by_group.items():
             self.groups += 1
+            self.group_ids.append(gid)
             self.staleness += [self.engine.version - cols["version_start"][i] for i in idx]
             valid = [i for i in idx if not math.isnan(cols["reward"][i])]
             self.reward_errors += len(idx) - len(valid)
@@ -102,27 +136,21 @@ class StepAccumulator:
                 continue
             self.skipped_uids += [cols["uid"][i] for i in idx if i not in valid]
             self.trained_uids += [cols["uid"][i] for i in valid]
-            groups.append((valid, r))
-        rows = [i for valid, _ in groups for i in valid]
+            groups.append((valid, r, gid))
+        rows = [i for valid, _, _ in groups for i in valid]
         advantages = dict(zip(rows, self._advantages(cols, groups, rows)))
-        lengths = [len(cols["prompt_ids"][i]) + len(cols["response_ids"][i]) for i in rows]
-        for batch in micro_batches(lengths, self.cfg.micro_batch, self.cfg.max_tokens_per_microbatch):
-            picked = [rows[k] for k in batch]
-            work = (cols, picked, [advantages[i] for i in picked])
-            if self.lockstep:
-                self.queued.append(work)
-            else:
-                self._backward(*work)
+        self.lengths += [len(cols["response_ids"][i]) for i in rows]
+        if self.held is not None:
+            self.held.update({gid: [(cols, i, advantages[i]) for i in valid] for valid, _, gid in groups})
+            return
+        for batch in self._passes([(cols, i, advantages[i]) for i in rows]):
+            self._fold(self._backward(batch))
 
-    def run_queued(self, passes: int) -> None:
-        """Run the queued passes, then idle ones up to ``passes`` (every rank of a lockstep step runs as many)."""
-        if passes < len(self.queued):
-            raise ValueError(f"{len(self.queued)} passes are queued but the ranks agreed on {passes}")
-        for work in self.queued:
-            self._backward(*work)
-        for _ in range(passes - len(self.queued)):
-            (self.engine.token_logprobs([[0]], [[0]]).sum() * 0.0).backward()  # its gradient is exactly 0
-        self.queued = []
+    def _passes(self, samples: list[tuple]) -> list[list[tuple]]:
+        """``samples`` cut into forward/backward passes (``micro_batches``)."""
+        lengths = [len(c["prompt_ids"][i]) + len(c["response_ids"][i]) for c, i, _ in samples]
+        return [[samples[k] for k in batch]
+                for batch in micro_batches(lengths, self.cfg.micro_batch, self.cfg.max_tokens_per_microbatch)]
 
     def _count_episodes(self, cols: dict) -> None:
         """What the step's metrics say of its episodes (every consumed row, trained or not)."""
@@ -146,7 +174,7 @@ class StepAccumulator:
     def _advantages(self, cols: dict, groups: list, rows: list[int]) -> list[float]:
         """Advantages of ``rows`` (the training rows of ``groups``, in order)."""
         if self.cfg.advantage != "opob":
-            return [a for _, r in groups for a in group_advantages(r, self.cfg.advantage).tolist()]
+            return [a for _, r, _ in groups for a in group_advantages(r, self.cfg.advantage).tolist()]
         if not hasattr(self.engine, "trajectory_grad_sq"):
             raise TypeError(f"actor.advantage=opob needs per-trajectory gradient norms: "
                             f"{type(self.engine).__name__} has no trajectory_grad_sq (see engines/base.py)")
@@ -158,46 +186,66 @@ class StepAccumulator:
                                                            [cols["response_ids"][i] for i in rows], **masks)
         log_w = seq_logp - torch.tensor([sum(cols["rollout_logprobs"][i]) for i in rows], dtype=seq_logp.dtype)
         out, k = [], 0
-        for valid, r in groups:
+        for valid, r, _ in groups:
             out += opob_advantages(r, log_w[k: k + len(valid)], grad_sq[k: k + len(valid)]).tolist()
             k += len(valid)
         return out
 
-    def _backward(self, cols: dict, rows: list[int], advantages: list[float]) -> None:
-        prompts = [cols["prompt_ids"][i] for i in rows]
-        responses = [cols["response_ids"][i] for i in rows]
-        self.lengths += [len(r) for r in responses]
-        starts = [cols["segment_starts"][i] for i in rows] if "segment_starts" in cols else None
-        logp = segments.score(self.engine.token_logprobs, prompts, responses, starts)  # [B, T]
+    def _logprobs(self, samples: list[tuple]) -> torch.Tensor:
+        """[B, T] log π_θ of the samples' responses (each segment against its own context)."""
+        prompts = [c["prompt_ids"][i] for c, i, _ in samples]
+        responses = [c["response_ids"][i] for c, i, _ in samples]
+        starts = [c["segment_starts"][i] for c, i, _ in samples] if "segment_starts" in samples[0][0] else None
+        return segments.score(self.engine.token_logprobs, prompts, responses, starts)
+
+    def _backward(self, samples: list[tuple], prox: dict | None = None) -> Chunk:
+        """One forward/backward pass over ``samples`` ((cols, row, advantage) each); ``prox``: uid ->
+        proximal logprobs (held updates with old_logprobs=recompute)."""
+        logp = self._logprobs(samples)  # [B, T]
         mask = torch.zeros_like(logp)
         rollout_logp = torch.zeros_like(logp)
         ref_logp = torch.zeros_like(logp) if self.cfg.kl_coef > 0 else None
-        for j, i in enumerate(rows):
-            t = len(responses[j])
+        prox_logp = torch.zeros_like(logp) if prox is not None else None
+        for j, (cols, i, _) in enumerate(samples):
+            t = len(cols["response_ids"][i])
             # Episodes train only on what the policy sampled (loss_mask 1); observations weigh exactly 0
             mask[j, :t] = torch.tensor(cols["loss_mask"][i], dtype=mask.dtype) if "loss_mask" in cols else 1.0
             rollout_logp[j, :t] = torch.tensor(cols["rollout_logprobs"][i])
             if ref_logp is not None:
                 ref_logp[j, :t] = torch.tensor(cols["ref_logprobs"][i])
+            if prox_logp is not None:
+                prox_logp[j, :t] = prox[cols["uid"][i]]
         c = self.cfg
-        token_loss, stats = policy_loss(logp, rollout_logp, torch.tensor(advantages), mask,
+        token_loss, stats = policy_loss(logp, rollout_logp, torch.tensor([a for _, _, a in samples]), mask,
                                         clip_low=c.clip_low, clip_high=c.clip_high, old_logprobs=c.old_logprobs,
                                         ratio_level=c.ratio_level, correction=c.correction,
                                         correction_level=c.correction_level, is_cap=c.is_cap,
-                                        kl_coef=c.kl_coef, ref_logp=ref_logp)
+                                        kl_coef=c.kl_coef, ref_logp=ref_logp, prox_logp=prox_logp)
         total, count = aggregate(token_loss, mask, c.aggregation, self.max_new_tokens)
         total.backward()
-        self.loss_sum += total.item()
-        self.normaliser += count
-        self.tokens += float(mask.sum())
-        for name, value in stats.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float((value * mask).sum())
-        self.seq_log_w.append(sequence_log_weights(logp, rollout_logp, mask))
-        self.token_log_w.append((logp.detach() - rollout_logp)[mask.bool()])  # masked-in tokens only
+        out = Chunk()
+        out.loss_sum, out.normaliser, out.tokens = total.item(), count, float(mask.sum())
+        out.sums = {name: float((value * mask).sum()) for name, value in stats.items()}
+        out.seq_log_w.append(sequence_log_weights(logp, rollout_logp, mask))
+        out.token_log_w.append((logp.detach() - rollout_logp)[mask.bool()])  # masked-in tokens only
+        return out
+
+    def _fold(self, chunk: Chunk) -> None:
+        """Add ``chunk`` to the step's totals."""
+        self.loss_sum += chunk.loss_sum
+        self.normaliser += chunk.normaliser
+        self.tokens += chunk.tokens
+        for name, value in chunk.sums.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.seq_log_w += chunk.seq_log_w
+        self.token_log_w += chunk.token_log_w
 
     def finish(self) -> dict[str, float]:
         """Step the optimizer on the accumulated gradient divided by the batch's normaliser, at this
-        step's learning rate (VCPO's factor when ``vcpo``)."""
+        step's learning rate (VCPO's factor when ``vcpo``); held: train the held groups first, one
+        optimizer step per minibatch and epoch."""
+        if self.held is not None:
+            return self._metrics(self._train_held())
         scale = 1.0 / self.normaliser if self.normaliser > 0 else 0.0
         log_w = torch.cat(self.seq_log_w) if self.seq_log_w else torch.zeros(0)
         ess_ratio = ess(log_w) / log_w.numel() if log_w.numel() else 1.0
@@ -207,10 +255,94 @@ class StepAccumulator:
         else:  # nothing to train: no update (see the module docstring), the version moves on
             self.engine.version += 1
             out = {"actor/grad_norm": 0.0, "lr/effective": 0.0, "step/updated": 0}
+        return self._metrics([{**out, "loss": self.loss_sum * scale, "ess/ratio": ess_ratio, "lr/factor": factor}])
+
+    def _train_held(self) -> list[dict]:
+        """Train the held groups: ``epochs`` passes over them in ``minibatches``, an optimizer step each
+        (see the class docstring); returns each update's metrics. Every rank calls it."""
+        cfg = self.cfg
+        self.loss_sum = self.normaliser = self.tokens = 0.0  # the held updates' totals, merged across ranks
+        self.sums, self.seq_log_w, self.token_log_w = {}, [], []
+        if not self.trained_uids:  # on no rank: no update, the version moves on
+            self.engine.version += 1
+            return [{"actor/grad_norm": 0.0, "lr/effective": 0.0, "step/updated": 0, "loss": 0.0, "ess/ratio": 1.0,
+                     "lr/factor": 1.0}]
+        prox = self._proximal() if cfg.old_logprobs == "recompute" and self.updates > 1 else None
+        # Minibatches are cut from every rank's groups in one order all ranks compute alike (sorted ids, then
+        # a shuffle seeded by the version), so N ranks take the updates one trainer would; each trains the
+        # groups of a minibatch it holds.
+        ids = sorted(self.group_ids)
+        shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.engine.version)
+        log = []
+        for epoch in range(cfg.epochs):
+            order = ids if epoch == 0 else [ids[k] for k in torch.randperm(len(ids), generator=shuffle)]
+            for m in range(cfg.minibatches):
+                part = order[m * len(order) // cfg.minibatches: (m + 1) * len(order) // cfg.minibatches]
+                last = epoch == cfg.epochs - 1 and m == cfg.minibatches - 1
+                log.append(self._update([s for g in part for s in self.held.get(g, [])], prox, last))
+        return log
+
+    def _update(self, samples: list[tuple], prox: dict | None, last: bool) -> dict:
+        """One minibatch: its passes, its normaliser and ESS across ranks, one optimizer step."""
+        chunk = Chunk()
+        passes = self._passes(samples) if samples else []
+        # sharded, every pass is a collective: agree on the count before any (a rank short of passes idles)
+        idle = self.ranks.most(len(passes)) - len(passes) if self.lockstep else 0
+        for batch in passes:
+            chunk.add(self._backward(batch, prox))
+        for _ in range(idle):
+            idle_pass(self.engine)
+        if self.ranks is not None:
+            chunk = self.ranks.merge_chunk(chunk)
+            if not self.lockstep:
+                self.ranks.all_reduce_gradients(self.engine.gradients())
+        self._fold(chunk)
+        log_w = chunk.log_w()
+        ess_ratio = ess(log_w) / log_w.numel() if log_w.numel() else 1.0
+        factor = lr_factor(ess_ratio, self.cfg.vcpo_rule, self.cfg.vcpo_ref) if self.cfg.vcpo else 1.0
+        scale = 1.0 / chunk.normaliser if chunk.normaliser > 0 else 0.0
+        if chunk.normaliser > 0:
+            advance = {} if self.updates == 1 else {"advance": last}
+            out = {**self.engine.step(scale, factor, **advance), "step/updated": 1}
+        else:  # this minibatch trained nothing on any rank: no optimizer step (its gradients are zeros)
+            if last:
+                self.engine.version += 1
+            out = {"actor/grad_norm": 0.0, "lr/effective": 0.0, "step/updated": 0}
+        stats = {name: total / chunk.tokens if chunk.tokens else 0.0 for name, total in chunk.sums.items()}
+        return {**out, "loss": chunk.loss_sum * scale, "ess/ratio": ess_ratio, "lr/factor": factor,
+                "clip_frac": stats.get("clip_frac", 0.0), "approx_kl": stats.get("approx_kl", 0.0)}
+
+    @torch.no_grad()
+    def _proximal(self) -> dict[str, torch.Tensor]:
+        """uid -> [T] log π of each held sample under the weights at the version's start (one scoring)."""
+        samples = [s for g in self.held.values() for s in g]
+        passes = self._passes(samples) if samples else []
+        idle = self.ranks.most(len(passes)) - len(passes) if self.lockstep else 0  # agreed before any pass
+        out = {}
+        for batch in passes:
+            logp = self._logprobs(batch)
+            for j, (cols, i, _) in enumerate(batch):
+                out[cols["uid"][i]] = logp[j, : len(cols["response_ids"][i])].clone()
+        for _ in range(idle):
+            self.engine.token_logprobs([[0]], [[0]])  # an idle forward: the ranks' all-gathers pair up
+        return out
+
+    def _metrics(self, updates: list[dict]) -> dict[str, float]:
+        """The step's metrics: the first update's ESS and VCPO factor (the batch against the version it
+        was trained from), the mean loss and gradient norm over updates; with several updates, each
+        one's clip fraction, approximate KL, ESS, factor and gradient norm as lists (``minibatch/*``)."""
+        first = updates[0]
+        out = {"actor/grad_norm": sum(u["actor/grad_norm"] for u in updates) / len(updates),
+               "lr/effective": first["lr/effective"], "step/updated": max(u["step/updated"] for u in updates),
+               "loss": sum(u["loss"] for u in updates) / len(updates), "ess/ratio": first["ess/ratio"],
+               "lr/factor": first["lr/factor"]}
+        if len(updates) > 1:
+            for key, name in (("clip_frac", "clip_frac"), ("approx_kl", "approx_kl"), ("ess/ratio", "ess_ratio"),
+                              ("lr/factor", "lr_factor"), ("actor/grad_norm", "grad_norm"), ("loss", "loss")):
+                out[f"minibatch/{name}"] = [u.get(key, 0.0) for u in updates]
         n = len(self.rewards)
         mean = sum(self.rewards) / n if n else math.nan
         out.update({
-            "loss": self.loss_sum * scale,
             "reward/mean": mean,
             "reward/std": (sum((r - mean) ** 2 for r in self.rewards) / n) ** 0.5 if n else math.nan,
             "reward/errors": self.reward_errors,
@@ -223,9 +355,7 @@ class StepAccumulator:
             "samples/trained": len(self.trained_uids),
             "samples/skipped": len(self.skipped_uids),
             "tokens": self.tokens,
-            "ess/ratio": ess_ratio,
-            "lr/factor": factor,
-            **_weight_quantiles("is/seq", log_w),
+            **_weight_quantiles("is/seq", torch.cat(self.seq_log_w) if self.seq_log_w else torch.zeros(0)),
             **_weight_quantiles("is/token", torch.cat(self.token_log_w) if self.token_log_w else torch.zeros(0)),
         })
         for name, total in self.sums.items():
@@ -233,6 +363,12 @@ class StepAccumulator:
         if self.episodes:
             out.update(episode_metrics(self.episodes))
         return out
+
+
+def idle_pass(engine) -> None:
+    """A forward and backward whose loss is multiplied by 0: it adds exactly nothing to any gradient, and
+    keeps a sharded rank with fewer passes in step with the others' collectives."""
+    (engine.token_logprobs([[0]], [[0]]).sum() * 0.0).backward()
 
 
 def episode_metrics(e: Counter) -> dict[str, float]:
@@ -251,7 +387,8 @@ def episode_metrics(e: Counter) -> dict[str, float]:
     return out
 
 
-STAT_NAMES = {"is_weight": "is/weight_mean", "is_cut": "is/cut_frac", "rollout_kl": "kl/rollout_k3"}
+STAT_NAMES = {"is_weight": "is/weight_mean", "is_cut": "is/cut_frac", "rollout_kl": "kl/rollout_k3",
+              "approx_kl": "kl/approx"}
 """Metric names of policy_loss's per-token diagnostics (token means); the rest are actor/<name>."""
 
 

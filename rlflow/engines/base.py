@@ -72,7 +72,8 @@ class TrainEngine(Protocol):
     def step(self, grad_scale: float, lr_scale: float = 1.0) -> dict[str, float]:
         """Multiply accumulated gradients by ``grad_scale``, step the optimizer at its learning rate times
         ``lr_scale`` (VCPO's factor, for this step only: restore the rate after), zero grads, version += 1.
-        Returns metrics, e.g. ``actor/grad_norm`` and ``lr/effective``."""
+        Returns metrics, e.g. ``actor/grad_norm`` and ``lr/effective``. For actor.minibatches or
+        actor.epochs > 1 it also takes ``advance: bool``: False steps the optimizer without version += 1."""
 
     # Optional, for actor.replicas > 1 (data-parallel trainers):
     # def gradients(self) -> list[Tensor]:

@@ -198,8 +198,9 @@ class HFTrainEngine:
     def token_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
         return sequence_logprobs(self.model, prompts, responses, self.temperature, self.device)
 
-    def step(self, grad_scale: float, lr_scale: float = 1.0) -> dict[str, float]:
-        """One AdamW step at lr x ``lr_scale``; the base learning rates are restored whatever happens."""
+    def step(self, grad_scale: float, lr_scale: float = 1.0, advance: bool = True) -> dict[str, float]:
+        """One AdamW step at lr x ``lr_scale``; the base learning rates are restored whatever happens.
+        ``advance=False``: a minibatch step within a version (the version moves on with the last)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         for p in params:  # sharded: FSDP averaged the ranks' sums; x world makes them the sum again
             p.grad.mul_(grad_scale * self.world)
@@ -213,7 +214,7 @@ class HFTrainEngine:
             for g, lr in zip(self.optimizer.param_groups, base):
                 g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        self.version += 1
+        self.version += advance
         return {"actor/grad_norm": norm, "lr/effective": base[0] * lr_scale}
 
     def trajectory_grad_sq(self, prompts: list[list[int]], responses: list[list[int]],

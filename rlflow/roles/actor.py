@@ -11,10 +11,12 @@ Loop contract:
 - unblocked by: the reward (and reference) role's puts, which complete a group's columns
 
 Streaming: a step does forward/backward on each delivery as it arrives (``StepAccumulator``) and steps
-the optimizer once the batch is complete (a sharded trainer, ``actor.parallel=fsdp``, runs the passes once
-its share is in, every rank as many: lockstep, see ``algo/step.py``). Losses are accumulated as un-normalised sums and the
-gradient is divided by the batch's normaliser at the end, so the step's gradient is the one the
-whole batch would give in one pass: with staleness 0 this is synchronous training, not an approximation.
+the optimizer once the batch is complete. Losses are accumulated as un-normalised sums and the gradient
+is divided by the batch's normaliser at the end, so the step's gradient is the one the whole batch would
+give in one pass: with staleness 0 this is synchronous training, not an approximation. Held instead of
+streamed (``algo/step.py``): a sharded trainer (``actor.parallel=fsdp``: its ranks run every pass
+together) and several optimizer steps per version (``actor.minibatches``, ``actor.epochs``) train the
+step's groups once they are all in.
 
 What trains: a sample whose reward failed (NaN) is skipped, and so is a whole group left with fewer
 than two scored samples (or, with ``drop_uniform_groups``, one whose rewards are all equal). A step whose
@@ -89,7 +91,7 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
     resume_from, samples_every = args.resume_from, args.samples_every
     torch.manual_seed(cfg.seed)
     sharded = cfg.parallel == "fsdp"
-    group = TrainerGroup(ctx, cfg.replicas, cfg.device) if cfg.replicas > 1 or sharded else None
+    group = TrainerGroup.join(ctx, cfg.replicas, cfg.device) if cfg.replicas > 1 or sharded else None
     if group is not None:
         cfg = dataclasses.replace(cfg, device=group.device)  # this rank's own GPU
     engine = make_engine(cfg, resume_from or ctx.model_path, args.sampling)
@@ -101,6 +103,9 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
     if cfg.replicas > 1 and not sharded and not hasattr(engine, "gradients"):
         raise TypeError(f"actor.replicas={cfg.replicas} sums gradients across replicas: {type(engine).__name__} "
                         f"has no gradients() (see engines/base.py)")
+    if cfg.minibatches * cfg.epochs > 1 and "advance" not in inspect.signature(engine.step).parameters:
+        raise TypeError(f"actor.minibatches={cfg.minibatches} actor.epochs={cfg.epochs} take several optimizer steps "
+                        f"per version: {type(engine).__name__}.step needs an advance argument (see engines/base.py)")
     lead = group is None or group.rank == 0
     gather = lead or sharded  # who calls what gathers the model (a collective when sharded)
     first = engine.weights() if gather else None  # the start version (sharded: gathered to rank 0)
@@ -114,16 +119,13 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
     try:
         while engine.version < steps:
             step, t0 = engine.version, time.monotonic()
-            acc = StepAccumulator(engine, cfg, args.sampling.max_new_tokens, lockstep=sharded)
+            acc = StepAccumulator(engine, cfg, args.sampling.max_new_tokens, lockstep=sharded, ranks=group)
             deliveries, waited = _fill(ctx, acc, columns, share, step, staleness)
-            groups = list(dict.fromkeys(g for d in deliveries for g in d.table.column("group_id").to_pylist()))
-            if sharded:
-                with ctx.timeline.span("train", step=step + 1, passes=len(acc.queued)):
-                    acc.run_queued(group.most(len(acc.queued)))
+            groups = list(acc.group_ids)
             if group is not None:
                 with ctx.timeline.span("all-reduce", step=step + 1):
-                    groups = group.merge(acc, groups)
-                    if not sharded:
+                    groups = group.merge(acc)
+                    if acc.held is None:  # streamed: the gradient is in; held updates reduce their own
                         group.all_reduce_gradients(engine.gradients())
             with ctx.timeline.span("train", step=step + 1, optimizer_step=True):
                 metrics = acc.finish()

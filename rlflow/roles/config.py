@@ -221,6 +221,13 @@ class ActorConfig:
     """Most tokens per forward/backward pass, padding included: samples are sorted by length and packed
     under this budget (memory bounded by tokens, not by the longest sample x micro_batch); a sample longer
     than it gets a pass of its own. null: micro_batch alone. The step's gradient is the same either way."""
+    minibatches: int = 1
+    """Optimizer steps per epoch: each version's groups split into this many minibatches of whole groups
+    (each trainer rank splits its share), one AdamW step each; the version moves on after the last."""
+    epochs: int = 1
+    """Passes over each version's groups (PPO epochs; the order is shuffled after the first). With more than
+    one optimizer step per version the ratio moves away from 1 and the clip acts; old_logprobs=recompute
+    then scores the proximal policy once per version."""
     checkpoint_every: int = 10
     """Save a resumable checkpoint every N steps (0: only the final one); written in the background."""
     checkpoint_keep: int = 2
@@ -233,7 +240,8 @@ class ActorConfig:
     """torch seed."""
 
     def check(self, at: str = "actor") -> None:
-        require_counts(self, at, "replicas", "groups_per_step", "micro_batch", "threads", "checkpoint_keep")
+        require_counts(self, at, "replicas", "groups_per_step", "micro_batch", "threads", "checkpoint_keep",
+                       "minibatches", "epochs")
         require(self.max_tokens_per_microbatch is None or self.max_tokens_per_microbatch > 0,
                 f"{at}.max_tokens_per_microbatch", f"must be > 0 tokens, or null (micro_batch alone), got "
                 f"{self.max_tokens_per_microbatch}")
@@ -248,6 +256,10 @@ class ActorConfig:
         require(self.advantage != "opob" or self.parallel != "fsdp", f"{at}.advantage",
                 f"opob takes one gradient per trajectory, which a sharded trainer does not compute: use "
                 f"{at}.parallel=replicate with opob, or another advantage")
+        share = self.groups_per_step // self.replicas
+        require(self.groups_per_step % self.replicas != 0 or share % self.minibatches == 0, f"{at}.minibatches",
+                f"each trainer rank splits its {share} groups per step into minibatches of whole groups: {share} do "
+                f"not split into {self.minibatches}; make {at}.groups_per_step / {at}.replicas a multiple of it")
         for name, names in (("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS), ("old_logprobs", OLD_LOGPROBS),
                             ("ratio_level", RATIO_LEVELS), ("correction", CORRECTIONS), ("correction_level", LEVELS),
                             ("vcpo_rule", LR_RULES)):

@@ -29,7 +29,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-MERGED_LISTS = ("rewards", "staleness", "lengths", "trained_uids", "skipped_uids")
+MERGED_LISTS = ("rewards", "staleness", "lengths", "trained_uids", "skipped_uids", "group_ids")
 MERGED_SUMS = ("groups", "normaliser", "loss_sum", "tokens", "skipped_groups", "reward_errors")
 
 
@@ -57,25 +57,31 @@ def rank_device(device: str, rank: int) -> str:
 
 
 class TrainerGroup:
-    """This replica's place among the trainer replicas, and the collectives of one step."""
+    """This rank's place among the trainer ranks, and the collectives of one step."""
 
-    def __init__(self, ctx, replicas: int, device: str):
-        self.rank, self.world = ctx.replica, replicas
-        if self.rank == 0:
+    def __init__(self, rank: int, world: int, init_method: str, device: str, timeout_s: float):
+        """Join the ranks' process group at ``init_method`` (a torch.distributed init address), every
+        collective bounded by ``timeout_s``. ``join`` finds the address through a run's endpoints."""
+        self.rank, self.world = rank, world
+        self.device = rank_device(device, rank)
+        dist.init_process_group("nccl" if self.device.startswith("cuda") else "gloo", init_method=init_method,
+                                rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+
+    @classmethod
+    def join(cls, ctx, replicas: int, device: str) -> "TrainerGroup":
+        """Rank ``ctx.replica`` of ``replicas``: rank 0 advertises the init address as endpoint ``trainer``."""
+        if ctx.replica == 0:
             method = init_address(ctx.endpoints.bind_address("trainer"))
             ctx.endpoints.advertise("trainer", method)
         else:
             method = init_address(ctx.endpoints.lookup("trainer", ctx.wait_seconds))
-        self.device = rank_device(device, self.rank)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", init_method=method,
-                                rank=self.rank, world_size=replicas,
-                                timeout=datetime.timedelta(seconds=ctx.wait_seconds))
+        return cls(ctx.replica, replicas, method, device, ctx.wait_seconds)
 
-    def merge(self, acc, groups: list[str]) -> list[str]:
+    def merge(self, acc) -> list[str]:
         """Give ``acc`` (a StepAccumulator) the whole step's statistics (uids trained and skipped included);
-        returns every replica's group ids, in rank order."""
+        returns every rank's group ids, in rank order."""
         state = {name: getattr(acc, name) for name in MERGED_LISTS + MERGED_SUMS}
-        state.update(sums=acc.sums, group_ids=groups,
+        state.update(sums=acc.sums,
                      seq_log_w=torch.cat(acc.seq_log_w) if acc.seq_log_w else None,
                      token_log_w=torch.cat(acc.token_log_w) if acc.token_log_w else None)
         states: list = [None] * self.world
@@ -87,7 +93,22 @@ class TrainerGroup:
         acc.sums = {k: sum(s["sums"].get(k, 0.0) for s in states) for k in {k for s in states for k in s["sums"]}}
         acc.seq_log_w = [s["seq_log_w"] for s in states if s["seq_log_w"] is not None]
         acc.token_log_w = [s["token_log_w"] for s in states if s["token_log_w"] is not None]
-        return [g for s in states for g in s["group_ids"]]
+        return acc.group_ids
+
+    def merge_chunk(self, chunk):
+        """A held update's ``algo/step.Chunk`` summed over the ranks (its log weights gathered, in rank order)."""
+        from rlflow.algo.step import Chunk
+
+        state = {"loss_sum": chunk.loss_sum, "normaliser": chunk.normaliser, "tokens": chunk.tokens, "sums": chunk.sums,
+                 "seq_log_w": chunk.log_w(), "token_log_w": torch.cat(chunk.token_log_w) if chunk.token_log_w else None}
+        states: list = [None] * self.world
+        dist.all_gather_object(states, state)
+        out = Chunk()
+        out.loss_sum, out.normaliser, out.tokens = (sum(s[k] for s in states) for k in ("loss_sum", "normaliser", "tokens"))
+        out.sums = {k: sum(s["sums"].get(k, 0.0) for s in states) for k in {k for s in states for k in s["sums"]}}
+        out.seq_log_w = [s["seq_log_w"] for s in states]
+        out.token_log_w = [s["token_log_w"] for s in states if s["token_log_w"] is not None]
+        return out
 
     def most(self, n: int) -> int:
         """The largest ``n`` of any rank (how many lockstep passes every rank runs this step)."""

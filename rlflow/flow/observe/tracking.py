@@ -86,7 +86,9 @@ class Tracker:
                   **{k: v for k, v in metrics.items() if k not in ("step", "kind", "role", "replica", "pid", "incarnation")}}
         self.jsonl.write(json.dumps(record) + "\n")
         if self.run is not None:
-            self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))})  # the histogram is a figure
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float))}  # the histogram is a figure
+            numbers.update({f"{k}/{i}": x for k, v in record.items() if k.startswith("minibatch/") for i, x in enumerate(v)})
+            self.run.log(numbers)
             self._send_figures(record["step"])
         if not math.isnan(record["reward/mean"]):
             self.recent.append(record["reward/mean"])
