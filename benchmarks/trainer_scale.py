@@ -18,7 +18,10 @@ Reported per rank count (rank 0's figures unless said):
 - ``step_s``: seconds per optimizer step (median of the steps after the first);
 - ``gather_s`` / ``encode_s`` / ``patch_mb``: publishing a version along the gathered path: the whole
   model gathered to rank 0, then one sparse patch encoded there (``sync/codec.py``), and its size; and
-  ``snapshot_mb``: a full float32 keyframe.
+  ``snapshot_mb``: a full float32 keyframe;
+- ``checkpoint_snapshot_s`` / ``checkpoint_write_s``: a resumable checkpoint, what the step waits for
+  (one trainer: a host copy of the weights and AdamW state; sharded: staging each rank's rows for DCP)
+  and the write that goes on beside training (one trainer: the whole state; sharded: every rank its rows).
 
 Ranks share this machine's cores, so step times of 2 and 4 ranks measure overhead, not speed-up. The last
 line of stdout is one JSON object with every figure.
@@ -30,6 +33,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -111,13 +115,25 @@ def worker(args) -> None:
             del blob
         del weights
         publish_peak = max(publish_peak, _status("VmHWM"))
+    # a checkpoint: what the step waits for (the snapshot: sharded, staging every rank's rows for DCP) and
+    # the write that runs beside training (rank 0's writer; sharded, it ends once every rank's rows are written)
+    target = f"{os.path.dirname(args.init)}/ckpt-{args.world}"
+    t = time.perf_counter()
+    write = engine.snapshot(f"{target}.dcp") if sharded else engine.snapshot()
+    snapshot_s = time.perf_counter() - t
+    t = time.perf_counter()
+    if args.rank == 0:
+        os.makedirs(target)
+    write(target)
+    checkpoint = {"checkpoint_snapshot_s": snapshot_s, "checkpoint_write_s": time.perf_counter() - t}
     state = sum(fsdp.local(p).numel() * p.element_size() for p in engine.model.parameters())
     state += sum(fsdp.local(v).numel() * v.element_size() for s in engine.optimizer.state.values()
                  for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
     out = {"rank": args.rank, "state_mb": state / 2**20, "load_peak_mb": load_peak, "step_peak_mb": train_peak,
            "publish_peak_mb": publish_peak,
            "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0], "gather_s": statistics.median(gather_s),
-           "snapshot_mb": snapshot_mb, "params": sum(p.numel() for p in engine.model.parameters()), **patch}
+           "snapshot_mb": snapshot_mb, "params": sum(p.numel() for p in engine.model.parameters()), **patch,
+           **checkpoint}
     with open(args.out, "w") as f:
         json.dump(out, f)
     if group is not None:
@@ -191,7 +207,8 @@ def main() -> None:
             print(f"{world} rank(s): state {lead['state_mb']:.0f} MB/rank, step peak {lead['step_peak_mb']:.0f} MB "
                   f"(every rank: {results[world]['step_peak_mb_by_rank']}), "
                   f"step {lead['step_s']:.2f} s, gather {lead['gather_s']:.2f} s, patch {lead.get('patch_mb', 0):.1f} MB "
-                  f"encoded in {lead.get('encode_s', 0):.2f} s", flush=True)
+                  f"encoded in {lead.get('encode_s', 0):.2f} s; checkpoint: step waits {lead['checkpoint_snapshot_s']:.2f} s, "
+                  f"written in {lead['checkpoint_write_s']:.2f} s", flush=True)
     whole = results[min(results)]["state_mb"] * min(results)
     for world, r in results.items():
         r["state_ratio"] = round(r["state_ratio"] / whole, 4)  # the fullest rank's share of the whole

@@ -54,6 +54,10 @@ def test_a_model_path_that_is_not_a_checkpoint_is_refused_naming_it_before_anyth
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"model.path: '{empty}' holds no config.json" in said(r) and "Traceback" not in said(r)
     assert not (tmp_path / "run").exists()
+    (empty / "config.json").write_text("{}")
+    (empty / "dcp").mkdir()  # a sharded trainer's checkpoint: the message says how to make a model of it
+    r = rlflow(f"run_dir={tmp_path / 'run'}", f"model.path={empty}", *CHEAP)
+    assert r.returncode == 2 and f"rlflow export {empty} OUT_DIR" in said(r)
 
 
 def test_a_malformed_data_line_is_refused_naming_the_file_and_its_line_before_any_role_starts(tmp_path):

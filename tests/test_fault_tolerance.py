@@ -127,7 +127,9 @@ def test_a_trainer_killed_mid_run_restarts_from_its_checkpoint_and_no_sample_tra
     assert r.returncode == 0, r.stdout + r.stderr
     assert_each_step_once_and_every_sample_trained_once(run_dir)
     [restart] = json.loads((run_dir / "summary.json").read_text())["supervision"]["restarts"]
-    assert restart["replica"] == victim_rank and restart["rewound_to"] in (5, 10) and "ready_s" in restart
+    # a dead rank breaks its peer's collective at once: either failure may be the one the run acts on
+    assert restart["replica"] in ({victim_rank} if not trainer else {"actor-0", "actor-1"})
+    assert restart["rewound_to"] in (5, 10) and "ready_s" in restart
     assert "the trainer restarts from" in r.stdout and not pid_alive(victim)
     assert_within_noise(metrics(run_dir), undisturbed, 10)
     assert_all_processes_gone(run_dir)

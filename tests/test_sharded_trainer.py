@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,7 +40,8 @@ def one_trainer(tmp_path_factory, tiny_model, model_cache) -> Path:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, tiny_model, model_cache) -> Path:
     run_dir = tmp_path_factory.mktemp("fsdp2") / "run"
-    r = rlflow(run_dir, model_cache, "actor.replicas=2", "actor.parallel=fsdp", *ON_POLICY)
+    r = rlflow(run_dir, model_cache, "actor.replicas=2", "actor.parallel=fsdp", "actor.checkpoint_every=2",
+               "actor.checkpoint_keep=1", *ON_POLICY)
     assert r.returncode == 0, r.stdout + r.stderr
     return run_dir
 
@@ -126,3 +129,33 @@ def test_an_optimizer_state_saved_by_position_still_resumes_an_unsharded_trainer
     a, b = engine.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     assert resumed.version == 1 and a.keys() == b.keys()
     assert all(torch.equal(a[k]["exp_avg_sq"], b[k]["exp_avg_sq"]) for k in a)
+
+
+def test_rlflow_export_turns_a_sharded_checkpoint_into_the_model_from_pretrained_loads(two_ranks, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from helpers import REPO, env
+
+    final = two_ranks / "checkpoints" / "final"
+    assert (final / "dcp" / ".metadata").exists() and len(list((final / "dcp").glob("*.distcp"))) == 2
+    out = tmp_path / "exported"
+    r = subprocess.run([sys.executable, "-m", "rlflow", "export", str(final), str(out)], cwd=REPO, env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    exported, gathered = load_file(out / "model.safetensors"), final_weights(two_ranks)
+    assert exported.keys() <= gathered.keys() and all(torch.equal(exported[k], gathered[k]) for k in exported)
+    model = AutoModelForCausalLM.from_pretrained(out)  # ties lm_head to the embeddings as the config says
+    assert torch.equal(model.lm_head.weight, gathered["lm_head.weight"])
+    again = subprocess.run([sys.executable, "-m", "rlflow", "export", str(final), str(out)], cwd=REPO, env=env(),
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "not empty" in again.stdout + again.stderr
+
+
+def test_a_sharded_checkpoint_is_staged_while_training_goes_on_and_written_whole(two_ranks):
+    """Every rank's rows land in the step's dcp/ (one file each); no staging directory is left behind."""
+    root = two_ranks / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["final", "step-4"]  # step-2 pruned, nothing staged left
+    assert len(list((root / "step-4" / "dcp").glob("*.distcp"))) == 2 and not (root / "step-4" / "model.safetensors").exists()
+    [m] = [m for m in metrics(two_ranks) if m["step"] == 4]
+    assert m["checkpoint/snapshot_s"] < 5 and "checkpoint/wait_s" in m

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from typing import Callable
 
 import torch
@@ -189,6 +190,9 @@ class HFTrainEngine:
             # recompute each layer's activations in backward: memory of one layer's, not every layer's
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.world = fsdp.shard(self.model, cfg.device, cfg.param_dtype) if self.sharded else 1
+        # sharded checkpoints: written in the background over a group of their own, one write in flight
+        self.save_group = fsdp.checkpoint_group() if self.sharded else None
+        self.saving = None  # the sharded write in flight (its future)
         self.tokenizer = None  # loaded at the first snapshot, and kept: model_path may be a pruned checkpoint by then
         self.max_grad_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -261,22 +265,30 @@ class HFTrainEngine:
 
     def save(self, path: str) -> None:
         """A self-contained checkpoint: the model and the start checkpoint's tokenizer (``from_pretrained``)."""
-        self.snapshot()(path)
+        os.makedirs(path, exist_ok=True)
+        write = self.snapshot(f"{path}.dcp", whole=True) if self.sharded else self.snapshot()
+        write(path)
 
-    def snapshot(self) -> Callable[[str], None]:
+    def snapshot(self, staging: str | None = None, whole: bool = False) -> Callable[[str], None]:
         """Copy the weights and the optimizer state to host memory now; return a function that writes them
         (model + tokenizer as ``from_pretrained`` reads them, and ``optimizer.pt``) to a directory later.
 
         The optimizer state is keyed by parameter name and whole (``engines/fsdp.full_state``), so a
-        checkpoint resumes on any number of ranks, sharded or not. Sharded, only rank 0's writer writes."""
+        checkpoint resumes on any number of ranks, sharded or not.
+
+        Sharded: every rank stages its own rows and writes them to ``staging`` (a directory every rank can
+        reach) in the background (``engines/fsdp.save_sharded``); rank 0's writer waits for that write,
+        which ends once every rank's rows are written, moves it to ``dcp/`` of the checkpoint and adds
+        the config and tokenizer, and with ``whole`` the model gathered to rank 0 (``from_pretrained``: the
+        run's end). The step waits only for the staging, and for the previous write if it is still going."""
         from transformers import AutoTokenizer
 
         if self.tokenizer is None:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        weights, optimizer = fsdp.full_state(self.model, self.optimizer)
         model, tokenizer = self.model, self.tokenizer
-        if not weights:  # a sharded rank other than 0: rank 0 holds and writes the whole state
-            return lambda path: None
+        if self.sharded:
+            return self._sharded_snapshot(staging, whole)
+        weights, optimizer = fsdp.full_state(self.model, self.optimizer)
 
         def write(path: str) -> None:
             model.save_pretrained(path, state_dict=weights)
@@ -285,10 +297,39 @@ class HFTrainEngine:
 
         return write
 
+    def _sharded_snapshot(self, staging: str | None, whole: bool) -> Callable[[str], None]:
+        if staging is None:
+            raise ValueError("a sharded snapshot is staged in a directory every rank writes to: pass staging")
+        if self.saving is not None:  # one write in flight: a slow disk costs steps time, not memory
+            self.saving.result()
+        weights = fsdp.full_state(self.model)[0] if whole else {}  # a collective; whole on rank 0 only
+        self.saving = saving = fsdp.save_sharded(self.model, self.optimizer, staging, self.save_group)
+        model, tokenizer = self.model, self.tokenizer
+        if dist_rank() != 0:
+            return lambda path: saving.result()
+
+        def write(path: str) -> None:
+            saving.result()  # rank 0 coordinates the write: done once every rank's rows are on disk
+            os.replace(staging, f"{path}/dcp")
+            if weights:
+                model.save_pretrained(path, state_dict=weights)
+            else:
+                model.config.save_pretrained(path)
+                if getattr(model, "generation_config", None) is not None:
+                    model.generation_config.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+
+        return write
+
     def restore(self, path: str, version: int) -> None:
         """Continue from checkpoint ``path`` (this engine was built from it, so the weights are already
         loaded): the optimizer state, and ``version``. Sharded, rank 0 reads the file and sends each rank
-        its rows."""
+        its rows. A sharded checkpoint (``dcp/``) loads weights and optimizer state however this trainer
+        is sharded now, or not at all (the engine was then built from the run's start model)."""
+        if os.path.isdir(f"{path}/dcp"):
+            fsdp.load_sharded(self.model, self.optimizer, f"{path}/dcp", self.save_group)
+            self.version = version
+            return
         state = None
         if not self.sharded or dist_rank() == 0:
             # tensors only: no code runs; sharded, rank 0 holds the whole state on the host and sends the rows

@@ -34,6 +34,7 @@ exchanging Arrow batches over a ZeroMQ bus; one staleness knob from on-policy to
   rlflow --cfg job [key=value ...]         print every setting as the run would see it, and exit
   rlflow doctor [-cn RECIPE] [key=value]   check the installation and a recipe before a long run
   rlflow report RUN_DIR                    figures, trace.json and capacity advice of a run (going or done)
+  rlflow export CHECKPOINT OUT_DIR         a sharded (actor.parallel=fsdp) checkpoint as a from_pretrained directory
   rlflow bus stats RUN_DIR|ADDRESS         what a run's bus holds now: rows, consumers, leases, waits
   rlflow bus serve|keygen|demo             the transfer-queue bus on its own
 
@@ -88,7 +89,34 @@ def _dispatch(argv: list[str]) -> int:
         from rlflow.flow.observe.report import main as report_main
 
         return report_main(argv[1:])
+    if argv[:1] == ["export"]:
+        return export(argv[1:])
     return train(argv)
+
+
+def export(argv: list[str]) -> int:
+    """``rlflow export CHECKPOINT OUT_DIR``: a sharded checkpoint's policy as a ``from_pretrained`` directory."""
+    import argparse
+
+    from rlflow.flow.observe.tracking import make_console, say
+
+    parser = argparse.ArgumentParser(prog="rlflow export", description=export.__doc__.split(": ", 1)[1])
+    parser.add_argument("checkpoint", help="a checkpoint directory with dcp/ (e.g. RUN_DIR/checkpoints/step-40)")
+    parser.add_argument("out", help="the directory to write (new, or empty)")
+    args = parser.parse_args(argv)
+    console = make_console()
+    if not Path(args.checkpoint).is_dir():
+        say(console, f"{args.checkpoint}: no such checkpoint directory", "error")
+        return 2
+    from rlflow.train.checkpoint import export as export_checkpoint
+
+    try:
+        export_checkpoint(args.checkpoint, args.out)
+    except ValueError as e:
+        say(console, str(e), "error")
+        return 2
+    say(console, f"exported {args.checkpoint} to {args.out} (from_pretrained reads it)")
+    return 0
 
 
 def train(argv: list[str]) -> int:

@@ -63,6 +63,9 @@ def checkpoint_problem(path: str) -> str | None:
         return f"holds no config.json: a checkpoint directory holds {CHECKPOINT_FILES} (a run's own are in " \
                f"RUN_DIR/checkpoints/final)"
     if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        if (p / "dcp").is_dir():  # a sharded trainer's checkpoint: its weights are every rank's rows
+            return f"is a sharded checkpoint (its weights are in dcp/): make a from_pretrained directory of it " \
+                   f"with `rlflow export {path} OUT_DIR` and give model.path=OUT_DIR"
         return "holds no weights (*.safetensors or *.bin)"
     if not any((p / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
         return "holds no tokenizer (tokenizer.json, tokenizer.model or vocab.json): save the tokenizer beside the model"

@@ -44,7 +44,7 @@ import pyarrow as pa
 import torch
 
 from rlflow.roles import schema
-from rlflow.train.checkpoint import Checkpointer, read_state, restore_rng
+from rlflow.train.checkpoint import FINAL, STAGING, Checkpointer, is_sharded, read_state, restore_rng
 from rlflow.roles import reports
 from rlflow.roles.config import ActorArgs, ActorConfig, Broadcast
 from rlflow.roles.context import RoleContext
@@ -94,7 +94,9 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
     group = TrainerGroup.join(ctx, cfg.replicas, cfg.device) if cfg.replicas > 1 or sharded else None
     if group is not None:
         cfg = dataclasses.replace(cfg, device=group.device)  # this rank's own GPU
-    engine = make_engine(cfg, resume_from or ctx.model_path, args.sampling)
+    # a sharded checkpoint's weights are in its dcp/, which restore loads: build from the start model
+    engine = make_engine(cfg, ctx.model_path if resume_from is None or is_sharded(resume_from) else resume_from,
+                         args.sampling)
     if sharded and not getattr(engine, "sharded", False):
         raise TypeError(f"actor.parallel=fsdp: {type(engine).__name__} does not shard its model (no sharded=True; "
                         f"HFTrainEngine does, engines/fsdp.py): use actor.parallel=replicate")
@@ -155,7 +157,7 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
             views = engine.gathered_views() if sharded else sorted(engine.weights().items())
             identical = group.identical_weights(views)
         if gather:
-            _checkpoint(checkpoints, "final", engine, epoch, groups_by_step, skipped_by_step, ctx)
+            _checkpoint(checkpoints, FINAL, engine, epoch, groups_by_step, skipped_by_step, ctx)
         if lead:
             if checkpoints is not None:
                 checkpoints.close(ctx.wait_seconds)
@@ -212,7 +214,10 @@ def _checkpoint(checkpoints: Checkpointer | None, name: str, engine, epoch: int,
         engine.save(f"{ctx.run_dir}/checkpoints/{name}")
         return {}
     t0 = time.monotonic()
-    write = engine.snapshot()
+    if getattr(engine, "sharded", False):  # every rank writes its rows; the final one also exports the model
+        write = engine.snapshot(f"{ctx.run_dir}/checkpoints/{name}{STAGING}", whole=name == FINAL)
+    else:
+        write = engine.snapshot()
     snapshot_s = time.monotonic() - t0
     if checkpoints is None:  # a sharded rank other than 0
         return {}

@@ -8,6 +8,17 @@
                                                            the uids it skipped, the RNG file's name
     checkpoints/final/             the same, when the run ends
 
+A sharded trainer (``actor.parallel=fsdp``) writes its checkpoints as every rank's own rows instead:
+
+    checkpoints/step-N/dcp/        model and AdamW state, a .distcp file per rank and .metadata (PyTorch
+                                   Distributed Checkpoint: loads on any number of ranks, or unsharded)
+    checkpoints/step-N/config.json, tokenizer files, rng.pt, trainer_state.json   as above
+    checkpoints/final/             the same, plus the whole model (``from_pretrained``), gathered at the end
+
+The ranks stage their rows in memory and write them to ``<name>.dcp`` beside the checkpoints while
+training goes on; rank 0's write moves them into ``<name>.tmp/dcp`` once every rank's are on disk.
+``rlflow export`` makes a ``from_pretrained`` directory of any sharded checkpoint (``export``).
+
 What a resume needs beyond the engine: the policy version N, and which prompt groups steps 1..N
 consumed (the data position: ``groups_by_step``). Nothing else on the bus is worth keeping: rows not
 yet trained are regenerated (those a discarded policy produced must be), so on resume the flow clears
@@ -30,11 +41,14 @@ import queue
 import shutil
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
 STATE = "trainer_state.json"
 FINAL = "final"
+SHARDED = "dcp"  # a sharded checkpoint's directory of every rank's rows
+STAGING = ".dcp"  # suffix of the directory the ranks write a sharded checkpoint to before rank 0 moves it in
 
 
 def latest(root: str | Path) -> Path | None:
@@ -56,6 +70,43 @@ def _version(path: Path) -> int:
         return -1
 
 
+def is_sharded(path: str | Path) -> bool:
+    """Whether a checkpoint holds sharded state (``dcp/``): its weights are there, not in ``from_pretrained`` files."""
+    return (Path(path) / SHARDED).is_dir()
+
+
+def export(checkpoint: str | Path, out: str | Path) -> None:
+    """Write the policy of a sharded checkpoint to ``out`` as ``from_pretrained`` reads it (config,
+    weights, tokenizer), in one process on the host."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from rlflow.engines.fsdp import load_sharded
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not is_sharded(checkpoint):
+        raise ValueError(f"{checkpoint} has no {SHARDED}/: it is not a sharded checkpoint (one of a trainer with "
+                         f"actor.parallel=fsdp); an unsharded checkpoint already loads with from_pretrained")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty: export into a new directory")
+    config = AutoConfig.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
+        warnings.simplefilter("ignore", UserWarning)
+        load_sharded(model, None, str(checkpoint / SHARDED))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(tmp)
+    try:
+        GenerationConfig.from_pretrained(checkpoint).save_pretrained(tmp)
+    except OSError:  # no generation_config.json: nothing to carry over
+        pass
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+
+
 def read_state(path: str | Path) -> dict:
     """``trainer_state.json`` of a checkpoint directory; a ValueError says what is missing."""
     f = Path(path) / STATE
@@ -74,6 +125,8 @@ class Checkpointer:
     def __init__(self, root: str | Path, keep: int):
         self.root, self.keep = Path(root), keep
         self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(f"*{STAGING}"):  # a sharded write a crash left unfinished
+            shutil.rmtree(stale, ignore_errors=True)
         # One write in flight and none queued: the bound that keeps a slow disk from piling up snapshots.
         self.jobs: queue.Queue = queue.Queue(maxsize=1)
         self.idle = threading.Event()
