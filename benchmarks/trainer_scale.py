@@ -19,6 +19,9 @@ Reported per rank count (rank 0's figures unless said):
 - ``gather_s`` / ``encode_s`` / ``patch_mb``: publishing a version along the gathered path: the whole
   model gathered to rank 0, then one sparse patch encoded there (``sync/codec.py``), and its size; and
   ``snapshot_mb``: a full float32 keyframe;
+- ``shard_patch_mb`` / ``shard_encode_s`` (2 and 4 ranks, every rank in ``*_by_rank``): the patch of each
+  rank's own rows, encoded by that rank with the same codec: the bytes and time per rank when ranks
+  encode their shards instead of gathering (the sync itself does not yet send such patches);
 - ``checkpoint_snapshot_s`` / ``checkpoint_write_s``: a resumable checkpoint, what the step waits for
   (one trainer: a host copy of the weights and AdamW state; sharded: staging each rank's rows for DCP)
   and the write that goes on beside training (one trainer: the whole state; sharded: every rank its rows).
@@ -86,6 +89,7 @@ def worker(args) -> None:
                       "prompt_ids": [prompt[i] for i in rows], "response_ids": [response[i] for i in rows],
                       "rollout_logprobs": [[-5.0] * args.response for _ in rows]})
     encoder = PatchEncoder(torch.float32) if args.rank == 0 else None
+    shard = {}
     times, gather_s, patch = [], [], {}
     t = time.perf_counter()
     first = engine.weights()
@@ -93,16 +97,20 @@ def worker(args) -> None:
     snapshot_mb = len(encoder.snapshot(0, first)) / 2**20 if encoder else 0.0
     del first
     train_peak, publish_peak = 0.0, 0.0
-    for _ in range(args.steps):
-        if sharded:
-            group.barrier()
-        _reset_peak()
-        t = time.perf_counter()
+
+    def step() -> None:
         acc = StepAccumulator(engine, cfg, args.response, lockstep=sharded, ranks=group)
         acc.add(table)
         if group is not None:
             group.merge(acc)
         acc.finish()
+
+    for _ in range(args.steps):
+        if sharded:
+            group.barrier()
+        _reset_peak()
+        t = time.perf_counter()
+        step()
         times.append(time.perf_counter() - t)
         train_peak = max(train_peak, _status("VmHWM"))
         _reset_peak()
@@ -115,6 +123,14 @@ def worker(args) -> None:
             del blob
         del weights
         publish_peak = max(publish_peak, _status("VmHWM"))
+
+    if sharded:  # what a rank would send if it encoded its own rows (the sharded path), after the peaks above
+        own = PatchEncoder(torch.float32)
+        own.snapshot(engine.version, {n: fsdp.local(p) for n, p in engine.model.named_parameters()})
+        step()
+        blob, info = own.patch(engine.version, {n: fsdp.local(p) for n, p in engine.model.named_parameters()})
+        shard = {"shard_patch_mb": len(blob) / 2**20, "shard_encode_s": info["encode_s"]}
+        del own, blob
     # a checkpoint: what the step waits for (the snapshot: sharded, staging every rank's rows for DCP) and
     # the write that runs beside training (rank 0's writer; sharded, it ends once every rank's rows are written)
     target = f"{os.path.dirname(args.init)}/ckpt-{args.world}"
@@ -133,7 +149,7 @@ def worker(args) -> None:
            "publish_peak_mb": publish_peak,
            "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0], "gather_s": statistics.median(gather_s),
            "snapshot_mb": snapshot_mb, "params": sum(p.numel() for p in engine.model.parameters()), **patch,
-           **checkpoint}
+           **checkpoint, **shard}
     with open(args.out, "w") as f:
         json.dump(out, f)
     if group is not None:
@@ -203,7 +219,9 @@ def main() -> None:
             results[world] = {**{k: round(v, 4) if isinstance(v, float) else v for k, v in lead.items() if k != "rank"},
                               "state_mb_max_rank": round(most, 1), "state_ratio": most,
                               "step_peak_mb_by_rank": [round(r["step_peak_mb"]) for r in ranks],
-                              "publish_peak_mb_by_rank": [round(r["publish_peak_mb"]) for r in ranks]}
+                              "publish_peak_mb_by_rank": [round(r["publish_peak_mb"]) for r in ranks],
+                              "shard_patch_mb_by_rank": [round(r.get("shard_patch_mb", 0.0), 1) for r in ranks],
+                              "shard_encode_s_by_rank": [round(r.get("shard_encode_s", 0.0), 3) for r in ranks]}
             print(f"{world} rank(s): state {lead['state_mb']:.0f} MB/rank, step peak {lead['step_peak_mb']:.0f} MB "
                   f"(every rank: {results[world]['step_peak_mb_by_rank']}), "
                   f"step {lead['step_s']:.2f} s, gather {lead['gather_s']:.2f} s, patch {lead.get('patch_mb', 0):.1f} MB "

@@ -157,3 +157,25 @@ def test_a_crafted_rng_or_optimizer_file_is_refused_and_runs_no_code(tiny_model,
     with pytest.raises(Exception, match="Weights only load failed"):
         engine.restore(str(tmp_path), 3)
     assert not marker.exists()
+
+
+def test_pruning_counts_complete_step_checkpoints_only_and_clears_a_crashed_sharded_write(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step-3.dcp").mkdir(parents=True)  # a sharded write a crash left: removed when a Checkpointer starts
+    ckpt = Checkpointer(root, keep=1)
+    assert not (root / "step-3.dcp").exists()
+    for version in (2, 4):
+        (root / f"step-{version + 1}.dcp").mkdir(exist_ok=True)  # the ranks staging the next one meanwhile
+        ckpt.save(f"step-{version}", lambda path: None, {"version": version, "epoch": 0, "groups_by_step": []}, 10)
+        ckpt.close(10)
+    assert sorted(p.name for p in root.iterdir()) == ["step-3.dcp", "step-4", "step-5.dcp"]
+
+
+def test_an_optimizer_that_never_stepped_is_saved_empty_and_restored_without_a_step(tiny_model, tmp_path):
+    """Asking torch for the state of a fresh optimizer would take a step at lr 0 (AdamW's count then 1)."""
+    engine = HFTrainEngine(tiny_model, ACTOR, SAMPLING)
+    engine.snapshot()(str(tmp_path))
+    assert not engine.optimizer.state and torch.load(tmp_path / "optimizer.pt", weights_only=True) == {}
+    resumed = HFTrainEngine(tiny_model, ACTOR, SAMPLING)
+    resumed.restore(str(tmp_path), 3)
+    assert resumed.version == 3 and not resumed.optimizer.state

@@ -80,8 +80,8 @@ def test_a_version_split_into_minibatches_must_keep_groups_whole(tiny_model):
     from rlflow.errors import ConfigError
 
     with pytest.raises(ConfigError, match="actor.minibatches"):
-        ActorConfig(groups_per_step=6, replicas=2, minibatches=2).check()
-    ActorConfig(groups_per_step=8, replicas=2, minibatches=2).check()
+        ActorConfig(groups_per_step=4, minibatches=5).check()
+    ActorConfig(groups_per_step=6, replicas=2, minibatches=4).check()  # uneven minibatches of whole groups
 
 
 EPOCHS = ["flow.staleness=0", "flow.steps=3", "actor.minibatches=2", "actor.epochs=2", "actor.old_logprobs=recompute",

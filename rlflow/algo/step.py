@@ -226,8 +226,10 @@ class StepAccumulator:
         out = Chunk()
         out.loss_sum, out.normaliser, out.tokens = total.item(), count, float(mask.sum())
         out.sums = {name: float((value * mask).sum()) for name, value in stats.items()}
-        out.seq_log_w.append(sequence_log_weights(logp, rollout_logp, mask))
-        out.token_log_w.append((logp.detach() - rollout_logp)[mask.bool()])  # masked-in tokens only
+        # the importance weights the loss applies: π_θ/μ, or π_prox/μ when the version's proximal policy is fixed
+        weighted = logp if prox_logp is None else prox_logp
+        out.seq_log_w.append(sequence_log_weights(weighted, rollout_logp, mask))
+        out.token_log_w.append((weighted.detach() - rollout_logp)[mask.bool()])  # masked-in tokens only
         return out
 
     def _fold(self, chunk: Chunk) -> None:
@@ -354,7 +356,7 @@ class StepAccumulator:
             "samples": len(self.staleness),
             "samples/trained": len(self.trained_uids),
             "samples/skipped": len(self.skipped_uids),
-            "tokens": self.tokens,
+            "tokens": self.tokens / (self.cfg.epochs if self.held is not None else 1),  # each epoch saw them all
             **_weight_quantiles("is/seq", torch.cat(self.seq_log_w) if self.seq_log_w else torch.zeros(0)),
             **_weight_quantiles("is/token", torch.cat(self.token_log_w) if self.token_log_w else torch.zeros(0)),
         })

@@ -107,7 +107,10 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None =
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
-    optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    optim = None
+    if optimizer is not None:  # an optimizer that never stepped has no state to save: asking torch for it
+        # would make one with a step at lr 0 (AdamW's step count then 1), on this rank only
+        optim = get_optimizer_state_dict(model, optimizer, options=options) if optimizer.state else {}
     if not is_sharded(model):  # the plain model's tensors can be the live ones: copy them now
         weights, optim = host_copy(weights), host_copy(optim)
     return weights, optim
@@ -127,8 +130,10 @@ def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, direc
     """Stage this rank's rows of the model and optimizer state in host memory now and write them to
     ``directory`` in the background (a collective of ``group``); returns the write's future."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    if not optimizer.state:  # never stepped (see full_state): the model alone
+        return dcp.async_save({"model": get_model_state_dict(model)}, checkpoint_id=directory, process_group=group)
     weights, optim = get_state_dict(model, optimizer)
     return dcp.async_save({"model": weights, "optim": optim}, checkpoint_id=directory, process_group=group)
 
@@ -140,7 +145,8 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                          set_state_dict)
 
-    if optimizer is None:
+    saved = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    if optimizer is None or not any(k.startswith("optim.") for k in saved):  # the model alone (see save_sharded)
         state = {"model": get_model_state_dict(model)}
         dcp.load(state, checkpoint_id=directory, process_group=group)
         set_model_state_dict(model, state["model"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import shutil
 from typing import Callable
 
 import torch
@@ -309,7 +310,11 @@ class HFTrainEngine:
             return lambda path: saving.result()
 
         def write(path: str) -> None:
-            saving.result()  # rank 0 coordinates the write: done once every rank's rows are on disk
+            try:
+                saving.result()  # rank 0 coordinates the write: done once every rank's rows are on disk
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
             os.replace(staging, f"{path}/dcp")
             if weights:
                 model.save_pretrained(path, state_dict=weights)
@@ -330,19 +335,17 @@ class HFTrainEngine:
             fsdp.load_sharded(self.model, self.optimizer, f"{path}/dcp", self.save_group)
             self.version = version
             return
-        state = None
-        if not self.sharded or dist_rank() == 0:
-            # tensors only: no code runs; sharded, rank 0 holds the whole state on the host and sends the rows
-            state = torch.load(f"{path}/optimizer.pt", map_location="cpu" if self.sharded else self.device,
-                               weights_only=True)
-            if any(isinstance(k, int) for g in state.get("param_groups", []) for k in g.get("params", [])):
-                if self.sharded:  # keyed by position (checkpoints of earlier rlflow): loads unsharded only
-                    raise ValueError(f"{path}/optimizer.pt keys its state by parameter position (written by an "
-                                     f"earlier rlflow): resume it with actor.parallel=replicate")
-                self.optimizer.load_state_dict(state)
-                self.version = version
-                return
-        fsdp.load_optimizer(self.model, self.optimizer, state)
+        # tensors only: no code runs. Sharded, every rank maps the file (nothing is read whole) so that all
+        # decide alike, and rank 0's state is then copied to every rank's rows.
+        state = torch.load(f"{path}/optimizer.pt", map_location="cpu" if self.sharded else self.device,
+                           weights_only=True, mmap=self.sharded)
+        if any(isinstance(k, int) for g in state.get("param_groups", []) for k in g.get("params", [])):
+            if self.sharded:  # keyed by position (checkpoints of earlier rlflow): loads unsharded only
+                raise ValueError(f"{path}/optimizer.pt keys its state by parameter position (written by an "
+                                 f"earlier rlflow): resume it with actor.parallel=replicate")
+            self.optimizer.load_state_dict(state)
+        elif state.get("state"):  # empty: no update happened before the checkpoint, the fresh state is right
+            fsdp.load_optimizer(self.model, self.optimizer, state if not self.sharded or dist_rank() == 0 else None)
         self.version = version
 
 

@@ -222,8 +222,9 @@ class ActorConfig:
     under this budget (memory bounded by tokens, not by the longest sample x micro_batch); a sample longer
     than it gets a pass of its own. null: micro_batch alone. The step's gradient is the same either way."""
     minibatches: int = 1
-    """Optimizer steps per epoch: each version's groups split into this many minibatches of whole groups
-    (each trainer rank splits its share), one AdamW step each; the version moves on after the last."""
+    """Optimizer steps per epoch: each version's groups (every rank's, sorted, shuffled after the first
+    epoch) cut into this many minibatches of whole groups, one AdamW step each; the version moves on
+    after the last."""
     epochs: int = 1
     """Passes over each version's groups (PPO epochs; the order is shuffled after the first). With more than
     one optimizer step per version the ratio moves away from 1 and the clip acts; old_logprobs=recompute
@@ -256,10 +257,9 @@ class ActorConfig:
         require(self.advantage != "opob" or self.parallel != "fsdp", f"{at}.advantage",
                 f"opob takes one gradient per trajectory, which a sharded trainer does not compute: use "
                 f"{at}.parallel=replicate with opob, or another advantage")
-        share = self.groups_per_step // self.replicas
-        require(self.groups_per_step % self.replicas != 0 or share % self.minibatches == 0, f"{at}.minibatches",
-                f"each trainer rank splits its {share} groups per step into minibatches of whole groups: {share} do "
-                f"not split into {self.minibatches}; make {at}.groups_per_step / {at}.replicas a multiple of it")
+        require(self.minibatches <= self.groups_per_step, f"{at}.minibatches",
+                f"a minibatch holds whole groups: {self.groups_per_step} groups per step make at most "
+                f"{self.groups_per_step} minibatches, not {self.minibatches}; lower it or raise {at}.groups_per_step")
         for name, names in (("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS), ("old_logprobs", OLD_LOGPROBS),
                             ("ratio_level", RATIO_LEVELS), ("correction", CORRECTIONS), ("correction_level", LEVELS),
                             ("vcpo_rule", LR_RULES)):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import shutil
 import threading
 import time
@@ -47,6 +48,7 @@ from typing import Callable
 
 STATE = "trainer_state.json"
 FINAL = "final"
+STEP = re.compile(r"step-\d+")  # a complete step checkpoint's name
 SHARDED = "dcp"  # a sharded checkpoint's directory of every rank's rows
 STAGING = ".dcp"  # suffix of the directory the ranks write a sharded checkpoint to before rank 0 moves it in
 
@@ -183,8 +185,8 @@ class Checkpointer:
             self.idle.set()
 
     def _prune(self) -> None:
-        steps = sorted((p for p in self.root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")),
-                       key=lambda p: int(p.name.split("-", 1)[1]))
+        steps = sorted((p for p in self.root.glob("step-*") if p.is_dir() and STEP.fullmatch(p.name)),
+                       key=lambda p: int(p.name.split("-", 1)[1]))  # not step-N.tmp, nor a sharded step-N.dcp
         for old in steps[:-self.keep] if self.keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -81,9 +81,10 @@ class TrainerGroup:
         """Give ``acc`` (a StepAccumulator) the whole step's statistics (uids trained and skipped included);
         returns every rank's group ids, in rank order."""
         state = {name: getattr(acc, name) for name in MERGED_LISTS + MERGED_SUMS}
+        # host copies: an object collective unpickles a device tensor onto its sender's device
         state.update(sums=acc.sums,
-                     seq_log_w=torch.cat(acc.seq_log_w) if acc.seq_log_w else None,
-                     token_log_w=torch.cat(acc.token_log_w) if acc.token_log_w else None)
+                     seq_log_w=torch.cat(acc.seq_log_w).cpu() if acc.seq_log_w else None,
+                     token_log_w=torch.cat(acc.token_log_w).cpu() if acc.token_log_w else None)
         states: list = [None] * self.world
         dist.all_gather_object(states, state)
         for name in MERGED_LISTS:
@@ -100,7 +101,8 @@ class TrainerGroup:
         from rlflow.algo.step import Chunk
 
         state = {"loss_sum": chunk.loss_sum, "normaliser": chunk.normaliser, "tokens": chunk.tokens, "sums": chunk.sums,
-                 "seq_log_w": chunk.log_w(), "token_log_w": torch.cat(chunk.token_log_w) if chunk.token_log_w else None}
+                 "seq_log_w": chunk.log_w().cpu(),  # host copies, as in merge
+                 "token_log_w": torch.cat(chunk.token_log_w).cpu() if chunk.token_log_w else None}
         states: list = [None] * self.world
         dist.all_gather_object(states, state)
         out = Chunk()
