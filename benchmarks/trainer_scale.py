@@ -12,8 +12,9 @@ Reported per rank count (rank 0's figures unless said):
 - ``state_mb``: parameters + AdamW state this rank holds (its shards), exactly, after a step; the goal
   is ~1/N of the single trainer's (``state_ratio``, against 1/N);
 - ``step_peak_mb``: the most resident memory the process reached during a training step (the peak is
-  reset before each, so the load's transient and the publishing are left out; ``load_peak_mb`` is the
-  peak while the model was built), for every rank in ``step_peak_mb_by_rank``;
+  reset before each, so the load's transient and the publishing are left out), for every rank in
+  ``step_peak_mb_by_rank``; ``load_peak_mb_by_rank``: the peak while the model was built and sharded
+  (sharded, only rank 0 reads the weights; the others build on the meta device);
 - ``publish_peak_mb_by_rank``: the same while a version is gathered and (rank 0) encoded;
 - ``step_s``: seconds per optimizer step (median of the steps after the first);
 - ``gather_s`` / ``encode_s`` / ``patch_mb``: publishing a version along the gathered path: the whole
@@ -220,6 +221,7 @@ def main() -> None:
                               "state_mb_max_rank": round(most, 1), "state_ratio": most,
                               "step_peak_mb_by_rank": [round(r["step_peak_mb"]) for r in ranks],
                               "publish_peak_mb_by_rank": [round(r["publish_peak_mb"]) for r in ranks],
+                              "load_peak_mb_by_rank": [round(r["load_peak_mb"]) for r in ranks],
                               "shard_patch_mb_by_rank": [round(r.get("shard_patch_mb", 0.0), 1) for r in ranks],
                               "shard_encode_s_by_rank": [round(r.get("shard_encode_s", 0.0), 3) for r in ranks]}
             print(f"{world} rank(s): state {lead['state_mb']:.0f} MB/rank, step peak {lead['step_peak_mb']:.0f} MB "

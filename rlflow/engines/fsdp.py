@@ -13,8 +13,9 @@ Design decisions:
   (``SUM_FACTOR``): gloo cannot run the pre-multiplied sum that would make FSDP sum instead.
 - Mixed precision: with ``param_dtype`` bfloat16 (GPU) layers compute in bf16 and gradients are reduced in
   float32 onto float32 master shards; the optimizer never sees bf16.
-- Where the model lives: each rank loads it on the host, shards it, and only its shard moves to the
-  device (the mesh's device type), so device memory is 1/N from the start.
+- Where the model lives (``load_model``): rank 0 reads the weights on the host, the other ranks build
+  the model on the meta device, every rank shards it and holds only its own rows on the device (the
+  mesh's device type), which rank 0 sends them: host memory holds the model once, device memory 1/N.
 - Lockstep: every forward and backward is a collective, so every rank must run the same number of passes
   per step. The actor defers a step's passes until its share of the groups is in and the ranks agree on
   the count (``TrainerGroup.most``); a rank with fewer runs idle passes that add exactly zero.
@@ -74,6 +75,41 @@ def shard(model: torch.nn.Module, device: str, param_dtype: str = "float32") -> 
     fully_shard(model, mesh=mesh, mp_policy=policy)
     setattr(model, SUM_FACTOR_ATTR, world)
     return world
+
+
+def load_model(path: str, device: str, param_dtype: str = "float32", prepare=None) -> tuple[torch.nn.Module, int]:
+    """The checkpoint at ``path`` as a sharded fp32 model on ``device`` (every rank calls it); returns
+    (model, world size). Only rank 0 reads the weights, on the host: the other ranks build the model's
+    skeleton on the meta device (no memory), every rank shards it, the shards are made real on the
+    device, and rank 0 sends each rank its rows and the buffers (rotary frequencies and the like). So
+    the host holds the whole model once, not once per rank. ``prepare(model)`` runs before sharding
+    (e.g. activation checkpointing)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not dist.is_initialized():
+        raise RuntimeError("actor.parallel=fsdp needs the trainer ranks' process group (roles/actor.py starts it)")
+    lead = dist.get_rank() == 0
+    if lead:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+    model.train()
+    if prepare is not None:
+        prepare(model)
+    whole = model.state_dict() if lead else {}  # kept alive through sharding: what rank 0 sends
+    world = shard(model, device, param_dtype)
+    target = torch.device(device)
+    if not lead:
+        model.to_empty(device=target)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del whole
+    for _, buffer in model.named_buffers():  # not sharded, so not in the broadcast above
+        if buffer.device != target:
+            buffer.data = buffer.data.to(target)
+        dist.broadcast(buffer, src=0)
+    return model, world
 
 
 def checkpoint_group():

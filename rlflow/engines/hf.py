@@ -185,12 +185,17 @@ class HFTrainEngine:
         self.temperature = sampling.temperature
         self.model_path = model_path
         self.sharded = getattr(cfg, "parallel", "replicate") == "fsdp"
-        # sharded: loaded on the host and sharded there, so only this rank's shard reaches the device
-        self.model = load_model(model_path, "float32", "cpu" if self.sharded else cfg.device).train()
-        if getattr(cfg, "activation_checkpointing", False):
-            # recompute each layer's activations in backward: memory of one layer's, not every layer's
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.world = fsdp.shard(self.model, cfg.device, cfg.param_dtype) if self.sharded else 1
+        checkpointing = getattr(cfg, "activation_checkpointing", False)
+
+        def prepare(model) -> None:
+            if checkpointing:  # recompute each layer's activations in backward: one layer's held, not all
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        if self.sharded:  # rank 0 reads the weights, every rank ends with its own rows on the device
+            self.model, self.world = fsdp.load_model(model_path, cfg.device, cfg.param_dtype, prepare)
+        else:
+            self.model, self.world = load_model(model_path, "float32", cfg.device).train(), 1
+            prepare(self.model)
         # sharded checkpoints: written in the background over a group of their own, one write in flight
         self.save_group = fsdp.checkpoint_group() if self.sharded else None
         self.saving = None  # the sharded write in flight (its future)

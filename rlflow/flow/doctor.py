@@ -198,6 +198,12 @@ class Doctor:
             self.add("devices", OK if count else FAIL,
                      f"{count} GPU(s) visible" if count else f"{', '.join(f'{n}.device={d}' for n, d in cuda)} "
                      f"but torch sees no GPU here; use cpu or run on a GPU host")
+            actor = self.cfg.actor
+            if count and actor.device == "cuda" and actor.replicas > 1:  # rank r takes GPU r (nccl: one each)
+                self.add("actor.replicas", OK if count >= actor.replicas else FAIL,
+                         f"{actor.replicas} trainer ranks on GPUs 0..{actor.replicas - 1}" if count >= actor.replicas
+                         else f"{actor.replicas} trainer ranks need a GPU each, this machine has {count}: lower "
+                              f"actor.replicas or use launcher=ray")
 
     def disk(self) -> None:
         run_dir = Path(self.cfg.run_dir)
