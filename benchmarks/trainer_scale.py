@@ -21,8 +21,8 @@ Reported per rank count (rank 0's figures unless said):
   model gathered to rank 0, then one sparse patch encoded there (``sync/codec.py``), and its size; and
   ``snapshot_mb``: a full float32 keyframe;
 - ``shard_patch_mb`` / ``shard_encode_s`` (2 and 4 ranks, every rank in ``*_by_rank``): the patch of each
-  rank's own rows, encoded by that rank with the same codec: the bytes and time per rank when ranks
-  encode their shards instead of gathering (the sync itself does not yet send such patches);
+  rank's own rows, encoded by that rank with the same codec: what sharded sync sends per rank instead
+  of gathering (``roles/actor.ShardedPublication``);
 - ``checkpoint_snapshot_s`` / ``checkpoint_write_s``: a resumable checkpoint, what the step waits for
   (one trainer: a host copy of the weights and AdamW state; sharded: staging each rank's rows for DCP)
   and the write that goes on beside training (one trainer: the whole state; sharded: every rank its rows).

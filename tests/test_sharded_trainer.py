@@ -72,10 +72,29 @@ def test_an_fsdp_step_over_n_ranks_is_the_step_one_trainer_takes(tmp_path, one_t
         run_dir = tmp_path / "run"
         r = rlflow(run_dir, model_cache, f"actor.replicas={ranks}", "actor.parallel=fsdp", *ON_POLICY)
         assert r.returncode == 0, r.stdout + r.stderr
-    assert_same_steps(run_dir, one_trainer)
+    assert_same_steps(run_dir, one_trainer)  # the same rewards: the rollout generated with the same weights
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["trainer"] == {"replicas": ranks, "identical_weights": True}  # every rank's gathered view
     assert summary["samples"]["trained"] == summary["samples"]["issued"] == 80
+    # every rank published its own rows; the rollout assembled each version bit-exact from them
+    rows, theirs = metrics(run_dir), metrics(one_trainer)
+    assert all(m["sync/bit_exact"] == 1 for m in rows if "sync/bit_exact" in m)
+    assert summary["sync"]["rollout-0"]["refused"] == 0 and summary["sync"]["rollout-0"]["applied"] >= ranks * 4
+    assert [m["sync/keyframe"] for m in rows] == [m["sync/keyframe"] for m in theirs]
+    assert sum(m["sync/bytes"] for m in rows) == pytest.approx(sum(m["sync/bytes"] for m in theirs), rel=0.05)
+    assert_all_processes_gone(run_dir)
+
+
+def test_each_rank_s_rows_travel_the_relay_chain_to_every_rollout_replica(tmp_path, model_cache):
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, "actor.replicas=2", "actor.parallel=fsdp", "rollout.replicas=2",
+               "flow.steps=4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    sync = summary["sync"]
+    assert sync["rollout-0"]["refused"] == sync["rollout-1"]["refused"] == 0
+    assert sync["rollout-1"]["from_peers_bytes"] > 0  # replica 1 pulls every shard's chunks from replica 0
+    assert summary["samples"]["trained"] == summary["samples"]["issued"] and summary["samples"]["consumed_more_than_once"] == 0
     assert_all_processes_gone(run_dir)
 
 

@@ -13,7 +13,8 @@ import torch
 
 from rlflow.sync.codec import checksum
 from rlflow.sync.config import relay_parent
-from rlflow.sync.weights import SyncConfig, WeightPublisher, WeightReceiver, patches_in_place
+from rlflow.sync.weights import (ShardedWeightReceiver, SyncConfig, WeightPublisher, WeightReceiver, patches_in_place,
+                                  root_checksum)
 from rlflow.transfer.channel import ChannelKey
 from helpers import CHANNEL_SECRET
 
@@ -298,3 +299,75 @@ def test_a_subclass_overriding_load_weights_gets_every_version_through_it(addres
     finally:
         rx.close()
         pub.close()
+
+
+class Ranks:
+    """Trainer ranks of a sharded model in one process: each publishes its rows of every tensor (dim 0,
+    split as FSDP2 splits it) on its own channel, agreeing on keyframes and the root as the actor does
+    (roles/actor.ShardedPublication, without the process group: the agreement is computed here)."""
+
+    def __init__(self, addresses: list[str], dtype=torch.float32):
+        self.pubs = [WeightPublisher(a, SyncConfig(keyframe_ratio=1.0), dtype, key=KEY) for a in addresses]
+        self.dtype = dtype
+
+    def publish(self, version: int, weights: dict[str, torch.Tensor], root: str | None = None) -> None:
+        n = len(self.pubs)
+        parts = []
+        for r, pub in enumerate(self.pubs):
+            rows = {}
+            for name, t in weights.items():
+                size = -(-t.shape[0] // n)
+                start, stop = min(r * size, t.shape[0]), min((r + 1) * size, t.shape[0])
+                if stop > start:
+                    rows[name] = [start, stop]
+            parts.append((pub.encode(version, {k: weights[k][a:b] for k, (a, b) in rows.items()}), rows))
+        agreed_root = root or root_checksum([p["checksum"] for p, _ in parts])
+        keyframe = any(p["wants_keyframe"] for p, _ in parts)
+        for r, (pub, (pending, rows)) in enumerate(zip(self.pubs, parts)):
+            pub.send(pending, keyframe, {"shard": r, "shards": n, "rows": rows, "shapes": shapes(weights),
+                                         "dtype": str(self.dtype).removeprefix("torch."), "root": agreed_root})
+
+    def close(self) -> None:
+        for pub in self.pubs:
+            pub.close()
+
+
+def test_shards_published_by_each_rank_assemble_bit_exact_weights_on_the_rollout(short_dir):
+    addresses = [f"ipc://{short_dir}/w{r}" for r in range(3)]
+    w = trainer_weights(0, n=30_100)  # 301 rows and 3010 elements: uneven splits over 3 ranks
+    ranks = Ranks(addresses, torch.bfloat16)
+    rx = ShardedWeightReceiver(addresses, SyncConfig(), [None] * 3, [None] * 3, key=KEY)
+    engine = TensorEngine(shapes(w), torch.bfloat16)
+    applied = []
+    try:
+        for v in range(6):  # the first is a keyframe; patches after, and a keyframe when they add up
+            step(w, v, lr=1e-2)
+            ranks.publish(v, w)
+            reports = rx.update(engine, need=v, timeout=10)
+            assert rx.version == engine.version == v and all(r["bit_exact"] == 1 for r in reports)
+            assert checksum(engine.weights) == checksum({k: t.to(torch.bfloat16) for k, t in w.items()})
+            applied += [r["object"] for r in reports]
+        assert {o.split("-")[0] for o in applied} == {"full", "patch"} and len(applied) == 3 * 6  # 3 shards
+    finally:
+        rx.close()
+        ranks.close()
+
+
+def test_shards_that_do_not_make_the_published_root_are_refused_and_never_serve_a_version(short_dir):
+    addresses = [f"ipc://{short_dir}/w{r}" for r in range(2)]
+    w = trainer_weights(1)
+    ranks = Ranks(addresses)
+    rx = ShardedWeightReceiver(addresses, SyncConfig(), [None, None], [None, None], key=KEY)
+    engine = TensorEngine(shapes(w))
+    try:
+        ranks.publish(0, w, root="0" * 32)  # every shard verifies alone, but they do not make this root
+        with pytest.raises(RuntimeError, match="failed to verify"):
+            rx.update(engine, need=0, timeout=5)
+        assert rx.version is None and engine.version == 0  # never took the version
+        step(w, 1)
+        ranks.publish(1, w)  # a right root: taken from the keyframe of every shard
+        rx.update(engine, need=1, timeout=10)
+        assert rx.version == 1 and checksum(engine.weights) == checksum(w)
+    finally:
+        rx.close()
+        ranks.close()

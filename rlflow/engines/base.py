@@ -84,6 +84,9 @@ class TrainEngine(Protocol):
     # empty elsewhere), ``snapshot`` and ``restore`` are collectives every rank calls; and
     # def gathered_views(self) -> Iterable[tuple[str, Tensor]]:
     #     """(name, whole parameter) in name order, gathered on every rank (the end-of-run identity check)."""
+    # def shard_weights(self) -> tuple[dict[str, Tensor], dict[str, list[int]], dict[str, list[int]]]:
+    #     """(this rank's rows of each parameter, their [start, stop) on dim 0, each whole shape): what the
+    #     rank publishes itself (sharded SparseRL-Sync; engines/fsdp.local_rows)."""
 
     # Optional, for actor.advantage=opob:
     # def trajectory_grad_sq(self, prompts, responses) -> tuple[Tensor, Tensor]:

@@ -193,6 +193,30 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
+def local_rows(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dict[str, list[int]]]:
+    """This rank's rows of every parameter (tied ones once, empty shards left out), where they sit in the
+    whole tensor ([start, stop) on dim 0) and every whole tensor's shape: what a rank publishes of the
+    model without gathering it. FSDP2 splits dim 0 as ``torch.chunk`` does: ceil(rows / N) per rank."""
+    from torch.distributed.tensor import DTensor
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local, rows, shapes = {}, {}, {}
+    for name, p in model.named_parameters():
+        shapes[name] = list(p.shape)
+        if not isinstance(p, DTensor):
+            raise TypeError(f"{name} is not sharded: local_rows reads a model fully_shard has sharded")
+        part = p.to_local().detach()
+        size = -(-p.shape[0] // world)
+        start = min(rank * size, p.shape[0])
+        stop = min(start + size, p.shape[0])
+        if part.shape[0] != stop - start:
+            raise RuntimeError(f"{name}: this rank holds {part.shape[0]} rows, not rows {start}:{stop} of "
+                               f"{p.shape[0]} (FSDP2 split dim 0 another way)")
+        if stop > start:
+            local[name], rows[name] = part, [start, stop]
+    return local, rows, shapes
+
+
 def full_views(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, whole parameter) in name order, gathered on every rank one at a time (a collective)."""
     from torch.distributed.tensor import DTensor

@@ -265,6 +265,11 @@ class HFTrainEngine:
         state, _ = fsdp.full_state(self.model)
         return {name: state[name] for name in names} if state else {}
 
+    def shard_weights(self):
+        """(this rank's rows of every parameter, their [start, stop) rows, every whole shape): what a
+        sharded rank publishes itself (``engines/fsdp.local_rows``)."""
+        return fsdp.local_rows(self.model)
+
     def gathered_views(self):
         """(name, whole parameter) in name order, gathered on every rank one at a time (for checks)."""
         return fsdp.full_views(self.model)

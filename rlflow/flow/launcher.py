@@ -61,6 +61,7 @@ from rlflow.flow.placement.plan import ReplicaPlan, Wiring
 from rlflow.flow.placement.worker import holder_name
 from rlflow.roles.config import ActorArgs, Broadcast, ReferenceArgs, RewardArgs, RolloutArgs
 from rlflow.roles import reports, schema
+from rlflow.roles.context import shard_endpoint
 from rlflow.sync.config import relay_parent, relays_to_others
 from rlflow.transfer import BusClient, ServerConfig
 from rlflow.transfer.channel import ChannelKey
@@ -241,12 +242,16 @@ def plan_roles(cfg: RunConfig) -> list[ReplicaPlan]:
         broadcast = Broadcast(servers=rollout.replicas, tp=rollout.sglang.tp_size, sglang=rollout.sglang,
                               backend="nccl" if cfg.actor.device.startswith("cuda") else "gloo")
     episodes = cfg.env.enabled
+    # a sharded trainer's ranks each publish their own rows (no gather), unless sglang takes whole weights
+    shards = cfg.actor.replicas if cfg.actor.parallel == "fsdp" and broadcast is None else 1
     actor = ActorArgs(steps=cfg.flow.steps, staleness=cfg.flow.staleness, sync=sync, sampling=cfg.rollout.sampling(),
-                      broadcast=broadcast, samples_every=cfg.tracking.samples_every, episodes=episodes)
+                      broadcast=broadcast, samples_every=cfg.tracking.samples_every, episodes=episodes,
+                      weight_shards=shards)
     plans = [ReplicaPlan("actor", i, cfg.actor, actor, cfg.actor.threads) for i in range(cfg.actor.replicas)]
     plans += [ReplicaPlan("rollout", i, dataclasses.replace(rollout, seed=rollout.seed + i),
                           RolloutArgs(sync, *relay_endpoints(i, rollout.replicas, cfg.sync.fanout),
-                                      env=cfg.env if episodes else None, chat_template=cfg.data.chat_template),
+                                      env=cfg.env if episodes else None, chat_template=cfg.data.chat_template,
+                                      weight_shards=shards),
                           rollout.threads) for i in range(rollout.replicas)]
     plans += [ReplicaPlan("reward", i, reward, RewardArgs(episodes), 1) for i in range(cfg.reward.replicas)]
     if cfg.actor.kl_coef > 0:
@@ -531,7 +536,11 @@ class Run:
     def _trainer_endpoints(self) -> list[str]:
         """Endpoints the trainer and rollout replicas advertise (withdrawn before they restart)."""
         names = ["weights", "trainer", "trainer-broadcast"]
-        return names + [f"{p}-{i}" for p in ("weights", "sglang") for i in range(self.cfg.rollout.replicas)]
+        names += [f"{p}-{i}" for p in ("weights", "sglang") for i in range(self.cfg.rollout.replicas)]
+        if self.cfg.actor.parallel == "fsdp":  # every rank's channel and each relay of it (roles/context.shard_endpoint)
+            names += [shard_endpoint(n, r) for n in ["weights", *(f"weights-{i}" for i in range(self.cfg.rollout.replicas))]
+                      for r in range(1, self.cfg.actor.replicas)]
+        return names
 
     def _report(self, ev: dict) -> int | None:
         kind, name = ev["kind"], f"{ev['role']}-{ev['replica']}"

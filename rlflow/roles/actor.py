@@ -47,14 +47,14 @@ from rlflow.roles import schema
 from rlflow.train.checkpoint import FINAL, STAGING, Checkpointer, is_sharded, read_state, restore_rng
 from rlflow.roles import reports
 from rlflow.roles.config import ActorArgs, ActorConfig, Broadcast
-from rlflow.roles.context import RoleContext
+from rlflow.roles.context import RoleContext, shard_endpoint
 from rlflow.plugins import load_object
 from rlflow.train.data_parallel import TrainerGroup
 from rlflow.algo.step import StepAccumulator
 from rlflow.engines.base import SamplingParams
 from rlflow.sync.codec import DTYPES
 from rlflow.sync.config import SyncConfig
-from rlflow.sync.weights import WeightPublisher
+from rlflow.sync.weights import WeightPublisher, root_checksum
 from rlflow.transfer import BusTimeout
 
 
@@ -110,8 +110,15 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
                         f"per version: {type(engine).__name__}.step needs an advance argument (see engines/base.py)")
     lead = group is None or group.rank == 0
     gather = lead or sharded  # who calls what gathers the model (a collective when sharded)
-    first = engine.weights() if gather else None  # the start version (sharded: gathered to rank 0)
-    publication = Publication(ctx, sync, args.broadcast, cfg.device, engine.version, first) if lead else None
+    shard_sync = args.weight_shards > 1  # every rank publishes its own rows: nothing is gathered to publish
+    if shard_sync and not hasattr(engine, "shard_weights"):
+        raise TypeError(f"actor.parallel=fsdp publishes each rank's own rows: {type(engine).__name__} has no "
+                        f"shard_weights() (see engines/base.py)")
+    if shard_sync:
+        publication = ShardedPublication(ctx, sync, group, engine)
+    else:
+        first = engine.weights() if gather else None  # the start version (sharded: gathered to rank 0)
+        publication = Publication(ctx, sync, args.broadcast, cfg.device, engine.version, first) if lead else None
     checkpoints = Checkpointer(f"{ctx.run_dir}/checkpoints", cfg.checkpoint_keep) \
         if lead and hasattr(engine, "snapshot") else None
     columns = (schema.EPISODE_ACTOR_INPUT if args.episodes else schema.ACTOR_INPUT) + \
@@ -135,12 +142,14 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
                 ctx.bus.ack(d)
             groups_by_step.append(groups)
             skipped_by_step.append(acc.skipped_uids)
-            weights = engine.weights() if gather else None
             sync_metrics, ckpt_metrics = {}, {}
-            if lead:
+            if shard_sync or lead:
+                weights = None if shard_sync else engine.weights()
                 with ctx.timeline.span("sync", step=step + 1, version=engine.version) as span:
                     sync_metrics = publication.publish(engine.version, weights)
                     span["bytes"] = sync_metrics.get("sync/bytes")
+            elif sharded:
+                engine.weights()  # a collective: rank 0 gathers the whole model to publish it
             if gather and cfg.checkpoint_every and engine.version % cfg.checkpoint_every == 0 and engine.version < steps:
                 with ctx.timeline.span("checkpoint", step=step + 1):
                     ckpt_metrics = _checkpoint(checkpoints, f"step-{engine.version}", engine, epoch,
@@ -271,6 +280,47 @@ class Publication:
             self.channel.close()
         if self.servers is not None:
             self.servers.close()
+
+
+class ShardedPublication:
+    """Every rank of a sharded trainer publishes its own rows (``engines/fsdp.local_rows``) on a channel of
+    its own: endpoint ``weights`` for rank 0 (the one the feeder reads versions off), ``weights.<r>``
+    for rank r. No rank gathers the model, and each rank's bytes travel its own relay chain.
+
+    The ranks agree on each publication, so rollouts can assemble a version from every rank's channel:
+    a keyframe when any rank wants one (so every channel cuts keyframes at the same versions), and the
+    root checksum over every rank's (``sync/weights.root_checksum``), which every signed head carries
+    with the rank's rows and the whole shapes. ``publish`` is a collective every rank calls; rank 0
+    gets the metrics of all (bytes summed, the slowest rank's encode time)."""
+
+    def __init__(self, ctx: RoleContext, sync: SyncConfig, group, engine):
+        self.group, self.engine, self.sync = group, engine, sync
+        name = shard_endpoint("weights", group.rank)
+        self.channel = WeightPublisher(ctx.endpoints.bind_address(name), sync, DTYPES[sync.dtype], ctx.keys_dir,
+                                       key=ctx.channel_key)
+        try:
+            ctx.endpoints.advertise(name, self.channel.address)
+            self.publish(engine.version)
+        except BaseException:
+            self.close()
+            raise
+
+    def publish(self, version: int, weights=None) -> dict:
+        """Publish this rank's rows as ``version`` (``weights``: unused, the rows are the engine's own)."""
+        local, rows, shapes = self.engine.shard_weights()
+        pending = self.channel.encode(version, local)
+        agreed = self.group.gather((pending["checksum"], pending["wants_keyframe"]))
+        meta = {"shard": self.group.rank, "shards": self.group.world, "rows": rows, "shapes": shapes,
+                "dtype": self.sync.dtype, "root": root_checksum([c for c, _ in agreed])}
+        metrics = self.group.gather(self.channel.send(pending, any(w for _, w in agreed), meta))
+        out = {k: sum(m[k] for m in metrics) for k in ("sync/bytes", "sync/dense_bytes", "sync/int32_bytes")}
+        out["sync/density"] = sum(m["sync/density"] * m["sync/dense_bytes"] for m in metrics) / max(out["sync/dense_bytes"], 1)
+        out["sync/keyframe"] = metrics[0]["sync/keyframe"]
+        out["sync/encode_s"] = max(m["sync/encode_s"] for m in metrics)
+        return out
+
+    def close(self) -> None:
+        self.channel.close()
 
 
 def _broadcaster(ctx: RoleContext, broadcast: Broadcast):

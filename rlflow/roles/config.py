@@ -91,6 +91,7 @@ class RolloutArgs:
     relay: str | None = None  # the endpoint it serves peers at (None: no peer pulls from it)
     env: EnvConfig | None = None  # the environment of multi-turn episodes (None or cls null: single-turn)
     chat_template: bool = False  # data.chat_template: prompts, and so an episode's observations, are rendered with it
+    weight_shards: int = 1  # channels the weights come on: one per trainer rank when each publishes its own rows
 
 
 @dataclass(frozen=True)
@@ -308,3 +309,4 @@ class ActorArgs:
     epoch: int = 0  # how many times the run was rewound (recorded in checkpoints)
     samples_every: int = 0  # every that many steps the metrics report carries the step's first group (0: never)
     episodes: bool = False  # rows are multi-turn episodes (env.cls): train only where loss_mask is 1
+    weight_shards: int = 1  # > 1: every rank publishes its own rows on a channel of its own (sharded sync)

@@ -77,6 +77,12 @@ class Timeline:
         return out
 
 
+def shard_endpoint(name: str, shard: int) -> str:
+    """The endpoint of trainer rank ``shard``'s copy of weight endpoint ``name`` (a sharded trainer publishes
+    a channel per rank, and every relay serves each): ``weights``, ``weights.1``; ``weights-2``, ``weights-2.1``."""
+    return name if shard == 0 else f"{name}.{shard}"
+
+
 @dataclass
 class RoleContext:
     """Everything a role loop gets from whoever launched it; roles know nothing more of launching."""

@@ -21,10 +21,10 @@ import time
 
 from rlflow.roles import schema
 from rlflow.roles import reports
-from rlflow.roles.context import RoleContext, ack_work, next_rows
+from rlflow.roles.context import RoleContext, ack_work, next_rows, shard_endpoint
 from rlflow.plugins import load_object
 from rlflow.roles.config import RolloutArgs, RolloutConfig
-from rlflow.sync.weights import WeightReceiver
+from rlflow.sync.weights import ShardedWeightReceiver, WeightReceiver
 
 
 def make_engine(cfg: RolloutConfig, model_path: str):
@@ -52,6 +52,16 @@ def serve(cfg: RolloutConfig, ctx: RoleContext, args: RolloutArgs) -> None:
     follows = getattr(engine, "follows_trainer", False)
     if follows:
         ep.advertise(f"sglang-{ctx.replica}", engine.client.url)
+    elif args.weight_shards > 1:  # a sharded trainer: a channel per rank, each relayed on its own
+        shards = range(args.weight_shards)
+        weights = ShardedWeightReceiver(
+            [ep.lookup(shard_endpoint("weights", r), ctx.wait_seconds) for r in shards], sync,
+            [ep.lookup(shard_endpoint(upstream, r), ctx.wait_seconds) if upstream else None for r in shards],
+            [ep.bind_address(shard_endpoint(relay, r)) if relay else None for r in shards],
+            fetch_timeout=ctx.wait_seconds, keys_dir=ctx.keys_dir, key=ctx.channel_key)
+        if relay:
+            for r, rx in zip(shards, weights.shards):
+                ep.advertise(shard_endpoint(relay, r), rx.address)
     else:
         weights = WeightReceiver(ep.lookup("weights", ctx.wait_seconds), sync,
                                  ep.lookup(upstream, ctx.wait_seconds) if upstream else None,

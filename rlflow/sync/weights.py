@@ -19,6 +19,10 @@ actor's), or None. Anything else (first sync, a patch for another base, a corrup
 checksum) leads to the keyframe: ``version`` is None until a snapshot verifies, and a rollout only
 generates at a verified version, so a half-applied patch never serves generation.
 
+A sharded trainer (``actor.parallel=fsdp``) publishes a channel per rank, each with that rank's rows
+(``WeightPublisher.encode`` and ``send``, split so the ranks agree on keyframes and the root checksum in
+between: ``roles/actor.ShardedPublication``); ``ShardedWeightReceiver`` assembles them (see its docstring).
+
 Authenticity: the channel is keyed (``transfer/channel.ChannelKey``, one per run). Every head is signed
 by the actor and lists each chunk's checksum; its ``meta.checksum`` is the checksum of the weights at
 the head's version. A replica believes only signed heads, checks every chunk against them whichever
@@ -61,27 +65,46 @@ class WeightPublisher:
 
     def publish(self, version: int, weights: dict[str, torch.Tensor]) -> dict:
         """Publish ``weights`` as ``version``; returns the ``sync/*`` metrics of this publication."""
+        return self.send(self.encode(version, weights), None)
+
+    def encode(self, version: int, weights: dict[str, torch.Tensor]) -> dict:
+        """Diff ``weights`` against the last version (or take the first snapshot): the first half of
+        ``publish``, for publishers that agree on keyframes before sending (a sharded trainer's ranks).
+        Returns the pending publication: its metrics so far and ``wants_keyframe``."""
         t0 = time.perf_counter()
         objects, stats = {}, {}
         if self.keyframe is not None and self.cfg.sparse:
             objects[f"patch-{version}"], stats = self.encoder.patch(version, weights)
+        else:  # no patch to send: this version goes as a snapshot whatever the others decide
+            objects[f"full-{version}"] = self.encoder.snapshot(version, weights)
+        grown = self.since_keyframe + stats.get("bytes", 0)
+        wants = self.keyframe is None or not self.cfg.sparse or grown >= self.cfg.keyframe_ratio * self.keyframe_bytes
+        return {"version": version, "objects": objects, "stats": stats, "wants_keyframe": wants,
+                "checksum": self.encoder.checksum, "t0": t0}
+
+    def send(self, pending: dict, keyframe: bool | None, meta: dict | None = None) -> dict:
+        """Publish what ``encode`` prepared, with a keyframe if ``keyframe`` (None: if it wanted one);
+        ``meta`` joins the head's (signed) meta. Returns the ``sync/*`` metrics."""
+        version, objects, stats = pending["version"], pending["objects"], pending["stats"]
+        if stats:
             self.chain.append(version)
             self.since_keyframe += stats["bytes"]
-        if self.keyframe is None or not self.cfg.sparse or self.since_keyframe >= self.cfg.keyframe_ratio * self.keyframe_bytes:
-            full = self.encoder.snapshot(version, None if stats else weights)
-            objects[f"full-{version}"] = full
+        if f"full-{version}" in objects or (pending["wants_keyframe"] if keyframe is None else keyframe):
+            if f"full-{version}" not in objects:
+                objects[f"full-{version}"] = self.encoder.snapshot(version)
+            full = objects[f"full-{version}"]
             self.keyframe, self.keyframe_bytes, self.since_keyframe = version, len(full), 0
             self.chain = [version] if stats else []
         keep = [k for k in [f"full-{self.keyframe}", *(f"patch-{v}" for v in self.chain)] if k not in objects]
         self.channel.publish(version, objects, keep=keep,
-                             meta={"keyframe": self.keyframe, "chain": self.chain, "time": time.time(),
+                             meta={**(meta or {}), "keyframe": self.keyframe, "chain": self.chain, "time": time.time(),
                                    "checksum": self.encoder.checksum},
                              prefetch={f"full-{version}": not self.cfg.sparse})
         dense = self.encoder.dense_bytes
         sent = stats.get("bytes", len(objects.get(f"full-{version}", b"")))
         return {"sync/bytes": sent, "sync/dense_bytes": dense, "sync/density": stats.get("density", 1.0),
                 "sync/int32_bytes": stats.get("int32_bytes", dense), "sync/keyframe": int(f"full-{version}" in objects),
-                "sync/encode_s": time.perf_counter() - t0}
+                "sync/encode_s": time.perf_counter() - pending["t0"]}
 
     def close(self) -> None:
         self.channel.close()
@@ -92,6 +115,39 @@ def _required(key) -> ChannelKey:
         raise TypeError(f"weight sync needs the run's ChannelKey (key=ChannelKey(secrets.token_bytes(32))), "
                         f"got {type(key).__name__}")
     return key
+
+
+def _after(version: int | None, need: int | None, short: bool) -> int:
+    """The version a head must be newer than: ours, and while waiting for ``need``, need - 1 (an older
+    head cannot serve, and applying it only spends time, or a resync if it fails)."""
+    after = -1 if version is None else version
+    return max(after, need - 1) if short and need is not None else after
+
+
+def _update(receiver, need: int | None, timeout: float, next_head, apply, waited_for) -> list[dict]:
+    """The loop of a receiver's ``update``: take the next head (``next_head(short, deadline)``, None when
+    none came), apply it (``apply(head, reports, blocking)``), plan again if it was superseded meanwhile
+    (``Gone``), resync after a refusal at most ``MAX_RESYNCS`` times in a row, and return once at ``need``
+    (or at once without one). ``waited_for()`` says what a timeout waited for."""
+    reports, resyncs, deadline = [], 0, time.monotonic() + timeout
+    while True:
+        short = need is not None and (receiver.version is None or receiver.version < need)
+        head = next_head(short, deadline)
+        if head is None:
+            if short:
+                raise BusTimeout(f"waited {timeout:.0f}s for policy version {need} from {waited_for()}")
+            return reports
+        before = len(reports)
+        try:
+            apply(head, reports, short)
+        except Gone:  # superseded while fetching: plan again from the newer head
+            continue
+        if any("error" in r for r in reports[before:]):
+            resyncs += 1
+            if resyncs > MAX_RESYNCS:
+                raise RuntimeError(f"weights failed to verify {resyncs} times in a row; last: {reports[-1]['error']}")
+        elif not short or receiver.version >= need:
+            return reports
 
 
 def patches_in_place(engine) -> bool:  # an engine, or its class
@@ -136,37 +192,32 @@ class WeightReceiver:
         already here (prefetched while the engine generated), so transfers overlap generation.
         Returns one report per object applied (or refused). Raises BusTimeout naming what it waited for.
         """
-        reports, resyncs, deadline = [], 0, time.monotonic() + timeout
-        while True:
-            short = need is not None and (self.version is None or self.version < need)
-            head = self.relay.head(-1 if self.version is None else self.version,
+        def head(short: bool, deadline: float):
+            return self.relay.head(_after(self.version, need, short),
                                    max(0.0, deadline - time.monotonic()) if short else 0.0)
-            if head is None:
-                if short:
-                    refused = f"; heads refused meanwhile: {self.relay.refused}" if self.relay.refused else ""
-                    raise BusTimeout(f"waited {timeout:.0f}s for policy version {need} from the actor "
-                                     f"(this replica holds {self.version}): is the actor alive?{refused}")
-                return reports
-            before = len(reports)
-            try:
-                self._catch_up(engine, head, reports, blocking=short)
-            except Gone:  # superseded while fetching: plan again from the newer head
-                continue
-            if any("error" in r for r in reports[before:]):
-                resyncs += 1
-                if resyncs > MAX_RESYNCS:
-                    raise RuntimeError(f"weights failed to verify {resyncs} times in a row; last: {reports[-1]['error']}")
-            elif not short or self.version >= need:
-                return reports
 
-    def _catch_up(self, engine, head, reports: list, blocking: bool) -> None:
+        def waited_for() -> str:
+            refused = f"; heads refused meanwhile: {self.relay.refused}" if self.relay.refused else ""
+            return f"the actor (this replica holds {self.version}): is the actor alive?{refused}"
+
+        return _update(self, need, timeout, head, lambda h, reports, short: self._catch_up(engine, h, reports, short),
+                       waited_for)
+
+    def plan(self, head) -> list[str]:
+        """The objects that bring this replica from its version to ``head``'s."""
         keyframe, chain = head.meta["keyframe"], head.meta["chain"]
         if self.version is not None and all(v in chain for v in range(self.version + 1, head.version + 1)):
-            keys = [f"patch-{v}" for v in range(self.version + 1, head.version + 1)]
-        else:  # first sync, late joiner, or fell behind the keyframe: the snapshot, then the patches after it
-            keys = [f"full-{keyframe}"] + [f"patch-{v}" for v in chain if v > keyframe]
-        # A list, not a generator: ``ready`` also asks for every missing object, so all of them get fetched.
-        if not blocking and not all([self.relay.ready(k) for k in keys]):
+            return [f"patch-{v}" for v in range(self.version + 1, head.version + 1)]
+        # first sync, late joiner, or fell behind the keyframe: the snapshot, then the patches after it
+        return [f"full-{keyframe}"] + [f"patch-{v}" for v in chain if v > keyframe]
+
+    def ready(self, head) -> bool:
+        """Whether every object up to ``head`` is here (asking for the missing ones, so they get fetched)."""
+        return all([self.relay.ready(k) for k in self.plan(head)])  # a list: ``ready`` asks for each
+
+    def _catch_up(self, engine, head, reports: list, blocking: bool) -> None:
+        keys = self.plan(head)
+        if not blocking and not self.ready(head):
             return  # still on its way: generate with the current version, apply next time
         for key in keys:
             t0 = time.monotonic()
@@ -220,3 +271,116 @@ class WeightReceiver:
     def close(self) -> None:
         self.relay.close()
 
+
+
+def root_checksum(checksums: list[str]) -> str:
+    """One checksum of a sharded model: xxh3-128 over its shards' checksums, in rank order."""
+    import xxhash
+
+    return xxhash.xxh3_128("|".join(checksums).encode()).hexdigest()
+
+
+class _Rows:
+    """What one shard's receiver patches in place: the rows of the engine's tensors its trainer rank holds."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], rows: dict[str, list[int]]):
+        self.views = {name: tensors[name][start:stop] for name, (start, stop) in rows.items()}
+        self.version = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.views
+
+
+class ShardedWeightReceiver:
+    """A rollout replica's side of a sharded trainer (``actor.parallel=fsdp``): one relay per trainer
+    rank's channel, each carrying that rank's rows of every tensor (contiguous rows, so a patch of them
+    scatters into a view of the whole tensor with the ordinary codec).
+
+    A version is taken only when every rank has published it (the ranks cut keyframes at the same
+    versions): each shard's objects apply to its rows and verify against its own checksum, and the
+    replica's version is set only once every shard is there and the root over their checksums equals
+    the one every rank's signed head carries. Until then ``version`` stays where it was verified (or None
+    after a failure), so generation never sees a mix of versions: a non-blocking update applies nothing
+    unless every shard's objects are already here.
+    """
+
+    def __init__(self, addresses: list[str], cfg: SyncConfig, upstreams: list[str | None], serves: list[str | None],
+                 fetch_timeout: float = 600.0, head_poll: float = HEAD_POLL_S, keys_dir: str | None = None, *,
+                 key: ChannelKey):
+        self.shards: list[WeightReceiver] = []
+        try:
+            for address, upstream, serve in zip(addresses, upstreams, serves, strict=True):
+                self.shards.append(WeightReceiver(address, cfg, upstream, serve, fetch_timeout, head_poll, keys_dir,
+                                                  key=key))
+        except BaseException:
+            self.close()
+            raise
+        self.version: int | None = None
+        self.shadow: dict[str, torch.Tensor] | None = None  # for engines without in-place tensors
+
+    def update(self, engine, need: int | None = None, timeout: float = 0.0) -> list[dict]:
+        """As ``WeightReceiver.update``, over every shard."""
+        return _update(self, need, timeout, lambda short, deadline: self._heads(short, deadline, need),
+                       lambda heads, reports, short: self._apply(engine, heads, reports, blocking=short),
+                       lambda: f"every trainer rank (this replica holds {self.version}): are the ranks alive?")
+
+    def _heads(self, short: bool, deadline: float, need: int | None) -> list | None:
+        """Every shard's head at one version newer than ours (waiting while ``short``), or None."""
+        after = _after(self.version, need, short)
+        heads = [None] * len(self.shards)
+        while True:
+            target = max((h.version for h in heads if h is not None), default=after + 1)
+            for i, rx in enumerate(self.shards):
+                if heads[i] is None or heads[i].version < target:
+                    heads[i] = rx.relay.head(target - 1, max(0.0, deadline - time.monotonic()) if short else 0.0)
+                    if heads[i] is None:
+                        return None
+            if len({h.version for h in heads}) == 1:
+                return heads
+
+    def _apply(self, engine, heads: list, reports: list, blocking: bool) -> None:
+        if not blocking and not all([rx.ready(h) for rx, h in zip(self.shards, heads)]):
+            return  # some shard's objects are on their way: apply all of them together, later
+        version, meta = heads[0].version, heads[0].meta
+        tensors = engine.tensors() if patches_in_place(engine) else self._shadow(meta)
+        self.version = None  # from here until verified, the weights may mix versions
+        start = len(reports)
+        for rx, head in zip(self.shards, heads):
+            rx._catch_up(_Rows(tensors, head.meta["rows"]), head, reports, blocking=True)
+        checksums = [rx.checksum for rx in self.shards]
+        if any(rx.version != version for rx in self.shards) or root_checksum(checksums) != meta.get("root"):
+            if not any("error" in r for r in reports[start:]):  # a shard's own refusal says it already
+                reports.append({"object": f"shards-{version}", "bytes": 0, "fetch_wait_s": 0.0, "bit_exact": 0,
+                                "from_actor_bytes": 0, "from_peers_bytes": 0,
+                                "error": f"version {version}: the shards' checksums do not make the root the ranks "
+                                         f"published ({meta.get('root')}): refused, resyncing every shard"})
+            for rx in self.shards:
+                rx.version = rx.checksum = None
+            return
+        self.version = version
+        if self.shadow is not None:
+            engine.load_weights(self.shadow, version)
+        else:
+            engine.version = version
+
+    def _shadow(self, meta: dict) -> dict[str, torch.Tensor]:
+        if self.shadow is None:
+            dtype = sparse.DTYPES[meta["dtype"]]
+            self.shadow = {name: torch.empty(shape, dtype=dtype) for name, shape in meta["shapes"].items()}
+        return self.shadow
+
+    @property
+    def stats(self) -> dict:
+        out: dict = {}
+        for rx in self.shards:
+            for k, v in rx.stats.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    @property
+    def address(self) -> str | None:
+        return self.shards[0].address if self.shards else None
+
+    def close(self) -> None:
+        for rx in self.shards:
+            rx.close()

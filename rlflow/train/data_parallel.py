@@ -112,6 +112,12 @@ class TrainerGroup:
         out.token_log_w = [s["token_log_w"] for s in states if s["token_log_w"] is not None]
         return out
 
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (small, picklable), in rank order."""
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def most(self, n: int) -> int:
         """The largest ``n`` of any rank (how many lockstep passes every rank runs this step)."""
         t = torch.tensor([n], dtype=torch.int64, device=self.device)

@@ -101,10 +101,12 @@ class RayEndpoints:
 
 def describe(name: str) -> str:
     """Which role publishes endpoint ``name`` (for error messages)."""
-    if name == "weights":
-        return "the actor (its weight channel)"
-    if name.startswith("weights-"):
-        return f"rollout replica {name.split('-', 1)[1]} (its weight relay)"
+    base, _, shard = name.partition(".")  # a sharded trainer's rank ``shard`` (roles/context.shard_endpoint)
+    of = f" of trainer rank {shard}'s rows" if shard else ""
+    if base == "weights":
+        return "the actor (its weight channel)" if not shard else f"trainer rank {shard} (its weight channel)"
+    if base.startswith("weights-"):
+        return f"rollout replica {base.split('-', 1)[1]} (its weight relay{of})"
     if name.startswith("sglang-"):
         return f"rollout replica {name.split('-', 1)[1]} (its sglang server)"
     if name == "trainer":
