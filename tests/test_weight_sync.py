@@ -371,3 +371,27 @@ def test_shards_that_do_not_make_the_published_root_are_refused_and_never_serve_
     finally:
         rx.close()
         ranks.close()
+
+
+def test_one_process_serves_several_curve_channels_each_with_its_own_authenticator(tmp_path):
+    """A rollout relaying every trainer rank's shard serves several channels beyond loopback; CURVE's ZAP
+    handler is one per ZeroMQ context, so each channel node has a context of its own (and ends it)."""
+    from rlflow.transfer.security import keygen
+
+    keys = str(keygen(tmp_path / "keys"))
+    w = trainer_weights(2, n=1000)
+    pubs = [WeightPublisher("tcp://*:0", SyncConfig(), torch.float32, keys, key=KEY) for _ in range(2)]
+    try:
+        pubs[0].publish(0, w)
+        pubs[1].publish(0, {k: t * 2 for k, t in w.items()})
+        for pub, factor in zip(pubs, (1, 2)):
+            address = pub.address.replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
+            rx, engine = WeightReceiver(address, SyncConfig(), keys_dir=keys, key=KEY), TensorEngine(shapes(w))
+            try:
+                rx.update(engine, need=0, timeout=10)
+                assert checksum(engine.weights) == checksum({k: t * factor for k, t in w.items()})
+            finally:
+                rx.close()
+    finally:
+        for pub in pubs:
+            pub.close()

@@ -300,7 +300,12 @@ class Server:
         self.store, self.on_wait, self.key = store, on_wait, key
         self.refused = 0  # requests refused for want of the key's token
         self.dropped = 0  # replies to peers gone or not reading (REPLY_QUEUE)
-        self.ctx = zmq.Context.instance()
+        # CURVE's ZAP handler is one per context (inproc://zeromq.zap.01): a node serving beyond loopback gets
+        # a context of its own, so a process can serve several channels (a rollout relaying every trainer
+        # rank's shard), each with its own authenticator; it is ended with the node (``close``).
+        self._auth = None
+        self.own_ctx = not security.is_local(address) and keys_dir is not None
+        self.ctx = zmq.Context() if self.own_ctx else zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -329,6 +334,10 @@ class Server:
 
     def close(self) -> None:
         self._inbox.close(self._thread)
+        if self._auth is not None:
+            self._auth.stop()
+        if self.own_ctx and not self._thread.is_alive():  # every socket of the context is closed by now
+            self.ctx.term()
 
     def _serve(self) -> None:
         parked: list[_Parked] = []
