@@ -52,7 +52,7 @@ def test_masked_out_tokens_contribute_exactly_nothing_to_the_loss_or_the_gradien
         acc = StepAccumulator(engine, cfg, SAMPLING.max_new_tokens)
         acc.add(_episode_table(observation_logprob, ref_logprob))
         grads = {n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None}
-        results.append((acc.loss_sum, acc.tokens, grads, torch.cat(acc.seq_log_w)))
+        results.append((acc.total.loss_sum, acc.total.tokens, grads, acc.total.log_w()))
     (loss0, tokens0, grads0, w0), (loss1, tokens1, grads1, w1) = results
     assert tokens0 == tokens1 == 4 * 6  # only the sampled tokens count
     assert loss0 == loss1 and torch.equal(w0, w1) and math.isfinite(loss0)

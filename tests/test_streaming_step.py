@@ -50,7 +50,7 @@ def test_a_step_streamed_off_the_bus_has_the_whole_batch_gradient(tiny_model, re
         acc.add(client.get("actor", schema.ACTOR_INPUT, n=1, groups=True, timeout=10).table)
         deliveries += 1
     assert deliveries == GROUPS
-    streamed = {name: p.grad / acc.normaliser for name, p in engine.model.named_parameters()}
+    streamed = {name: p.grad / acc.total.normaliser for name, p in engine.model.named_parameters()}
     expected = _whole_batch_gradient(tiny_model, cfg, s)
     for name, g in expected.items():
         assert torch.allclose(streamed[name], g, rtol=1e-4, atol=1e-7), name
@@ -83,7 +83,7 @@ def test_micro_batches_by_token_budget_give_the_whole_batch_gradient(tiny_model,
     engine.token_logprobs = lambda p, r, f=engine.token_logprobs: passes.append(max(map(len, p)) + max(map(len, r))) or f(p, r)
     acc.add(client.get("actor", schema.ACTOR_INPUT, n=GROUPS, groups=True, timeout=10).table)
     assert acc.groups == GROUPS and len(passes) > 3
-    streamed = {name: p.grad / acc.normaliser for name, p in engine.model.named_parameters()}
+    streamed = {name: p.grad / acc.total.normaliser for name, p in engine.model.named_parameters()}
     for name, g in _whole_batch_gradient(tiny_model, cfg, s).items():
         assert torch.allclose(streamed[name], g, rtol=1e-4, atol=1e-7), name
 

@@ -99,10 +99,7 @@ class StepAccumulator:
         # its trained samples (cols, row, advantage), until ``finish`` (None: streaming)
         self.groups = 0  # groups consumed (including skipped ones)
         self.group_ids: list[str] = []  # their ids (every rank's, once merged: minibatches are cut from them)
-        self.normaliser = 0.0
-        self.loss_sum = 0.0
-        self.sums: dict[str, float] = {}
-        self.tokens = 0.0
+        self.total = Chunk()  # what the step's passes added up (every rank's, once merged)
         self.rewards: list[float] = []
         self.staleness: list[int] = []
         self.lengths: list[int] = []
@@ -110,8 +107,6 @@ class StepAccumulator:
         self.reward_errors = 0
         self.trained_uids: list[str] = []  # the samples this step trains on
         self.skipped_uids: list[str] = []  # consumed without training (failed reward, group without signal)
-        self.seq_log_w: list[torch.Tensor] = []  # [B] per forward: log π_θ/μ of each trained sample
-        self.token_log_w: list[torch.Tensor] = []  # flat log π_θ/μ of each trained token
         self.episodes: Counter = Counter()  # multi-turn rows consumed: turns, tokens, environment counters
 
     def add(self, table: pa.Table) -> None:
@@ -144,13 +139,19 @@ class StepAccumulator:
             self.held.update({gid: [(cols, i, advantages[i]) for i in valid] for valid, _, gid in groups})
             return
         for batch in self._passes([(cols, i, advantages[i]) for i in rows]):
-            self._fold(self._backward(batch))
+            self.total.add(self._backward(batch))
 
     def _passes(self, samples: list[tuple]) -> list[list[tuple]]:
         """``samples`` cut into forward/backward passes (``micro_batches``)."""
         lengths = [len(c["prompt_ids"][i]) + len(c["response_ids"][i]) for c, i, _ in samples]
         return [[samples[k] for k in batch]
                 for batch in micro_batches(lengths, self.cfg.micro_batch, self.cfg.max_tokens_per_microbatch)]
+
+    def _agreed_passes(self, samples: list[tuple]) -> tuple[list[list[tuple]], int]:
+        """``samples``' passes, and the idle ones this rank adds so that every rank of a sharded trainer
+        runs as many (agreed before any pass runs: each is a collective)."""
+        passes = self._passes(samples)
+        return passes, self.ranks.most(len(passes)) - len(passes) if self.lockstep else 0
 
     def _count_episodes(self, cols: dict) -> None:
         """What the step's metrics say of its episodes (every consumed row, trained or not)."""
@@ -232,24 +233,15 @@ class StepAccumulator:
         out.token_log_w.append((weighted.detach() - rollout_logp)[mask.bool()])  # masked-in tokens only
         return out
 
-    def _fold(self, chunk: Chunk) -> None:
-        """Add ``chunk`` to the step's totals."""
-        self.loss_sum += chunk.loss_sum
-        self.normaliser += chunk.normaliser
-        self.tokens += chunk.tokens
-        for name, value in chunk.sums.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
-        self.seq_log_w += chunk.seq_log_w
-        self.token_log_w += chunk.token_log_w
-
     def finish(self) -> dict[str, float]:
         """Step the optimizer on the accumulated gradient divided by the batch's normaliser, at this
         step's learning rate (VCPO's factor when ``vcpo``); held: train the held groups first, one
         optimizer step per minibatch and epoch."""
         if self.held is not None:
             return self._metrics(self._train_held())
-        scale = 1.0 / self.normaliser if self.normaliser > 0 else 0.0
-        log_w = torch.cat(self.seq_log_w) if self.seq_log_w else torch.zeros(0)
+        total = self.total
+        scale = 1.0 / total.normaliser if total.normaliser > 0 else 0.0
+        log_w = total.log_w()
         ess_ratio = ess(log_w) / log_w.numel() if log_w.numel() else 1.0
         factor = lr_factor(ess_ratio, self.cfg.vcpo_rule, self.cfg.vcpo_ref) if self.cfg.vcpo else 1.0
         if self.trained_uids:
@@ -257,14 +249,13 @@ class StepAccumulator:
         else:  # nothing to train: no update (see the module docstring), the version moves on
             self.engine.version += 1
             out = {"actor/grad_norm": 0.0, "lr/effective": 0.0, "step/updated": 0}
-        return self._metrics([{**out, "loss": self.loss_sum * scale, "ess/ratio": ess_ratio, "lr/factor": factor}])
+        return self._metrics([{**out, "loss": total.loss_sum * scale, "ess/ratio": ess_ratio, "lr/factor": factor}])
 
     def _train_held(self) -> list[dict]:
         """Train the held groups: ``epochs`` passes over them in ``minibatches``, an optimizer step each
         (see the class docstring); returns each update's metrics. Every rank calls it."""
         cfg = self.cfg
-        self.loss_sum = self.normaliser = self.tokens = 0.0  # the held updates' totals, merged across ranks
-        self.sums, self.seq_log_w, self.token_log_w = {}, [], []
+        self.total = Chunk()  # the held updates' totals, each merged across ranks
         if not self.trained_uids:  # on no rank: no update, the version moves on
             self.engine.version += 1
             return [{"actor/grad_norm": 0.0, "lr/effective": 0.0, "step/updated": 0, "loss": 0.0, "ess/ratio": 1.0,
@@ -287,9 +278,7 @@ class StepAccumulator:
     def _update(self, samples: list[tuple], prox: dict | None, last: bool) -> dict:
         """One minibatch: its passes, its normaliser and ESS across ranks, one optimizer step."""
         chunk = Chunk()
-        passes = self._passes(samples) if samples else []
-        # sharded, every pass is a collective: agree on the count before any (a rank short of passes idles)
-        idle = self.ranks.most(len(passes)) - len(passes) if self.lockstep else 0
+        passes, idle = self._agreed_passes(samples)
         for batch in passes:
             chunk.add(self._backward(batch, prox))
         for _ in range(idle):
@@ -298,7 +287,7 @@ class StepAccumulator:
             chunk = self.ranks.merge_chunk(chunk)
             if not self.lockstep:
                 self.ranks.all_reduce_gradients(self.engine.gradients())
-        self._fold(chunk)
+        self.total.add(chunk)
         log_w = chunk.log_w()
         ess_ratio = ess(log_w) / log_w.numel() if log_w.numel() else 1.0
         factor = lr_factor(ess_ratio, self.cfg.vcpo_rule, self.cfg.vcpo_ref) if self.cfg.vcpo else 1.0
@@ -318,8 +307,7 @@ class StepAccumulator:
     def _proximal(self) -> dict[str, torch.Tensor]:
         """uid -> [T] log π of each held sample under the weights at the version's start (one scoring)."""
         samples = [s for g in self.held.values() for s in g]
-        passes = self._passes(samples) if samples else []
-        idle = self.ranks.most(len(passes)) - len(passes) if self.lockstep else 0  # agreed before any pass
+        passes, idle = self._agreed_passes(samples)
         out = {}
         for batch in passes:
             logp = self._logprobs(batch)
@@ -333,7 +321,7 @@ class StepAccumulator:
         """The step's metrics: the first update's ESS and VCPO factor (the batch against the version it
         was trained from), the mean loss and gradient norm over updates; with several updates, each
         one's clip fraction, approximate KL, ESS, factor and gradient norm as lists (``minibatch/*``)."""
-        first = updates[0]
+        first, total = updates[0], self.total
         out = {"actor/grad_norm": sum(u["actor/grad_norm"] for u in updates) / len(updates),
                "lr/effective": first["lr/effective"], "step/updated": max(u["step/updated"] for u in updates),
                "loss": sum(u["loss"] for u in updates) / len(updates), "ess/ratio": first["ess/ratio"],
@@ -356,12 +344,12 @@ class StepAccumulator:
             "samples": len(self.staleness),
             "samples/trained": len(self.trained_uids),
             "samples/skipped": len(self.skipped_uids),
-            "tokens": self.tokens / (self.cfg.epochs if self.held is not None else 1),  # each epoch saw them all
-            **_weight_quantiles("is/seq", torch.cat(self.seq_log_w) if self.seq_log_w else torch.zeros(0)),
-            **_weight_quantiles("is/token", torch.cat(self.token_log_w) if self.token_log_w else torch.zeros(0)),
+            "tokens": total.tokens / (self.cfg.epochs if self.held is not None else 1),  # each epoch saw them all
+            **_weight_quantiles("is/seq", total.log_w()),
+            **_weight_quantiles("is/token", torch.cat(total.token_log_w) if total.token_log_w else torch.zeros(0)),
         })
-        for name, total in self.sums.items():
-            out[STAT_NAMES.get(name, f"actor/{name}")] = total / self.tokens if self.tokens else 0.0
+        for name, value in total.sums.items():
+            out[STAT_NAMES.get(name, f"actor/{name}")] = value / total.tokens if total.tokens else 0.0
         if self.episodes:
             out.update(episode_metrics(self.episodes))
         return out

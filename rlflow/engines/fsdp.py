@@ -10,7 +10,7 @@ Design decisions:
   so its state is sharded the same way and ``optimizer.step`` touches only local rows.
 - Gradients: FSDP reduce-scatters the *mean* over ranks. The actor accumulates un-normalised sums and
   divides by the whole step's normaliser (``algo/step.py``), so the engine multiplies by the world size
-  (``SUM_FACTOR``): gloo cannot run the pre-multiplied sum that would make FSDP sum instead.
+  ``shard`` returns: gloo cannot run the pre-multiplied sum that would make FSDP sum instead.
 - Mixed precision: with ``param_dtype`` bfloat16 (GPU) layers compute in bf16 and gradients are reduced in
   float32 onto float32 master shards; the optimizer never sees bf16.
 - Where the model lives (``load_model``): rank 0 reads the weights on the host, the other ranks build
@@ -37,9 +37,6 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-SUM_FACTOR_ATTR = "_rlflow_world"  # on the model: the world size its reduce-scattered gradients are averaged over
-
-
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's repeated blocks: modules of the classes in ``_no_split_modules`` (Hugging Face's list
     of what must stay whole), else the children of its largest ``ModuleList``."""
@@ -56,24 +53,24 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def shard(model: torch.nn.Module, device: str, param_dtype: str = "float32") -> int:
     """Apply FSDP2 to ``model`` (on the host) over every rank of the default process group, moving each
-    rank's shard to ``device``; returns the world size. The process group must be initialised."""
+    rank's shard to ``device``; returns the world size (what its reduce-scattered gradients are averaged
+    over). The process group must be initialised (``load_model`` checks it)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if not dist.is_initialized():
-        raise RuntimeError("actor.parallel=fsdp needs the trainer ranks' process group (roles/actor.py starts it)")
+    from rlflow.engines.hf import DTYPES
+
     world = dist.get_world_size()
     kind = torch.device(device).type
     if kind == "cuda":
         torch.cuda.set_device(torch.device(device))
     mesh = init_device_mesh(kind, (world,))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[param_dtype]
+    dtype = DTYPES[param_dtype]
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 \
         else MixedPrecisionPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    setattr(model, SUM_FACTOR_ATTR, world)
     return world
 
 
@@ -118,7 +115,10 @@ def checkpoint_group():
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    return hasattr(model, SUM_FACTOR_ATTR)
+    """Whether ``shard`` sharded ``model`` (its parameters are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(next(model.parameters()), DTensor)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -296,10 +296,10 @@ class HFTrainEngine:
 
         if self.tokenizer is None:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        model, tokenizer = self.model, self.tokenizer
         if self.sharded:
             return self._sharded_snapshot(staging, whole)
         weights, optimizer = fsdp.full_state(self.model, self.optimizer)
+        model, tokenizer = self.model, self.tokenizer
 
         def write(path: str) -> None:
             model.save_pretrained(path, state_dict=weights)

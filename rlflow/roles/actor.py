@@ -130,17 +130,16 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
             step, t0 = engine.version, time.monotonic()
             acc = StepAccumulator(engine, cfg, args.sampling.max_new_tokens, lockstep=sharded, ranks=group)
             deliveries, waited = _fill(ctx, acc, columns, share, step, staleness)
-            groups = list(acc.group_ids)
             if group is not None:
                 with ctx.timeline.span("all-reduce", step=step + 1):
-                    groups = group.merge(acc)
+                    group.merge(acc)
                     if acc.held is None:  # streamed: the gradient is in; held updates reduce their own
                         group.all_reduce_gradients(engine.gradients())
             with ctx.timeline.span("train", step=step + 1, optimizer_step=True):
                 metrics = acc.finish()
             for d in deliveries:
                 ctx.bus.ack(d)
-            groups_by_step.append(groups)
+            groups_by_step.append(acc.group_ids)  # every rank's, in rank order
             skipped_by_step.append(acc.skipped_uids)
             sync_metrics, ckpt_metrics = {}, {}
             if shard_sync or lead:

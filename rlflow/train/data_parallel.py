@@ -29,8 +29,10 @@ import socket
 import torch
 import torch.distributed as dist
 
+from rlflow.algo.step import Chunk
+
 MERGED_LISTS = ("rewards", "staleness", "lengths", "trained_uids", "skipped_uids", "group_ids")
-MERGED_SUMS = ("groups", "normaliser", "loss_sum", "tokens", "skipped_groups", "reward_errors")
+MERGED_SUMS = ("groups", "skipped_groups", "reward_errors")
 
 
 def init_address(address: str) -> str:
@@ -56,6 +58,24 @@ def rank_device(device: str, rank: int) -> str:
     return f"cuda:{rank % count}" if count > 1 else device
 
 
+def _chunk_state(chunk) -> dict:
+    """What a rank sends of a Chunk: its sums, and its log weights as host copies (an object collective
+    unpickles a device tensor onto its sender's device)."""
+    return {"loss_sum": chunk.loss_sum, "normaliser": chunk.normaliser, "tokens": chunk.tokens, "sums": chunk.sums,
+            "seq_log_w": chunk.log_w().cpu(),
+            "token_log_w": torch.cat(chunk.token_log_w).cpu() if chunk.token_log_w else None}
+
+
+def _merged_chunk(states: list[dict]):
+    """Every rank's ``_chunk_state`` as one Chunk: sums added, log weights in rank order."""
+    out = Chunk()
+    out.loss_sum, out.normaliser, out.tokens = (sum(s[k] for s in states) for k in ("loss_sum", "normaliser", "tokens"))
+    out.sums = {k: sum(s["sums"].get(k, 0.0) for s in states) for k in {k for s in states for k in s["sums"]}}
+    out.seq_log_w = [s["seq_log_w"] for s in states]
+    out.token_log_w = [s["token_log_w"] for s in states if s["token_log_w"] is not None]
+    return out
+
+
 class TrainerGroup:
     """This rank's place among the trainer ranks, and the collectives of one step."""
 
@@ -77,40 +97,20 @@ class TrainerGroup:
             method = init_address(ctx.endpoints.lookup("trainer", ctx.wait_seconds))
         return cls(ctx.replica, replicas, method, device, ctx.wait_seconds)
 
-    def merge(self, acc) -> list[str]:
-        """Give ``acc`` (a StepAccumulator) the whole step's statistics (uids trained and skipped included);
-        returns every rank's group ids, in rank order."""
+    def merge(self, acc) -> None:
+        """Give ``acc`` (a StepAccumulator) the whole step's statistics (uids trained and skipped, group ids
+        in rank order, its ``total``). One collective."""
         state = {name: getattr(acc, name) for name in MERGED_LISTS + MERGED_SUMS}
-        # host copies: an object collective unpickles a device tensor onto its sender's device
-        state.update(sums=acc.sums,
-                     seq_log_w=torch.cat(acc.seq_log_w).cpu() if acc.seq_log_w else None,
-                     token_log_w=torch.cat(acc.token_log_w).cpu() if acc.token_log_w else None)
-        states: list = [None] * self.world
-        dist.all_gather_object(states, state)
+        states = self.gather({**state, "total": _chunk_state(acc.total)})
         for name in MERGED_LISTS:
             setattr(acc, name, [x for s in states for x in s[name]])
         for name in MERGED_SUMS:
             setattr(acc, name, sum(s[name] for s in states))
-        acc.sums = {k: sum(s["sums"].get(k, 0.0) for s in states) for k in {k for s in states for k in s["sums"]}}
-        acc.seq_log_w = [s["seq_log_w"] for s in states if s["seq_log_w"] is not None]
-        acc.token_log_w = [s["token_log_w"] for s in states if s["token_log_w"] is not None]
-        return acc.group_ids
+        acc.total = _merged_chunk([s["total"] for s in states])
 
     def merge_chunk(self, chunk):
         """A held update's ``algo/step.Chunk`` summed over the ranks (its log weights gathered, in rank order)."""
-        from rlflow.algo.step import Chunk
-
-        state = {"loss_sum": chunk.loss_sum, "normaliser": chunk.normaliser, "tokens": chunk.tokens, "sums": chunk.sums,
-                 "seq_log_w": chunk.log_w().cpu(),  # host copies, as in merge
-                 "token_log_w": torch.cat(chunk.token_log_w).cpu() if chunk.token_log_w else None}
-        states: list = [None] * self.world
-        dist.all_gather_object(states, state)
-        out = Chunk()
-        out.loss_sum, out.normaliser, out.tokens = (sum(s[k] for s in states) for k in ("loss_sum", "normaliser", "tokens"))
-        out.sums = {k: sum(s["sums"].get(k, 0.0) for s in states) for k in {k for s in states for k in s["sums"]}}
-        out.seq_log_w = [s["seq_log_w"] for s in states]
-        out.token_log_w = [s["token_log_w"] for s in states if s["token_log_w"] is not None]
-        return out
+        return _merged_chunk(self.gather(_chunk_state(chunk)))
 
     def gather(self, obj) -> list:
         """Every rank's ``obj`` (small, picklable), in rank order."""
@@ -146,9 +146,7 @@ class TrainerGroup:
         for name, tensor in weights:
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        digests: list = [None] * self.world
-        dist.all_gather_object(digests, h.hexdigest())
-        return len(set(digests)) == 1
+        return len(set(self.gather(h.hexdigest()))) == 1
 
     def barrier(self) -> None:
         dist.barrier()
