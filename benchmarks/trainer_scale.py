@@ -26,6 +26,9 @@ Reported per rank count (rank 0's figures unless said):
 - ``checkpoint_snapshot_s`` / ``checkpoint_write_s``: a resumable checkpoint, what the step waits for
   (one trainer: a host copy of the weights and AdamW state; sharded: staging each rank's rows for DCP)
   and the write that goes on beside training (one trainer: the whole state; sharded: every rank its rows).
+- ``lora``: one trainer with LoRA adapters (``actor.lora``, rank ``--lora-rank`` on every projection)
+  on the same model: the same figures, where a version's snapshot and patch are the adapters alone,
+  and ``patch_ratio`` / ``snapshot_ratio``: its sync bytes per version against the full model's.
 
 Ranks share this machine's cores, so step times of 2 and 4 ranks measure overhead, not speed-up. The last
 line of stdout is one JSON object with every figure.
@@ -65,6 +68,7 @@ def worker(args) -> None:
     from rlflow.algo.step import StepAccumulator
     from rlflow.engines import fsdp
     from rlflow.engines.base import SamplingParams
+    from rlflow.engines.config import LoraConfig
     from rlflow.engines.hf import HFTrainEngine
     from rlflow.roles.config import ActorConfig
     from rlflow.sync.codec import PatchEncoder
@@ -74,7 +78,7 @@ def worker(args) -> None:
     sharded = args.world > 1
     group = TrainerGroup(args.rank, args.world, f"file://{args.init}", "cpu", args.timeout) if sharded else None
     cfg = ActorConfig(parallel="fsdp" if sharded else "replicate", micro_batch=args.micro_batch,
-                      replicas=args.world, groups_per_step=args.world)
+                      replicas=args.world, groups_per_step=args.world, lora=LoraConfig(rank=args.lora))
     sampling = SamplingParams(max_new_tokens=args.response)
     engine = HFTrainEngine(args.model, cfg, sampling)
     load_peak = _status("VmHWM")
@@ -134,7 +138,7 @@ def worker(args) -> None:
         del own, blob
     # a checkpoint: what the step waits for (the snapshot: sharded, staging every rank's rows for DCP) and
     # the write that runs beside training (rank 0's writer; sharded, it ends once every rank's rows are written)
-    target = f"{os.path.dirname(args.init)}/ckpt-{args.world}"
+    target = f"{os.path.dirname(args.init)}/ckpt-{args.world}-lora{args.lora}"
     t = time.perf_counter()
     write = engine.snapshot(f"{target}.dcp") if sharded else engine.snapshot()
     snapshot_s = time.perf_counter() - t
@@ -146,7 +150,7 @@ def worker(args) -> None:
     state = sum(fsdp.local(p).numel() * p.element_size() for p in engine.model.parameters())
     state += sum(fsdp.local(v).numel() * v.element_size() for s in engine.optimizer.state.values()
                  for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
-    out = {"rank": args.rank, "state_mb": state / 2**20, "load_peak_mb": load_peak, "step_peak_mb": train_peak,
+    out = {"rank": args.rank, "state_mb": state / 2**20, "trained_params": sum(p.numel() for p in engine.weights().values()), "load_peak_mb": load_peak, "step_peak_mb": train_peak,
            "publish_peak_mb": publish_peak,
            "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0], "gather_s": statistics.median(gather_s),
            "snapshot_mb": snapshot_mb, "params": sum(p.numel() for p in engine.model.parameters()), **patch,
@@ -167,13 +171,15 @@ def build_model(args) -> str:
     return build_tiny_model(cfg, task_demos("reverse", 3, 5), cache_dir=args.cache, log=lambda *_: None)
 
 
-def run_ranks(args, model: str, world: int, tmp: str) -> list[dict]:
-    """Start ``world`` rank processes and wait for each one's figures (bounded by --timeout)."""
-    outs = [f"{tmp}/w{world}-r{r}.json" for r in range(world)]
+def run_ranks(args, model: str, world: int, tmp: str, lora: int = 0) -> list[dict]:
+    """Start ``world`` rank processes and wait for each one's figures (bounded by --timeout); ``lora``: the
+    adapters' rank (0: the whole model trains)."""
+    tag = f"{world}-lora{lora}"
+    outs = [f"{tmp}/w{tag}-r{r}.json" for r in range(world)]
     base = [sys.executable, "-m", "benchmarks.trainer_scale", "--worker", "--model", model, "--world", str(world),
-            "--init", f"{tmp}/init-{world}", "--threads", str(args.threads), "--samples", str(args.samples),
+            "--init", f"{tmp}/init-{tag}", "--threads", str(args.threads), "--samples", str(args.samples),
             "--prompt", str(args.prompt), "--response", str(args.response), "--steps", str(args.steps),
-            "--micro-batch", str(args.micro_batch)]
+            "--micro-batch", str(args.micro_batch), "--lora", str(lora)]
     procs = [subprocess.Popen(base + ["--rank", str(r), "--out", outs[r]]) for r in range(world)]
     try:
         for p in procs:
@@ -200,6 +206,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--cache", default=None, help="model cache directory (default: rlflow's)")
+    ap.add_argument("--lora-rank", type=int, default=16, help="the LoRA run's adapter rank (0: no LoRA run)")
     # one rank (internal)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -207,6 +214,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--init", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--lora", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
@@ -229,6 +237,16 @@ def main() -> None:
                   f"step {lead['step_s']:.2f} s, gather {lead['gather_s']:.2f} s, patch {lead.get('patch_mb', 0):.1f} MB "
                   f"encoded in {lead.get('encode_s', 0):.2f} s; checkpoint: step waits {lead['checkpoint_snapshot_s']:.2f} s, "
                   f"written in {lead['checkpoint_write_s']:.2f} s", flush=True)
+        if args.lora_rank:
+            lead = run_ranks(args, model, 1, tmp, args.lora_rank)[0]
+            full = results[min(results)]
+            lora = {k: round(v, 4) if isinstance(v, float) else v for k, v in lead.items() if k != "rank"}
+            lora.update(rank=args.lora_rank, patch_ratio=round(lead["patch_mb"] / full["patch_mb"], 5),
+                        snapshot_ratio=round(lead["snapshot_mb"] / full["snapshot_mb"], 5))
+            print(f"LoRA r={args.lora_rank}: {lead['trained_params']:,} of {lead['params']:,} parameters train; "
+                  f"a version's patch {lead['patch_mb']:.2f} MB ({lora['patch_ratio']:.2%} of the full model's "
+                  f"{full['patch_mb']:.1f} MB), keyframe {lead['snapshot_mb']:.2f} MB; state {lead['state_mb']:.0f} MB, "
+                  f"step {lead['step_s']:.2f} s", flush=True)
     whole = results[min(results)]["state_mb"] * min(results)
     for world, r in results.items():
         r["state_ratio"] = round(r["state_ratio"] / whole, 4)  # the fullest rank's share of the whole
@@ -237,7 +255,7 @@ def main() -> None:
     print(json.dumps({"benchmark": "trainer_scale", "params": results[min(results)]["params"],
                       "config": {k: getattr(args, k) for k in ("hidden", "intermediate", "layers", "samples", "prompt",
                                                                "response", "micro_batch", "steps", "threads")},
-                      "ranks": results}))
+                      "ranks": results, "lora": lora if args.lora_rank else None}))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ response shapes of sglang 0.5.x's own server (``http_server.py`` / ``io_struct.p
 on ``input_ids`` with ``meta_info.output_token_logprobs`` as [logprob, token_id, text] triples and
 ``finish_reason`` objects; abort-mode ``/pause_generation``; ``/update_weights_from_disk``
 answering {success, message, num_paused_requests}; ``/update_weight_version``; a plain-text
-``/flush_cache`` answering 400 while busy; ``/get_server_info`` and ``/get_model_info``.
+``/flush_cache`` answering 400 while busy; ``/get_server_info`` and ``/get_model_info``; with ``lora``
+(as ``--enable-lora``) ``/load_lora_adapter`` and ``/unload_lora_adapter`` of peft's adapter files,
+answering {success, error_message, loaded_adapters}, and ``lora_path`` on ``/generate`` naming a loaded
+adapter (none: the base model).
 Behind it is a real model (the tiny checkpoint on torch), so generations and weight updates are real.
 It is strict where sglang is: unknown sampling parameters, top_k 0, duplicate rids and a batch whose rid
 list has the wrong length are 400s. Faults can be injected (``flush_busy``, ``abort_next``).
@@ -27,13 +30,15 @@ SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "st
 
 
 class StandIn:
-    def __init__(self, model_path: str, version: str = "0.5.10", seed: int = 0):
+    def __init__(self, model_path: str, version: str = "0.5.10", seed: int = 0, lora=None):
         from types import SimpleNamespace
 
         from rlflow.engines.hf import HFRolloutEngine
 
-        self.model_path, self.server_version = model_path, version
-        self.engine = HFRolloutEngine(model_path, SimpleNamespace(device="cpu", dtype="float32", max_batch=256, seed=seed))
+        self.model_path, self.server_version, self.lora = model_path, version, lora
+        self.engine = HFRolloutEngine(model_path, SimpleNamespace(device="cpu", dtype="float32", max_batch=256, seed=seed),
+                                      lora)
+        self.adapters: dict[str, dict] = {}  # loaded LoRA adapters by name: their tensors
         self.weight_version = "default"
         self.lock = threading.Lock()  # one model: requests take turns
         self.resumed = threading.Event()
@@ -80,6 +85,13 @@ class StandIn:
             return 200, {"message": "Generation continued successfully.", "status": "ok"}
         if path == "/update_weights_from_disk":
             return self.update_from_disk(body)
+        if path == "/load_lora_adapter":
+            return self.load_adapter(body)
+        if path == "/unload_lora_adapter":
+            if body.get("lora_name") not in self.adapters:
+                return 400, {"success": False, "error_message": f"LoRA adapter {body.get('lora_name')} is not loaded"}
+            del self.adapters[body["lora_name"]]
+            return 200, {"success": True, "error_message": "", "loaded_adapters": sorted(self.adapters)}
         if path == "/init_weights_update_group":
             return self.join_group(body)
         if path == "/update_weights_from_distributed":
@@ -114,8 +126,20 @@ class StandIn:
         top_k = sp.get("top_k", -1)
         sampling = SamplingParams(sp.get("max_new_tokens", 128), sp.get("temperature", 1.0), sp.get("top_p", 1.0),
                                   0 if top_k == -1 else top_k)
+        adapter = body.get("lora_path")
+        if adapter is not None and adapter not in self.adapters:
+            return 400, {"error": {"message": f"LoRA adapter {adapter!r} is not loaded"}}
         with self.lock:
-            gens = self.engine.generate(ids, sampling)
+            if adapter is not None:
+                from rlflow.engines.hf import load_parameters
+
+                load_parameters(self.engine.model, self.adapters[adapter])
+                gens = self.engine.generate(ids, sampling)
+            elif self.lora is not None:  # no adapter named: the base model
+                with self.engine.model.disable_adapter():
+                    gens = self.engine.generate(ids, sampling)
+            else:
+                gens = self.engine.generate(ids, sampling)
             version = self.weight_version
         self.generated_versions.append(version)
         self.inputs += ids
@@ -162,6 +186,25 @@ class StandIn:
             if body.get("weight_version") is not None:
                 self.weight_version = body["weight_version"]
         return 200, {"success": True, "message": "Succeeded to update parameter online."}
+
+    def load_adapter(self, body):
+        """sglang checks an adapter against what the server was launched with: rank and target modules."""
+        import json as _json
+
+        from rlflow.engines import lora
+
+        if self.lora is None:
+            return 400, {"success": False, "error_message": "LoRA is not enabled. Please set `--enable-lora`."}
+        path = Path(body["lora_path"])
+        try:
+            config = _json.loads((path / "adapter_config.json").read_text())
+            tensors = lora.load_adapter(path)
+        except (OSError, ValueError) as e:
+            return 400, {"success": False, "error_message": f"Failed to load LoRA adapter: {e}"}
+        if config["r"] > self.lora.rank or not set(config["target_modules"]) <= set(self.lora.target_modules):
+            return 400, {"success": False, "error_message": "LoRA adapter exceeds --max-lora-rank or --lora-target-modules"}
+        self.adapters[body["lora_name"]] = tensors
+        return 200, {"success": True, "error_message": "", "loaded_adapters": sorted(self.adapters)}
 
     def update_from_disk(self, body):
         from safetensors.torch import load_file

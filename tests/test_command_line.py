@@ -44,7 +44,7 @@ def test_help_is_rlflows_own_and_an_unknown_recipe_lists_the_recipes():
                  "resume=true", "README.md"):
         assert word in r.stdout, word
     r = rlflow("-cn", "gsm8k", *CHEAP)
-    assert r.returncode == 2 and "-cn gsm8k: no such recipe" in said(r) and "default, gsm8k_fsdp, gsm8k_qwen, gsm8k_sglang" in said(r)
+    assert r.returncode == 2 and "-cn gsm8k: no such recipe" in said(r) and "default, gsm8k_fsdp, gsm8k_lora, gsm8k_qwen, gsm8k_sglang" in said(r)
 
 
 def test_a_model_path_that_is_not_a_checkpoint_is_refused_naming_it_before_anything_starts(tmp_path):

@@ -134,6 +134,20 @@ def test_the_sharded_trainer_recipe_composes_and_validates(tiny_model, tmp_path)
     assert cfg.actor.groups_per_step % cfg.actor.replicas == 0
 
 
+def test_the_lora_recipe_composes_and_validates(tiny_model, tmp_path):
+    pytest.importorskip("peft", reason="actor.lora needs the lora extra (peft)")
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "1+1=2 #### 2"}) + "\n")
+    cfg = OmegaConf.to_object(_compose("gsm8k_lora", [f"model.path={tiny_model}", f"data.path={data}"]))
+    cfg.check()
+    assert (cfg.actor.lora.rank, cfg.actor.lora.final, cfg.actor.lora.target_modules[0]) == (32, "merged", "q_proj")
+    assert (cfg.rollout.engine, cfg.rollout.sglang.update, cfg.rollout.device) == ("sglang", "disk", "cuda:1")
+    from rlflow.flow.launcher import plan_roles
+
+    rollout = next(p for p in plan_roles(cfg) if p.role == "rollout")
+    assert rollout.args.lora == cfg.actor.lora  # the rollout applies the trainer's adapters
+
+
 def test_the_gpu_recipe_names_each_missing_path(tmp_path):
     result = _cli(["-cn", "gsm8k_qwen", f"run_dir={tmp_path}/run"])
     assert result.returncode == 2 and "data.path: this recipe has no built-in task" in result.stdout

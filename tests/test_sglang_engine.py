@@ -253,6 +253,43 @@ def test_launching_without_sglang_installed_names_the_extra_and_the_url_alternat
         SGLangEngine(tiny_model, RolloutConfig(engine="sglang", device="cuda"))
 
 
+def test_with_lora_each_version_is_an_adapter_loaded_by_name_and_every_generate_runs_with_it(tiny_model):
+    """The base never changes: a version's adapters are peft files the server loads under a name of their
+    own; the older adapter is unloaded, the cache flushed, and every /generate names the newest one."""
+    pytest.importorskip("peft", reason="actor.lora needs the lora extra (peft)")
+    from rlflow.engines.config import LoraConfig
+    from rlflow.engines.hf import HFTrainEngine
+    from rlflow.engines.sglang import lora_launch_args
+    from rlflow.roles.config import ActorConfig
+
+    lora = LoraConfig(rank=4, alpha=8)
+    assert lora_launch_args(lora)[:3] == ["--enable-lora", "--max-lora-rank", "4"]
+    standin = StandIn(tiny_model, lora=lora)
+    try:
+        engine = SGLangEngine(tiny_model, RolloutConfig(engine="sglang", sglang=SGLangConfig(url=standin.url)), lora)
+        torch.manual_seed(0)
+        trainer = HFTrainEngine(tiny_model, ActorConfig(lr=1e-2, lora=lora), SamplingParams(max_new_tokens=6))
+        prompts = [[3, 4, 5], [3, 6], [4, 4, 5, 6]] * 2
+        for version in (1, 2):
+            (-trainer.token_logprobs(prompts, [[5, 6, 2]] * len(prompts)).sum()).backward()
+            trainer.step(1.0)
+            standin.calls.clear()
+            engine.load_weights(trainer.weights(), version)
+            expected = ["/load_lora_adapter", "/update_weight_version"] + ["/unload_lora_adapter"] * (version > 1)
+            assert standin.paths() == expected + ["/flush_cache", "/get_model_info"]
+        assert list(standin.adapters) == [engine.adapter] and engine.adapter.endswith("-v2")
+        assert sorted(p.name for p in engine.update_root.iterdir()) == ["lora-v2"]
+        gens = engine.generate(prompts, SamplingParams(max_new_tokens=6))
+        assert dict(standin.calls)["/generate"]["lora_path"] == engine.adapter
+        with torch.no_grad():  # what the server sampled with is the trainer's policy, adapters and all
+            logp = trainer.token_logprobs(prompts, [g.response_ids for g in gens])
+        for i, g in enumerate(gens):
+            assert torch.allclose(logp[i, : len(g.logprobs)], torch.tensor(g.logprobs), atol=1e-4)
+        engine.close()
+    finally:
+        standin.close()
+
+
 # ---------------------------------------------------------------------------- a whole run
 def test_a_run_with_the_sglang_engine_trains_and_the_server_holds_the_trainers_weights_bit_exact(
         tmp_path, tiny_model, model_cache, standin):
@@ -270,6 +307,33 @@ def test_a_run_with_the_sglang_engine_trains_and_the_server_holds_the_trainers_w
     served = {k: v for k, v in standin.engine.model.named_parameters()}
     trained = load_file(str(run_dir / "checkpoints/step-3/model.safetensors"))
     assert all(torch.equal(served[k], trained[k]) for k in served)
+
+
+def test_a_lora_run_with_the_sglang_engine_generates_every_step_with_the_trainers_adapters(tmp_path, tiny_model, model_cache):
+    pytest.importorskip("peft", reason="actor.lora needs the lora extra (peft)")
+    from safetensors.torch import load_file
+
+    from rlflow.engines import lora
+    from rlflow.engines.config import LoraConfig
+    from test_runs import metrics, rlflow
+
+    standin = StandIn(tiny_model, lora=LoraConfig(rank=8))  # as launched with --max-lora-rank 8
+    try:
+        run_dir = tmp_path / "run"
+        r = rlflow(run_dir, model_cache, "rollout.engine=sglang", f"rollout.sglang.url={standin.url}", "flow.steps=3",
+                   "flow.staleness=0", "actor.lora.rank=8", "actor.lr=2e-3", "actor.checkpoint_every=1",
+                   "actor.checkpoint_keep=3")
+        assert r.returncode == 0, r.stdout + r.stderr
+        rows = metrics(run_dir)
+        assert standin.generated_versions == ["0", "1", "2"] and all(abs(m["is/token_max"] - 1) < 1e-4 for m in rows)
+        [served] = standin.adapters.values()  # one adapter loaded at a time: the newest, bit-exact
+        version = int(standin.weight_version)
+        name = "final" if version == 3 else f"step-{version}"
+        trained = load_file(str(run_dir / f"checkpoints/{name}/adapter/adapter_model.safetensors"))
+        assert version >= 2 and {lora.model_name(k) for k in trained} == set(served)
+        assert all(torch.equal(served[lora.model_name(k)], v) for k, v in trained.items())
+    finally:
+        standin.close()
 
 
 def test_multi_turn_episodes_run_through_the_sglang_engine_on_exact_input_ids(tmp_path, model_cache, standin):

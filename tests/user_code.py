@@ -52,3 +52,10 @@ class TrainerWithoutSampling:
 
     def __init__(self, model_path: str, cfg):
         self.version = 0
+
+
+class PlainEngine(HFRolloutEngine):
+    """The built-in engine behind the plain constructor a user's engine may have: no lora argument."""
+
+    def __init__(self, model_path, cfg):
+        super().__init__(model_path, cfg)

@@ -3,6 +3,7 @@
 To plug your own, write a class with this shape and name it by dotted path in the recipe:
 
     rollout.engine=my_pkg.engines.MyEngine    # class: MyEngine(model_path: str, cfg: RolloutConfig)
+                                               # (with actor.lora: MyEngine(model_path, cfg, lora: LoraConfig))
     actor.engine=my_pkg.engines.MyTrainer      # class: MyTrainer(model_path: str, cfg: ActorConfig,
                                                #                  sampling: SamplingParams)  (the rollout's)
 
@@ -48,7 +49,9 @@ class RolloutEngine(Protocol):
         """One response per prompt, in order (repeat a prompt G times for a group)."""
 
     def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
-        """Replace the policy weights by ``weights`` (parameter name -> tensor) and set ``version``."""
+        """Replace the policy weights by ``weights`` (parameter name -> tensor) and set ``version``. With
+        LoRA (``actor.lora``) the weights are the adapters alone, named as peft names them in a model
+        wrapped by ``engines/lora.wrap``; the base model stays as loaded."""
 
     # Optional: ``tensors() -> dict[str, torch.Tensor]``, the engine's live weights (contiguous, in the
     # sync dtype, names as the trainer's ``weights()``). With it, patches are scattered into them in
@@ -93,7 +96,8 @@ class TrainEngine(Protocol):
     #     """([B] squared norm of each response's ∇_θ log π_θ, [B] its log π_θ), leaving .grad untouched."""
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """The policy parameters as rollout engines load them (name -> tensor, no duplicates of tied ones)."""
+        """The policy parameters as rollout engines load them (name -> tensor, no duplicates of tied ones;
+        with LoRA the adapters alone). An engine that trains adapters sets ``lora = True``."""
 
     def save(self, path: str) -> None:
         """Write a checkpoint that ``from_pretrained(path)`` (or the engine's own loader) reads back."""

@@ -1,4 +1,4 @@
-"""The engines' settings: the sglang server a rollout replica drives, and the tiny model built locally.
+"""The engines' settings: the sglang server a rollout replica drives, LoRA adapters, and the tiny model built locally.
 
 Torch-free, like every config module (``rlflow/errors.py``): the launcher checks them without torch.
 """
@@ -63,6 +63,50 @@ class SGLangConfig:
         require(self.mem_fraction is None or 0 < self.mem_fraction < 1, f"{at}.mem_fraction",
                 f"must be in (0, 1) or null (sglang's choice), got {self.mem_fraction}")
         require_seconds(self, at, "startup_timeout", "request_timeout", "flush_timeout")
+
+
+LORA_FINAL = ("adapter", "merged")
+"""What the run's final LoRA checkpoint holds (``actor.lora.final``)."""
+
+
+@dataclass
+class LoraConfig:
+    """actor.lora: train low-rank adapters (peft) on a frozen base model instead of the whole model.
+
+    Only the adapters train, sync to the rollouts and go into checkpoints; the rollout engines apply the
+    same adapters (hf: peft on the same base; sglang: its LoRA adapter API). The reference role, which
+    loads the start model, scores with the base: the KL term is to the model the adapters started from."""
+
+    rank: int = 0
+    """r of every adapter (0: off, the whole model trains). Each targeted linear layer W gets W + (alpha / r) B A
+    with A [r, in] (random at the start) and B [out, r] (zeros), so version 0 is exactly the base model."""
+    alpha: float = 16.0
+    """The adapters' scale numerator (scale = alpha / rank)."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])
+    """Linear layers that get adapters, by the last part of their module name (peft's matching); the default
+    names every projection of Llama/Qwen/Mistral-style decoders."""
+    final: str = "adapter"
+    """The run's final checkpoint: adapter (peft's adapter files, loaded on the base model) or merged (also the
+    base with the adapters merged in, as from_pretrained files). `rlflow export` merges any LoRA checkpoint."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def check(self, at: str = "actor.lora") -> None:
+        require(self.rank >= 0, f"{at}.rank", f"must be >= 0 (0: no adapters, the whole model trains), got {self.rank}")
+        if not self.enabled:
+            return
+        require(self.alpha > 0, f"{at}.alpha", f"must be > 0 (the adapters' scale is alpha / rank), got {self.alpha}")
+        require(len(self.target_modules) > 0 and all(isinstance(m, str) and m for m in self.target_modules),
+                f"{at}.target_modules", f"name at least one linear layer, e.g. [q_proj, v_proj], got {self.target_modules}")
+        require(self.final in LORA_FINAL, f"{at}.final", f"choose one of {LORA_FINAL}, got {self.final!r}")
+        import importlib.util
+
+        require(importlib.util.find_spec("peft") is not None, f"{at}.rank",
+                f"{at}.rank={self.rank} trains adapters with peft, which is not installed: pip install "
+                f"'rlflow[lora]' (or set {at}.rank=0 to train the whole model)")
 
 
 @dataclass

@@ -79,8 +79,9 @@ def load_model(path: str, device: str, param_dtype: str = "float32", prepare=Non
     (model, world size). Only rank 0 reads the weights, on the host: the other ranks build the model's
     skeleton on the meta device (no memory), every rank shards it, the shards are made real on the
     device, and rank 0 sends each rank its rows and the buffers (rotary frequencies and the like). So
-    the host holds the whole model once, not once per rank. ``prepare(model)`` runs before sharding
-    (e.g. activation checkpointing)."""
+    the host holds the whole model once, not once per rank. ``prepare(model)`` runs before sharding and
+    returns the model to shard (activation checkpointing, LoRA adapters: rank 0 draws them, and sends them
+    with the rest)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -94,7 +95,7 @@ def load_model(path: str, device: str, param_dtype: str = "float32", prepare=Non
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
     model.train()
     if prepare is not None:
-        prepare(model)
+        model = prepare(model)
     whole = model.state_dict() if lead else {}  # kept alive through sharding: what rank 0 sends
     world = shard(model, device, param_dtype)
     target = torch.device(device)
@@ -135,13 +136,15 @@ def scalar(t) -> float:
     return float(t.full_tensor() if isinstance(t, DTensor) else t)
 
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict | None]:
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+               frozen: bool = True) -> tuple[dict, dict | None]:
     """(model state dict, optimizer state dict keyed by parameter name), whole, in host memory: on rank 0
     of a sharded model (empty on the others: a collective every rank must call), or copied from a plain one.
-    Names, not positions, key the optimizer state, so it loads into a model sharded over any number of ranks."""
+    Names, not positions, key the optimizer state, so it loads into a model sharded over any number of ranks.
+    ``frozen=False``: the parameters that train only (LoRA's adapters), no buffers."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not frozen)
     weights = get_model_state_dict(model, options=options)
     optim = None
     if optimizer is not None:  # an optimizer that never stepped has no state to save: asking torch for it
@@ -150,6 +153,14 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None =
     if not is_sharded(model):  # the plain model's tensors can be the live ones: copy them now
         weights, optim = host_copy(weights), host_copy(optim)
     return weights, optim
+
+
+def load_full(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors (some of the model's parameters, by name; every rank passes the same) into a
+    sharded model: each rank keeps its own rows."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict | None) -> None:
@@ -193,15 +204,19 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def local_rows(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dict[str, list[int]]]:
-    """This rank's rows of every parameter (tied ones once, empty shards left out), where they sit in the
-    whole tensor ([start, stop) on dim 0) and every whole tensor's shape: what a rank publishes of the
-    model without gathering it. FSDP2 splits dim 0 as ``torch.chunk`` does: ceil(rows / N) per rank."""
+def local_rows(model: torch.nn.Module, names: set[str] | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, list[int]], dict[str, list[int]]]:
+    """This rank's rows of every parameter (or of those in ``names``; tied ones once, empty shards left
+    out), where they sit in the whole tensor ([start, stop) on dim 0) and every whole tensor's shape: what
+    a rank publishes of the model without gathering it. FSDP2 splits dim 0 as ``torch.chunk`` does:
+    ceil(rows / N) per rank."""
     from torch.distributed.tensor import DTensor
 
     rank, world = dist.get_rank(), dist.get_world_size()
     local, rows, shapes = {}, {}, {}
     for name, p in model.named_parameters():
+        if names is not None and name not in names:
+            continue
         shapes[name] = list(p.shape)
         if not isinstance(p, DTensor):
             raise TypeError(f"{name} is not sharded: local_rows reads a model fully_shard has sharded")

@@ -6,6 +6,8 @@
   ``token_logprobs`` and calls ``step`` once per policy version. With ``actor.parallel=fsdp`` the model
   is sharded over the trainer ranks (``engines/fsdp.py``); the methods below then are collectives
   every rank calls, and what is gathered whole lands on rank 0.
+- With ``actor.lora`` both wrap the model with the same adapters (``engines/lora.py``): a policy version
+  is then the adapters alone, which train, sync and checkpoint; the base stays as loaded.
 - ``sequence_logprobs``: the one function that scores responses, shared by trainer and reference, so
   the two can never disagree on alignment or temperature.
 
@@ -25,7 +27,7 @@ from typing import Callable
 import torch
 
 from rlflow.algo import segments
-from rlflow.engines import fsdp
+from rlflow.engines import fsdp, lora
 from rlflow.engines.base import Generation, SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,6 +40,15 @@ def load_model(path: str, dtype: str, device: str):
         raise ValueError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     return model.to(device)
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing, non-reentrant, by transformers' current name for it (``gradient_...``
+    before 5.x's rename)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def stop_token_ids(path: str) -> list[int]:
@@ -100,11 +111,15 @@ def _sample(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator
 
 
 class HFRolloutEngine:
-    """Batched generation with a KV cache. ``max_batch`` sequences at a time bound the cache's memory."""
+    """Batched generation with a KV cache. ``max_batch`` sequences at a time bound the cache's memory.
+    ``lora_cfg`` (the run's ``actor.lora``): the base gets the trainer's adapters, and versions replace them."""
 
-    def __init__(self, model_path: str, cfg):
+    def __init__(self, model_path: str, cfg, lora_cfg=None):
         self.device = cfg.device
-        self.model = load_model(model_path, cfg.dtype, cfg.device).eval()
+        self.model = load_model(model_path, cfg.dtype, cfg.device)
+        if lora_cfg is not None:
+            self.model = lora.wrap(self.model, lora_cfg)
+        self.model.eval()
         self.stop_ids = torch.tensor(stop_token_ids(model_path), device=self.device)
         self.pad_id = 0  # any id works: padded positions are masked out of attention
         self.max_batch = cfg.max_batch
@@ -112,7 +127,8 @@ class HFRolloutEngine:
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(cfg.seed)
         # transformers 5 renamed the KV cache argument and output ``past_key_values`` -> ``cache``
-        self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        forward = lora.base_model(self.model).forward
+        self.cache_arg = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
@@ -158,13 +174,15 @@ class HFRolloutEngine:
         self.version = version
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The live parameter tensors (tied ones once): weight patches are scattered into them in place."""
-        return {name: p.data for name, p in self.model.named_parameters()}
+        """The live policy tensors (tied ones once; the adapters alone with LoRA): weight patches are
+        scattered into them in place."""
+        return {name: p.data for name, p in lora.policy(self.model).items()}
 
 
 def load_parameters(model, weights: dict[str, torch.Tensor]) -> None:
-    """Copy ``weights`` into the model's parameters in place; the names must match exactly."""
-    params = dict(model.named_parameters())
+    """Copy ``weights`` into the model's policy parameters in place (every parameter, or the adapters of a
+    model with LoRA: ``engines/lora.policy``); the names must match exactly."""
+    params = lora.policy(model)
     if params.keys() != weights.keys():
         missing, extra = sorted(params.keys() - weights.keys()), sorted(weights.keys() - params.keys())
         raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
@@ -177,7 +195,10 @@ class HFTrainEngine:
     """fp32 master weights and AdamW. Gradients accumulate across ``token_logprobs`` backward passes.
 
     Sharded (``cfg.parallel == "fsdp"``): built after the trainer ranks' process group; ``step``,
-    ``weights``, ``snapshot``, ``restore`` and ``gathered_views`` are collectives."""
+    ``weights``, ``snapshot``, ``restore`` and ``gathered_views`` are collectives.
+
+    LoRA (``cfg.lora.rank`` > 0): the model is wrapped before sharding (``engines/lora.py``) and the
+    optimizer, ``weights``, ``shard_weights`` and checkpoints cover the adapters only."""
 
     def __init__(self, model_path: str, cfg, sampling: SamplingParams):
         """``cfg``: the ActorConfig; ``sampling``: the rollout's, whose temperature the logprobs are taken at."""
@@ -185,24 +206,26 @@ class HFTrainEngine:
         self.temperature = sampling.temperature
         self.model_path = model_path
         self.sharded = getattr(cfg, "parallel", "replicate") == "fsdp"
+        self.lora_cfg = getattr(cfg, "lora", None)
+        self.lora = bool(self.lora_cfg is not None and self.lora_cfg.enabled)
         checkpointing = getattr(cfg, "activation_checkpointing", False)
 
-        def prepare(model) -> None:
+        def prepare(model):
             if checkpointing:  # recompute each layer's activations in backward: one layer's held, not all
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_checkpointing(model)
+            return lora.wrap(model, self.lora_cfg) if self.lora else model
 
         if self.sharded:  # rank 0 reads the weights, every rank ends with its own rows on the device
             self.model, self.world = fsdp.load_model(model_path, cfg.device, cfg.param_dtype, prepare)
         else:
-            self.model, self.world = load_model(model_path, "float32", cfg.device).train(), 1
-            prepare(self.model)
+            self.model, self.world = prepare(load_model(model_path, "float32", cfg.device).train()), 1
         # sharded checkpoints: written in the background over a group of their own, one write in flight
         self.save_group = fsdp.checkpoint_group() if self.sharded else None
         self.saving = None  # the sharded write in flight (its future)
         self.tokenizer = None  # loaded at the first snapshot, and kept: model_path may be a pruned checkpoint by then
         self.max_grad_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
+                                           betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
         self.version = 0
 
     def token_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
@@ -257,18 +280,18 @@ class HFTrainEngine:
         return [p.grad for p in self.model.parameters() if p.requires_grad]
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """name -> parameter (tied ones once). Sharded: the whole model in rank 0's host memory, gathered
-        one tensor at a time, and an empty dict on the other ranks."""
+        """name -> parameter (tied ones once; the adapters alone with LoRA). Sharded: the whole of them in
+        rank 0's host memory, gathered one tensor at a time, and an empty dict on the other ranks."""
+        policy = lora.policy(self.model)
         if not self.sharded:
-            return {name: p.detach() for name, p in self.model.named_parameters()}
-        names = [name for name, _ in self.model.named_parameters()]
-        state, _ = fsdp.full_state(self.model)
-        return {name: state[name] for name in names} if state else {}
+            return {name: p.detach() for name, p in policy.items()}
+        state, _ = fsdp.full_state(self.model, frozen=not self.lora)
+        return {name: state[name] for name in policy} if state else {}
 
     def shard_weights(self):
-        """(this rank's rows of every parameter, their [start, stop) rows, every whole shape): what a
+        """(this rank's rows of every policy parameter, their [start, stop) rows, every whole shape): what a
         sharded rank publishes itself (``engines/fsdp.local_rows``)."""
-        return fsdp.local_rows(self.model)
+        return fsdp.local_rows(self.model, set(lora.policy(self.model)))
 
     def gathered_views(self):
         """(name, whole parameter) in name order, gathered on every rank one at a time (for checks)."""
@@ -277,8 +300,7 @@ class HFTrainEngine:
     def save(self, path: str) -> None:
         """A self-contained checkpoint: the model and the start checkpoint's tokenizer (``from_pretrained``)."""
         os.makedirs(path, exist_ok=True)
-        write = self.snapshot(f"{path}.dcp", whole=True) if self.sharded else self.snapshot()
-        write(path)
+        self.snapshot(f"{path}.dcp" if self.sharded else None, whole=True)(path)
 
     def snapshot(self, staging: str | None = None, whole: bool = False) -> Callable[[str], None]:
         """Copy the weights and the optimizer state to host memory now; return a function that writes them
@@ -291,11 +313,15 @@ class HFTrainEngine:
         reach) in the background (``engines/fsdp.save_sharded``); rank 0's writer waits for that write,
         which ends once every rank's rows are written, moves it to ``dcp/`` of the checkpoint and adds
         the config and tokenizer, and with ``whole`` the model gathered to rank 0 (``from_pretrained``: the
-        run's end). The step waits only for the staging, and for the previous write if it is still going."""
+        run's end). The step waits only for the staging, and for the previous write if it is still going.
+
+        LoRA: the adapters and their optimizer state, gathered (``_adapter_snapshot``), sharded or not."""
         from transformers import AutoTokenizer
 
         if self.tokenizer is None:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        if self.lora:
+            return self._adapter_snapshot(whole)
         if self.sharded:
             return self._sharded_snapshot(staging, whole)
         weights, optimizer = fsdp.full_state(self.model, self.optimizer)
@@ -305,6 +331,33 @@ class HFTrainEngine:
             model.save_pretrained(path, state_dict=weights)
             tokenizer.save_pretrained(path)
             torch.save(optimizer, f"{path}/optimizer.pt")
+
+        return write
+
+    def _adapter_snapshot(self, final: bool) -> Callable[[str], None]:
+        """A LoRA checkpoint: ``adapter/`` (peft's files, naming this run's start model as the base), the
+        adapters' optimizer state keyed by name (``optimizer.pt``), and the base's config and tokenizer.
+        Adapters are small, so they are gathered to rank 0 even when sharded (no DCP): the checkpoint
+        loads on any number of ranks. ``final`` with ``actor.lora.final=merged``: the base with the
+        adapters merged in, as ``from_pretrained`` files beside them (read back from disk, in the writer)."""
+        weights, optimizer = fsdp.full_state(self.model, self.optimizer, frozen=False)  # collective when sharded
+        if self.sharded and dist_rank() != 0:
+            return lambda path: None
+        weights = {name: weights[name] for name in lora.policy(self.model)}  # not a frozen tied weight's alias
+        cfg, base, tokenizer = self.lora_cfg, self.model_path, self.tokenizer
+        model = lora.base_model(self.model)
+        merged = final and cfg.final == "merged"
+
+        def write(path: str) -> None:
+            lora.save_adapter(weights, cfg, base, f"{path}/adapter")
+            torch.save(optimizer, f"{path}/optimizer.pt")
+            if merged:
+                lora.export_merged(f"{path}/adapter", base, path)
+                return
+            model.config.save_pretrained(path)  # the base's: what the checkpoint applies to
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(path)
+            tokenizer.save_pretrained(path)
 
         return write
 
@@ -340,8 +393,11 @@ class HFTrainEngine:
         """Continue from checkpoint ``path`` (this engine was built from it, so the weights are already
         loaded): the optimizer state, and ``version``. Sharded, rank 0 reads the file and sends each rank
         its rows. A sharded checkpoint (``dcp/``) loads weights and optimizer state however this trainer
-        is sharded now, or not at all (the engine was then built from the run's start model)."""
-        if os.path.isdir(f"{path}/dcp"):
+        is sharded now, or not at all (the engine was then built from the run's start model). A LoRA
+        checkpoint's adapters load into the start model's adapters (``_restore_adapters``)."""
+        if self.lora:
+            self._restore_adapters(path)
+        elif os.path.isdir(f"{path}/dcp"):
             fsdp.load_sharded(self.model, self.optimizer, f"{path}/dcp", self.save_group)
             self.version = version
             return
@@ -357,6 +413,24 @@ class HFTrainEngine:
         elif state.get("state"):  # empty: no update happened before the checkpoint, the fresh state is right
             fsdp.load_optimizer(self.model, self.optimizer, state if not self.sharded or dist_rank() == 0 else None)
         self.version = version
+
+    def _restore_adapters(self, path: str) -> None:
+        """Load ``path/adapter`` into this model's adapters. Every rank reads the file (a few MB), so all
+        refuse a mismatch alike, and a sharded rank keeps its own rows of each."""
+        directory = f"{path}/adapter"
+        if not os.path.isdir(directory):
+            raise ValueError(f"{path} holds no adapter/: it is a checkpoint of a run without LoRA, which does not "
+                             f"resume with actor.lora.rank={self.lora_cfg.rank}")
+        weights = lora.load_adapter(directory)
+        ours = lora.policy(self.model)
+        if weights.keys() != ours.keys() or any(tuple(weights[k].shape) != tuple(p.shape) for k, p in ours.items()):
+            raise ValueError(f"the adapters in {directory} do not fit this model's (actor.lora rank "
+                             f"{self.lora_cfg.rank}, target_modules {list(self.lora_cfg.target_modules)}): "
+                             f"resume with the settings the checkpoint was written with")
+        if self.sharded:
+            fsdp.load_full(self.model, weights)
+        else:
+            load_parameters(self.model, weights)
 
 
 def dist_rank() -> int:

@@ -21,7 +21,13 @@ Weight updates (``load_weights``), always in this order:
     update_weight_version          again, without aborting: sglang 0.5.6 drops the tag while paused
     flush_cache                    the radix cache holds KV of the old weights; retried while busy
     continue_generation
-then ``/model_info`` must report the new version. With update=distributed the trainer runs the same
+then ``/model_info`` must report the new version. With LoRA (``actor.lora``) the base never changes and
+a version is its adapters: written as peft's files in ``update_dir``, loaded under a name of their own
+(``/load_lora_adapter``), tagged, the previous adapter unloaded, the cache flushed; every later
+``/generate`` names that adapter (``lora_path``). No pause: the replica updates between its own calls,
+and another adapter's requests never run on this one. The server is launched with ``--enable-lora``,
+the run's rank and target modules. Adapters travel as files, never through sglang's from-tensors
+route, which unpickles what it is sent. With update=distributed the trainer runs the same
 sequence itself for every server (``WeightBroadcaster``), broadcasting the tensors through a process
 group the servers joined, and the replica only waits for the version it needs and reads each sample's
 version from the response. Only ``abort`` pauses: sglang flushes its cache only
@@ -69,6 +75,11 @@ def update_weights(client: SGLangClient, push, version: int, flush_timeout: floa
     client.set_weight_version(version)
     client.flush_cache(flush_timeout)
     client.resume()
+    require_version(client, version)
+
+
+def require_version(client: SGLangClient, version: int) -> None:
+    """The server must report ``version`` now, or the update is not trusted."""
     served = str(client.model_info().get("weight_version"))
     if served != str(version):
         raise SGLangError(f"after updating to version {version} the server reports weight_version {served!r}")
@@ -105,10 +116,12 @@ def tensor_buckets(weights: dict[str, torch.Tensor], bucket_bytes: int) -> list[
 class SGLangEngine:
     """A RolloutEngine on one sglang server (launched here or reached at ``rollout.sglang.url``)."""
 
-    def __init__(self, model_path: str, cfg):
+    def __init__(self, model_path: str, cfg, lora_cfg=None):
         from rlflow.engines.hf import stop_token_ids
 
         self.cfg: SGLangConfig = cfg.sglang
+        self.lora = lora_cfg  # the run's actor.lora: versions are adapters on the server's base model
+        self.adapter: str | None = None  # the loaded adapter every generate names (LoRA)
         self.model_path, self.dtype, self.seed, self.device = model_path, cfg.dtype, cfg.seed, cfg.device
         self.stop_ids = stop_token_ids(model_path)
         self.server: subprocess.Popen | None = None
@@ -138,7 +151,8 @@ class SGLangEngine:
         for attempt in range(self.cfg.max_retries + 1):
             self.calls += 1
             rids = rids_for(self.prefix, self.calls, len(todo))
-            items = self.client.generate(generate_request([prompts[i] for i in todo], sampling, self.stop_ids, rids))
+            items = self.client.generate(generate_request([prompts[i] for i in todo], sampling, self.stop_ids, rids,
+                                                          self.adapter))
             if len(items) != len(todo):
                 raise SGLangError(f"/generate returned {len(items)} results for {len(todo)} prompts")
             again = []
@@ -168,7 +182,9 @@ class SGLangEngine:
     def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
         if self.follows_trainer:
             raise RuntimeError("rollout.sglang.update=distributed: the trainer installs weights, not the rollout")
-        if self.cfg.update == "disk":
+        if self.lora is not None:
+            self._load_adapter(weights, version)
+        elif self.cfg.update == "disk":
             previous, target = self._snapshot, write_snapshot(weights, self.update_root / f"v{version}", self.model_path)
             update_weights(self.client, lambda: self.client.update_from_disk(str(target), version), version,
                            self.cfg.flush_timeout)
@@ -178,6 +194,23 @@ class SGLangEngine:
         else:
             update_weights(self.client, lambda: self._push_tensors(weights, version), version, self.cfg.flush_timeout)
         self.version, self.installed = version, str(version)
+
+    def _load_adapter(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        """LoRA: install ``weights`` (the adapters) as ``version`` (the sequence in the module docstring)."""
+        from rlflow.engines import lora
+
+        previous, target = self._snapshot, self.update_root / f"lora-v{version}"
+        lora.save_adapter(weights, self.lora, self.model_path, target)
+        name = f"{self.prefix}-v{version}"
+        self.client.load_lora_adapter(name, str(target))
+        self.client.set_weight_version(version)
+        if self.adapter is not None and self.adapter != name:
+            self.client.unload_lora_adapter(self.adapter)
+        self.adapter, self._snapshot = name, target
+        self.client.flush_cache(self.cfg.flush_timeout)  # no cached prefix of an older adapter serves again
+        require_version(self.client, version)
+        if previous is not None and previous != target:
+            shutil.rmtree(previous, ignore_errors=True)
 
     def _push_tensors(self, weights: dict[str, torch.Tensor], version: int) -> None:
         """update=tensor: GPU copies in buckets, handed over as CUDA IPC handles (sglang's serializer)."""
@@ -228,6 +261,8 @@ class SGLangEngine:
             cmd += ["--base-gpu-id", self.device.split(":", 1)[1]]
         if self.cfg.mem_fraction is not None:
             cmd += ["--mem-fraction-static", str(self.cfg.mem_fraction)]
+        if self.lora is not None:
+            cmd += lora_launch_args(self.lora)
         launch_args = [str(a) for a in self.cfg.launch_args]
         self.key_dir = None if "--config" in launch_args or not reads_config_files() else tempfile.mkdtemp(
             prefix="rlflow-sglang-key-")
@@ -261,6 +296,11 @@ class SGLangEngine:
                           f"{self.cfg.startup_timeout:.0f}s)", flush=True)
                     next_note += 30.0
                 time.sleep(2.0)
+
+
+def lora_launch_args(cfg) -> list[str]:
+    """The server arguments that let it load the run's adapters (``actor.lora``) after start-up."""
+    return ["--enable-lora", "--max-lora-rank", str(cfg.rank), "--lora-target-modules", *cfg.target_modules]
 
 
 def server_key(cfg: SGLangConfig) -> str | None:

@@ -103,6 +103,15 @@ class SGLangClient:
                            accept=(200, 400))
         _check_success(out, "/update_weights_from_distributed")
 
+    def load_lora_adapter(self, name: str, path: str) -> None:
+        """Load peft's adapter files at ``path`` (on the server's filesystem) as adapter ``name``."""
+        _, out = self.call("POST", "/load_lora_adapter", {"lora_name": name, "lora_path": path}, accept=(200, 400))
+        _check_success(out, "/load_lora_adapter")
+
+    def unload_lora_adapter(self, name: str) -> None:
+        _, out = self.call("POST", "/unload_lora_adapter", {"lora_name": name}, accept=(200, 400))
+        _check_success(out, "/unload_lora_adapter")
+
     def weight_version(self) -> str:
         return str(self.model_info().get("weight_version"))
 
@@ -148,13 +157,17 @@ def sampling_params(s: SamplingParams, stop_ids: list[int]) -> dict:
 
 
 def generate_request(prompts: list[list[int]], sampling: SamplingParams, stop_ids: list[int],
-                     rids: list[str]) -> dict:
-    """One batched /generate: token ids in, per-token logprobs of the outputs only, one rid per sequence."""
+                     rids: list[str], adapter: str | None = None) -> dict:
+    """One batched /generate: token ids in, per-token logprobs of the outputs only, one rid per sequence;
+    ``adapter``: the loaded LoRA adapter every sequence runs with (sglang's ``lora_path`` takes its name)."""
     if len(rids) != len(prompts) or len(set(rids)) != len(rids):
         raise ValueError("one distinct rid per prompt")
-    return {"input_ids": [list(p) for p in prompts], "sampling_params": sampling_params(sampling, stop_ids),
-            "return_logprob": True, "logprob_start_len": -1, "top_logprobs_num": 0, "rid": list(rids),
-            "stream": False}
+    request = {"input_ids": [list(p) for p in prompts], "sampling_params": sampling_params(sampling, stop_ids),
+               "return_logprob": True, "logprob_start_len": -1, "top_logprobs_num": 0, "rid": list(rids),
+               "stream": False}
+    if adapter is not None:
+        request["lora_path"] = adapter
+    return request
 
 
 def parse_generation(item: dict, expect_version: str | None) -> Generation | None:

@@ -34,7 +34,7 @@ exchanging Arrow batches over a ZeroMQ bus; one staleness knob from on-policy to
   rlflow --cfg job [key=value ...]         print every setting as the run would see it, and exit
   rlflow doctor [-cn RECIPE] [key=value]   check the installation and a recipe before a long run
   rlflow report RUN_DIR                    figures, trace.json and capacity advice of a run (going or done)
-  rlflow export CHECKPOINT OUT_DIR         a sharded (actor.parallel=fsdp) checkpoint as a from_pretrained directory
+  rlflow export CHECKPOINT OUT_DIR         a sharded (actor.parallel=fsdp) or LoRA checkpoint as a from_pretrained directory
   rlflow bus stats RUN_DIR|ADDRESS         what a run's bus holds now: rows, consumers, leases, waits
   rlflow bus serve|keygen|demo             the transfer-queue bus on its own
 
@@ -45,6 +45,7 @@ Most used settings (every one with its default: rlflow --cfg job):
   data.task=reverse|sort|add data.path=FILE.jsonl|.parquet data.prompt_key=prompt    reward.fn=pkg.module.fn
   model.path=CHECKPOINT_DIR  rollout.group_size=8        actor.groups_per_step=16    actor.lr=3e-4
   rollout.replicas=N         reward.replicas=N           launcher=local|ray          tracking.wandb=false
+  actor.replicas=N           actor.parallel=fsdp         actor.lora.rank=16 (LoRA adapters: rank 0 trains all)
   resume=true                continue run_dir from its newest checkpoint, with the run's own settings
 
 Where to change what: README.md (its first screen maps the code). Hydra's own flags: rlflow --hydra-help
@@ -95,14 +96,17 @@ def _dispatch(argv: list[str]) -> int:
 
 
 def export(argv: list[str]) -> int:
-    """``rlflow export CHECKPOINT OUT_DIR``: a sharded checkpoint's policy as a ``from_pretrained`` directory."""
+    """``rlflow export CHECKPOINT OUT_DIR``: a sharded or LoRA checkpoint's policy as a ``from_pretrained``
+    directory (LoRA: the adapters merged into the base)."""
     import argparse
 
     from rlflow.flow.observe.tracking import make_console, say
 
     parser = argparse.ArgumentParser(prog="rlflow export", description=export.__doc__.split(": ", 1)[1])
-    parser.add_argument("checkpoint", help="a checkpoint directory with dcp/ (e.g. RUN_DIR/checkpoints/step-40)")
+    parser.add_argument("checkpoint", help="a checkpoint directory with dcp/ or adapter/ (e.g. RUN_DIR/checkpoints/step-40)")
     parser.add_argument("out", help="the directory to write (new, or empty)")
+    parser.add_argument("--base", default=None,
+                        help="LoRA: the base model directory, when the one the adapter config names has moved")
     args = parser.parse_args(argv)
     console = make_console()
     if not Path(args.checkpoint).is_dir():
@@ -111,7 +115,7 @@ def export(argv: list[str]) -> int:
     from rlflow.train.checkpoint import export as export_checkpoint
 
     try:
-        export_checkpoint(args.checkpoint, args.out)
+        export_checkpoint(args.checkpoint, args.out, args.base)
     except ValueError as e:
         say(console, str(e), "error")
         return 2

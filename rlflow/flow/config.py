@@ -66,6 +66,9 @@ def checkpoint_problem(path: str) -> str | None:
         if (p / "dcp").is_dir():  # a sharded trainer's checkpoint: its weights are every rank's rows
             return f"is a sharded checkpoint (its weights are in dcp/): make a from_pretrained directory of it " \
                    f"with `rlflow export {path} OUT_DIR` and give model.path=OUT_DIR"
+        if (p / "adapter").is_dir():  # a LoRA trainer's checkpoint: adapters for a base model
+            return f"is a LoRA checkpoint (adapters in adapter/, for a base model): merge them into a " \
+                   f"from_pretrained directory with `rlflow export {path} OUT_DIR` and give model.path=OUT_DIR"
         return "holds no weights (*.safetensors or *.bin)"
     if not any((p / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
         return "holds no tokenizer (tokenizer.json, tokenizer.model or vocab.json): save the tokenizer beside the model"
@@ -289,6 +292,9 @@ class RunConfig:
                 or a.device.startswith("cuda"), "actor.device",
                 "rollout.sglang.update=distributed broadcasts from the trainer's GPU to the servers' GPUs over "
                 "NCCL: set actor.device=cuda (or update=disk)")
+        require(r.engine != "sglang" or not a.lora.enabled or r.sglang.update == "disk", "rollout.sglang.update",
+                f"actor.lora.rank={a.lora.rank}: sglang takes the adapters through its LoRA API, from files (a few "
+                f"MB a version), not by {r.sglang.update!r}: set rollout.sglang.update=disk")
         require(d.path is None or self.reward.fn is not None or self.env.enabled, "reward.fn",
                 "a dataset from data.path needs a reward: reward.fn=my_pkg.my_reward (or "
                 "rlflow.tasks.rewards.math_answer, rlflow.tasks.rewards.exact_match)")

@@ -251,7 +251,7 @@ def plan_roles(cfg: RunConfig) -> list[ReplicaPlan]:
     plans += [ReplicaPlan("rollout", i, dataclasses.replace(rollout, seed=rollout.seed + i),
                           RolloutArgs(sync, *relay_endpoints(i, rollout.replicas, cfg.sync.fanout),
                                       env=cfg.env if episodes else None, chat_template=cfg.data.chat_template,
-                                      weight_shards=shards),
+                                      weight_shards=shards, lora=cfg.actor.lora if cfg.actor.lora.enabled else None),
                           rollout.threads) for i in range(rollout.replicas)]
     plans += [ReplicaPlan("reward", i, reward, RewardArgs(episodes), 1) for i in range(cfg.reward.replicas)]
     if cfg.actor.kl_coef > 0:

@@ -44,7 +44,7 @@ import pyarrow as pa
 import torch
 
 from rlflow.roles import schema
-from rlflow.train.checkpoint import FINAL, STAGING, Checkpointer, is_sharded, read_state, restore_rng
+from rlflow.train.checkpoint import FINAL, STAGING, Checkpointer, holds_model, read_state, restore_rng
 from rlflow.roles import reports
 from rlflow.roles.config import ActorArgs, ActorConfig, Broadcast
 from rlflow.roles.context import RoleContext, shard_endpoint
@@ -94,12 +94,16 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
     group = TrainerGroup.join(ctx, cfg.replicas, cfg.device) if cfg.replicas > 1 or sharded else None
     if group is not None:
         cfg = dataclasses.replace(cfg, device=group.device)  # this rank's own GPU
-    # a sharded checkpoint's weights are in its dcp/, which restore loads: build from the start model
-    engine = make_engine(cfg, ctx.model_path if resume_from is None or is_sharded(resume_from) else resume_from,
+    # a sharded checkpoint's weights are in its dcp/, a LoRA one's adapters in adapter/, which restore loads
+    # onto the start model
+    engine = make_engine(cfg, resume_from if resume_from is not None and holds_model(resume_from) else ctx.model_path,
                          args.sampling)
     if sharded and not getattr(engine, "sharded", False):
         raise TypeError(f"actor.parallel=fsdp: {type(engine).__name__} does not shard its model (no sharded=True; "
                         f"HFTrainEngine does, engines/fsdp.py): use actor.parallel=replicate")
+    if cfg.lora.enabled and not getattr(engine, "lora", False):
+        raise TypeError(f"actor.lora.rank={cfg.lora.rank}: {type(engine).__name__} does not train adapters (no "
+                        f"lora=True; HFTrainEngine does, engines/lora.py): set actor.lora.rank=0")
     # group ids each step consumed (the data position) and the uids it consumed without training them
     groups_by_step, skipped_by_step = _resume(engine, resume_from) if resume_from else ([], [])
     if cfg.replicas > 1 and not sharded and not hasattr(engine, "gradients"):
@@ -222,7 +226,9 @@ def _checkpoint(checkpoints: Checkpointer | None, name: str, engine, epoch: int,
         engine.save(f"{ctx.run_dir}/checkpoints/{name}")
         return {}
     t0 = time.monotonic()
-    if getattr(engine, "sharded", False):  # every rank writes its rows; the final one also exports the model
+    if getattr(engine, "sharded", False) or getattr(engine, "lora", False):
+        # sharded: every rank writes its rows, the final one also exports the model; LoRA: the final one
+        # may hold the merged model (actor.lora.final)
         write = engine.snapshot(f"{ctx.run_dir}/checkpoints/{name}{STAGING}", whole=name == FINAL)
     else:
         write = engine.snapshot()

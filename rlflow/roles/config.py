@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from rlflow.algo.choices import (ADVANTAGES, AGGREGATIONS, CORRECTIONS, LEVELS, LR_RULES, OLD_LOGPROBS,
                                  RATIO_LEVELS)
 from rlflow.engines.base import SamplingParams
-from rlflow.engines.config import DTYPES, SGLangConfig
+from rlflow.engines.config import DTYPES, LoraConfig, SGLangConfig
 from rlflow.envs.config import EnvConfig
 from rlflow.errors import require, require_counts
 from rlflow.sync.config import SyncConfig
@@ -92,6 +92,8 @@ class RolloutArgs:
     env: EnvConfig | None = None  # the environment of multi-turn episodes (None or cls null: single-turn)
     chat_template: bool = False  # data.chat_template: prompts, and so an episode's observations, are rendered with it
     weight_shards: int = 1  # channels the weights come on: one per trainer rank when each publishes its own rows
+    lora: LoraConfig | None = None  # actor.lora when enabled: the engine wraps its model with the same adapters,
+    # and the weights that come are the adapters only
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,8 @@ class ActorConfig:
     """fsdp: dtype layers compute in (bfloat16 on GPU); gradients reduce and master weights stay in float32."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in backward (memory of one layer's activations, ~1/3 more compute)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters (peft): only they train, sync and checkpoint (rank 0: off; engines/lora.py)."""
     groups_per_step: int = 16
     """Prompt groups per optimizer step (batch = groups_per_step x rollout.group_size samples)."""
     lr: float = 3e-4
@@ -244,6 +248,7 @@ class ActorConfig:
     def check(self, at: str = "actor") -> None:
         require_counts(self, at, "replicas", "groups_per_step", "micro_batch", "threads", "checkpoint_keep",
                        "minibatches", "epochs")
+        self.lora.check(f"{at}.lora")
         require(self.max_tokens_per_microbatch is None or self.max_tokens_per_microbatch > 0,
                 f"{at}.max_tokens_per_microbatch", f"must be > 0 tokens, or null (micro_batch alone), got "
                 f"{self.max_tokens_per_microbatch}")

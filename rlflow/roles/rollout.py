@@ -17,6 +17,7 @@ when a delivery needs a newer version than it holds. A replica generates only at
 
 from __future__ import annotations
 
+import inspect
 import time
 
 from rlflow.roles import schema
@@ -27,16 +28,24 @@ from rlflow.roles.config import RolloutArgs, RolloutConfig
 from rlflow.sync.weights import ShardedWeightReceiver, WeightReceiver
 
 
-def make_engine(cfg: RolloutConfig, model_path: str):
+def make_engine(cfg: RolloutConfig, model_path: str, lora=None):
+    """The rollout engine, built as ``cls(model_path, cfg)``; with LoRA (``lora``: the run's ``actor.lora``)
+    as ``cls(model_path, cfg, lora)``, and the weights it is given are then the adapters only."""
     if cfg.engine == "hf":
-        from rlflow.engines.hf import HFRolloutEngine
-
-        return HFRolloutEngine(model_path, cfg)
-    if cfg.engine == "sglang":
-        from rlflow.engines.sglang import SGLangEngine
-
-        return SGLangEngine(model_path, cfg)
-    return load_object(cfg.engine, "rollout.engine")(model_path, cfg)
+        from rlflow.engines.hf import HFRolloutEngine as cls
+    elif cfg.engine == "sglang":
+        from rlflow.engines.sglang import SGLangEngine as cls
+    else:
+        cls = load_object(cfg.engine, "rollout.engine")
+    if lora is None:
+        return cls(model_path, cfg)
+    try:
+        inspect.signature(cls).bind(model_path, cfg, lora)
+    except TypeError:
+        raise TypeError(f"actor.lora.rank={lora.rank}: the rollout engine applies the trainer's adapters, so it is "
+                        f"built as {cls.__name__}(model_path, cfg, lora) (engines/base.py), but "
+                        f"{cls.__name__}{inspect.signature(cls)} takes no lora; set actor.lora.rank=0") from None
+    return cls(model_path, cfg, lora)
 
 
 def serve(cfg: RolloutConfig, ctx: RoleContext, args: RolloutArgs) -> None:
@@ -47,7 +56,7 @@ def serve(cfg: RolloutConfig, ctx: RoleContext, args: RolloutArgs) -> None:
     waits for the server to reach the version a delivery needs, and records each sample's own version.
     """
     sync, upstream, relay = args.sync, args.upstream, args.relay
-    engine = make_engine(cfg, ctx.model_path)
+    engine = make_engine(cfg, ctx.model_path, args.lora)
     ep, weights = ctx.endpoints, None
     follows = getattr(engine, "follows_trainer", False)
     if follows:

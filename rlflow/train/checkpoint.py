@@ -19,6 +19,15 @@ The ranks stage their rows in memory and write them to ``<name>.dcp`` beside the
 training goes on; rank 0's write moves them into ``<name>.tmp/dcp`` once every rank's are on disk.
 ``rlflow export`` makes a ``from_pretrained`` directory of any sharded checkpoint (``export``).
 
+A LoRA trainer (``actor.lora``) writes the adapters alone, sharded or not (they are small):
+
+    checkpoints/step-N/adapter/    adapter_config.json, adapter_model.safetensors (peft's files; the config
+                                   names the run's start model as the base)
+    checkpoints/step-N/optimizer.pt    the adapters' optimizer state, keyed by name
+    checkpoints/step-N/config.json, tokenizer files, rng.pt, trainer_state.json   as above (the base's config)
+    checkpoints/final/             the same; with ``actor.lora.final=merged`` also the merged model
+                                   (``from_pretrained``). ``rlflow export`` merges any of them.
+
 What a resume needs beyond the engine: the policy version N, and which prompt groups steps 1..N
 consumed (the data position: ``groups_by_step``). Nothing else on the bus is worth keeping: rows not
 yet trained are regenerated (those a discarded policy produced must be), so on resume the flow clears
@@ -50,6 +59,7 @@ STATE = "trainer_state.json"
 FINAL = "final"
 STEP = re.compile(r"step-\d+")  # a complete step checkpoint's name
 SHARDED = "dcp"  # a sharded checkpoint's directory of every rank's rows
+ADAPTER = "adapter"  # a LoRA checkpoint's directory of adapters (peft's files)
 STAGING = ".dcp"  # suffix of the directory the ranks write a sharded checkpoint to before rank 0 moves it in
 
 
@@ -77,33 +87,53 @@ def is_sharded(path: str | Path) -> bool:
     return (Path(path) / SHARDED).is_dir()
 
 
-def export(checkpoint: str | Path, out: str | Path) -> None:
-    """Write the policy of a sharded checkpoint to ``out`` as ``from_pretrained`` reads it (config,
-    weights, tokenizer), in one process on the host."""
+def is_adapter(path: str | Path) -> bool:
+    """Whether a checkpoint is a LoRA run's (``adapter/``): its policy is the start model plus those adapters."""
+    return (Path(path) / ADAPTER).is_dir()
+
+
+def holds_model(path: str | Path) -> bool:
+    """Whether a trainer resumes by building its model from the checkpoint itself: not when the weights
+    are every rank's rows (``dcp/``) or adapters on the start model (``adapter/``), which ``restore`` loads."""
+    return not is_sharded(path) and not is_adapter(path)
+
+
+def export(checkpoint: str | Path, out: str | Path, base: str | Path | None = None) -> None:
+    """Write the policy of a sharded or a LoRA checkpoint to ``out`` as ``from_pretrained`` reads it
+    (config, weights, tokenizer), in one process on the host. A LoRA checkpoint's adapters are merged
+    into its base: the model its adapter config names, or ``base``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from rlflow.engines.fsdp import load_sharded
-
     checkpoint, out = Path(checkpoint), Path(out)
-    if not is_sharded(checkpoint):
-        raise ValueError(f"{checkpoint} has no {SHARDED}/: it is not a sharded checkpoint (one of a trainer with "
-                         f"actor.parallel=fsdp); an unsharded checkpoint already loads with from_pretrained")
+    if not is_sharded(checkpoint) and not is_adapter(checkpoint):
+        raise ValueError(f"{checkpoint} has no {SHARDED}/ nor {ADAPTER}/: it is not the checkpoint of a sharded "
+                         f"(actor.parallel=fsdp) or a LoRA (actor.lora) trainer, and already loads with from_pretrained")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty: export into a new directory")
-    config = AutoConfig.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
-        warnings.simplefilter("ignore", UserWarning)
-        load_sharded(model, None, str(checkpoint / SHARDED))
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(tmp)
-    try:
-        GenerationConfig.from_pretrained(checkpoint).save_pretrained(tmp)
-    except OSError:  # no generation_config.json: nothing to carry over
-        pass
+    if is_adapter(checkpoint):
+        from rlflow.engines.lora import adapter_base, export_merged
+
+        base = base or adapter_base(checkpoint / ADAPTER)
+        if base is None or not (Path(base) / "config.json").is_file():
+            raise ValueError(f"{checkpoint} holds LoRA adapters for the base model {base}, which is not a model "
+                             f"directory here: give the base with --base PATH")
+        export_merged(checkpoint / ADAPTER, base, tmp)
+    else:
+        from rlflow.engines.fsdp import load_sharded
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint), dtype=torch.float32)
+        with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
+            warnings.simplefilter("ignore", UserWarning)
+            load_sharded(model, None, str(checkpoint / SHARDED))
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(checkpoint).save_pretrained(tmp)
+        try:
+            GenerationConfig.from_pretrained(checkpoint).save_pretrained(tmp)
+        except OSError:  # no generation_config.json: nothing to carry over
+            pass
     if out.exists():
         out.rmdir()
     tmp.rename(out)
