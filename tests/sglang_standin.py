@@ -6,9 +6,11 @@ on ``input_ids`` with ``meta_info.output_token_logprobs`` as [logprob, token_id,
 ``finish_reason`` objects; abort-mode ``/pause_generation``; ``/update_weights_from_disk``
 answering {success, message, num_paused_requests}; ``/update_weight_version``; a plain-text
 ``/flush_cache`` answering 400 while busy; ``/get_server_info`` and ``/get_model_info``; with ``lora``
-(as ``--enable-lora``) ``/load_lora_adapter`` and ``/unload_lora_adapter`` of peft's adapter files,
-answering {success, error_message, loaded_adapters}, and ``lora_path`` on ``/generate`` naming a loaded
-adapter (none: the base model).
+(as ``--enable-lora --max-lora-rank R --lora-target-modules ...``, which ``/get_server_info`` lists)
+``/load_lora_adapter`` and ``/unload_lora_adapter`` of peft's adapter files, answering {success,
+error_message, loaded_adapters}, refusing a name already loaded, an unknown one, or an adapter beyond
+the launch flags; each adapter applies with its own file's r and lora_alpha, as sglang's does;
+``lora_path`` on ``/generate`` names a loaded adapter (none: the base model).
 Behind it is a real model (the tiny checkpoint on torch), so generations and weight updates are real.
 It is strict where sglang is: unknown sampling parameters, top_k 0, duplicate rids and a batch whose rid
 list has the wrong length are 400s. Faults can be injected (``flush_busy``, ``abort_next``).
@@ -38,7 +40,10 @@ class StandIn:
         self.model_path, self.server_version, self.lora = model_path, version, lora
         self.engine = HFRolloutEngine(model_path, SimpleNamespace(device="cpu", dtype="float32", max_batch=256, seed=seed),
                                       lora)
-        self.adapters: dict[str, dict] = {}  # loaded LoRA adapters by name: their tensors
+        self.adapters: dict[str, tuple] = {}  # loaded LoRA adapters by name: (their file's config, tensors)
+        self.lora_engines: dict = {}  # an engine wrapped as each adapter config asks (r, alpha, targets)
+        self.fail_lora_load = False  # the next /load_lora_adapter answers success false
+        self.generated_with: dict | None = None  # the adapter tensors the last /generate ran with
         self.weight_version = "default"
         self.lock = threading.Lock()  # one model: requests take turns
         self.resumed = threading.Event()
@@ -68,8 +73,10 @@ class StandIn:
         path = path.split("?")[0]
         self.calls.append((path, body))
         if path == "/get_server_info":
+            lora = {"enable_lora": self.lora is not None, "max_lora_rank": getattr(self.lora, "rank", None),
+                    "lora_target_modules": list(self.lora.target_modules) if self.lora is not None else None}
             return 200, {"version": self.server_version, "model_path": self.model_path, "tp_size": 1,
-                         "weight_version": "default"}
+                         "weight_version": "default", **lora}
         if path in ("/get_model_info", "/model_info"):
             return 200, {"model_path": self.model_path, "tokenizer_path": self.model_path, "is_generation": True,
                          "preferred_sampling_params": None, "weight_version": self.weight_version}
@@ -133,8 +140,12 @@ class StandIn:
             if adapter is not None:
                 from rlflow.engines.hf import load_parameters
 
-                load_parameters(self.engine.model, self.adapters[adapter])
-                gens = self.engine.generate(ids, sampling)
+                config, tensors = self.adapters[adapter]
+                self.generated_with = tensors  # the adapter the last generate ran with
+                engine = self._lora_engine(config)
+                load_parameters(engine.model, tensors)
+                engine.gen = self.engine.gen  # one sampling stream, whichever adapter runs
+                gens = engine.generate(ids, sampling)
             elif self.lora is not None:  # no adapter named: the base model
                 with self.engine.model.disable_adapter():
                     gens = self.engine.generate(ids, sampling)
@@ -195,6 +206,11 @@ class StandIn:
 
         if self.lora is None:
             return 400, {"success": False, "error_message": "LoRA is not enabled. Please set `--enable-lora`."}
+        if body.get("lora_name") in self.adapters:
+            return 400, {"success": False, "error_message": f"The LoRA adapter {body['lora_name']} is already loaded."}
+        if self.fail_lora_load:
+            self.fail_lora_load = False
+            return 400, {"success": False, "error_message": "Failed to load LoRA adapter: injected fault"}
         path = Path(body["lora_path"])
         try:
             config = _json.loads((path / "adapter_config.json").read_text())
@@ -203,8 +219,22 @@ class StandIn:
             return 400, {"success": False, "error_message": f"Failed to load LoRA adapter: {e}"}
         if config["r"] > self.lora.rank or not set(config["target_modules"]) <= set(self.lora.target_modules):
             return 400, {"success": False, "error_message": "LoRA adapter exceeds --max-lora-rank or --lora-target-modules"}
-        self.adapters[body["lora_name"]] = tensors
+        self.adapters[body["lora_name"]] = (config, tensors)
         return 200, {"success": True, "error_message": "", "loaded_adapters": sorted(self.adapters)}
+
+    def _lora_engine(self, config: dict):
+        """The base wrapped as an adapter's own file says (its r, lora_alpha and target modules)."""
+        from types import SimpleNamespace
+
+        from rlflow.engines.config import LoraConfig
+        from rlflow.engines.hf import HFRolloutEngine
+
+        key = (config["r"], config["lora_alpha"], tuple(sorted(config["target_modules"])))
+        if key not in self.lora_engines:
+            cfg = LoraConfig(rank=config["r"], alpha=config["lora_alpha"], target_modules=list(key[2]))
+            self.lora_engines[key] = HFRolloutEngine(self.model_path, SimpleNamespace(
+                device="cpu", dtype="float32", max_batch=256, seed=0), cfg)
+        return self.lora_engines[key]
 
     def update_from_disk(self, body):
         from safetensors.torch import load_file

@@ -45,8 +45,8 @@ def _prompts(tiny_model, n: int) -> list[list[int]]:
     return [tok(get_task("reverse").make(rng, 3, 5)["prompt"])["input_ids"] for _ in range(n)]
 
 
-def _trainer(tiny_model, lora=LORA, **cfg) -> HFTrainEngine:
-    torch.manual_seed(0)
+def _trainer(tiny_model, lora=LORA, seed: int = 0, **cfg) -> HFTrainEngine:
+    torch.manual_seed(seed)  # A is drawn from torch's generator
     return HFTrainEngine(tiny_model, ActorConfig(lr=1e-2, lora=lora, **cfg), SAMPLING)
 
 
@@ -122,8 +122,7 @@ def test_the_rollout_applies_the_trainers_adapters_bit_exact_and_generates_with_
             _train(trainer, prompts, 2)
         pub.publish(3, trainer.weights())
         rx.update(rollout, need=3, timeout=10)
-        greedy = SamplingParams(max_new_tokens=8, temperature=0.9)
-        gens = rollout.generate(prompts, greedy)
+        gens = rollout.generate(prompts, SAMPLING)
         with torch.no_grad():
             ours = trainer.token_logprobs(prompts, [g.response_ids for g in gens])
             theirs = sequence_logprobs(base.model, prompts, [g.response_ids for g in gens], 0.9, "cpu")
@@ -145,8 +144,8 @@ def test_a_restored_lora_checkpoint_takes_the_same_next_step_as_the_engine_that_
     first.snapshot()(str(tmp_path))
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert not list(tmp_path.glob("*.safetensors"))  # the base is not copied into every checkpoint
-    again = _trainer(tiny_model)
-    torch.manual_seed(1)  # another draw of A: the checkpoint's must replace it
+    again = _trainer(tiny_model, seed=1)  # another draw of A: the checkpoint's must replace it
+    assert not torch.equal(*(next(t for n, t in e.weights().items() if ".lora_A." in n) for e in (first, again)))
     again.restore(str(tmp_path), 2)
     assert again.version == 2
     _train(first, prompts, 1)
@@ -178,8 +177,11 @@ def test_export_merges_the_adapters_into_a_from_pretrained_model_with_the_same_l
     config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": str(tmp_path / "gone")}))
     with pytest.raises(ValueError, match="--base"):
         export(tmp_path / "ckpt", tmp_path / "again")
-    export(tmp_path / "ckpt", tmp_path / "again", base=moved)
-    assert (tmp_path / "again" / "model.safetensors").is_file()
+    export(tmp_path / "ckpt", tmp_path / "again", base=moved, dtype="bfloat16")  # merged in float32, then rounded
+    rounded = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert {p.dtype for p in rounded.parameters()} == {torch.bfloat16}
+    for (name, p), q in zip(merged.named_parameters(), rounded.parameters()):
+        assert torch.equal(p.to(torch.bfloat16), q), name
 
 
 def test_lora_settings_that_cannot_work_are_refused_naming_the_field(tiny_model, tmp_path):
@@ -190,6 +192,9 @@ def test_lora_settings_that_cannot_work_are_refused_naming_the_field(tiny_model,
 
     with pytest.raises(ValueError, match=r"actor.lora.target_modules.*linear layers are named \[.*q_proj"):
         _trainer(tiny_model, LoraConfig(rank=4, target_modules=["qkv"]))
+    # the tiny model ties lm_head to the input embeddings: a merge would change both
+    with pytest.raises(ValueError, match=r"actor.lora.target_modules.*lm_head shares its weight with the input"):
+        _trainer(tiny_model, LoraConfig(rank=4, target_modules=["q_proj", "lm_head"]))
     for bad, field in ((LoraConfig(rank=-1), "actor.lora.rank"), (LoraConfig(rank=4, alpha=0), "actor.lora.alpha"),
                        (LoraConfig(rank=4, target_modules=[]), "actor.lora.target_modules"),
                        (LoraConfig(rank=4, final="both"), "actor.lora.final")):
@@ -210,9 +215,9 @@ def test_lora_settings_that_cannot_work_are_refused_naming_the_field(tiny_model,
 
 
 # ---------------------------------------------------------------------------- whole runs
-# lr 2e-3: the adapters move visibly in 5 steps, and Adam (which divides by the gradient's size) amplifies
-# the float summation differences of 2 ranks' reduction less than at 1e-2 (measured 1.3e-4 there)
-ON_POLICY = ["flow.staleness=0", "flow.steps=5", "actor.lora.rank=8", "actor.lr=2e-3"]
+# the default lr (3e-4): Adam, which divides by the gradient's size, amplifies the float summation
+# differences of 2 ranks' reduction with the rate (adapters 1.3e-4 apart after 5 steps at 1e-2)
+ON_POLICY = ["flow.staleness=0", "flow.steps=5", "actor.lora.rank=8"]
 
 
 @pytest.fixture(scope="module")
@@ -249,11 +254,11 @@ def test_a_lora_run_syncs_only_adapters_and_its_rollout_samples_the_trained_poli
     assert all(abs(m["is/token_max"] - 1) < 1e-4 for m in rows)
     final = one_trainer / "checkpoints" / "final"
     assert (final / "adapter" / "adapter_model.safetensors").is_file()
-    merged = AutoModelForCausalLM.from_pretrained(final)  # actor.lora.final=merged: a from_pretrained model too
+    merged = AutoModelForCausalLM.from_pretrained(final / "merged")  # actor.lora.final=merged: from_pretrained
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     with torch.no_grad():
         moved = max(float((a - b).abs().max()) for a, b in zip(merged.parameters(), base.parameters()))
-    assert moved > 1e-3  # the adapters learned something, and it is in the merged weights
+    assert moved > 1e-4  # the adapters learned something (1.2e-3 at lr 3e-4), and it is in the merged weights
     assert_all_processes_gone(one_trainer)
 
 
@@ -264,7 +269,7 @@ def test_fsdp_lora_over_two_ranks_takes_the_steps_one_lora_trainer_takes(one_tra
     a, b = adapters(two_ranks), adapters(one_trainer)
     assert a.keys() == b.keys()
     for name in a:
-        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-4), (name, float((a[name] - b[name]).abs().max()))
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-5), (name, float((a[name] - b[name]).abs().max()))
     summary = json.loads((two_ranks / "summary.json").read_text())
     assert summary["trainer"] == {"replicas": 2, "identical_weights": True}
     assert not (two_ranks / "checkpoints" / "final" / "dcp").exists()  # adapters are gathered, not DCP rows
@@ -284,7 +289,7 @@ def test_a_two_rank_lora_checkpoint_resumes_on_one_rank_with_the_same_next_steps
     assert [m["reward/mean"] for m in ours] == [m["reward/mean"] for m in theirs]
     assert [m["loss"] for m in ours] == pytest.approx([m["loss"] for m in theirs], rel=1e-5, abs=1e-7)
     a, b = adapters(runs["one"]), adapters(runs["two"])
-    assert all(torch.allclose(a[n], b[n], rtol=0, atol=1e-4) for n in a)
+    assert all(torch.allclose(a[n], b[n], rtol=0, atol=1e-5) for n in a)
     for run_dir in runs.values():  # the adapters' AdamW state went on from the checkpoint's 5 steps: 7, not 2
         state = torch.load(run_dir / "checkpoints" / "final" / "optimizer.pt", weights_only=True)["state"]
         assert len(state) == len(a)  # every adapter tensor, and nothing of the base

@@ -140,7 +140,7 @@ def test_the_lora_recipe_composes_and_validates(tiny_model, tmp_path):
     data.write_text(json.dumps({"question": "1+1?", "answer": "1+1=2 #### 2"}) + "\n")
     cfg = OmegaConf.to_object(_compose("gsm8k_lora", [f"model.path={tiny_model}", f"data.path={data}"]))
     cfg.check()
-    assert (cfg.actor.lora.rank, cfg.actor.lora.final, cfg.actor.lora.target_modules[0]) == (32, "merged", "q_proj")
+    assert (cfg.actor.lora.rank, cfg.actor.lora.alpha, cfg.actor.lora.target_modules[0]) == (32, 64, "q_proj")
     assert (cfg.rollout.engine, cfg.rollout.sglang.update, cfg.rollout.device) == ("sglang", "disk", "cuda:1")
     from rlflow.flow.launcher import plan_roles
 

@@ -285,9 +285,37 @@ def test_with_lora_each_version_is_an_adapter_loaded_by_name_and_every_generate_
             logp = trainer.token_logprobs(prompts, [g.response_ids for g in gens])
         for i, g in enumerate(gens):
             assert torch.allclose(logp[i, : len(g.logprobs)], torch.tensor(g.logprobs), atol=1e-4)
-        engine.close()
+        # a load the server refuses: the error names the endpoint, and nothing generates until a version is in
+        standin.fail_lora_load = True
+        with pytest.raises(SGLangError, match="/load_lora_adapter failed"):
+            engine.load_weights(trainer.weights(), 3)
+        assert engine.version == 2 and engine.adapter is None
+        with pytest.raises(SGLangError, match="no LoRA adapter is loaded"):
+            engine.generate(prompts, SamplingParams(max_new_tokens=6))
+        engine.load_weights(trainer.weights(), 3)  # the next version goes in; the older adapter goes out
+        assert list(standin.adapters) == [engine.adapter] and engine.adapter.endswith("-v3")
+        engine.load_weights(trainer.weights(), 3)  # the same version again (a resync): sglang refuses a held name
+        assert list(standin.adapters) == [engine.adapter]
+        engine.close()  # a server at rollout.sglang.url outlives the engine: it keeps none of its adapters
+        assert standin.adapters == {}
     finally:
         standin.close()
+
+
+def test_a_server_at_the_url_launched_without_the_runs_lora_flags_is_refused_naming_them(tiny_model):
+    pytest.importorskip("peft", reason="actor.lora needs the lora extra (peft)")
+    from rlflow.engines.config import LoraConfig
+
+    for served, message in ((None, "launched without LoRA: launch it with --enable-lora --max-lora-rank 8"),
+                            (LoraConfig(rank=4), "rank <= 4"),
+                            (LoraConfig(rank=8, target_modules=["q_proj"]), "applies adapters to \\['q_proj'\\] only")):
+        standin = StandIn(tiny_model, lora=served)
+        try:
+            cfg = RolloutConfig(engine="sglang", sglang=SGLangConfig(url=standin.url, startup_timeout=10))
+            with pytest.raises(SGLangError, match=message):
+                SGLangEngine(tiny_model, cfg, LoraConfig(rank=8))
+        finally:
+            standin.close()
 
 
 # ---------------------------------------------------------------------------- a whole run
@@ -326,12 +354,12 @@ def test_a_lora_run_with_the_sglang_engine_generates_every_step_with_the_trainer
         assert r.returncode == 0, r.stdout + r.stderr
         rows = metrics(run_dir)
         assert standin.generated_versions == ["0", "1", "2"] and all(abs(m["is/token_max"] - 1) < 1e-4 for m in rows)
-        [served] = standin.adapters.values()  # one adapter loaded at a time: the newest, bit-exact
-        version = int(standin.weight_version)
-        name = "final" if version == 3 else f"step-{version}"
-        trained = load_file(str(run_dir / f"checkpoints/{name}/adapter/adapter_model.safetensors"))
-        assert version >= 2 and {lora.model_name(k) for k in trained} == set(served)
+        # the last step's samples came from version 2's adapters, bit-exact; the server holds none of ours now
+        served = standin.generated_with
+        trained = load_file(str(run_dir / "checkpoints/step-2/adapter/adapter_model.safetensors"))
+        assert {lora.model_name(k) for k in trained} == set(served)
         assert all(torch.equal(served[lora.model_name(k)], v) for k, v in trained.items())
+        assert standin.adapters == {}
     finally:
         standin.close()
 

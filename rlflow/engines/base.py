@@ -102,6 +102,11 @@ class TrainEngine(Protocol):
     def save(self, path: str) -> None:
         """Write a checkpoint that ``from_pretrained(path)`` (or the engine's own loader) reads back."""
 
+    # For actor.lora (adapters on a frozen base, like HFTrainEngine with engines/lora.py): ``lora = True``;
+    # ``weights`` returns the adapters alone, by the names a rollout engine's model wrapped the same way
+    # has; a checkpoint of it holds ``adapter/`` (peft's files), and on resume the engine is built from the
+    # start model, not the checkpoint, and ``restore`` loads the adapters.
+
     # Optional, for checkpoints a run can resume from (``train/checkpoint.py``; without them only the
     # final model is saved, and a failed trainer stops the run):
     # def snapshot(self) -> Callable[[str], None]:

@@ -87,8 +87,9 @@ class LoraConfig:
     """Linear layers that get adapters, by the last part of their module name (peft's matching); the default
     names every projection of Llama/Qwen/Mistral-style decoders."""
     final: str = "adapter"
-    """The run's final checkpoint: adapter (peft's adapter files, loaded on the base model) or merged (also the
-    base with the adapters merged in, as from_pretrained files). `rlflow export` merges any LoRA checkpoint."""
+    """The run's final checkpoint: adapter (peft's adapter files, loaded on the base model) or merged (also
+    checkpoints/final/merged: the base with the adapters merged in float32, as from_pretrained files; a
+    full-size copy of the model). `rlflow export [--dtype bfloat16]` merges any LoRA checkpoint later."""
 
     @property
     def enabled(self) -> bool:

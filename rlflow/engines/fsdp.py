@@ -141,7 +141,8 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None =
     """(model state dict, optimizer state dict keyed by parameter name), whole, in host memory: on rank 0
     of a sharded model (empty on the others: a collective every rank must call), or copied from a plain one.
     Names, not positions, key the optimizer state, so it loads into a model sharded over any number of ranks.
-    ``frozen=False``: the parameters that train only (LoRA's adapters), no buffers."""
+    ``frozen=False``: frozen parameters left out (what remains: the adapters of LoRA, buffers, and a frozen
+    weight's tied alias: callers keep the names they want)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not frozen)

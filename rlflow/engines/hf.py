@@ -321,7 +321,7 @@ class HFTrainEngine:
         if self.tokenizer is None:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         if self.lora:
-            return self._adapter_snapshot(whole)
+            return self._adapter_snapshot()
         if self.sharded:
             return self._sharded_snapshot(staging, whole)
         weights, optimizer = fsdp.full_state(self.model, self.optimizer)
@@ -334,26 +334,21 @@ class HFTrainEngine:
 
         return write
 
-    def _adapter_snapshot(self, final: bool) -> Callable[[str], None]:
+    def _adapter_snapshot(self) -> Callable[[str], None]:
         """A LoRA checkpoint: ``adapter/`` (peft's files, naming this run's start model as the base), the
         adapters' optimizer state keyed by name (``optimizer.pt``), and the base's config and tokenizer.
         Adapters are small, so they are gathered to rank 0 even when sharded (no DCP): the checkpoint
-        loads on any number of ranks. ``final`` with ``actor.lora.final=merged``: the base with the
-        adapters merged in, as ``from_pretrained`` files beside them (read back from disk, in the writer)."""
+        loads on any number of ranks. Merging is not a checkpoint's business: ``train/checkpoint.export``."""
         weights, optimizer = fsdp.full_state(self.model, self.optimizer, frozen=False)  # collective when sharded
         if self.sharded and dist_rank() != 0:
             return lambda path: None
         weights = {name: weights[name] for name in lora.policy(self.model)}  # not a frozen tied weight's alias
         cfg, base, tokenizer = self.lora_cfg, self.model_path, self.tokenizer
         model = lora.base_model(self.model)
-        merged = final and cfg.final == "merged"
 
         def write(path: str) -> None:
             lora.save_adapter(weights, cfg, base, f"{path}/adapter")
             torch.save(optimizer, f"{path}/optimizer.pt")
-            if merged:
-                lora.export_merged(f"{path}/adapter", base, path)
-                return
             model.config.save_pretrained(path)  # the base's: what the checkpoint applies to
             if getattr(model, "generation_config", None) is not None:
                 model.generation_config.save_pretrained(path)

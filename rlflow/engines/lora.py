@@ -15,8 +15,9 @@ Design decisions:
 - Files are peft's (``adapter_config.json`` + ``adapter_model.safetensors``, tensor names without the
   adapter's name): ``PeftModel.from_pretrained(base, dir)``, transformers with peft installed, and
   sglang's ``/load_lora_adapter`` all read them. The config names the base (``base_model_name_or_path``).
-- Merging is peft's ``merge_and_unload`` (W + alpha / r · B A) on a host copy of the base read from disk
-  (``export_merged``), never on the live model.
+- Merging is peft's ``merge_and_unload`` (W + alpha / r · B A) in float32 on a host copy of the base read
+  from disk (``export_merged``), never on the live model. An adapter on a layer that shares its weight
+  with the input embeddings (a tied ``lm_head``) is refused: merging it would change the embeddings too.
 """
 
 from __future__ import annotations
@@ -47,13 +48,21 @@ def wrap(model: torch.nn.Module, cfg) -> torch.nn.Module:
     except ImportError:
         raise ImportError(f"actor.lora.rank={cfg.rank} trains adapters with peft, which is not installed here: "
                           f"pip install 'rlflow[lora]'") from None
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
     try:
         with _quiet():
-            return get_peft_model(model, peft_config(cfg), autocast_adapter_dtype=False)
+            wrapped = get_peft_model(model, peft_config(cfg), autocast_adapter_dtype=False)
     except ValueError as e:  # peft: target modules not found
-        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ValueError(f"actor.lora.target_modules={list(cfg.target_modules)} does not fit {type(model).__name__} "
                          f"({e}); its linear layers are named {linear}") from None
+    tied = [name for name, m in wrapped.named_modules()
+            if getattr(getattr(m, "base_layer", None), "weight", None) is embedding and embedding is not None]
+    if tied:  # merging would add the output layer's update to the input embeddings it shares
+        raise ValueError(f"actor.lora.target_modules={list(cfg.target_modules)}: {tied[0]} shares its weight with the "
+                         f"input embeddings (tie_word_embeddings), so its adapter cannot be merged into the model; "
+                         f"leave it out (the model's other linear layers: {[n for n in linear if n != tied[0].rsplit('.', 1)[-1]]})")
+    return wrapped
 
 
 def is_wrapped(model: torch.nn.Module) -> bool:
@@ -116,17 +125,19 @@ def adapter_base(directory: str | Path) -> str | None:
         return None
 
 
-def export_merged(adapter: str | Path, base: str | Path, out: str | Path) -> None:
-    """Write base + adapter merged (``merge_and_unload``) to ``out`` as ``from_pretrained`` files, in the
-    base's dtype, with the base's tokenizer and generation config. Reads the base from disk on the host."""
+def export_merged(adapter: str | Path, base: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    """Write base + adapter merged (``merge_and_unload``) to ``out`` as ``from_pretrained`` files, with the
+    base's tokenizer and generation config. Reads the base from disk on the host in float32, as the trainer
+    holds it, and merges there: a bfloat16 base would round the adapters' update away (measured: logprobs
+    off by 1e-2). ``dtype``: what the merged weights are saved in (rounded after the merge)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     out = Path(out)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto")
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     with _quiet():
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    merged.save_pretrained(str(out))
+    merged.to(dtype).save_pretrained(str(out))
     AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))
     try:
         GenerationConfig.from_pretrained(str(base)).save_pretrained(str(out))

@@ -25,8 +25,10 @@ then ``/model_info`` must report the new version. With LoRA (``actor.lora``) the
 a version is its adapters: written as peft's files in ``update_dir``, loaded under a name of their own
 (``/load_lora_adapter``), tagged, the previous adapter unloaded, the cache flushed; every later
 ``/generate`` names that adapter (``lora_path``). No pause: the replica updates between its own calls,
-and another adapter's requests never run on this one. The server is launched with ``--enable-lora``,
-the run's rank and target modules. Adapters travel as files, never through sglang's from-tensors
+and another adapter's requests never run on this one. Until the new adapter is in and tagged (or after
+a load failed) ``generate`` refuses: the bare base is no version of the run's policy. The server is
+launched with ``--enable-lora``, the run's rank and target modules; a server at ``rollout.sglang.url``
+must report them (``require_lora_server``), and ``close`` unloads what this engine loaded there. Adapters travel as files, never through sglang's from-tensors
 route, which unpickles what it is sent. With update=distributed the trainer runs the same
 sequence itself for every server (``WeightBroadcaster``), broadcasting the tensors through a process
 group the servers joined, and the replica only waits for the version it needs and reads each sample's
@@ -122,6 +124,7 @@ class SGLangEngine:
         self.cfg: SGLangConfig = cfg.sglang
         self.lora = lora_cfg  # the run's actor.lora: versions are adapters on the server's base model
         self.adapter: str | None = None  # the loaded adapter every generate names (LoRA)
+        self.loaded: list[str] = []  # the adapters this engine loaded on the server and has not unloaded
         self.model_path, self.dtype, self.seed, self.device = model_path, cfg.dtype, cfg.seed, cfg.device
         self.stop_ids = stop_token_ids(model_path)
         self.server: subprocess.Popen | None = None
@@ -132,6 +135,8 @@ class SGLangEngine:
         self.client = SGLangClient(url, self.api_key, self.cfg.request_timeout)
         try:
             self._wait_ready()
+            if self.lora is not None and self.cfg.url is not None:  # launched servers get the flags themselves
+                require_lora_server(self.client.server_info(), self.lora, self.client.url)
         finally:
             self._forget_key_file()
         self.version = 0
@@ -146,6 +151,9 @@ class SGLangEngine:
 
     # -------------------------------------------------------------- the interface
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+        if self.lora is not None and self.adapter is None:  # the base alone is no version of this run's policy
+            raise SGLangError(f"no LoRA adapter is loaded on {self.client.url}: no version came yet, or the last "
+                              f"update failed part-way")
         out: list[Generation | None] = [None] * len(prompts)
         todo = list(range(len(prompts)))
         for attempt in range(self.cfg.max_retries + 1):
@@ -202,10 +210,16 @@ class SGLangEngine:
         previous, target = self._snapshot, self.update_root / f"lora-v{version}"
         lora.save_adapter(weights, self.lora, self.model_path, target)
         name = f"{self.prefix}-v{version}"
+        self.adapter = None  # until the new one is in and tagged: generate refuses meanwhile
+        if name in self.loaded:  # the same version again (a resync): sglang refuses a name it holds
+            self.client.unload_lora_adapter(name)
+            self.loaded.remove(name)
         self.client.load_lora_adapter(name, str(target))
+        self.loaded.append(name)
         self.client.set_weight_version(version)
-        if self.adapter is not None and self.adapter != name:
-            self.client.unload_lora_adapter(self.adapter)
+        for old in self.loaded[:-1]:
+            self.client.unload_lora_adapter(old)
+            self.loaded.remove(old)
         self.adapter, self._snapshot = name, target
         self.client.flush_cache(self.cfg.flush_timeout)  # no cached prefix of an older adapter serves again
         require_version(self.client, version)
@@ -233,6 +247,14 @@ class SGLangEngine:
                 self.server.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.server.pid, signal.SIGKILL)
+        if self.cfg.url is not None:  # a server we did not launch outlives us: leave it none of our adapters
+            for name in list(self.loaded):
+                try:
+                    self.client.unload_lora_adapter(name)
+                except SGLangError:  # the server may be gone already
+                    pass
+                self.loaded.remove(name)
+            self.adapter = None
         if self._snapshot is not None:
             shutil.rmtree(self._snapshot, ignore_errors=True)
         if self.cfg.update_dir is None:
@@ -301,6 +323,24 @@ class SGLangEngine:
 def lora_launch_args(cfg) -> list[str]:
     """The server arguments that let it load the run's adapters (``actor.lora``) after start-up."""
     return ["--enable-lora", "--max-lora-rank", str(cfg.rank), "--lora-target-modules", *cfg.target_modules]
+
+
+def require_lora_server(info: dict, cfg, url: str) -> None:
+    """A server at ``rollout.sglang.url`` must have been launched to take the run's adapters (its
+    ``/get_server_info`` lists its arguments); an sglang that does not say is left to its first load."""
+    if "enable_lora" not in info:
+        return
+    fix = f"launch it with {' '.join(lora_launch_args(cfg))}"
+    if not info.get("enable_lora"):
+        raise SGLangError(f"actor.lora.rank={cfg.rank}: the sglang server at {url} (rollout.sglang.url) was launched "
+                          f"without LoRA: {fix}")
+    rank, targets = info.get("max_lora_rank"), info.get("lora_target_modules")
+    if rank is not None and int(rank) < cfg.rank:
+        raise SGLangError(f"actor.lora.rank={cfg.rank}: the sglang server at {url} takes adapters of rank <= {rank} "
+                          f"(--max-lora-rank): {fix}")
+    if targets and "all" not in targets and not set(cfg.target_modules) <= set(targets):
+        raise SGLangError(f"actor.lora.target_modules={list(cfg.target_modules)}: the sglang server at {url} applies "
+                          f"adapters to {sorted(targets)} only (--lora-target-modules): {fix}")
 
 
 def server_key(cfg: SGLangConfig) -> str | None:

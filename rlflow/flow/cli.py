@@ -107,6 +107,8 @@ def export(argv: list[str]) -> int:
     parser.add_argument("out", help="the directory to write (new, or empty)")
     parser.add_argument("--base", default=None,
                         help="LoRA: the base model directory, when the one the adapter config names has moved")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="what the weights are saved in (merged in float32 first; default float32)")
     args = parser.parse_args(argv)
     console = make_console()
     if not Path(args.checkpoint).is_dir():
@@ -115,7 +117,7 @@ def export(argv: list[str]) -> int:
     from rlflow.train.checkpoint import export as export_checkpoint
 
     try:
-        export_checkpoint(args.checkpoint, args.out, args.base)
+        export_checkpoint(args.checkpoint, args.out, args.base, args.dtype)
     except ValueError as e:
         say(console, str(e), "error")
         return 2

@@ -68,7 +68,8 @@ def checkpoint_problem(path: str) -> str | None:
                    f"with `rlflow export {path} OUT_DIR` and give model.path=OUT_DIR"
         if (p / "adapter").is_dir():  # a LoRA trainer's checkpoint: adapters for a base model
             return f"is a LoRA checkpoint (adapters in adapter/, for a base model): merge them into a " \
-                   f"from_pretrained directory with `rlflow export {path} OUT_DIR` and give model.path=OUT_DIR"
+                   f"from_pretrained directory with `rlflow export {path} OUT_DIR` and give model.path=OUT_DIR " \
+                   f"(a run with actor.lora.final=merged left one in checkpoints/final/merged)"
         return "holds no weights (*.safetensors or *.bin)"
     if not any((p / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
         return "holds no tokenizer (tokenizer.json, tokenizer.model or vocab.json): save the tokenizer beside the model"

@@ -44,7 +44,7 @@ import pyarrow as pa
 import torch
 
 from rlflow.roles import schema
-from rlflow.train.checkpoint import FINAL, STAGING, Checkpointer, holds_model, read_state, restore_rng
+from rlflow.train.checkpoint import FINAL, STAGING, Checkpointer, export, holds_model, read_state, restore_rng
 from rlflow.roles import reports
 from rlflow.roles.config import ActorArgs, ActorConfig, Broadcast
 from rlflow.roles.context import RoleContext, shard_endpoint
@@ -173,6 +173,8 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
         if lead:
             if checkpoints is not None:
                 checkpoints.close(ctx.wait_seconds)
+                if cfg.lora.enabled and cfg.lora.final == "merged":
+                    _merge_final(ctx)
             ctx.report(reports.DONE, version=engine.version, replicas=cfg.replicas, identical_weights=identical)
         else:  # the run ends on rank 0's report; stay until the launcher stops this rank
             time.sleep(ctx.wait_seconds)
@@ -226,9 +228,7 @@ def _checkpoint(checkpoints: Checkpointer | None, name: str, engine, epoch: int,
         engine.save(f"{ctx.run_dir}/checkpoints/{name}")
         return {}
     t0 = time.monotonic()
-    if getattr(engine, "sharded", False) or getattr(engine, "lora", False):
-        # sharded: every rank writes its rows, the final one also exports the model; LoRA: the final one
-        # may hold the merged model (actor.lora.final)
+    if getattr(engine, "sharded", False):  # every rank writes its rows; the final one also exports the model
         write = engine.snapshot(f"{ctx.run_dir}/checkpoints/{name}{STAGING}", whole=name == FINAL)
     else:
         write = engine.snapshot()
@@ -238,6 +238,22 @@ def _checkpoint(checkpoints: Checkpointer | None, name: str, engine, epoch: int,
     state = {"version": engine.version, "epoch": epoch, "groups_by_step": list(groups_by_step),
              "skipped_by_step": list(skipped_by_step), "time": time.time()}
     return {**checkpoints.save(name, write, state, ctx.wait_seconds), "checkpoint/snapshot_s": snapshot_s}
+
+
+def _merge_final(ctx: RoleContext) -> None:
+    """``actor.lora.final=merged``: the final checkpoint's adapters merged into the base, as ``final/merged``
+    (``from_pretrained``). After the checkpoint is whole, so a failed merge (memory, a base that moved)
+    costs the merge only; the error says how to run it again."""
+    final = f"{ctx.run_dir}/checkpoints/{FINAL}"
+    print(f"merging the adapters of {final} into the base model (actor.lora.final=merged)", flush=True)
+    t0 = time.monotonic()
+    with ctx.timeline.span("merge"):
+        try:
+            export(final, f"{final}/merged")
+        except Exception as e:
+            raise RuntimeError(f"merging the final adapters failed ({type(e).__name__}: {e}); the checkpoint {final} is "
+                               f"whole: merge it with `rlflow export {final} OUT_DIR`") from e
+    print(f"merged model: {final}/merged ({time.monotonic() - t0:.1f}s)", flush=True)
 
 
 def _renew_held(ctx: RoleContext, deliveries: list) -> None:

@@ -25,8 +25,9 @@ A LoRA trainer (``actor.lora``) writes the adapters alone, sharded or not (they 
                                    names the run's start model as the base)
     checkpoints/step-N/optimizer.pt    the adapters' optimizer state, keyed by name
     checkpoints/step-N/config.json, tokenizer files, rng.pt, trainer_state.json   as above (the base's config)
-    checkpoints/final/             the same; with ``actor.lora.final=merged`` also the merged model
-                                   (``from_pretrained``). ``rlflow export`` merges any of them.
+    checkpoints/final/             the same; with ``actor.lora.final=merged`` also ``merged/``: the base
+                                   with the adapters merged in (``from_pretrained``), made once the
+                                   checkpoint is whole. ``rlflow export`` merges any of them.
 
 What a resume needs beyond the engine: the policy version N, and which prompt groups steps 1..N
 consumed (the data position: ``groups_by_step``). Nothing else on the bus is worth keeping: rows not
@@ -98,14 +99,17 @@ def holds_model(path: str | Path) -> bool:
     return not is_sharded(path) and not is_adapter(path)
 
 
-def export(checkpoint: str | Path, out: str | Path, base: str | Path | None = None) -> None:
+def export(checkpoint: str | Path, out: str | Path, base: str | Path | None = None, dtype: str = "float32") -> None:
     """Write the policy of a sharded or a LoRA checkpoint to ``out`` as ``from_pretrained`` reads it
-    (config, weights, tokenizer), in one process on the host. A LoRA checkpoint's adapters are merged
-    into its base: the model its adapter config names, or ``base``."""
+    (config, weights, tokenizer), in one process on the host, in ``dtype`` (the trainer's float32, or
+    rounded to bfloat16/float16). A LoRA checkpoint's adapters are merged into its base (in float32):
+    the model its adapter config names, or ``base``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     checkpoint, out = Path(checkpoint), Path(out)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
     if not is_sharded(checkpoint) and not is_adapter(checkpoint):
         raise ValueError(f"{checkpoint} has no {SHARDED}/ nor {ADAPTER}/: it is not the checkpoint of a sharded "
                          f"(actor.parallel=fsdp) or a LoRA (actor.lora) trainer, and already loads with from_pretrained")
@@ -120,7 +124,7 @@ def export(checkpoint: str | Path, out: str | Path, base: str | Path | None = No
         if base is None or not (Path(base) / "config.json").is_file():
             raise ValueError(f"{checkpoint} holds LoRA adapters for the base model {base}, which is not a model "
                              f"directory here: give the base with --base PATH")
-        export_merged(checkpoint / ADAPTER, base, tmp)
+        export_merged(checkpoint / ADAPTER, base, tmp, getattr(torch, dtype))
     else:
         from rlflow.engines.fsdp import load_sharded
 
@@ -128,7 +132,7 @@ def export(checkpoint: str | Path, out: str | Path, base: str | Path | None = No
         with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
             warnings.simplefilter("ignore", UserWarning)
             load_sharded(model, None, str(checkpoint / SHARDED))
-        model.save_pretrained(tmp)
+        model.to(getattr(torch, dtype)).save_pretrained(tmp)
         AutoTokenizer.from_pretrained(checkpoint).save_pretrained(tmp)
         try:
             GenerationConfig.from_pretrained(checkpoint).save_pretrained(tmp)
