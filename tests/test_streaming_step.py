@@ -95,9 +95,51 @@ def test_token_budget_passes_hold_every_sample_once_and_stay_under_the_budget():
 
     rng = random.Random(0)
     lengths = [rng.randint(1, 300) for _ in range(500)] + [900]  # one sample longer than the budget
-    passes = micro_batches(lengths, max_rows=16, max_tokens=1024)
-    assert sorted(k for p in passes for k in p) == list(range(len(lengths)))
-    for p in passes:
-        assert len(p) <= 16 and (len(p) == 1 or max(lengths[k] for k in p) * len(p) <= 1024)
-    assert passes[0] == [500]  # longest first: the memory peak comes at once
+    for padded in (True, False):
+        passes = micro_batches(lengths, max_rows=16, max_tokens=1024, padded=padded)
+        assert sorted(k for p in passes for k in p) == list(range(len(lengths)))
+        for p in passes:
+            cost = max(lengths[k] for k in p) * len(p) if padded else sum(lengths[k] for k in p)
+            assert len(p) <= 16 and (len(p) == 1 or cost <= 1024)
+        assert passes[0] == [500]  # longest first: the memory peak comes at once
+    # packed without padding, the same budget holds more samples per pass
+    assert len(micro_batches(lengths, 64, 1024, padded=False)) < len(micro_batches(lengths, 64, 1024))
     assert micro_batches([5, 3, 9], max_rows=2) == [[0, 1], [2]]  # no budget: in order, max_rows at a time
+
+
+def test_padding_free_passes_give_the_padded_gradient(tiny_model, reverse_samples, client):
+    """actor.padding_free: each pass one packed row, positions restarting per sample, no padding; the
+    step's loss and gradient are those of padded passes."""
+    client.declare(schema.COLUMNS, release_after=schema.RELEASE_AFTER)
+    client.put(reverse_samples)
+    table = client.get("actor", schema.ACTOR_INPUT, n=GROUPS, groups=True, timeout=10).table
+    grads, losses = [], []
+    for packed in (False, True):
+        cfg = ActorConfig(padding_free=packed, max_tokens_per_microbatch=60)
+        engine = HFTrainEngine(tiny_model, cfg, SAMPLING)
+        acc = StepAccumulator(engine, cfg, SAMPLING.max_new_tokens)
+        acc.add(table)
+        losses.append(acc.total.loss_sum)
+        grads.append({name: p.grad.clone() for name, p in engine.model.named_parameters()})
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for name, g in grads[0].items():  # float summation order differs: within 1e-5 of each tensor's largest entry
+        assert torch.allclose(grads[1][name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max())), name
+
+
+def test_a_model_that_lets_packed_samples_see_each_other_is_refused(tiny_model):
+    """Packing is only right where the attention keeps samples apart by their restarting positions; a
+    model that ignores them is caught at start (here: the real model, its position ids dropped)."""
+    from rlflow.engines.hf import load_model, packing_honoured
+
+    model = load_model(tiny_model, "float32", "cpu")
+
+    class IgnoresPositions(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, position_ids=None, **kwargs):
+            return self.inner(input_ids=input_ids, **kwargs)  # one long sequence: later samples see earlier ones
+
+    assert packing_honoured(model, "cpu")
+    assert not packing_honoured(IgnoresPositions(model), "cpu")

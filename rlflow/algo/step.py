@@ -22,9 +22,11 @@ from rlflow.algo.offpolicy import ess, lr_factor, opob_advantages, sequence_log_
 from rlflow.algo import segments
 
 
-def micro_batches(lengths: list[int], max_rows: int, max_tokens: int | None = None) -> list[list[int]]:
+def micro_batches(lengths: list[int], max_rows: int, max_tokens: int | None = None,
+                  padded: bool = True) -> list[list[int]]:
     """Indices of ``lengths`` (tokens per sample) in forward/backward passes of at most ``max_rows`` samples
-    and, with ``max_tokens``, at most that many tokens counting padding to the pass's longest sample.
+    and, with ``max_tokens``, at most that many tokens: counting padding to the pass's longest sample, or
+    (``padded=False``: passes packed without padding, ``actor.padding_free``) the samples' own tokens.
 
     With a token budget the samples are taken longest first, so each pass pads little and the first pass
     is the largest (memory peaks at once, not late in a step); a sample over the budget gets a pass of its
@@ -34,13 +36,17 @@ def micro_batches(lengths: list[int], max_rows: int, max_tokens: int | None = No
     if max_tokens is None:
         return [list(range(lo, min(lo + max_rows, len(lengths)))) for lo in range(0, len(lengths), max_rows)]
     out: list[list[int]] = []
+    size = 0  # tokens of the last pass, as it costs
     for k in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
         batch = out[-1] if out else None
         # sorted longest first: a pass's padded size is its first (longest) sample's length x its size
-        if batch is None or len(batch) >= max_rows or lengths[batch[0]] * (len(batch) + 1) > max_tokens:
+        grown = lengths[batch[0]] * (len(batch) + 1) if padded and batch else size + lengths[k]
+        if batch is None or len(batch) >= max_rows or grown > max_tokens:
             out.append([k])
+            size = lengths[k]
         else:
             batch.append(k)
+            size = grown
     return out
 
 
@@ -145,7 +151,8 @@ class StepAccumulator:
         """``samples`` cut into forward/backward passes (``micro_batches``)."""
         lengths = [len(c["prompt_ids"][i]) + len(c["response_ids"][i]) for c, i, _ in samples]
         return [[samples[k] for k in batch]
-                for batch in micro_batches(lengths, self.cfg.micro_batch, self.cfg.max_tokens_per_microbatch)]
+                for batch in micro_batches(lengths, self.cfg.micro_batch, self.cfg.max_tokens_per_microbatch,
+                                           padded=not self.cfg.padding_free)]
 
     def _agreed_passes(self, samples: list[tuple]) -> tuple[list[list[tuple]], int]:
         """``samples``' passes, and the idle ones this rank adds so that every rank of a sharded trainer

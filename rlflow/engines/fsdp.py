@@ -74,25 +74,27 @@ def shard(model: torch.nn.Module, device: str, param_dtype: str = "float32") -> 
     return world
 
 
-def load_model(path: str, device: str, param_dtype: str = "float32", prepare=None) -> tuple[torch.nn.Module, int]:
+def load_model(path: str, device: str, param_dtype: str = "float32", prepare=None,
+               attention: str | None = None) -> tuple[torch.nn.Module, int]:
     """The checkpoint at ``path`` as a sharded fp32 model on ``device`` (every rank calls it); returns
     (model, world size). Only rank 0 reads the weights, on the host: the other ranks build the model's
     skeleton on the meta device (no memory), every rank shards it, the shards are made real on the
     device, and rank 0 sends each rank its rows and the buffers (rotary frequencies and the like). So
     the host holds the whole model once, not once per rank. ``prepare(model)`` runs before sharding and
     returns the model to shard (activation checkpointing, LoRA adapters: rank 0 draws them, and sends them
-    with the rest)."""
+    with the rest). ``attention``: transformers' attention kernel (None: its default)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not dist.is_initialized():
         raise RuntimeError("actor.parallel=fsdp needs the trainer ranks' process group (roles/actor.py starts it)")
     lead = dist.get_rank() == 0
+    kernel = {"attn_implementation": attention} if attention else {}
     if lead:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kernel)
     else:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32, **kernel)
     model.train()
     if prepare is not None:
         model = prepare(model)

@@ -33,12 +33,15 @@ from rlflow.engines.base import Generation, SamplingParams
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(path: str, dtype: str, device: str):
+def load_model(path: str, dtype: str, device: str, attention: str | None = None):
+    """``from_pretrained(path)`` in ``dtype`` on ``device``; ``attention``: transformers' attention kernel
+    (``attn_implementation``, e.g. flash_attention_2; None: its default)."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    kernel = {"attn_implementation": attention} if attention else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kernel)
     return model.to(device)
 
 
@@ -70,8 +73,14 @@ def stop_token_ids(path: str) -> list[int]:
 
 
 def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], temperature: float,
-                      device: str) -> torch.Tensor:
-    """[B, T] log π(y_t | prompt, y_<t) for every response token, zero past each response's end."""
+                      device: str, packed: bool = False) -> torch.Tensor:
+    """[B, T] log π(y_t | prompt, y_<t) for every response token, zero past each response's end.
+
+    ``packed`` (``actor.padding_free``): the sequences go end to end in one row with positions restarting
+    at each, and no padding; transformers keeps them apart from the positions (a varlen kernel with
+    flash attention, a block-causal mask otherwise). Same logprobs (``packing_honoured`` checks a model)."""
+    if packed:
+        return _packed_logprobs(model, prompts, responses, temperature, device)
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     width, t_max = max(lengths), max(len(r) for r in responses)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -89,6 +98,37 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
     logp = picked.gather(-1, target[:, :, None]).squeeze(-1) - torch.logsumexp(picked, -1)
     valid = torch.arange(t_max, device=device)[None, :] < torch.tensor([len(r) for r in responses], device=device)[:, None]
     return logp * valid
+
+
+def _packed_logprobs(model, prompts: list[list[int]], responses: list[list[int]], temperature: float,
+                     device: str) -> torch.Tensor:
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    ids = torch.tensor([t for s in seqs for t in s], device=device)
+    positions = torch.cat([torch.arange(len(s)) for s in seqs]).to(device)
+    logits = model(input_ids=ids[None], position_ids=positions[None], use_cache=False).logits[0]  # [N, V]
+    starts = torch.tensor([0] + [len(s) for s in seqs[:-1]]).cumsum(0)
+    t_max = max(len(r) for r in responses)
+    last = torch.tensor([max(len(r), 1) - 1 for r in responses])
+    # response token t of sample i sits at starts[i] + len(p_i) + t; the logit before it predicts it
+    t = torch.minimum(torch.arange(t_max)[None, :], last[:, None])
+    pos = (starts + torch.tensor([len(p) - 1 for p in prompts]))[:, None] + t  # [B, T]
+    pos = pos.to(device)
+    picked = logits[pos].float() / temperature  # [B, T, V]
+    target = ids[pos + 1]
+    logp = picked.gather(-1, target[:, :, None]).squeeze(-1) - torch.logsumexp(picked, -1)
+    valid = torch.arange(t_max, device=device)[None, :] < torch.tensor([len(r) for r in responses], device=device)[:, None]
+    return logp * valid
+
+
+@torch.no_grad()
+def packing_honoured(model, device: str) -> bool:
+    """Whether ``model``'s attention keeps packed sequences apart: two short sequences scored packed and
+    padded give the same logprobs. A model whose attention ignores restarting positions (no packed-
+    sequence support in its transformers class) would let one sample see another, silently."""
+    prompts, responses = [[3, 4, 5, 6], [7, 8]], [[9, 10, 11], [12, 13, 14, 15]]
+    padded = sequence_logprobs(model, prompts, responses, 1.0, device)
+    packed = sequence_logprobs(model, prompts, responses, 1.0, device, packed=True)
+    return bool(torch.allclose(padded, packed, atol=1e-3))
 
 
 def _sample(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,6 +248,8 @@ class HFTrainEngine:
         self.sharded = getattr(cfg, "parallel", "replicate") == "fsdp"
         self.lora_cfg = getattr(cfg, "lora", None)
         self.lora = bool(self.lora_cfg is not None and self.lora_cfg.enabled)
+        self.packed = getattr(cfg, "padding_free", False)
+        attention = getattr(cfg, "attn_implementation", None)
         checkpointing = getattr(cfg, "activation_checkpointing", False)
 
         def prepare(model):
@@ -216,9 +258,14 @@ class HFTrainEngine:
             return lora.wrap(model, self.lora_cfg) if self.lora else model
 
         if self.sharded:  # rank 0 reads the weights, every rank ends with its own rows on the device
-            self.model, self.world = fsdp.load_model(model_path, cfg.device, cfg.param_dtype, prepare)
+            self.model, self.world = fsdp.load_model(model_path, cfg.device, cfg.param_dtype, prepare, attention)
         else:
-            self.model, self.world = prepare(load_model(model_path, "float32", cfg.device).train()), 1
+            self.model, self.world = prepare(load_model(model_path, "float32", cfg.device, attention).train()), 1
+        if self.packed and not packing_honoured(self.model, self.device):  # every rank alike (a collective)
+            raise ValueError(f"actor.padding_free=true: {type(lora.base_model(self.model)).__name__} with attention "
+                             f"{lora.base_model(self.model).config._attn_implementation!r} does not keep packed "
+                             f"sequences apart (packed and padded logprobs differ): set actor.padding_free=false, or "
+                             f"another actor.attn_implementation")
         # sharded checkpoints: written in the background over a group of their own, one write in flight
         self.save_group = fsdp.checkpoint_group() if self.sharded else None
         self.saving = None  # the sharded write in flight (its future)
@@ -229,7 +276,7 @@ class HFTrainEngine:
         self.version = 0
 
     def token_logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
-        return sequence_logprobs(self.model, prompts, responses, self.temperature, self.device)
+        return sequence_logprobs(self.model, prompts, responses, self.temperature, self.device, self.packed)
 
     def step(self, grad_scale: float, lr_scale: float = 1.0, advance: bool = True) -> dict[str, float]:
         """One AdamW step at lr x ``lr_scale``; the base learning rates are restored whatever happens.

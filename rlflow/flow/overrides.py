@@ -32,6 +32,7 @@ RESUMABLE = (
     "reference.replicas", "reference.threads", "reference.device",
     "actor.replicas", "actor.threads", "actor.device", "actor.micro_batch", "actor.max_tokens_per_microbatch",
     "actor.parallel", "actor.activation_checkpointing", "actor.checkpoint_every", "actor.checkpoint_keep",
+    "actor.padding_free", "actor.attn_implementation", "actor.lora.final",
     "sync.sparse", "sync.compress", "sync.values", "sync.fanout", "sync.chunk_kb", "sync.window", "sync.hop_timeout",
     "sync.keyframe_ratio", "sync.uplink_mb_s",
 )

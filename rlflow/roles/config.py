@@ -226,6 +226,15 @@ class ActorConfig:
     """Most tokens per forward/backward pass, padding included: samples are sorted by length and packed
     under this budget (memory bounded by tokens, not by the longest sample x micro_batch); a sample longer
     than it gets a pass of its own. null: micro_batch alone. The step's gradient is the same either way."""
+    padding_free: bool = False
+    """Each pass is one packed row: its samples end to end, positions restarting at each, no padding
+    (transformers' packed sequences: a varlen kernel with attn_implementation=flash_attention_2 on GPU, a
+    block-causal mask otherwise, which on CPU is slower than sorted padded passes: docs/benchmarks.md).
+    Same gradient; max_tokens_per_microbatch then counts real tokens. The trainer checks at start that its
+    model keeps packed samples apart, and refuses to start if not."""
+    attn_implementation: str | None = None
+    """The trained model's attention kernel (transformers' attn_implementation: sdpa, eager,
+    flash_attention_2 with the flash-attn package on GPU, ...); null: transformers' default."""
     minibatches: int = 1
     """Optimizer steps per epoch: each version's groups (every rank's, sorted, shuffled after the first
     epoch) cut into this many minibatches of whole groups, one AdamW step each; the version moves on
@@ -263,6 +272,9 @@ class ActorConfig:
         require(self.advantage != "opob" or self.parallel != "fsdp", f"{at}.advantage",
                 f"opob takes one gradient per trajectory, which a sharded trainer does not compute: use "
                 f"{at}.parallel=replicate with opob, or another advantage")
+        require(self.attn_implementation is None or (isinstance(self.attn_implementation, str) and self.attn_implementation),
+                f"{at}.attn_implementation", f"name a transformers attention kernel (sdpa, eager, flash_attention_2) "
+                f"or null, got {self.attn_implementation!r}")
         require(self.minibatches <= self.groups_per_step, f"{at}.minibatches",
                 f"a minibatch holds whole groups: {self.groups_per_step} groups per step make at most "
                 f"{self.groups_per_step} minibatches, not {self.minibatches}; lower it or raise {at}.groups_per_step")

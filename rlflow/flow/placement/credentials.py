@@ -186,11 +186,16 @@ def fetch(where: tuple[str, str], keypair: tuple[bytes, bytes], timeout: float) 
         sock.curve_serverkey = server_public.encode()
         sock.curve_publickey, sock.curve_secretkey = keypair
         sock.connect(address)
+        wait = max(0.0, min(RESEND_S, deadline - time.monotonic()))
         try:
-            sock.send(b"{}")
-            if sock.poll(int(1000 * max(0.0, min(RESEND_S, deadline - time.monotonic())))):
+            # never a blocking send: a DEALER with no connection blocks in send for good, and a refused
+            # handshake can drop the connection before the request is queued
+            sock.send(b"{}", zmq.NOBLOCK)
+            if sock.poll(int(1000 * wait)):
                 reply = json.loads(sock.recv())
                 break
+        except zmq.Again:  # no connection to queue on (dropped already): a fresh one after the pause
+            time.sleep(wait)
         finally:
             sock.close(0)
         if time.monotonic() >= deadline:
