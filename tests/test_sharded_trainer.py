@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_all_processes_gone, metrics, rlflow
+from helpers import REPO, assert_all_processes_gone, env, metrics, rlflow
 from rlflow.algo.step import StepAccumulator, idle_pass
 from rlflow.engines.hf import HFTrainEngine
 from rlflow.roles import schema
@@ -182,3 +182,19 @@ def test_a_sharded_checkpoint_is_staged_while_training_goes_on_and_written_whole
     assert len(list((root / "step-4" / "dcp").glob("*.distcp"))) == 2 and not (root / "step-4" / "model.safetensors").exists()
     [m] = [m for m in metrics(two_ranks) if m["step"] == 4]
     assert m["checkpoint/snapshot_s"] < 5 and "checkpoint/wait_s" in m
+
+
+def test_rlflow_eval_scores_a_sharded_checkpoint_as_its_export(two_ranks, tmp_path):
+    """A sharded checkpoint (dcp/) is exported on the fly: the same numbers as evaluating its export."""
+    from rlflow.train.checkpoint import export
+
+    step = two_ranks / "checkpoints" / "step-4"
+    export(step, tmp_path / "exported")
+    figures = []
+    for ckpt in (step, tmp_path / "exported"):
+        r = subprocess.run([sys.executable, "-m", "rlflow", "eval", str(ckpt), "--prompts", "4", "--samples", "2"],
+                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        figures.append({k: v for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()
+                        if k.startswith(("reward/", "pass@"))})
+    assert figures[0] == figures[1] and "reward/mean" in figures[0]

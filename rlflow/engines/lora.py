@@ -149,7 +149,9 @@ def export_merged(adapter: str | Path, base: str | Path, out: str | Path, dtype:
 
 @contextlib.contextmanager
 def _quiet():
-    """peft asks transformers a deprecated question (``is_gradient_checkpointing``): nothing for a user to do."""
+    """peft asks transformers a deprecated question (``is_gradient_checkpointing``): nothing for a user to do;
+    and it warns of an adapter on a tied layer, which ``wrap`` refuses with its own error."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*is_gradient_checkpointing.*", FutureWarning)
+        warnings.filterwarnings("ignore", ".*tie_word_embeddings.*", UserWarning)
         yield

@@ -35,6 +35,7 @@ exchanging Arrow batches over a ZeroMQ bus; one staleness knob from on-policy to
   rlflow doctor [-cn RECIPE] [key=value]   check the installation and a recipe before a long run
   rlflow report RUN_DIR                    figures, trace.json and capacity advice of a run (going or done)
   rlflow export CHECKPOINT OUT_DIR         a sharded (actor.parallel=fsdp) or LoRA checkpoint as a from_pretrained directory
+  rlflow eval CHECKPOINT [--samples N ...] pass@1, pass@k and mean reward on held-out prompts, with 95% intervals
   rlflow bus stats RUN_DIR|ADDRESS         what a run's bus holds now: rows, consumers, leases, waits
   rlflow bus serve|keygen|demo             the transfer-queue bus on its own
 
@@ -92,6 +93,10 @@ def _dispatch(argv: list[str]) -> int:
         return report_main(argv[1:])
     if argv[:1] == ["export"]:
         return export(argv[1:])
+    if argv[:1] == ["eval"]:
+        from rlflow.flow.evaluate import main as eval_main
+
+        return eval_main(argv[1:])
     return train(argv)
 
 

@@ -1,0 +1,98 @@
+"""``rlflow eval`` (flow/evaluate.py): a checkpoint's pass@k and mean reward on held-out prompts.
+
+What they pin: the pass@k estimator is the chance that k samples drawn without replacement hold a pass;
+the command, on a real run's checkpoint with the run's own settings, gives exactly the numbers of the
+same evaluation done by hand with the engine, the task and the reward function; bad input is refused
+naming the flag, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from helpers import REPO, env, rlflow
+from rlflow.flow.evaluate import pass_at_k
+
+
+def test_pass_at_k_is_the_chance_that_k_samples_drawn_hold_a_pass():
+    for n in range(1, 7):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                draws = list(itertools.combinations([True] * c + [False] * (n - c), k))
+                assert pass_at_k(n, c, k) == pytest.approx(sum(any(d) for d in draws) / len(draws), abs=1e-12)
+    with pytest.raises(ValueError, match="pass@5 needs at least 5 samples"):
+        pass_at_k(4, 1, 5)
+
+
+def _eval(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rlflow", "eval", *args], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model, model_cache) -> Path:
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    r = rlflow(run_dir, model_cache, "flow.steps=3", "rollout.temperature=0.8", "rollout.max_new_tokens=7")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return run_dir
+
+
+def test_eval_gives_the_numbers_of_the_same_evaluation_done_by_hand(trained, tmp_path):
+    import torch
+    from transformers import AutoTokenizer
+
+    from rlflow.engines.base import SamplingParams
+    from rlflow.engines.hf import HFRolloutEngine
+    from rlflow.flow.launcher import load_tokenizer
+    from rlflow.tasks.builtin import get_task
+    from rlflow.tasks.rewards import positional_match
+
+    final = trained / "checkpoints" / "final"
+    r = _eval(str(final), "--prompts", "6", "--samples", "4", "--k", "1", "2", "4", "--seed", "7",
+              "--out", str(tmp_path / "eval.json"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    figures = json.loads(r.stdout.strip().splitlines()[-1])
+    assert figures == json.loads((tmp_path / "eval.json").read_text())
+    # the run's own settings: its task, reward and sampling (temperature 0.8, 7 new tokens)
+    assert (figures["task"], figures["reward_fn"], figures["temperature"], figures["max_new_tokens"]) == \
+        ("reverse", "rlflow.tasks.rewards.positional_match", 0.8, 7)
+    assert "pass@2" in r.stdout and "reward/mean" in r.stdout  # the table
+
+    # by hand: the task's generator at the seed, each prompt 4 times in a row, the engine seeded alike
+    rng = random.Random(7)
+    records = [get_task("reverse").make(rng, 3, 5) for _ in range(6)]
+    tokenizer, decoder = load_tokenizer(str(final)), AutoTokenizer.from_pretrained(final)
+    engine = HFRolloutEngine(str(final), SimpleNamespace(device="cpu", dtype="float32", max_batch=256, seed=7))
+    with torch.no_grad():
+        gens = engine.generate([tokenizer(r["prompt"])["input_ids"] for r in records for _ in range(4)],
+                               SamplingParams(max_new_tokens=7, temperature=0.8))
+    texts = decoder.batch_decode([g.response_ids for g in gens], skip_special_tokens=True)
+    rewards = [[positional_match(texts[4 * i + j], **records[i]) for j in range(4)] for i in range(6)]
+    means = [sum(x) / 4 for x in rewards]
+    assert figures["reward/mean"] == pytest.approx(sum(means) / 6, abs=1e-12)
+    sd = math.sqrt(sum((m - sum(means) / 6) ** 2 for m in means) / 5)
+    assert figures["reward/mean_ci95"] == pytest.approx(1.96 * sd / math.sqrt(6), abs=1e-12)
+    for k in (1, 2, 4):
+        by_hand = [sum(any(x >= 1.0 for x in d) for d in itertools.combinations(r_, k)) / math.comb(4, k)
+                   for r_ in rewards]
+        assert figures[f"pass@{k}"] == pytest.approx(sum(by_hand) / 6, abs=1e-12)
+    assert figures["reward/errors"] == 0 and figures["prompts"] == 6 and figures["samples_per_prompt"] == 4
+
+
+def test_eval_refuses_bad_input_naming_the_flag(trained, tmp_path):
+    final = str(trained / "checkpoints" / "final")
+    for args, message in (([str(tmp_path / "nothing")], "no such checkpoint directory"),
+                          ([final, "--samples", "2", "--k", "4"], "--k [4]: each k must be between 1 and --samples (2)"),
+                          ([final, "--reward", "nodots"], "reward.fn"),
+                          ([final, "--data", str(tmp_path / "missing.jsonl")], "data.path")):
+        r = _eval(*args)
+        assert r.returncode == 2 and message in r.stdout + r.stderr, (args, r.stdout + r.stderr)
