@@ -42,6 +42,20 @@ def rlflow(run_dir: Path, model_cache: str, *overrides: str, timeout: float = 24
                           text=True, timeout=timeout)
 
 
+def rlflow_eval(*args: str) -> subprocess.CompletedProcess:
+    """``rlflow eval ARGS`` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "rlflow", "eval", *args], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+def eval_scores(checkpoint, *args: str) -> dict:
+    """The reward and pass@k figures ``rlflow eval CHECKPOINT ARGS`` prints (its JSON line)."""
+    r = rlflow_eval(str(checkpoint), *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    figures = json.loads(r.stdout.strip().splitlines()[-1])
+    return {k: v for k, v in figures.items() if k.startswith(("reward/", "pass@"))}
+
+
 def said(r: subprocess.CompletedProcess) -> str:
     """What a command printed as one line of words (panel borders and line breaks dropped)."""
     return " ".join(re.sub("[│╭╮╰╯─┃┏┓┗┛━]", " ", r.stdout + r.stderr).split())

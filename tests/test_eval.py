@@ -12,14 +12,12 @@ import itertools
 import json
 import math
 import random
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from helpers import REPO, env, rlflow
+from helpers import rlflow, rlflow_eval
 from rlflow.flow.evaluate import pass_at_k
 
 
@@ -31,11 +29,6 @@ def test_pass_at_k_is_the_chance_that_k_samples_drawn_hold_a_pass():
                 assert pass_at_k(n, c, k) == pytest.approx(sum(any(d) for d in draws) / len(draws), abs=1e-12)
     with pytest.raises(ValueError, match="pass@5 needs at least 5 samples"):
         pass_at_k(4, 1, 5)
-
-
-def _eval(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlflow", "eval", *args], cwd=REPO, env=env(), capture_output=True,
-                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +50,7 @@ def test_eval_gives_the_numbers_of_the_same_evaluation_done_by_hand(trained, tmp
     from rlflow.tasks.rewards import positional_match
 
     final = trained / "checkpoints" / "final"
-    r = _eval(str(final), "--prompts", "6", "--samples", "4", "--k", "1", "2", "4", "--seed", "7",
+    r = rlflow_eval(str(final), "--prompts", "6", "--samples", "4", "--k", "1", "2", "4", "--seed", "7",
               "--out", str(tmp_path / "eval.json"))
     assert r.returncode == 0, r.stdout + r.stderr
     figures = json.loads(r.stdout.strip().splitlines()[-1])
@@ -94,5 +87,5 @@ def test_eval_refuses_bad_input_naming_the_flag(trained, tmp_path):
                           ([final, "--samples", "2", "--k", "4"], "--k [4]: each k must be between 1 and --samples (2)"),
                           ([final, "--reward", "nodots"], "reward.fn"),
                           ([final, "--data", str(tmp_path / "missing.jsonl")], "data.path")):
-        r = _eval(*args)
+        r = rlflow_eval(*args)
         assert r.returncode == 2 and message in r.stdout + r.stderr, (args, r.stdout + r.stderr)

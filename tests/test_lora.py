@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +21,7 @@ import torch
 
 pytest.importorskip("peft", reason="actor.lora needs the lora extra (peft)")
 
-from helpers import CHANNEL_SECRET, REPO, assert_all_processes_gone, env, metrics, rlflow, said  # noqa: E402
+from helpers import CHANNEL_SECRET, assert_all_processes_gone, eval_scores, metrics, rlflow, said  # noqa: E402
 from rlflow.engines.base import SamplingParams  # noqa: E402
 from rlflow.engines.config import LoraConfig  # noqa: E402
 from rlflow.engines.hf import HFRolloutEngine, HFTrainEngine, sequence_logprobs  # noqa: E402
@@ -301,11 +299,5 @@ def test_a_two_rank_lora_checkpoint_resumes_on_one_rank_with_the_same_next_steps
 def test_rlflow_eval_scores_a_lora_checkpoint_as_its_merged_model(one_trainer):
     """The adapters on their base, unmerged as the trainer held them, score what the merged model scores."""
     final = one_trainer / "checkpoints" / "final"
-    figures = []
-    for ckpt in (final, final / "merged"):
-        r = subprocess.run([sys.executable, "-m", "rlflow", "eval", str(ckpt), "--prompts", "8", "--samples", "2"],
-                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout + r.stderr
-        figures.append({k: v for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()
-                        if k.startswith(("reward/", "pass@"))})
-    assert figures[0] == pytest.approx(figures[1], abs=1e-9)
+    adapters, merged = (eval_scores(ckpt, "--prompts", "8", "--samples", "2") for ckpt in (final, final / "merged"))
+    assert adapters == pytest.approx(merged, abs=1e-9) and "pass@2" in adapters

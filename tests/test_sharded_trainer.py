@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, assert_all_processes_gone, env, metrics, rlflow
+from helpers import assert_all_processes_gone, eval_scores, metrics, rlflow
 from rlflow.algo.step import StepAccumulator, idle_pass
 from rlflow.engines.hf import HFTrainEngine
 from rlflow.roles import schema
@@ -190,11 +190,5 @@ def test_rlflow_eval_scores_a_sharded_checkpoint_as_its_export(two_ranks, tmp_pa
 
     step = two_ranks / "checkpoints" / "step-4"
     export(step, tmp_path / "exported")
-    figures = []
-    for ckpt in (step, tmp_path / "exported"):
-        r = subprocess.run([sys.executable, "-m", "rlflow", "eval", str(ckpt), "--prompts", "4", "--samples", "2"],
-                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout + r.stderr
-        figures.append({k: v for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()
-                        if k.startswith(("reward/", "pass@"))})
-    assert figures[0] == figures[1] and "reward/mean" in figures[0]
+    sharded, exported = (eval_scores(ckpt, "--prompts", "4", "--samples", "2") for ckpt in (step, tmp_path / "exported"))
+    assert sharded == exported and "reward/mean" in sharded
