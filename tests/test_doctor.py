@@ -50,3 +50,15 @@ def test_each_problem_fails_its_check_naming_the_field_and_the_fix(capsys, tmp_p
     assert checks["rollout.engine"]["status"] == "FAIL" and "cannot import module 'no_such'" in checks["rollout.engine"]["detail"]
     assert checks["devices"]["status"] == "FAIL" and "torch sees no GPU" in checks["devices"]["detail"]
     assert checks["resume"]["status"] == "FAIL" and "not a checkpoint directory" in checks["resume"]["detail"]
+
+
+def test_lora_targets_are_checked_on_the_models_skeleton_before_any_weight_is_read(capsys, tiny_model):
+    code, checks = _checks(capsys, f"model.path={tiny_model}", "actor.lora.rank=8")
+    assert code == 0 and checks["LoRA targets"]["status"] == "ok", checks
+    assert "38,912 adapter parameters" in checks["LoRA targets"]["detail"]
+    for targets, message in (("[qkv_proj]", "its linear layers are named"),
+                             ("[q_proj,lm_head]", "shares its weight with the input embeddings")):
+        code, checks = _checks(capsys, f"model.path={tiny_model}", "actor.lora.rank=8",
+                               f"actor.lora.target_modules={targets}")
+        assert code == 1 and checks["LoRA targets"]["status"] == "FAIL"
+        assert "actor.lora.target_modules" in checks["LoRA targets"]["detail"] and message in checks["LoRA targets"]["detail"]

@@ -110,6 +110,9 @@ class Doctor:
             self.add("model config", OK, f"{config.model_type}, {getattr(config, 'num_hidden_layers', '?')} layers")
         except Exception as e:  # noqa: BLE001
             self.add("model config", FAIL, f"config.json of {path} does not load: {e}")
+        else:
+            if self.cfg.actor.lora.enabled:
+                self._lora(config)
         try:
             tok = self.tokenizer = AutoTokenizer.from_pretrained(path)
             chat = getattr(tok, "chat_template", None) is not None
@@ -122,6 +125,26 @@ class Doctor:
         size = sum(f.stat().st_size for f in weights)
         self.add("model weights", OK if weights else FAIL,
                  f"{len(weights)} files, {size / 2**30:.2f} GiB" if weights else f"no *.safetensors or *.bin in {path}")
+
+    def _lora(self, config) -> None:
+        """actor.lora's targets against the model, on its skeleton (the meta device: no weights read), so a
+        target that is missing or tied to the embeddings fails here, not after the trainer's load."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from rlflow.engines import lora
+
+        cfg = self.cfg.actor.lora
+        try:
+            with torch.device("meta"):
+                model = lora.wrap(AutoModelForCausalLM.from_config(config), cfg)
+        except (ValueError, ImportError) as e:
+            self.add("LoRA targets", FAIL, str(e))
+            return
+        adapters = sum(p.numel() for p in lora.policy(model).values())
+        whole = sum(p.numel() for p in model.parameters())
+        self.add("LoRA targets", OK, f"rank {cfg.rank} on {sorted(cfg.target_modules)}: {adapters:,} adapter parameters, "
+                                     f"{adapters / whole:.2%} of {whole:,}")
 
     def data(self) -> None:
         d = self.cfg.data
