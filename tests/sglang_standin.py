@@ -200,8 +200,6 @@ class StandIn:
 
     def load_adapter(self, body):
         """sglang checks an adapter against what the server was launched with: rank and target modules."""
-        import json as _json
-
         from rlflow.engines import lora
 
         if self.lora is None:
@@ -213,27 +211,24 @@ class StandIn:
             return 400, {"success": False, "error_message": "Failed to load LoRA adapter: injected fault"}
         path = Path(body["lora_path"])
         try:
-            config = _json.loads((path / "adapter_config.json").read_text())
-            tensors = lora.load_adapter(path)
+            config, tensors = lora.read_config(path), lora.load_adapter(path)
         except (OSError, ValueError) as e:
             return 400, {"success": False, "error_message": f"Failed to load LoRA adapter: {e}"}
-        if config["r"] > self.lora.rank or not set(config["target_modules"]) <= set(self.lora.target_modules):
+        if config.rank > self.lora.rank or not set(config.target_modules) <= set(self.lora.target_modules):
             return 400, {"success": False, "error_message": "LoRA adapter exceeds --max-lora-rank or --lora-target-modules"}
         self.adapters[body["lora_name"]] = (config, tensors)
         return 200, {"success": True, "error_message": "", "loaded_adapters": sorted(self.adapters)}
 
-    def _lora_engine(self, config: dict):
+    def _lora_engine(self, config):
         """The base wrapped as an adapter's own file says (its r, lora_alpha and target modules)."""
         from types import SimpleNamespace
 
-        from rlflow.engines.config import LoraConfig
         from rlflow.engines.hf import HFRolloutEngine
 
-        key = (config["r"], config["lora_alpha"], tuple(sorted(config["target_modules"])))
+        key = (config.rank, config.alpha, tuple(config.target_modules))
         if key not in self.lora_engines:
-            cfg = LoraConfig(rank=config["r"], alpha=config["lora_alpha"], target_modules=list(key[2]))
             self.lora_engines[key] = HFRolloutEngine(self.model_path, SimpleNamespace(
-                device="cpu", dtype="float32", max_batch=256, seed=0), cfg)
+                device="cpu", dtype="float32", max_batch=256, seed=0), config)
         return self.lora_engines[key]
 
     def update_from_disk(self, body):

@@ -93,11 +93,17 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
     # The logit at position j predicts token j + 1: response token t sits at len(p) + t.
     start = torch.tensor([len(p) - 1 for p in prompts], device=device)
     pos = (start[:, None] + torch.arange(t_max, device=device)[None, :]).clamp(max=width - 2)  # [B, T]
-    picked = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1])).float() / temperature  # [B, T, V]
-    target = ids.gather(1, pos + 1)  # [B, T]
+    picked = logits.gather(1, pos[:, :, None].expand(-1, -1, logits.shape[-1]))  # [B, T, V]
+    return _scored(picked, ids.gather(1, pos + 1), responses, temperature)
+
+
+def _scored(picked: torch.Tensor, target: torch.Tensor, responses: list[list[int]], temperature: float) -> torch.Tensor:
+    """[B, T] log softmax(``picked`` / T) at ``target``, the logits [B, T, V] that predict each response
+    token; zero past each response's end."""
+    picked = picked.float() / temperature
     logp = picked.gather(-1, target[:, :, None]).squeeze(-1) - torch.logsumexp(picked, -1)
-    valid = torch.arange(t_max, device=device)[None, :] < torch.tensor([len(r) for r in responses], device=device)[:, None]
-    return logp * valid
+    lengths = torch.tensor([len(r) for r in responses], device=picked.device)
+    return logp * (torch.arange(picked.shape[1], device=picked.device)[None, :] < lengths[:, None])
 
 
 def _packed_logprobs(model, prompts: list[list[int]], responses: list[list[int]], temperature: float,
@@ -111,13 +117,8 @@ def _packed_logprobs(model, prompts: list[list[int]], responses: list[list[int]]
     last = torch.tensor([max(len(r), 1) - 1 for r in responses])
     # response token t of sample i sits at starts[i] + len(p_i) + t; the logit before it predicts it
     t = torch.minimum(torch.arange(t_max)[None, :], last[:, None])
-    pos = (starts + torch.tensor([len(p) - 1 for p in prompts]))[:, None] + t  # [B, T]
-    pos = pos.to(device)
-    picked = logits[pos].float() / temperature  # [B, T, V]
-    target = ids[pos + 1]
-    logp = picked.gather(-1, target[:, :, None]).squeeze(-1) - torch.logsumexp(picked, -1)
-    valid = torch.arange(t_max, device=device)[None, :] < torch.tensor([len(r) for r in responses], device=device)[:, None]
-    return logp * valid
+    pos = ((starts + torch.tensor([len(p) - 1 for p in prompts]))[:, None] + t).to(device)  # [B, T]
+    return _scored(logits[pos], ids[pos + 1], responses, temperature)
 
 
 @torch.no_grad()
@@ -329,11 +330,16 @@ class HFTrainEngine:
     def weights(self) -> dict[str, torch.Tensor]:
         """name -> parameter (tied ones once; the adapters alone with LoRA). Sharded: the whole of them in
         rank 0's host memory, gathered one tensor at a time, and an empty dict on the other ranks."""
-        policy = lora.policy(self.model)
         if not self.sharded:
-            return {name: p.detach() for name, p in policy.items()}
-        state, _ = fsdp.full_state(self.model, frozen=not self.lora)
-        return {name: state[name] for name in policy} if state else {}
+            return {name: p.detach() for name, p in lora.policy(self.model).items()}
+        return self._gathered()[0]
+
+    def _gathered(self, optimizer=None) -> tuple[dict[str, torch.Tensor], dict | None]:
+        """(the policy's tensors by name, whole, and ``optimizer``'s state keyed by name) in host memory: on
+        rank 0 of a sharded model (``{}`` elsewhere: a collective), copied from a plain one. With LoRA the
+        frozen base is never gathered, nor a frozen tied weight's alias."""
+        state, optim = fsdp.full_state(self.model, optimizer, frozen=not self.lora)
+        return ({name: state[name] for name in lora.policy(self.model)} if state else {}), optim
 
     def shard_weights(self):
         """(this rank's rows of every policy parameter, their [start, stop) rows, every whole shape): what a
@@ -386,19 +392,16 @@ class HFTrainEngine:
         adapters' optimizer state keyed by name (``optimizer.pt``), and the base's config and tokenizer.
         Adapters are small, so they are gathered to rank 0 even when sharded (no DCP): the checkpoint
         loads on any number of ranks. Merging is not a checkpoint's business: ``train/checkpoint.export``."""
-        weights, optimizer = fsdp.full_state(self.model, self.optimizer, frozen=False)  # collective when sharded
-        if self.sharded and dist_rank() != 0:
+        weights, optimizer = self._gathered(self.optimizer)  # a collective when sharded
+        if not weights:  # a sharded rank other than 0
             return lambda path: None
-        weights = {name: weights[name] for name in lora.policy(self.model)}  # not a frozen tied weight's alias
         cfg, base, tokenizer = self.lora_cfg, self.model_path, self.tokenizer
         model = lora.base_model(self.model)
 
         def write(path: str) -> None:
             lora.save_adapter(weights, cfg, base, f"{path}/adapter")
             torch.save(optimizer, f"{path}/optimizer.pt")
-            model.config.save_pretrained(path)  # the base's: what the checkpoint applies to
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.save_pretrained(path)
+            save_config(model, path)  # the base's: what the checkpoint applies to
             tokenizer.save_pretrained(path)
 
         return write
@@ -424,9 +427,7 @@ class HFTrainEngine:
             if weights:
                 model.save_pretrained(path, state_dict=weights)
             else:
-                model.config.save_pretrained(path)
-                if getattr(model, "generation_config", None) is not None:
-                    model.generation_config.save_pretrained(path)
+                save_config(model, path)
             tokenizer.save_pretrained(path)
 
         return write
@@ -473,6 +474,13 @@ class HFTrainEngine:
             fsdp.load_full(self.model, weights)
         else:
             load_parameters(self.model, weights)
+
+
+def save_config(model, path: str) -> None:
+    """A model's config and generation config, without its weights (they are elsewhere in the checkpoint)."""
+    model.config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
 
 
 def dist_rank() -> int:

@@ -125,26 +125,26 @@ def adapter_base(directory: str | Path) -> str | None:
         return None
 
 
-def export_merged(adapter: str | Path, base: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> None:
-    """Write base + adapter merged (``merge_and_unload``) to ``out`` as ``from_pretrained`` files, with the
-    base's tokenizer and generation config. Reads the base from disk on the host in float32, as the trainer
-    holds it, and merges there: a bfloat16 base would round the adapters' update away (measured: logprobs
-    off by 1e-2). ``dtype``: what the merged weights are saved in (rounded after the merge)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+def read_config(directory: str | Path):
+    """The ``LoraConfig`` (rank, alpha, target modules) an adapter directory was written with."""
+    from rlflow.engines.config import LoraConfig
 
-    out = Path(out)
+    config = json.loads((Path(directory) / FILES[0]).read_text())
+    return LoraConfig(rank=config["r"], alpha=config["lora_alpha"], target_modules=sorted(config["target_modules"]))
+
+
+def export_merged(adapter: str | Path, base: str | Path, out: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    """Write base + adapter merged (``merge_and_unload``) to ``out`` as ``from_pretrained`` weights and config.
+    Reads the base from disk on the host in float32, as the trainer holds it, and merges there: a bfloat16
+    base would round the adapters' update away (measured: logprobs off by 1e-2). ``dtype``: what the merged
+    weights are saved in (rounded after the merge)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     with _quiet():
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     merged.to(dtype).save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(out))
-    try:
-        GenerationConfig.from_pretrained(str(base)).save_pretrained(str(out))
-    except OSError:  # no generation_config.json: nothing to carry over
-        pass
-
-
 
 
 @contextlib.contextmanager

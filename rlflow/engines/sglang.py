@@ -28,8 +28,8 @@ a version is its adapters: written as peft's files in ``update_dir``, loaded und
 and another adapter's requests never run on this one. Until the new adapter is in and tagged (or after
 a load failed) ``generate`` refuses: the bare base is no version of the run's policy. The server is
 launched with ``--enable-lora``, the run's rank and target modules; a server at ``rollout.sglang.url``
-must report them (``require_lora_server``), and ``close`` unloads what this engine loaded there. Adapters travel as files, never through sglang's from-tensors
-route, which unpickles what it is sent. With update=distributed the trainer runs the same
+must report them (``require_lora_server``), and ``close`` unloads what this engine loaded there.
+Adapters travel as files, never through sglang's from-tensors route, which unpickles what it is sent. With update=distributed the trainer runs the same
 sequence itself for every server (``WeightBroadcaster``), broadcasting the tensors through a process
 group the servers joined, and the replica only waits for the version it needs and reads each sample's
 version from the response. Only ``abort`` pauses: sglang flushes its cache only

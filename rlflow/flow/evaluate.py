@@ -78,22 +78,15 @@ class Policy:
 
 def resolve_policy(checkpoint: str, base: str | None = None) -> Policy:
     """How to load ``checkpoint`` (see the module docstring); a ValueError says what is missing."""
-    from rlflow.train.checkpoint import ADAPTER, export, is_adapter, is_sharded
+    from rlflow.train.checkpoint import ADAPTER, export, is_adapter, is_sharded, lora_base
 
     ckpt = Path(checkpoint)
     if not ckpt.is_dir():
         raise ValueError(f"{checkpoint}: no such checkpoint directory")
     if is_adapter(ckpt):
-        from rlflow.engines.config import LoraConfig
-        from rlflow.engines.lora import adapter_base
+        from rlflow.engines.lora import read_config
 
-        config = json.loads((ckpt / ADAPTER / "adapter_config.json").read_text())
-        base = base or adapter_base(ckpt / ADAPTER)
-        if base is None or not (Path(base) / "config.json").is_file():
-            raise ValueError(f"{checkpoint} holds LoRA adapters for the base model {base}, which is not a model "
-                             f"directory here: give the base with --base PATH")
-        lora = LoraConfig(rank=config["r"], alpha=config["lora_alpha"], target_modules=sorted(config["target_modules"]))
-        return Policy(str(base), lora, str(ckpt / ADAPTER))
+        return Policy(lora_base(ckpt, base), read_config(ckpt / ADAPTER), str(ckpt / ADAPTER))
     if is_sharded(ckpt) and not (ckpt / "model.safetensors").is_file() and not list(ckpt.glob("model-*.safetensors")):
         tmp = tempfile.mkdtemp(prefix="rlflow-eval-")
         export(ckpt, f"{tmp}/model")
@@ -150,8 +143,7 @@ def evaluate(policy: Policy, records: list[dict], tokenize, reward_fn, samples: 
     if policy.adapter is not None:
         from rlflow.engines import lora
 
-        load_parameters(engine.model, {k: v.to(dtype=next(iter(engine.tensors().values())).dtype)
-                                       for k, v in lora.load_adapter(policy.adapter).items()})
+        load_parameters(engine.model, lora.load_adapter(policy.adapter))  # copied into the engine's dtype
     prompts = [tokenize(r["prompt"]) for r in records for _ in range(samples)]
     gens = []
     for lo in range(0, len(prompts), engine.max_batch):  # what generate(prompts) does, told batch by batch

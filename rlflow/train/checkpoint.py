@@ -99,6 +99,18 @@ def holds_model(path: str | Path) -> bool:
     return not is_sharded(path) and not is_adapter(path)
 
 
+def lora_base(checkpoint: str | Path, base: str | Path | None = None) -> str:
+    """The base model of a LoRA checkpoint: ``base``, else the one its adapter config names; a ValueError
+    when that is not a model directory here."""
+    from rlflow.engines.lora import adapter_base
+
+    base = base or adapter_base(Path(checkpoint) / ADAPTER)
+    if base is None or not (Path(base) / "config.json").is_file():
+        raise ValueError(f"{checkpoint} holds LoRA adapters for the base model {base}, which is not a model "
+                         f"directory here: give the base with --base PATH")
+    return str(base)
+
+
 def export(checkpoint: str | Path, out: str | Path, base: str | Path | None = None, dtype: str = "float32") -> None:
     """Write the policy of a sharded or a LoRA checkpoint to ``out`` as ``from_pretrained`` reads it
     (config, weights, tokenizer), in one process on the host, in ``dtype`` (the trainer's float32, or
@@ -118,13 +130,9 @@ def export(checkpoint: str | Path, out: str | Path, base: str | Path | None = No
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if is_adapter(checkpoint):
-        from rlflow.engines.lora import adapter_base, export_merged
+        from rlflow.engines.lora import export_merged
 
-        base = base or adapter_base(checkpoint / ADAPTER)
-        if base is None or not (Path(base) / "config.json").is_file():
-            raise ValueError(f"{checkpoint} holds LoRA adapters for the base model {base}, which is not a model "
-                             f"directory here: give the base with --base PATH")
-        export_merged(checkpoint / ADAPTER, base, tmp, getattr(torch, dtype))
+        export_merged(checkpoint / ADAPTER, lora_base(checkpoint, base), tmp, getattr(torch, dtype))
     else:
         from rlflow.engines.fsdp import load_sharded
 
@@ -133,11 +141,11 @@ def export(checkpoint: str | Path, out: str | Path, base: str | Path | None = No
             warnings.simplefilter("ignore", UserWarning)
             load_sharded(model, None, str(checkpoint / SHARDED))
         model.to(getattr(torch, dtype)).save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(checkpoint).save_pretrained(tmp)
-        try:
-            GenerationConfig.from_pretrained(checkpoint).save_pretrained(tmp)
-        except OSError:  # no generation_config.json: nothing to carry over
-            pass
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(tmp)  # every checkpoint holds the run's tokenizer
+    try:
+        GenerationConfig.from_pretrained(checkpoint).save_pretrained(tmp)
+    except OSError:  # no generation_config.json: nothing to carry over
+        pass
     if out.exists():
         out.rmdir()
     tmp.rename(out)
