@@ -23,6 +23,37 @@ def test_a_call_past_the_time_limit_is_stopped_and_the_rest_of_the_batch_still_s
         sandbox.close()
 
 
+def test_a_sandbox_shut_while_its_role_scores_launches_no_process_after():
+    """The role's exit hook shuts the sandbox from its SIGTERM thread while the main thread scores: the
+    main thread's restart after a timeout must not spawn a child that the exiting role leaves half-started."""
+    import multiprocessing
+    import threading
+    import time
+
+    sandbox = Sandbox("user_code.reward_hanging_on_eights", timeout_s=0.5)
+    raised: list[BaseException] = []
+
+    def scoring():
+        try:
+            sandbox.score(["8"] * 50, [{}] * 50)  # every call times out and restarts the sandbox
+        except BaseException as e:  # noqa: BLE001 - checked below
+            raised.append(e)
+
+    thread = threading.Thread(target=scoring)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while sandbox.restarts < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sandbox.restarts >= 2, "the sandbox never restarted"
+    sandbox.shut()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert len(raised) == 1 and "shut while scoring" in str(raised[0])
+    assert sandbox.proc is None and not multiprocessing.active_children()
+    with pytest.raises(RuntimeError, match="its role is stopping"):
+        sandbox.launch()
+
+
 def test_a_function_that_kills_its_interpreter_costs_one_sample_not_the_role():
     sandbox = Sandbox("user_code.reward_exiting_on_nines", timeout_s=30.0)
     try:

@@ -46,7 +46,7 @@ def serve(cfg: RewardConfig, ctx: RoleContext, args: RewardArgs | None = None) -
     assert cfg.fn is not None, "the launcher resolves reward.fn=null to the task's own reward"
     fn = load_object(cfg.fn, "reward.fn")  # imported here too, so a bad path fails at start with its field
     sandbox = Sandbox(cfg.fn, cfg.timeout_s) if cfg.timeout_s > 0 else None
-    at_exit(lambda: sandbox and sandbox.close())
+    at_exit(lambda: sandbox and sandbox.shut())
     if sandbox is not None:  # its interpreter starts while the tokenizer loads and the first rows come
         sandbox.launch()
     tokenizer = AutoTokenizer.from_pretrained(ctx.model_path)

@@ -16,6 +16,7 @@ import multiprocessing as mp
 import numbers
 import os
 import signal
+import threading
 import traceback
 
 from rlflow.transfer.lifetime import die_with_parent
@@ -61,30 +62,39 @@ class Sandbox:
         self.proc = self.conn = None
         self.ready = False  # the process has imported ``fn`` and waits for batches
         self.restarts = 0
+        # ``shut`` runs on the role's SIGTERM thread while its main thread may be scoring. The lock makes a
+        # launch and the shut exclusive: a child is never left half-started (spawned, its start-up data
+        # unsent) by a role that exits, and none is launched once the role is stopping.
+        self._lock = threading.RLock()
+        self._shut = False
 
     def launch(self) -> None:
         """Start a sandbox process without waiting for it (the first ``score`` waits until it is ready): a
         role launches it before its other start-up work, so the two overlap."""
-        parent, child = self._mp.Pipe()
-        self.proc = self._mp.Process(target=_sandbox_main, args=(self.fn_path, child, os.getpid()),
-                                     name="rlflow-reward-sandbox", daemon=True)
-        self.proc.start()
-        child.close()
-        self.conn, self.ready = parent, False
+        with self._lock:
+            if self._shut:
+                raise RuntimeError("the reward sandbox is shut: its role is stopping")
+            parent, child = self._mp.Pipe()
+            self.proc = self._mp.Process(target=_sandbox_main, args=(self.fn_path, child, os.getpid()),
+                                         name="rlflow-reward-sandbox", daemon=True)
+            self.proc.start()
+            child.close()
+            self.conn, self.ready = parent, False
 
     def _start(self) -> None:
         """Wait (bounded by START_S, not the per-call limit) until the sandbox has imported ``fn``, launching
         it first if there is none."""
         if self.proc is None:
             self.launch()
-        parent = self.conn
+        proc, parent = self.proc, self.conn  # this thread's own references: ``shut`` may clear the fields
         if not parent.poll(START_S):
             self.close()
             raise TimeoutError(f"the reward sandbox did not import reward.fn={self.fn_path!r} within {START_S:.0f}s")
         try:
             status = parent.recv()
-        except EOFError:
-            status = ("failed", f"the sandbox process exited with code {self.proc.join(5) or self.proc.exitcode}")
+        except (EOFError, OSError):
+            self._raise_if_shut()
+            status = ("failed", f"the sandbox process exited with code {proc.join(5) or proc.exitcode}")
         if status[0] != "ready":
             self.close()
             raise RuntimeError(f"the reward sandbox could not load reward.fn={self.fn_path!r}: {status[1]}")
@@ -96,30 +106,44 @@ class Sandbox:
         while len(results) < len(texts):
             if self.proc is None or not self.ready:
                 self._start()
-            self.conn.send((texts[len(results):], fields[len(results):]))
-            while len(results) < len(texts):
-                if self.conn.poll(self.timeout_s):
-                    try:
-                        results.append(self.conn.recv())
-                        continue
-                    except EOFError:  # the sandbox died (the function crashed the interpreter)
-                        self.proc.join(5)
-                        error = ("process died", f"took its process down (exit code {self.proc.exitcode})")
-                else:
-                    error = ("timeout", f"ran past reward.timeout_s={self.timeout_s:g}s and was stopped")
+            proc, conn = self.proc, self.conn  # this thread's own references: ``shut`` may clear the fields
+            try:
+                conn.send((texts[len(results):], fields[len(results):]))
+                while len(results) < len(texts):
+                    if not conn.poll(self.timeout_s):
+                        error = ("timeout", f"ran past reward.timeout_s={self.timeout_s:g}s and was stopped")
+                        break
+                    results.append(conn.recv())
+            except (EOFError, OSError):  # the sandbox died (the function crashed the interpreter), or was shut
+                self._raise_if_shut()
+                proc.join(5)
+                error = ("process died", f"took its process down (exit code {proc.exitcode})")
+            if len(results) < len(texts):
+                self._raise_if_shut()
                 results.append(("error", *error, ""))
                 self.close()  # the rest of the batch goes to a fresh sandbox
                 self.restarts += 1
-                break
         return results
 
+    def _raise_if_shut(self) -> None:
+        if self._shut:
+            raise RuntimeError("the reward sandbox was shut while scoring: its role is stopping")
+
+    def shut(self) -> None:
+        """Close for good, from any thread (the role's exit hook): no sandbox is launched after this."""
+        with self._lock:
+            self._shut = True
+            self.close()
+
     def close(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.join(10)
-            self.conn.close()
-            self.proc = self.conn = None
-            self.ready = False
+        """Kill the sandbox process; the next ``score`` launches a fresh one."""
+        with self._lock:
+            if self.proc is not None:
+                self.proc.kill()
+                self.proc.join(10)
+                self.conn.close()
+                self.proc = self.conn = None
+                self.ready = False
 
 
 def _sandbox_main(fn_path: str, conn, parent: int) -> None:
