@@ -72,7 +72,7 @@ SAMPLING = SamplingParams(max_new_tokens=8)  # the rollout's sampling of reverse
 @pytest.fixture(scope="session")
 def _reverse_samples(tiny_model):
     import random
-    from types import SimpleNamespace
+    from rlflow.roles.config import RolloutConfig
 
     from transformers import AutoTokenizer
 
@@ -83,7 +83,7 @@ def _reverse_samples(tiny_model):
     tok, rng = AutoTokenizer.from_pretrained(tiny_model), random.Random(1)
     records = [get_task("reverse").make(rng, 3, 5) for _ in range(GROUPS)]
     prompts = [tok(r["prompt"])["input_ids"] for r in records for _ in range(G)]
-    engine = HFRolloutEngine(tiny_model, SimpleNamespace(device="cpu", dtype="float32", max_batch=64, seed=3))
+    engine = HFRolloutEngine(tiny_model, RolloutConfig(device="cpu", dtype="float32", max_batch=64, seed=3))
     gens = engine.generate(prompts, SAMPLING)
     rewards = [positional_match(tok.decode(g.response_ids, skip_special_tokens=True), records[i // G]["answer"])
                for i, g in enumerate(gens)]

@@ -33,12 +33,12 @@ SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "st
 
 class StandIn:
     def __init__(self, model_path: str, version: str = "0.5.10", seed: int = 0, lora=None):
-        from types import SimpleNamespace
+        from rlflow.roles.config import RolloutConfig
 
         from rlflow.engines.hf import HFRolloutEngine
 
         self.model_path, self.server_version, self.lora = model_path, version, lora
-        self.engine = HFRolloutEngine(model_path, SimpleNamespace(device="cpu", dtype="float32", max_batch=256, seed=seed),
+        self.engine = HFRolloutEngine(model_path, RolloutConfig(device="cpu", dtype="float32", max_batch=256, seed=seed),
                                       lora)
         self.adapters: dict[str, tuple] = {}  # loaded LoRA adapters by name: (their file's config, tensors)
         self.lora_engines: dict = {}  # an engine wrapped as each adapter config asks (r, alpha, targets)
@@ -221,14 +221,13 @@ class StandIn:
 
     def _lora_engine(self, config):
         """The base wrapped as an adapter's own file says (its r, lora_alpha and target modules)."""
-        from types import SimpleNamespace
+        from rlflow.roles.config import RolloutConfig
 
         from rlflow.engines.hf import HFRolloutEngine
 
         key = (config.rank, config.alpha, tuple(config.target_modules))
         if key not in self.lora_engines:
-            self.lora_engines[key] = HFRolloutEngine(self.model_path, SimpleNamespace(
-                device="cpu", dtype="float32", max_batch=256, seed=0), config)
+            self.lora_engines[key] = HFRolloutEngine(self.model_path, RolloutConfig(device="cpu", dtype="float32", max_batch=256, seed=0), config)
         return self.lora_engines[key]
 
     def update_from_disk(self, body):

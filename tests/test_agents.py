@@ -199,7 +199,7 @@ def test_an_agent_episode_trains_on_exactly_the_tokens_its_calls_returned(tiny_m
     the client got them (mask 1, their logprobs and versions) and each tool message's tokens (mask 0).
     A call past env.max_turns, or longer than env.max_context_tokens, is refused: that episode ends as
     max_turns (max_context) with what the agent returned."""
-    from types import SimpleNamespace
+    from rlflow.roles.config import RolloutConfig
 
     from transformers import AutoTokenizer
 
@@ -210,7 +210,7 @@ def test_an_agent_episode_trains_on_exactly_the_tokens_its_calls_returned(tiny_m
 
     env_cfg = EnvConfig(agent="user_envs.scripted_agent", kwargs={"log": str(tmp_path)}, workers=4, max_turns=3,
                         max_context_tokens=100)
-    engine = HFRolloutEngine(tiny_model, SimpleNamespace(device="cpu", dtype="float32", max_batch=64, seed=3))
+    engine = HFRolloutEngine(tiny_model, RolloutConfig(device="cpu", dtype="float32", max_batch=64, seed=3))
     text, pool = Text(tiny_model, env_cfg, chat_template=False), EnvPool(env_cfg)
     records = {"ok": {"prompt": "123=", "turns": 2}, "long": {"prompt": "456=", "turns": 5}, "huge": {"prompt": "7" * 200},
                "short": {"prompt": "89=", "turns": 2, "max_tokens": 2}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import warnings
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ import torch
 
 from rlflow.engines.hf import HFRolloutEngine, HFTrainEngine, sequence_logprobs
 from rlflow.engines.base import SamplingParams
+from rlflow.roles.config import RolloutConfig
 from rlflow.tasks.builtin import get_task
 from rlflow.sync.weights import SyncConfig, WeightPublisher, WeightReceiver
 from rlflow.transfer.channel import ChannelKey
@@ -19,7 +21,7 @@ from helpers import CHANNEL_SECRET, REPO
 
 KEY = ChannelKey(CHANNEL_SECRET)
 
-ROLLOUT = SimpleNamespace(device="cpu", dtype="float32", max_batch=64, seed=0)
+ROLLOUT = RolloutConfig(device="cpu", dtype="float32", max_batch=64, seed=0)
 ACTOR = SimpleNamespace(device="cpu", lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0, max_grad_norm=1.0)
 
 
@@ -69,7 +71,7 @@ def test_weights_through_the_channel_are_bit_exact_and_carry_their_version(tiny_
     trainer = HFTrainEngine(tiny_model, ACTOR, SAMPLING)
     pub = WeightPublisher(f"ipc://{short_dir}/w", SyncConfig(), getattr(torch, dtype), key=KEY)
     rx = WeightReceiver(pub.address, SyncConfig(), key=KEY)
-    rollout = HFRolloutEngine(tiny_model, SimpleNamespace(**{**vars(ROLLOUT), "dtype": dtype}))
+    rollout = HFRolloutEngine(tiny_model, dataclasses.replace(ROLLOUT, dtype=dtype))
     try:
         for version in range(3):  # a snapshot, then two patches
             with torch.no_grad():

@@ -13,12 +13,12 @@ import json
 import math
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from helpers import rlflow, rlflow_eval
 from rlflow.flow.evaluate import pass_at_k
+from rlflow.roles.config import RolloutConfig
 
 
 def test_pass_at_k_is_the_chance_that_k_samples_drawn_hold_a_pass():
@@ -64,7 +64,7 @@ def test_eval_gives_the_numbers_of_the_same_evaluation_done_by_hand(trained, tmp
     rng = random.Random(7)
     records = [get_task("reverse").make(rng, 3, 5) for _ in range(6)]
     tokenizer, decoder = load_tokenizer(str(final)), AutoTokenizer.from_pretrained(final)
-    engine = HFRolloutEngine(str(final), SimpleNamespace(device="cpu", dtype="float32", max_batch=256, seed=7))
+    engine = HFRolloutEngine(str(final), RolloutConfig(device="cpu", dtype="float32", max_batch=256, seed=7))
     with torch.no_grad():
         gens = engine.generate([tokenizer(r["prompt"])["input_ids"] for r in records for _ in range(4)],
                                SamplingParams(max_new_tokens=7, temperature=0.8))

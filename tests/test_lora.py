@@ -11,10 +11,10 @@ same next steps; settings that cannot work are refused naming the field.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,13 +25,13 @@ from helpers import CHANNEL_SECRET, assert_all_processes_gone, eval_scores, metr
 from rlflow.engines.base import SamplingParams  # noqa: E402
 from rlflow.engines.config import LoraConfig  # noqa: E402
 from rlflow.engines.hf import HFRolloutEngine, HFTrainEngine, sequence_logprobs  # noqa: E402
-from rlflow.roles.config import ActorConfig  # noqa: E402
+from rlflow.roles.config import ActorConfig, RolloutConfig  # noqa: E402
 from rlflow.sync.weights import SyncConfig, WeightPublisher, WeightReceiver  # noqa: E402
 from rlflow.transfer.channel import ChannelKey  # noqa: E402
 
 LORA = LoraConfig(rank=4, alpha=8)
 SAMPLING = SamplingParams(max_new_tokens=8, temperature=0.9)
-ROLLOUT = SimpleNamespace(device="cpu", dtype="float32", max_batch=64, seed=0)
+ROLLOUT = RolloutConfig(device="cpu", dtype="float32", max_batch=64, seed=0)
 
 
 def _prompts(tiny_model, n: int) -> list[list[int]]:
@@ -110,8 +110,8 @@ def test_the_rollout_applies_the_trainers_adapters_bit_exact_and_generates_with_
     trainer = _trainer(tiny_model)
     pub = WeightPublisher(f"ipc://{short_dir}/w", SyncConfig(), getattr(torch, dtype), key=ChannelKey(CHANNEL_SECRET))
     rx = WeightReceiver(pub.address, SyncConfig(), key=ChannelKey(CHANNEL_SECRET))
-    rollout = HFRolloutEngine(tiny_model, SimpleNamespace(**{**vars(ROLLOUT), "dtype": dtype}), LORA)
-    base = HFRolloutEngine(tiny_model, SimpleNamespace(**{**vars(ROLLOUT), "dtype": dtype}))
+    rollout = HFRolloutEngine(tiny_model, dataclasses.replace(ROLLOUT, dtype=dtype), LORA)
+    base = HFRolloutEngine(tiny_model, dataclasses.replace(ROLLOUT, dtype=dtype))
     full = sum(p.numel() * p.element_size() for p in base.tensors().values())
     try:
         for version in range(3):  # the keyframe of version 0 (random A, zero B), then two patches
@@ -187,7 +187,6 @@ def test_export_merges_the_adapters_into_a_from_pretrained_model_with_the_same_l
 def test_lora_settings_that_cannot_work_are_refused_naming_the_field(tiny_model, tmp_path):
     from rlflow.errors import ConfigError
     from rlflow.flow.config import RunConfig, checkpoint_problem
-    from rlflow.roles.config import RolloutConfig
     from rlflow.roles.rollout import make_engine
 
     with pytest.raises(ValueError, match=r"actor.lora.target_modules.*linear layers are named \[.*q_proj"):

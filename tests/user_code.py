@@ -13,6 +13,16 @@ def reward_raising_on_sevens(response: str, expected: str, **_) -> float:
     return hits / max(len(expected), len(response.strip()), 1)
 
 
+class NeverStoppingEngine(HFRolloutEngine):
+    """The built-in engine with no stop token: every response runs to max_new_tokens (long generations)."""
+
+    def __init__(self, model_path, cfg, *lora):
+        import torch
+
+        super().__init__(model_path, cfg, *lora)
+        self.stop_ids = torch.tensor([], dtype=torch.long)
+
+
 class CrashingEngine(HFRolloutEngine):
     """The built-in engine, except that its second generate call raises."""
 

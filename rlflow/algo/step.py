@@ -114,11 +114,14 @@ class StepAccumulator:
         self.trained_uids: list[str] = []  # the samples this step trains on
         self.skipped_uids: list[str] = []  # consumed without training (failed reward, group without signal)
         self.episodes: Counter = Counter()  # multi-turn rows consumed: turns, tokens, environment counters
+        self.spanned: list[int] = []  # single-turn rows with token_versions (in-flight updates): versions each spans
 
     def add(self, table: pa.Table) -> None:
         cols = {name: table.column(name).to_pylist() for name in table.column_names}
         if "loss_mask" in cols:
             self._count_episodes(cols)
+        elif "token_versions" in cols:
+            self.spanned += [len(set(v)) for v in cols["token_versions"]]
         by_group: dict[str, list[int]] = {}
         for i, g in enumerate(cols["group_id"]):
             by_group.setdefault(g, []).append(i)
@@ -359,6 +362,9 @@ class StepAccumulator:
             out[STAT_NAMES.get(name, f"actor/{name}")] = value / total.tokens if total.tokens else 0.0
         if self.episodes:
             out.update(episode_metrics(self.episodes))
+        if self.spanned:
+            out.update({"rollout/versions_spanned_mean": sum(self.spanned) / len(self.spanned),
+                        "rollout/multi_version_frac": sum(n > 1 for n in self.spanned) / len(self.spanned)})
         return out
 
 

@@ -30,6 +30,7 @@ class Generation:
     logprobs: list[float]  # [T] log μ(y_t) under the sampling distribution (temperature applied, before top-p)
     finish_reason: str  # "stop" | "length"
     version: int | None = None  # the policy version that generated it, when the engine knows (else the role's)
+    token_versions: list[int] | None = None  # [T] the version of each token (rollout.update=in_flight)
 
 
 @dataclass
@@ -47,6 +48,12 @@ class RolloutEngine(Protocol):
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
         """One response per prompt, in order (repeat a prompt G times for a group)."""
+
+    # For rollout.update=in_flight, ``generate`` also takes ``between: Callable[[], None]``: the engine calls
+    # it between decode steps (never inside one), where it may apply a new version (``load_weights`` or
+    # in-place patches, and ``version`` set). Tokens sampled after that carry the new version in
+    # ``Generation.token_versions``, and their logprobs are the new policy's (``rollout.kv_after_update``
+    # says what happens to the KV cache). Without the keyword, in_flight is refused, naming this.
 
     def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
         """Replace the policy weights by ``weights`` (parameter name -> tensor) and set ``version``. With

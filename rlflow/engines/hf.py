@@ -164,6 +164,7 @@ class HFRolloutEngine:
         self.stop_ids = torch.tensor(stop_token_ids(model_path), device=self.device)
         self.pad_id = 0  # any id works: padded positions are masked out of attention
         self.max_batch = cfg.max_batch
+        self.kv_after_update = cfg.kv_after_update  # rollout.update=in_flight: recompute | keep
         self.version = 0
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(cfg.seed)
@@ -172,13 +173,25 @@ class HFRolloutEngine:
         self.cache_arg = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 between: Callable[[], None] | None = None) -> list[Generation]:
+        """``between``: rollout.update=in_flight (engines/base.py), called between decode steps."""
         out: list[Generation] = []
         for i in range(0, len(prompts), self.max_batch):
-            out += self._generate(prompts[i : i + self.max_batch], sampling)
+            out += self._generate(prompts[i : i + self.max_batch], sampling, between)
         return out
 
-    def _generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor):
+        """One forward pass over left-padded sequences, filling a fresh KV cache; returns (output, positions)."""
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True), positions
+
+    def _generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                  between: Callable[[], None] | None) -> list[Generation]:
+        """Decode a batch. With ``between``, a version applied between two steps holds from the next
+        token on: under kv_after_update=recompute the cache is rebuilt by one pass over each sequence so far
+        (prompt and tokens), so the next logits are exactly the new policy's; under keep the next pass
+        attends to the older weights' keys and values."""
         b, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((b, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros(b, width, dtype=torch.long)
@@ -186,12 +199,12 @@ class HFRolloutEngine:
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
         tokens = torch.zeros(b, sampling.max_new_tokens, dtype=torch.long, device=self.device)
         logps = torch.zeros(b, sampling.max_new_tokens, device=self.device)
         lengths = torch.full((b,), sampling.max_new_tokens, dtype=torch.long, device=self.device)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        versions = [self.version]  # the version of each step's logits (every row shares a step's weights)
+        out, positions = self._prefill(ids, mask)
         for t in range(sampling.max_new_tokens):
             tok, logp = _sample(out.logits[:, -1], sampling, self.gen)
             tokens[:, t], logps[:, t] = tok, logp
@@ -201,12 +214,20 @@ class HFRolloutEngine:
             if bool(done.all()) or t + 1 == sampling.max_new_tokens:
                 break
             mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=self.device)], 1)
+            if between is not None:
+                between()
+            versions.append(self.version)
+            if versions[-1] != versions[-2] and self.kv_after_update == "recompute":
+                out, positions = self._prefill(torch.cat([ids, tokens[:, : t + 1]], 1), mask)
+                continue
             positions = positions[:, -1:] + 1
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=positions,
                              **{self.cache_arg: out[self.cache_arg]}, use_cache=True)
         tokens, logps, lengths = tokens.tolist(), logps.tolist(), lengths.tolist()
         done = done.tolist()
-        return [Generation(tokens[i][: lengths[i]], logps[i][: lengths[i]], "stop" if done[i] else "length")
+        return [Generation(tokens[i][: lengths[i]], logps[i][: lengths[i]], "stop" if done[i] else "length",
+                           version=versions[0],
+                           token_versions=versions[: lengths[i]] if between is not None else None)
                 for i in range(b)]
 
     @torch.no_grad()

@@ -296,6 +296,12 @@ class RunConfig:
         require(r.engine != "sglang" or not a.lora.enabled or r.sglang.update == "disk", "rollout.sglang.update",
                 f"actor.lora.rank={a.lora.rank}: sglang takes the adapters through its LoRA API, from files (a few "
                 f"MB a version), not by {r.sglang.update!r}: set rollout.sglang.update=disk")
+        require(r.update != "in_flight" or not self.env.enabled, "rollout.update",
+                "episodes (env.cls) take new weights between turns, and their tokens record their versions "
+                "already; in_flight is for single-turn runs: set rollout.update=between_calls")
+        require(r.update != "in_flight" or r.engine != "sglang", "rollout.update",
+                "the sglang engine takes new weights between generate calls only: set rollout.update=between_calls "
+                "(in_flight runs on the hf engine and on engines whose generate takes between=)")
         require(d.path is None or self.reward.fn is not None or self.env.enabled, "reward.fn",
                 "a dataset from data.path needs a reward: reward.fn=my_pkg.my_reward (or "
                 "rlflow.tasks.rewards.math_answer, rlflow.tasks.rewards.exact_match)")

@@ -133,12 +133,12 @@ def evaluate(policy: Policy, records: list[dict], tokenize, reward_fn, samples: 
              dtype: str, seed: int, decode, progress=None) -> tuple[list[list[float]], int]:
     """(each record's ``samples`` rewards in order, how many reward calls failed); see the module docstring.
     ``progress(done, total)`` is told after each batch of sequences (the engine's ``max_batch``)."""
-    from types import SimpleNamespace
+    from rlflow.roles.config import RolloutConfig
 
     from rlflow.engines.hf import HFRolloutEngine, load_parameters
     from rlflow.roles.sandbox import call
 
-    engine = HFRolloutEngine(policy.path, SimpleNamespace(device=device, dtype=dtype, max_batch=256, seed=seed),
+    engine = HFRolloutEngine(policy.path, RolloutConfig(device=device, dtype=dtype, max_batch=256, seed=seed),
                              policy.lora)
     if policy.adapter is not None:
         from rlflow.engines import lora

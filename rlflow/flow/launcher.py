@@ -246,6 +246,7 @@ def plan_roles(cfg: RunConfig) -> list[ReplicaPlan]:
     shards = cfg.actor.replicas if cfg.actor.parallel == "fsdp" and broadcast is None else 1
     actor = ActorArgs(steps=cfg.flow.steps, staleness=cfg.flow.staleness, sync=sync, sampling=cfg.rollout.sampling(),
                       broadcast=broadcast, samples_every=cfg.tracking.samples_every, episodes=episodes,
+                      in_flight=cfg.rollout.update == "in_flight",
                       weight_shards=shards)
     plans = [ReplicaPlan("actor", i, cfg.actor, actor, cfg.actor.threads) for i in range(cfg.actor.replicas)]
     plans += [ReplicaPlan("rollout", i, dataclasses.replace(rollout, seed=rollout.seed + i),

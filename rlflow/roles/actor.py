@@ -126,6 +126,7 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
     checkpoints = Checkpointer(f"{ctx.run_dir}/checkpoints", cfg.checkpoint_keep) \
         if lead and hasattr(engine, "snapshot") else None
     columns = (schema.EPISODE_ACTOR_INPUT if args.episodes else schema.ACTOR_INPUT) + \
+        (["token_versions"] if args.in_flight and not args.episodes else []) + \
         (["ref_logprobs"] if cfg.kl_coef > 0 else [])
     share = cfg.groups_per_step // cfg.replicas  # validation makes it divide
     ctx.report(reports.READY)

@@ -22,6 +22,8 @@ from rlflow.errors import require, require_counts
 from rlflow.sync.config import SyncConfig
 
 PARALLEL = ("replicate", "fsdp")  # actor.parallel: how the trainer ranks hold the model
+UPDATES = ("between_calls", "in_flight")  # rollout.update: when a rollout takes a new policy version
+KV_AFTER_UPDATE = ("recompute", "keep")  # rollout.kv_after_update: what becomes of the KV cache then
 
 # ---------------------------------------------------------------------------- rollout
 @dataclass
@@ -55,6 +57,15 @@ class RolloutConfig:
     """torch intra-op threads per replica (keep replicas x threads within the cores)."""
     seed: int = 0
     """Sampling seed (each replica adds its index)."""
+    update: str = "between_calls"
+    """When a new policy version is applied: 'between_calls' (a generate call runs at one version) or
+    'in_flight' (between decode steps too: a long response's later tokens come from newer weights, and
+    each token records its version in token_versions). The staleness bound holds per token either way."""
+    kv_after_update: str = "recompute"
+    """update=in_flight, what an update does to the KV cache of sequences mid-generation: 'recompute' (one
+    forward pass over each sequence so far under the new weights: every logprob is exactly the policy
+    of its token's version) or 'keep' (no extra pass; tokens after the update attend to keys and values
+    the older weights computed, so their logprobs are those of a mix of versions, recorded as sampled)."""
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
     """engine=sglang: the server each replica drives and how weights reach it."""
 
@@ -71,6 +82,9 @@ class RolloutConfig:
         require(0 < self.top_p <= 1, f"{at}.top_p", f"must be in (0, 1], got {self.top_p}")
         require(self.top_k >= 0, f"{at}.top_k", f"must be >= 0 (0: off), got {self.top_k}")
         require(self.dtype in DTYPES, f"{at}.dtype", f"choose one of {DTYPES}, got {self.dtype!r}")
+        require(self.update in UPDATES, f"{at}.update", f"choose one of {UPDATES}, got {self.update!r}")
+        require(self.kv_after_update in KV_AFTER_UPDATE, f"{at}.kv_after_update",
+                f"choose one of {KV_AFTER_UPDATE}, got {self.kv_after_update!r}")
         if self.engine != "sglang":
             return
         self.sglang.check(f"{at}.sglang")
@@ -326,4 +340,5 @@ class ActorArgs:
     epoch: int = 0  # how many times the run was rewound (recorded in checkpoints)
     samples_every: int = 0  # every that many steps the metrics report carries the step's first group (0: never)
     episodes: bool = False  # rows are multi-turn episodes (env.cls): train only where loss_mask is 1
+    in_flight: bool = False  # rollout.update=in_flight: single-turn rows carry token_versions too
     weight_shards: int = 1  # > 1: every rank publishes its own rows on a channel of its own (sharded sync)

@@ -8,11 +8,14 @@ Loop contract (one replica; several replicas share the work through the bus):
   weights of at least ``min_version`` (bounded by the run's wait_seconds, then an error naming it)
 - unblocked by: the feeder's puts; the actor's weight publications
 
-Weights (``sync/weights.py``) are swapped between generate calls, never during one, so a group's
-samples share one version (``version_start == version_end``); the columns still carry both for engines
-that update mid-flight. Before every call the newest version is applied if its patch is already here
-(it is prefetched, and relayed to peer replicas, while the engine generates); the replica waits only
-when a delivery needs a newer version than it holds. A replica generates only at a verified version.
+Weights (``sync/weights.py``): before every call the newest version is applied if its patch is already
+here (it is prefetched, and relayed to peer replicas, while the engine generates); the replica waits
+only when a delivery needs a newer version than it holds. A replica generates only at a verified
+version. With ``rollout.update=between_calls`` a call runs at one version (``version_start ==
+version_end``). With ``in_flight`` the same check runs between decode steps (``in_flight_hook``), so a
+long response's later tokens come from newer weights; each row then carries ``token_versions``, and
+``version_start`` is its oldest token's. Versions only grow during a call and the call started at
+``min_version`` or later, so the staleness bound holds for every token.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ def make_engine(cfg: RolloutConfig, model_path: str, lora=None):
         from rlflow.engines.sglang import SGLangEngine as cls
     else:
         cls = load_object(cfg.engine, "rollout.engine")
+    if cfg.update == "in_flight" and "between" not in inspect.signature(cls.generate).parameters:
+        raise TypeError(f"rollout.update=in_flight applies weights between decode steps, through the engine's "
+                        f"generate(prompts, sampling, between=...) (engines/base.py): {cls.__name__}.generate"
+                        f"{inspect.signature(cls.generate)} takes no between; set rollout.update=between_calls")
     if lora is None:
         return cls(model_path, cfg)
     try:
@@ -93,6 +100,9 @@ def serve(cfg: RolloutConfig, ctx: RoleContext, args: RolloutArgs) -> None:
             if weights is not None:
                 weights.close()
     sampling = cfg.sampling()
+    in_flight = cfg.update == "in_flight"
+    need = 0  # the version the current call needed (an in-flight resync waits for it again)
+    between = in_flight_hook(ctx, weights, engine, lambda: need) if in_flight else None
     ctx.report(reports.READY)
     try:
         while True:
@@ -109,19 +119,45 @@ def serve(cfg: RolloutConfig, ctx: RoleContext, args: RolloutArgs) -> None:
                 _synced(ctx, weights, engine, need)
             start, t0 = engine.version, time.monotonic()
             with ctx.timeline.span("generate", samples=len(d), version=start) as span:
-                gens = engine.generate(d.table.column("prompt_ids").to_pylist(), sampling)
+                prompts = d.table.column("prompt_ids").to_pylist()
+                gens = engine.generate(prompts, sampling, between=between) if in_flight else \
+                    engine.generate(prompts, sampling)
                 span["tokens"] = sum(len(g.response_ids) for g in gens)
             versions = [start if g.version is None else g.version for g in gens]
-            ctx.bus.put({"uid": d.uids, "response_ids": [g.response_ids for g in gens],
-                         "rollout_logprobs": [g.logprobs for g in gens], "version_start": versions,
-                         "version_end": [max(v, engine.version) for v in versions],
-                         "finish_reason": [g.finish_reason for g in gens]}, missing="skip")
+            row = {"uid": d.uids, "response_ids": [g.response_ids for g in gens],
+                   "rollout_logprobs": [g.logprobs for g in gens], "version_start": versions,
+                   "version_end": [max(v, engine.version) for v in versions],
+                   "finish_reason": [g.finish_reason for g in gens]}
+            if in_flight:
+                row.update(token_versions(gens, versions))
+            ctx.bus.put(row, missing="skip")
             ack_work(ctx, d)
             ctx.report(reports.WORK, samples=len(gens), tokens=sum(len(g.response_ids) for g in gens),
                        seconds=time.monotonic() - t0, version=start)
     finally:
         if weights is not None:
             weights.close()
+
+
+def in_flight_hook(ctx: RoleContext, weights, engine, need):
+    """What the engine calls between decode steps under rollout.update=in_flight: apply the newest
+    version if its objects are already here (never waiting for one). A patch refused there leaves the
+    weights unverified, so it then resyncs, waiting for a verified version of at least ``need()`` (the
+    call's own bound) before another token is sampled."""
+    def between() -> None:
+        _synced(ctx, weights, engine)
+        if weights.version is None:
+            _synced(ctx, weights, engine, need())
+    return between
+
+
+def token_versions(gens: list, versions: list[int]) -> dict[str, list]:
+    """The in-flight columns of ``gens``: each token's version, and the first and last of them (an
+    engine that reports none ran the whole response at the call's start version)."""
+    per_token = [g.token_versions if g.token_versions is not None else [v] * len(g.response_ids)
+                 for g, v in zip(gens, versions)]
+    return {"token_versions": per_token, "version_start": [min(t, default=v) for t, v in zip(per_token, versions)],
+            "version_end": [max(t, default=v) for t, v in zip(per_token, versions)]}
 
 
 def _synced(ctx: RoleContext, weights: WeightReceiver, engine, need: int | None = None) -> None:

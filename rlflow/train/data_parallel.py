@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from rlflow.algo.step import Chunk
 
-MERGED_LISTS = ("rewards", "staleness", "lengths", "trained_uids", "skipped_uids", "group_ids")
+MERGED_LISTS = ("rewards", "staleness", "lengths", "trained_uids", "skipped_uids", "group_ids", "spanned")
 MERGED_SUMS = ("groups", "skipped_groups", "reward_errors")
 
 
