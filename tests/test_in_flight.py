@@ -8,6 +8,7 @@ staleness bound.
 from __future__ import annotations
 
 import dataclasses
+import signal
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def _generate_across_updates(tiny_model: str, kv: str):
         versions[v] = {k: t + torch.randn_like(t) * 0.05 for k, t in versions[v - 1].items()}
     calls = []
 
-    def between():
+    def between(running: int):
         calls.append(engine.version)
         if len(calls) in UPDATES_AT:
             v = UPDATES_AT[len(calls)]
@@ -94,6 +95,44 @@ def test_keeping_the_kv_cache_across_an_update_samples_from_a_mix_of_versions(ti
     assert (later[:, 0] - later[:, 1]).abs().max() > 1e-3
 
 
+def test_continuous_decoding_hands_each_sequence_over_as_it_ends_and_takes_prompts_mid_call(tiny_model):
+    """between() may return prompts, which join the same call; each sequence is handed to finished() the
+    step it ends; the batch never holds more than max_batch; rows join and leave the KV cache without a
+    recompute, and every logprob is still the policy's."""
+    engine = HFRolloutEngine(tiny_model, dataclasses.replace(ROLLOUT, max_batch=8))
+    prompts = _prompts(tiny_model, 30)
+    first, later = prompts[:12], prompts[12:]  # 12 > max_batch: 4 wait from the start
+    rows: list[int] = []
+    prefill = engine._prefill
+    engine._prefill = lambda seqs: (rows.append(len(seqs)), prefill(seqs))[1]  # observe each rebuild's rows
+    calls: list[int] = []
+    handed: dict[int, tuple] = {}
+
+    def between(running: int):
+        calls.append(running)
+        return later if len(calls) == 2 else None
+
+    def finished(index, gen):
+        assert index not in handed
+        handed[index] = (gen, len(calls))
+
+    gens = engine.generate(first, SamplingParams(max_new_tokens=12), between=between, finished=finished)
+    assert len(gens) == 30 and sorted(handed) == list(range(30))
+    assert all(handed[i][0] is not None and handed[i][0].response_ids == g.response_ids for i, g in enumerate(gens))
+    assert max(rows) <= 8 and len(rows) >= 3  # prompts joined as rows ended
+    assert sum(rows) == 30  # spliced into the cache: each sequence prefilled once, none recomputed
+    assert calls[0] <= 12 and max(calls) <= 30 and calls[-1] == 0  # running: live and waiting sequences
+    # handed over as it ended: the first batch's sequences after their last token's step, not the call's end
+    for i in range(8):
+        assert handed[i][1] == len(gens[i].response_ids) - 1
+    assert min(handed[i][1] for i in range(8)) < max(handed[i][1] for i in range(30))
+    assert all(g.token_versions == [0] * len(g.response_ids) for g in gens)
+    again = _logprobs_under(tiny_model, {k: t.clone() for k, t in engine.tensors().items()}, prompts,
+                            [g.response_ids for g in gens])
+    for i, g in enumerate(gens):
+        assert torch.allclose(torch.tensor(g.logprobs), again[i, : len(g.logprobs)], atol=1e-5), i
+
+
 def test_without_between_a_call_runs_at_one_version_and_reports_no_token_versions(tiny_model):
     engine = HFRolloutEngine(tiny_model, RolloutConfig(seed=5))
     gens = engine.generate(_prompts(tiny_model, 4), SamplingParams(max_new_tokens=8))
@@ -131,3 +170,17 @@ def test_a_run_with_in_flight_updates_keeps_every_token_within_the_staleness_bou
     assert all(m["staleness/max"] <= 1 and 1 <= m["rollout/versions_spanned_mean"] <= 2 for m in rows)
     assert all(m["response/length_mean"] == 32 for m in rows)
     assert sum(m["rollout/multi_version_frac"] for m in rows) > 0  # updates did land mid-sequence
+
+
+def test_a_rollout_killed_mid_generation_is_restarted_and_every_sample_trains_exactly_once(tmp_path, model_cache):
+    """Continuous generation holds rows across many groups' puts: a replica killed mid-call hands back the
+    rows it had not put, and its successor generates them, each trained once by the run's ledger."""
+    from test_fault_tolerance import assert_each_step_once_and_every_sample_trained_once, run_and_signal
+
+    run_dir = tmp_path / "run"
+    r, _ = run_and_signal(run_dir, model_cache, "rollout-0", signal.SIGKILL, 5, "rollout.update=in_flight",
+                          "rollout.engine=user_code.NeverStoppingEngine", "rollout.max_new_tokens=24")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_each_step_once_and_every_sample_trained_once(run_dir)
+    rows = metrics(run_dir)
+    assert all(m["staleness/max"] <= 1 for m in rows) and sum(m["rollout/multi_version_frac"] for m in rows) > 0

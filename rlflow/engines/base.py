@@ -49,11 +49,18 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
         """One response per prompt, in order (repeat a prompt G times for a group)."""
 
-    # For rollout.update=in_flight, ``generate`` also takes ``between: Callable[[], None]``: the engine calls
-    # it between decode steps (never inside one), where it may apply a new version (``load_weights`` or
-    # in-place patches, and ``version`` set). Tokens sampled after that carry the new version in
-    # ``Generation.token_versions``, and their logprobs are the new policy's (``rollout.kv_after_update``
-    # says what happens to the KV cache). Without the keyword, in_flight is refused, naming this.
+    # For rollout.update=in_flight (continuous generation, roles/in_flight.py) ``generate`` also takes
+    #   between: Callable[[int], list[list[int]] | None]: called between decode steps (never inside one)
+    #     with the number of sequences still running or waiting in the engine. It may apply a new version
+    #     (``load_weights`` or in-place patches, and ``version`` set): tokens sampled after that carry it
+    #     in ``Generation.token_versions`` (one per token), their logprobs the new policy's
+    #     (``rollout.kv_after_update``). It may return more prompts, to generate in the same call,
+    #     numbered after those before them.
+    #   finished: Callable[[int, Generation], None] | None: called with (index, generation) as each
+    #     sequence ends, so its group is put without waiting for the longest (an engine that ignores it
+    #     gets every generation handed over when the call returns).
+    # The call returns, in order, every generation, once nothing runs and ``between`` gives no more.
+    # Without the keyword, in_flight is refused, naming this.
 
     def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
         """Replace the policy weights by ``weights`` (parameter name -> tensor) and set ``version``. With

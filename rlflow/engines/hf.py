@@ -22,6 +22,7 @@ import inspect
 import math
 import os
 import shutil
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -151,6 +152,74 @@ def _sample(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+@dataclass
+class _Sequence:
+    """One sequence of a continuous batch (``HFRolloutEngine._stream``): what it has sampled so far."""
+
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # the version of the logits each token was sampled from
+    finish: str | None = None  # "stop" | "length" once it ended
+
+    def add(self, token: int, logprob: float, version: int) -> None:
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        self.versions.append(version)
+
+    def generation(self) -> Generation:
+        return Generation(self.tokens, self.logprobs, self.finish or "length",
+                          version=self.versions[0] if self.versions else None, token_versions=self.versions)
+
+
+@dataclass
+class _Batch:
+    """The rows a continuous batch decodes (``HFRolloutEngine._stream``): their KV cache, attention mask
+    (left-padded), last positions and next-token logits.
+
+    Rows leave (``keep``) and join (``join``) without recomputing anyone's keys and values: the cache's
+    tensors are indexed and concatenated along the batch, left-padded to a common width with masked
+    positions, which attention gives zero weight. That needs a cache made of plain per-layer key and
+    value tensors (``spliceable``: transformers' DynamicCache of full-attention layers); any other kind
+    of cache is rebuilt instead (one forward pass over each live sequence)."""
+
+    rows: list[int]  # the sequence in each row
+    cache: object
+    mask: torch.Tensor  # [B, L]
+    pos: torch.Tensor  # [B] the position of each row's last token
+    logits: torch.Tensor  # [B, V] the next token's logits
+
+    def spliceable(self) -> bool:
+        from transformers import DynamicCache
+
+        layers = getattr(self.cache, "layers", None)
+        return type(self.cache) is DynamicCache and bool(layers) and \
+            all(type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None for layer in layers)
+
+    def keep(self, rows: list[int]) -> _Batch:
+        """Only ``rows`` (indices into this batch), and no column that every kept row pads."""
+        index = torch.tensor(rows, device=self.mask.device)
+        mask = self.mask[index]
+        first = int(mask.any(0).nonzero()[0])  # left padding every kept row has
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
+        return _Batch([self.rows[r] for r in rows], self.cache, mask[:, first:], self.pos[index], self.logits[index])
+
+    def join(self, other: _Batch) -> _Batch:
+        """This batch's rows, then ``other``'s, both caches left-padded to the wider."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+            missing = width - t.shape[-dim_from_end]
+            return torch.nn.functional.pad(t, (0, 0) * (dim_from_end - 1) + (missing, 0)) if missing else t
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)])
+            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)])
+        return _Batch(self.rows + other.rows, self.cache, torch.cat([pad(self.mask, 1), pad(other.mask, 1)]),
+                      torch.cat([self.pos, other.pos]), torch.cat([self.logits, other.logits]))
+
+
 class HFRolloutEngine:
     """Batched generation with a KV cache. ``max_batch`` sequences at a time bound the cache's memory.
     ``lora_cfg`` (the run's ``actor.lora``): the base gets the trainer's adapters, and versions replace them."""
@@ -174,37 +243,47 @@ class HFRolloutEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingParams,
-                 between: Callable[[], None] | None = None) -> list[Generation]:
-        """``between``: rollout.update=in_flight (engines/base.py), called between decode steps."""
+                 between: Callable[[int], list[list[int]] | None] | None = None,
+                 finished: Callable[[int, Generation], None] | None = None) -> list[Generation]:
+        """One response per prompt, ``max_batch`` sequences decoded at a time. With ``between``
+        (rollout.update=in_flight, engines/base.py) the decoding is continuous instead: ``_stream``."""
+        if between is not None:
+            return self._stream(prompts, sampling, between, finished)
         out: list[Generation] = []
         for i in range(0, len(prompts), self.max_batch):
-            out += self._generate(prompts[i : i + self.max_batch], sampling, between)
+            out += self._generate(prompts[i : i + self.max_batch], sampling)
         return out
 
-    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor):
-        """One forward pass over left-padded sequences, filling a fresh KV cache; returns (output, positions)."""
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True), positions
-
-    def _generate(self, prompts: list[list[int]], sampling: SamplingParams,
-                  between: Callable[[], None] | None) -> list[Generation]:
-        """Decode a batch. With ``between``, a version applied between two steps holds from the next
-        token on: under kv_after_update=recompute the cache is rebuilt by one pass over each sequence so far
-        (prompt and tokens), so the next logits are exactly the new policy's; under keep the next pass
-        attends to the older weights' keys and values."""
-        b, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(b, width, dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every row's next token is at the same column
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+    def _prefill(self, sequences: list[list[int]]):
+        """One forward pass over ``sequences``, left-padded so every row's next token is at the same
+        column, filling a fresh KV cache; returns (output, attention mask, positions)."""
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(sequences), width, dtype=torch.long)
+        for i, s in enumerate(sequences):
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        return out, mask, positions
+
+    def _step(self, out, tok: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+        """One decode step: ``tok`` [B] appended to each row; returns (output, mask, positions)."""
+        mask = torch.cat([mask, torch.ones(len(tok), 1, dtype=mask.dtype, device=self.device)], 1)
+        positions = positions[:, -1:] + 1
+        out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=positions,
+                         **{self.cache_arg: out[self.cache_arg]}, use_cache=True)
+        return out, mask, positions
+
+    def _generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+        """Decode one batch at the current version until every row stopped or reached max_new_tokens."""
+        b = len(prompts)
         tokens = torch.zeros(b, sampling.max_new_tokens, dtype=torch.long, device=self.device)
         logps = torch.zeros(b, sampling.max_new_tokens, device=self.device)
         lengths = torch.full((b,), sampling.max_new_tokens, dtype=torch.long, device=self.device)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        versions = [self.version]  # the version of each step's logits (every row shares a step's weights)
-        out, positions = self._prefill(ids, mask)
+        out, mask, positions = self._prefill(prompts)
         for t in range(sampling.max_new_tokens):
             tok, logp = _sample(out.logits[:, -1], sampling, self.gen)
             tokens[:, t], logps[:, t] = tok, logp
@@ -213,22 +292,90 @@ class HFRolloutEngine:
             done |= stopped
             if bool(done.all()) or t + 1 == sampling.max_new_tokens:
                 break
-            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=self.device)], 1)
-            if between is not None:
-                between()
-            versions.append(self.version)
-            if versions[-1] != versions[-2] and self.kv_after_update == "recompute":
-                out, positions = self._prefill(torch.cat([ids, tokens[:, : t + 1]], 1), mask)
-                continue
-            positions = positions[:, -1:] + 1
-            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=positions,
-                             **{self.cache_arg: out[self.cache_arg]}, use_cache=True)
+            out, mask, positions = self._step(out, tok, mask, positions)
         tokens, logps, lengths = tokens.tolist(), logps.tolist(), lengths.tolist()
         done = done.tolist()
         return [Generation(tokens[i][: lengths[i]], logps[i][: lengths[i]], "stop" if done[i] else "length",
-                           version=versions[0],
-                           token_versions=versions[: lengths[i]] if between is not None else None)
-                for i in range(b)]
+                           version=self.version) for i in range(b)]
+
+    def _stream(self, prompts: list[list[int]], sampling: SamplingParams,
+                between: Callable[[int], list[list[int]] | None],
+                finished: Callable[[int, Generation], None] | None) -> list[Generation]:
+        """Continuous decoding with in-flight updates.
+
+        After every decode step ``between(running)`` is called (``running``: sequences live or queued
+        here). It may apply a new version, which holds from the next token on, and may return more
+        prompts, which join the batch. A sequence is handed to ``finished(index, generation)`` the moment
+        it ends (index: its position among the prompts, those ``between`` gave numbered after the
+        first ones), so its group need not wait for the batch's longest; the call returns once nothing
+        is live and ``between`` gives nothing more.
+
+        The batch is spliced, not rebuilt (``_Batch``): joining prompts are prefilled alone and their
+        keys and values appended to the cache (at most ``max_batch`` rows; more wait here and join
+        once a quarter of the batch is free), and once half its rows have ended they are dropped
+        from it. After an update under kv_after_update=recompute the batch is rebuilt, one forward
+        pass over each live sequence so far, so the next logits are exactly the new policy's; under
+        keep an update costs nothing and the next pass attends to keys and values the older weights
+        computed. Every token records the version of the logits it was sampled from."""
+        seqs: list[_Sequence] = []
+        queue: list[int] = []  # sequences waiting for room in the batch
+        stops, refill = set(self.stop_ids.tolist()), max(1, self.max_batch // 4)
+
+        def add(new: list[list[int]] | None) -> None:
+            for p in new or ():
+                queue.append(len(seqs))
+                seqs.append(_Sequence(p))
+
+        def open_(rows: list[int]) -> _Batch:
+            out, mask, positions = self._prefill([seqs[i].prompt + seqs[i].tokens for i in rows])
+            return _Batch(rows, out[self.cache_arg], mask, positions[:, -1], out.logits[:, -1])
+
+        add(prompts)
+        batch, carried = None, []  # carried: the live sequences a rebuild starts from
+        while True:
+            if batch is None:
+                room = self.max_batch - len(carried)
+                rows = carried + queue[:room]
+                del queue[:room]
+                if not rows:
+                    return [s.generation() for s in seqs]
+                batch = open_(rows)
+            else:
+                live = [r for r, i in enumerate(batch.rows) if seqs[i].finish is None]
+                if len(live) * 2 <= len(batch.rows):  # half the rows ended: stop decoding them
+                    batch = batch.keep(live) if batch.spliceable() else open_([batch.rows[r] for r in live])
+                room = self.max_batch - len(batch.rows)
+                if queue and room >= min(refill, len(queue)):
+                    joining = queue[:room]
+                    del queue[:room]
+                    batch = batch.join(open_(joining)) if batch.spliceable() else \
+                        open_([i for i in batch.rows if seqs[i].finish is None] + joining)
+            tok, logp = _sample(batch.logits, sampling, self.gen)
+            for i, t, lp in zip(batch.rows, tok.tolist(), logp.tolist()):
+                s = seqs[i]
+                if s.finish is not None:
+                    continue
+                s.add(t, lp, self.version)
+                if t in stops or len(s.tokens) == sampling.max_new_tokens:
+                    s.finish = "stop" if t in stops else "length"
+                    if finished is not None:
+                        finished(i, s.generation())
+            version, live = self.version, [i for i in batch.rows if seqs[i].finish is None]
+            add(between(len(live) + len(queue)))
+            if not live:
+                batch, carried = None, []
+            elif self.version != version and self.kv_after_update == "recompute":
+                batch, carried = None, live  # rebuilt under the new weights before the next token
+            else:
+                self._advance(batch, tok)
+
+    def _advance(self, batch: _Batch, tok: torch.Tensor) -> None:
+        """One decode step of every row of ``batch``: ``tok`` [B] appended, the next logits computed."""
+        batch.mask = torch.cat([batch.mask, torch.ones(len(tok), 1, dtype=batch.mask.dtype, device=self.device)], 1)
+        batch.pos = batch.pos + 1
+        out = self.model(input_ids=tok[:, None], attention_mask=batch.mask, position_ids=batch.pos[:, None],
+                         **{self.cache_arg: batch.cache}, use_cache=True)
+        batch.cache, batch.logits = out[self.cache_arg], out.logits[:, -1]
 
     @torch.no_grad()
     def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:

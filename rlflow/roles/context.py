@@ -7,6 +7,7 @@ function (``tasks/rewards.py``), user code is named by dotted path (``rlflow/plu
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from contextlib import contextmanager, nullcontext
@@ -140,3 +141,19 @@ def ack_work(ctx: RoleContext, delivery) -> None:
         ctx.bus.ack(delivery)
     except LeaseExpired:
         ctx.report(reports.LEASE_EXPIRED, rows=len(delivery))
+
+
+def renew_leases(ctx: RoleContext, deliveries: dict) -> None:
+    """Keep the leases of deliveries still being worked on (``deliveries``: key -> (delivery, rows left)):
+    each is renewed once a third of its lease is gone, so long work (an episode, a long generation)
+    never loses its rows to another replica while it runs."""
+    from rlflow.transfer import LeaseExpired
+
+    now = time.monotonic()
+    for d, _ in list(deliveries.values()):
+        if now - d.leased_at > ctx.lease_seconds / 3:
+            try:
+                ctx.bus.renew(d, lease=ctx.lease_seconds)
+            except LeaseExpired:  # gone already: another replica redoes its rows; ours are dropped on put
+                ctx.report(reports.LEASE_EXPIRED, rows=len(d))
+                d.leased_at = math.inf  # not renewed again

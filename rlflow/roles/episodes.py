@@ -47,7 +47,7 @@ from rlflow.envs.pool import EnvPool
 from rlflow.roles import reports, schema
 from rlflow.roles.schema import ENV_FAILURES
 from rlflow.roles.turns import ChatTurns, PlainTurns
-from rlflow.roles.context import IDLE_WAIT_S, RoleContext, ack_work, next_rows
+from rlflow.roles.context import IDLE_WAIT_S, RoleContext, ack_work, next_rows, renew_leases
 from rlflow.transfer.lifetime import at_exit
 
 POLL_IDLE_S = 0.05  # how long the loop waits for environments when no episode waits for the model
@@ -213,24 +213,9 @@ def serve_episodes(cfg, env_cfg: EnvConfig, ctx: RoleContext, engine, synced, ch
             if done:
                 _put(ctx, done, env_cfg, pool, live, deliveries, busy)
                 busy = 0.0
-            _renew(ctx, deliveries)
+            renew_leases(ctx, deliveries)
     finally:
         pool.shutdown()
-
-
-def _renew(ctx: RoleContext, deliveries: dict) -> None:
-    """Keep the leases of deliveries whose episodes are still going: renewed once a third of the lease
-    is gone, so a long episode never loses its rows to another replica while it runs."""
-    from rlflow.transfer import LeaseExpired
-
-    now = time.monotonic()
-    for key, (d, left) in list(deliveries.items()):
-        if now - d.leased_at > ctx.lease_seconds / 3:
-            try:
-                ctx.bus.renew(d, lease=ctx.lease_seconds)
-            except LeaseExpired:  # gone already: another replica redoes its rows; ours are dropped on put
-                ctx.report(reports.LEASE_EXPIRED, rows=len(d))
-                d.leased_at = math.inf  # not renewed again
 
 
 def _turn(timeline, engine, ready: list[Episode], sampling, pool: EnvPool, text: Text) -> float:

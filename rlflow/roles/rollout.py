@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from contextlib import nullcontext
 
 from rlflow.roles import schema
 from rlflow.roles import reports
@@ -85,79 +86,62 @@ def serve(cfg: RolloutConfig, ctx: RoleContext, args: RolloutArgs) -> None:
                                  keys_dir=ctx.keys_dir, key=ctx.channel_key)
         if relay:
             ep.advertise(relay, weights.address)
-    if args.env is not None and args.env.enabled:  # multi-turn episodes: roles/episodes.py
-        from rlflow.roles.episodes import serve_episodes
-
-        def synced(need: int | None = None) -> None:
-            if follows and need is not None:
+    def synced(need: int | None = None) -> None:
+        """Apply the newest weights without waiting (``need`` None), or wait for version ``need``. A patch
+        refused on the way leaves the weights unverified: then it waits for a verified version (at least
+        the one the engine held), so no token is ever sampled from weights that failed their checksum."""
+        if follows:
+            if need is not None:
                 engine.wait_version(need, ctx.wait_seconds)
-            elif weights is not None and (need is None or weights.version is None or weights.version < need):
-                _synced(ctx, weights, engine, need)
+            return
+        if need is None:
+            _synced(ctx, weights, engine)
+            if weights.version is not None:
+                return
+            need = engine.version
+        if weights.version is None or weights.version < need:
+            _synced(ctx, weights, engine, need)
 
-        try:
-            return serve_episodes(cfg, args.env, ctx, engine, synced, args.chat_template)
-        finally:
-            if weights is not None:
-                weights.close()
-    sampling = cfg.sampling()
-    in_flight = cfg.update == "in_flight"
-    need = 0  # the version the current call needed (an in-flight resync waits for it again)
-    between = in_flight_hook(ctx, weights, engine, lambda: need) if in_flight else None
-    ctx.report(reports.READY)
     try:
-        while True:
-            if weights is not None:
-                _synced(ctx, weights, engine)
-            d = next_rows(ctx, "rollout", schema.ROLLOUT_INPUT, cfg.groups_per_call, groups=True)
-            if d is None:
-                continue
-            need = max(d.table.column("min_version").to_pylist())
-            if follows:
-                with ctx.timeline.span("wait", weights=need):
-                    engine.wait_version(need, ctx.wait_seconds)
-            elif weights.version is None or weights.version < need:  # admitted for a version not applied yet
-                _synced(ctx, weights, engine, need)
-            start, t0 = engine.version, time.monotonic()
-            with ctx.timeline.span("generate", samples=len(d), version=start) as span:
-                prompts = d.table.column("prompt_ids").to_pylist()
-                gens = engine.generate(prompts, sampling, between=between) if in_flight else \
-                    engine.generate(prompts, sampling)
-                span["tokens"] = sum(len(g.response_ids) for g in gens)
-            versions = [start if g.version is None else g.version for g in gens]
-            row = {"uid": d.uids, "response_ids": [g.response_ids for g in gens],
-                   "rollout_logprobs": [g.logprobs for g in gens], "version_start": versions,
-                   "version_end": [max(v, engine.version) for v in versions],
-                   "finish_reason": [g.finish_reason for g in gens]}
-            if in_flight:
-                row.update(token_versions(gens, versions))
-            ctx.bus.put(row, missing="skip")
-            ack_work(ctx, d)
-            ctx.report(reports.WORK, samples=len(gens), tokens=sum(len(g.response_ids) for g in gens),
-                       seconds=time.monotonic() - t0, version=start)
+        if args.env is not None and args.env.enabled:  # multi-turn episodes: roles/episodes.py
+            from rlflow.roles.episodes import serve_episodes
+
+            return serve_episodes(cfg, args.env, ctx, engine, synced, args.chat_template)
+        if cfg.update == "in_flight":  # continuous generation, weights applied mid-sequence
+            from rlflow.roles.in_flight import serve_in_flight
+
+            return serve_in_flight(cfg, ctx, engine, synced)
+        _serve_calls(cfg, ctx, engine, synced)
     finally:
         if weights is not None:
             weights.close()
 
 
-def in_flight_hook(ctx: RoleContext, weights, engine, need):
-    """What the engine calls between decode steps under rollout.update=in_flight: apply the newest
-    version if its objects are already here (never waiting for one). A patch refused there leaves the
-    weights unverified, so it then resyncs, waiting for a verified version of at least ``need()`` (the
-    call's own bound) before another token is sampled."""
-    def between() -> None:
-        _synced(ctx, weights, engine)
-        if weights.version is None:
-            _synced(ctx, weights, engine, need())
-    return between
-
-
-def token_versions(gens: list, versions: list[int]) -> dict[str, list]:
-    """The in-flight columns of ``gens``: each token's version, and the first and last of them (an
-    engine that reports none ran the whole response at the call's start version)."""
-    per_token = [g.token_versions if g.token_versions is not None else [v] * len(g.response_ids)
-                 for g, v in zip(gens, versions)]
-    return {"token_versions": per_token, "version_start": [min(t, default=v) for t, v in zip(per_token, versions)],
-            "version_end": [max(t, default=v) for t, v in zip(per_token, versions)]}
+def _serve_calls(cfg: RolloutConfig, ctx: RoleContext, engine, synced) -> None:
+    """rollout.update=between_calls: take up to ``groups_per_call`` groups, generate them in one call at
+    one version, put them, ack."""
+    sampling = cfg.sampling()
+    ctx.report(reports.READY)
+    while True:
+        synced()
+        d = next_rows(ctx, "rollout", schema.ROLLOUT_INPUT, cfg.groups_per_call, groups=True)
+        if d is None:
+            continue
+        need = max(d.table.column("min_version").to_pylist())
+        with ctx.timeline.span("wait", weights=need) if getattr(engine, "follows_trainer", False) else nullcontext():
+            synced(need)  # admitted for a version not applied yet
+        start, t0 = engine.version, time.monotonic()
+        with ctx.timeline.span("generate", samples=len(d), version=start) as span:
+            gens = engine.generate(d.table.column("prompt_ids").to_pylist(), sampling)
+            span["tokens"] = sum(len(g.response_ids) for g in gens)
+        versions = [start if g.version is None else g.version for g in gens]
+        ctx.bus.put({"uid": d.uids, "response_ids": [g.response_ids for g in gens],
+                     "rollout_logprobs": [g.logprobs for g in gens], "version_start": versions,
+                     "version_end": [max(v, engine.version) for v in versions],
+                     "finish_reason": [g.finish_reason for g in gens]}, missing="skip")
+        ack_work(ctx, d)
+        ctx.report(reports.WORK, samples=len(gens), tokens=sum(len(g.response_ids) for g in gens),
+                   seconds=time.monotonic() - t0, version=start)
 
 
 def _synced(ctx: RoleContext, weights: WeightReceiver, engine, need: int | None = None) -> None:

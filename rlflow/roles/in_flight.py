@@ -1,0 +1,127 @@
+"""The rollout's loop under ``rollout.update=in_flight``: continuous generation with in-flight weight updates.
+
+With updates only between calls, a call is a barrier: every group in it waits for the call's longest
+response before it is put, and no new weights or prompts enter until then. With long, long-tailed
+responses most of the batch sits finished while a few sequences run on. Here the engine never stops:
+
+- between every two decode steps the engine calls ``between(running)``, which applies the newest
+  version whose patch has already arrived (``rollout.in_flight_hook``), renews the leases of the rows
+  being generated, and, when at least a quarter of the in-flight target is free, takes more whole
+  groups off the bus without waiting and hands their prompts to the engine;
+- the engine hands each sequence over as it ends (``finished``), and a group is put on the bus as soon
+  as its last sample has ended, so the trainer gets it without waiting for the call's longest.
+
+The in-flight target is ``groups_per_call`` groups, at most ``max_batch`` sequences. A delivery is
+acked once all of its groups are put. Staleness: a group is handed to the engine only once the weights
+are at its ``min_version`` (the feeder issued it after that version was published, so the wait is the
+transfer's), and versions only grow while it generates, so the bound holds for every token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from rlflow.roles import reports, schema
+from rlflow.roles.context import IDLE_WAIT_S, RoleContext, ack_work, next_rows, renew_leases
+
+
+@dataclass
+class _Taken:
+    """A delivery being generated: its rows' results so far, by group."""
+
+    delivery: object
+    gens: list = field(default_factory=list)  # [row] its Generation once it ended, else None
+    groups: dict = field(default_factory=dict)  # group id -> its rows
+    group_of: list = field(default_factory=list)  # [row] its group id
+    left: int = 0  # rows not yet put
+
+
+def serve_in_flight(cfg, ctx: RoleContext, engine, synced) -> None:
+    """The loop (see the module docstring). ``synced(need=None)`` applies the newest weights without
+    waiting, or waits for version ``need``; ``cfg`` is the RolloutConfig."""
+    sampling = cfg.sampling()
+    target = min(cfg.groups_per_call * cfg.group_size, cfg.max_batch)  # sequences in flight
+    refill = max(cfg.group_size, target // 4)  # the least room worth taking groups for (a rebuild each time)
+    taken: dict[int, tuple] = {}  # delivery key -> (delivery, rows not yet put): what renew_leases keeps
+    state: dict[int, _Taken] = {}
+    order: list[tuple[int, int]] = []  # the engine's sequence index -> (delivery key, row)
+    busy = {"since": time.time()}  # generating since the last put (its span and WORK report)
+    next_key = iter(range(1 << 62))
+
+    def take(groups: int, timeout: float) -> list[list[int]]:
+        d = next_rows(ctx, "rollout", schema.ROLLOUT_INPUT, groups, groups=True, timeout=timeout)
+        if d is None:
+            return []
+        synced(max(d.table.column("min_version").to_pylist()))  # at once unless its version is on its way
+        key = next(next_key)
+        t = _Taken(d, [None] * len(d), left=len(d))
+        t.group_of = d.table.column("group_id").to_pylist()
+        for row, gid in enumerate(t.group_of):
+            t.groups.setdefault(gid, []).append(row)
+        state[key], taken[key] = t, (d, len(d))
+        order.extend((key, row) for row in range(len(d)))
+        return d.table.column("prompt_ids").to_pylist()
+
+    def between(running: int) -> list[list[int]] | None:
+        synced()
+        renew_leases(ctx, taken)
+        room = target - running
+        return take(room // cfg.group_size, 0) if room >= refill else None
+
+    def finished(index: int, gen) -> None:
+        key, row = order[index]
+        t = state[key]
+        t.gens[row] = gen
+        group = t.groups[t.group_of[row]]
+        if any(t.gens[r] is None for r in group):
+            return
+        _put(ctx, t.delivery, group, [t.gens[r] for r in group], busy)
+        t.left -= len(group)
+        taken[key] = (t.delivery, t.left)
+        if t.left == 0:
+            ack_work(ctx, t.delivery)
+            del state[key], taken[key]
+
+    ctx.report(reports.READY)
+    while True:
+        synced()
+        order.clear()
+        prompts = take(cfg.groups_per_call, IDLE_WAIT_S)
+        if not prompts:
+            continue
+        busy["since"] = time.time()
+        gens = engine.generate(prompts, sampling, between=between, finished=finished)
+        handed = {(key, row) for key, t in state.items() for row, g in enumerate(t.gens) if g is not None}
+        for index, g in enumerate(gens):  # an engine that hands nothing over as it goes: everything now
+            if order[index] not in handed and order[index][0] in state:
+                finished(index, g)
+
+
+def _put(ctx: RoleContext, d, rows: list[int], gens: list, busy: dict) -> None:
+    """Put one finished group's samples; the time since the last put is a ``generate`` span of the group's
+    samples (one span per call would stay open for as long as the engine never stops, and the trace
+    and the capacity advice would see nothing of it until then)."""
+    uids = d.uids
+    row = {"uid": [uids[r] for r in rows], "response_ids": [g.response_ids for g in gens],
+           "rollout_logprobs": [g.logprobs for g in gens], "finish_reason": [g.finish_reason for g in gens],
+           **token_versions(gens)}
+    ctx.bus.put(row, missing="skip")
+    now, tokens = time.time(), sum(len(g.response_ids) for g in gens)
+    ctx.timeline.add("generate", busy["since"], now - busy["since"], samples=len(gens), tokens=tokens,
+                     version=min(row["version_start"]), in_flight=True)
+    ctx.report(reports.WORK, samples=len(gens), tokens=tokens, seconds=now - busy["since"],
+               version=min(row["version_start"]))
+    busy["since"] = now
+
+
+def token_versions(gens: list) -> dict[str, list]:
+    """The version columns of ``gens``: each token's version, and the oldest and newest of them."""
+    for g in gens:
+        if g.token_versions is None or len(g.token_versions) != len(g.response_ids):
+            raise ValueError(f"rollout.update=in_flight: the engine must give every token's version "
+                             f"(Generation.token_versions, engines/base.py); got {g.token_versions!r} for "
+                             f"{len(g.response_ids)} tokens")
+    return {"token_versions": [g.token_versions for g in gens],
+            "version_start": [min(g.token_versions, default=g.version or 0) for g in gens],
+            "version_end": [max(g.token_versions, default=g.version or 0) for g in gens]}
