@@ -3,12 +3,13 @@
     python -m benchmarks.long_generations                  # 80 steps per arm
     python -m benchmarks.long_generations --quick          # 25 steps per arm
     python -m benchmarks.long_generations --arms between_calls in_flight:keep
+    python -m benchmarks.long_generations --part filter   # dynamic sampling only
 
 The task is digit reversal with a long-tailed length: the number of digits of each prompt is drawn
 from a log-normal (median 4, ``--sigma`` 1: about one in a hundred over 40, at most ``--longest``
-120), so the responses' lengths vary tenfold and more, as reasoning traces do. The tiny model is warm-started on these records (its answers end
-after as many digits as the prompt has), so lengths come from the policy itself, and the reward
-(positional match) is the real task's.
+120), so the responses' lengths vary tenfold and more, as reasoning traces do. The tiny model is
+warm-started on these records (its answers end after as many digits as the prompt has), so lengths
+come from the policy itself, and the reward (positional match) is the real task's.
 
 Arms, each a real `rlflow` run with the same seed, data, staleness and steps; the trainer cuts its
 passes by a token budget (``actor.max_tokens_per_microbatch=2048``), so that padding every pass to a
@@ -28,7 +29,12 @@ the rollout's own gain, whatever else bounds a whole run.
 Then per arm: samples/s and generated tokens/s over the steady span, the trainer's wait for data (seconds
 and fraction of its step time), staleness, the share of samples that span two versions, and the
 mean reward at the same wall time in every arm (the earliest time every arm reached, over the steps
-just before it). The last line of stdout is one JSON object with every figure.
+just before it).
+
+``--part filter`` (also in the default ``all``): dynamic sampling (``data.filter_groups``) on a task
+where many groups are all right or all wrong (``FILTER_TASK``), against the same run training every
+group: samples generated and trained, the share filtered, wall time, and the reward at the same number
+of generated samples. The last line of stdout is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -127,17 +133,8 @@ def run(arm: str, steps: int, data: Path, longest: int, extra: list[str], root: 
     return stats, rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=80)
-    p.add_argument("--quick", action="store_true", help="25 steps per arm")
-    p.add_argument("--staleness", type=int, default=2)
-    p.add_argument("--sigma", type=float, default=1.0, help="spread of the log-normal digit count")
-    p.add_argument("--longest", type=int, default=120, help="most digits of a prompt (and of its answer)")
-    p.add_argument("--arms", nargs="+", default=["between_calls", "in_flight", "in_flight:keep"])
-    p.add_argument("--set", nargs="*", default=[], help="more overrides for every arm")
-    args = p.parse_args()
-    steps = 25 if args.quick else args.steps
+def updates_part(args, steps: int) -> dict:
+    """Between calls vs in flight on the long-tailed task: the engine alone, then whole runs."""
     with tempfile.TemporaryDirectory(prefix="rlflow-long-") as tmp:
         root = Path(tmp)
         shape = write_data(root / "prompts.jsonl", 4000, args.sigma, args.longest)
@@ -169,8 +166,74 @@ def main() -> None:
     for r in results:
         print(f"{r['arm']:<16}{r['samples_per_s']:>10}{r['tokens_per_s']:>10}{r['train_s']:>9.1f}"
               f"{r['trainer_wait_frac']:>10}{r['multi_version_frac']:>9}{r['reward_at_equal_time']:>9}{r['reward_final']:>7}")
-    print(json.dumps({"benchmark": "long_generations", "steps": steps, "staleness": args.staleness, "data": shape,
-                      "equal_time_s": round(equal_t, 1), "engine_alone": engine, "arms": results, "vs_" + base["arm"]: ratios}))
+    return {"staleness": args.staleness, "data": shape, "equal_time_s": round(equal_t, 1), "engine_alone": engine,
+            "arms": results, "vs_" + base["arm"]: ratios}
+
+
+FILTER_TASK = ["reward.fn=rlflow.tasks.rewards.exact_match", "data.min_digits=1", "data.max_digits=4"]
+"""Dynamic sampling's task: reversal scored all or nothing, 1 to 4 digits. The warm-started tiny model
+reverses short numbers every time and long ones seldom, so many groups are all right or all wrong."""
+
+
+def reward_at_samples(rows: list[dict], generated: float, window: int) -> float:
+    """Mean reward of the ``window`` steps before the step by which ``generated`` samples were generated."""
+    total, upto = 0, len(rows)
+    for k, r in enumerate(rows):
+        total += r["samples"]
+        if total >= generated:
+            upto = k + 1
+            break
+    before = rows[max(0, upto - window):upto]
+    return round(sum(r["reward/mean"] for r in before) / len(before), 4)
+
+
+def filter_part(args, steps: int) -> dict:
+    """The same run with and without dynamic sampling: reward per generated sample, time, generations."""
+    results, curves = [], {}
+    with tempfile.TemporaryDirectory(prefix="rlflow-filter-") as tmp:
+        for on in (False, True):
+            arm = "filter_groups" if on else "every_group"
+            rows, summary, wall = run_recipe(Path(tmp) / arm, [*FILTER_TASK, f"flow.steps={steps}",
+                                                               f"data.filter_groups={str(on).lower()}", *args.set],
+                                             f"the {arm} run")
+            stats = run_stats(rows, summary, wall)
+            stats.update(arm=arm, generated=sum(r["samples"] for r in rows),
+                         trained=sum(r["samples/trained"] for r in rows),
+                         filtered_frac=round(sum(r.get("filter/filtered_frac", 0.0) for r in rows) / len(rows), 3),
+                         exhausted_steps=sum(r.get("filter/exhausted", 0) for r in rows))
+            results.append(stats)
+            curves[arm] = rows
+            print(json.dumps(stats), file=sys.stderr)
+    window = max(1, steps // 10)
+    equal = min(r["generated"] for r in results)
+    for r in results:
+        r["reward_at_equal_generated"] = reward_at_samples(curves[r["arm"]], equal, window)
+        r["reward_per_1k_generated"] = round(1000 * (r["reward_final"] - r["reward_start"]) / r["generated"], 4)
+    print(f"{'arm':<14}{'generated':>10}{'trained':>9}{'filtered':>9}{'train s':>9}{'reward@n':>9}{'final':>7}")
+    for r in results:
+        print(f"{r['arm']:<14}{r['generated']:>10}{r['trained']:>9}{r['filtered_frac']:>9}{r['train_s']:>9.1f}"
+              f"{r['reward_at_equal_generated']:>9}{r['reward_final']:>7}")
+    return {"task": FILTER_TASK, "equal_generated": equal, "arms": results}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--quick", action="store_true", help="25 steps per arm")
+    p.add_argument("--part", choices=["updates", "filter", "all"], default="all")
+    p.add_argument("--staleness", type=int, default=2)
+    p.add_argument("--sigma", type=float, default=1.0, help="spread of the log-normal digit count")
+    p.add_argument("--longest", type=int, default=120, help="most digits of a prompt (and of its answer)")
+    p.add_argument("--arms", nargs="+", default=["between_calls", "in_flight", "in_flight:keep"])
+    p.add_argument("--set", nargs="*", default=[], help="more overrides for every arm")
+    args = p.parse_args()
+    steps = 25 if args.quick else args.steps
+    out = {"benchmark": "long_generations", "steps": steps}
+    if args.part in ("updates", "all"):
+        out["updates"] = updates_part(args, steps)
+    if args.part in ("filter", "all"):
+        out["dynamic_sampling"] = filter_part(args, steps)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

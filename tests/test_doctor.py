@@ -41,13 +41,15 @@ def test_each_problem_fails_its_check_naming_the_field_and_the_fix(capsys, tmp_p
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "solution": "2"}) + "\n")
     code, checks = _checks(capsys, "-cn", "gsm8k_qwen", f"model.path={tmp_path}/missing", f"data.path={data}",
-                           "rollout.engine=no_such.Engine", f"resume={tmp_path}")
+                           "rollout.engine=no_such.Engine", f"resume={tmp_path}", "data.filter_groups=true",
+                           "data.filter_fn=no_such.keep")
     assert code == 1
     assert checks["recipe"]["status"] == "FAIL" and "model.path" in checks["recipe"]["detail"]
     assert checks["model"]["status"] == "FAIL" and "is not a directory: give a checkpoint directory" in checks["model"]["detail"]
     reward = checks["reward.fn"]  # math_answer(response, answer) and the data has no `answer` column
     assert reward["status"] == "FAIL" and "['answer']" in reward["detail"] and "solution" in reward["detail"]
     assert checks["rollout.engine"]["status"] == "FAIL" and "cannot import module 'no_such'" in checks["rollout.engine"]["detail"]
+    assert checks["data.filter_fn"]["status"] == "FAIL" and "data.filter_fn='no_such.keep'" in checks["data.filter_fn"]["detail"]
     assert checks["devices"]["status"] == "FAIL" and "torch sees no GPU" in checks["devices"]["detail"]
     assert checks["resume"]["status"] == "FAIL" and "not a checkpoint directory" in checks["resume"]["detail"]
 

@@ -93,7 +93,7 @@ def test_a_replica_killed_or_frozen_mid_run_is_restarted_and_every_sample_trains
     rows = metrics(run_dir)
     assert [m["step"] for m in rows] == list(range(1, STEPS + 1))
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["samples"] == {"issued": SAMPLES, "trained": SAMPLES, "skipped": 0, "consumed_more_than_once": 0,
+    assert summary["samples"] == {"issued": SAMPLES, "trained": SAMPLES, "skipped": 0, "filtered": 0, "consumed_more_than_once": 0,
                                   "issued_not_consumed": 0, "consumed_not_issued": 0}
     [restart] = summary["supervision"]["restarts"]
     assert restart["replica"] == target and restart["action"] == "restarted" and what in restart["what"]
@@ -109,7 +109,7 @@ def assert_each_step_once_and_every_sample_trained_once(run_dir: Path, steps: in
     samples = SAMPLES // STEPS * steps
     assert [m["step"] for m in metrics(run_dir)] == list(range(1, steps + 1))
     assert json.loads((run_dir / "summary.json").read_text())["samples"] == {
-        "issued": samples, "trained": samples, "skipped": 0, "consumed_more_than_once": 0, "issued_not_consumed": 0,
+        "issued": samples, "trained": samples, "skipped": 0, "filtered": 0, "consumed_more_than_once": 0, "issued_not_consumed": 0,
         "consumed_not_issued": 0}
 
 

@@ -110,7 +110,7 @@ def test_with_two_rollout_and_two_reward_replicas_every_sample_trains_exactly_on
     rows = metrics(run_dir)
     assert len(rows) == 8 and sum(m["samples"] for m in rows) == 8 * 4 * 4
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["samples"] == {"issued": 128, "trained": 128, "skipped": 0, "consumed_more_than_once": 0,
+    assert summary["samples"] == {"issued": 128, "trained": 128, "skipped": 0, "filtered": 0, "consumed_more_than_once": 0,
                                   "issued_not_consumed": 0, "consumed_not_issued": 0}
     work = summary["samples_by_replica"]
     for role in ("rollout", "reward"):  # the bus spread the work: every replica took some

@@ -69,3 +69,12 @@ class PlainEngine(HFRolloutEngine):
 
     def __init__(self, model_path, cfg):
         super().__init__(model_path, cfg)
+
+
+def reward_varying_on_thirds(response: str, answer: str, **_) -> float:
+    """Signal only where the number is divisible by 3: positional match there; elsewhere every response
+    gets the same reward (1 or 0 by the remainder), so those groups carry none (dynamic sampling's test)."""
+    from rlflow.tasks.rewards import positional_match
+
+    remainder = int(answer) % 3  # the answer is the number reversed: the same digit sum, the same remainder
+    return positional_match(response, answer) if remainder == 0 else float(remainder == 1)

@@ -95,10 +95,12 @@ class StepAccumulator:
     nothing). The step's statistics are merged by the actor (``TrainerGroup.merge``) before ``finish``.
     """
 
-    def __init__(self, engine, cfg, max_new_tokens: int, lockstep: bool = False, ranks=None):
+    def __init__(self, engine, cfg, max_new_tokens: int, lockstep: bool = False, ranks=None, keep_group=None):
         """``cfg``: the actor's ActorConfig; ``max_new_tokens``: the rollout's (aggregation=constant divides
-        by it); ``lockstep``: a sharded trainer's ranks run every pass together; ``ranks``: see above."""
+        by it); ``lockstep``: a sharded trainer's ranks run every pass together; ``ranks``: see above;
+        ``keep_group``: dynamic sampling's criterion (``algo/filters.py``): a group it refuses is filtered."""
         self.engine, self.cfg, self.max_new_tokens = engine, cfg, max_new_tokens
+        self.keep_group = keep_group
         self.lockstep, self.ranks = lockstep, ranks
         self.updates = cfg.minibatches * cfg.epochs  # optimizer steps per version
         self.held: dict[str, list[tuple]] | None = {} if lockstep or self.updates > 1 else None  # group id ->
@@ -113,6 +115,8 @@ class StepAccumulator:
         self.reward_errors = 0
         self.trained_uids: list[str] = []  # the samples this step trains on
         self.skipped_uids: list[str] = []  # consumed without training (failed reward, group without signal)
+        self.filtered_groups = 0  # groups ``keep_group`` refused (dynamic sampling): their uids are skipped too
+        self.filtered_uids: list[str] = []
         self.episodes: Counter = Counter()  # multi-turn rows consumed: turns, tokens, environment counters
         self.spanned: list[int] = []  # single-turn rows with token_versions (in-flight updates): versions each spans
 
@@ -136,6 +140,11 @@ class StepAccumulator:
             self.rewards += r.tolist()
             if len(valid) < 2 or (self.cfg.drop_uniform_groups and bool((r == r[0]).all())):
                 self.skipped_groups += 1
+                self.skipped_uids += [cols["uid"][i] for i in idx]
+                continue
+            if self.keep_group is not None and not self.keep_group(r.tolist()):
+                self.filtered_groups += 1
+                self.filtered_uids += [cols["uid"][i] for i in idx]
                 self.skipped_uids += [cols["uid"][i] for i in idx]
                 continue
             self.skipped_uids += [cols["uid"][i] for i in idx if i not in valid]
@@ -351,6 +360,7 @@ class StepAccumulator:
             "staleness/counts": [self.staleness.count(k) for k in range(max(self.staleness, default=0) + 1)],
             "response/length_mean": sum(self.lengths) / len(self.lengths) if self.lengths else 0.0,
             "groups/skipped": self.skipped_groups,
+            **({"filter/groups": self.filtered_groups} if self.keep_group is not None else {}),
             "samples": len(self.staleness),
             "samples/trained": len(self.trained_uids),
             "samples/skipped": len(self.skipped_uids),

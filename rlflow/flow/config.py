@@ -94,8 +94,21 @@ class DataConfig:
     """Built-in tasks: longest operand in digits."""
     seed: int = 0
     """Seed of the task generator or of the file's shuffling (each epoch reshuffles)."""
+    filter_groups: bool = False
+    """Dynamic sampling (DAPO): a group `filter_fn` finds without signal (by default: every reward equal)
+    is not trained, and the feeder issues a replacement for its step, so each step still trains
+    actor.groups_per_step groups. Dropped groups count as filtered in the run's ledger."""
+    filter_fn: str = "rlflow.algo.filters.rewards_differ"
+    """filter_groups: dotted path to fn(rewards: list[float]) -> bool, True to keep (train) a group; it gets
+    the group's scored rewards (a failed reward is skipped before it)."""
+    filter_budget: float = 4.0
+    """filter_groups: most replacements per step, in multiples of actor.groups_per_step; past it the step
+    trains the groups it kept (metric filter/exhausted), so a task the policy has solved (or cannot
+    solve at all) does not generate for ever."""
 
     def check(self, at: str = "data") -> None:
+        require(self.filter_budget > 0, f"{at}.filter_budget",
+                f"must be > 0 (replacements per step, in multiples of actor.groups_per_step), got {self.filter_budget}")
         if self.path is not None:
             require(os.path.isfile(self.path), f"{at}.path", f"no such file: {self.path!r}")
             require(self.path.endswith((".jsonl", ".parquet")), f"{at}.path",

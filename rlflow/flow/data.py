@@ -104,14 +104,19 @@ def check_tokens(tokenizer, prompts: Prompts) -> None:
                               f"use a checkpoint whose tokenizer covers them")
 
 
-def prompt_records(data, prompts: Prompts | None) -> Iterator[dict]:
+REPLACEMENT_STREAM = 1  # ``prompt_records``' stream of dynamic sampling's replacement groups
+
+
+def prompt_records(data, prompts: Prompts | None, stream: int = 0) -> Iterator[dict]:
     """Endless prompt records ``{"prompt": str, ...fields}``: the built-in task's stream, or the file's
-    records (``load_prompts``) epoch after epoch, each epoch reshuffled by ``data.seed``."""
+    records (``load_prompts``) epoch after epoch, each epoch reshuffled by ``data.seed``. ``stream`` > 0:
+    another such sequence, seeded apart (the replacements of dynamic sampling draw from stream 1)."""
+    seed = data.seed + 1_000_003 * stream
     if prompts is None:
-        task, rng = get_task(data.task), random.Random(data.seed)
+        task, rng = get_task(data.task), random.Random(seed)
         while True:
             yield task.make(rng, data.min_digits, data.max_digits)
-    rng = random.Random(data.seed)
+    rng = random.Random(seed)
     for _ in itertools.count():
         order = list(range(len(prompts.records)))
         rng.shuffle(order)

@@ -183,7 +183,10 @@ class Doctor:
     def plugins(self) -> None:
         from rlflow.plugins import load_object
 
-        for field, value in (("rollout.engine", self.cfg.rollout.engine), ("actor.engine", self.cfg.actor.engine)):
+        plugins = [("rollout.engine", self.cfg.rollout.engine), ("actor.engine", self.cfg.actor.engine)]
+        if self.cfg.data.filter_groups:
+            plugins.append(("data.filter_fn", self.cfg.data.filter_fn))
+        for field, value in plugins:
             if value in ("hf", "sglang"):
                 continue
             try:

@@ -15,9 +15,18 @@ stale. k = 0 makes rollouts of step s wait for version s: synchronous training, 
 With k = null there is no version bound; ``async_queue_steps`` still bounds how far prompts run ahead
 (memory, not staleness).
 
+Dynamic sampling (``data.filter_groups``): when the actor drops a group without signal it asks for a
+replacement (``replace``, through the launcher). The j-th replacement of step s is group ``r<s>.<j>``,
+scheduled for step s with step s's ``min_version``, its record the next of a second seeded stream
+(``replacements``), so the main stream's group i -> record i -> step i // groups_per_step is untouched
+and admission, resume and rewinds work as without it. A replacement is issued at once: its step is the
+one the actor is filling, within every bound already; the actor's ``data.filter_budget`` bounds how
+many a step asks for.
+
 Resume and rewind: group i always gets the i-th record of the prompt stream (a seeded, replayable
 sequence), so a feeder told which groups the kept steps consumed (``done``) skips exactly those and
-issues the rest again. Groups issued after the run's ``epoch``-th rewind carry ``@epoch`` in their ids,
+issues the rest again; the replacements the kept steps consumed (``replaced``) say how far the second
+stream has been read. Groups issued after the run's ``epoch``-th rewind carry ``@epoch`` in their ids,
 so a result computed for a row before the rewind can never land on its reissued twin; ``logical_uid``
 strips it for the run's ledger.
 """
@@ -25,6 +34,7 @@ strips it for the run's ledger.
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 from typing import Callable, Iterator
@@ -33,6 +43,7 @@ from rlflow.transfer.channel import Client
 from rlflow.transfer import BusClient, BusTimeout
 
 VERSION_WAIT_S = 1.0  # one long-poll for a newer version; the loop re-checks the stop flag between them
+REPLACE_POLL_S = 0.05  # with dynamic sampling: the long-poll's bound, so a replacement waits at most this
 
 
 class Feeder:
@@ -42,12 +53,14 @@ class Feeder:
                  tokenize: Callable[[str], list[int]], *, group_size: int, groups_per_step: int,
                  staleness: int | None, async_queue_steps: int, steps: int, wait_seconds: float,
                  keys_dir: str | None = None, done: set[int] = frozenset(), epoch: int = 0, token: str | None = None,
-                 channel_key=None, nonce: str = ""):
+                 channel_key=None, nonce: str = "", replacements: Iterator[dict] | None = None,
+                 replaced: set[str] = frozenset()):
         """``endpoints`` (flow/placement/endpoints.py) finds the actor's weight channel; ``keys_dir``: CURVE keys;
         ``done``: indices of groups already trained (a resumed run's kept steps); ``epoch``: rewinds so far;
         ``token``: the feeder's bus credential (it alone may create rows: ``roles/schema.grants``);
         ``channel_key``: the weight channel's (it reads the actor's versions there); ``nonce``: the run's
-        random part of every row id (``uid``)."""
+        random part of every row id (``uid``); ``replacements``: the second record stream (dynamic
+        sampling; None: off); ``replaced``: the replacement groups the kept steps consumed."""
         self.bus_address, self.endpoints, self.keys_dir, self.token = bus_address, endpoints, keys_dir, token
         self.channel_key = channel_key
         self.records, self.tokenize = records, tokenize
@@ -58,10 +71,21 @@ class Feeder:
         self.done, self.epoch, self.nonce = set(done), epoch, nonce
         self.issued = 0  # groups 0..issued-1 are issued (or were done before)
         self.stop = threading.Event()
+        self.replacements, self.replaced = replacements, set(replaced)  # replaced: kept steps' and ours
+        for _ in range(len(self.replaced) if replacements is not None else 0):
+            next(replacements)  # the kept steps read that far into the second stream
+        self.asked: queue.Queue[tuple[int, int]] = queue.Queue()  # (step, groups) replacements to issue
+        self.per_step: dict[int, int] = {}  # step -> replacements issued for it (the next one's j)
 
-    def issued_groups(self) -> set[int]:
-        """Indices of every group put on the bus so far, or trained before this feeder started."""
-        return set(range(self.issued)) | self.done
+    def issued_groups(self) -> set[str]:
+        """Logical ids of every group put on the bus so far, or consumed by steps before this feeder started."""
+        return {f"g{i}" for i in set(range(self.issued)) | self.done} | self.replaced
+
+    def replace(self, step: int, groups: int) -> None:
+        """Issue ``groups`` replacement groups for ``step`` (0-based: the step the actor fills), from any thread."""
+        if self.replacements is None:
+            raise RuntimeError("replacement groups asked for, but data.filter_groups is off")
+        self.asked.put((step, groups))
 
     def allowed(self, version: int) -> int:
         """How many groups may have been issued in all while the trainer is at ``version``."""
@@ -76,13 +100,15 @@ class Feeder:
         try:
             version = weights.wait_head(-1, self.wait_seconds, what="the actor's first weights").version
             since = time.monotonic()
-            while self.issued < self.total_groups and not self.stop.is_set():
+            while (self.issued < self.total_groups or self.replacements is not None) and not self.stop.is_set():
+                while not self.asked.empty():
+                    self._replace(bus, *self.asked.get())
                 target = self.allowed(version)
                 if self.issued < target:
                     self._issue(bus, target)
                     continue
                 try:
-                    head = weights.head(version, VERSION_WAIT_S)
+                    head = weights.head(version, VERSION_WAIT_S if self.replacements is None else REPLACE_POLL_S)
                 except BusTimeout:  # the trainer does not answer: supervision restarts it, or the bound below ends this
                     head = None
                 if head is not None:
@@ -116,6 +142,26 @@ class Feeder:
             bus.put(rows, timeout=self.wait_seconds)
         self.issued = target
 
+    def _replace(self, bus: BusClient, step: int, groups: int) -> None:
+        """Put ``groups`` replacement groups for ``step`` (ids ``r<step>.<j>``), records from the second stream."""
+        rows: dict[str, list] = {k: [] for k in ("uid", "group_id", "prompt_ids", "fields", "target_step", "min_version")}
+        min_version = 0 if self.staleness is None else max(0, step - self.staleness)
+        for _ in range(groups):
+            j = self.per_step.get(step, 0)
+            self.per_step[step] = j + 1
+            record = next(self.replacements)
+            ids = self.tokenize(record["prompt"])
+            gid = replacement_id(step, j, self.epoch, self.nonce)
+            for k in range(self.group_size):
+                rows["uid"].append(f"{gid.partition('@')[0]}-{k}{_issue_tag(self.epoch, self.nonce)}")
+                rows["group_id"].append(gid)
+                rows["prompt_ids"].append(ids)
+                rows["fields"].append(json.dumps(record, default=str))
+                rows["target_step"].append(step)
+                rows["min_version"].append(min_version)
+            self.replaced.add(logical_group(gid))
+        bus.put(rows, timeout=self.wait_seconds)
+
 
 def _issue_tag(epoch: int, nonce: str) -> str:
     """What tells rows of one issue apart from the same samples issued by another (an earlier epoch, another
@@ -136,11 +182,28 @@ def uid(group: int, sample: int, epoch: int = 0, nonce: str = "") -> str:
     return f"g{group}-{sample}{_issue_tag(epoch, nonce)}"
 
 
+def replacement_id(step: int, j: int, epoch: int = 0, nonce: str = "") -> str:
+    """The id of the ``j``-th replacement group of ``step`` (dynamic sampling): ``r<step>.<j>@<epoch>.<nonce>``."""
+    return f"r{step}.{j}{_issue_tag(epoch, nonce)}"
+
+
+def logical_group(group_id_: str) -> str:
+    """The group a group id stands for, whichever epoch or run issued it: ``g<i>`` or ``r<s>.<j>``."""
+    return group_id_.partition("@")[0]
+
+
+def group_uids(group_id_: str, group_size: int) -> list[str]:
+    """The logical uids of a group's samples (``<group>-<j>``), whichever kind of group it is."""
+    return [f"{logical_group(group_id_)}-{j}" for j in range(group_size)]
+
+
 def logical_uid(uid_: str) -> str:
     """The sample a uid stands for, whichever epoch or run issued it (the ledger counts samples, not rows)."""
     return uid_.partition("@")[0]
 
 
-def group_index(group_id_: str) -> int:
-    """The index ``i`` of a group id ``g<i>``, ``g<i>@<epoch>`` or ``g<i>@<epoch>.<nonce>``."""
-    return int(group_id_.partition("@")[0][1:])
+def group_index(group_id_: str) -> int | None:
+    """The index ``i`` of a group id ``g<i>``, ``g<i>@<epoch>`` or ``g<i>@<epoch>.<nonce>``; None for a
+    replacement group (``r<s>.<j>``: it has no place in the main stream)."""
+    name = logical_group(group_id_)
+    return int(name[1:]) if name.startswith("g") else None

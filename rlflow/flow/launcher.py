@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import queue
 import secrets
@@ -47,7 +48,7 @@ from rich.panel import Panel
 
 from rlflow.flow.observe.capacity import machine_cores
 from rlflow.flow.config import ConfigError, RunConfig, StartError
-from rlflow.flow.data import Prompts, check_tokens, load_prompts, prompt_records
+from rlflow.flow.data import REPLACEMENT_STREAM, Prompts, check_tokens, load_prompts, prompt_records
 from rlflow.flow.control import ControlReceiver
 from rlflow.flow.feeder import Feeder
 from rlflow.flow.ledger import Ledger
@@ -232,6 +233,12 @@ def with_server_key(rollout):
     return dataclasses.replace(rollout, sglang=dataclasses.replace(rollout.sglang, api_key=secrets.token_urlsafe(32)))
 
 
+def replica_budget(cfg) -> int:
+    """data.filter_budget as the replacements one trainer replica may ask for per step (0: off)."""
+    share = cfg.actor.groups_per_step // cfg.actor.replicas
+    return math.ceil(cfg.data.filter_budget * share) if cfg.data.filter_groups else 0
+
+
 def plan_roles(cfg: RunConfig) -> list[ReplicaPlan]:
     """Every role replica of the run, with its config and run-level arguments (wiring comes at start)."""
     reward = dataclasses.replace(cfg.reward, fn=reward_fn(cfg))
@@ -247,6 +254,8 @@ def plan_roles(cfg: RunConfig) -> list[ReplicaPlan]:
     actor = ActorArgs(steps=cfg.flow.steps, staleness=cfg.flow.staleness, sync=sync, sampling=cfg.rollout.sampling(),
                       broadcast=broadcast, samples_every=cfg.tracking.samples_every, episodes=episodes,
                       in_flight=cfg.rollout.update == "in_flight",
+                      filter_fn=cfg.data.filter_fn if cfg.data.filter_groups else None,
+                      filter_budget=replica_budget(cfg),
                       weight_shards=shards)
     plans = [ReplicaPlan("actor", i, cfg.actor, actor, cfg.actor.threads) for i in range(cfg.actor.replicas)]
     plans += [ReplicaPlan("rollout", i, dataclasses.replace(rollout, seed=rollout.seed + i),
@@ -294,6 +303,7 @@ class Run:
                                           cfg.env.what if cfg.env.enabled else None)  # flow/reward_health.py
         self.work: Counter = Counter()  # samples each role replica processed, from its reports
         self.ledger = Ledger(cfg.rollout.group_size)  # the exactly-once accounting (flow/ledger.py)
+        self.replacements_asked: dict[int, int] = {}  # step (0-based) -> replacement groups issued for it
         self.trainer: dict = {}  # from the actor's done report: replicas, identical_weights
         self.sync = SyncTally()  # the rollouts' weight applies: per step line and per replica (observe/tracking.py)
         self.supervisor = Supervisor(cfg.supervision)
@@ -367,10 +377,12 @@ class Run:
                                                                                  epoch=self.epoch))
             self._start_role(role, replica)
         self.ledger.rewind(point.version)
+        self.replacements_asked = {s: n for s, n in self.replacements_asked.items() if s < point.version}
         self.reward_health.rewound()
         # a kept step whose metrics report never arrived (or a resumed one)
-        self.ledger.adopt(point.trained_by_step(self.cfg.rollout.group_size), point.skipped())
+        self.ledger.adopt(point.trained_by_step(self.cfg.rollout.group_size), point.skipped(), point.filtered())
         cfg = self.cfg
+        replacements = prompt_records(cfg.data, self.prompts, REPLACEMENT_STREAM) if cfg.data.filter_groups else None
         self.feeder = Feeder(self.bus.address, self.placement.endpoints,
                              prompt_records(cfg.data, self.prompts), self.tokenize,
                              group_size=cfg.rollout.group_size, groups_per_step=cfg.actor.groups_per_step,
@@ -378,7 +390,7 @@ class Run:
                              steps=cfg.flow.steps, wait_seconds=cfg.flow.wait_seconds,
                              keys_dir=self.placement.launcher_keys, done=point.done_groups(), epoch=self.epoch,
                              token=self.tokens["feeder"], channel_key=ChannelKey(self.channel_secret),
-                             nonce=self.id_nonce)
+                             nonce=self.id_nonce, replacements=replacements, replaced=point.done_replacements())
         self.feeder_thread = threading.Thread(target=self._feed, args=(self.feeder,), name="rlflow-feeder",
                                               daemon=True)
         self.feeder_thread.start()
@@ -552,8 +564,10 @@ class Run:
         self.supervisor.heard(name, kind)
         if kind == reports.HEARTBEAT:
             return None
+        if kind == reports.REPLACE:  # dynamic sampling dropped groups of the step the actor fills
+            return self._replace(ev)
         if kind == reports.METRICS:
-            self.ledger.record(ev["step"], ev.pop("uids"), ev.pop("skipped_uids"))
+            self.ledger.record(ev["step"], ev.pop("uids"), ev.pop("skipped_uids"), ev.pop("filtered_uids", []))
             if "examples" in ev:
                 self.tracker.log_samples(ev["step"], self._decoded(ev.pop("examples"), ev["step"]))
             self.tracker.log({**ev, **self.sync.take_step(), "supervision/restarts": len(self.supervisor.history)})
@@ -596,6 +610,22 @@ class Run:
                 say(self.console, "the trainer replicas ended with different weights", style="red")
                 return 1
             return self._done(ev["version"])
+        return None
+
+    def _replace(self, ev: dict) -> None:
+        """Have the feeder issue the replacements the actor asked for, once it is sure they can be right: the
+        step is the one the actor fills (the next after the last reported), the count within its budget."""
+        step, groups, cfg = ev["step"], ev["groups"], self.cfg
+        budget = replica_budget(cfg) * cfg.actor.replicas
+        asked = self.replacements_asked.get(step, 0) + groups
+        filling = step - self.ledger.last_step in (0, 1)  # 1: a rank's report overtook rank 0's metrics of the step before
+        if not cfg.data.filter_groups or not filling or step >= cfg.flow.steps or groups < 1 or asked > budget:
+            self._bad_report(f"a 'replace' report refused (step {step}, {groups} groups; the actor has reported "
+                             f"{self.ledger.last_step} steps, {self.replacements_asked.get(step, 0)} of {budget} "
+                             f"replacements issued; data.filter_groups={cfg.data.filter_groups})", ev)
+            return None
+        self.replacements_asked[step] = asked
+        self.feeder.replace(step, groups)
         return None
 
     def _not_done(self, ev: dict) -> str | None:

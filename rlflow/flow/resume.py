@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlflow.flow.config import ConfigError
-from rlflow.flow.feeder import group_index, logical_uid, uid
+from rlflow.flow.feeder import group_index, group_uids, logical_group, logical_uid
 from rlflow.train.checkpoint import latest, read_state
 
 
@@ -39,20 +39,29 @@ class ResumePoint:
     epoch: int = 0  # rewinds before this checkpoint was written
     groups_by_step: list[list[str]] = field(default_factory=list)
     skipped_by_step: list[list[str]] = field(default_factory=list)  # uids each step consumed without training
+    filtered_by_step: list[list[str]] = field(default_factory=list)  # those of them dynamic sampling dropped
 
     def done_groups(self) -> set[int]:
-        """Indices of the groups steps 1..version consumed."""
-        return {group_index(g) for step in self.groups_by_step for g in step}
+        """Indices of the main stream's groups steps 1..version consumed."""
+        return {i for step in self.groups_by_step for g in step if (i := group_index(g)) is not None}
+
+    def done_replacements(self) -> set[str]:
+        """Logical ids of the replacement groups (dynamic sampling) steps 1..version consumed."""
+        return {logical_group(g) for step in self.groups_by_step for g in step if group_index(g) is None}
 
     def trained_by_step(self, group_size: int) -> dict[int, list[str]]:
         """Step -> the logical uids it trained (every sample of each group it consumed, but the skipped)."""
         skipped = self.skipped()
-        return {s: [u for g in groups for j in range(group_size) if (u := uid(group_index(g), j)) not in skipped.get(s, ())]
+        return {s: [u for g in groups for u in group_uids(g, group_size) if u not in skipped.get(s, ())]
                 for s, groups in enumerate(self.groups_by_step, start=1)}
 
     def skipped(self) -> dict[int, list[str]]:
         """Step -> the logical uids it consumed without training them."""
         return {s: [logical_uid(u) for u in uids] for s, uids in enumerate(self.skipped_by_step, start=1)}
+
+    def filtered(self) -> dict[int, list[str]]:
+        """Step -> the logical uids dynamic sampling dropped (a subset of ``skipped``)."""
+        return {s: [logical_uid(u) for u in uids] for s, uids in enumerate(self.filtered_by_step, start=1)}
 
 
 def point_of(path: Path) -> ResumePoint:
@@ -61,7 +70,7 @@ def point_of(path: Path) -> ResumePoint:
     except ValueError as e:  # not a checkpoint, or a damaged one
         raise ConfigError(f"resume: {e}") from None
     return ResumePoint(str(path), state["version"], state["epoch"], state["groups_by_step"],
-                       state.get("skipped_by_step", []))
+                       state.get("skipped_by_step", []), state.get("filtered_by_step", []))
 
 
 def newest_point(run_dir: str) -> ResumePoint:
@@ -215,7 +224,7 @@ def _require_fits(point: ResumePoint, cfg) -> None:
     if point.version >= cfg.flow.steps:
         raise ConfigError(f"resume: {point.path} is at step {point.version} and flow.steps={cfg.flow.steps}: nothing "
                           f"is left to train; raise flow.steps to train further")
-    sizes = {len(groups) for groups in point.groups_by_step}
+    sizes = {sum(group_index(g) is not None for g in groups) for groups in point.groups_by_step}  # replacements aside
     if sizes and sizes != {cfg.actor.groups_per_step}:
         raise ConfigError(f"actor.groups_per_step: the checkpoint {point.path} trained {sorted(sizes)} groups per step; "
                           f"resume with actor.groups_per_step={max(sizes)} (steps and data positions depend on it)")

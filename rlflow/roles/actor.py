@@ -23,6 +23,9 @@ than two scored samples (or, with ``drop_uniform_groups``, one whose rewards are
 every sample was skipped makes no update: the weights and the optimizer state stay as they are (AdamW
 would move weights on a zero gradient through its momentum and weight decay), only the version moves
 on, so admission control and the data position are unchanged; its metrics say ``step/updated: 0``.
+Dynamic sampling (``data.filter_groups``): a group the criterion refuses is filtered (not trained,
+counted in the ledger as filtered) and the step asks the feeder for a replacement (``_fill``), so it
+still trains ``groups_per_step`` groups, unless ``data.filter_budget`` runs out.
 
 Exactly-once: a step's rows stay leased until its optimizer step is done and are acked then (leases
 held longer than half their term are renewed while the step fills, so none expires under it); the bus
@@ -104,8 +107,10 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
     if cfg.lora.enabled and not getattr(engine, "lora", False):
         raise TypeError(f"actor.lora.rank={cfg.lora.rank}: {type(engine).__name__} does not train adapters (no "
                         f"lora=True; HFTrainEngine does, engines/lora.py): set actor.lora.rank=0")
-    # group ids each step consumed (the data position) and the uids it consumed without training them
-    groups_by_step, skipped_by_step = _resume(engine, resume_from) if resume_from else ([], [])
+    # the data position: group ids each step consumed, the uids it consumed without training, and which
+    # of those dynamic sampling dropped
+    position = _resume(engine, resume_from) if resume_from else {key: [] for key in POSITION}
+    keep_group = load_object(args.filter_fn, "data.filter_fn") if args.filter_fn else None
     if cfg.replicas > 1 and not sharded and not hasattr(engine, "gradients"):
         raise TypeError(f"actor.replicas={cfg.replicas} sums gradients across replicas: {type(engine).__name__} "
                         f"has no gradients() (see engines/base.py)")
@@ -133,8 +138,9 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
     try:
         while engine.version < steps:
             step, t0 = engine.version, time.monotonic()
-            acc = StepAccumulator(engine, cfg, args.sampling.max_new_tokens, lockstep=sharded, ranks=group)
-            deliveries, waited = _fill(ctx, acc, columns, share, step, staleness)
+            acc = StepAccumulator(engine, cfg, args.sampling.max_new_tokens, lockstep=sharded, ranks=group,
+                                  keep_group=keep_group)
+            deliveries, waited, _ = _fill(ctx, acc, columns, share, step, staleness, args.filter_budget)
             if group is not None:
                 with ctx.timeline.span("all-reduce", step=step + 1):
                     group.merge(acc)
@@ -144,8 +150,8 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
                 metrics = acc.finish()
             for d in deliveries:
                 ctx.bus.ack(d)
-            groups_by_step.append(acc.group_ids)  # every rank's, in rank order
-            skipped_by_step.append(acc.skipped_uids)
+            for key, value in zip(POSITION, (acc.group_ids, acc.skipped_uids, acc.filtered_uids)):
+                position[key].append(value)  # every rank's, in rank order
             sync_metrics, ckpt_metrics = {}, {}
             if shard_sync or lead:
                 weights = None if shard_sync else engine.weights()
@@ -156,21 +162,23 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
                 engine.weights()  # a collective: rank 0 gathers the whole model to publish it
             if gather and cfg.checkpoint_every and engine.version % cfg.checkpoint_every == 0 and engine.version < steps:
                 with ctx.timeline.span("checkpoint", step=step + 1):
-                    ckpt_metrics = _checkpoint(checkpoints, f"step-{engine.version}", engine, epoch,
-                                               groups_by_step, skipped_by_step, ctx)
+                    ckpt_metrics = _checkpoint(checkpoints, f"step-{engine.version}", engine, epoch, position, ctx)
             if not lead:
                 continue
             elapsed = time.monotonic() - t0
             examples = {"examples": _examples(deliveries[0].table)} if samples_every and (step + 1) % samples_every == 0 else {}
+            if keep_group is not None:  # acc.groups: every rank's, merged
+                metrics.update(filter_metrics(metrics, acc.groups - cfg.groups_per_step, cfg.groups_per_step))
             ctx.report(reports.METRICS, step=step + 1, **metrics, **{
                 "actor/wait_s": waited, "actor/step_s": elapsed, "samples/s": metrics["samples"] / elapsed,
-                **sync_metrics, **ckpt_metrics}, uids=acc.trained_uids, skipped_uids=acc.skipped_uids, **examples)
+                **sync_metrics, **ckpt_metrics}, uids=acc.trained_uids, skipped_uids=acc.skipped_uids,
+                filtered_uids=acc.filtered_uids, **examples)
         identical = True
         if group is not None:
             views = engine.gathered_views() if sharded else sorted(engine.weights().items())
             identical = group.identical_weights(views)
         if gather:
-            _checkpoint(checkpoints, FINAL, engine, epoch, groups_by_step, skipped_by_step, ctx)
+            _checkpoint(checkpoints, FINAL, engine, epoch, position, ctx)
         if lead:
             if checkpoints is not None:
                 checkpoints.close(ctx.wait_seconds)
@@ -187,19 +195,41 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
 
 
 def _fill(ctx: RoleContext, acc: StepAccumulator, columns: list[str], share: int, step: int,
-          staleness: int | None) -> tuple[list, float]:
+          staleness: int | None, budget: int = 0) -> tuple[list, float, int]:
     """Take whole groups until ``acc`` holds this replica's ``share`` of the step, training on each delivery
-    as it arrives; returns the deliveries (acked after the optimizer step) and the seconds spent waiting."""
-    deliveries, waited = [], 0.0
-    while acc.groups < share:
+    as it arrives; returns the deliveries (acked after the optimizer step), the seconds spent waiting, and
+    the replacements asked for.
+
+    Dynamic sampling (``budget`` > 0): for each group ``acc`` filtered, one replacement is asked of the
+    feeder (a ``replace`` report), up to ``budget`` for the step; the step then takes that many more
+    groups. Any replica takes any group of the step, so the step's groups and the groups every replica
+    waits for always match in number."""
+    deliveries, waited, asked = [], 0.0, 0
+    while acc.groups < share + asked:
         t = time.monotonic()
         _renew_held(ctx, deliveries)
         with ctx.timeline.span("wait", step=step + 1, groups=acc.groups):
-            deliveries.append(_take(ctx, columns, share - acc.groups, step, staleness, acc.groups, share))
+            deliveries.append(_take(ctx, columns, share + asked - acc.groups, step, staleness, acc.groups,
+                                    share + asked))
         waited += time.monotonic() - t
         with ctx.timeline.span("train", step=step + 1, samples=len(deliveries[-1])):
             acc.add(deliveries[-1].table)
-    return deliveries, waited
+        more = min(acc.filtered_groups, budget) - asked
+        if more > 0:
+            ctx.report(reports.REPLACE, step=step, groups=more)
+            asked += more
+    return deliveries, waited, asked
+
+
+def filter_metrics(metrics: dict, replaced: int, groups: int) -> dict[str, float]:
+    """Dynamic sampling's metrics for a step of ``groups`` groups that asked for ``replaced`` replacements:
+    the share of consumed groups it dropped, the extra generations (samples) it cost, and whether its
+    budget ran out (it trained fewer groups than ``groups``)."""
+    consumed = groups + replaced
+    filtered = metrics["filter/groups"]
+    return {"filter/filtered_frac": filtered / consumed, "filter/replacements": replaced,
+            "filter/extra_samples": metrics["samples"] * replaced / consumed,
+            "filter/exhausted": int(consumed - filtered < groups)}
 
 
 def _examples(table: pa.Table) -> list[dict]:
@@ -210,19 +240,22 @@ def _examples(table: pa.Table) -> list[dict]:
     return [{**r, "reward": None if math.isnan(r["reward"]) else r["reward"]} for r in pick]
 
 
-def _resume(engine, path: str) -> tuple[list[list[str]], list[list[str]]]:
+POSITION = ("groups_by_step", "skipped_by_step", "filtered_by_step")  # a checkpoint's data position, per step
+
+
+def _resume(engine, path: str) -> dict[str, list[list[str]]]:
     """Bring ``engine`` (built from checkpoint ``path``) to where it was; returns the checkpoint's data
-    position (group ids per step) and the uids each step consumed without training."""
+    position (``POSITION``: group ids per step, the uids each consumed without training, those filtered)."""
     if not hasattr(engine, "restore"):
         raise TypeError(f"resuming needs {type(engine).__name__}.restore(path, version) (see engines/base.py)")
     state = read_state(path)
     engine.restore(path, state["version"])
     restore_rng(path)
-    return state["groups_by_step"], state.get("skipped_by_step", [[] for _ in state["groups_by_step"]])
+    return {key: state.get(key, [[] for _ in state["groups_by_step"]]) for key in POSITION}
 
 
-def _checkpoint(checkpoints: Checkpointer | None, name: str, engine, epoch: int, groups_by_step: list[list[str]],
-                skipped_by_step: list[list[str]], ctx: RoleContext) -> dict[str, float]:
+def _checkpoint(checkpoints: Checkpointer | None, name: str, engine, epoch: int, position: dict[str, list],
+                ctx: RoleContext) -> dict[str, float]:
     """Checkpoint ``name`` in the background; an engine without ``snapshot()`` saves its model only (not resumable).
     Sharded, every rank calls this: the snapshot gathers the state to rank 0 (``checkpoints`` there, None elsewhere)."""
     if not hasattr(engine, "snapshot"):
@@ -236,8 +269,8 @@ def _checkpoint(checkpoints: Checkpointer | None, name: str, engine, epoch: int,
     snapshot_s = time.monotonic() - t0
     if checkpoints is None:  # a sharded rank other than 0
         return {}
-    state = {"version": engine.version, "epoch": epoch, "groups_by_step": list(groups_by_step),
-             "skipped_by_step": list(skipped_by_step), "time": time.time()}
+    state = {"version": engine.version, "epoch": epoch, **{key: list(position[key]) for key in POSITION},
+             "time": time.time()}
     return {**checkpoints.save(name, write, state, ctx.wait_seconds), "checkpoint/snapshot_s": snapshot_s}
 
 

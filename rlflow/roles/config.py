@@ -341,4 +341,6 @@ class ActorArgs:
     samples_every: int = 0  # every that many steps the metrics report carries the step's first group (0: never)
     episodes: bool = False  # rows are multi-turn episodes (env.cls): train only where loss_mask is 1
     in_flight: bool = False  # rollout.update=in_flight: single-turn rows carry token_versions too
+    filter_fn: str | None = None  # data.filter_groups: the criterion (data.filter_fn); None: no dynamic sampling
+    filter_budget: int = 0  # data.filter_groups: most replacements one replica asks for per step
     weight_shards: int = 1  # > 1: every rank publishes its own rows on a channel of its own (sharded sync)

@@ -18,6 +18,7 @@ DONE = "done"  # the actor finished every step
 FAILED = "failed"  # the replica's loop raised: its traceback
 REWARD_ERROR = "reward_error"  # the first failure of a kind of the reward function, in full
 LEASE_EXPIRED = "lease_expired"  # a delivery's lease ran out before its ack (the rows were redone)
+REPLACE = "replace"  # dynamic sampling: the actor dropped groups of the step it fills; issue that many more
 ENV_ERROR = "env_error"  # an episode's environment failed (raised, timed out, died): that episode only
 
 ROLES = ("rollout", "reward", "reference", "actor")
@@ -35,6 +36,7 @@ FIELDS: dict[str, tuple[tuple[str, ...], dict[str, type | tuple[type, ...]]]] = 
     REWARD_ERROR: (("reward",), {"uid": str, "prompt": TEXT_OR_NONE, "response": str, "failure": str, "error": str,
                                  "traceback": str}),
     LEASE_EXPIRED: (ROLES, {"rows": int}),
+    REPLACE: (("actor",), {"step": int, "groups": int}),
     ENV_ERROR: (("rollout",), {"uid": str, "failure": str, "error": str}),
 }
 ENVELOPE = {"replica": int, "incarnation": int, "pid": int}  # what the worker adds to every report

@@ -31,8 +31,9 @@ import torch.distributed as dist
 
 from rlflow.algo.step import Chunk
 
-MERGED_LISTS = ("rewards", "staleness", "lengths", "trained_uids", "skipped_uids", "group_ids", "spanned")
-MERGED_SUMS = ("groups", "skipped_groups", "reward_errors")
+MERGED_LISTS = ("rewards", "staleness", "lengths", "trained_uids", "skipped_uids", "group_ids", "spanned",
+                "filtered_uids")
+MERGED_SUMS = ("groups", "skipped_groups", "reward_errors", "filtered_groups")
 
 
 def init_address(address: str) -> str:
