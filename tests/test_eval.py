@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import rlflow, rlflow_eval
+from helpers import eval_scores, rlflow, rlflow_eval
 from rlflow.flow.evaluate import pass_at_k
 from rlflow.roles.config import RolloutConfig
 
@@ -89,3 +89,37 @@ def test_eval_refuses_bad_input_naming_the_flag(trained, tmp_path):
                           ([final, "--data", str(tmp_path / "missing.jsonl")], "data.path")):
         r = rlflow_eval(*args)
         assert r.returncode == 2 and message in r.stdout + r.stderr, (args, r.stdout + r.stderr)
+
+
+def test_periodic_evaluation_scores_each_due_checkpoint_as_rlflow_eval_does_by_hand(tmp_path, model_cache):
+    """eval.every: the eval replica scores checkpoints/step-s (and final) while training goes on; its figures
+    are those of `rlflow eval` run by hand on the same checkpoint, and reach eval.jsonl, metrics.jsonl
+    (the next line, with eval/step), summary.json and the report's reward figure."""
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, "flow.steps=12", "actor.checkpoint_every=3", "actor.checkpoint_keep=10",
+               "eval.every=6", "eval.prompts=8", "eval.samples=2", "tracking.report=true")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [6, 12]
+    assert json.loads((run_dir / "summary.json").read_text())["eval"] == rows[-1]
+    by_hand = eval_scores(run_dir / "checkpoints" / "step-6", "--samples", "2", "--prompts", "8")
+    assert {k: by_hand[k[5:]] for k in rows[0] if k.startswith("eval/")} == {k: v for k, v in rows[0].items() if k != "step"}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():  # whichever lines came after an eval
+        m = json.loads(line)
+        if "eval/step" in m:
+            assert m["step"] > m["eval/step"] and m["eval/reward/mean"] == rows[[6, 12].index(m["eval/step"])]["eval/reward/mean"]
+    assert (run_dir / "report" / "reward.png").stat().st_size > 0
+    assert "eval at step 6: reward/mean" in " ".join(r.stdout.split())
+
+
+def test_periodic_evaluation_settings_that_cannot_work_are_refused_naming_the_field():
+    from rlflow.errors import ConfigError
+    from rlflow.flow.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.eval.every, cfg.actor.checkpoint_every = 15, 10
+    with pytest.raises(ConfigError, match=r"eval.every.*multiple of actor.checkpoint_every=10"):
+        cfg.check()
+    cfg.eval.every, cfg.eval.data = 10, "/nonexistent/eval.jsonl"
+    with pytest.raises(ConfigError, match=r"eval.data.*no such file"):
+        cfg.check()

@@ -183,6 +183,35 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Periodic evaluation of the run's checkpoints on held-out prompts (``flow/periodic_eval.py``): what
+    `rlflow eval CHECKPOINT` measures, in a process of its own while training goes on."""
+
+    every: int = 0
+    """Steps between evaluations (0: none); a multiple of actor.checkpoint_every. The last step is always
+    evaluated (checkpoints/final)."""
+    data: str | None = None
+    """A held-out .jsonl or .parquet prompt file; null: the run's task with its own seed (a data.path run
+    then scores the file's first `prompts` records: give held-out data here)."""
+    prompts: int = 64
+    """Prompts per evaluation."""
+    samples: int = 4
+    """Responses per prompt: pass@1 and pass@samples are reported."""
+    seed: int = 1234
+    """Sampling seed, and a built-in task's held-out prompt seed."""
+    device: str = "cpu"
+    """torch device of the evaluation's engine."""
+
+    def check(self, at: str = "eval") -> None:
+        require(self.every >= 0, f"{at}.every", f"must be >= 0 (0: no periodic evaluation), got {self.every}")
+        require_counts(self, at, "prompts", "samples")
+        if self.data is not None:
+            require(os.path.isfile(self.data), f"{at}.data", f"no such file: {self.data!r}")
+            require(self.data.endswith((".jsonl", ".parquet")), f"{at}.data",
+                    f"must end in .jsonl or .parquet, got {self.data!r}")
+
+
+@dataclass
 class RoleResources:
     """What one replica of a role asks the Ray scheduler for (launcher=ray; the local launcher ignores it)."""
 
@@ -284,11 +313,13 @@ class RunConfig:
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic evaluation on held-out prompts (every: 0, off)."""
 
     def check(self) -> None:
         """Every component's own fields, then the rules between components; a ConfigError names the key."""
         for name in ("model", "data", "rollout", "reward", "reference", "actor", "env", "flow", "supervision",
-                     "sync", "tracking"):
+                     "sync", "tracking", "eval"):
             getattr(self, name).check(name)
         require(self.launcher in LAUNCHERS, "launcher", f"choose one of {LAUNCHERS}, got {self.launcher!r}")
         if self.launcher == "ray":
@@ -309,6 +340,12 @@ class RunConfig:
         require(r.engine != "sglang" or not a.lora.enabled or r.sglang.update == "disk", "rollout.sglang.update",
                 f"actor.lora.rank={a.lora.rank}: sglang takes the adapters through its LoRA API, from files (a few "
                 f"MB a version), not by {r.sglang.update!r}: set rollout.sglang.update=disk")
+        e = self.eval
+        require(not e.every or (a.checkpoint_every and e.every % a.checkpoint_every == 0), "eval.every",
+                f"evaluations score the step's checkpoint: eval.every={e.every} must be a multiple of "
+                f"actor.checkpoint_every={a.checkpoint_every} (which must be > 0)")
+        require(not e.every or not self.env.enabled, "eval.every",
+                "periodic evaluation scores single-turn responses; this run's episodes are multi-turn: set eval.every=0")
         require(r.update != "in_flight" or not self.env.enabled, "rollout.update",
                 "episodes (env.cls) take new weights between turns, and their tokens record their versions "
                 "already; in_flight is for single-turn runs: set rollout.update=between_calls")

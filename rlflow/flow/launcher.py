@@ -51,6 +51,7 @@ from rlflow.flow.config import ConfigError, RunConfig, StartError
 from rlflow.flow.data import REPLACEMENT_STREAM, Prompts, check_tokens, load_prompts, prompt_records
 from rlflow.flow.control import ControlReceiver
 from rlflow.flow.feeder import Feeder
+from rlflow.flow.periodic_eval import PeriodicEval
 from rlflow.flow.ledger import Ledger
 from rlflow.flow.resume import (ResumePoint, Resumed, newest_point, record_resume, requested_point, require_same_shape,
                          resume_settings)
@@ -293,6 +294,7 @@ class Run:
         self.sock_dir = tempfile.mkdtemp(prefix=f"rlflow-{os.getpid()}-")
         self.placement = None  # flow/placement/local.py or flow/placement/ray_cluster.py: where the bus and the roles run
         self.tracker = None
+        self.evals = None  # PeriodicEval (eval.every): checkpoints scored on held-out prompts as the run goes
         self.feeder = self.feeder_thread = None
         self.epoch = 0  # rewinds so far, this run and the ones it resumed
         self.closing = threading.Event()
@@ -359,6 +361,8 @@ class Run:
         self.tokenize = make_tokenize(self.tokenizer, cfg.data.chat_template)
         self.tracker = Tracker(cfg.tracking, run_dir, dataclasses.asdict(cfg), cfg.flow.steps, self.console,
                                keep_steps=self.start.version if self.start.path else None)
+        if cfg.eval.every:
+            self.evals = PeriodicEval(cfg, run_dir, lambda text, label: say(self.console, text, label))
         self.timeline = TimelineLog(run_dir)
         self.sampler = BusSampler(bus_address, keys_dir, self.timeline)
         self._continue_from(self.start, list(self.plans), rewind=False)
@@ -444,6 +448,9 @@ class Run:
                         role, replica = name.rsplit("-", 1)
                         verdict = self._recover(role, int(replica), f"hung: no heartbeat for {silent:.0f}s "
                                                 f"(supervision.hang_s={self.cfg.supervision.hang_s:g})")
+                if self.evals is not None and verdict is None:
+                    for row in self.evals.poll():
+                        self.tracker.log_eval(row)
                 if verdict is not None:
                     return verdict
         except KeyboardInterrupt:
@@ -525,6 +532,8 @@ class Run:
             self.placement.endpoints.withdraw(endpoint)
         lost = self.ledger.last_step - point.version
         self.tracker.rewind(point.version)
+        if self.evals is not None:
+            self.evals.rewind(point.version)
         self._continue_from(point, restarted, rewind=True)
         self._restarted(name, incarnation, what, detail, tb, t0,
                         f"the trainer restarts from {point.path or 'the start policy'} (step {point.version}; {lost} "
@@ -570,7 +579,10 @@ class Run:
             self.ledger.record(ev["step"], ev.pop("uids"), ev.pop("skipped_uids"), ev.pop("filtered_uids", []))
             if "examples" in ev:
                 self.tracker.log_samples(ev["step"], self._decoded(ev.pop("examples"), ev["step"]))
-            self.tracker.log({**ev, **self.sync.take_step(), "supervision/restarts": len(self.supervisor.history)})
+            self.tracker.log({**ev, **self.sync.take_step(), "supervision/restarts": len(self.supervisor.history),
+                              **(self.evals.take_pending() if self.evals else {})})
+            if self.evals:
+                self.evals.due(ev["step"])
             verdict = self.reward_health.after_step(ev)
             if verdict is not None:
                 title, why, tb = verdict
@@ -654,7 +666,11 @@ class Run:
                  "version": e["version_start"], "staleness": step - 1 - e["version_start"]} for e in examples]
 
     def _done(self, version: int) -> int:
-        """The actor finished every step: 0, unless no step had anything to train (a run that trained nothing)."""
+        """The actor finished every step: 0, unless no step had anything to train (a run that trained nothing).
+        The last step's evaluation (eval.every) is waited for, bounded by flow.wait_seconds."""
+        if self.evals is not None:
+            for row in self.evals.finish(self.cfg.flow.wait_seconds):
+                self.tracker.log_eval(row)
         idle = self.ledger.steps - self.ledger.updated  # steps without an update
         if idle and idle == self.ledger.steps:
             say(self.console, f"the run trained nothing: none of its {version} steps had a sample to train (every "
@@ -682,6 +698,7 @@ class Run:
                    "samples": self.ledger.counts(self.feeder.issued_groups() if self.feeder is not None else set()), "trainer": self.trainer, "sync": self.sync.totals,
                    "supervision": {"restarts": self.supervisor.history, "lease_expiries": self.lease_expiries},
                    "control_refused": self.refused_reports,
+                   **({"eval": self.evals.last} if self.evals is not None else {}),
                    "cores": machine_cores(),
                    "timeline": {"spans_dropped": self.timeline.spans_dropped if self.timeline else {}}}
         (Path(self.cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -689,6 +706,8 @@ class Run:
     # ------------------------------------------------------------------ shut down
     def _shutdown(self) -> None:
         self.closing.set()
+        if self.evals is not None:
+            self.evals.close()
         if self.feeder is not None:
             self.feeder.stop.set()
         if self.sampler is not None:

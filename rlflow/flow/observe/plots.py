@@ -52,7 +52,9 @@ def _marks(ax, events: list[tuple[int, str]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- panels
-def draw_reward(ax, metrics: list[dict], events=()) -> None:
+def draw_reward(ax, metrics: list[dict], events=(), evals=()) -> None:
+    """The training reward per step; with ``evals`` (eval.jsonl: periodic evaluation on held-out prompts)
+    their mean reward with its 95% interval, and pass@1, at the steps evaluated."""
     steps, mean = series(metrics, "reward/mean")
     if not steps:
         return _empty(ax, "reward")
@@ -62,6 +64,13 @@ def draw_reward(ax, metrics: list[dict], events=()) -> None:
     ax.fill_between(steps, lo, hi, color="#4C72B0", alpha=0.15, linewidth=0, label="±1 std across samples")
     ax.plot(steps, mean, color="#4C72B0", alpha=0.45, linewidth=0.8, label="mean per step")
     ax.plot(steps, rolling(mean), color="#1F3F7A", linewidth=2, label=f"mean, rolling {SMOOTH} steps")
+    held = [e for e in evals if e.get("eval/reward/mean") is not None]
+    if held:
+        ax.errorbar([e["step"] for e in held], [e["eval/reward/mean"] for e in held],
+                    yerr=[e.get("eval/reward/mean_ci95") or 0.0 for e in held], color="#C44E52", marker="o",
+                    markersize=4, linewidth=1.2, capsize=3, label="held-out eval: mean reward, 95% interval")
+        ax.plot([e["step"] for e in held], [e.get("eval/pass@1", float("nan")) for e in held], color="#DD8452",
+                marker="s", markersize=3, linestyle="--", linewidth=1, label="held-out eval: pass@1")
     ax.set(title="Reward", xlabel="step", ylabel="reward")
     ax.legend(loc="lower right", fontsize=7)
     _marks(ax, events)
@@ -194,14 +203,14 @@ def _figure(width: float, height: float, cols: int = 1, rows: int = 1, right: fl
     return fig, fig.subplots(rows, cols, squeeze=False).ravel().tolist()
 
 
-def figures(metrics: list[dict], util: dict, config: dict, events=()) -> dict:
+def figures(metrics: list[dict], util: dict, config: dict, events=(), evals=()) -> dict:
     """name -> matplotlib Figure, for every single figure of the module docstring (not the overview)."""
     bound = config.get("flow", {}).get("staleness")
     actor = config.get("actor", {})
     vcpo_ref = actor.get("vcpo_ref") if actor.get("vcpo") else None
     out = {}
     fig, (ax,) = _figure(8, 4.5)
-    draw_reward(ax, metrics, events)
+    draw_reward(ax, metrics, events, evals)
     out["reward"] = fig
     fig, (a, b) = _figure(8, 4.5, cols=2, right=0.97)
     draw_staleness_hist(a, metrics, bound)

@@ -40,6 +40,7 @@ class RunLogs:
     config: dict
     summary: dict
     samples: list[dict] = field(default_factory=list)  # samples.jsonl
+    evals: list[dict] = field(default_factory=list)  # eval.jsonl (periodic evaluation, eval.every)
 
     @classmethod
     def read(cls, run_dir: str | Path) -> "RunLogs":
@@ -53,7 +54,7 @@ class RunLogs:
             config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
         return cls(run_dir, read_jsonl(run_dir / "metrics.jsonl"), read_timeline(run_dir), config, summary,
-                   read_jsonl(run_dir / "samples.jsonl"))
+                   read_jsonl(run_dir / "samples.jsonl"), read_jsonl(run_dir / "eval.jsonl"))
 
     def advice(self) -> Advice | None:
         if not self.config or self.no_advice() is not None:
@@ -85,7 +86,8 @@ def render_figures(logs: RunLogs, out_dir: Path, advice: Advice | None) -> dict[
     """Draw and save every figure; returns name -> path."""
     from rlflow.flow.observe import plots
 
-    figs = plots.figures(logs.metrics, utilization(logs.records, logs.metrics), logs.config, logs.events())
+    figs = plots.figures(logs.metrics, utilization(logs.records, logs.metrics), logs.config, logs.events(),
+                         logs.evals)
     paths = plots.save(figs, out_dir)
     last = logs.metrics[-1] if logs.metrics else {}
     title = (f"{logs.run_dir.name}   step {last.get('step', 0)}   {last.get('time', 0):.0f}s   "

@@ -100,6 +100,11 @@ class Tracker:
             say(self.console, f"step {record['step']}/{self.total}  {info}  {record['time']:.0f}s")
         return record
 
+    def log_eval(self, row: dict) -> None:
+        """A periodic evaluation's figures (``flow/periodic_eval.py``: already in eval.jsonl) to W&B, at its step."""
+        if self.run is not None:
+            self.run.log(row)
+
     def log_samples(self, step: int, rows: list[dict]) -> None:
         """One group of step ``step``: dicts of prompt, response, reward, version, staleness."""
         for row in rows:
