@@ -78,3 +78,8 @@ def reward_varying_on_thirds(response: str, answer: str, **_) -> float:
 
     remainder = int(answer) % 3  # the answer is the number reversed: the same digit sum, the same remainder
     return positional_match(response, answer) if remainder == 0 else float(remainder == 1)
+
+
+def reward_one(response: str, **_) -> float:
+    """1.0 for any response: a source whose reward is known exactly (the mixture test)."""
+    return 1.0

@@ -119,6 +119,7 @@ class StepAccumulator:
         self.filtered_uids: list[str] = []
         self.episodes: Counter = Counter()  # multi-turn rows consumed: turns, tokens, environment counters
         self.spanned: list[int] = []  # single-turn rows with token_versions (in-flight updates): versions each spans
+        self.sourced: list[tuple[str, float]] = []  # data.sources: (source, reward) of every consumed row
 
     def add(self, table: pa.Table) -> None:
         cols = {name: table.column(name).to_pylist() for name in table.column_names}
@@ -126,6 +127,8 @@ class StepAccumulator:
             self._count_episodes(cols)
         elif "token_versions" in cols:
             self.spanned += [len(set(v)) for v in cols["token_versions"]]
+        if "data_source" in cols:
+            self.sourced += list(zip(cols["data_source"], cols["reward"]))
         by_group: dict[str, list[int]] = {}
         for i, g in enumerate(cols["group_id"]):
             by_group.setdefault(g, []).append(i)
@@ -372,6 +375,8 @@ class StepAccumulator:
             out[STAT_NAMES.get(name, f"actor/{name}")] = value / total.tokens if total.tokens else 0.0
         if self.episodes:
             out.update(episode_metrics(self.episodes))
+        if self.sourced:
+            out.update(source_metrics(self.sourced))
         if self.spanned:
             out.update({"rollout/versions_spanned_mean": sum(self.spanned) / len(self.spanned),
                         "rollout/multi_version_frac": sum(n > 1 for n in self.spanned) / len(self.spanned)})
@@ -382,6 +387,18 @@ def idle_pass(engine) -> None:
     """A forward and backward whose loss is multiplied by 0: it adds exactly nothing to any gradient, and
     keeps a sharded rank with fewer passes in step with the others' collectives."""
     (engine.token_logprobs([[0]], [[0]]).sum() * 0.0).backward()
+
+
+def source_metrics(sourced: list[tuple[str, float]]) -> dict[str, float]:
+    """Per data source (``data.sources``): its samples in the step and their mean reward (failed ones left
+    out of the mean; NaN when none scored)."""
+    out = {}
+    for name in sorted({s for s, _ in sourced}):
+        rewards = [r for s, r in sourced if s == name]
+        scored = [r for r in rewards if not math.isnan(r)]
+        out[f"source/{name}/samples"] = len(rewards)
+        out[f"source/{name}/reward_mean"] = sum(scored) / len(scored) if scored else math.nan
+    return out
 
 
 def episode_metrics(e: Counter) -> dict[str, float]:

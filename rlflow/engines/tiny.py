@@ -77,6 +77,20 @@ def data_demos(records: list[dict], answer_key: str) -> Demos:
     return Demos("data", f"{answer_key}: {digest}", lambda rng: dict(zip(("prompt", "answer"), rng.choice(pairs))))
 
 
+def mixed_demos(parts: list[Demos], weights: list[float]) -> Demos:
+    """A mixture's demonstrations (``data.sources``): each sample from one source's, drawn by weight
+    (sources without demonstrations left out; none at all: no warm-start)."""
+    kept = [(d, w) for d, w in zip(parts, weights) if d.sample is not None]
+    identity = "; ".join(f"{w:g} x {d.name}: {d.identity}" for d, w in zip(parts, weights))
+    if not kept:
+        return Demos("mix", identity, None)
+
+    def sample(rng: random.Random) -> dict:
+        return rng.choices([d for d, _ in kept], [w for _, w in kept])[0].sample(rng)
+
+    return Demos("mix", identity, sample)
+
+
 def byte_tokenizer():
     """A ``PreTrainedTokenizerFast`` with one token per byte of the (NFC-normalised) text, <bos> prepended."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors

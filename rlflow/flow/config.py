@@ -76,6 +76,52 @@ def checkpoint_problem(path: str) -> str | None:
     return None
 
 
+def require_data_file(path: str, at: str) -> None:
+    """A prompt file the data reader takes: .jsonl, .parquet, or a directory `datasets` saved."""
+    from rlflow.flow.data import is_saved_dataset
+
+    if os.path.isdir(path):
+        require(is_saved_dataset(path), at, f"{path!r} is a directory but not one a Hugging Face Dataset was saved "
+                                            f"to (no state.json or dataset_dict.json)")
+        return
+    require(os.path.isfile(path), at, f"no such file: {path!r}")
+    require(path.endswith((".jsonl", ".parquet")), at, f"must end in .jsonl or .parquet (or be a save_to_disk "
+                                                        f"directory), got {path!r}")
+
+
+@dataclass
+class SourceConfig:
+    """One source of a data mixture (``data.sources``): a file or a built-in task, its weight and reward."""
+
+    name: str = ""
+    """Its name: records carry it as their `data_source` field, metrics as source/<name>/...."""
+    weight: float = 1.0
+    """Its share of the prompts, relative to the other sources' weights."""
+    path: str | None = None
+    """A .jsonl or .parquet file, or a save_to_disk directory; null: the built-in `task`."""
+    task: str | None = None
+    """A built-in task (with path null); its digits are data.min_digits/max_digits."""
+    prompt_key: str = "prompt"
+    """Column of `path` holding the prompt text."""
+    split: str = "train"
+    """`path` is a saved DatasetDict: the split to read."""
+    reward: str | None = None
+    """Dotted path of its reward function; null: reward.fn, else the task's own."""
+
+    def check(self, at: str) -> None:
+        require(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(), f"{at}.name",
+                f"every source needs a name of letters, digits, - or _ (its metrics are source/<name>/...), got {self.name!r}")
+        require(self.weight > 0, f"{at}.weight", f"must be > 0, got {self.weight}")
+        require((self.path is None) != (self.task is None), f"{at}.path",
+                "give a source either a path (a prompt file) or a built-in task, not both or neither")
+        if self.path is not None:
+            require_data_file(self.path, f"{at}.path")
+        else:
+            from rlflow.tasks.builtin import TASKS
+
+            require(self.task in TASKS, f"{at}.task", f"choose one of {sorted(TASKS)}, got {self.task!r}")
+
+
 @dataclass
 class DataConfig:
     """Where prompts come from: a built-in synthetic task, or a user's jsonl/parquet file."""
@@ -83,7 +129,10 @@ class DataConfig:
     task: str | None = "reverse"
     """Built-in task (reverse | sort | add); ignored when `path` is set."""
     path: str | None = None
-    """A .jsonl or .parquet file of prompt records; every other column reaches the reward as a field."""
+    """A .jsonl or .parquet file of prompt records, or a directory a Hugging Face Dataset or DatasetDict was
+    saved to (save_to_disk); every other column reaches the reward as a field."""
+    split: str = "train"
+    """`path` is a saved DatasetDict: the split to read."""
     prompt_key: str = "prompt"
     """Column of `path` holding the prompt text."""
     chat_template: bool = False
@@ -94,6 +143,10 @@ class DataConfig:
     """Built-in tasks: longest operand in digits."""
     seed: int = 0
     """Seed of the task generator or of the file's shuffling (each epoch reshuffles)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A mixture of several files or tasks instead of `path`/`task`: each prompt is drawn from a source
+    with probability its weight over the sum; each source may have its own reward, and metrics are
+    reported per source (source/<name>/reward_mean, source/<name>/samples)."""
     filter_groups: bool = False
     """Dynamic sampling (DAPO): a group `filter_fn` finds without signal (by default: every reward equal)
     is not trained, and the feeder issues a replacement for its step, so each step still trains
@@ -109,10 +162,15 @@ class DataConfig:
     def check(self, at: str = "data") -> None:
         require(self.filter_budget > 0, f"{at}.filter_budget",
                 f"must be > 0 (replacements per step, in multiples of actor.groups_per_step), got {self.filter_budget}")
+        if self.sources:
+            require(self.path is None, f"{at}.path", f"give {at}.sources or {at}.path, not both: set {at}.path=null")
+            names = [s.name for s in self.sources]
+            require(len(set(names)) == len(names), f"{at}.sources", f"source names must differ, got {names}")
+            for i, source in enumerate(self.sources):
+                source.check(f"{at}.sources[{i}]")
+            return
         if self.path is not None:
-            require(os.path.isfile(self.path), f"{at}.path", f"no such file: {self.path!r}")
-            require(self.path.endswith((".jsonl", ".parquet")), f"{at}.path",
-                    f"must end in .jsonl or .parquet, got {self.path!r}")
+            require_data_file(self.path, f"{at}.path")
             return
         from rlflow.tasks.builtin import TASKS
 
@@ -206,9 +264,7 @@ class EvalConfig:
         require(self.every >= 0, f"{at}.every", f"must be >= 0 (0: no periodic evaluation), got {self.every}")
         require_counts(self, at, "prompts", "samples")
         if self.data is not None:
-            require(os.path.isfile(self.data), f"{at}.data", f"no such file: {self.data!r}")
-            require(self.data.endswith((".jsonl", ".parquet")), f"{at}.data",
-                    f"must end in .jsonl or .parquet, got {self.data!r}")
+            require_data_file(self.data, f"{at}.data")
 
 
 @dataclass
@@ -352,6 +408,14 @@ class RunConfig:
         require(r.update != "in_flight" or r.engine != "sglang", "rollout.update",
                 "the sglang engine takes new weights between generate calls only: set rollout.update=between_calls "
                 "(in_flight runs on the hf engine and on engines whose generate takes between=)")
+        for i, s in enumerate(d.sources):
+            require(s.path is None or s.reward is not None or self.reward.fn is not None, f"data.sources[{i}].reward",
+                    f"the source {s.name!r} reads {s.path!r}, so it needs a reward: set its reward "
+                    f"(my_pkg.my_reward) or reward.fn")
+        require(not d.sources or not self.env.enabled, "data.sources",
+                "a mixture of sources is for single-turn prompts; episodes (env.cls) take data.path or data.task")
+        require(not d.sources or not self.eval.every or self.eval.data is not None, "eval.data",
+                "periodic evaluation of a mixture needs held-out data: set eval.data=FILE (and reward.fn for it)")
         require(d.path is None or self.reward.fn is not None or self.env.enabled, "reward.fn",
                 "a dataset from data.path needs a reward: reward.fn=my_pkg.my_reward (or "
                 "rlflow.tasks.rewards.math_answer, rlflow.tasks.rewards.exact_match)")

@@ -154,7 +154,7 @@ class Doctor:
         from rlflow.flow.data import check_tokens, read_prompts
 
         try:
-            prompts = read_prompts(d.path, d.prompt_key)
+            prompts = read_prompts(d.path, d.prompt_key, d.split)
             if self.tokenizer is not None:
                 check_tokens(self.tokenizer, prompts)
         except (OSError, ValueError) as e:  # ConfigError is a ValueError

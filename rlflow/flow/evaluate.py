@@ -203,6 +203,11 @@ def main(argv: list[str]) -> int:
 def _override(cfg, args) -> None:
     """The flags over the run's settings; then the settings' own checks."""
     d, r = cfg.data, cfg.rollout
+    if d.sources and not (args.task or args.data):
+        raise ValueError(f"this run's data is a mixture of {[s.name for s in d.sources]} (data.sources), each with its "
+                         f"own reward: evaluate one at a time with --task or --data (and --reward)")
+    if args.task or args.data:
+        d.sources = []
     if args.task:
         d.task, d.path = args.task, None
     if args.data:

@@ -39,6 +39,7 @@ import threading
 import time
 from typing import Callable, Iterator
 
+from rlflow.roles.schema import SOURCE_KEY
 from rlflow.transfer.channel import Client
 from rlflow.transfer import BusClient, BusTimeout
 
@@ -123,7 +124,7 @@ class Feeder:
 
     def _issue(self, bus: BusClient, target: int) -> None:
         """Put groups issued..target-1 in one put (one put per step keeps rollout batches whole)."""
-        rows: dict[str, list] = {k: [] for k in ("uid", "group_id", "prompt_ids", "fields", "target_step", "min_version")}
+        rows: dict[str, list] = {k: [] for k in ROW_KEYS}
         for i in range(self.issued, target):
             record = next(self.records)  # group i gets record i, issued or not: the stream stays aligned
             if i in self.done:
@@ -138,13 +139,14 @@ class Feeder:
                 rows["fields"].append(json.dumps(record, default=str))
                 rows["target_step"].append(step)
                 rows["min_version"].append(min_version)
+                rows["data_source"].append(record.get(SOURCE_KEY))
         if rows["uid"]:
-            bus.put(rows, timeout=self.wait_seconds)
+            bus.put(_without_sources(rows), timeout=self.wait_seconds)
         self.issued = target
 
     def _replace(self, bus: BusClient, step: int, groups: int) -> None:
         """Put ``groups`` replacement groups for ``step`` (ids ``r<step>.<j>``), records from the second stream."""
-        rows: dict[str, list] = {k: [] for k in ("uid", "group_id", "prompt_ids", "fields", "target_step", "min_version")}
+        rows: dict[str, list] = {k: [] for k in ROW_KEYS}
         min_version = 0 if self.staleness is None else max(0, step - self.staleness)
         for _ in range(groups):
             j = self.per_step.get(step, 0)
@@ -159,8 +161,19 @@ class Feeder:
                 rows["fields"].append(json.dumps(record, default=str))
                 rows["target_step"].append(step)
                 rows["min_version"].append(min_version)
+                rows["data_source"].append(record.get(SOURCE_KEY))
             self.replaced.add(logical_group(gid))
-        bus.put(rows, timeout=self.wait_seconds)
+        bus.put(_without_sources(rows), timeout=self.wait_seconds)
+
+
+ROW_KEYS = ("uid", "group_id", "prompt_ids", "fields", "target_step", "min_version", "data_source")
+
+
+def _without_sources(rows: dict[str, list]) -> dict[str, list]:
+    """The rows as put: ``data_source`` only when the records come from a mixture (``data.sources``)."""
+    if all(s is None for s in rows["data_source"]):
+        rows = {k: v for k, v in rows.items() if k != "data_source"}
+    return rows
 
 
 def _issue_tag(epoch: int, nonce: str) -> str:

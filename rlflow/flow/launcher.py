@@ -48,7 +48,7 @@ from rich.panel import Panel
 
 from rlflow.flow.observe.capacity import machine_cores
 from rlflow.flow.config import ConfigError, RunConfig, StartError
-from rlflow.flow.data import REPLACEMENT_STREAM, Prompts, check_tokens, load_prompts, prompt_records
+from rlflow.flow.data import REPLACEMENT_STREAM, Prompts, check_tokens, load_prompts, load_sources, prompt_records
 from rlflow.flow.control import ControlReceiver
 from rlflow.flow.feeder import Feeder
 from rlflow.flow.periodic_eval import PeriodicEval
@@ -92,13 +92,14 @@ def run(dcfg: DictConfig, console: Console, overrides: list[str] = ()) -> int:
         start_forkserver()
     else:  # Ray places every role itself
         stop_forkserver()
-    prompts = load_prompts(cfg.data)
+    prompts = load_sources(cfg.data) if cfg.data.sources else load_prompts(cfg.data)
     model_path = prepare_model(cfg, prompts, console)
     if start.path is not None:
         require_same_shape(start.path, model_path)
     tokenizer = load_tokenizer(model_path)
-    if prompts is not None:
-        check_tokens(tokenizer, prompts)
+    for loaded in prompts if isinstance(prompts, list) else [prompts]:
+        if loaded is not None:
+            check_tokens(tokenizer, loaded)
     write_settings(Path(cfg.run_dir), dcfg, resumed, start)
     say(console, f"run {cfg.run_dir}  model {model_path}  staleness {cfg.flow.staleness}  steps {cfg.flow.steps}")
     if start.path is not None:
@@ -168,13 +169,19 @@ def check_devices(cfg: RunConfig) -> None:
             raise ConfigError(f"{name}={device!r} but torch sees no GPU here; use {name}=cpu")
 
 
-def prepare_model(cfg: RunConfig, prompts: Prompts | None, console: Console) -> str:
-    """The start policy's checkpoint directory: ``model.path``, or the tiny model built (once) for the data."""
+def prepare_model(cfg: RunConfig, prompts: Prompts | list[Prompts | None] | None, console: Console) -> str:
+    """The start policy's checkpoint directory: ``model.path``, or the tiny model built (once) for the data
+    (``prompts``: a data file's records, None for a built-in task, a list for ``data.sources``)."""
     if cfg.model.path is not None:
         return cfg.model.path
-    from rlflow.engines.tiny import build_tiny_model, data_demos, task_demos
+    from rlflow.engines.tiny import build_tiny_model, data_demos, mixed_demos, task_demos
 
-    if prompts is None:
+    if isinstance(prompts, list):  # a mixture: each source's demonstrations, by weight
+        d = cfg.data
+        demos = mixed_demos([task_demos(s.task, d.min_digits, d.max_digits) if p is None
+                             else data_demos(p.records, cfg.model.tiny.answer_key) for s, p in zip(d.sources, prompts)],
+                            [s.weight for s in d.sources])
+    elif prompts is None:
         demos = task_demos(cfg.data.task, cfg.data.min_digits, cfg.data.max_digits)
     else:
         demos = data_demos(prompts.records, cfg.model.tiny.answer_key)
@@ -223,6 +230,13 @@ def reward_fn(cfg: RunConfig) -> str:
     return get_task(cfg.data.task).reward
 
 
+def source_rewards(cfg: RunConfig) -> dict[str, str]:
+    """``data.sources``: each source's reward function (its own ``reward``, else ``reward.fn``, else its task's)."""
+    from rlflow.tasks.builtin import get_task
+
+    return {s.name: s.reward or cfg.reward.fn or get_task(s.task).reward for s in cfg.data.sources}  # checked: one is set
+
+
 def with_server_key(rollout):
     """The rollout config the replicas get. With update=distributed the trainer pushes weights into the
     servers the replicas launch, so it needs their API key: the launcher makes one per run (unless
@@ -256,7 +270,7 @@ def plan_roles(cfg: RunConfig) -> list[ReplicaPlan]:
                       broadcast=broadcast, samples_every=cfg.tracking.samples_every, episodes=episodes,
                       in_flight=cfg.rollout.update == "in_flight",
                       filter_fn=cfg.data.filter_fn if cfg.data.filter_groups else None,
-                      filter_budget=replica_budget(cfg),
+                      filter_budget=replica_budget(cfg), sources=[s.name for s in cfg.data.sources],
                       weight_shards=shards)
     plans = [ReplicaPlan("actor", i, cfg.actor, actor, cfg.actor.threads) for i in range(cfg.actor.replicas)]
     plans += [ReplicaPlan("rollout", i, dataclasses.replace(rollout, seed=rollout.seed + i),
@@ -264,7 +278,8 @@ def plan_roles(cfg: RunConfig) -> list[ReplicaPlan]:
                                       env=cfg.env if episodes else None, chat_template=cfg.data.chat_template,
                                       weight_shards=shards, lora=cfg.actor.lora if cfg.actor.lora.enabled else None),
                           rollout.threads) for i in range(rollout.replicas)]
-    plans += [ReplicaPlan("reward", i, reward, RewardArgs(episodes), 1) for i in range(cfg.reward.replicas)]
+    sources = source_rewards(cfg) if cfg.data.sources else None
+    plans += [ReplicaPlan("reward", i, reward, RewardArgs(episodes, sources), 1) for i in range(cfg.reward.replicas)]
     if cfg.actor.kl_coef > 0:
         plans += [ReplicaPlan("reference", i, cfg.reference, ReferenceArgs(cfg.rollout.temperature, episodes),
                               cfg.reference.threads) for i in range(cfg.reference.replicas)]

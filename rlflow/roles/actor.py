@@ -132,6 +132,7 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
         if lead and hasattr(engine, "snapshot") else None
     columns = (schema.EPISODE_ACTOR_INPUT if args.episodes else schema.ACTOR_INPUT) + \
         (["token_versions"] if args.in_flight and not args.episodes else []) + \
+        (["data_source"] if args.sources else []) + \
         (["ref_logprobs"] if cfg.kl_coef > 0 else [])
     share = cfg.groups_per_step // cfg.replicas  # validation makes it divide
     ctx.report(reports.READY)

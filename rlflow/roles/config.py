@@ -115,6 +115,7 @@ class RewardArgs:
     """What the run tells a reward replica beyond its own config."""
 
     episodes: bool = False  # rows are episodes (env.cls): score the last turn, pass env_reward to the function
+    sources: dict[str, str] | None = None  # data.sources: each source's reward function, by the record's data_source
 
 
 # ---------------------------------------------------------------------------- reward
@@ -343,4 +344,5 @@ class ActorArgs:
     in_flight: bool = False  # rollout.update=in_flight: single-turn rows carry token_versions too
     filter_fn: str | None = None  # data.filter_groups: the criterion (data.filter_fn); None: no dynamic sampling
     filter_budget: int = 0  # data.filter_groups: most replacements one replica asks for per step
+    sources: list[str] = field(default_factory=list)  # data.sources' names: rows carry data_source, metrics per source
     weight_shards: int = 1  # > 1: every rank publishes its own rows on a channel of its own (sharded sync)

@@ -37,6 +37,7 @@ from rlflow.transfer.lifetime import at_exit
 from rlflow.plugins import load_object
 from rlflow.roles.config import RewardArgs, RewardConfig
 from rlflow.roles.sandbox import Sandbox, call
+from rlflow.roles.schema import SOURCE_KEY
 from rlflow.roles.schema import ENV_FAILURES
 
 
@@ -44,11 +45,9 @@ def serve(cfg: RewardConfig, ctx: RoleContext, args: RewardArgs | None = None) -
     from transformers import AutoTokenizer
 
     assert cfg.fn is not None, "the launcher resolves reward.fn=null to the task's own reward"
-    fn = load_object(cfg.fn, "reward.fn")  # imported here too, so a bad path fails at start with its field
-    sandbox = Sandbox(cfg.fn, cfg.timeout_s) if cfg.timeout_s > 0 else None
-    at_exit(lambda: sandbox and sandbox.shut())
-    if sandbox is not None:  # its interpreter starts while the tokenizer loads and the first rows come
-        sandbox.launch()
+    sources = args.sources if args is not None and args.sources else None  # data.sources: name -> fn path
+    scorers = {path: Scorer(path, cfg.timeout_s) for path in sorted(set(sources.values()) if sources else {cfg.fn})}
+    at_exit(lambda: [s.shut() for s in scorers.values()])
     tokenizer = AutoTokenizer.from_pretrained(ctx.model_path)
     ctx.report(reports.READY)
     seen: set[str] = set()  # kinds of failure already reported in full by this replica
@@ -72,10 +71,12 @@ def serve(cfg: RewardConfig, ctx: RoleContext, args: RewardArgs | None = None) -
                                                  if why in ENV_FAILURES or math.isnan(fields[i]["env_reward"])}
             scored = [i for i in range(len(texts)) if i not in failed]
             results = [("ok", fields[i]["env_reward"]) if i in failed else None for i in range(len(texts))]
-            got = [] if not scored else sandbox.score([texts[i] for i in scored], [fields[i] for i in scored]) \
-                if sandbox is not None else [call(fn, texts[i], fields[i]) for i in scored]
-            for i, result in zip(scored, got):
-                results[i] = result
+            by_fn: dict[str, list[int]] = {}  # each row to its source's function (one function without sources)
+            for i in scored:
+                by_fn.setdefault(sources[fields[i].pop(SOURCE_KEY)] if sources else cfg.fn, []).append(i)
+            for path, rows in by_fn.items():
+                for i, result in zip(rows, scorers[path].score([texts[i] for i in rows], [fields[i] for i in rows])):
+                    results[i] = result
         rewards, failures = [], Counter()
         for result, text, f, uid in zip(results, texts, fields, d.uids):
             rewards.append(result[1] if result[0] == "ok" else math.nan)
@@ -88,3 +89,25 @@ def serve(cfg: RewardConfig, ctx: RoleContext, args: RewardArgs | None = None) -
         ctx.bus.put({"uid": d.uids, "reward": rewards}, missing="skip")
         ack_work(ctx, d)
         ctx.report(reports.WORK, samples=len(rewards), seconds=time.monotonic() - t0, errors=dict(failures))
+
+
+class Scorer:
+    """One reward function: in a sandbox (``reward.timeout_s`` > 0, launched at once so its interpreter
+    starts while the role loads its tokenizer) or called in this process."""
+
+    def __init__(self, path: str, timeout_s: float):
+        self.fn = load_object(path, "reward.fn")  # imported here too, so a bad path fails at start with its field
+        self.sandbox = Sandbox(path, timeout_s) if timeout_s > 0 else None
+        if self.sandbox is not None:
+            self.sandbox.launch()
+
+    def score(self, texts: list[str], fields: list[dict]) -> list[tuple]:
+        if not texts:
+            return []
+        if self.sandbox is not None:
+            return self.sandbox.score(texts, fields)
+        return [call(self.fn, text, f) for text, f in zip(texts, fields)]
+
+    def shut(self) -> None:
+        if self.sandbox is not None:
+            self.sandbox.shut()

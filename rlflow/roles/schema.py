@@ -10,6 +10,7 @@ groups. ``uid`` and ``group_id`` are the bus's own identity columns (see ``trans
 | fields             | feeder     | string (JSON)    | the prompt record's other fields (answer, ...) for reward |
 | target_step        | feeder     | int64            | optimizer step this group is scheduled for                |
 | min_version        | feeder     | int64            | lowest policy version allowed to generate it (staleness)  |
+| data_source        | feeder     | string           | the mixture source it was drawn from (data.sources only)  |
 | response_ids       | rollout    | list<int32> [T]  | generated token ids, the stop token included              |
 | rollout_logprobs   | rollout    | list<float32> [T]| log μ(y_t): the sampling policy's logprob of each token    |
 | version_start      | rollout    | int64            | policy version of the oldest sampled token                |
@@ -49,6 +50,7 @@ COLUMNS: dict[str, pa.DataType] = {
     "fields": pa.string(),
     "target_step": pa.int64(),
     "min_version": pa.int64(),
+    "data_source": pa.string(),
     "response_ids": TOKENS,
     "rollout_logprobs": LOGPROBS,
     "version_start": pa.int64(),
@@ -77,13 +79,14 @@ EPISODE_ACTOR_INPUT = ACTOR_INPUT + ["loss_mask", "turn_starts", "segment_starts
                                      "token_versions"]
 EPISODE_REFERENCE_INPUT = REFERENCE_INPUT + ["segment_starts"]
 EPISODE_COLUMNS = ["loss_mask", "token_versions", "turn_starts", "segment_starts", "env_reward", "env_info"]
+SOURCE_KEY = "data_source"  # a mixture record's field naming its source (data.sources), and the column of it
 ENV_FAILURES = ("env_error", "env_timeout", "env_died")  # an episode's finish_reason when its environment failed
 
 # Rows leave the bus when the actor has acked them: the actor is the one consumer every sample reaches.
 RELEASE_AFTER = ["actor"]
 
 WRITES = {  # who writes which columns (the table above)
-    "feeder": ["prompt_ids", "fields", "target_step", "min_version"],
+    "feeder": ["prompt_ids", "fields", "target_step", "min_version", "data_source"],
     "rollout": ["response_ids", "rollout_logprobs", "version_start", "version_end", "finish_reason",
                 *EPISODE_COLUMNS],
     "reward": ["reward"],
@@ -107,7 +110,7 @@ def grants() -> dict[str, Grant]:
             "feeder": Grant("feeder", write=tuple(WRITES["feeder"]), create=True),
             "rollout": role("rollout", EPISODE_ROLLOUT_INPUT), "reward": role("reward", EPISODE_REWARD_INPUT),
             "reference": role("reference", EPISODE_REFERENCE_INPUT),
-            "actor": role("actor", EPISODE_ACTOR_INPUT + ["ref_logprobs", "target_step"])}
+            "actor": role("actor", EPISODE_ACTOR_INPUT + ["ref_logprobs", "target_step", "data_source"])}
 
 
 def declare(bus) -> None:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from rlflow.algo.step import Chunk
 
 MERGED_LISTS = ("rewards", "staleness", "lengths", "trained_uids", "skipped_uids", "group_ids", "spanned",
-                "filtered_uids")
+                "filtered_uids", "sourced")
 MERGED_SUMS = ("groups", "skipped_groups", "reward_errors", "filtered_groups")
 
 
