@@ -85,3 +85,24 @@ def test_mixture_settings_that_cannot_work_are_refused_naming_the_field(tmp_path
     cfg.data.sources = [SourceConfig(name="f", path=str(data))]
     with pytest.raises(ConfigError, match=r"data.sources\[0\].reward.*needs a reward"):
         cfg.check()
+
+
+def test_a_curriculum_passes_over_prompts_it_refuses_given_their_past_rewards(tmp_path, model_cache):
+    """data.curriculum=rlflow.algo.filters.unsolved: a prompt every sample of which was rewarded 1 is not
+    issued again (here a third of the file: reward_varying_on_thirds gives those 1 whatever the response)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{n}=", "answer": str(n)[::-1]}) + "\n" for n in range(100, 124)))
+    run_dir = tmp_path / "run"
+    r = rlflow(run_dir, model_cache, f"data.path={data}", "reward.fn=user_code.reward_varying_on_thirds",
+               "data.curriculum=rlflow.algo.filters.unsolved", "flow.steps=18")  # 72 groups: 3 epochs of 24 prompts
+    assert r.returncode == 0, said(r)
+    rows = metrics(run_dir)
+    assert sum(m["curriculum/skipped"] for m in rows) >= 8  # the 8 solved prompts, passed over in later epochs
+    assert rows[-1]["curriculum/prompts_seen"] == 24
+    ledger = json.loads((run_dir / "summary.json").read_text())["samples"]
+    assert ledger["issued"] == ledger["trained"] + ledger["skipped"] and ledger["issued_not_consumed"] == 0
+
+    # a curriculum that refuses everything fails the run naming it, instead of spinning for ever
+    r = rlflow(tmp_path / "run2", model_cache, f"data.path={data}", "reward.fn=user_code.reward_one",
+               "data.curriculum=rlflow.algo.filters.unsolved", "flow.steps=40")
+    assert r.returncode != 0 and "data.curriculum=rlflow.algo.filters.unsolved refused 10000 prompts in a row" in said(r)

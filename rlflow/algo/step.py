@@ -120,6 +120,7 @@ class StepAccumulator:
         self.episodes: Counter = Counter()  # multi-turn rows consumed: turns, tokens, environment counters
         self.spanned: list[int] = []  # single-turn rows with token_versions (in-flight updates): versions each spans
         self.sourced: list[tuple[str, float]] = []  # data.sources: (source, reward) of every consumed row
+        self.group_means: list[tuple[str, float]] = []  # (group id, mean scored reward) of every consumed group
 
     def add(self, table: pa.Table) -> None:
         cols = {name: table.column(name).to_pylist() for name in table.column_names}
@@ -141,6 +142,8 @@ class StepAccumulator:
             self.reward_errors += len(idx) - len(valid)
             r = torch.tensor([cols["reward"][i] for i in valid], dtype=torch.float32)
             self.rewards += r.tolist()
+            if valid:
+                self.group_means.append((gid, float(r.mean())))
             if len(valid) < 2 or (self.cfg.drop_uniform_groups and bool((r == r[0]).all())):
                 self.skipped_groups += 1
                 self.skipped_uids += [cols["uid"][i] for i in idx]

@@ -147,6 +147,10 @@ class DataConfig:
     """A mixture of several files or tasks instead of `path`/`task`: each prompt is drawn from a source
     with probability its weight over the sum; each source may have its own reward, and metrics are
     reported per source (source/<name>/reward_mean, source/<name>/samples)."""
+    curriculum: str | None = None
+    """Dotted path to fn(record: dict, history: dict | None) -> bool, True to issue the prompt; history is
+    None for a prompt not seen yet, else {"groups": times it was trained on, "reward_mean": its samples'
+    mean reward}. E.g. rlflow.algo.filters.unsolved (pass over prompts every sample solved)."""
     filter_groups: bool = False
     """Dynamic sampling (DAPO): a group `filter_fn` finds without signal (by default: every reward equal)
     is not trained, and the feeder issues a replacement for its step, so each step still trains

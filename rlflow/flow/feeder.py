@@ -23,6 +23,12 @@ and admission, resume and rewinds work as without it. A replacement is issued at
 one the actor is filling, within every bound already; the actor's ``data.filter_budget`` bounds how
 many a step asks for.
 
+Curriculum (``data.curriculum``): a record the criterion refuses, given what the run has seen of its
+prompt so far (``history``: the launcher adds each step's group rewards to it), is passed over and the
+next one drawn, so group i gets the i-th record the criterion took; ``curriculum_skipped`` counts them.
+At most ``MAX_SKIPS`` in a row: a criterion that refuses every prompt fails the run naming it. A resume
+starts with an empty history, so past the kept steps it does not replay the same prompts.
+
 Resume and rewind: group i always gets the i-th record of the prompt stream (a seeded, replayable
 sequence), so a feeder told which groups the kept steps consumed (``done``) skips exactly those and
 issues the rest again; the replacements the kept steps consumed (``replaced``) say how far the second
@@ -45,6 +51,7 @@ from rlflow.transfer import BusClient, BusTimeout
 
 VERSION_WAIT_S = 1.0  # one long-poll for a newer version; the loop re-checks the stop flag between them
 REPLACE_POLL_S = 0.05  # with dynamic sampling: the long-poll's bound, so a replacement waits at most this
+MAX_SKIPS = 10_000  # records in a row the curriculum may refuse before the run fails naming it
 
 
 class Feeder:
@@ -55,13 +62,16 @@ class Feeder:
                  staleness: int | None, async_queue_steps: int, steps: int, wait_seconds: float,
                  keys_dir: str | None = None, done: set[int] = frozenset(), epoch: int = 0, token: str | None = None,
                  channel_key=None, nonce: str = "", replacements: Iterator[dict] | None = None,
-                 replaced: set[str] = frozenset()):
+                 replaced: set[str] = frozenset(), curriculum: tuple[str, Callable] | None = None,
+                 history: dict | None = None):
         """``endpoints`` (flow/placement/endpoints.py) finds the actor's weight channel; ``keys_dir``: CURVE keys;
         ``done``: indices of groups already trained (a resumed run's kept steps); ``epoch``: rewinds so far;
         ``token``: the feeder's bus credential (it alone may create rows: ``roles/schema.grants``);
         ``channel_key``: the weight channel's (it reads the actor's versions there); ``nonce``: the run's
         random part of every row id (``uid``); ``replacements``: the second record stream (dynamic
-        sampling; None: off); ``replaced``: the replacement groups the kept steps consumed."""
+        sampling; None: off); ``replaced``: the replacement groups the kept steps consumed;
+        ``curriculum``: (its dotted path, ``fn(record, history) -> bool``) of data.curriculum, None: off;
+        ``history``: prompt -> [groups, reward sum] the launcher keeps up to date."""
         self.bus_address, self.endpoints, self.keys_dir, self.token = bus_address, endpoints, keys_dir, token
         self.channel_key = channel_key
         self.records, self.tokenize = records, tokenize
@@ -75,6 +85,9 @@ class Feeder:
         self.replacements, self.replaced = replacements, set(replaced)  # replaced: kept steps' and ours
         for _ in range(len(self.replaced) if replacements is not None else 0):
             next(replacements)  # the kept steps read that far into the second stream
+        self.curriculum, self.history = curriculum, history if history is not None else {}
+        self.curriculum_skipped = 0  # records the curriculum refused so far (the launcher logs the increase)
+        self.prompt_of: dict[str, str] = {}  # logical group id -> its prompt (history's key), with a curriculum
         self.asked: queue.Queue[tuple[int, int]] = queue.Queue()  # (step, groups) replacements to issue
         self.per_step: dict[int, int] = {}  # step -> replacements issued for it (the next one's j)
 
@@ -126,10 +139,12 @@ class Feeder:
         """Put groups issued..target-1 in one put (one put per step keeps rollout batches whole)."""
         rows: dict[str, list] = {k: [] for k in ROW_KEYS}
         for i in range(self.issued, target):
-            record = next(self.records)  # group i gets record i, issued or not: the stream stays aligned
+            record = self._next(self.records)  # group i gets record i, issued or not: the stream stays aligned
             if i in self.done:
                 continue
             ids = self.tokenize(record["prompt"])
+            if self.curriculum is not None:
+                self.prompt_of[f"g{i}"] = record["prompt"]
             step = i // self.groups_per_step
             min_version = 0 if self.staleness is None else max(0, step - self.staleness)
             for j in range(self.group_size):
@@ -144,6 +159,20 @@ class Feeder:
             bus.put(_without_sources(rows), timeout=self.wait_seconds)
         self.issued = target
 
+    def _next(self, records: Iterator[dict]) -> dict:
+        """The next record of ``records`` the curriculum takes (the next record without one)."""
+        if self.curriculum is None:
+            return next(records)
+        path, keep = self.curriculum
+        for _ in range(MAX_SKIPS):
+            record = next(records)
+            seen = self.history.get(record["prompt"])
+            if keep(record, None if seen is None else {"groups": seen[0], "reward_mean": seen[1] / seen[0]}):
+                return record
+            self.curriculum_skipped += 1
+        raise RuntimeError(f"data.curriculum={path} refused {MAX_SKIPS} prompts in a row: it leaves nothing to train "
+                           f"on (its history: {len(self.history)} prompts seen)")
+
     def _replace(self, bus: BusClient, step: int, groups: int) -> None:
         """Put ``groups`` replacement groups for ``step`` (ids ``r<step>.<j>``), records from the second stream."""
         rows: dict[str, list] = {k: [] for k in ROW_KEYS}
@@ -151,9 +180,11 @@ class Feeder:
         for _ in range(groups):
             j = self.per_step.get(step, 0)
             self.per_step[step] = j + 1
-            record = next(self.replacements)
+            record = self._next(self.replacements)
             ids = self.tokenize(record["prompt"])
             gid = replacement_id(step, j, self.epoch, self.nonce)
+            if self.curriculum is not None:
+                self.prompt_of[logical_group(gid)] = record["prompt"]
             for k in range(self.group_size):
                 rows["uid"].append(f"{gid.partition('@')[0]}-{k}{_issue_tag(self.epoch, self.nonce)}")
                 rows["group_id"].append(gid)

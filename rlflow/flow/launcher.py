@@ -50,7 +50,7 @@ from rlflow.flow.observe.capacity import machine_cores
 from rlflow.flow.config import ConfigError, RunConfig, StartError
 from rlflow.flow.data import REPLACEMENT_STREAM, Prompts, check_tokens, load_prompts, load_sources, prompt_records
 from rlflow.flow.control import ControlReceiver
-from rlflow.flow.feeder import Feeder
+from rlflow.flow.feeder import Feeder, logical_group
 from rlflow.flow.periodic_eval import PeriodicEval
 from rlflow.flow.ledger import Ledger
 from rlflow.flow.resume import (ResumePoint, Resumed, newest_point, record_resume, requested_point, require_same_shape,
@@ -93,6 +93,8 @@ def run(dcfg: DictConfig, console: Console, overrides: list[str] = ()) -> int:
     else:  # Ray places every role itself
         stop_forkserver()
     prompts = load_sources(cfg.data) if cfg.data.sources else load_prompts(cfg.data)
+    if cfg.data.curriculum is not None:
+        curriculum_fn(cfg)  # a bad path fails here, before any process starts
     model_path = prepare_model(cfg, prompts, console)
     if start.path is not None:
         require_same_shape(start.path, model_path)
@@ -230,6 +232,16 @@ def reward_fn(cfg: RunConfig) -> str:
     return get_task(cfg.data.task).reward
 
 
+def curriculum_fn(cfg: RunConfig):
+    """data.curriculum's function; a path that does not import is a ConfigError naming the field."""
+    from rlflow.plugins import load_object
+
+    try:
+        return load_object(cfg.data.curriculum, "data.curriculum")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def source_rewards(cfg: RunConfig) -> dict[str, str]:
     """``data.sources``: each source's reward function (its own ``reward``, else ``reward.fn``, else its task's)."""
     from rlflow.tasks.builtin import get_task
@@ -271,6 +283,7 @@ def plan_roles(cfg: RunConfig) -> list[ReplicaPlan]:
                       in_flight=cfg.rollout.update == "in_flight",
                       filter_fn=cfg.data.filter_fn if cfg.data.filter_groups else None,
                       filter_budget=replica_budget(cfg), sources=[s.name for s in cfg.data.sources],
+                      curriculum=cfg.data.curriculum is not None,
                       weight_shards=shards)
     plans = [ReplicaPlan("actor", i, cfg.actor, actor, cfg.actor.threads) for i in range(cfg.actor.replicas)]
     plans += [ReplicaPlan("rollout", i, dataclasses.replace(rollout, seed=rollout.seed + i),
@@ -321,6 +334,8 @@ class Run:
         self.work: Counter = Counter()  # samples each role replica processed, from its reports
         self.ledger = Ledger(cfg.rollout.group_size)  # the exactly-once accounting (flow/ledger.py)
         self.replacements_asked: dict[int, int] = {}  # step (0-based) -> replacement groups issued for it
+        self.prompt_history: dict[str, list] = {}  # data.curriculum: prompt -> [groups, reward sum] trained so far
+        self.curriculum_logged = 0  # prompts the curriculum refused, as of the last step's metrics
         self.trainer: dict = {}  # from the actor's done report: replicas, identical_weights
         self.sync = SyncTally()  # the rollouts' weight applies: per step line and per replica (observe/tracking.py)
         self.supervisor = Supervisor(cfg.supervision)
@@ -402,6 +417,7 @@ class Run:
         self.ledger.adopt(point.trained_by_step(self.cfg.rollout.group_size), point.skipped(), point.filtered())
         cfg = self.cfg
         replacements = prompt_records(cfg.data, self.prompts, REPLACEMENT_STREAM) if cfg.data.filter_groups else None
+        curriculum = (cfg.data.curriculum, curriculum_fn(cfg)) if cfg.data.curriculum is not None else None
         self.feeder = Feeder(self.bus.address, self.placement.endpoints,
                              prompt_records(cfg.data, self.prompts), self.tokenize,
                              group_size=cfg.rollout.group_size, groups_per_step=cfg.actor.groups_per_step,
@@ -409,7 +425,9 @@ class Run:
                              steps=cfg.flow.steps, wait_seconds=cfg.flow.wait_seconds,
                              keys_dir=self.placement.launcher_keys, done=point.done_groups(), epoch=self.epoch,
                              token=self.tokens["feeder"], channel_key=ChannelKey(self.channel_secret),
-                             nonce=self.id_nonce, replacements=replacements, replaced=point.done_replacements())
+                             nonce=self.id_nonce, replacements=replacements, replaced=point.done_replacements(),
+                             curriculum=curriculum, history=self.prompt_history)
+        self.curriculum_logged = 0
         self.feeder_thread = threading.Thread(target=self._feed, args=(self.feeder,), name="rlflow-feeder",
                                               daemon=True)
         self.feeder_thread.start()
@@ -592,6 +610,8 @@ class Run:
             return self._replace(ev)
         if kind == reports.METRICS:
             self.ledger.record(ev["step"], ev.pop("uids"), ev.pop("skipped_uids"), ev.pop("filtered_uids", []))
+            if self.cfg.data.curriculum is not None:
+                ev.update(self._curriculum(ev.pop("group_rewards", [])))
             if "examples" in ev:
                 self.tracker.log_samples(ev["step"], self._decoded(ev.pop("examples"), ev["step"]))
             self.tracker.log({**ev, **self.sync.take_step(), "supervision/restarts": len(self.supervisor.history),
@@ -638,6 +658,17 @@ class Run:
                 return 1
             return self._done(ev["version"])
         return None
+
+    def _curriculum(self, group_rewards: list) -> dict:
+        """Add a step's group rewards to each prompt's history (data.curriculum); the step's curriculum metrics."""
+        for gid, mean in group_rewards:
+            prompt = self.feeder.prompt_of.pop(logical_group(str(gid)), None)
+            if prompt is not None and isinstance(mean, (int, float)):
+                seen = self.prompt_history.setdefault(prompt, [0, 0.0])
+                seen[0], seen[1] = seen[0] + 1, seen[1] + float(mean)
+        skipped, self.curriculum_logged = self.feeder.curriculum_skipped - self.curriculum_logged, \
+            self.feeder.curriculum_skipped
+        return {"curriculum/skipped": skipped, "curriculum/prompts_seen": len(self.prompt_history)}
 
     def _replace(self, ev: dict) -> None:
         """Have the feeder issue the replacements the actor asked for, once it is sure they can be right: the

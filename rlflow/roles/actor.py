@@ -173,7 +173,8 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
             ctx.report(reports.METRICS, step=step + 1, **metrics, **{
                 "actor/wait_s": waited, "actor/step_s": elapsed, "samples/s": metrics["samples"] / elapsed,
                 **sync_metrics, **ckpt_metrics}, uids=acc.trained_uids, skipped_uids=acc.skipped_uids,
-                filtered_uids=acc.filtered_uids, **examples)
+                filtered_uids=acc.filtered_uids, **examples,
+                **({"group_rewards": acc.group_means} if args.curriculum else {}))
         identical = True
         if group is not None:
             views = engine.gathered_views() if sharded else sorted(engine.weights().items())

@@ -345,4 +345,5 @@ class ActorArgs:
     filter_fn: str | None = None  # data.filter_groups: the criterion (data.filter_fn); None: no dynamic sampling
     filter_budget: int = 0  # data.filter_groups: most replacements one replica asks for per step
     sources: list[str] = field(default_factory=list)  # data.sources' names: rows carry data_source, metrics per source
+    curriculum: bool = False  # data.curriculum: each step's report carries every group's mean reward
     weight_shards: int = 1  # > 1: every rank publishes its own rows on a channel of its own (sharded sync)

@@ -32,7 +32,8 @@ import torch.distributed as dist
 from rlflow.algo.step import Chunk
 
 MERGED_LISTS = ("rewards", "staleness", "lengths", "trained_uids", "skipped_uids", "group_ids", "spanned",
-                "filtered_uids", "sourced")
+                "filtered_uids", "sourced",
+                "group_means")
 MERGED_SUMS = ("groups", "skipped_groups", "reward_errors", "filtered_groups")
 
 
