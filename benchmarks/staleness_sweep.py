@@ -39,7 +39,6 @@ import random
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 from benchmarks.recipe_run import run_recipe
 
@@ -94,6 +93,7 @@ def evaluate(checkpoint: str, tokenizer_path: str, **kw) -> dict:
     from rlflow.engines.hf import HFRolloutEngine
     from rlflow.engines.base import SamplingParams
     from rlflow.plugins import load_object
+    from rlflow.roles.config import RolloutConfig
     from rlflow.tasks.builtin import get_task
 
     e = {**EVAL, **kw}
@@ -101,7 +101,7 @@ def evaluate(checkpoint: str, tokenizer_path: str, **kw) -> dict:
     task, rng = get_task(e["task"]), random.Random(e["seed"])
     records = [task.make(rng, e["min_digits"], e["max_digits"]) for _ in range(e["prompts"])]
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    engine = HFRolloutEngine(checkpoint, SimpleNamespace(device="cpu", dtype="float32", max_batch=256, seed=e["seed"]))
+    engine = HFRolloutEngine(checkpoint, RolloutConfig(device="cpu", dtype="float32", max_batch=256, seed=e["seed"]))
     prompts = [tok(r["prompt"])["input_ids"] for r in records for _ in range(e["samples"])]
     gens = engine.generate(prompts, SamplingParams(max_new_tokens=e["max_new_tokens"], temperature=e["temperature"]))
     reward = load_object(task.reward, "reward.fn")

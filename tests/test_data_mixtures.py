@@ -32,12 +32,12 @@ def test_a_mixture_draws_its_sources_in_their_weights_proportions_and_replays_th
     assert first != list(itertools.islice(prompt_records(data, [None] * 3, REPLACEMENT_STREAM), 50))
 
 
-def test_each_source_is_scored_by_its_own_reward_and_reported_on_its_own(tmp_path, model_cache):
+def test_each_source_is_scored_by_its_own_reward_and_reported_on_its_own(tmp_path, model_cache, tiny_model):
     ones = tmp_path / "ones.jsonl"
     ones.write_text("".join(json.dumps({"q": f"{n}=", "answer": str(n)[::-1]}) + "\n" for n in range(100, 140)))
     run_dir = tmp_path / "run"
     sources = f"[{{name:rev,task:reverse}},{{name:ones,path:{ones},prompt_key:q,reward:user_code.reward_one}}]"
-    r = rlflow(run_dir, model_cache, f"data.sources={sources}", "flow.steps=10")
+    r = rlflow(run_dir, model_cache, f"data.sources={sources}", "flow.steps=10", f"model.path={tiny_model}")
     assert r.returncode == 0, said(r)
     rows = metrics(run_dir)
     ones_samples = sum(m.get("source/ones/samples", 0) for m in rows)
@@ -52,7 +52,7 @@ def test_each_source_is_scored_by_its_own_reward_and_reported_on_its_own(tmp_pat
     assert refused.returncode == 2 and "data.sources" in said(refused) and "--task or --data" in said(refused)
 
 
-def test_a_saved_hugging_face_dataset_loads_as_data_with_its_split(tmp_path, model_cache):
+def test_a_saved_hugging_face_dataset_loads_as_data_with_its_split(tmp_path, model_cache, tiny_model):
     datasets = pytest.importorskip("datasets")
     records = [{"prompt": f"{n}=", "answer": str(n)[::-1], "level": n % 3} for n in range(100, 160)]
     train = datasets.Dataset.from_list(records)
@@ -64,7 +64,7 @@ def test_a_saved_hugging_face_dataset_loads_as_data_with_its_split(tmp_path, mod
         read_prompts(str(tmp_path / "dd"), "prompt", "dev")
     run_dir = tmp_path / "run"
     r = rlflow(run_dir, model_cache, f"data.path={tmp_path / 'dd'}", "reward.fn=rlflow.tasks.rewards.positional_match",
-               "flow.steps=3")
+               "flow.steps=3", f"model.path={tiny_model}")
     assert r.returncode == 0, said(r)
     assert [m["step"] for m in metrics(run_dir)] == [1, 2, 3]
 
@@ -85,16 +85,21 @@ def test_mixture_settings_that_cannot_work_are_refused_naming_the_field(tmp_path
     cfg.data.sources = [SourceConfig(name="f", path=str(data))]
     with pytest.raises(ConfigError, match=r"data.sources\[0\].reward.*needs a reward"):
         cfg.check()
+    cfg.data.sources = [SourceConfig(name="t", task="reverse")]
+    cfg.actor.checkpoint_every, cfg.eval.every, cfg.eval.data = 5, 5, str(data)
+    with pytest.raises(ConfigError, match=r"reward.fn.*periodic evaluation of a mixture"):
+        cfg.check()
 
 
-def test_a_curriculum_passes_over_prompts_it_refuses_given_their_past_rewards(tmp_path, model_cache):
+def test_a_curriculum_passes_over_prompts_it_refuses_given_their_past_rewards(tmp_path, model_cache, tiny_model):
     """data.curriculum=rlflow.algo.filters.unsolved: a prompt every sample of which was rewarded 1 is not
     issued again (here a third of the file: reward_varying_on_thirds gives those 1 whatever the response)."""
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{n}=", "answer": str(n)[::-1]}) + "\n" for n in range(100, 124)))
     run_dir = tmp_path / "run"
     r = rlflow(run_dir, model_cache, f"data.path={data}", "reward.fn=user_code.reward_varying_on_thirds",
-               "data.curriculum=rlflow.algo.filters.unsolved", "flow.steps=18")  # 72 groups: 3 epochs of 24 prompts
+               "data.curriculum=rlflow.algo.filters.unsolved", "flow.steps=18",  # 72 groups: 3 epochs of 24 prompts
+               f"model.path={tiny_model}")
     assert r.returncode == 0, said(r)
     rows = metrics(run_dir)
     assert sum(m["curriculum/skipped"] for m in rows) >= 8  # the 8 solved prompts, passed over in later epochs
@@ -104,5 +109,16 @@ def test_a_curriculum_passes_over_prompts_it_refuses_given_their_past_rewards(tm
 
     # a curriculum that refuses everything fails the run naming it, instead of spinning for ever
     r = rlflow(tmp_path / "run2", model_cache, f"data.path={data}", "reward.fn=user_code.reward_one",
-               "data.curriculum=rlflow.algo.filters.unsolved", "flow.steps=40")
+               "data.curriculum=rlflow.algo.filters.unsolved", "flow.steps=40", f"model.path={tiny_model}")
     assert r.returncode != 0 and "data.curriculum=rlflow.algo.filters.unsolved refused 10000 prompts in a row" in said(r)
+
+
+def test_a_data_source_field_in_plain_data_stays_a_field(tmp_path, model_cache, tiny_model):
+    """Without data.sources a record's data_source is one of its fields (for the reward), whatever its type:
+    it never becomes the typed mixture column."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{n}=", "answer": str(n)[::-1], "data_source": {"n": n}}) + "\n"
+                            for n in range(100, 120)))
+    r = rlflow(tmp_path / "run", model_cache, f"data.path={data}", "reward.fn=rlflow.tasks.rewards.positional_match",
+               "flow.steps=2", f"model.path={tiny_model}")
+    assert r.returncode == 0, said(r)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 
+import pytest
 import torch
 
 from conftest import G, GROUPS, SAMPLING
@@ -19,8 +20,8 @@ from rlflow.roles.actor import ActorConfig
 FILTER = ["data.filter_groups=true", "reward.fn=user_code.reward_varying_on_thirds"]
 
 
-def _gradient(tiny_model, client, samples: dict, keep_group=None):
-    cfg = ActorConfig(micro_batch=64)
+def _gradient(tiny_model, client, samples: dict, keep_group=None, drop_uniform_groups=False):
+    cfg = ActorConfig(micro_batch=64, drop_uniform_groups=drop_uniform_groups)
     client.declare(schema.COLUMNS, release_after=schema.RELEASE_AFTER)
     client.put(samples)
     engine = HFTrainEngine(tiny_model, cfg, SAMPLING)
@@ -31,11 +32,13 @@ def _gradient(tiny_model, client, samples: dict, keep_group=None):
     return acc, {name: p.grad.clone() for name, p in engine.model.named_parameters()}
 
 
-def test_a_filtered_group_adds_nothing_to_the_step_and_is_counted_as_filtered(tiny_model, reverse_samples, client):
+@pytest.mark.parametrize("drop_uniform_groups", [False, True])  # the filter comes first: uniform groups are replaced
+def test_a_filtered_group_adds_nothing_to_the_step_and_is_counted_as_filtered(tiny_model, reverse_samples, client,
+                                                                               drop_uniform_groups):
     s = reverse_samples
     for i in range(G):  # groups 0 and 3: every sample the same reward
         s["reward"][i], s["reward"][3 * G + i] = 1.0, 0.0
-    acc, grad = _gradient(tiny_model, client, s, keep_group=rewards_differ)
+    acc, grad = _gradient(tiny_model, client, s, keep_group=rewards_differ, drop_uniform_groups=drop_uniform_groups)
     assert acc.filtered_groups == 2 and sorted(acc.filtered_uids) == sorted(s["uid"][:G] + s["uid"][3 * G:4 * G])
     assert set(acc.filtered_uids) <= set(acc.skipped_uids) and not set(acc.filtered_uids) & set(acc.trained_uids)
     metrics_ = acc.finish()
@@ -117,10 +120,12 @@ def test_a_trainer_killed_under_dynamic_sampling_rewinds_and_each_sample_is_cons
 
 
 def test_dynamic_sampling_settings_that_cannot_work_are_refused_naming_the_field():
-    import pytest
-
     from rlflow.errors import ConfigError
-    from rlflow.flow.config import DataConfig
+    from rlflow.flow.config import DataConfig, RunConfig
 
     with pytest.raises(ConfigError, match=r"data.filter_budget.*must be > 0"):
         DataConfig(filter_budget=0).check()
+    cfg = RunConfig()
+    cfg.data.filter_groups, cfg.flow.staleness = True, None  # replacements need the step bound
+    with pytest.raises(ConfigError, match=r"data.filter_groups.*set flow.staleness"):
+        cfg.check()

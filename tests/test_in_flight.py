@@ -116,9 +116,10 @@ def test_continuous_decoding_hands_each_sequence_over_as_it_ends_and_takes_promp
         assert index not in handed
         handed[index] = (gen, len(calls))
 
-    gens = engine.generate(first, SamplingParams(max_new_tokens=12), between=between, finished=finished)
-    assert len(gens) == 30 and sorted(handed) == list(range(30))
-    assert all(handed[i][0] is not None and handed[i][0].response_ids == g.response_ids for i, g in enumerate(gens))
+    returned = engine.generate(first, SamplingParams(max_new_tokens=12), between=between, finished=finished)
+    assert sorted(handed) == list(range(30))
+    assert returned == [None] * 30  # handed over, so not kept (a call may last a whole run)
+    gens = [handed[i][0] for i in range(30)]
     assert max(rows) <= 8 and len(rows) >= 3  # prompts joined as rows ended
     assert sum(rows) == 30  # spliced into the cache: each sequence prefilled once, none recomputed
     assert calls[0] <= 12 and max(calls) <= 30 and calls[-1] == 0  # running: live and waiting sequences

@@ -144,13 +144,13 @@ class StepAccumulator:
             self.rewards += r.tolist()
             if valid:
                 self.group_means.append((gid, float(r.mean())))
-            if len(valid) < 2 or (self.cfg.drop_uniform_groups and bool((r == r[0]).all())):
-                self.skipped_groups += 1
+            if len(valid) >= 2 and self.keep_group is not None and not self.keep_group(r.tolist()):
+                self.filtered_groups += 1  # dynamic sampling: replaced (before drop_uniform_groups, which is not)
+                self.filtered_uids += [cols["uid"][i] for i in idx]
                 self.skipped_uids += [cols["uid"][i] for i in idx]
                 continue
-            if self.keep_group is not None and not self.keep_group(r.tolist()):
-                self.filtered_groups += 1
-                self.filtered_uids += [cols["uid"][i] for i in idx]
+            if len(valid) < 2 or (self.cfg.drop_uniform_groups and bool((r == r[0]).all())):
+                self.skipped_groups += 1
                 self.skipped_uids += [cols["uid"][i] for i in idx]
                 continue
             self.skipped_uids += [cols["uid"][i] for i in idx if i not in valid]

@@ -161,6 +161,7 @@ class _Sequence:
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)  # the version of the logits each token was sampled from
     finish: str | None = None  # "stop" | "length" once it ended
+    handed: bool = False  # given to ``finished``: nothing of it is kept once its row leaves the batch
 
     def add(self, token: int, logprob: float, version: int) -> None:
         self.tokens.append(token)
@@ -233,13 +234,17 @@ class HFRolloutEngine:
         self.stop_ids = torch.tensor(stop_token_ids(model_path), device=self.device)
         self.pad_id = 0  # any id works: padded positions are masked out of attention
         self.max_batch = cfg.max_batch
-        self.kv_after_update = cfg.kv_after_update  # rollout.update=in_flight: recompute | keep
+        self.kv_after_update = getattr(cfg, "kv_after_update", "recompute")  # rollout.update=in_flight (a user's
+        # own config object may predate the field)
         self.version = 0
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(cfg.seed)
         # transformers 5 renamed the KV cache argument and output ``past_key_values`` -> ``cache``
         forward = lora.base_model(self.model).forward
-        self.cache_arg = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        params = inspect.signature(forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        # a prefill needs the last position's logits only: [B, V], not [B, L, V] (vocabularies of 150k)
+        self.last_logits = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingParams,
@@ -265,7 +270,7 @@ class HFRolloutEngine:
             mask[i, width - len(s):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self.last_logits)
         return out, mask, positions
 
     def _step(self, out, tok: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
@@ -307,8 +312,10 @@ class HFRolloutEngine:
         here). It may apply a new version, which holds from the next token on, and may return more
         prompts, which join the batch. A sequence is handed to ``finished(index, generation)`` the moment
         it ends (index: its position among the prompts, those ``between`` gave numbered after the
-        first ones), so its group need not wait for the batch's longest; the call returns once nothing
-        is live and ``between`` gives nothing more.
+        first ones), so its group need not wait for the batch's longest, and is then forgotten here (a
+        call can last a whole run: nothing it handed over stays in memory); the call returns once
+        nothing is live and ``between`` gives nothing more, with every generation not handed over
+        (None in the places of those that were).
 
         The batch is spliced, not rebuilt (``_Batch``): joining prompts are prefilled alone and their
         keys and values appended to the cache (at most ``max_batch`` rows; more wait here and join
@@ -317,18 +324,26 @@ class HFRolloutEngine:
         pass over each live sequence so far, so the next logits are exactly the new policy's; under
         keep an update costs nothing and the next pass attends to keys and values the older weights
         computed. Every token records the version of the logits it was sampled from."""
-        seqs: list[_Sequence] = []
+        seqs: dict[int, _Sequence] = {}  # the sequences not handed over, by index
         queue: list[int] = []  # sequences waiting for room in the batch
         stops, refill = set(self.stop_ids.tolist()), max(1, self.max_batch // 4)
+        count = 0  # sequences so far: the next one's index
 
         def add(new: list[list[int]] | None) -> None:
+            nonlocal count
             for p in new or ():
-                queue.append(len(seqs))
-                seqs.append(_Sequence(p))
+                queue.append(count)
+                seqs[count] = _Sequence(p)
+                count += 1
 
         def open_(rows: list[int]) -> _Batch:
             out, mask, positions = self._prefill([seqs[i].prompt + seqs[i].tokens for i in rows])
             return _Batch(rows, out[self.cache_arg], mask, positions[:, -1], out.logits[:, -1])
+
+        def forget(rows: list[int]) -> None:  # rows that left the batch: drop those handed over
+            for i in rows:
+                if seqs[i].handed:
+                    del seqs[i]
 
         add(prompts)
         batch, carried = None, []  # carried: the live sequences a rebuild starts from
@@ -338,16 +353,20 @@ class HFRolloutEngine:
                 rows = carried + queue[:room]
                 del queue[:room]
                 if not rows:
-                    return [s.generation() for s in seqs]
+                    return [seqs[i].generation() if i in seqs and not seqs[i].handed else None for i in range(count)]
                 batch = open_(rows)
             else:
                 live = [r for r, i in enumerate(batch.rows) if seqs[i].finish is None]
                 if len(live) * 2 <= len(batch.rows):  # half the rows ended: stop decoding them
+                    kept = set(live)
+                    forget([i for r, i in enumerate(batch.rows) if r not in kept])
                     batch = batch.keep(live) if batch.spliceable() else open_([batch.rows[r] for r in live])
                 room = self.max_batch - len(batch.rows)
                 if queue and room >= min(refill, len(queue)):
                     joining = queue[:room]
                     del queue[:room]
+                    if not batch.spliceable():  # rebuilt from the live rows and the joining ones
+                        forget([i for i in batch.rows if seqs[i].finish is not None])
                     batch = batch.join(open_(joining)) if batch.spliceable() else \
                         open_([i for i in batch.rows if seqs[i].finish is None] + joining)
             tok, logp = _sample(batch.logits, sampling, self.gen)
@@ -360,12 +379,12 @@ class HFRolloutEngine:
                     s.finish = "stop" if t in stops else "length"
                     if finished is not None:
                         finished(i, s.generation())
+                        s.handed = True  # forgotten as soon as the batch drops its row
             version, live = self.version, [i for i in batch.rows if seqs[i].finish is None]
             add(between(len(live) + len(queue)))
-            if not live:
-                batch, carried = None, []
-            elif self.version != version and self.kv_after_update == "recompute":
-                batch, carried = None, live  # rebuilt under the new weights before the next token
+            if not live or (self.version != version and self.kv_after_update == "recompute"):
+                forget([i for i in batch.rows if seqs[i].finish is not None])
+                batch, carried = None, live  # rebuilt (under the new weights) before the next token
             else:
                 self._advance(batch, tok)
 

@@ -106,7 +106,7 @@ class SourceConfig:
     split: str = "train"
     """`path` is a saved DatasetDict: the split to read."""
     reward: str | None = None
-    """Dotted path of its reward function; null: reward.fn, else the task's own."""
+    """Dotted path of its reward function; null: a task's own reward, a file's reward.fn."""
 
     def check(self, at: str) -> None:
         require(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(), f"{at}.name",
@@ -263,6 +263,8 @@ class EvalConfig:
     """Sampling seed, and a built-in task's held-out prompt seed."""
     device: str = "cpu"
     """torch device of the evaluation's engine."""
+    split: str = "train"
+    """`data` is a saved DatasetDict: the split to score."""
 
     def check(self, at: str = "eval") -> None:
         require(self.every >= 0, f"{at}.every", f"must be >= 0 (0: no periodic evaluation), got {self.every}")
@@ -412,6 +414,11 @@ class RunConfig:
         require(r.update != "in_flight" or r.engine != "sglang", "rollout.update",
                 "the sglang engine takes new weights between generate calls only: set rollout.update=between_calls "
                 "(in_flight runs on the hf engine and on engines whose generate takes between=)")
+        require(not d.filter_groups or self.flow.staleness is not None, "data.filter_groups",
+                "replacements are scheduled for the step that dropped a group, and a step takes only its own "
+                "groups under a staleness bound: set flow.staleness (e.g. 1) or data.filter_groups=false")
+        require(not d.sources or not self.eval.every or self.reward.fn is not None, "reward.fn",
+                "periodic evaluation of a mixture scores eval.data with reward.fn: set it (the sources keep their own)")
         for i, s in enumerate(d.sources):
             require(s.path is None or s.reward is not None or self.reward.fn is not None, f"data.sources[{i}].reward",
                     f"the source {s.name!r} reads {s.path!r}, so it needs a reward: set its reward "

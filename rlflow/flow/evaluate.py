@@ -169,6 +169,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--task", help="a built-in task (reverse, sort, add, ...) instead of the run's")
     p.add_argument("--data", help="a .jsonl or .parquet prompt file instead of the run's (held-out data)")
     p.add_argument("--prompt-key", help="the file's prompt column (default: the run's data.prompt_key)")
+    p.add_argument("--split", help="--data is a saved DatasetDict: the split to score (default: the run's data.split)")
     p.add_argument("--reward", help="dotted path of the reward function (default: the run's, or the task's)")
     p.add_argument("--samples", type=int, default=4, help="responses per prompt (n of pass@k; default 4)")
     p.add_argument("--k", type=int, nargs="+", default=None, help="pass@k for each k (default: 1 and --samples)")
@@ -214,6 +215,8 @@ def _override(cfg, args) -> None:
         d.path = args.data
     if args.prompt_key:
         d.prompt_key = args.prompt_key
+    if args.split:
+        d.split = args.split
     if args.reward:
         cfg.reward.fn = args.reward
     if args.temperature is not None:

@@ -63,7 +63,7 @@ class Feeder:
                  keys_dir: str | None = None, done: set[int] = frozenset(), epoch: int = 0, token: str | None = None,
                  channel_key=None, nonce: str = "", replacements: Iterator[dict] | None = None,
                  replaced: set[str] = frozenset(), curriculum: tuple[str, Callable] | None = None,
-                 history: dict | None = None):
+                 history: dict | None = None, mixture: bool = False):
         """``endpoints`` (flow/placement/endpoints.py) finds the actor's weight channel; ``keys_dir``: CURVE keys;
         ``done``: indices of groups already trained (a resumed run's kept steps); ``epoch``: rewinds so far;
         ``token``: the feeder's bus credential (it alone may create rows: ``roles/schema.grants``);
@@ -71,13 +71,14 @@ class Feeder:
         random part of every row id (``uid``); ``replacements``: the second record stream (dynamic
         sampling; None: off); ``replaced``: the replacement groups the kept steps consumed;
         ``curriculum``: (its dotted path, ``fn(record, history) -> bool``) of data.curriculum, None: off;
-        ``history``: prompt -> [groups, reward sum] the launcher keeps up to date."""
+        ``history``: prompt -> [groups, reward sum] the launcher keeps up to date; ``mixture``: the records
+        come from data.sources and name theirs (the ``data_source`` column)."""
         self.bus_address, self.endpoints, self.keys_dir, self.token = bus_address, endpoints, keys_dir, token
         self.channel_key = channel_key
         self.records, self.tokenize = records, tokenize
         self.group_size, self.groups_per_step = group_size, groups_per_step
         self.staleness, self.queue_steps = staleness, async_queue_steps
-        self.total_groups = steps * groups_per_step
+        self.total_groups, self.steps = steps * groups_per_step, steps
         self.wait_seconds = wait_seconds
         self.done, self.epoch, self.nonce = set(done), epoch, nonce
         self.issued = 0  # groups 0..issued-1 are issued (or were done before)
@@ -86,6 +87,7 @@ class Feeder:
         for _ in range(len(self.replaced) if replacements is not None else 0):
             next(replacements)  # the kept steps read that far into the second stream
         self.curriculum, self.history = curriculum, history if history is not None else {}
+        self.mixture = mixture
         self.curriculum_skipped = 0  # records the curriculum refused so far (the launcher logs the increase)
         self.prompt_of: dict[str, str] = {}  # logical group id -> its prompt (history's key), with a curriculum
         self.asked: queue.Queue[tuple[int, int]] = queue.Queue()  # (step, groups) replacements to issue
@@ -114,7 +116,9 @@ class Feeder:
         try:
             version = weights.wait_head(-1, self.wait_seconds, what="the actor's first weights").version
             since = time.monotonic()
-            while (self.issued < self.total_groups or self.replacements is not None) and not self.stop.is_set():
+            # with dynamic sampling it stays until the last version is out (replacements may be asked till then)
+            while (self.issued < self.total_groups or self.replacements is not None and version < self.steps) \
+                    and not self.stop.is_set():
                 while not self.asked.empty():
                     self._replace(bus, *self.asked.get())
                 target = self.allowed(version)
@@ -156,8 +160,13 @@ class Feeder:
                 rows["min_version"].append(min_version)
                 rows["data_source"].append(record.get(SOURCE_KEY))
         if rows["uid"]:
-            bus.put(_without_sources(rows), timeout=self.wait_seconds)
+            bus.put(self._columns(rows), timeout=self.wait_seconds)
         self.issued = target
+
+    def _columns(self, rows: dict[str, list]) -> dict[str, list]:
+        """The rows as put: ``data_source`` only for a mixture (any other record's field of that name stays
+        a field: it reaches the reward, and never a typed column)."""
+        return rows if self.mixture else {k: v for k, v in rows.items() if k != "data_source"}
 
     def _next(self, records: Iterator[dict]) -> dict:
         """The next record of ``records`` the curriculum takes (the next record without one)."""
@@ -194,17 +203,10 @@ class Feeder:
                 rows["min_version"].append(min_version)
                 rows["data_source"].append(record.get(SOURCE_KEY))
             self.replaced.add(logical_group(gid))
-        bus.put(_without_sources(rows), timeout=self.wait_seconds)
+        bus.put(self._columns(rows), timeout=self.wait_seconds)
 
 
 ROW_KEYS = ("uid", "group_id", "prompt_ids", "fields", "target_step", "min_version", "data_source")
-
-
-def _without_sources(rows: dict[str, list]) -> dict[str, list]:
-    """The rows as put: ``data_source`` only when the records come from a mixture (``data.sources``)."""
-    if all(s is None for s in rows["data_source"]):
-        rows = {k: v for k, v in rows.items() if k != "data_source"}
-    return rows
 
 
 def _issue_tag(epoch: int, nonce: str) -> str:

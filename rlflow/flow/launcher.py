@@ -229,6 +229,8 @@ def reward_fn(cfg: RunConfig) -> str:
         return cfg.reward.fn
     if cfg.env.enabled:
         return "rlflow.tasks.rewards.env_reward"
+    if cfg.data.sources:  # each source has its own (``source_rewards``); this names the first's
+        return next(iter(source_rewards(cfg).values()))
     return get_task(cfg.data.task).reward
 
 
@@ -246,7 +248,8 @@ def source_rewards(cfg: RunConfig) -> dict[str, str]:
     """``data.sources``: each source's reward function (its own ``reward``, else ``reward.fn``, else its task's)."""
     from rlflow.tasks.builtin import get_task
 
-    return {s.name: s.reward or cfg.reward.fn or get_task(s.task).reward for s in cfg.data.sources}  # checked: one is set
+    return {s.name: s.reward or (get_task(s.task).reward if s.task is not None else cfg.reward.fn)
+            for s in cfg.data.sources}  # checked: a file source has its own reward or reward.fn
 
 
 def with_server_key(rollout):
@@ -426,7 +429,7 @@ class Run:
                              keys_dir=self.placement.launcher_keys, done=point.done_groups(), epoch=self.epoch,
                              token=self.tokens["feeder"], channel_key=ChannelKey(self.channel_secret),
                              nonce=self.id_nonce, replacements=replacements, replaced=point.done_replacements(),
-                             curriculum=curriculum, history=self.prompt_history)
+                             curriculum=curriculum, history=self.prompt_history, mixture=bool(cfg.data.sources))
         self.curriculum_logged = 0
         self.feeder_thread = threading.Thread(target=self._feed, args=(self.feeder,), name="rlflow-feeder",
                                               daemon=True)
@@ -676,7 +679,8 @@ class Run:
         step, groups, cfg = ev["step"], ev["groups"], self.cfg
         budget = replica_budget(cfg) * cfg.actor.replicas
         asked = self.replacements_asked.get(step, 0) + groups
-        filling = step - self.ledger.last_step in (0, 1)  # 1: a rank's report overtook rank 0's metrics of the step before
+        # ahead by 1 (2 with several trainer ranks): a rank's report overtook rank 0's metrics of the steps before
+        filling = 0 <= step - self.ledger.last_step <= (2 if cfg.actor.replicas > 1 else 1)
         if not cfg.data.filter_groups or not filling or step >= cfg.flow.steps or groups < 1 or asked > budget:
             self._bad_report(f"a 'replace' report refused (step {step}, {groups} groups; the actor has reported "
                              f"{self.ledger.last_step} steps, {self.replacements_asked.get(step, 0)} of {budget} "

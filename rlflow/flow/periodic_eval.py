@@ -10,15 +10,17 @@ Design decisions:
   goes on. It runs at a lower CPU priority, one at a time; steps due meanwhile wait their turn (a
   bounded queue: past ``MAX_QUEUED`` the oldest is dropped and said, so a slow evaluation never piles up).
 - Checkpoints: step s is scored on ``checkpoints/step-s`` (so ``eval.every`` is a multiple of
-  ``actor.checkpoint_every``), the last step on ``checkpoints/final``; a checkpoint directory is only
-  renamed into place once whole, so the evaluation starts when it appears (bounded by the run's
-  ``flow.wait_seconds``). Each evaluation resolves its checkpoint as it starts, before
-  ``actor.checkpoint_keep`` can remove it.
+  ``actor.checkpoint_every``), the last step on ``checkpoints/final``. A checkpoint directory is only
+  renamed into place once whole; the moment it appears (polled with the launcher's events), it is
+  linked file by file into ``RUN_DIR/eval/step-s.ckpt`` (hard links: no copy), so ``actor.checkpoint_keep``
+  pruning it while its evaluation waits or runs takes nothing from the evaluation; the links go when it
+  is done. A step whose checkpoint is gone (pruned before it was seen) is dropped and said.
 - Where results go: ``RUN_DIR/eval.jsonl`` (one line per evaluated step), W&B at that step, the next
   line of metrics.jsonl (``eval/*`` with ``eval/step``: a line per step stays a line per step), the
   report's reward figure, and summary.json (the last one). The run waits for the last step's
   evaluation (bounded) before it ends.
-- A rewind drops the evaluations of the steps it discards (a running one is killed).
+- A rewind drops the evaluations of the steps it discards (a running one is killed), their lines in
+  eval.jsonl, and results not yet written to metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class PeriodicEval:
         """``cfg``: the RunConfig; ``say(text, label)`` tells the user (the launcher's console)."""
         self.cfg, self.run_dir, self.say = cfg, Path(run_dir), say
         self.queue: deque[int] = deque()  # steps due, oldest first
+        self.linked: set[int] = set()  # queued steps whose checkpoint is linked into eval/ already
         self.running: tuple[int, subprocess.Popen, float] | None = None  # (step, process, when its wait began)
         self.waiting_since: float | None = None  # the head of the queue's checkpoint not there yet since
         self.pending: dict = {}  # the newest results not yet written into a metrics.jsonl line
@@ -60,15 +63,27 @@ class PeriodicEval:
     def checkpoint(self, step: int) -> Path:
         return self.run_dir / "checkpoints" / ("final" if step == self.cfg.flow.steps else f"step-{step}")
 
+    def linked_checkpoint(self, step: int) -> Path:
+        """Where step ``step``'s checkpoint is linked for its evaluation: beside eval.jsonl's, two levels
+        below the run directory like the original, so ``rlflow eval`` finds the run's config.yaml."""
+        return self.run_dir / "eval" / f"step-{step}.ckpt"
+
     def poll(self) -> list[dict]:
-        """Collect a finished evaluation and start the next one whose checkpoint is whole; returns the results
-        collected (each ``{"step": s, "eval/...": ...}``), already written to eval.jsonl."""
+        """Link each queued checkpoint that appeared, collect a finished evaluation and start the next;
+        returns the results collected (each ``{"step": s, "eval/...": ...}``), already in eval.jsonl."""
         out = []
+        for step in list(self.queue):
+            if step not in self.linked and self.checkpoint(step).is_dir():
+                self._link(step)
+            elif step not in self.linked and self._pruned(step):
+                self.queue.remove(step)
+                self.say(f"eval: {self.checkpoint(step)} was removed (actor.checkpoint_keep) before it was seen; "
+                         f"step {step} not evaluated", "warning")
         if self.running is not None and self.running[1].poll() is not None:
             out += self._collect()
         if self.running is None and self.queue:
             step = self.queue[0]
-            if self.checkpoint(step).is_dir():
+            if step in self.linked:
                 self.queue.popleft()
                 self.waiting_since = None
                 self.running = (step, self._start(step), time.monotonic())
@@ -81,6 +96,24 @@ class PeriodicEval:
                          f"evaluated", "warning")
         return out
 
+    def _link(self, step: int) -> None:
+        """Hard-link the checkpoint's files into eval/ (copied where the filesystem has no hard links)."""
+        import shutil
+
+        target = self.linked_checkpoint(step)
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            shutil.copytree(self.checkpoint(step), target, copy_function=os.link)
+        except OSError:
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(self.checkpoint(step), target)
+        self.linked.add(step)
+
+    def _pruned(self, step: int) -> bool:
+        """Whether a later checkpoint exists while this step's does not: it was written and pruned unseen."""
+        later = [int(p.name[5:]) for p in (self.run_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+        return step != self.cfg.flow.steps and any(s > step for s in later)
+
     def finish(self, timeout: float) -> list[dict]:
         """Wait (up to ``timeout``) for the queued and running evaluations; returns their results."""
         out, deadline = [], time.monotonic() + timeout
@@ -92,12 +125,25 @@ class PeriodicEval:
         return out
 
     def rewind(self, step: int) -> None:
-        """Drop the evaluations of steps after ``step`` (a rewind trains them again)."""
+        """Drop the evaluations of steps after ``step`` (a rewind trains them again): queued, running, their
+        lines in eval.jsonl, and results not yet in a metrics.jsonl line."""
+        import shutil
+
         self.queue = deque(s for s in self.queue if s <= step)
         if self.running is not None and self.running[0] > step:
             self.running[1].kill()
             self.running[1].wait()
             self.running = None
+        for s in [s for s in self.linked if s > step]:
+            self.linked.discard(s)
+            shutil.rmtree(self.linked_checkpoint(s), ignore_errors=True)
+        lines = self.run_dir / "eval.jsonl"
+        if lines.exists():
+            kept = [line for line in lines.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            lines.write_text("".join(line + "\n" for line in kept))
+            self.last = json.loads(kept[-1]) if kept else None
+        if self.pending.get("eval/step", 0) > step:
+            self.pending = {}
 
     def close(self) -> None:
         if self.running is not None:
@@ -114,10 +160,10 @@ class PeriodicEval:
         import rlflow
 
         e = self.cfg.eval
-        args = ["eval", str(self.checkpoint(step)), "--out", str(self._out(step)), "--samples", str(e.samples),
-                "--prompts", str(e.prompts), "--seed", str(e.seed), "--device", e.device]
+        args = ["eval", str(self.linked_checkpoint(step)), "--out", str(self._out(step)), "--samples",
+                str(e.samples), "--prompts", str(e.prompts), "--seed", str(e.seed), "--device", e.device]
         if e.data is not None:
-            args += ["--data", e.data]
+            args += ["--data", e.data, "--split", e.split]
         root = str(Path(rlflow.__file__).resolve().parent.parent)  # where rlflow is importable from, installed or not
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         code = "import os, runpy, sys; os.nice(10); sys.argv = ['rlflow', *sys.argv[1:]]; " \
@@ -129,8 +175,12 @@ class PeriodicEval:
         return self.run_dir / "eval" / f"step-{step}.json"
 
     def _collect(self) -> list[dict]:
+        import shutil
+
         step, proc, _ = self.running
         self.running = None
+        self.linked.discard(step)
+        shutil.rmtree(self.linked_checkpoint(step), ignore_errors=True)
         if proc.returncode != 0 or not self._out(step).exists():
             self.say(f"eval of step {step} failed (exit {proc.returncode}): see {self.run_dir}/eval/step-{step}.log; "
                      f"training goes on", "warning")

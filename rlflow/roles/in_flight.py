@@ -45,9 +45,10 @@ def serve_in_flight(cfg, ctx: RoleContext, engine, synced) -> None:
     refill = max(cfg.group_size, target // 4)  # the least room worth taking groups for (a rebuild each time)
     taken: dict[int, tuple] = {}  # delivery key -> (delivery, rows not yet put): what renew_leases keeps
     state: dict[int, _Taken] = {}
-    order: list[tuple[int, int]] = []  # the engine's sequence index -> (delivery key, row)
+    order: dict[int, tuple[int, int]] = {}  # the engine's sequence index -> (delivery key, row), until handed over
     busy = {"since": time.time()}  # generating since the last put (its span and WORK report)
     next_key = iter(range(1 << 62))
+    numbered = {"next": 0}  # the index the engine gives the next sequence handed to it in this call
 
     def take(groups: int, timeout: float) -> list[list[int]]:
         d = next_rows(ctx, "rollout", schema.ROLLOUT_INPUT, groups, groups=True, timeout=timeout)
@@ -60,7 +61,9 @@ def serve_in_flight(cfg, ctx: RoleContext, engine, synced) -> None:
         for row, gid in enumerate(t.group_of):
             t.groups.setdefault(gid, []).append(row)
         state[key], taken[key] = t, (d, len(d))
-        order.extend((key, row) for row in range(len(d)))
+        first = numbered["next"]
+        order.update({first + row: (key, row) for row in range(len(d))})
+        numbered["next"] = first + len(d)
         return d.table.column("prompt_ids").to_pylist()
 
     def between(running: int) -> list[list[int]] | None:
@@ -70,7 +73,7 @@ def serve_in_flight(cfg, ctx: RoleContext, engine, synced) -> None:
         return take(room // cfg.group_size, 0) if room >= refill else None
 
     def finished(index: int, gen) -> None:
-        key, row = order[index]
+        key, row = order.pop(index)
         t = state[key]
         t.gens[row] = gen
         group = t.groups[t.group_of[row]]
@@ -87,14 +90,14 @@ def serve_in_flight(cfg, ctx: RoleContext, engine, synced) -> None:
     while True:
         synced()
         order.clear()
+        numbered["next"] = 0  # the engine numbers each call's sequences from 0
         prompts = take(cfg.groups_per_call, IDLE_WAIT_S)
         if not prompts:
             continue
         busy["since"] = time.time()
         gens = engine.generate(prompts, sampling, between=between, finished=finished)
-        handed = {(key, row) for key, t in state.items() for row, g in enumerate(t.gens) if g is not None}
         for index, g in enumerate(gens):  # an engine that hands nothing over as it goes: everything now
-            if order[index] not in handed and order[index][0] in state:
+            if g is not None and index in order:
                 finished(index, g)
 
 

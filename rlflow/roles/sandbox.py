@@ -68,29 +68,34 @@ class Sandbox:
         self._lock = threading.RLock()
         self._shut = False
 
-    def launch(self) -> None:
+    def launch(self) -> tuple:
         """Start a sandbox process without waiting for it (the first ``score`` waits until it is ready): a
-        role launches it before its other start-up work, so the two overlap."""
+        role launches it before its other start-up work, so the two overlap. Returns (process, pipe)."""
         with self._lock:
-            if self._shut:
-                raise RuntimeError("the reward sandbox is shut: its role is stopping")
+            self._raise_if_shut()
             parent, child = self._mp.Pipe()
             self.proc = self._mp.Process(target=_sandbox_main, args=(self.fn_path, child, os.getpid()),
                                          name="rlflow-reward-sandbox", daemon=True)
             self.proc.start()
             child.close()
             self.conn, self.ready = parent, False
+            return self.proc, self.conn
+
+    def _current(self) -> tuple:
+        """(process, pipe) of the running sandbox, launching one if there is none; read under the lock, so
+        a ``shut`` from another thread shows as the error it is, never as a half-cleared field."""
+        with self._lock:
+            self._raise_if_shut()
+            return (self.proc, self.conn) if self.proc is not None else self.launch()
 
     def _start(self) -> None:
         """Wait (bounded by START_S, not the per-call limit) until the sandbox has imported ``fn``, launching
         it first if there is none."""
-        if self.proc is None:
-            self.launch()
-        proc, parent = self.proc, self.conn  # this thread's own references: ``shut`` may clear the fields
-        if not parent.poll(START_S):
-            self.close()
-            raise TimeoutError(f"the reward sandbox did not import reward.fn={self.fn_path!r} within {START_S:.0f}s")
+        proc, parent = self._current()  # this thread's own references: ``shut`` may clear the fields
         try:
+            if not parent.poll(START_S):
+                self.close()
+                raise TimeoutError(f"the reward sandbox did not import reward.fn={self.fn_path!r} within {START_S:.0f}s")
             status = parent.recv()
         except (EOFError, OSError):
             self._raise_if_shut()
@@ -106,7 +111,7 @@ class Sandbox:
         while len(results) < len(texts):
             if self.proc is None or not self.ready:
                 self._start()
-            proc, conn = self.proc, self.conn  # this thread's own references: ``shut`` may clear the fields
+            proc, conn = self._current()  # this thread's own references: ``shut`` may clear the fields
             try:
                 conn.send((texts[len(results):], fields[len(results):]))
                 while len(results) < len(texts):

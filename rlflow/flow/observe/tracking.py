@@ -86,7 +86,8 @@ class Tracker:
                   **{k: v for k, v in metrics.items() if k not in ("step", "kind", "role", "replica", "pid", "incarnation")}}
         self.jsonl.write(json.dumps(record) + "\n")
         if self.run is not None:
-            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float))}  # the histogram is a figure
+            # the histogram is a figure; eval/* went to W&B at its own step already (log_eval)
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not k.startswith("eval/")}
             numbers.update({f"{k}/{i}": x for k, v in record.items() if k.startswith("minibatch/") for i, x in enumerate(v)})
             self.run.log(numbers)
             self._send_figures(record["step"])
