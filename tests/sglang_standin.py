@@ -11,6 +11,10 @@ answering {success, message, num_paused_requests}; ``/update_weight_version``; a
 error_message, loaded_adapters}, refusing a name already loaded, an unknown one, or an adapter beyond
 the launch flags; each adapter applies with its own file's r and lora_alpha, as sglang's does;
 ``lora_path`` on ``/generate`` names a loaded adapter (none: the base model).
+With ``token_s`` > 0 a generation takes that long per token after it is computed (the decode a real
+server spends), and an abort-mode pause cuts every one in flight: it comes back aborted with the tokens
+"decoded" so far (as sglang returns a running request's partial output), and the pause returns once
+none is left, as sglang's does.
 Behind it is a real model (the tiny checkpoint on torch), so generations and weight updates are real.
 It is strict where sglang is: unknown sampling parameters, top_k 0, duplicate rids and a batch whose rid
 list has the wrong length are 400s. Faults can be injected (``flush_busy``, ``abort_next``).
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -32,7 +37,7 @@ SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "st
 
 
 class StandIn:
-    def __init__(self, model_path: str, version: str = "0.5.10", seed: int = 0, lora=None):
+    def __init__(self, model_path: str, version: str = "0.5.10", seed: int = 0, lora=None, token_s: float = 0.0):
         from rlflow.roles.config import RolloutConfig
 
         from rlflow.engines.hf import HFRolloutEngine
@@ -48,6 +53,10 @@ class StandIn:
         self.lock = threading.Lock()  # one model: requests take turns
         self.resumed = threading.Event()
         self.resumed.set()
+        self.token_s = token_s  # seconds of decoding per token, after the tokens are computed (0: none)
+        self.aborting = threading.Event()  # an abort-mode pause: generations in flight come back cut
+        self.decoding = 0  # generations in flight (being paced), under ``idle``
+        self.idle = threading.Condition()
         self.calls: list[tuple[str, dict | None]] = []
         self.flush_busy = 0  # the next N flushes answer 400 (scheduler not idle)
         self.abort_next = 0  # the next generate aborts its first N sequences
@@ -86,8 +95,13 @@ class StandIn:
             if body.get("mode", "abort") not in ("abort", "retract", "in_place"):
                 return 400, {"error": {"message": f"bad mode {body.get('mode')}"}}
             self.resumed.clear()
+            if body.get("mode", "abort") == "abort":
+                self.aborting.set()
+                with self.idle:
+                    self.idle.wait_for(lambda: self.decoding == 0, timeout=30)
             return 200, {"message": "Generation paused successfully.", "status": "ok"}
         if path == "/continue_generation":
+            self.aborting.clear()
             self.resumed.set()
             return 200, {"message": "Generation continued successfully.", "status": "ok"}
         if path == "/update_weights_from_disk":
@@ -152,6 +166,9 @@ class StandIn:
             else:
                 gens = self.engine.generate(ids, sampling)
             version = self.weight_version
+            with self.idle:
+                self.decoding += 1
+        cut = self._decode(max(len(g.response_ids) for g in gens))
         self.generated_versions.append(version)
         self.inputs += ids
         out = []
@@ -162,6 +179,12 @@ class StandIn:
                     "id": rid, "finish_reason": {"type": "abort", "message": "Abort in waiting queue"},
                     "completion_tokens": 0, "output_token_logprobs": []}})
                 continue
+            if cut is not None and cut < len(g.response_ids):  # aborted while decoding: what it had so far
+                out.append({"text": "", "output_ids": g.response_ids[:cut], "meta_info": {
+                    "id": rid, "finish_reason": {"type": "abort", "message": "Abort before prefill"},
+                    "prompt_tokens": len(prompt), "completion_tokens": cut, "weight_version": version,
+                    "output_token_logprobs": [[lp, t, None] for lp, t in zip(g.logprobs[:cut], g.response_ids[:cut])]}})
+                continue
             reason = ({"type": "stop", "matched": g.response_ids[-1]} if g.finish_reason == "stop"
                       else {"type": "length", "length": len(g.response_ids)})
             out.append({"text": "", "output_ids": g.response_ids, "meta_info": {
@@ -171,6 +194,19 @@ class StandIn:
                 "input_token_logprobs": [[None, prompt[-1], None]]}})
         self.abort_next = 0
         return 200, out
+
+    def _decode(self, longest: int) -> int | None:
+        """Pace a generation (``token_s`` per token); the token an abort-mode pause cut it at, or None."""
+        try:
+            for k in range(longest if self.token_s > 0 else 0):
+                if self.aborting.is_set():
+                    return k
+                time.sleep(self.token_s)
+            return None
+        finally:
+            with self.idle:
+                self.decoding -= 1
+                self.idle.notify_all()
 
     def join_group(self, body):
         """sglang's side of the trainer's group: rank = rank_offset + tp_rank (one TP rank here)."""

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -419,3 +420,71 @@ def test_a_run_where_the_trainer_broadcasts_to_the_server_trains_at_the_trainers
     served = {k: v for k, v in standin.engine.model.named_parameters()}
     trained = load_file(str(run_dir / "checkpoints/final/model.safetensors"))  # step 4, the last
     assert all(torch.equal(served[k], trained[k]) for k in served)
+
+
+# ---------------------------------------------------------------------------- in-flight updates (abort and resume)
+def test_in_flight_an_update_cuts_requests_that_resume_on_the_new_weights_with_each_tokens_version_and_logprob(
+        tiny_model):
+    """rollout.update=in_flight on sglang: an update's abort-mode pause returns every request in flight with what
+    it had; each is sent again as prompt + those tokens and finishes on the new weights. Every token carries
+    the version it ran at, and its logprob is that version's policy (recomputed here)."""
+    from rlflow.engines.hf import load_model, load_parameters, sequence_logprobs
+
+    standin = StandIn(tiny_model, token_s=0.01)  # 10 ms a token: updates land while requests decode
+    try:
+        cfg = RolloutConfig(engine="sglang", update="in_flight", max_batch=8,
+                            sglang=SGLangConfig(url=standin.url, startup_timeout=10))
+        engine = SGLangEngine(tiny_model, cfg)
+        engine.load_weights(model_weights(tiny_model), 0)
+        torch.manual_seed(0)
+        versions = {0: model_weights(tiny_model)}
+        versions[1] = {k: v + torch.randn_like(v) * 0.05 for k, v in versions[0].items()}
+        t0, calls = time.monotonic(), []
+
+        def between(running: int):
+            calls.append(running)
+            if engine.version == 0 and time.monotonic() - t0 > 0.05:
+                engine.load_weights(versions[1], 1)
+
+        prompts = [[5 + i % 7, 6, 7, 8] for i in range(12)]
+        handed: dict[int, object] = {}
+        engine.generate(prompts, SamplingParams(max_new_tokens=16), between=between,
+                        finished=lambda i, g: handed.__setitem__(i, g))
+        assert sorted(handed) == list(range(12)) and engine.version == 1
+        spans = [g for g in handed.values() if g.token_versions[0] == 0 and g.token_versions[-1] == 1]
+        assert spans, "no request was cut by the update"
+        assert all(g.token_versions == sorted(g.token_versions) and set(g.token_versions) <= {0, 1}
+                   for g in handed.values())
+        requests = [b for p, b in standin.calls if p == "/generate"]
+        assert len(requests) > 12  # the cut requests were sent again, each as its prompt and what it had
+        assert all(len(b["input_ids"]) == 1 for b in requests)  # a request per sequence
+        for v, weights in versions.items():
+            model = load_model(tiny_model, "float32", "cpu")
+            load_parameters(model, weights)
+            with torch.no_grad():
+                again = sequence_logprobs(model, [prompts[i] for i in range(12)],
+                                          [handed[i].response_ids for i in range(12)], 1.0, "cpu")
+            pairs = torch.tensor([(g.logprobs[t], float(again[i, t])) for i, g in handed.items()
+                                  for t, tv in enumerate(g.token_versions) if tv == v])
+            assert len(pairs) and torch.allclose(pairs[:, 0], pairs[:, 1], atol=1e-4), v
+    finally:
+        standin.close()
+
+
+def test_a_run_with_in_flight_updates_on_sglang_keeps_every_token_within_the_staleness_bound(tmp_path, tiny_model,
+                                                                                          model_cache):
+    from test_runs import metrics, rlflow
+
+    standin = StandIn(tiny_model, token_s=0.005)
+    try:
+        run_dir = tmp_path / "run"
+        r = rlflow(run_dir, model_cache, "rollout.engine=sglang", f"rollout.sglang.url={standin.url}",
+                   "rollout.update=in_flight", "rollout.max_new_tokens=16", "flow.steps=6", "flow.staleness=1")
+        assert r.returncode == 0, r.stdout + r.stderr
+        rows = metrics(run_dir)
+        assert len(rows) == 6 and all(m["staleness/max"] <= 1 for m in rows)
+        assert all(1 <= m["rollout/versions_spanned_mean"] <= 2 for m in rows)
+        ledger = json.loads((run_dir / "summary.json").read_text())["samples"]
+        assert ledger["issued"] == ledger["trained"] and ledger["issued_not_consumed"] == 0
+    finally:
+        standin.close()

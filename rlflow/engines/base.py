@@ -15,7 +15,7 @@ registers its cleanup with ``rlflow.transfer.lifetime.at_exit``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # annotations only: configs import SamplingParams without torch
@@ -31,6 +31,28 @@ class Generation:
     finish_reason: str  # "stop" | "length"
     version: int | None = None  # the policy version that generated it, when the engine knows (else the role's)
     token_versions: list[int] | None = None  # [T] the version of each token (rollout.update=in_flight)
+
+
+@dataclass
+class Sequence:
+    """A sequence an engine generates in steps (continuous decoding, resumed requests): what it has sampled
+    so far, each token with its logprob and the policy version it came from."""
+
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # the version of the logits each token was sampled from
+    finish: str | None = None  # "stop" | "length" once it ended
+    handed: bool = False  # given to ``finished``: nothing of it is kept once its row leaves the batch
+
+    def add(self, token: int, logprob: float, version: int) -> None:
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        self.versions.append(version)
+
+    def generation(self) -> Generation:
+        return Generation(self.tokens, self.logprobs, self.finish or "length",
+                          version=self.versions[0] if self.versions else None, token_versions=self.versions)
 
 
 @dataclass

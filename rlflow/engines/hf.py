@@ -22,14 +22,14 @@ import inspect
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from rlflow.algo import segments
 from rlflow.engines import fsdp, lora
-from rlflow.engines.base import Generation, SamplingParams
+from rlflow.engines.base import Generation, SamplingParams, Sequence
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -150,27 +150,6 @@ def _sample(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator
     else:
         tokens = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
-
-
-@dataclass
-class _Sequence:
-    """One sequence of a continuous batch (``HFRolloutEngine._stream``): what it has sampled so far."""
-
-    prompt: list[int]
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)  # the version of the logits each token was sampled from
-    finish: str | None = None  # "stop" | "length" once it ended
-    handed: bool = False  # given to ``finished``: nothing of it is kept once its row leaves the batch
-
-    def add(self, token: int, logprob: float, version: int) -> None:
-        self.tokens.append(token)
-        self.logprobs.append(logprob)
-        self.versions.append(version)
-
-    def generation(self) -> Generation:
-        return Generation(self.tokens, self.logprobs, self.finish or "length",
-                          version=self.versions[0] if self.versions else None, token_versions=self.versions)
 
 
 @dataclass
@@ -324,7 +303,7 @@ class HFRolloutEngine:
         pass over each live sequence so far, so the next logits are exactly the new policy's; under
         keep an update costs nothing and the next pass attends to keys and values the older weights
         computed. Every token records the version of the logits it was sampled from."""
-        seqs: dict[int, _Sequence] = {}  # the sequences not handed over, by index
+        seqs: dict[int, Sequence] = {}  # the sequences not handed over, by index
         queue: list[int] = []  # sequences waiting for room in the batch
         stops, refill = set(self.stop_ids.tolist()), max(1, self.max_batch // 4)
         count = 0  # sequences so far: the next one's index
@@ -333,7 +312,7 @@ class HFRolloutEngine:
             nonlocal count
             for p in new or ():
                 queue.append(count)
-                seqs[count] = _Sequence(p)
+                seqs[count] = Sequence(p)
                 count += 1
 
         def open_(rows: list[int]) -> _Batch:

@@ -1,5 +1,8 @@
 """The sglang rollout engine (``rollout.engine=sglang``): generation on an sglang server, over its HTTP API.
 
+rollout.update=in_flight: a request per sequence, an update's pause cutting those in flight and each
+resumed from what it had on the new weights (``_stream``).
+
 Each rollout replica drives one sglang server: one it launches on its own GPU(s) (``rollout.sglang.url``
 null; needs the ``sglang`` extra) or one already running (``rollout.sglang.url``). The engine knows
 nothing of the bus; the rollout role calls ``generate`` and, between calls, ``load_weights``.
@@ -61,12 +64,15 @@ from pathlib import Path
 
 import torch
 
-from rlflow.engines.base import Generation, SamplingParams
+from rlflow.engines.base import Generation, SamplingParams, Sequence
 from rlflow.engines.config import SGLangConfig
 from rlflow.transfer.lifetime import at_exit
 from rlflow.transfer.lifetime import die_with_parent
-from rlflow.engines.sglang_api import (SGLangClient, SGLangError, generate_request, parse_generation, rids_for,
-                              update_group)
+from rlflow.engines.sglang_api import (SGLangClient, SGLangError, generate_request, parse_generation, parse_output,
+                                       rids_for, update_group)
+
+
+STREAM_POLL_S = 0.02  # rollout.update=in_flight: how often ``between`` runs while no request comes back
 
 
 # ---------------------------------------------------------------------------- weight updates
@@ -126,6 +132,7 @@ class SGLangEngine:
         self.adapter: str | None = None  # the loaded adapter every generate names (LoRA)
         self.loaded: list[str] = []  # the adapters this engine loaded on the server and has not unloaded
         self.model_path, self.dtype, self.seed, self.device = model_path, cfg.dtype, cfg.seed, cfg.device
+        self.max_inflight = cfg.max_batch  # rollout.update=in_flight: sequences in flight on the server at once
         self.stop_ids = stop_token_ids(model_path)
         self.server: subprocess.Popen | None = None
         self.log_path: str | None = None
@@ -150,7 +157,11 @@ class SGLangEngine:
         at_exit(self.close)  # a stopped replica leaves no server and no snapshot in memory
 
     # -------------------------------------------------------------- the interface
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, between=None,
+                 finished=None) -> list[Generation | None]:
+        """One batched request (with ``between``, rollout.update=in_flight: ``_stream``)."""
+        if between is not None:
+            return self._stream(prompts, sampling, between, finished)
         if self.lora is not None and self.adapter is None:  # the base alone is no version of this run's policy
             raise SGLangError(f"no LoRA adapter is loaded on {self.client.url}: no version came yet, or the last "
                               f"update failed part-way")
@@ -173,6 +184,85 @@ class SGLangEngine:
             todo = again
         raise SGLangError(f"the server aborted {len(todo)} sequences {self.cfg.max_retries + 1} times "
                           f"(rollout.sglang.max_retries): is another client pausing it?")
+
+    def _stream(self, prompts: list[list[int]], sampling: SamplingParams, between, finished) -> list[Generation | None]:
+        """rollout.update=in_flight on sglang: abort and resume (engines/base.py has the contract).
+
+        Every sequence is a request of its own, up to ``max_inflight`` at once (sglang batches them
+        continuously), so each is handed to ``finished`` as it ends. Between results ``between`` runs:
+        a new version goes in by the usual sequence (``load_weights``: abort-mode pause, update, flush,
+        continue), which returns every request in flight aborted, with what it had generated; each is
+        sent again as its prompt and those tokens, for the tokens left, and runs on the new weights.
+        No request spans an update, so each token's version is the weight version its request ran at
+        (checked to be a version this engine installed), and its logprob is exactly that policy's (the
+        server recomputes the prefix: the KV cache was flushed). A sequence aborted ``max_retries``
+        times in a row with nothing generated fails the call, as in ``generate``."""
+        from collections import deque
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        if self.lora is not None and self.adapter is None:
+            raise SGLangError(f"no LoRA adapter is loaded on {self.client.url}: no version came yet, or the last "
+                              f"update failed part-way")
+        seqs: dict[int, Sequence] = {}
+        idle: dict[int, int] = {}  # sequence -> aborts in a row that gave it no token
+        queue: deque[int] = deque()
+        count = 0
+
+        def add(new) -> None:
+            nonlocal count
+            for p in new or ():
+                seqs[count] = Sequence(p)
+                queue.append(count)
+                count += 1
+
+        add(prompts)
+        running: dict = {}  # future -> sequence
+        pool = ThreadPoolExecutor(max_workers=self.max_inflight, thread_name_prefix="rlflow-sglang")
+        try:
+            while running or queue:
+                while queue and len(running) < self.max_inflight:
+                    i = queue.popleft()
+                    s = seqs[i]
+                    self.calls += 1
+                    left = SamplingParams(sampling.max_new_tokens - len(s.tokens), sampling.temperature,
+                                          sampling.top_p, sampling.top_k)
+                    request = generate_request([s.prompt + s.tokens], left, self.stop_ids,
+                                               rids_for(self.prefix, self.calls, 1), self.adapter)
+                    running[pool.submit(self.client.generate, request)] = i
+                done, _ = wait(list(running), timeout=STREAM_POLL_S, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i = running.pop(future)
+                    self._took(seqs[i], future.result(), idle, i, sampling.max_new_tokens)
+                    if seqs[i].finish is None:
+                        queue.appendleft(i)  # aborted: resumed from what it had generated
+                    elif finished is not None:
+                        finished(i, seqs.pop(i).generation())
+                add(between(len(running) + len(queue)))
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return [seqs[i].generation() if i in seqs else None for i in range(count)]
+
+    def _took(self, s: Sequence, items: list[dict], idle: dict, i: int, budget: int) -> None:
+        """Add one request's result to its sequence (a finish, or an abort's partial output)."""
+        if len(items) != 1:
+            raise SGLangError(f"/generate returned {len(items)} results for 1 prompt")
+        kind, ids, logprobs, served = parse_output(items[0])
+        if ids and (not served.isdigit() or int(served) > self.version):
+            raise SGLangError(f"/generate ran at weight version {served!r}, which this engine (at {self.version}) did "
+                              f"not install: another client updated the server")
+        for token, logprob in zip(ids, logprobs):
+            s.add(token, logprob, int(served))
+        if kind != "abort":
+            s.finish = kind
+        elif not ids:
+            idle[i] = idle.get(i, 0) + 1
+            if idle[i] > self.cfg.max_retries:
+                raise SGLangError(f"the server aborted a sequence {idle[i]} times in a row before it generated a token "
+                                  f"(rollout.sglang.max_retries): is another client pausing it?")
+        else:
+            idle.pop(i, None)
+        if kind == "abort" and len(s.tokens) >= budget:
+            s.finish = "length"  # aborted as its last token came
 
     def wait_version(self, need: int, timeout: float) -> None:
         """update=distributed: until the trainer has installed version >= ``need`` on the server (bounded)."""

@@ -170,23 +170,23 @@ def generate_request(prompts: list[list[int]], sampling: SamplingParams, stop_id
     return request
 
 
-def parse_generation(item: dict, expect_version: str | None) -> Generation | None:
-    """A /generate result as a Generation; None when the server aborted it (send it again).
+def parse_output(item: dict) -> tuple[str, list[int], list[float], str]:
+    """A /generate result as (finish kind, output token ids, their logprobs, the weight version it ran at).
 
-    Checks what the rest of the system relies on: one logprob per output token, for that token, and the
-    weight version the engine installed (``expect_version``; None: no check).
-    """
+    Checks what the rest of the system relies on: one logprob per output token, for that token. An
+    aborted result (kind ``abort``) carries what was generated before the abort: nothing when it was
+    aborted in the waiting queue."""
     meta = item.get("meta_info")
     if not isinstance(meta, dict) or "finish_reason" not in meta:
         raise SGLangError(f"/generate returned an item without meta_info.finish_reason: {str(item)[:300]}")
     reason = meta["finish_reason"] or {}
     kind = reason.get("type") if isinstance(reason, dict) else str(reason)
-    if kind == "abort":
-        return None
-    if kind not in ("stop", "length"):
+    if kind not in ("stop", "length", "abort"):
         raise SGLangError(f"/generate finished with an unknown reason {reason!r}")
     ids = item.get("output_ids")
     logprobs = meta.get("output_token_logprobs")
+    if kind == "abort" and not ids:
+        ids, logprobs = [], []
     if ids is None or logprobs is None:
         raise SGLangError("/generate returned no output_ids or output_token_logprobs: was return_logprob sent?")
     if len(logprobs) != len(ids):
@@ -194,12 +194,19 @@ def parse_generation(item: dict, expect_version: str | None) -> Generation | Non
     for entry, token in zip(logprobs, ids):
         if entry[1] != token:
             raise SGLangError(f"/generate logprob entry {entry!r} is for token {entry[1]}, the output has {token}")
-    served = str(meta.get("weight_version"))
+    return kind, [int(t) for t in ids], [float(e[0]) for e in logprobs], str(meta.get("weight_version"))
+
+
+def parse_generation(item: dict, expect_version: str | None) -> Generation | None:
+    """A /generate result as a Generation; None when the server aborted it (send it again). The weight
+    version it ran at must be the one the engine installed (``expect_version``; None: no check)."""
+    kind, ids, logprobs, served = parse_output(item)
+    if kind == "abort":
+        return None
     if expect_version is not None and served != expect_version:
         raise SGLangError(f"/generate ran at weight version {served!r} but this engine "
                           f"installed {expect_version!r}: another client updated the server, or an update was lost")
-    return Generation([int(t) for t in ids], [float(e[0]) for e in logprobs], kind,
-                      int(served) if served.isdigit() else None)
+    return Generation(ids, logprobs, kind, int(served) if served.isdigit() else None)
 
 
 def rids_for(prefix: str, call: int, n: int) -> list[str]:

@@ -411,9 +411,13 @@ class RunConfig:
         require(r.update != "in_flight" or not self.env.enabled, "rollout.update",
                 "episodes (env.cls) take new weights between turns, and their tokens record their versions "
                 "already; in_flight is for single-turn runs: set rollout.update=between_calls")
-        require(r.update != "in_flight" or r.engine != "sglang", "rollout.update",
-                "the sglang engine takes new weights between generate calls only: set rollout.update=between_calls "
-                "(in_flight runs on the hf engine and on engines whose generate takes between=)")
+        require(r.update != "in_flight" or r.engine != "sglang" or r.sglang.update != "distributed", "rollout.update",
+                "with rollout.sglang.update=distributed the trainer installs versions on the servers itself, so a "
+                "rollout cannot resume what an update cut: set rollout.sglang.update=disk (or tensor), or "
+                "rollout.update=between_calls")
+        require(r.update != "in_flight" or r.engine != "sglang" or not a.lora.enabled, "rollout.update",
+                "sglang takes LoRA adapters between calls only (a request names its adapter): set "
+                "rollout.update=between_calls")
         require(not d.filter_groups or self.flow.staleness is not None, "data.filter_groups",
                 "replacements are scheduled for the step that dropped a group, and a step takes only its own "
                 "groups under a staleness bound: set flow.staleness (e.g. 1) or data.filter_groups=false")
