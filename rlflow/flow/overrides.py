@@ -35,10 +35,11 @@ RESUMABLE = (
     "actor.padding_free", "actor.attn_implementation", "actor.lora.final",
     "sync.sparse", "sync.compress", "sync.values", "sync.fanout", "sync.chunk_kb", "sync.window", "sync.hop_timeout",
     "sync.keyframe_ratio", "sync.uplink_mb_s",
+    "eval.",
 )
 """Settings a resume may change (a trailing dot: everything under it). Each changes how long (more steps),
 how fast or where (replicas, threads, devices, batching of work, the weight transport, which is bit-exact
-whatever its settings), or how observably (tracking) the run goes, but not the samples' distribution or
+whatever its settings), or how observably (tracking, periodic evaluation) the run goes, but not the samples' distribution or
 the update rule: a resumed run with them changed is still the experiment it was."""
 
 
