@@ -154,3 +154,18 @@ def test_report_command_writes_elsewhere_and_prints_json(run, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "rlflow.flow.cli", "report", str(tmp_path / "nothing")], cwd=REPO,
                              env=env(), capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "holds no metrics.jsonl" in missing.stdout
+
+
+def test_the_reward_figure_draws_each_data_source_and_each_held_out_evaluation():
+    from rlflow.flow.observe import plots
+
+    metrics = [{"step": s, "reward/mean": 0.1 * s, "reward/std": 0.0, "source/math/reward_mean": 0.2,
+                "source/rev/reward_mean": 0.01 * s} for s in range(1, 5)]
+    evals = [{"step": 2, "eval/reward/mean": 0.3, "eval/reward/mean_ci95": 0.05, "eval/pass@1": 0.1},
+             {"step": 4, "eval/reward/mean": 0.4, "eval/reward/mean_ci95": 0.04, "eval/pass@1": 0.2}]
+    fig = plots.figures(metrics, {}, {}, evals=evals)["reward"]
+    lines = {ln.get_label(): list(ln.get_ydata()) for ln in fig.axes[0].get_lines()}
+    assert lines["source math, rolling 10 steps"] == pytest.approx([0.2] * 4)
+    assert lines["source rev, rolling 10 steps"] == pytest.approx([0.01, 0.015, 0.02, 0.025])
+    assert lines["held-out eval: pass@1"] == pytest.approx([0.1, 0.2])
+    assert any(ln.get_label() == "held-out eval: mean reward, 95% interval" for ln in fig.axes[0].containers)

@@ -1,6 +1,7 @@
 """The run's figures, drawn from what it logged (metrics.jsonl, timeline.jsonl): one PNG per question.
 
-    reward.png       is it learning?               reward mean per step, ±1 std across the step's samples
+    reward.png       is it learning?               reward mean per step, ±1 std across the step's samples; per
+                                                   data source (data.sources) and held-out evaluations when logged
     staleness.png    how off-policy are samples?   per-sample staleness histogram (the bound k marked), per step
     offpolicy.png    is the signal healthy?        ESS / samples per step, and the effective learning rate
     throughput.png   how fast, and who waits?      samples/s, the trainer's seconds per step: training vs waiting
@@ -64,6 +65,10 @@ def draw_reward(ax, metrics: list[dict], events=(), evals=()) -> None:
     ax.fill_between(steps, lo, hi, color="#4C72B0", alpha=0.15, linewidth=0, label="±1 std across samples")
     ax.plot(steps, mean, color="#4C72B0", alpha=0.45, linewidth=0.8, label="mean per step")
     ax.plot(steps, rolling(mean), color="#1F3F7A", linewidth=2, label=f"mean, rolling {SMOOTH} steps")
+    sources = sorted({k.split("/")[1] for m in metrics for k in m if k.startswith("source/") and k.endswith("/reward_mean")})
+    for name in sources:  # a mixture (data.sources): each source's rolling mean
+        at, values = series(metrics, f"source/{name}/reward_mean")
+        ax.plot(at, rolling(values), linewidth=1.2, linestyle="-.", label=f"source {name}, rolling {SMOOTH} steps")
     held = [e for e in evals if e.get("eval/reward/mean") is not None]
     if held:
         ax.errorbar([e["step"] for e in held], [e["eval/reward/mean"] for e in held],
