@@ -8,8 +8,10 @@ responses most of the batch sits finished while a few sequences run on. Here the
   version whose patch has already arrived (``rollout.in_flight_hook``), renews the leases of the rows
   being generated, and, when at least a quarter of the in-flight target is free, takes more whole
   groups off the bus without waiting and hands their prompts to the engine;
-- the engine hands each sequence over as it ends (``finished``), and a group is put on the bus as soon
-  as its last sample has ended, so the trainer gets it without waiting for the call's longest.
+- the engine hands each sequence over as it ends (``finished``), and a group is ready as soon as its last
+  sample has ended, so the trainer gets it without waiting for the call's longest. Ready groups are put
+  together (``flush``) once a quarter of ``groups_per_call`` is ready or the oldest has waited
+  ``LINGER_S``: a put per group would have the reward role score a few samples per call.
 
 The in-flight target is ``groups_per_call`` groups, at most ``max_batch`` sequences. A delivery is
 acked once all of its groups are put. Staleness: a group is handed to the engine only once the weights
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 
 from rlflow.roles import reports, schema
 from rlflow.roles.context import IDLE_WAIT_S, RoleContext, ack_work, next_rows, renew_leases
+
+LINGER_S = 0.05  # longest a ready group waits for others to share its put (the trainer waits that much at most)
 
 
 @dataclass
@@ -48,6 +52,9 @@ def serve_in_flight(cfg, ctx: RoleContext, engine, synced) -> None:
     order: dict[int, tuple[int, int]] = {}  # the engine's sequence index -> (delivery key, row), until handed over
     busy = {"since": time.time()}  # generating since the last put (its span and WORK report)
     next_key = iter(range(1 << 62))
+    ready: list[tuple[int, list[int]]] = []  # (delivery key, rows) of groups ended and not yet put
+    first_ready = {"at": 0.0}  # when the oldest of them ended
+    enough = max(1, cfg.groups_per_call // 4)
     numbered = {"next": 0}  # the index the engine gives the next sequence handed to it in this call
 
     def take(groups: int, timeout: float) -> list[list[int]]:
@@ -66,7 +73,22 @@ def serve_in_flight(cfg, ctx: RoleContext, engine, synced) -> None:
         numbered["next"] = first + len(d)
         return d.table.column("prompt_ids").to_pylist()
 
+    def flush(force: bool = False) -> None:
+        """Put the ready groups in one put, when enough are ready, the oldest waited LINGER_S, or ``force``."""
+        if not ready or not (force or len(ready) >= enough or time.monotonic() - first_ready["at"] >= LINGER_S):
+            return
+        _put(ctx, [(state[key].delivery, rows, [state[key].gens[r] for r in rows]) for key, rows in ready], busy)
+        for key, rows in ready:
+            t = state[key]
+            t.left -= len(rows)
+            taken[key] = (t.delivery, t.left)
+            if t.left == 0:
+                ack_work(ctx, t.delivery)
+                del state[key], taken[key]
+        ready.clear()
+
     def between(running: int) -> list[list[int]] | None:
+        flush()
         synced()
         renew_leases(ctx, taken)
         room = target - running
@@ -79,12 +101,9 @@ def serve_in_flight(cfg, ctx: RoleContext, engine, synced) -> None:
         group = t.groups[t.group_of[row]]
         if any(t.gens[r] is None for r in group):
             return
-        _put(ctx, t.delivery, group, [t.gens[r] for r in group], busy)
-        t.left -= len(group)
-        taken[key] = (t.delivery, t.left)
-        if t.left == 0:
-            ack_work(ctx, t.delivery)
-            del state[key], taken[key]
+        if not ready:
+            first_ready["at"] = time.monotonic()
+        ready.append((key, group))
 
     ctx.report(reports.READY)
     while True:
@@ -99,14 +118,19 @@ def serve_in_flight(cfg, ctx: RoleContext, engine, synced) -> None:
         for index, g in enumerate(gens):  # an engine that hands nothing over as it goes: everything now
             if g is not None and index in order:
                 finished(index, g)
+        flush(force=True)
 
 
-def _put(ctx: RoleContext, d, rows: list[int], gens: list, busy: dict) -> None:
-    """Put one finished group's samples; the time since the last put is a ``generate`` span of the group's
-    samples (one span per call would stay open for as long as the engine never stops, and the trace
-    and the capacity advice would see nothing of it until then)."""
-    uids = d.uids
-    row = {"uid": [uids[r] for r in rows], "response_ids": [g.response_ids for g in gens],
+def _put(ctx: RoleContext, groups: list[tuple], busy: dict) -> None:
+    """Put finished groups' samples in one put (``groups``: (delivery, its rows, their generations) each);
+    the time since the last put is a ``generate`` span of them (one span per call would stay open for
+    as long as the engine never stops, and the trace and the capacity advice would see nothing of it)."""
+    uids, gens = [], []
+    for d, rows, group_gens in groups:
+        delivered = d.uids
+        uids += [delivered[r] for r in rows]
+        gens += group_gens
+    row = {"uid": uids, "response_ids": [g.response_ids for g in gens],
            "rollout_logprobs": [g.logprobs for g in gens], "finish_reason": [g.finish_reason for g in gens],
            **token_versions(gens)}
     ctx.bus.put(row, missing="skip")
