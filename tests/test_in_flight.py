@@ -104,7 +104,7 @@ def test_continuous_decoding_hands_each_sequence_over_as_it_ends_and_takes_promp
     first, later = prompts[:12], prompts[12:]  # 12 > max_batch: 4 wait from the start
     rows: list[int] = []
     prefill = engine._prefill
-    engine._prefill = lambda seqs: (rows.append(len(seqs)), prefill(seqs))[1]  # observe each rebuild's rows
+    engine._prefill = lambda seqs, at: (rows.append(len(seqs)), prefill(seqs, at))[1]  # observe each prefill's rows
     calls: list[int] = []
     handed: dict[int, tuple] = {}
 

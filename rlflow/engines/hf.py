@@ -238,9 +238,9 @@ class HFRolloutEngine:
             out += self._generate(prompts[i : i + self.max_batch], sampling)
         return out
 
-    def _prefill(self, sequences: list[list[int]]):
+    def _prefill(self, sequences: list[list[int]], rows: list[int]) -> _Batch:
         """One forward pass over ``sequences``, left-padded so every row's next token is at the same
-        column, filling a fresh KV cache; returns (output, attention mask, positions)."""
+        column, filling a fresh KV cache: the batch of them (``rows``: the sequence in each row)."""
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(sequences), width, dtype=torch.long)
@@ -250,15 +250,7 @@ class HFRolloutEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self.last_logits)
-        return out, mask, positions
-
-    def _step(self, out, tok: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
-        """One decode step: ``tok`` [B] appended to each row; returns (output, mask, positions)."""
-        mask = torch.cat([mask, torch.ones(len(tok), 1, dtype=mask.dtype, device=self.device)], 1)
-        positions = positions[:, -1:] + 1
-        out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=positions,
-                         **{self.cache_arg: out[self.cache_arg]}, use_cache=True)
-        return out, mask, positions
+        return _Batch(rows, out[self.cache_arg], mask, positions[:, -1], out.logits[:, -1])
 
     def _generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Generation]:
         """Decode one batch at the current version until every row stopped or reached max_new_tokens."""
@@ -267,16 +259,16 @@ class HFRolloutEngine:
         logps = torch.zeros(b, sampling.max_new_tokens, device=self.device)
         lengths = torch.full((b,), sampling.max_new_tokens, dtype=torch.long, device=self.device)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        out, mask, positions = self._prefill(prompts)
+        batch = self._prefill(prompts, list(range(b)))
         for t in range(sampling.max_new_tokens):
-            tok, logp = _sample(out.logits[:, -1], sampling, self.gen)
+            tok, logp = _sample(batch.logits, sampling, self.gen)
             tokens[:, t], logps[:, t] = tok, logp
             stopped = ~done & torch.isin(tok, self.stop_ids)
             lengths[stopped] = t + 1
             done |= stopped
             if bool(done.all()) or t + 1 == sampling.max_new_tokens:
                 break
-            out, mask, positions = self._step(out, tok, mask, positions)
+            self._advance(batch, tok)
         tokens, logps, lengths = tokens.tolist(), logps.tolist(), lengths.tolist()
         done = done.tolist()
         return [Generation(tokens[i][: lengths[i]], logps[i][: lengths[i]], "stop" if done[i] else "length",
@@ -316,8 +308,7 @@ class HFRolloutEngine:
                 count += 1
 
         def open_(rows: list[int]) -> _Batch:
-            out, mask, positions = self._prefill([seqs[i].prompt + seqs[i].tokens for i in rows])
-            return _Batch(rows, out[self.cache_arg], mask, positions[:, -1], out.logits[:, -1])
+            return self._prefill([seqs[i].prompt + seqs[i].tokens for i in rows], rows)
 
         def forget(rows: list[int]) -> None:  # rows that left the batch: drop those handed over
             for i in rows:
@@ -344,10 +335,11 @@ class HFRolloutEngine:
                 if queue and room >= min(refill, len(queue)):
                     joining = queue[:room]
                     del queue[:room]
-                    if not batch.spliceable():  # rebuilt from the live rows and the joining ones
+                    if batch.spliceable():
+                        batch = batch.join(open_(joining))
+                    else:  # rebuilt from the live rows and the joining ones
                         forget([i for i in batch.rows if seqs[i].finish is not None])
-                    batch = batch.join(open_(joining)) if batch.spliceable() else \
-                        open_([i for i in batch.rows if seqs[i].finish is None] + joining)
+                        batch = open_([i for i in batch.rows if seqs[i].finish is None] + joining)
             tok, logp = _sample(batch.logits, sampling, self.gen)
             for i, t, lp in zip(batch.rows, tok.tolist(), logp.tolist()):
                 s = seqs[i]

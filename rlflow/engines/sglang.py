@@ -32,7 +32,8 @@ and another adapter's requests never run on this one. Until the new adapter is i
 a load failed) ``generate`` refuses: the bare base is no version of the run's policy. The server is
 launched with ``--enable-lora``, the run's rank and target modules; a server at ``rollout.sglang.url``
 must report them (``require_lora_server``), and ``close`` unloads what this engine loaded there.
-Adapters travel as files, never through sglang's from-tensors route, which unpickles what it is sent. With update=distributed the trainer runs the same
+Adapters travel as files, never through sglang's from-tensors route, which unpickles what it is sent.
+With update=distributed the trainer runs the same
 sequence itself for every server (``WeightBroadcaster``), broadcasting the tensors through a process
 group the servers joined, and the replica only waits for the version it needs and reads each sample's
 version from the response. Only ``abort`` pauses: sglang flushes its cache only
@@ -162,9 +163,7 @@ class SGLangEngine:
         """One batched request (with ``between``, rollout.update=in_flight: ``_stream``)."""
         if between is not None:
             return self._stream(prompts, sampling, between, finished)
-        if self.lora is not None and self.adapter is None:  # the base alone is no version of this run's policy
-            raise SGLangError(f"no LoRA adapter is loaded on {self.client.url}: no version came yet, or the last "
-                              f"update failed part-way")
+        self._require_adapter()
         out: list[Generation | None] = [None] * len(prompts)
         todo = list(range(len(prompts)))
         for attempt in range(self.cfg.max_retries + 1):
@@ -200,9 +199,7 @@ class SGLangEngine:
         from collections import deque
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-        if self.lora is not None and self.adapter is None:
-            raise SGLangError(f"no LoRA adapter is loaded on {self.client.url}: no version came yet, or the last "
-                              f"update failed part-way")
+        self._require_adapter()
         seqs: dict[int, Sequence] = {}
         idle: dict[int, int] = {}  # sequence -> aborts in a row that gave it no token
         queue: deque[int] = deque()
@@ -241,6 +238,12 @@ class SGLangEngine:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         return [seqs[i].generation() if i in seqs else None for i in range(count)]
+
+    def _require_adapter(self) -> None:
+        """With LoRA, refuse to generate while no adapter is in: the base alone is no version of the run's policy."""
+        if self.lora is not None and self.adapter is None:
+            raise SGLangError(f"no LoRA adapter is loaded on {self.client.url}: no version came yet, or the last "
+                              f"update failed part-way")
 
     def _took(self, s: Sequence, items: list[dict], idle: dict, i: int, budget: int) -> None:
         """Add one request's result to its sequence (a finish, or an abort's partial output)."""

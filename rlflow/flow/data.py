@@ -2,7 +2,8 @@
 
 A user's file (``data.path``: .jsonl, one JSON object per line, .parquet, or a directory a Hugging Face
 ``datasets`` Dataset or DatasetDict was saved to with ``save_to_disk``: its Arrow files are read with
-pyarrow, so the ``datasets`` package is not needed) is read whole when the run starts, in the launcher, so a malformed line fails the run before a process is started, with the file
+pyarrow, so the ``datasets`` package is not needed) is read whole when the run starts, in the launcher,
+so a malformed line fails the run before a process is started, with the file
 and its line number (1-based, blank lines counted, as an editor shows them) and what is wrong there.
 Every record must be an object holding ``data.prompt_key`` as non-empty text; its other fields reach
 the reward function. The prompts are then tokenized once with the run's tokenizer (``check_tokens``):

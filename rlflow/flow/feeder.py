@@ -144,24 +144,28 @@ class Feeder:
         rows: dict[str, list] = {k: [] for k in ROW_KEYS}
         for i in range(self.issued, target):
             record = self._next(self.records)  # group i gets record i, issued or not: the stream stays aligned
-            if i in self.done:
-                continue
-            ids = self.tokenize(record["prompt"])
-            if self.curriculum is not None:
-                self.prompt_of[f"g{i}"] = record["prompt"]
-            step = i // self.groups_per_step
-            min_version = 0 if self.staleness is None else max(0, step - self.staleness)
-            for j in range(self.group_size):
-                rows["uid"].append(uid(i, j, self.epoch, self.nonce))
-                rows["group_id"].append(group_id(i, self.epoch, self.nonce))
-                rows["prompt_ids"].append(ids)
-                rows["fields"].append(json.dumps(record, default=str))
-                rows["target_step"].append(step)
-                rows["min_version"].append(min_version)
-                rows["data_source"].append(record.get(SOURCE_KEY))
+            if i not in self.done:
+                self._group(rows, f"g{i}", record, i // self.groups_per_step)
         if rows["uid"]:
             bus.put(self._columns(rows), timeout=self.wait_seconds)
         self.issued = target
+
+    def _group(self, rows: dict[str, list], name: str, record: dict, step: int) -> None:
+        """Add the rows of group ``name`` (``g<i>``, or a replacement's ``r<s>.<j>``) for ``step``: group id
+        ``<name>@<epoch>.<nonce>``, sample j's uid ``<name>-<j>@<epoch>.<nonce>`` (``_issue_tag``; a run's ids
+        carry its random nonce, so none is known before it is issued)."""
+        tag, ids, fields = _issue_tag(self.epoch, self.nonce), self.tokenize(record["prompt"]), json.dumps(record, default=str)
+        if self.curriculum is not None:
+            self.prompt_of[name] = record["prompt"]
+        min_version = 0 if self.staleness is None else max(0, step - self.staleness)
+        for j in range(self.group_size):
+            rows["uid"].append(f"{name}-{j}{tag}")
+            rows["group_id"].append(f"{name}{tag}")
+            rows["prompt_ids"].append(ids)
+            rows["fields"].append(fields)
+            rows["target_step"].append(step)
+            rows["min_version"].append(min_version)
+            rows["data_source"].append(record.get(SOURCE_KEY))
 
     def _columns(self, rows: dict[str, list]) -> dict[str, list]:
         """The rows as put: ``data_source`` only for a mixture (any other record's field of that name stays
@@ -185,24 +189,11 @@ class Feeder:
     def _replace(self, bus: BusClient, step: int, groups: int) -> None:
         """Put ``groups`` replacement groups for ``step`` (ids ``r<step>.<j>``), records from the second stream."""
         rows: dict[str, list] = {k: [] for k in ROW_KEYS}
-        min_version = 0 if self.staleness is None else max(0, step - self.staleness)
         for _ in range(groups):
             j = self.per_step.get(step, 0)
             self.per_step[step] = j + 1
-            record = self._next(self.replacements)
-            ids = self.tokenize(record["prompt"])
-            gid = replacement_id(step, j, self.epoch, self.nonce)
-            if self.curriculum is not None:
-                self.prompt_of[logical_group(gid)] = record["prompt"]
-            for k in range(self.group_size):
-                rows["uid"].append(f"{gid.partition('@')[0]}-{k}{_issue_tag(self.epoch, self.nonce)}")
-                rows["group_id"].append(gid)
-                rows["prompt_ids"].append(ids)
-                rows["fields"].append(json.dumps(record, default=str))
-                rows["target_step"].append(step)
-                rows["min_version"].append(min_version)
-                rows["data_source"].append(record.get(SOURCE_KEY))
-            self.replaced.add(logical_group(gid))
+            self._group(rows, f"r{step}.{j}", self._next(self.replacements), step)
+            self.replaced.add(f"r{step}.{j}")
         bus.put(self._columns(rows), timeout=self.wait_seconds)
 
 
@@ -215,22 +206,6 @@ def _issue_tag(epoch: int, nonce: str) -> str:
     if not nonce:
         return f"@{epoch}" if epoch else ""
     return f"@{epoch}.{nonce}"
-
-
-def group_id(group: int, epoch: int = 0, nonce: str = "") -> str:
-    """The id of the ``group``-th group of the run, as issued after the ``epoch``-th rewind:
-    ``g<i>@<epoch>.<nonce>``; a run's ids carry its random ``nonce``, so none is known before it is issued."""
-    return f"g{group}{_issue_tag(epoch, nonce)}"
-
-
-def uid(group: int, sample: int, epoch: int = 0, nonce: str = "") -> str:
-    """The uid of sample ``sample`` of the ``group``-th group: ``g<i>-<j>@<epoch>.<nonce>``."""
-    return f"g{group}-{sample}{_issue_tag(epoch, nonce)}"
-
-
-def replacement_id(step: int, j: int, epoch: int = 0, nonce: str = "") -> str:
-    """The id of the ``j``-th replacement group of ``step`` (dynamic sampling): ``r<step>.<j>@<epoch>.<nonce>``."""
-    return f"r{step}.{j}{_issue_tag(epoch, nonce)}"
 
 
 def logical_group(group_id_: str) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,7 +44,7 @@ class PeriodicEval:
         self.cfg, self.run_dir, self.say = cfg, Path(run_dir), say
         self.queue: deque[int] = deque()  # steps due, oldest first
         self.linked: set[int] = set()  # queued steps whose checkpoint is linked into eval/ already
-        self.running: tuple[int, subprocess.Popen, float] | None = None  # (step, process, when its wait began)
+        self.running: tuple[int, subprocess.Popen] | None = None  # (step, its evaluation's process)
         self.waiting_since: float | None = None  # the head of the queue's checkpoint not there yet since
         self.pending: dict = {}  # the newest results not yet written into a metrics.jsonl line
         self.last: dict | None = None
@@ -86,7 +87,7 @@ class PeriodicEval:
             if step in self.linked:
                 self.queue.popleft()
                 self.waiting_since = None
-                self.running = (step, self._start(step), time.monotonic())
+                self.running = (step, self._start(step))
             elif self.waiting_since is None:
                 self.waiting_since = time.monotonic()
             elif time.monotonic() - self.waiting_since > self.cfg.flow.wait_seconds:
@@ -98,8 +99,6 @@ class PeriodicEval:
 
     def _link(self, step: int) -> None:
         """Hard-link the checkpoint's files into eval/ (copied where the filesystem has no hard links)."""
-        import shutil
-
         target = self.linked_checkpoint(step)
         shutil.rmtree(target, ignore_errors=True)
         try:
@@ -127,13 +126,9 @@ class PeriodicEval:
     def rewind(self, step: int) -> None:
         """Drop the evaluations of steps after ``step`` (a rewind trains them again): queued, running, their
         lines in eval.jsonl, and results not yet in a metrics.jsonl line."""
-        import shutil
-
         self.queue = deque(s for s in self.queue if s <= step)
         if self.running is not None and self.running[0] > step:
-            self.running[1].kill()
-            self.running[1].wait()
-            self.running = None
+            self.close()
         for s in [s for s in self.linked if s > step]:
             self.linked.discard(s)
             shutil.rmtree(self.linked_checkpoint(s), ignore_errors=True)
@@ -175,9 +170,7 @@ class PeriodicEval:
         return self.run_dir / "eval" / f"step-{step}.json"
 
     def _collect(self) -> list[dict]:
-        import shutil
-
-        step, proc, _ = self.running
+        step, proc = self.running
         self.running = None
         self.linked.discard(step)
         shutil.rmtree(self.linked_checkpoint(step), ignore_errors=True)

@@ -141,7 +141,7 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
             step, t0 = engine.version, time.monotonic()
             acc = StepAccumulator(engine, cfg, args.sampling.max_new_tokens, lockstep=sharded, ranks=group,
                                   keep_group=keep_group)
-            deliveries, waited, _ = _fill(ctx, acc, columns, share, step, staleness, args.filter_budget)
+            deliveries, waited = _fill(ctx, acc, columns, share, step, staleness, args.filter_budget)
             if group is not None:
                 with ctx.timeline.span("all-reduce", step=step + 1):
                     group.merge(acc)
@@ -197,10 +197,9 @@ def serve(cfg: ActorConfig, ctx: RoleContext, args: ActorArgs) -> None:
 
 
 def _fill(ctx: RoleContext, acc: StepAccumulator, columns: list[str], share: int, step: int,
-          staleness: int | None, budget: int = 0) -> tuple[list, float, int]:
+          staleness: int | None, budget: int = 0) -> tuple[list, float]:
     """Take whole groups until ``acc`` holds this replica's ``share`` of the step, training on each delivery
-    as it arrives; returns the deliveries (acked after the optimizer step), the seconds spent waiting, and
-    the replacements asked for.
+    as it arrives; returns the deliveries (acked after the optimizer step) and the seconds spent waiting.
 
     Dynamic sampling (``budget`` > 0): for each group ``acc`` filtered, one replacement is asked of the
     feeder (a ``replace`` report), up to ``budget`` for the step; the step then takes that many more
@@ -220,7 +219,7 @@ def _fill(ctx: RoleContext, acc: StepAccumulator, columns: list[str], share: int
         if more > 0:
             ctx.report(reports.REPLACE, step=step, groups=more)
             asked += more
-    return deliveries, waited, asked
+    return deliveries, waited
 
 
 def filter_metrics(metrics: dict, replaced: int, groups: int) -> dict[str, float]:

@@ -143,14 +143,14 @@ def ack_work(ctx: RoleContext, delivery) -> None:
         ctx.report(reports.LEASE_EXPIRED, rows=len(delivery))
 
 
-def renew_leases(ctx: RoleContext, deliveries: dict) -> None:
-    """Keep the leases of deliveries still being worked on (``deliveries``: key -> (delivery, rows left)):
-    each is renewed once a third of its lease is gone, so long work (an episode, a long generation)
-    never loses its rows to another replica while it runs."""
+def renew_leases(ctx: RoleContext, deliveries) -> None:
+    """Keep the leases of ``deliveries`` (those still being worked on): each is renewed once a third of
+    its lease is gone, so long work (an episode, a long generation) never loses its rows to another
+    replica while it runs."""
     from rlflow.transfer import LeaseExpired
 
     now = time.monotonic()
-    for d, _ in list(deliveries.values()):
+    for d in list(deliveries):
         if now - d.leased_at > ctx.lease_seconds / 3:
             try:
                 ctx.bus.renew(d, lease=ctx.lease_seconds)

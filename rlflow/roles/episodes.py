@@ -213,7 +213,7 @@ def serve_episodes(cfg, env_cfg: EnvConfig, ctx: RoleContext, engine, synced, ch
             if done:
                 _put(ctx, done, env_cfg, pool, live, deliveries, busy)
                 busy = 0.0
-            renew_leases(ctx, deliveries)
+            renew_leases(ctx, (d for d, _ in deliveries.values()))
     finally:
         pool.shutdown()
 

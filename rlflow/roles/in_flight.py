@@ -5,7 +5,7 @@ response before it is put, and no new weights or prompts enter until then. With 
 responses most of the batch sits finished while a few sequences run on. Here the engine never stops:
 
 - between every two decode steps the engine calls ``between(running)``, which applies the newest
-  version whose patch has already arrived (``rollout.in_flight_hook``), renews the leases of the rows
+  version whose patch has already arrived (the role's ``synced``), renews the leases of the rows
   being generated, and, when at least a quarter of the in-flight target is free, takes more whole
   groups off the bus without waiting and hands their prompts to the engine;
 - the engine hands each sequence over as it ends (``finished``), and a group is ready as soon as its last
@@ -47,17 +47,17 @@ def serve_in_flight(cfg, ctx: RoleContext, engine, synced) -> None:
     sampling = cfg.sampling()
     target = min(cfg.groups_per_call * cfg.group_size, cfg.max_batch)  # sequences in flight
     refill = max(cfg.group_size, target // 4)  # the least room worth taking groups for (a rebuild each time)
-    taken: dict[int, tuple] = {}  # delivery key -> (delivery, rows not yet put): what renew_leases keeps
-    state: dict[int, _Taken] = {}
+    state: dict[int, _Taken] = {}  # delivery key -> the delivery being generated
     order: dict[int, tuple[int, int]] = {}  # the engine's sequence index -> (delivery key, row), until handed over
     busy = {"since": time.time()}  # generating since the last put (its span and WORK report)
     next_key = iter(range(1 << 62))
     ready: list[tuple[int, list[int]]] = []  # (delivery key, rows) of groups ended and not yet put
-    first_ready = {"at": 0.0}  # when the oldest of them ended
+    first_ready = 0.0  # when the oldest of them ended
     enough = max(1, cfg.groups_per_call // 4)
-    numbered = {"next": 0}  # the index the engine gives the next sequence handed to it in this call
+    numbered = 0  # the index the engine gives the next sequence handed to it in this call
 
     def take(groups: int, timeout: float) -> list[list[int]]:
+        nonlocal numbered
         d = next_rows(ctx, "rollout", schema.ROLLOUT_INPUT, groups, groups=True, timeout=timeout)
         if d is None:
             return []
@@ -67,34 +67,33 @@ def serve_in_flight(cfg, ctx: RoleContext, engine, synced) -> None:
         t.group_of = d.table.column("group_id").to_pylist()
         for row, gid in enumerate(t.group_of):
             t.groups.setdefault(gid, []).append(row)
-        state[key], taken[key] = t, (d, len(d))
-        first = numbered["next"]
-        order.update({first + row: (key, row) for row in range(len(d))})
-        numbered["next"] = first + len(d)
+        state[key] = t
+        order.update({numbered + row: (key, row) for row in range(len(d))})
+        numbered += len(d)
         return d.table.column("prompt_ids").to_pylist()
 
     def flush(force: bool = False) -> None:
         """Put the ready groups in one put, when enough are ready, the oldest waited LINGER_S, or ``force``."""
-        if not ready or not (force or len(ready) >= enough or time.monotonic() - first_ready["at"] >= LINGER_S):
+        if not ready or not (force or len(ready) >= enough or time.monotonic() - first_ready >= LINGER_S):
             return
         _put(ctx, [(state[key].delivery, rows, [state[key].gens[r] for r in rows]) for key, rows in ready], busy)
         for key, rows in ready:
             t = state[key]
             t.left -= len(rows)
-            taken[key] = (t.delivery, t.left)
             if t.left == 0:
                 ack_work(ctx, t.delivery)
-                del state[key], taken[key]
+                del state[key]
         ready.clear()
 
     def between(running: int) -> list[list[int]] | None:
         flush()
         synced()
-        renew_leases(ctx, taken)
+        renew_leases(ctx, (t.delivery for t in state.values()))
         room = target - running
         return take(room // cfg.group_size, 0) if room >= refill else None
 
     def finished(index: int, gen) -> None:
+        nonlocal first_ready
         key, row = order.pop(index)
         t = state[key]
         t.gens[row] = gen
@@ -102,14 +101,14 @@ def serve_in_flight(cfg, ctx: RoleContext, engine, synced) -> None:
         if any(t.gens[r] is None for r in group):
             return
         if not ready:
-            first_ready["at"] = time.monotonic()
+            first_ready = time.monotonic()
         ready.append((key, group))
 
     ctx.report(reports.READY)
     while True:
         synced()
         order.clear()
-        numbered["next"] = 0  # the engine numbers each call's sequences from 0
+        numbered = 0  # the engine numbers each call's sequences from 0
         prompts = take(cfg.groups_per_call, IDLE_WAIT_S)
         if not prompts:
             continue

@@ -12,7 +12,7 @@ Weights (``sync/weights.py``): before every call the newest version is applied i
 here (it is prefetched, and relayed to peer replicas, while the engine generates); the replica waits
 only when a delivery needs a newer version than it holds. A replica generates only at a verified
 version. With ``rollout.update=between_calls`` a call runs at one version (``version_start ==
-version_end``). With ``in_flight`` the same check runs between decode steps (``in_flight_hook``), so a
+version_end``). With ``in_flight`` the same check runs between decode steps (``roles/in_flight.py``), so a
 long response's later tokens come from newer weights; each row then carries ``token_versions``, and
 ``version_start`` is its oldest token's. Versions only grow during a call and the call started at
 ``min_version`` or later, so the staleness bound holds for every token.
